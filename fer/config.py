@@ -1,0 +1,115 @@
+"""Trial configuration: one flat dict of named hyperparameters, validated in one place.
+
+The same keys are used by `fer-study train --set key=value`, by search-space YAML (`fixed:` and `space:`)
+and by `config.json` in every trial folder. Defaults reproduce the published method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from fer.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One configuration key: its type, default, allowed range or choices, and what it means."""
+
+    type: type
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+    help: str = ""
+
+
+BACKBONE_NAMES = ("efficientnetb1", "resnet50", "inceptionv3", "mobilenetv2", "densenet121")
+
+PARAMS: dict[str, Param] = {
+    "backbone": Param(str, "efficientnetb1", help="keras.applications backbone (see fer.backbones)"),
+    "image_size": Param(int, 224, 32, 1024, help="square input size in pixels"),
+    "weights": Param(str, "imagenet", help="'imagenet', 'none', or a path to a weights file"),
+    "dense_units": Param(int, 256, 1, 8192, help="units of the head's hidden Dense layer"),
+    "dropout": Param(float, 0.53, 0.0, 0.95, help="dropout rate before the softmax layer"),
+    "unfreeze_layers": Param(int, 30, 0, 10000, help="backbone layers (or blocks) trainable in stage 2"),
+    "unfreeze_unit": Param(str, "layers", choices=("layers", "blocks"),
+                           help="count unfrozen 'layers' (published) or whole 'blocks' of the backbone"),
+    "lr_head": Param(float, 1e-3, 1e-7, 1.0, help="Adam learning rate of stage 1 (frozen backbone)"),
+    "lr_finetune": Param(float, 1e-4, 1e-9, 1.0, help="Adam learning rate of stage 2 (fine-tuning)"),
+    "batch_size": Param(int, 32, 1, 4096),
+    "epochs_head": Param(int, 20, 0, 10000, help="maximum epochs of stage 1"),
+    "epochs_finetune": Param(int, 20, 0, 10000, help="maximum epochs of stage 2"),
+    "patience": Param(int, 5, 1, 1000, help="early-stopping patience (reduce-LR uses half of it)"),
+    "augment": Param(float, 1.0, 0.0, 5.0, help="augmentation strength; 0 disables, 1 = published"),
+    "label_smoothing": Param(float, 0.0, 0.0, 0.5),
+    "seed": Param(int, 0, 0, 2**31 - 1),
+    "head_features": Param(str, "exact", choices=("exact", "cached"),
+                           help="'cached' trains stage 1 on precomputed backbone features (faster)"),
+    "mixed_precision": Param(str, "auto", choices=("auto", "off", "bfloat16", "float16"),
+                             help="'auto' uses bfloat16/float16 on GPUs and float32 on CPUs"),
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    spec = PARAMS[key]
+    try:
+        if spec.type is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            out = int(float(value)) if isinstance(value, str) else int(value)
+        elif spec.type is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        else:
+            out = str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key '{key}': expected {spec.type.__name__}, got {value!r}") from None
+    if spec.low is not None and not (spec.low <= out <= spec.high):
+        raise UserError(f"config key '{key}': {out!r} is outside [{spec.low}, {spec.high}]")
+    if spec.choices is not None and out not in spec.choices:
+        raise UserError(f"config key '{key}': {out!r} is not one of {', '.join(spec.choices)}")
+    return out
+
+
+def make_config(overrides: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Return a full, validated config: defaults updated by `overrides` and keyword arguments.
+
+    Unknown keys and out-of-range values raise `UserError` naming the key.
+    """
+    merged = dict(overrides or {}, **kwargs)
+    unknown = sorted(set(merged) - set(PARAMS))
+    if unknown:
+        raise UserError(f"unknown config key '{unknown[0]}' (known: {', '.join(PARAMS)})")
+    config = {key: spec.default for key, spec in PARAMS.items()}
+    for key, value in merged.items():
+        config[key] = _coerce(key, value)
+    from fer.backbones import BACKBONES  # late import: the registry may grow at runtime
+
+    if config["backbone"] not in BACKBONES:
+        raise UserError(f"unknown backbone '{config['backbone']}' (known: {', '.join(BACKBONES)})")
+    return config
+
+
+def parse_set_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Parse `--set key=value` strings; values stay strings until `make_config` coerces them."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got '{pair}'")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def save_config(config: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    return make_config(json.loads(Path(path).read_text()))

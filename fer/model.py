@@ -1,0 +1,124 @@
+"""The FER model: [augment] -> preprocess -> backbone (flat) -> GAP -> Dense -> Dropout -> softmax.
+
+Layer naming is a contract other modules rely on: the input is `image`, augmentation layers start with
+`aug_`, the scaling layer is `preprocess`, head layers start with `head_`; every other layer belongs to the
+backbone. So "the last N backbone layers" and Grad-CAM's target layer can be found in a reloaded
+`model.keras` without rebuilding anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from fer.backbones import Backbone, get_backbone
+from fer.errors import UserError
+from fer.layers import Preprocess, augmentation_layers
+
+HEAD_PREFIX = "head_"
+AUG_PREFIX = "aug_"
+NON_BACKBONE = ("image", "preprocess")
+
+
+def is_backbone_layer(layer: keras.layers.Layer) -> bool:
+    name = layer.name
+    return not (name.startswith(HEAD_PREFIX) or name.startswith(AUG_PREFIX) or name in NON_BACKBONE)
+
+
+def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Backbone layers in topological order (excluding the input layer)."""
+    return [layer for layer in model.layers if is_backbone_layer(layer)
+            and not isinstance(layer, keras.layers.InputLayer)]
+
+
+def _resolve_weights(weights: str) -> str | None:
+    """Map the `weights` config value to what keras.applications takes, checking files early."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"weights file not found: {weights} (use --set weights=none or a real path)")
+    return str(path)
+
+
+def build_backbone(backbone: Backbone, x, weights: str) -> keras.Model:
+    """Build the backbone on tensor `x` with the requested weights, with a clear error when offline."""
+    resolved = _resolve_weights(weights)
+    if resolved in (None, "imagenet"):
+        try:
+            return backbone.build(x, resolved)
+        except Exception as exc:  # download failure: URLError, HTTPError, OSError, ValueError...
+            if resolved is None:
+                raise
+            raise UserError(
+                f"could not download ImageNet weights for {backbone.name} ({type(exc).__name__}: {exc}); "
+                "pass a local file with --weights PATH (or --set weights=PATH), or use --set weights=none"
+            ) from None
+    net = backbone.build(x, None)
+    try:
+        net.load_weights(resolved)
+    except Exception as exc:
+        raise UserError(f"could not load weights file {resolved} into {backbone.name}: {exc}") from None
+    return net
+
+
+def build_model(config: dict, num_classes: int) -> keras.Model:
+    """Build the full model for a validated config (see fer.config). The backbone starts frozen."""
+    backbone = get_backbone(config["backbone"])
+    size = config["image_size"]
+    if size < backbone.min_size:
+        raise UserError(f"image_size {size} is below {backbone.name}'s minimum of {backbone.min_size}")
+    keras.utils.set_random_seed(config["seed"])
+    inputs = keras.Input((size, size, 3), name="image")
+    x = inputs
+    for layer in augmentation_layers(config["augment"], config["seed"]):
+        x = layer(x)
+    x = Preprocess(backbone.preprocess, name="preprocess")(x)
+    net = build_backbone(backbone, x, config["weights"])
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(net.output)
+    x = keras.layers.Dense(config["dense_units"], activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(config["dropout"], name="head_dropout")(x)
+    # float32 softmax keeps the loss stable under mixed precision.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head_out")(x)
+    model = keras.Model(inputs, outputs, name=f"fer_{backbone.name}")
+    set_stage(model, "head", 0, config.get("unfreeze_unit", "layers"), backbone)
+    return model
+
+
+def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers",
+              backbone: Backbone | None = None) -> int:
+    """Freeze the backbone (stage 'head') or unfreeze its last `unfreeze` layers/blocks ('finetune').
+
+    BatchNormalization layers stay frozen (trainable=False, hence inference mode) in both stages, as in the
+    Keras fine-tuning guide: with a small batch their statistics would be overwritten by noisy batch
+    estimates, and Keras 3 runs a trainable BN in training mode even under `training=False`
+    (STACK-NOTES pitfall 6). Returns the number of layers made trainable. Recompile afterwards (pitfall 5).
+    """
+    layers = backbone_layers(model)
+    for layer in model.layers:
+        layer.trainable = not is_backbone_layer(layer)
+    if stage == "head" or unfreeze <= 0:
+        return 0
+    if unit == "blocks":
+        if backbone is None:
+            raise ValueError("block-aware unfreezing needs the Backbone entry")
+        chosen, seen = [], []
+        for layer in reversed(layers):
+            block = backbone.block_of(layer.name) or layer.name
+            if block not in seen:
+                if len(seen) == unfreeze:
+                    break
+                seen.append(block)
+            chosen.append(layer)
+    else:
+        chosen = layers[-unfreeze:]
+    count = 0
+    for layer in chosen:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        layer.trainable = True
+        count += 1
+    return count

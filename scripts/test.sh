@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs the project with its CPU backend and test tools, then runs
+# the whole suite. Chromium (for the report-rendering test) is installed when apt can; else that test skips.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --disable-pip-version-check -e ".[cpu,test]"
+if ! command -v chromium >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "note: chromium could not be installed; the report-rendering test will be skipped"
+fi
+python3 -m pytest -q "$@"

@@ -1,0 +1,44 @@
+"""The `fer-study` command line: one click group; each command lives in a small module of its own.
+
+User errors (`fer.errors.UserError`, click usage errors) end with one line on stderr and exit status 2.
+Heavy imports (Keras, Ray) happen inside commands, so `fer-study --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from fer.errors import UserError
+
+
+class FerGroup(click.Group):
+    """A click group that reports `UserError` as one clear line and exit status 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=FerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fer-study")
+def main() -> None:
+    """Honest, distributed model-comparison studies for facial emotion recognition."""
+
+
+def _register() -> None:
+    from study import cli_data, cli_report, cli_run, cli_trial
+
+    for module in (cli_data, cli_trial, cli_run, cli_report):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`fer-study` commands: data (see ../shared/DESIGN.md for the contract)."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []
