@@ -1,7 +1,102 @@
-"""`fer-study` commands: report (see ../shared/DESIGN.md for the contract)."""
+"""`fer-study` commands: report, predict, evaluate (see ../shared/DESIGN.md for the contract).
+
+Thin wrappers: parse options, call `study.report` / `study.predict`, print. Heavy imports stay inside.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+
+def _quiet_backend() -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+@click.command("report")
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="output folder (default: reports/<study>/)")
+@click.option("--gradcam-per-class", type=int, default=2, show_default=True,
+              help="correct and incorrect test images per class in the Grad-CAM appendix (0: no appendix)")
+def report_command(results: Path, out: Path | None, gradcam_per_class: int) -> None:
+    """Build the report of a finished study in results/<study>/: report.html, report.md, comparison.csv."""
+    _quiet_backend()
+    from study.report import build_report
+
+    out_dir = build_report(results, out, gradcam_per_class=gradcam_per_class)
+    click.echo(f"Report: {out_dir / 'report.html'}")
+
+
+@click.command("predict")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None,
+              help="write the table as CSV here instead of printing it")
+@click.option("--gradcam", "gradcam_dir", type=click.Path(path_type=Path), default=None,
+              help="save image | Grad-CAM | Grad-CAM++ overlays (predicted class) in this folder")
+def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None,
+                    gradcam_dir: Path | None) -> None:
+    """Predicted emotion and class probabilities for images (files or folders), decoded like `prepare`.
+
+    MODEL is a model.keras file or a trial folder (e.g. results/<study>/best/<backbone>).
+    """
+    _quiet_backend()
+    from study.predict import predict_images
+
+    table, skipped = predict_images(model, list(images), gradcam_dir=gradcam_dir)
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv_path, index=False)
+        click.echo(f"{len(table)} predictions written to {csv_path}")
+    else:
+        click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if skipped:
+        click.echo(f"skipped {len(skipped)} file(s) that are not readable images:", err=True)
+        for path, reason in skipped:
+            click.echo(f"  {path}: {reason}", err=True)
+    if gradcam_dir is not None:
+        click.echo(f"Grad-CAM overlays: {gradcam_dir}")
+
+
+@click.command("evaluate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="metrics JSON (default: results/<study>/evaluations/<backbone>__<data>.json when MODEL "
+                   "is a study's best model, where the report finds it; otherwise printed)")
+def evaluate_command(model: Path, data: Path, out: Path | None) -> None:
+    """Full metric set (95% intervals, per class, confusion matrix) of MODEL on another labelled DATA folder.
+
+    DATA holds one folder per class, named like the model's classes; other folders are skipped and listed.
+    """
+    _quiet_backend()
+    from study.predict import default_evaluation_path, evaluate_folder
+
+    result = evaluate_folder(model, data)
+    out = out or default_evaluation_path(model, data)
+    metrics = result["metrics"]
+    summary = (f"{result['backbone']} on {result['dataset']}: n={metrics['n']}, "
+               f"accuracy {metrics['accuracy']['value']:.3f} "
+               f"[{metrics['accuracy']['ci95'][0]:.3f}, {metrics['accuracy']['ci95'][1]:.3f}], "
+               f"macro F1 {metrics['macro_f1']['value']:.3f}")
+    if result["skipped_files"] or result["skipped_folders"]:
+        summary += (f" (skipped {len(result['skipped_files'])} unreadable file(s), "
+                    f"{len(result['skipped_folders'])} folder(s) not in the model's classes)")
+    if out is None:
+        click.echo(json.dumps(result, indent=2))
+        click.echo(summary, err=True)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(summary)
+    click.echo(f"Written: {out}")
+
+
+COMMANDS: list[click.Command] = [report_command, predict_command, evaluate_command]
