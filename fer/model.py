@@ -50,19 +50,38 @@ def build_backbone(backbone: Backbone, x, weights: str) -> keras.Model:
     if resolved in (None, "imagenet"):
         try:
             return backbone.build(x, resolved)
-        except Exception as exc:  # download failure: URLError, HTTPError, OSError, ValueError...
+        except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
             if resolved is None:
                 raise
+            reason = _first_line(exc)
             raise UserError(
-                f"could not download ImageNet weights for {backbone.name} ({type(exc).__name__}: {exc}); "
-                "pass a local file with --weights PATH (or --set weights=PATH), or use --set weights=none"
+                f"could not download ImageNet weights for {backbone.name} ({reason}); "
+                "pass a local weights file with --weights PATH (or --set weights=PATH), or use --set weights=none"
             ) from None
     net = backbone.build(x, None)
     try:
         net.load_weights(resolved)
     except Exception as exc:
-        raise UserError(f"could not load weights file {resolved} into {backbone.name}: {exc}") from None
+        raise UserError(f"could not load weights file {resolved} into {backbone.name}: {_first_line(exc)}") from None
     return net
+
+
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:limit]
+
+
+def load_trained_model(path: str | Path) -> keras.Model:
+    """Load a trial's `model.keras` for inference (Grad-CAM, predict): custom layers registered, not compiled."""
+    import fer.layers  # noqa: F401  (registers Preprocess for deserialisation)
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise UserError(f"could not load model {path}: {_first_line(exc)}") from None
 
 
 def build_model(config: dict, num_classes: int) -> keras.Model:

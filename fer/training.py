@@ -1,0 +1,297 @@
+"""One trial: the published two-stage transfer learning of one backbone with one hyperparameter set.
+
+Stage 1 ("head") trains the new head on a frozen backbone with Adam(lr_head); stage 2 ("finetune") makes
+the last `unfreeze_layers` backbone layers trainable and continues with Adam(lr_finetune). Each stage has
+early stopping on val_loss with its best weights restored, and reduce-LR-on-plateau (patience // 2).
+
+Honest evaluation: validation is computed once per epoch from the model's own predictions (val_loss,
+val_accuracy and val_macro_f1 from the same pass); the test split is opened only with
+`evaluate_test=True`. Input comes from the study's uint8 pixel cache (memory-mapped), batched by index, never
+decoded again. The code uses `keras` only, so it runs on TensorFlow and on JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+import pandas as pd
+
+from fer.config import make_config, save_config
+from fer.errors import UserError
+from fer.metrics import classification_metrics, macro_f1, predictions_table
+from fer.model import build_model, set_stage
+
+log = logging.getLogger(__name__)
+
+RECORD_KEYS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
+               "epoch_s", "images_per_s")
+MODEL_FILE = "model.keras"
+
+
+class PixelBatches(keras.utils.PyDataset):
+    """Batches from a (memory-mapped) uint8 pixel array: (images, one-hot labels, class weights).
+
+    Without labels it yields images only (for predict). Training order is reshuffled every epoch from a
+    seeded generator, so a run is repeatable; indices are sorted inside a batch for memory-map locality.
+    """
+
+    def __init__(self, pixels: np.ndarray, batch_size: int, labels: np.ndarray | None = None,
+                 num_classes: int = 0, class_weights: dict[int, float] | None = None,
+                 shuffle_seed: int | None = None):
+        super().__init__()
+        self.pixels, self.labels, self.batch_size = pixels, labels, batch_size
+        self.num_classes = num_classes
+        self.sample_weights = None
+        if labels is not None and class_weights:
+            table = np.array([class_weights.get(i, 1.0) for i in range(num_classes)], dtype=np.float32)
+            self.sample_weights = table[labels]
+        self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+        self.order = np.arange(len(pixels))
+        if self.rng is not None:
+            self.rng.shuffle(self.order)
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(len(self.pixels) / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, index: int):
+        idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        images = np.asarray(self.pixels[idx])
+        if self.labels is None:
+            return (images,)
+        onehot = np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]]
+        if self.sample_weights is None:
+            return images, onehot
+        return images, onehot, self.sample_weights[idx]
+
+    def on_epoch_end(self) -> None:
+        if self.rng is not None:
+            self.rng.shuffle(self.order)
+
+
+def predict_probs(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Softmax probabilities for uint8 images, in order (inference mode: no augmentation, no dropout)."""
+    if len(pixels) == 0:
+        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    return np.asarray(model.predict(PixelBatches(pixels, batch_size), verbose=0), dtype=np.float32)
+
+
+class EpochMonitor(keras.callbacks.Callback):
+    """Validates after every epoch, keeps the best weights, saves the best model, reports the record.
+
+    It must run first among the callbacks: it writes val_loss into the epoch logs that EarlyStopping and
+    ReduceLROnPlateau then read. The best model (lowest val_loss over the whole trial) is saved to
+    `model.keras` BEFORE `on_epoch` is called, so a scheduler that stops the trial right after any report
+    still leaves the best model on disk (STACK-NOTES pitfall 2).
+    """
+
+    def __init__(self, trial: "_TrialState", stage: str):
+        super().__init__()
+        self.trial, self.stage = trial, stage
+        self.stage_best_loss = math.inf
+        self.stage_best_weights = None
+        self.first_batch_s = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+        self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0 and self.first_batch_s is None:  # the stage's first step: includes graph compilation
+            self.first_batch_s = time.perf_counter() - self.epoch_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        t = self.trial
+        train_s = time.perf_counter() - self.epoch_start
+        probs = predict_probs(self.model, t.val_pixels, t.batch_size)
+        val_loss = float(keras.ops.convert_to_numpy(t.loss_fn(t.val_onehot, probs)))
+        pred = probs.argmax(axis=1)
+        logs["val_loss"] = val_loss
+        logs["val_accuracy"] = float(np.mean(pred == t.val_labels))
+        t.global_epoch += 1
+        record = {
+            "epoch": t.global_epoch, "stage": self.stage,
+            "loss": float(logs.get("loss", math.nan)), "accuracy": float(logs.get("accuracy", math.nan)),
+            "val_loss": val_loss, "val_accuracy": logs["val_accuracy"],
+            "val_macro_f1": macro_f1(t.val_labels, pred, t.num_classes), "lr": self.lr,
+            "epoch_s": time.perf_counter() - self.epoch_start, "images_per_s": t.n_train / train_s,
+        }
+        t.train_s.append(train_s)
+        if self.first_batch_s is not None and t.first_batch_s.get(self.stage) is None:
+            t.first_batch_s[self.stage] = self.first_batch_s
+        if math.isfinite(val_loss) and val_loss < self.stage_best_loss:
+            self.stage_best_loss = val_loss
+            self.stage_best_weights = self.model.get_weights()
+            if val_loss < t.best_record.get("val_loss", math.inf):
+                t.best_record, t.best_weights = record, self.stage_best_weights
+                self.model.save(t.out_dir / MODEL_FILE)
+        t.history.append(record)
+        t.write_history()
+        if t.on_epoch is not None:
+            t.on_epoch(dict(record))
+
+    def on_train_end(self, logs=None):
+        if self.stage_best_weights is not None:  # restore the stage's best-val-loss weights
+            self.model.set_weights(self.stage_best_weights)
+
+
+class _TrialState:
+    """What the stages share: validation data, the running history and the best model so far."""
+
+    def __init__(self, out_dir: Path, val_pixels, val_labels, num_classes, batch_size, n_train, loss_fn,
+                 on_epoch):
+        self.out_dir, self.val_pixels, self.val_labels = out_dir, val_pixels, val_labels
+        self.num_classes, self.batch_size, self.n_train = num_classes, batch_size, n_train
+        self.val_onehot = np.eye(num_classes, dtype=np.float32)[val_labels]
+        self.loss_fn, self.on_epoch = loss_fn, on_epoch
+        self.global_epoch = 0
+        self.history: list[dict] = []
+        self.best_record: dict = {}
+        self.best_weights = None
+        self.train_s: list[float] = []
+        self.first_batch_s: dict[str, float] = {}
+
+    def write_history(self) -> None:
+        pd.DataFrame(self.history, columns=list(RECORD_KEYS)).to_csv(self.out_dir / "history.csv", index=False)
+
+
+def _dtype_policy(config: dict) -> str:
+    mode = config["mixed_precision"]
+    if mode == "off":
+        return "float32"
+    if mode == "auto":
+        from fer.backend_setup import accelerator_available
+
+        return "mixed_bfloat16" if accelerator_available() else "float32"
+    return f"mixed_{mode}"
+
+
+def _check_supported(config: dict) -> None:
+    if config["head_features"] == "cached":
+        raise UserError("config key 'head_features': 'cached' is not implemented yet (use head_features=exact)")
+
+
+def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None] | None = None,
+              evaluate_test: bool = False) -> dict:
+    """Train one config on prepared study data; write the trial folder; return a summary dict.
+
+    Writes config.json, history.csv (after every epoch), model.keras (best val_loss so far), and at the end
+    val_metrics.json; with `evaluate_test` also test_metrics.json and test_predictions.csv. The test
+    split is not opened otherwise.
+    """
+    config = make_config(config)
+    _check_supported(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.json")
+    size, batch_size, classes = config["image_size"], config["batch_size"], list(study_data.classes)
+    train_pixels, train_labels = study_data.pixels("train", size), study_data.labels("train")
+    val_pixels, val_labels = study_data.pixels("val", size), study_data.labels("val")
+    if len(train_labels) == 0 or len(val_labels) == 0:
+        raise UserError(f"the study data has {len(train_labels)} train and {len(val_labels)} val images; "
+                        "a trial needs both")
+
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(_dtype_policy(config))
+    try:
+        t0 = time.perf_counter()
+        model = build_model(config, len(classes))
+        build_s = time.perf_counter() - t0
+        loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"])
+        state = _TrialState(out_dir, val_pixels, val_labels, len(classes), batch_size, len(train_labels),
+                            loss_fn, on_epoch)
+        train_batches = PixelBatches(train_pixels, batch_size, train_labels, len(classes),
+                                     study_data.class_weights, shuffle_seed=config["seed"])
+        stages = (("head", config["epochs_head"], config["lr_head"], 0),
+                  ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]))
+        trainable_counts = {}
+        for stage, epochs, lr, unfreeze in stages:
+            if epochs <= 0:
+                continue
+            trainable_counts[stage] = set_stage(model, stage, unfreeze, config["unfreeze_unit"],
+                                                _backbone(config))
+            # Changing `trainable` only takes effect after compile (STACK-NOTES pitfall 5).
+            model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss_fn,
+                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+            patience = config["patience"]
+            callbacks = [
+                EpochMonitor(state, stage),  # first: it puts val_loss into the logs the others read
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                  patience=max(1, patience // 2), min_lr=1e-7),
+            ]
+            model.fit(train_batches, epochs=epochs, callbacks=callbacks, verbose=0)
+
+        if state.best_weights is None:  # no epoch ran (both stages at 0 epochs): keep the untrained model
+            model.save(out_dir / MODEL_FILE)
+        else:
+            model.set_weights(state.best_weights)
+        train_s = sum(state.train_s)
+        val_probs = predict_probs(model, val_pixels, batch_size)
+        val_metrics = classification_metrics(val_labels, val_probs, classes, seed=config["seed"])
+        val_metrics["val_loss"] = float(keras.ops.convert_to_numpy(loss_fn(state.val_onehot, val_probs)))
+        _write_json(out_dir / "val_metrics.json", val_metrics)
+        summary = {
+            "best_epoch": state.best_record.get("epoch"),
+            "best_stage": state.best_record.get("stage"),
+            "val_loss": val_metrics["val_loss"],
+            "val_accuracy": val_metrics["accuracy"]["value"],
+            "val_macro_f1": val_metrics["macro_f1"]["value"],
+            "epochs_run": state.global_epoch,
+            "train_s": train_s,
+            "images_per_s": _steady_images_per_s(state, batch_size),
+            "first_step_s": state.first_batch_s,
+            "build_s": build_s,
+            "params": int(model.count_params()),
+            "trainable_layers": trainable_counts,
+            "dtype_policy": keras.config.dtype_policy().name,
+        }
+        if evaluate_test:
+            summary.update(evaluate_split(model, study_data, "test", config, out_dir))
+        _write_json(out_dir / "summary.json", summary)
+        return summary
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _backbone(config: dict):
+    from fer.backbones import get_backbone
+
+    return get_backbone(config["backbone"])
+
+
+def _steady_images_per_s(state: _TrialState, batch_size: int) -> float | None:
+    """Training images/s without each stage's first step (graph compilation is a fixed start-up cost)."""
+    if not state.train_s:
+        return None
+    seconds = sum(state.train_s) - sum(state.first_batch_s.values())
+    images = state.n_train * len(state.train_s) - min(batch_size, state.n_train) * len(state.first_batch_s)
+    return images / seconds if seconds > 0 and images > 0 else None
+
+
+def evaluate_split(model: keras.Model, study_data, split: str, config: dict, out_dir: Path) -> dict:
+    """Metrics and per-image predictions of `model` on one split; writes <split>_metrics.json/_predictions.csv."""
+    pixels, labels = study_data.pixels(split, config["image_size"]), study_data.labels(split)
+    if len(labels) == 0:
+        raise UserError(f"the {split} split is empty: nothing to evaluate")
+    probs = predict_probs(model, pixels, config["batch_size"])
+    classes = list(study_data.classes)
+    metrics = classification_metrics(labels, probs, classes, seed=config["seed"])
+    _write_json(out_dir / f"{split}_metrics.json", metrics)
+    predictions_table(study_data.paths(split), labels, probs, classes).to_csv(
+        out_dir / f"{split}_predictions.csv", index=False)
+    return {f"{split}_accuracy": metrics["accuracy"]["value"], f"{split}_macro_f1": metrics["macro_f1"]["value"]}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
