@@ -1,7 +1,47 @@
-"""`fer-study` commands: run (see ../shared/DESIGN.md for the contract)."""
+"""`fer-study run` (see ../shared/DESIGN.md): a thin click wrapper around `study.tune_run.run_study`."""
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-COMMANDS: list[click.Command] = []
+from fer.errors import UserError
+
+
+@click.command("run")
+@click.argument("data_or_study", type=click.Path(file_okay=False, path_type=str))
+@click.option("--space", "space_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="search-space YAML (see search_spaces/)")
+@click.option("--name", default=None, help="study name: results/NAME/ (default: the DATA folder's name)")
+@click.option("--address", default=None,
+              help="join an existing Ray cluster ('auto' or 'ray://HOST:10001'); default: start a local Ray")
+@click.option("--gpus-per-trial", type=float, default=None,
+              help="GPUs per trial, fractions allowed (0.5 = two trials per GPU); default 1 if GPUs exist, else 0")
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True,
+              help="CPUs per trial (also the trial's TensorFlow thread count)")
+@click.option("--resume", is_flag=True, help="continue an interrupted study: finished trials are kept")
+@click.option("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True, help="local Ray dashboard (127.0.0.1)")
+@click.option("--results", "results_root", default="results", show_default=True,
+              type=click.Path(file_okay=False), help="folder that holds study folders")
+def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial, resume, num_cpus, dashboard,
+        results_root):
+    """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's best
+    trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared first) or a
+    study folder made by `fer-study prepare`."""
+    from study.tune_run import StudyIncomplete, run_study
+
+    try:
+        run_study(data_or_study, space_path, name=name, address=address, cpus_per_trial=cpus_per_trial,
+                  gpus_per_trial=gpus_per_trial, resume=resume, num_cpus=num_cpus, dashboard=dashboard,
+                  results_root=results_root)
+    except StudyIncomplete as exc:
+        click.echo(f"Interrupted: {exc}", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: continue with the same command plus --resume", err=True)
+        sys.exit(130)
+
+
+COMMANDS: list[click.Command] = [run]

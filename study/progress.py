@@ -1,0 +1,164 @@
+"""The driver side of a running study: record each trial as it ends, and show one line per trial.
+
+`StudyCallback` is a Ray Tune callback (it runs in the driver process): it keeps each trial's per-epoch
+results, writes the trial's outcome (trials/<id>/outcome.json, trials.csv) the moment it ends, and feeds
+`ProgressView`. On a terminal the view redraws one live line per running trial under the finished ones;
+elsewhere (CI logs, files) it prints a line when a trial starts and when it ends.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from typing import Callable, TextIO
+
+from ray.tune import Callback
+
+from study.results import Ledger, clean_float, summarize_history
+
+HIDDEN = ("backbone",)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def trial_line(tid: str, backbone: str, state: str, record: dict | None, metric: str,
+               params: dict, error: str | None = None) -> str:
+    record = record or {}
+    value = clean_float(record.get(metric))
+    parts = [f"{tid:<12}", f"{backbone:<14}", f"{state:<9}",
+             f"epoch {int(record.get('epoch', 0)):>3}",
+             f"{metric} {value:.4f}" if value is not None else f"{metric} -     ",
+             " ".join(f"{k}={_fmt(v)}" for k, v in params.items() if k not in HIDDEN)]
+    line = "  ".join(parts)
+    if error:
+        line += f"  ERROR: {error}"
+    return line
+
+
+class ProgressView:
+    """One line per trial: finished trials scroll up, running ones are redrawn in place on a terminal."""
+
+    def __init__(self, total: int, metric: str, stream: TextIO | None = None, live: bool | None = None):
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty() if live is None else live
+        self.total, self.metric = total, metric
+        self.running: dict[str, str] = {}
+        self.done = {"completed": 0, "stopped": 0, "errored": 0}
+        self._drawn = 0
+        self._last_draw = 0.0
+
+    def _summary(self) -> str:
+        finished = sum(self.done.values())
+        return (f"[{finished}/{self.total} trials] running {len(self.running)}, completed "
+                f"{self.done['completed']}, stopped early {self.done['stopped']}, errored {self.done['errored']}")
+
+    def _redraw(self, permanent: list[str] = ()) -> None:
+        out = []
+        if self.live and self._drawn:
+            out.append(f"\x1b[{self._drawn}F\x1b[J")
+        out.extend(line + "\n" for line in permanent)
+        if self.live:
+            block = list(self.running.values()) + [self._summary()]
+            out.extend(line + "\n" for line in block)
+            self._drawn = len(block)
+        self.stream.write("".join(out))
+        self.stream.flush()
+
+    def started(self, tid: str, line: str) -> None:
+        self.running[tid] = line
+        self._redraw([] if self.live else [line])
+
+    def update(self, tid: str, line: str) -> None:
+        self.running[tid] = line
+        if self.live and time.monotonic() - self._last_draw > 0.5:
+            self._last_draw = time.monotonic()
+            self._redraw()
+
+    def finished(self, tid: str, status: str, line: str) -> None:
+        self.running.pop(tid, None)
+        self.done[status] = self.done.get(status, 0) + 1
+        self._redraw([line] if self.live else [line, self._summary()])
+
+
+def error_message(trial) -> str:
+    """The one-line cause of an errored trial (the original exception, not Ray's wrapper)."""
+    try:
+        error = trial.get_error()
+    except Exception:  # noqa: BLE001 - a missing error file must not crash the driver
+        error = None
+    if error is None:
+        return "unknown error (see the trial's error.txt)"
+    cause = error
+    for _ in range(5):  # TuneError -> RayTaskError -> original exception
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    text = f"{type(cause).__name__}: {cause}"
+    if "Traceback" in text or "\n" in text:  # a RayTaskError without the pickled cause: keep the last line
+        lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+        text = lines[-1] if lines else text
+    return text.replace("\n", " ")[:500]
+
+
+class StudyCallback(Callback):
+    """Writes each trial's outcome when it ends and drives the progress view (runs in the driver)."""
+
+    def __init__(self, ledger: Ledger, metric: str, mode: str, view: ProgressView,
+                 stopped: Callable[[str], bool] = lambda tid: False,
+                 optuna_number: Callable[[str], int | None] = lambda tid: None,
+                 on_change: Callable[[], None] = lambda: None):
+        self.ledger, self.metric, self.mode, self.view = ledger, metric, mode, view
+        self.stopped, self.optuna_number, self.on_change = stopped, optuna_number, on_change
+        self.records: dict[str, list[dict]] = {}
+        self.nodes: dict[str, str] = {}
+
+    def _params(self, trial) -> dict:
+        return dict(trial.config)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.records.setdefault(trial.trial_id, [])
+        self.view.started(trial.trial_id, trial_line(trial.trial_id, trial.config.get("backbone", "?"),
+                                                     "running", None, self.metric, self._params(trial)))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        record = {k: result.get(k) for k in ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy",
+                                             "val_macro_f1", "lr", "epoch_s", "images_per_s")}
+        self.records.setdefault(trial.trial_id, []).append(record)
+        self.nodes[trial.trial_id] = result.get("node_ip")
+        self.view.update(trial.trial_id, trial_line(trial.trial_id, trial.config.get("backbone", "?"),
+                                                    "running", record, self.metric, self._params(trial)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        status = "stopped" if self.stopped(trial.trial_id) else "completed"
+        self._finish(trial, status, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "errored", error_message(trial))
+
+    def _finish(self, trial, status: str, error: str | None) -> None:
+        try:
+            records = self.records.pop(trial.trial_id, [])
+            summary = summarize_history(records, self.metric, self.mode)
+            if status != "errored" and summary["metric_value"] is None:
+                status, error = "errored", f"no finite {self.metric} was reported"
+            outcome = {
+                "trial_id": trial.trial_id, "backbone": trial.config.get("backbone"), "status": status,
+                "error": error, **summary, "optuna_trial": self.optuna_number(trial.trial_id),
+                "node_ip": self.nodes.pop(trial.trial_id, None),
+                "finished_at": round(time.time(), 3), "trial_dir": f"trials/{trial.trial_id}",
+                "config": dict(trial.config), "history": records,
+            }
+            self.ledger.record(outcome)
+            last = records[-1] if records else None
+            best = {**(last or {}), self.metric: summary["metric_value"], "epoch": summary["epochs_run"]}
+            self.view.finished(trial.trial_id, status, trial_line(
+                trial.trial_id, outcome["backbone"], status, best, self.metric, self._params(trial), error))
+            self.on_change()
+        except Exception:  # never let bookkeeping kill the study; say what went wrong
+            traceback.print_exc()

@@ -1,0 +1,288 @@
+"""Search-space YAML: loading and validation (see ../shared/DESIGN.md, "Search space YAML").
+
+A space file says which backbones to compare, how many trials each one gets, which trial-config keys are
+fixed and which are tuned (with their distributions), the points evaluated first, the selection metric and
+the early-stopping scheduler. Everything is checked here, before Ray starts, so a typo costs a one-line
+`UserError` naming the key rather than a crashed study an hour later.
+
+Distributions (one key each): `uniform: [lo, hi]`, `loguniform: [lo, hi]` (lo > 0), `int: [lo, hi]`
+(inclusive), `choice: [a, b, ...]`. Ranges must lie inside the key's allowed range (fer.config.PARAMS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fer.config import PARAMS, make_config
+from fer.errors import UserError
+
+METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "loss", "accuracy")
+"""Per-epoch values a space may select the best trial by (DESIGN.md per-epoch report)."""
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+SCHEDULERS = ("asha", "none")
+TOP_KEYS = ("name", "metric", "mode", "backbones", "trials_per_backbone", "scheduler", "fixed", "space",
+            "start_points", "final_seeds", "seed", "description")
+SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
+UNTUNABLE = ("backbone",)  # the backbone is the question, never a nuisance parameter
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """One tuned key's distribution."""
+
+    kind: str
+    args: tuple
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "choice":
+            return value in self.args
+        lo, hi = self.args
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+
+    def as_dict(self) -> dict:
+        return {self.kind: list(self.args)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """A validated search space. `fixed` and `start_points` hold coerced config values."""
+
+    name: str
+    metric: str
+    mode: str
+    backbones: tuple[str, ...]
+    trials_per_backbone: int
+    scheduler: dict
+    fixed: dict
+    space: dict  # key -> Dist
+    start_points: tuple  # of dicts over exactly the tuned keys
+    final_seeds: int = 0
+    seed: int = 0
+    source: str = ""
+
+    def config_for(self, backbone: str, params: dict) -> dict:
+        """The full, validated trial config for `backbone` with tuned `params`."""
+        return make_config({**self.fixed, **params, "backbone": backbone})
+
+    def max_epochs(self) -> int:
+        """The most epochs any trial of this space can run (both stages), for the scheduler's max_t."""
+        total = 0
+        for key in ("epochs_head", "epochs_finetune"):
+            if key in self.space:
+                dist = self.space[key]
+                total += max(dist.args) if dist.kind == "choice" else int(dist.args[1])
+            else:
+                total += self.fixed.get(key, PARAMS[key].default)
+        return total
+
+    def to_dict(self) -> dict:
+        """The space as plain data (for study.json); loading this back gives the same Space."""
+        return {
+            "name": self.name, "metric": self.metric, "mode": self.mode, "backbones": list(self.backbones),
+            "trials_per_backbone": self.trials_per_backbone, "scheduler": dict(self.scheduler),
+            "fixed": dict(self.fixed), "space": {k: d.as_dict() for k, d in self.space.items()},
+            "start_points": [dict(p) for p in self.start_points], "final_seeds": self.final_seeds,
+            "seed": self.seed,
+        }
+
+
+def _fail(where: str, message: str) -> UserError:
+    return UserError(f"{where}: {message}")
+
+
+def _check_known(mapping: Any, allowed: tuple, where: str) -> dict:
+    if not isinstance(mapping, dict):
+        raise _fail(where, f"expected a mapping, got {type(mapping).__name__}")
+    for key in mapping:
+        if key not in allowed:
+            raise _fail(where, f"unknown key '{key}' (allowed: {', '.join(allowed)})")
+    return mapping
+
+
+def _check_param_key(key: Any, where: str) -> None:
+    if key not in PARAMS:
+        raise _fail(where, f"unknown config key '{key}' (known: {', '.join(PARAMS)})")
+    if key in UNTUNABLE:
+        raise _fail(where, f"'{key}' is set by 'backbones:', not here")
+
+
+def _parse_dist(key: str, spec: Any, where: str) -> Dist:
+    where = f"{where}.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise _fail(where, f"expected one of {', '.join(DISTRIBUTIONS)} with its arguments, got {spec!r}")
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise _fail(where, f"unknown distribution '{kind}' (known: {', '.join(DISTRIBUTIONS)})")
+    param = PARAMS[key]
+    if not isinstance(args, list) or not args:
+        raise _fail(where, f"'{kind}' needs a list of values, got {args!r}")
+    if kind == "choice":
+        values = []
+        for value in args:
+            try:
+                values.append(make_config({key: value})[key])
+            except UserError as exc:
+                raise _fail(where, str(exc)) from None
+        if len(set(values)) != len(values):
+            raise _fail(where, f"duplicate choices in {args!r}")
+        return Dist("choice", tuple(values))
+    if param.type is str:
+        raise _fail(where, f"'{key}' takes text values: use 'choice', not '{kind}'")
+    if kind == "int" and param.type is not int:
+        raise _fail(where, f"'{key}' is a float: use 'uniform' or 'loguniform', not 'int'")
+    if kind in ("uniform", "loguniform") and param.type is int:
+        raise _fail(where, f"'{key}' is an integer: use 'int' or 'choice', not '{kind}'")
+    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        raise _fail(where, f"'{kind}' needs [low, high] numbers, got {args!r}")
+    lo, hi = args
+    if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise _fail(where, f"'int' needs whole-number bounds, got {args!r}")
+    if not lo < hi:
+        raise _fail(where, f"bad range [{lo}, {hi}]: low must be below high")
+    if kind == "loguniform" and lo <= 0:
+        raise _fail(where, f"bad range [{lo}, {hi}]: loguniform needs low > 0")
+    if param.low is not None and (lo < param.low or hi > param.high):
+        raise _fail(where, f"bad range [{lo}, {hi}]: '{key}' must stay within [{param.low}, {param.high}]")
+    if kind == "int":
+        return Dist("int", (int(lo), int(hi)))
+    return Dist(kind, (float(lo), float(hi)))
+
+
+def parse_space(raw: Any, source: str = "<space>") -> Space:
+    """Validate a loaded YAML document into a `Space`; every error names the offending key."""
+    from fer.backbones import BACKBONES
+
+    _check_known(raw, TOP_KEYS, source)
+    for required in ("backbones", "trials_per_backbone"):
+        if required not in raw:
+            raise _fail(source, f"missing required key '{required}'")
+    name = str(raw.get("name") or Path(source).stem)
+
+    metric = raw.get("metric", "val_loss")
+    if metric not in METRICS:
+        raise _fail(f"{source}: metric", f"unknown metric '{metric}' (known: {', '.join(METRICS)})")
+    mode = raw.get("mode", "min" if metric.endswith("loss") else "max")
+    if mode not in ("min", "max"):
+        raise _fail(f"{source}: mode", f"'{mode}' is not min or max")
+
+    backbones = raw["backbones"]
+    if isinstance(backbones, str):
+        backbones = [backbones]
+    if not isinstance(backbones, list) or not backbones:
+        raise _fail(f"{source}: backbones", "expected a non-empty list of backbone names")
+    for backbone in backbones:
+        if backbone not in BACKBONES:
+            raise _fail(f"{source}: backbones", f"unknown backbone '{backbone}' (known: {', '.join(BACKBONES)})")
+    if len(set(backbones)) != len(backbones):
+        raise _fail(f"{source}: backbones", "a backbone is listed twice")
+
+    def positive_int(key: str, default: int, minimum: int) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _fail(f"{source}: {key}", f"expected a whole number >= {minimum}, got {value!r}")
+        return value
+
+    trials = positive_int("trials_per_backbone", 1, 1)
+    final_seeds = positive_int("final_seeds", 0, 0)
+    seed = positive_int("seed", 0, 0)
+
+    scheduler = raw.get("scheduler") or {"type": "none"}
+    if isinstance(scheduler, str):
+        scheduler = {"type": scheduler}
+    _check_known(scheduler, SCHEDULER_KEYS, f"{source}: scheduler")
+    scheduler = dict(scheduler)
+    scheduler.setdefault("type", "asha")
+    if scheduler["type"] not in SCHEDULERS:
+        raise _fail(f"{source}: scheduler.type", f"unknown scheduler '{scheduler['type']}' "
+                                                 f"(known: {', '.join(SCHEDULERS)})")
+    if scheduler["type"] == "asha":
+        for key, default, minimum in (("grace_period", 1, 1), ("reduction_factor", 3, 2)):
+            value = scheduler.setdefault(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise _fail(f"{source}: scheduler.{key}", f"expected a whole number >= {minimum}, got {value!r}")
+
+    fixed_raw = raw.get("fixed") or {}
+    _check_known(fixed_raw, tuple(PARAMS), f"{source}: fixed")
+    for key in fixed_raw:
+        _check_param_key(key, f"{source}: fixed")
+    try:
+        coerced = make_config(fixed_raw)
+    except UserError as exc:
+        raise _fail(f"{source}: fixed", str(exc)) from None
+    fixed = {key: coerced[key] for key in fixed_raw}
+
+    space_raw = raw.get("space") or {}
+    if not isinstance(space_raw, dict):
+        raise _fail(f"{source}: space", "expected a mapping of config key -> distribution")
+    space = {}
+    for key, spec in space_raw.items():
+        _check_param_key(key, f"{source}: space")
+        if key in fixed:
+            raise _fail(f"{source}: space", f"'{key}' is both fixed and tuned")
+        space[key] = _parse_dist(key, spec, f"{source}: space")
+
+    points = raw.get("start_points") or []
+    if not isinstance(points, list):
+        raise _fail(f"{source}: start_points", "expected a list of mappings")
+    start_points = []
+    for i, point in enumerate(points):
+        where = f"{source}: start_points[{i}]"
+        _check_known(point, tuple(space), where)
+        missing = [key for key in space if key not in point]
+        if missing:
+            raise _fail(where, f"missing tuned key '{missing[0]}' (a start point sets every key of 'space')")
+        try:
+            coerced = make_config({**fixed, **point})
+        except UserError as exc:
+            raise _fail(where, str(exc)) from None
+        point = {key: coerced[key] for key in space}
+        for key, value in point.items():
+            if not space[key].contains(value):
+                raise _fail(where, f"'{key}': {value!r} lies outside its distribution {space[key].as_dict()}")
+        start_points.append(point)
+    if not space and trials > 1:
+        raise _fail(f"{source}: trials_per_backbone", f"{trials} trials but nothing to tune ('space' is empty)")
+    if len(start_points) > trials:
+        raise _fail(f"{source}: start_points", f"{len(start_points)} start points exceed "
+                                               f"trials_per_backbone={trials}")
+    out = Space(name=name, metric=metric, mode=mode, backbones=tuple(backbones), trials_per_backbone=trials,
+                scheduler=scheduler, fixed=fixed, space=space, start_points=tuple(start_points),
+                final_seeds=final_seeds, seed=seed, source=source)
+    if out.max_epochs() < 1:
+        raise _fail(source, "epochs_head + epochs_finetune is 0: trials would not train")
+    if scheduler["type"] == "asha" and scheduler["grace_period"] > out.max_epochs():
+        raise _fail(f"{source}: scheduler.grace_period", f"{scheduler['grace_period']} exceeds the "
+                                                         f"{out.max_epochs()} epochs a trial runs")
+    for backbone in backbones:  # every backbone must accept the fixed settings (e.g. its minimum size)
+        from fer.backbones import get_backbone
+
+        size = fixed.get("image_size", PARAMS["image_size"].default)
+        low = min(space["image_size"].args) if "image_size" in space else size
+        if low < get_backbone(backbone).min_size:
+            raise _fail(f"{source}: image_size", f"{low} is below {backbone}'s minimum of "
+                                                 f"{get_backbone(backbone).min_size}")
+    return out
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a search-space YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search space not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        raise UserError(f"{path}: the file is empty")
+    return parse_space(raw, source=path.name)
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

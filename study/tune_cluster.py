@@ -1,0 +1,131 @@
+"""Where the study runs: an embedded local Ray, or an existing cluster (`--address auto|ray://...`).
+
+Authentication: Ray 2.60 turns token authentication on for a new local Ray (STACK-NOTES pitfall 1). We keep
+it (anyone who can reach an unauthenticated Ray can run code on it) and bind the dashboard to 127.0.0.1
+only; `describe_dashboard` tells the user how to open it (the page asks for the token that
+`ray get-auth-token` prints; from another machine, tunnel the port with ssh). RAY_AUTH_MODE=disabled in the
+environment opts out, as Ray documents.
+
+On a multi-node cluster every node writes trial folders into the study folder and reads the pixel cache
+from it, so the study folder must be on a filesystem all nodes share; `check_shared_storage` proves it with
+a marker file read back on every node, and refuses the study with a clear message otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from fer.errors import UserError
+
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # trials read pixels from files, not from the object store
+
+
+def worker_env() -> dict:
+    """Environment every trial process needs: the driver's Keras backend, quiet TensorFlow."""
+    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    for var in ("KERAS_BACKEND", "FER_THREADS"):
+        if os.environ.get(var):
+            env[var] = os.environ[var]
+    return env
+
+
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
+            dashboard: bool = True) -> dict:
+    """Start a local Ray (address None) or join a cluster; return what study.json should record.
+
+    If Ray is already initialised in this process (a test's cluster, a notebook), it is used as it is.
+    """
+    runtime_env = {"env_vars": worker_env()}
+    started = False
+    if ray.is_initialized():
+        context = None
+    elif address is None:
+        context = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                           log_to_driver=False, runtime_env=runtime_env, logging_level="ERROR")
+        started = True
+    else:
+        try:
+            context = ray.init(address=address, log_to_driver=False, runtime_env=runtime_env,
+                               logging_level="ERROR")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+        started = True
+    dashboard_url = getattr(context, "dashboard_url", None) if context is not None else None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {
+        "address": address or "local",
+        "started_here": started,
+        "dashboard_url": f"http://{dashboard_url}" if dashboard_url and "://" not in dashboard_url else dashboard_url,
+        "auth_mode": os.environ.get("RAY_AUTH_MODE", "unset"),
+        "nodes": len(nodes),
+        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+    }
+
+
+def describe_dashboard(info: dict) -> str:
+    url = info.get("dashboard_url")
+    if not url:
+        return "Ray dashboard: off"
+    lines = [f"Ray dashboard: {url}"]
+    if info.get("auth_mode", "").lower() == "token":
+        lines.append("  token authentication is on: the page asks for the token that `ray get-auth-token` prints")
+    port = url.rsplit(":", 1)[-1].strip("/")
+    if "127.0.0.1" in url or "localhost" in url:
+        lines.append(f"  it listens on this machine only; from another one: ssh -L {port}:127.0.0.1:{port} "
+                     f"THIS_HOST, then open http://127.0.0.1:{port}")
+    return "\n".join(lines)
+
+
+def default_gpus_per_trial() -> float:
+    """One GPU per trial where the cluster has GPUs, none otherwise."""
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def check_trial_fits(cpus: float, gpus: float) -> None:
+    """Refuse a per-trial request that no node can ever satisfy (Tune would wait forever)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    for node in nodes:
+        res = node.get("Resources", {})
+        if res.get("CPU", 0) >= cpus and res.get("GPU", 0) >= gpus:
+            return
+    biggest = max(((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes), default=(0, 0))
+    raise UserError(f"a trial asks for {cpus:g} CPU and {gpus:g} GPU but the largest node has "
+                    f"{biggest[0]:g} CPU and {biggest[1]:g} GPU (lower --cpus-per-trial / --gpus-per-trial)")
+
+
+@ray.remote(num_cpus=0)
+def _read_marker(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
+    """On a multi-node cluster, prove every node sees the study folder; else refuse with a clear message."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    study_dir = Path(study_dir).resolve()
+    token = secrets.token_hex(16)
+    marker = study_dir / f".shared-storage-check-{token[:8]}"
+    marker.write_text(token)
+    try:
+        refs = {node["NodeManagerAddress"] + f" ({node['NodeID'][:8]})": _read_marker.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(marker))
+            for node in nodes}
+        seen = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [node for node, text in seen.items() if text != token]
+    if blind:
+        raise UserError(
+            f"the study folder {study_dir} is local to this machine: node(s) {', '.join(blind)} cannot see it. "
+            "On a multi-node cluster the study folder must be on storage every node mounts at the same path "
+            "(e.g. NFS): run from there or pass a study folder on it")

@@ -1,0 +1,226 @@
+"""`fer-study run`: a whole study, from data (or a prepared study folder) to best/<backbone>/ test metrics.
+
+Layout of `results/<study>/` (DESIGN.md): study.json, data/, tune/ (Ray Tune's storage, one folder per
+run attempt), optuna.sqlite3 (one Optuna study per backbone: `optuna-dashboard sqlite:///.../optuna.sqlite3`),
+trials/<trial_id>/ (each trial's folder + outcome.json), trials.csv, best/<backbone>/.
+
+Resume (why not `Tuner.restore`): Tune snapshots its experiment state periodically (every 10 s or more),
+so a driver killed between a trial's end and the next snapshot would run that trial again. Instead, the
+facts a study needs are written the moment they happen: each trial's outcome (study.results.Ledger) and
+each Optuna ask/tell (SQLite). `--resume` reads them, marks trials that were running at the kill as
+interrupted (their start points are queued again, their partial folders removed), and starts a new Tuner
+whose per-backbone budgets are what is left. Completed trials are neither repeated nor lost; the only work
+redone is the trials that were running at the moment of the kill. Each backbone's ASHA rungs restart empty
+after a resume (a resumed trial is compared only with trials that run after the resume).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from fer.errors import UserError
+from study.results import Ledger, write_json
+from study.space import Space, load_space
+
+
+class StudyIncomplete(Exception):
+    """The searches stopped before every trial finished (Ctrl-C, or the cluster went away)."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_study(source: str | Path, name: str | None, space: Space, results_root: Path,
+                  log: Callable[[str], None]) -> tuple[Path, Path]:
+    """Return (study_dir, data_dir): use a prepared study folder as is, or prepare DATA into a new one."""
+    from fer.data import StudyData, prepare_dataset
+
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"no such folder: {source}")
+    if (source / "data" / "study_data.json").is_file():
+        study_dir = source
+        if name and name != source.name:
+            raise UserError(f"--name {name} given with the study folder {source}: drop --name to use it, "
+                            "or pass the class-folder DATA to start another study")
+    else:
+        study_dir = Path(results_root) / (name or source.name)
+    data_dir = study_dir / "data"
+    if (data_dir / "study_data.json").is_file():
+        StudyData(data_dir)  # fail early with a clear message if it is not readable
+    elif study_dir == source:
+        raise UserError(f"{source} is not a study folder")
+    else:
+        log(f"preparing {source} -> {data_dir}")
+        size = space.fixed.get("image_size", 224)
+        prepare_dataset(source, data_dir, seed=space.seed, image_size=size, log=log)
+    return study_dir.resolve(), data_dir.resolve()
+
+
+def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
+    study_json = study_dir / "study.json"
+    if not study_json.exists():
+        if resume:
+            raise UserError(f"--resume: {study_dir} holds no study to resume (no study.json)")
+        return None
+    previous = json.loads(study_json.read_text())
+    if not resume:
+        raise UserError(f"{study_dir} already holds a study; add --resume to continue it, "
+                        "or --name NAME to start another one")
+    old, new = previous.get("space", {}), space.to_dict()
+    for key in new:
+        if json.dumps(old.get(key), sort_keys=True) != json.dumps(new[key], sort_keys=True):
+            raise UserError(f"--resume: the space's '{key}' differs from the one the study started with; "
+                            "resume with the same search-space file")
+    return previous
+
+
+def run_study(source: str | Path, space_path: str | Path, *, name: str | None = None,
+              address: str | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
+              resume: bool = False, num_cpus: int | None = None, num_gpus: int | None = None,
+              dashboard: bool = True, results_root: str | Path = "results", stream: TextIO | None = None,
+              live: bool | None = None, trainable=None, command: str | None = None) -> Path:
+    """Run (or resume) a study; return its folder. See the module docstring for what it writes.
+
+    `trainable` replaces the Keras trial (tests of placement use a trivial one); everything else is the
+    code path real studies take.
+    """
+    stream = stream or sys.stdout
+
+    def log(message: str) -> None:
+        stream.write(message + "\n")
+        stream.flush()
+
+    space = load_space(space_path)
+    if cpus_per_trial <= 0:
+        raise UserError(f"--cpus-per-trial must be > 0, got {cpus_per_trial}")
+    if gpus_per_trial is not None and gpus_per_trial < 0:
+        raise UserError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial}")
+    study_dir, data_dir = resolve_study(source, name, space, Path(results_root), log)
+    previous = _check_resume(study_dir, space, resume)
+
+    import ray
+
+    from study import tune_cluster
+
+    ray_was_running = ray.is_initialized()
+    info = tune_cluster.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, dashboard=dashboard)
+    try:
+        log(tune_cluster.describe_dashboard(info))
+        tune_cluster.check_shared_storage(study_dir)
+        gpus = tune_cluster.default_gpus_per_trial() if gpus_per_trial is None else float(gpus_per_trial)
+        tune_cluster.check_trial_fits(cpus_per_trial, gpus)
+        study = dict(previous or {})
+        study.update({
+            "name": study_dir.name, "space_file": str(space_path), "space": space.to_dict(),
+            "seed": space.seed, "data": str(data_dir), "status": "running",
+            "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+            "resources_per_trial": {"cpu": cpus_per_trial, "gpu": gpus}, "ray": info,
+        })
+        from fer.machine import machine_info
+
+        study["machine"] = machine_info()
+        study.setdefault("started_at", _now())
+        study.setdefault("runs", []).append({"started_at": _now(), "resume": bool(resume)})
+        write_json(study_dir / "study.json", study)
+
+        ledger = Ledger(study_dir)
+        _search(space, study, study_dir, data_dir, ledger, cpus_per_trial, gpus, trainable, stream, live, log)
+        if trainable is None:
+            from study.tune_best import evaluate_bests, retrain_seeds
+            from study.tune_trial import trial_threads
+
+            threads = trial_threads(cpus_per_trial)
+            study["best"] = evaluate_bests(space, ledger, study_dir, data_dir, cpus_per_trial, gpus, threads, log)
+            if space.final_seeds:
+                study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, cpus_per_trial, gpus,
+                                                     threads, log)
+        study["status"] = "completed"
+        study["finished_at"] = _now()
+        study["trials"] = _counts(ledger)
+        write_json(study_dir / "study.json", study)
+        log(f"study finished: {study_dir} (trials.csv, best/)")
+        return study_dir
+    finally:
+        if info.get("started_here") and not ray_was_running:
+            ray.shutdown()
+
+
+def _counts(ledger: Ledger) -> dict:
+    counts: dict[str, int] = {}
+    for outcome in ledger.outcomes.values():
+        counts[outcome["status"]] = counts.get(outcome["status"], 0) + 1
+    return counts
+
+
+def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: Ledger, cpus: float,
+            gpus: float, trainable, stream, live, log) -> None:
+    """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early."""
+    from ray import tune
+
+    from study.progress import ProgressView, StudyCallback
+    from study.tune_search import (BackboneSearcher, discard_interrupted, make_scheduler, optuna_storage,
+                                   optuna_study_name)
+    from study.tune_trial import train_trial, trial_resources, trial_threads
+
+    removed = ledger.discard_unfinished_folders()
+    if removed:
+        log(f"discarded {len(removed)} trial(s) interrupted by the previous run: {', '.join(removed)}")
+    storage = optuna_storage(study_dir)
+    requeue = {b: discard_interrupted(storage, optuna_study_name(space, b)) for b in space.backbones}
+    done = ledger.finished_per_backbone()
+    budgets = {b: max(0, space.trials_per_backbone - done.get(b, 0)) for b in space.backbones}
+    fresh = not ledger.outcomes and not any(requeue.values()) and not (study_dir / "tune").exists()
+    searcher = BackboneSearcher(space, budgets, storage, requeue=requeue, fresh=fresh)
+    total = searcher.total()
+    already = sum(done.values())
+    if total == 0:
+        log(f"all {already} trials already finished")
+        return
+    log(f"{total} trial(s) to run ({already} already finished): {space.trials_per_backbone} per backbone x "
+        f"{len(space.backbones)} backbones, {cpus:g} CPU + {gpus:g} GPU per trial")
+
+    scheduler = make_scheduler(space)
+    stopped = (lambda tid: tid in scheduler.stopped) if scheduler is not None else (lambda tid: False)
+    view = ProgressView(total=space.trials_per_backbone * len(space.backbones), metric=space.metric,
+                        stream=stream, live=live)
+    for status, count in _counts(ledger).items():
+        view.done[status] = count
+
+    def on_change() -> None:
+        study["trials"] = _counts(ledger)
+        write_json(study_dir / "study.json", study)
+
+    callback = StudyCallback(ledger, space.metric, space.mode, view, stopped=stopped,
+                             optuna_number=searcher.optuna_trial_number, on_change=on_change)
+    context = {"data_dir": str(data_dir), "trials_dir": str(ledger.trials_dir.resolve()),
+               "threads": trial_threads(cpus)}
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our ledger replaces Tune's CSV/JSON
+    fn = tune.with_parameters(trainable or train_trial, context=context)
+    run_index = len(list((study_dir / "tune").glob("run-*"))) + 1 if (study_dir / "tune").exists() else 1
+    tuner = tune.Tuner(
+        tune.with_resources(fn, trial_resources(cpus, gpus)),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
+                                    reuse_actors=False),
+        run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=str(study_dir / "tune"),
+                                  callbacks=[callback], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+    )
+    t0 = time.time()
+    tuner.fit()
+    study.setdefault("search_s", 0.0)
+    study["search_s"] = round(study["search_s"] + time.time() - t0, 1)
+    left = {b: space.trials_per_backbone - n for b, n in Ledger(study_dir).finished_per_backbone().items()}
+    missing = sum(max(0, left.get(b, space.trials_per_backbone)) for b in space.backbones)
+    if missing:
+        study["status"] = "interrupted"
+        write_json(study_dir / "study.json", study)
+        raise StudyIncomplete(f"{missing} trial(s) did not finish; continue with the same command plus --resume")

@@ -1,0 +1,114 @@
+"""What runs inside a Ray worker: one trial, and the best-model evaluation tasks.
+
+Trials receive only paths (the prepared study folder, the trial folder), never arrays through Ray's object
+store: every trial memory-maps the shared pixel cache (fer.data.StudyData), which costs no copies and works
+the same on one machine or on a cluster with a shared filesystem.
+
+Each worker first calls `fer.backend_setup.configure_backend` with the trial's CPU count (TensorFlow ignores
+OMP_NUM_THREADS, STACK-NOTES pitfall 4) and GPU memory growth, before any model is built.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ray import tune
+
+REPORT_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr", "epoch_s",
+               "images_per_s")
+
+
+def trial_threads(cpus: float) -> int:
+    """Threads for a trial holding `cpus` (fractional) CPUs: at least one."""
+    return max(1, int(math.floor(cpus + 1e-9)))
+
+
+def trial_resources(cpus: float, gpus: float) -> dict:
+    """The Ray resources one trial (or evaluation task) asks for; fractional GPUs share a device."""
+    resources = {"cpu": float(cpus)}
+    if gpus:
+        resources["gpu"] = float(gpus)
+    return resources
+
+
+def check_finite(record: dict) -> None:
+    """Fail the trial on a NaN/inf training loss, the way keras.callbacks.TerminateOnNaN would, but with
+    a message that names the epoch (it lands in trials.csv)."""
+    loss = record.get("loss")
+    if isinstance(loss, (int, float)) and not math.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss} at epoch {record.get('epoch')} "
+                                 f"({record.get('stage')} stage)")
+
+
+def report_epoch(record: dict) -> None:
+    """Our five-line Keras-to-Tune bridge (no TuneReportCallback, STACK-NOTES pitfall 3)."""
+    metrics = {key: float(record[key]) for key in REPORT_KEYS if isinstance(record.get(key), (int, float))}
+    metrics["stage"] = record.get("stage", "")
+    tune.report(metrics)
+    check_finite(record)  # after the report, so the NaN epoch is in the trial's history too
+
+
+def train_trial(config: dict, context: dict) -> None:
+    """Tune function trainable: one `fer.training.run_trial` in `<trials_dir>/<trial_id>/`."""
+    from fer.backend_setup import configure_backend
+
+    configure_backend(threads=context["threads"])
+    from fer.config import make_config
+    from fer.data import StudyData
+    from fer.training import run_trial
+
+    trial_id = tune.get_context().get_trial_id()
+    out_dir = Path(context["trials_dir"]) / trial_id
+    study_data = StudyData(context["data_dir"])
+    run_trial(make_config(config), study_data, out_dir, on_epoch=report_epoch, evaluate_test=False)
+
+
+def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict) -> dict:
+    """Reload a trial's best model and evaluate it ONCE on the test split (and on val if the trial was
+    stopped before writing val_metrics.json). Runs as a Ray task with a trial's resources.
+
+    `selection` (which trial, by which metric) is written with the results as selection.json, in the same
+    atomic step that publishes best/<backbone>/."""
+    import json
+
+    import shutil
+
+    from fer.backend_setup import configure_backend
+
+    configure_backend(threads=threads)
+    import keras
+
+    from fer.config import load_config
+    from fer.data import StudyData
+    from fer.training import evaluate_split
+
+    src, dst = Path(trial_dir), Path(best_dir)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "model.keras", "history.csv", "val_metrics.json", "summary.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, tmp / name)
+    config = load_config(tmp / "config.json")
+    model = keras.models.load_model(tmp / "model.keras")
+    study_data = StudyData(data_dir)
+    if not (tmp / "val_metrics.json").exists():
+        evaluate_split(model, study_data, "val", config, tmp)
+    result = evaluate_split(model, study_data, "test", config, tmp)
+    (tmp / "selection.json").write_text(json.dumps({**selection, **result}, indent=2) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)  # best/<backbone>/ appears complete or not at all
+    return {**selection, **result}
+
+
+def retrain_seed(config: dict, out_dir: str, data_dir: str, threads: int) -> dict:
+    """Retrain the best configuration with another seed and evaluate it on the test split (final_seeds)."""
+    from fer.backend_setup import configure_backend
+
+    configure_backend(threads=threads)
+    from fer.config import make_config
+    from fer.data import StudyData
+    from fer.training import run_trial
+
+    return run_trial(make_config(config), StudyData(data_dir), out_dir, evaluate_test=True)
