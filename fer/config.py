@@ -45,6 +45,9 @@ PARAMS: dict[str, Param] = {
     "patience": Param(int, 5, 1, 1000, help="early-stopping patience (reduce-LR uses half of it)"),
     "augment": Param(float, 1.0, 0.0, 5.0, help="augmentation strength; 0 disables, 1 = published"),
     "label_smoothing": Param(float, 0.0, 0.0, 0.5),
+    "bn_epsilon": Param(float, 0.0, 0.0, 0.1,
+                        help="epsilon of the backbone's BatchNormalization layers; 0 keeps the backbone's own "
+                             "(1e-3 in keras.applications); weights ported from PyTorch need 1e-5"),
     "seed": Param(int, 0, 0, 2**31 - 1),
     "head_features": Param(str, "exact", choices=("exact", "cached"),
                            help="'cached' trains stage 1 on precomputed backbone features (faster)"),

@@ -126,7 +126,7 @@ class EpochMonitor(keras.callbacks.Callback):
             "val_macro_f1": macro_f1(t.val_labels, pred, t.num_classes), "lr": self.lr,
             "epoch_s": time.perf_counter() - self.epoch_start, "images_per_s": t.n_train / train_s,
         }
-        t.train_s.append(train_s)
+        t.train_s.setdefault(self.stage, []).append(train_s)
         if self.first_batch_s is not None and t.first_batch_s.get(self.stage) is None:
             t.first_batch_s[self.stage] = self.first_batch_s
         if math.isfinite(val_loss) and val_loss < self.stage_best_loss:
@@ -158,7 +158,7 @@ class _TrialState:
         self.history: list[dict] = []
         self.best_record: dict = {}
         self.best_weights = None
-        self.train_s: list[float] = []
+        self.train_s: dict[str, list[float]] = {}  # per stage: training seconds of each epoch
         self.first_batch_s: dict[str, float] = {}
 
     def write_history(self) -> None:
@@ -236,7 +236,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             model.save(out_dir / MODEL_FILE)
         else:
             model.set_weights(state.best_weights)
-        train_s = sum(state.train_s)
+        train_s = sum(sum(seconds) for seconds in state.train_s.values())
         val_probs = predict_probs(model, val_pixels, batch_size)
         val_metrics = classification_metrics(val_labels, val_probs, classes, seed=config["seed"])
         val_metrics["val_loss"] = float(keras.ops.convert_to_numpy(loss_fn(state.val_onehot, val_probs)))
@@ -249,7 +249,9 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             "val_macro_f1": val_metrics["macro_f1"]["value"],
             "epochs_run": state.global_epoch,
             "train_s": train_s,
-            "images_per_s": _steady_images_per_s(state, batch_size),
+            "images_per_s": _steady_images_per_s(state, batch_size, state.train_s),
+            "stage_images_per_s": {stage: _steady_images_per_s(state, batch_size, {stage: seconds})
+                                   for stage, seconds in state.train_s.items()},
             "first_step_s": state.first_batch_s,
             "build_s": build_s,
             "params": int(model.count_params()),
@@ -270,12 +272,12 @@ def _backbone(config: dict):
     return get_backbone(config["backbone"])
 
 
-def _steady_images_per_s(state: _TrialState, batch_size: int) -> float | None:
-    """Training images/s without each stage's first step (graph compilation is a fixed start-up cost)."""
-    if not state.train_s:
-        return None
-    seconds = sum(state.train_s) - sum(state.first_batch_s.values())
-    images = state.n_train * len(state.train_s) - min(batch_size, state.n_train) * len(state.first_batch_s)
+def _steady_images_per_s(state: _TrialState, batch_size: int, train_s: dict[str, list[float]]) -> float | None:
+    """Training images/s of the given stages without each stage's first step (its graph compilation is a
+    fixed start-up cost, reported separately as `first_step_s`)."""
+    epochs = sum(len(seconds) for seconds in train_s.values())
+    seconds = sum(sum(s) for s in train_s.values()) - sum(state.first_batch_s.get(stage, 0.0) for stage in train_s)
+    images = state.n_train * epochs - min(batch_size, state.n_train) * len(train_s)
     return images / seconds if seconds > 0 and images > 0 else None
 
 

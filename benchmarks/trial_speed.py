@@ -1,0 +1,129 @@
+"""Does the trial's input path cost under 10%? Real trial epochs vs a bare train step, one JSON line.
+
+    python3 benchmarks/trial_speed.py --backbone mobilenetv2 --image-size 96 [--images 400] [--data DIR]
+
+Runs a real trial (`run_trial`: pixel cache -> batches -> fit, both stages, 1 epoch each by default) and
+measures its steady training images/s per stage (each stage's first step, i.e. graph compilation,
+excluded). Then it times a bare `train_on_batch` on one in-memory batch of the same shape and dtype with the
+same compiled model, per stage. ratio = trial / bare (target >= 0.9). Also reports the fixed start-up
+seconds: imports, model build, and the first (compiling) step of each stage.
+
+Without --data it generates demo data (fer.demo_data) and prepares it at the image size in a temp folder.
+The weights do not change the speed; `none` is used because ImageNet cannot be downloaded everywhere.
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="mobilenetv2")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images", type=int, default=400, help="demo images to generate (about 70%% train)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per stage")
+    p.add_argument("--unfreeze-layers", type=int, default=30)
+    p.add_argument("--bare-steps", type=int, default=0, help="timed bare steps per stage [default: trial's]")
+    p.add_argument("--data", help="a prepared study/data folder to use instead of demo data")
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def bare_images_per_s(model, config, stage, unfreeze, n_classes, steps, class_weights):
+    """Images/s of train_on_batch on one batch already converted to backend tensors (no input pipeline)."""
+    import keras
+    import numpy as np
+
+    from fer.backbones import get_backbone
+    from fer.model import set_stage
+
+    size, batch = config["image_size"], config["batch_size"]
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, n_classes, batch)
+    x = keras.ops.convert_to_tensor(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    y = keras.ops.convert_to_tensor(np.eye(n_classes, dtype="float32")[labels])
+    w = keras.ops.convert_to_tensor(np.array([class_weights.get(int(i), 1.0) for i in labels], "float32"))
+    set_stage(model, stage, unfreeze, config["unfreeze_unit"], get_backbone(config["backbone"]))
+    model.compile(optimizer=keras.optimizers.Adam(1e-4),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    for _ in range(2):  # compile + one warm step
+        model.train_on_batch(x, y, sample_weight=w)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y, sample_weight=w)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main():
+    args = parse_args()
+    import keras  # noqa: F401
+
+    from fer.backend_setup import configure_backend
+    from fer.config import make_config
+    from fer.data import StudyData, prepare_dataset
+    from fer.machine import machine_info
+    from fer.model import build_model
+    from fer.training import run_trial
+
+    applied = configure_backend(args.threads)
+    import_s = time.perf_counter() - T0
+
+    with tempfile.TemporaryDirectory(prefix="fer-trial-speed-") as tmp:
+        tmp = Path(tmp)
+        if args.data:
+            data_dir = Path(args.data)
+            data = StudyData(data_dir / "data" if (data_dir / "data").is_dir() else data_dir)
+        else:
+            from fer.demo_data import generate_demo_data
+
+            generate_demo_data(tmp / "demo", per_class=max(2, args.images // 5), seed=0)
+            prepare_dataset(tmp / "demo", tmp / "data", image_size=args.image_size, log=lambda *a, **k: None)
+            data = StudyData(tmp / "data")
+        config = make_config(backbone=args.backbone, image_size=args.image_size, weights="none",
+                             batch_size=args.batch_size, epochs_head=args.epochs, epochs_finetune=args.epochs,
+                             unfreeze_layers=args.unfreeze_layers, patience=max(2, args.epochs + 1))
+        summary = run_trial(config, data, tmp / "trial")
+        n_train = len(data.labels("train"))
+
+        model = build_model(config, len(data.classes))
+        steps = args.bare_steps or max(3, n_train // args.batch_size)
+        bare = {stage: bare_images_per_s(model, config, stage, unfreeze, len(data.classes), steps,
+                                         data.class_weights)
+                for stage, unfreeze in (("head", 0), ("finetune", args.unfreeze_layers))}
+
+    trial = summary["stage_images_per_s"]
+    ratio = {stage: trial[stage] / bare[stage] for stage in bare if trial.get(stage)}
+    # time-weighted over both stages: bare seconds for the trial's images / the trial's steady seconds
+    overall = sum(1 / bare[s] for s in ratio) / sum(1 / trial[s] for s in ratio)
+    print(json.dumps({
+        "benchmark": "trial_speed",
+        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
+        "train_images": n_train, "epochs_per_stage": args.epochs, "unfreeze_layers": args.unfreeze_layers,
+        "trial_images_per_s": {s: round(v, 2) for s, v in trial.items()},
+        "bare_images_per_s": {s: round(v, 2) for s, v in bare.items()},
+        "ratio": {s: round(v, 3) for s, v in ratio.items()},
+        "ratio_overall": round(overall, 3),
+        "target_ratio": 0.9,
+        "startup_s": round(import_s + summary["build_s"] + sum(summary["first_step_s"].values()), 2),
+        "startup_parts_s": {"imports": round(import_s, 2), "build": round(summary["build_s"], 2),
+                            **{f"first_step_{k}": round(v, 2) for k, v in summary["first_step_s"].items()}},
+        "threads": applied["threads"],
+        "machine": machine_info(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
