@@ -20,12 +20,14 @@ from fer.errors import UserError
               help="GPUs per trial, fractions allowed (0.5 = two trials per GPU); default 1 if GPUs exist, else 0")
 @click.option("--cpus-per-trial", type=float, default=1.0, show_default=True,
               help="CPUs per trial (also the trial's TensorFlow thread count)")
+@click.option("--group-regex", default=None,
+              help="when DATA is prepared here: regex whose first group names the subject (kept in one split)")
 @click.option("--resume", is_flag=True, help="continue an interrupted study: finished trials are kept")
 @click.option("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True, help="local Ray dashboard (127.0.0.1)")
 @click.option("--results", "results_root", default="results", show_default=True,
               type=click.Path(file_okay=False), help="folder that holds study folders")
-def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial, resume, num_cpus, dashboard,
+def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial, group_regex, resume, num_cpus, dashboard,
         results_root):
     """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's best
     trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared first) or a
@@ -34,7 +36,7 @@ def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial
 
     try:
         run_study(data_or_study, space_path, name=name, address=address, cpus_per_trial=cpus_per_trial,
-                  gpus_per_trial=gpus_per_trial, resume=resume, num_cpus=num_cpus, dashboard=dashboard,
+                  gpus_per_trial=gpus_per_trial, group_regex=group_regex, resume=resume, num_cpus=num_cpus, dashboard=dashboard,
                   results_root=results_root)
     except StudyIncomplete as exc:
         click.echo(f"Interrupted: {exc}", err=True)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 import traceback
 from typing import Callable, TextIO
 
+from ray.exceptions import RayError
 from ray.tune import Callback
 
 from study.results import Ledger, clean_float, summarize_history
 
-HIDDEN = ("backbone",)
 
 
 def _fmt(value) -> str:
@@ -33,7 +34,7 @@ def trial_line(tid: str, backbone: str, state: str, record: dict | None, metric:
     parts = [f"{tid:<12}", f"{backbone:<14}", f"{state:<9}",
              f"epoch {int(record.get('epoch', 0)):>3}",
              f"{metric} {value:.4f}" if value is not None else f"{metric} -     ",
-             " ".join(f"{k}={_fmt(v)}" for k, v in params.items() if k not in HIDDEN)]
+             " ".join(f"{k}={_fmt(v)}" for k, v in params.items())]
     line = "  ".join(parts)
     if error:
         line += f"  ERROR: {error}"
@@ -86,40 +87,48 @@ class ProgressView:
 
 
 def error_message(trial) -> str:
-    """The one-line cause of an errored trial (the original exception, not Ray's wrapper)."""
+    """The one-line cause of an errored trial (the original exception, not Ray's wrapper).
+
+    Read from the trial's local error files, which Tune writes before calling `on_trial_error`.
+    """
+    import cloudpickle
+
+    cause = None
     try:
-        error = trial.get_error()
-    except Exception:  # noqa: BLE001 - a missing error file must not crash the driver
-        error = None
-    if error is None:
-        return "unknown error (see the trial's error.txt)"
-    cause = error
-    for _ in range(5):  # TuneError -> RayTaskError -> original exception
-        inner = getattr(cause, "cause", None) or cause.__cause__
+        if trial.pickled_error_file and Path(trial.pickled_error_file).exists():
+            with open(trial.pickled_error_file, "rb") as fh:
+                cause = cloudpickle.load(fh)
+    except Exception:  # noqa: BLE001 - an unreadable error file must not crash the driver
+        cause = None
+    for _ in range(5):  # TuneError -> RayTaskError -> the trial's own exception
+        inner = getattr(cause, "cause", None)
         if inner is None or inner is cause:
             break
         cause = inner
-    text = f"{type(cause).__name__}: {cause}"
-    if "Traceback" in text or "\n" in text:  # a RayTaskError without the pickled cause: keep the last line
-        lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-        text = lines[-1] if lines else text
-    return text.replace("\n", " ")[:500]
+    if cause is not None and not isinstance(cause, RayError):
+        return f"{type(cause).__name__}: {cause}".replace("\n", " ")[:500]
+    text = str(cause) if cause is not None else ""
+    if not text and trial.error_file and Path(trial.error_file).exists():
+        text = Path(trial.error_file).read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Failure #")]
+    return (lines[-1] if lines else "unknown error (see the trial's error.txt)")[:500]
 
 
 class StudyCallback(Callback):
     """Writes each trial's outcome when it ends and drives the progress view (runs in the driver)."""
 
-    def __init__(self, ledger: Ledger, metric: str, mode: str, view: ProgressView,
+    def __init__(self, ledger: Ledger, metric: str, mode: str, view: ProgressView, shown: tuple[str, ...],
                  stopped: Callable[[str], bool] = lambda tid: False,
                  optuna_number: Callable[[str], int | None] = lambda tid: None,
                  on_change: Callable[[], None] = lambda: None):
-        self.ledger, self.metric, self.mode, self.view = ledger, metric, mode, view
+        self.ledger, self.metric, self.mode, self.view, self.shown = ledger, metric, mode, view, shown
         self.stopped, self.optuna_number, self.on_change = stopped, optuna_number, on_change
         self.records: dict[str, list[dict]] = {}
         self.nodes: dict[str, str] = {}
 
     def _params(self, trial) -> dict:
-        return dict(trial.config)
+        """The tuned keys only: the fixed ones are the same for every trial."""
+        return {key: trial.config.get(key) for key in self.shown}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.records.setdefault(trial.trial_id, [])

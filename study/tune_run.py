@@ -16,8 +16,10 @@ after a resume (a resumed trial is compared only with trials that run after the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import shlex
 import sys
@@ -39,7 +41,7 @@ def _now() -> str:
 
 
 def resolve_study(source: str | Path, name: str | None, space: Space, results_root: Path,
-                  log: Callable[[str], None]) -> tuple[Path, Path]:
+                  log: Callable[[str], None], group_regex: str | None = None) -> tuple[Path, Path]:
     """Return (study_dir, data_dir): use a prepared study folder as is, or prepare DATA into a new one."""
     from fer.data import StudyData, prepare_dataset
 
@@ -61,7 +63,7 @@ def resolve_study(source: str | Path, name: str | None, space: Space, results_ro
     else:
         log(f"preparing {source} -> {data_dir}")
         size = space.fixed.get("image_size", 224)
-        prepare_dataset(source, data_dir, seed=space.seed, image_size=size, log=log)
+        prepare_dataset(source, data_dir, group_regex=group_regex, seed=space.seed, image_size=size, log=log)
     return study_dir.resolve(), data_dir.resolve()
 
 
@@ -85,7 +87,7 @@ def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
 
 def run_study(source: str | Path, space_path: str | Path, *, name: str | None = None,
               address: str | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
-              resume: bool = False, num_cpus: int | None = None, num_gpus: int | None = None,
+              group_regex: str | None = None, resume: bool = False, num_cpus: int | None = None, num_gpus: int | None = None,
               dashboard: bool = True, results_root: str | Path = "results", stream: TextIO | None = None,
               live: bool | None = None, trainable=None, command: str | None = None) -> Path:
     """Run (or resume) a study; return its folder. See the module docstring for what it writes.
@@ -104,7 +106,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         raise UserError(f"--cpus-per-trial must be > 0, got {cpus_per_trial}")
     if gpus_per_trial is not None and gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial}")
-    study_dir, data_dir = resolve_study(source, name, space, Path(results_root), log)
+    study_dir, data_dir = resolve_study(source, name, space, Path(results_root), log, group_regex)
     previous = _check_resume(study_dir, space, resume)
 
     import ray
@@ -154,6 +156,18 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def _quiet_tune():
+    """Tune logs every trial error with its traceback; our progress view and trials.csv already say it."""
+    logger = logging.getLogger("ray.tune")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _counts(ledger: Ledger) -> dict:
     counts: dict[str, int] = {}
     for outcome in ledger.outcomes.values():
@@ -166,11 +180,14 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early."""
     from ray import tune
 
+    import optuna
+
     from study.progress import ProgressView, StudyCallback
     from study.tune_search import (BackboneSearcher, discard_interrupted, make_scheduler, optuna_storage,
                                    optuna_study_name)
     from study.tune_trial import train_trial, trial_resources, trial_threads
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     removed = ledger.discard_unfinished_folders()
     if removed:
         log(f"discarded {len(removed)} trial(s) interrupted by the previous run: {', '.join(removed)}")
@@ -199,11 +216,12 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
         study["trials"] = _counts(ledger)
         write_json(study_dir / "study.json", study)
 
-    callback = StudyCallback(ledger, space.metric, space.mode, view, stopped=stopped,
+    callback = StudyCallback(ledger, space.metric, space.mode, view, tuple(space.space), stopped=stopped,
                              optuna_number=searcher.optuna_trial_number, on_change=on_change)
     context = {"data_dir": str(data_dir), "trials_dir": str(ledger.trials_dir.resolve()),
                "threads": trial_threads(cpus)}
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our ledger replaces Tune's CSV/JSON
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our view instead
     fn = tune.with_parameters(trainable or train_trial, context=context)
     run_index = len(list((study_dir / "tune").glob("run-*"))) + 1 if (study_dir / "tune").exists() else 1
     tuner = tune.Tuner(
@@ -215,7 +233,8 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     t0 = time.time()
-    tuner.fit()
+    with _quiet_tune():
+        tuner.fit()
     study.setdefault("search_s", 0.0)
     study["search_s"] = round(study["search_s"] + time.time() - t0, 1)
     left = {b: space.trials_per_backbone - n for b, n in Ledger(study_dir).finished_per_backbone().items()}

@@ -115,7 +115,7 @@ class BackboneSearcher(Searcher):
         params = self.searchers[backbone].suggest(trial_id) if backbone in self.searchers else {}
         self.suggested[backbone] += 1
         self.backbone_of[trial_id] = backbone
-        return {"backbone": backbone, **params}
+        return self.space.config_for(backbone, params)  # the full trial config: fixed + tuned keys
 
     def optuna_trial_number(self, trial_id: str) -> int | None:
         searcher = self.searchers.get(self.backbone_of.get(trial_id, ""))

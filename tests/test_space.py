@@ -1,0 +1,121 @@
+"""Search-space YAML validation: the shipped spaces load, and mistakes are named in one-line errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fer.errors import UserError
+from study.space import load_space, parse_space
+from study.tune_search import BackboneSearcher, optuna_distributions
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+BASE = {
+    "name": "t", "metric": "val_loss", "mode": "min", "backbones": ["mobilenet025", "mobilenetv2"],
+    "trials_per_backbone": 3, "scheduler": {"type": "asha", "grace_period": 1},
+    "fixed": {"image_size": 32, "weights": "none", "epochs_head": 1, "epochs_finetune": 1},
+    "space": {"dropout": {"uniform": [0.1, 0.6]}, "unfreeze_layers": {"int": [0, 30]},
+              "lr_head": {"loguniform": [1e-4, 3e-3]}},
+    "start_points": [{"dropout": 0.53, "unfreeze_layers": 30, "lr_head": 1e-3}],
+}
+
+
+def with_(**changes):
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.parametrize("name", ["paper", "default", "smoke"])
+def test_shipped_spaces_load(name):
+    space = load_space(SPACES / f"{name}.yaml")
+    assert space.trials_per_backbone >= 1 and space.backbones
+    for backbone in space.backbones:  # every start point makes a valid trial config for every backbone
+        for point in space.start_points:
+            assert space.config_for(backbone, point)["backbone"] == backbone
+
+
+def test_paper_space_is_the_published_setting_once_per_backbone():
+    space = load_space(SPACES / "paper.yaml")
+    assert space.trials_per_backbone == 1 and not space.space
+    assert set(space.backbones) == {"efficientnetb1", "resnet50", "inceptionv3", "mobilenetv2", "densenet121"}
+    config = space.config_for("resnet50", {})
+    assert (config["dropout"], config["unfreeze_layers"], config["lr_head"], config["lr_finetune"]) == \
+        (0.53, 30, 1e-3, 1e-4)
+
+
+def test_valid_space_round_trips_and_max_epochs():
+    space = parse_space(with_())
+    assert parse_space(space.to_dict()) == parse_space(with_())
+    assert space.max_epochs() == 2
+    assert space.start_points[0]["unfreeze_layers"] == 30
+
+
+@pytest.mark.parametrize("raw, words", [
+    (with_(colour="red"), ["unknown key 'colour'"]),
+    (with_(backbones=["mobilenet025", "vgg99"]), ["unknown backbone 'vgg99'"]),
+    (with_(fixed={"image_size": 32, "learning_rate": 0.1}), ["fixed", "'learning_rate'"]),
+    (with_(space={"dropout": {"uniform": [0.6, 0.1]}}), ["space.dropout", "bad range [0.6, 0.1]"]),
+    (with_(space={"dropout": {"uniform": [0.1, 1.5]}}), ["space.dropout", "within [0.0, 0.95]"]),
+    (with_(space={"lr_head": {"loguniform": [0.0, 0.1]}}), ["space.lr_head", "low > 0"]),
+    (with_(space={"unfreeze_layers": {"uniform": [0, 10]}}), ["space.unfreeze_layers", "integer"]),
+    (with_(space={"dropout": {"normal": [0.1, 0.2]}}), ["space.dropout", "unknown distribution 'normal'"]),
+    (with_(space={"backbone": {"choice": ["resnet50"]}}), ["'backbone' is set by 'backbones:'"]),
+    (with_(space={"speed": {"uniform": [0, 1]}}), ["unknown config key 'speed'"]),
+    (with_(space={"dropout": {"uniform": [0.1, 0.6]}}, fixed={"dropout": 0.5}), ["'dropout' is both fixed"]),
+    (with_(start_points=[{"dropout": 0.9, "unfreeze_layers": 3, "lr_head": 1e-3}]),
+     ["start_points[0]", "'dropout'", "outside"]),
+    (with_(start_points=[{"dropout": 0.3}]), ["start_points[0]", "missing tuned key 'unfreeze_layers'"]),
+    (with_(metric="val_auc"), ["metric", "unknown metric 'val_auc'"]),
+    (with_(scheduler={"type": "hyperband"}), ["scheduler.type", "'hyperband'"]),
+    (with_(scheduler={"type": "asha", "grace_period": 5}), ["scheduler.grace_period", "exceeds"]),
+    (with_(trials_per_backbone=0), ["trials_per_backbone"]),
+    (with_(fixed={"image_size": 16}), ["image_size", "16"]),
+])
+def test_bad_spaces_are_rejected_naming_the_key(raw, words):
+    with pytest.raises(UserError) as info:
+        parse_space(raw, source="bad.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_load_space_errors_for_missing_and_broken_files(tmp_path):
+    with pytest.raises(UserError, match="search space not found"):
+        load_space(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("backbones: [resnet50\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_space(broken)
+
+
+def test_cli_reports_a_bad_space_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from study.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_(backbones=["vgg99"])))
+    (tmp_path / "data").mkdir()
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "data"), "--space", str(bad)])
+    assert result.exit_code == 2
+    assert "unknown backbone 'vgg99'" in result.output and "Traceback" not in result.output
+
+
+def test_searcher_gives_every_backbone_the_same_budget_start_points_first(tmp_path):
+    import optuna
+
+    space = parse_space(with_())
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.sqlite3'}")
+    searcher = BackboneSearcher(space, {"mobilenet025": 3, "mobilenetv2": 3}, storage)
+    configs = [searcher.suggest(f"t{i}") for i in range(6)]
+    assert searcher.suggest("t6") == searcher.FINISHED
+    assert [c["backbone"] for c in configs].count("mobilenet025") == 3
+    firsts = {c["backbone"]: c for c in configs[:2]}
+    assert set(firsts) == {"mobilenet025", "mobilenetv2"}
+    for config in firsts.values():  # the start point is evaluated first, for each backbone
+        assert (config["dropout"], config["unfreeze_layers"], config["lr_head"]) == (0.53, 30, 1e-3)
+        assert config["image_size"] == 32 and config["weights"] == "none"  # fixed keys are in every config
+    assert set(optuna_distributions(space)) == {"dropout", "unfreeze_layers", "lr_head"}
