@@ -1,0 +1,75 @@
+"""Shared pytest fixtures (each part adds its own; never rewrite another part's)."""
+
+import pytest
+
+
+# ---- study fixtures (owner: study) -------------------------------------------------------------------
+# A prepared study folder (tiny demo data, 32 px cache) shared by every study test, and `smoke_study`: one
+# real `fer-study run` of a smoke-like space (two backbones, two trials each, ASHA), whose complete results
+# folder (trials.csv, best/<backbone>/ with test metrics) the study and report tests both read.
+
+STUDY_SMOKE_TRIALS = 2
+
+
+def _fer_study_cmd() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "study.cli"]
+
+
+@pytest.fixture(scope="session")
+def study_base(tmp_path_factory):
+    """A prepared study folder (`<tmp>/results/base`, with data/) made from small demo data."""
+    from fer.data import prepare_dataset
+    from fer.demo_data import generate_demo_data
+
+    root = tmp_path_factory.mktemp("study_base")
+    generate_demo_data(root / "demo", per_class=12, seed=0)
+    prepare_dataset(root / "demo", root / "results" / "base" / "data", group_regex=r"^(S\d+)_", seed=0,
+                    image_size=32, log=lambda *a, **k: None)
+    return root / "results" / "base"
+
+
+@pytest.fixture
+def new_study(study_base, tmp_path):
+    """A fresh study folder holding a copy of the prepared data (so each test has its own results)."""
+    import shutil
+
+    def make(name: str):
+        folder = tmp_path / "results" / name
+        shutil.copytree(study_base / "data", folder / "data")
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smoke_space_file(tmp_path_factory):
+    """search_spaces/smoke.yaml with two trials per backbone (the suite's budget)."""
+    from pathlib import Path
+
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text())
+    raw["trials_per_backbone"] = STUDY_SMOKE_TRIALS
+    path = tmp_path_factory.mktemp("spaces") / "smoke_test.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_study(study_base, smoke_space_file, tmp_path_factory):
+    """Run the real `fer-study run` on the demo data; return the study folder (complete best/ folders)."""
+    import os
+    import shutil
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("smoke") / "results" / "smoke"
+    shutil.copytree(study_base / "data", folder / "data")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(_fer_study_cmd() + ["run", str(folder), "--space", str(smoke_space_file),
+                                              "--num-cpus", "2", "--no-dashboard"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder / "run_output.txt").write_text(proc.stdout + proc.stderr)
+    return folder
