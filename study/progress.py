@@ -53,6 +53,12 @@ class ProgressView:
         self._drawn = 0
         self._last_draw = 0.0
 
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment; a stream cannot be pickled
+        return {**self.__dict__, "stream": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, stream=sys.stdout)
+
     def _summary(self) -> str:
         finished = sum(self.done.values())
         return (f"[{finished}/{self.total} trials] running {len(self.running)}, completed "

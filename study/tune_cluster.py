@@ -99,6 +99,20 @@ def check_trial_fits(cpus: float, gpus: float) -> None:
                     f"{biggest[0]:g} CPU and {biggest[1]:g} GPU (lower --cpus-per-trial / --gpus-per-trial)")
 
 
+def concurrent_trials(cpus: float, gpus: float) -> int:
+    """How many trials the cluster can run at once, node by node (each trial must fit on one node)."""
+    total = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        fits = int(res.get("CPU", 0) // cpus + 1e-9)
+        if gpus:
+            fits = min(fits, int(res.get("GPU", 0) / gpus + 1e-9))
+        total += fits
+    return max(1, total)
+
+
 @ray.remote(num_cpus=0)
 def _read_marker(path: str) -> str | None:
     try:

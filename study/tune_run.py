@@ -185,6 +185,7 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     from study.progress import ProgressView, StudyCallback
     from study.tune_search import (BackboneSearcher, discard_interrupted, make_scheduler, optuna_storage,
                                    optuna_study_name)
+    from study.tune_cluster import concurrent_trials
     from study.tune_trial import train_trial, trial_resources, trial_threads
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -226,8 +227,11 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     run_index = len(list((study_dir / "tune").glob("run-*"))) + 1 if (study_dir / "tune").exists() else 1
     tuner = tune.Tuner(
         tune.with_resources(fn, trial_resources(cpus, gpus)),
+        # max_concurrent_trials: Tune starts one trial at a time with a custom searcher unless told how many
+        # may be pending, which serialises short trials behind each worker's start-up.
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                    reuse_actors=False),
+                                    reuse_actors=False,
+                                    max_concurrent_trials=concurrent_trials(cpus, gpus)),
         run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=str(study_dir / "tune"),
                                   callbacks=[callback], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),

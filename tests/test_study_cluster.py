@@ -1,0 +1,76 @@
+"""Placement on a multi-node cluster: two simulated Ray nodes with logical GPUs, fractional GPU trials.
+
+The trials are a trivial function trainable (a Keras trial per simulated node would take minutes), but
+everything around it is the real `run_study` path: the per-backbone searcher and scheduler, the per-trial
+resource request, the shared-storage check across nodes, the ledger.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import ray.cloudpickle as cloudpickle
+import yaml
+from ray import tune
+from ray.cluster_utils import Cluster
+
+from study.tune_run import run_study
+
+pytestmark = pytest.mark.slow
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+
+
+def placement_probe(config, context):
+    """Record where the trial ran and with which resources; report two epochs like a real trial."""
+    start = time.time()
+    runtime = ray.get_runtime_context()
+    out = Path(context["trials_dir"]) / tune.get_context().get_trial_id()
+    time.sleep(2.0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps({
+        "node": runtime.get_node_id(), "resources": runtime.get_assigned_resources(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": start, "end": time.time()}))
+    for epoch in (1, 2):
+        tune.report({"epoch": epoch, "val_loss": config["dropout"] + 1.0 / epoch})
+
+
+@pytest.fixture
+def two_node_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_trials_spread_over_two_nodes_with_half_a_gpu_each(two_node_cluster, new_study, tmp_path):
+    folder = new_study("cluster")
+    space_file = tmp_path / "cluster.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "name": "cluster", "backbones": ["mobilenet025", "mobilenetv2"], "trials_per_backbone": 2,
+        "scheduler": {"type": "none"}, "fixed": {"image_size": 32, "weights": "none"},
+        "space": {"dropout": {"uniform": [0.1, 0.6]}}}))
+    run_study(folder, space_file, address=two_node_cluster.address, cpus_per_trial=0.5, gpus_per_trial=0.5,
+              trainable=placement_probe, live=False)
+
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 4 and set(trials.status) == {"completed"}
+    probes = [json.loads((folder / "trials" / t / "probe.json").read_text()) for t in trials.trial_id]
+    assert len({p["node"] for p in probes}) == 2  # both nodes ran trials
+    for probe in probes:
+        assert probe["resources"]["GPU"] == pytest.approx(0.5)
+        assert probe["resources"]["CPU"] == pytest.approx(0.5)
+        assert len(probe["gpu_ids"]) == 1
+    # 2 nodes x (1 GPU / 0.5) = all four trials at once: every trial overlaps every other one
+    assert max(p["start"] for p in probes) < min(p["end"] for p in probes)
+    study = json.loads((folder / "study.json").read_text())
+    assert study["ray"]["nodes"] == 2 and study["resources_per_trial"] == {"cpu": 0.5, "gpu": 0.5}
