@@ -143,7 +143,7 @@ class StudyCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         record = {k: result.get(k) for k in ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy",
-                                             "val_macro_f1", "lr", "epoch_s", "images_per_s")}
+                                             "val_macro_f1", "lr", "epoch_s", "images_per_s", "trial_s")}
         self.records.setdefault(trial.trial_id, []).append(record)
         self.nodes[trial.trial_id] = result.get("node_ip")
         self.view.update(trial.trial_id, trial_line(trial.trial_id, trial.config.get("backbone", "?"),

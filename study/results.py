@@ -2,6 +2,9 @@
 
 `trials/<trial_id>/outcome.json` is written by the driver the moment a trial ends (completed, stopped
 early by the scheduler, or errored with its message); `trials.csv` is rebuilt from all outcomes right after.
+Times per trial: `train_s` is the sum of its epoch times (first-step graph compilation included), `trial_s`
+its wall time in the worker up to its last report (process start-up, imports, model build included).
+
 These files are the study's memory: a resumed study counts what is already done from them, so no finished
 trial is repeated or lost, whatever moment the driver was killed at. Writes are atomic (temp file + rename),
 so a kill never leaves half a file.
@@ -23,7 +26,7 @@ OUTCOME = "outcome.json"
 STATUSES = ("completed", "stopped", "errored")
 LEAD_COLUMNS = ("trial_id", "backbone", "status", "error", "metric", "metric_value", "best_epoch",
                 "best_val_loss", "best_val_accuracy", "best_val_macro_f1", "epochs_run", "train_s",
-                "images_per_s", "optuna_trial", "node_ip", "finished_at", "trial_dir")
+                "trial_s", "images_per_s", "optuna_trial", "node_ip", "finished_at", "trial_dir")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -116,6 +119,7 @@ def summarize_history(records: list[dict], metric: str, mode: str) -> dict:
            "best_val_accuracy": None, "best_val_macro_f1": None,
            "epochs_run": max((int(r.get("epoch", 0)) for r in records), default=0),
            "train_s": round(sum(clean_float(r.get("epoch_s")) or 0.0 for r in records), 3),
+           "trial_s": max((clean_float(r.get("trial_s")) or 0.0 for r in records), default=None),
            "images_per_s": None}
     speeds = [clean_float(r.get("images_per_s")) for r in records]
     speeds = [s for s in speeds if s is not None]

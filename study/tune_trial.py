@@ -11,6 +11,7 @@ OMP_NUM_THREADS, STACK-NOTES pitfall 4) and GPU memory growth, before any model 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from ray import tune
@@ -41,16 +42,24 @@ def check_finite(record: dict) -> None:
                                  f"({record.get('stage')} stage)")
 
 
-def report_epoch(record: dict) -> None:
-    """Our five-line Keras-to-Tune bridge (no TuneReportCallback, STACK-NOTES pitfall 3)."""
-    metrics = {key: float(record[key]) for key in REPORT_KEYS if isinstance(record.get(key), (int, float))}
-    metrics["stage"] = record.get("stage", "")
-    tune.report(metrics)
-    check_finite(record)  # after the report, so the NaN epoch is in the trial's history too
+class EpochReporter:
+    """Our small Keras-to-Tune bridge (no TuneReportCallback, STACK-NOTES pitfall 3): one `tune.report` per
+    epoch record, plus `trial_s`, the trial's wall time so far in its worker (start-up included)."""
+
+    def __init__(self, started: float):
+        self.started = started
+
+    def __call__(self, record: dict) -> None:
+        metrics = {key: float(record[key]) for key in REPORT_KEYS if isinstance(record.get(key), (int, float))}
+        metrics["stage"] = record.get("stage", "")
+        metrics["trial_s"] = time.perf_counter() - self.started
+        tune.report(metrics)
+        check_finite(record)  # after the report, so the NaN epoch is in the trial's history too
 
 
 def train_trial(config: dict, context: dict) -> None:
     """Tune function trainable: one `fer.training.run_trial` in `<trials_dir>/<trial_id>/`."""
+    started = time.perf_counter()
     from fer.backend_setup import configure_backend
 
     configure_backend(threads=context["threads"])
@@ -61,7 +70,7 @@ def train_trial(config: dict, context: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     out_dir = Path(context["trials_dir"]) / trial_id
     study_data = StudyData(context["data_dir"])
-    run_trial(make_config(config), study_data, out_dir, on_epoch=report_epoch, evaluate_test=False)
+    run_trial(make_config(config), study_data, out_dir, on_epoch=EpochReporter(started), evaluate_test=False)
 
 
 def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict) -> dict:

@@ -1,0 +1,108 @@
+"""How much of a study's wall time is NOT trial training: Ray start, worker start-up, bookkeeping, tests.
+
+Runs a small study on demo data (local Ray, `--concurrency` trials at once with one CPU each) and prints ONE
+JSON line: study wall time, the sum of the trials' training times (their epochs, as reported), the overhead
+fraction = 1 - sum(train) / (wall x concurrency), the same with each trial's whole worker time, and the memory of an idle local Ray
+head (the processes `fer-study run` starts, before any trial). Target: overhead < 15% for ~1-minute trials.
+
+    python3 benchmarks/study_overhead.py                   # ~6 minutes on 2 cores
+    python3 benchmarks/study_overhead.py --epochs 1 --image-size 32 --trials 2   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def ray_head_memory(num_cpus: int) -> dict:
+    """RSS and PSS (MB) of the processes a local Ray head started by `fer-study run` runs, when idle."""
+    import psutil
+    import ray
+
+    from study.tune_cluster import connect
+
+    connect(None, num_cpus=num_cpus, dashboard=True)
+    time.sleep(10)  # let the dashboard and its agents settle
+    procs = psutil.Process().children(recursive=True)
+    rss = pss = 0
+    for proc in procs:
+        try:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", 0)
+    ray.shutdown()
+    return {"processes": len(procs), "rss_mb": round(rss / 2**20), "pss_mb": round(pss / 2**20)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="mobilenetv2")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per stage")
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--per-class", type=int, default=40)
+    args = parser.parse_args()
+
+    import pandas as pd
+    import yaml
+
+    from fer.data import prepare_dataset
+    from fer.demo_data import generate_demo_data
+    from fer.machine import machine_info
+    from study.tune_run import run_study
+
+    memory = ray_head_memory(args.concurrency)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate_demo_data(tmp / "demo", per_class=args.per_class, seed=0)
+        study = tmp / "results" / "bench"
+        prepare_dataset(tmp / "demo", study / "data", group_regex=r"^(S\d+)_", image_size=args.image_size,
+                        log=lambda *a, **k: None)
+        space = {"name": "bench", "backbones": [args.backbone], "trials_per_backbone": args.trials,
+                 "scheduler": {"type": "none"},
+                 "fixed": {"image_size": args.image_size, "weights": "none", "batch_size": 16,
+                           "epochs_head": args.epochs, "epochs_finetune": args.epochs, "patience": 50,
+                           "augment": 0.0},
+                 "space": {"dropout": {"uniform": [0.1, 0.6]}}}
+        (tmp / "space.yaml").write_text(yaml.safe_dump(space))
+        t0 = time.perf_counter()
+        run_study(study, tmp / "space.yaml", cpus_per_trial=1, num_cpus=args.concurrency, dashboard=True,
+                  stream=sys.stderr, live=False)
+        wall = time.perf_counter() - t0
+        trials = pd.read_csv(study / "trials.csv")
+        search_s = json.loads((study / "study.json").read_text()).get("search_s")
+    train = float(trials.train_s.sum())
+    trial_wall = float(trials.trial_s.sum())
+    print(json.dumps({
+        "benchmark": "study_overhead",
+        "trials": len(trials), "statuses": trials.status.value_counts().to_dict(),
+        "backbone": args.backbone, "image_size": args.image_size, "epochs": 2 * args.epochs,
+        "concurrency": args.concurrency, "study_wall_s": round(wall, 1), "search_wall_s": search_s,
+        "trial_train_s_sum": round(train, 1), "trial_train_s_mean": round(train / len(trials), 1),
+        "trial_wall_s_sum": round(trial_wall, 1),
+        "overhead_fraction": round(1 - train / (wall * args.concurrency), 3),
+        "orchestration_overhead_fraction": round(1 - trial_wall / (wall * args.concurrency), 3),
+        "search_overhead_fraction": round(1 - train / (search_s * args.concurrency), 3) if search_s else None,
+        "idle_ray_head": memory,
+        "note": "overhead_fraction = 1 - sum(trial epoch times) / (study wall x concurrency): everything not "
+                "spent in epochs (Ray start, worker + TensorFlow start-up, model build, bookkeeping, the final "
+                "test evaluation). orchestration_overhead_fraction counts each trial's whole worker time "
+                "(start-up included) as trial time: what Ray/Tune/fer-study add on top of the trials",
+        "machine": machine_info(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
