@@ -51,6 +51,9 @@ PARAMS: dict[str, Param] = {
     "seed": Param(int, 0, 0, 2**31 - 1),
     "head_features": Param(str, "exact", choices=("exact", "cached"),
                            help="'cached' trains stage 1 on precomputed backbone features (faster)"),
+    "feature_views": Param(int, 5, 1, 100,
+                           help="with head_features=cached: augmented views per train image, computed once "
+                                "per study and cycled through one per epoch"),
     "mixed_precision": Param(str, "auto", choices=("auto", "off", "bfloat16", "float16"),
                              help="'auto' uses bfloat16/float16 on GPUs and float32 on CPUs"),
 }

@@ -93,11 +93,16 @@ class EpochMonitor(keras.callbacks.Callback):
     ReduceLROnPlateau then read. The best model (lowest val_loss over the whole trial) is saved to
     `model.keras` BEFORE `on_epoch` is called, so a scheduler that stops the trial right after any report
     still leaves the best model on disk (STACK-NOTES pitfall 2).
+
+    With the head-feature cache (`head_features=cached`) the fitted model is a head-only model sharing its
+    layers with the full model: `val_inputs` are then the cached val features and `full_model` is what is
+    saved and remembered as the trial's best.
     """
 
-    def __init__(self, trial: "_TrialState", stage: str):
+    def __init__(self, trial: "_TrialState", stage: str, val_inputs=None, full_model: keras.Model | None = None):
         super().__init__()
         self.trial, self.stage = trial, stage
+        self.val_inputs, self.full_model = val_inputs, full_model
         self.stage_best_loss = math.inf
         self.stage_best_weights = None
         self.first_batch_s = None
@@ -113,7 +118,8 @@ class EpochMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         t = self.trial
         train_s = time.perf_counter() - self.epoch_start
-        probs = predict_probs(self.model, t.val_pixels, t.batch_size)
+        probs = predict_probs(self.model, t.val_pixels if self.val_inputs is None else self.val_inputs,
+                              t.batch_size)
         val_loss = float(keras.ops.convert_to_numpy(t.loss_fn(t.val_onehot, probs)))
         pred = probs.argmax(axis=1)
         logs["val_loss"] = val_loss
@@ -133,8 +139,10 @@ class EpochMonitor(keras.callbacks.Callback):
             self.stage_best_loss = val_loss
             self.stage_best_weights = self.model.get_weights()
             if val_loss < t.best_record.get("val_loss", math.inf):
-                t.best_record, t.best_weights = record, self.stage_best_weights
-                self.model.save(t.out_dir / MODEL_FILE)
+                full = self.full_model or self.model
+                t.best_record = record
+                t.best_weights = self.stage_best_weights if full is self.model else full.get_weights()
+                full.save(t.out_dir / MODEL_FILE)
         t.history.append(record)
         t.write_history()
         if t.on_epoch is not None:
@@ -176,11 +184,6 @@ def _dtype_policy(config: dict) -> str:
     return f"mixed_{mode}"
 
 
-def _check_supported(config: dict) -> None:
-    if config["head_features"] == "cached":
-        raise UserError("config key 'head_features': 'cached' is not implemented yet (use head_features=exact)")
-
-
 def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None] | None = None,
               evaluate_test: bool = False) -> dict:
     """Train one config on prepared study data; write the trial folder; return a summary dict.
@@ -190,7 +193,6 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
     split is not opened otherwise.
     """
     config = make_config(config)
-    _check_supported(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.json")
@@ -214,23 +216,26 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
                                      study_data.class_weights, shuffle_seed=config["seed"])
         stages = (("head", config["epochs_head"], config["lr_head"], 0),
                   ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]))
-        trainable_counts = {}
+        trainable_counts, feature_cache = {}, None
         for stage, epochs, lr, unfreeze in stages:
             if epochs <= 0:
                 continue
             trainable_counts[stage] = set_stage(model, stage, unfreeze, config["unfreeze_unit"],
                                                 _backbone(config))
+            fit_model, batches, monitor = model, train_batches, EpochMonitor(state, stage)
+            if stage == "head" and config["head_features"] == "cached":
+                fit_model, batches, monitor, feature_cache = _cached_head_stage(model, config, study_data, state)
             # Changing `trainable` only takes effect after compile (STACK-NOTES pitfall 5).
-            model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss_fn,
-                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+            fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss_fn,
+                              metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
             patience = config["patience"]
             callbacks = [
-                EpochMonitor(state, stage),  # first: it puts val_loss into the logs the others read
+                monitor,  # first: it puts val_loss into the logs the others read
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
                 keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                   patience=max(1, patience // 2), min_lr=1e-7),
             ]
-            model.fit(train_batches, epochs=epochs, callbacks=callbacks, verbose=0)
+            fit_model.fit(batches, epochs=epochs, callbacks=callbacks, verbose=0)
 
         if state.best_weights is None:  # no epoch ran (both stages at 0 epochs): keep the untrained model
             model.save(out_dir / MODEL_FILE)
@@ -257,6 +262,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             "params": int(model.count_params()),
             "trainable_layers": trainable_counts,
             "dtype_policy": keras.config.dtype_policy().name,
+            "feature_cache": feature_cache,  # head_features=cached: key, views, computed here?, seconds
         }
         if evaluate_test:
             summary.update(evaluate_split(model, study_data, "test", config, out_dir))
@@ -264,6 +270,20 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
         return summary
     finally:
         keras.config.set_dtype_policy(previous_policy)
+
+
+def _cached_head_stage(model: keras.Model, config: dict, study_data, state: _TrialState):
+    """Stage 1 on the study's head-feature cache (fer.feature_cache): a head-only model of the same head layers
+    fitted on precomputed backbone features. Returns (model to fit, batches, monitor, cache info)."""
+    from fer.feature_cache import FeatureViews, head_features, head_model
+
+    features = head_features(model, config, study_data, keras.config.dtype_policy().name)
+    batches = FeatureViews(features.train, config["batch_size"], study_data.labels("train"), state.num_classes,
+                           study_data.class_weights, shuffle_seed=config["seed"])
+    monitor = EpochMonitor(state, "head", val_inputs=features.val, full_model=model)
+    info = {"key": features.key, "views": int(features.train.shape[0]), "computed": features.computed,
+            "seconds": round(features.seconds, 3)}
+    return head_model(model), batches, monitor, info
 
 
 def _backbone(config: dict):

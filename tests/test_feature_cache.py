@@ -1,0 +1,121 @@
+"""Head-stage feature cache: computed once across processes, a cached trial end to end, cache == recomputation."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fer.compute_once import create_or_wait
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Two processes race for the same result; each records whether it computed. Pure Python (no Keras import),
+# so the race is real: both start polling within milliseconds of each other.
+_RACER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from fer.compute_once import create_or_wait
+    folder = Path(sys.argv[1])
+    while time.time() < float(sys.argv[2]):  # start together
+        time.sleep(0.001)
+
+    def compute(beat):
+        with open(folder / "computations.txt", "a") as f:
+            f.write("x\\n")
+        for _ in range(10):
+            time.sleep(0.1)
+            beat()
+        (folder / "result.txt").write_text("done")
+
+    print(create_or_wait(folder / "result.txt", folder / "result.lock", compute, poll_s=0.05))
+""")
+
+
+def test_two_processes_asking_at_once_compute_once(tmp_path):
+    start = time.time() + 1.5
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(start)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outs == ["False", "True"]  # one computed, the other waited for it
+    assert (tmp_path / "computations.txt").read_text() == "x\n"
+    assert (tmp_path / "result.txt").read_text() == "done"
+    assert not (tmp_path / "result.lock").exists()
+
+
+def test_stale_lock_is_broken_and_failed_compute_releases_the_lock(tmp_path):
+    lock, marker = tmp_path / "r.lock", tmp_path / "r.done"
+    lock.write_text('{"host": "gone", "pid": 1}')
+    old = time.time() - 1000
+    os.utime(lock, (old, old))  # its owner died long ago
+
+    def fail(beat):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        create_or_wait(marker, lock, fail, stale_s=60, poll_s=0.01)
+    assert not lock.exists()  # a failure does not leave waiters hanging
+    assert create_or_wait(marker, lock, lambda beat: marker.write_text("ok"), stale_s=60) is True
+    assert create_or_wait(marker, lock, lambda beat: pytest.fail("computed twice"), stale_s=60) is False
+
+
+def _config(**overrides):
+    from fer.config import make_config
+
+    base = dict(backbone="mobilenet025", image_size=32, weights="none", batch_size=8, epochs_head=2,
+                epochs_finetune=0, patience=3, head_features="cached", feature_views=2)
+    return make_config({**base, **overrides})
+
+
+@pytest.mark.slow
+def test_cached_head_stage_end_to_end(new_study):
+    """Two trials share one feature computation; the head trained on features is the full model's head."""
+    import keras
+
+    from fer.data import StudyData
+    from fer.feature_cache import compute_features, features_dir
+    from fer.model import build_model, load_trained_model
+    from fer.training import predict_probs, run_trial
+
+    study = new_study("cached")
+    data = StudyData(study / "data")
+    first = run_trial(_config(), data, study / "t1")
+    assert first["feature_cache"]["computed"] is True and first["feature_cache"]["views"] == 2
+    for name in ("config.json", "history.csv", "model.keras", "val_metrics.json", "summary.json"):
+        assert (study / "t1" / name).is_file(), name
+    history = pd.read_csv(study / "t1" / "history.csv")
+    assert list(history.stage) == ["head", "head"] and history.val_loss.notna().all()
+    # the saved model is the FULL model (image in, probabilities out), and its val loss is the one recorded
+    # for the best head epoch: the head-only model really trained the full model's head layers
+    model = load_trained_model(study / "t1" / "model.keras")
+    assert model.input_shape == (None, 32, 32, 3)
+    probs = predict_probs(model, data.pixels("val", 32), 8)
+    loss = keras.losses.CategoricalCrossentropy()(np.eye(len(data.classes))[data.labels("val")], probs)
+    assert float(loss) == pytest.approx(history.val_loss.min(), rel=1e-4)
+    assert json.loads((study / "t1" / "val_metrics.json").read_text())["val_loss"] == pytest.approx(
+        history.val_loss.min(), rel=1e-4)
+
+    # another trial with other head hyperparameters (and stage 2) reuses the same features
+    second = run_trial(_config(dropout=0.2, dense_units=16, epochs_finetune=1), data, study / "t2")
+    assert second["feature_cache"]["computed"] is False
+    assert second["feature_cache"]["key"] == first["feature_cache"]["key"]
+    assert list(pd.read_csv(study / "t2" / "history.csv").stage) == ["head", "head", "finetune"]
+    key = first["feature_cache"]["key"]
+    assert sorted(p.name for p in features_dir(data).iterdir()) == [f"{key}.json", f"{key}.train.npy",
+                                                                    f"{key}.val.npy"]
+
+    # cached features equal a fresh computation with the same key
+    train, val = compute_features(build_model(_config(), len(data.classes)), _config(), data)
+    cached_train = np.load(features_dir(data) / f"{key}.train.npy")
+    assert cached_train.shape == (2, len(data.labels("train")), train.shape[-1])
+    scale = np.abs(train).max()  # features of an untrained backbone are tiny: compare relative to their scale
+    assert np.abs(cached_train[0] - cached_train[1]).max() > 1e-2 * scale  # two different augmented views
+    np.testing.assert_allclose(cached_train, train, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(np.load(features_dir(data) / f"{key}.val.npy"), val, rtol=1e-5,
+                               atol=1e-6 * np.abs(val).max())
