@@ -135,6 +135,15 @@ def test_split_is_deterministic_per_seed_and_changes_with_it(demo_data_dir, prep
     assert base.split.tolist() != other.split.tolist()
 
 
+def test_worker_pool_gives_the_same_result_as_in_process(demo_data_dir, prepared_data, tmp_path):
+    prepare_dataset(demo_data_dir, tmp_path / "pool", group_regex=GROUP_REGEX, seed=0, image_size=48, workers=2,
+                    log=_quiet)
+    pooled = StudyData(tmp_path / "pool")
+    assert _manifest(pooled).equals(_manifest(prepared_data))
+    for s in ("train", "val", "test"):
+        assert np.array_equal(pooled.pixels(s, 48), prepared_data.pixels(s, 48))
+
+
 def test_data_folder_is_byte_for_byte_unchanged(demo_data_dir, prepared_data, tmp_path):
     def snapshot():
         return {p.relative_to(demo_data_dir).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(),

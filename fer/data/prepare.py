@@ -91,7 +91,8 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
     if len(class_names) < 2:
         raise UserError(f"need at least two classes with usable images, found {len(class_names)}"
                         f" ({', '.join(class_names) or 'none'}) in {data_dir}")
-    predefined_report = _assign_split(table, class_names, fractions, seed, predefined_spec)
+    predefined_report = _assign_split(table, class_names, fractions, seed, predefined_spec,
+                                      dup_report["clusters_idx"])
 
     audit = audit_mod.build_audit(table, class_names, scan.unknown_folders, empty, dup_report,
                                   predefined_report, near)
@@ -194,7 +195,7 @@ def _assign_groups(table: pd.DataFrame, group_rx, clusters_idx: list[list[int]])
     table["group"] = [rep_name[uf.find(key_ids[k])] for k in keys]
 
 
-def _assign_split(table, class_names, fractions, seed, predefined_spec) -> dict | None:
+def _assign_split(table, class_names, fractions, seed, predefined_spec, clusters) -> dict | None:
     usable = table.index[table.split == ""].to_numpy()
     label_idx = {c: n for n, c in enumerate(class_names)}
     if predefined_spec is None:
@@ -204,17 +205,15 @@ def _assign_split(table, class_names, fractions, seed, predefined_spec) -> dict 
                                           f"a {'/'.join(f'{f:g}' for f in fractions)} split keeping groups whole")
         table.loc[usable, "split"] = [SPLITS[s] for s in split_idx]
         return None
-    # predefined: every file, including duplicates excluded above, keeps its declared split for the check
+    # predefined: every copy, including those excluded above, counts with its declared split
     declared = pd.Series(predefined_split(table.path.tolist(), predefined_spec), index=table.index)
     crossing = []
-    for g, members in table.groupby("group").groups.items():
+    for members in clusters:
         splits = sorted({s for s in declared[members] if s})
-        if len(splits) > 1 and len(members) > 1:
-            crossing.append({"group": g, "splits": splits, "paths": table.loc[members, "path"].tolist()})
+        if len(splits) > 1:
+            crossing.append({"splits": splits, "paths": table.loc[members, "path"].tolist()})
             for i in members:
-                if table.at[i, "split"] == "":
-                    _note(table, i, "duplicate" if table.at[i, "status"] != "quarantined" else "quarantined",
-                          f"duplicate cluster or group crosses the predefined splits {', '.join(splits)}")
+                _note(table, i, "duplicate", f"duplicate cluster crosses the predefined splits {', '.join(splits)}")
     unplaced = 0
     for i in usable:
         if table.at[i, "split"] != "":
