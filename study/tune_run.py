@@ -150,6 +150,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         study["trials"] = _counts(ledger)
         write_json(study_dir / "study.json", study)
         log(f"study finished: {study_dir} (trials.csv, best/)")
+        log(f"search history: optuna-dashboard sqlite:///{study_dir / 'optuna.sqlite3'}")
         return study_dir
     finally:
         if info.get("started_here") and not ray_was_running:

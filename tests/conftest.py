@@ -18,16 +18,24 @@ def _fer_study_cmd() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def study_base(tmp_path_factory):
-    """A prepared study folder (`<tmp>/results/base`, with data/) made from small demo data."""
-    from fer.data import prepare_dataset
+def study_demo_data(tmp_path_factory):
+    """Small demo class folders (12 faces per class) for the study tests."""
     from fer.demo_data import generate_demo_data
 
-    root = tmp_path_factory.mktemp("study_base")
-    generate_demo_data(root / "demo", per_class=12, seed=0)
-    prepare_dataset(root / "demo", root / "results" / "base" / "data", group_regex=r"^(S\d+)_", seed=0,
-                    image_size=32, log=lambda *a, **k: None)
-    return root / "results" / "base"
+    root = tmp_path_factory.mktemp("study_demo") / "demo"
+    generate_demo_data(root, per_class=12, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def study_base(study_demo_data, tmp_path_factory):
+    """A prepared study folder (`<tmp>/results/base`, with data/) made from `study_demo_data`."""
+    from fer.data import prepare_dataset
+
+    folder = tmp_path_factory.mktemp("study_base") / "results" / "base"
+    prepare_dataset(study_demo_data, folder / "data", group_regex=r"^(S\d+)_", seed=0, image_size=32,
+                    log=lambda *a, **k: None)
+    return folder
 
 
 @pytest.fixture
@@ -58,46 +66,19 @@ def smoke_space_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smoke_study(study_base, smoke_space_file, tmp_path_factory):
-    """Run the real `fer-study run` on the demo data; return the study folder (complete best/ folders)."""
+def smoke_study(study_demo_data, smoke_space_file, tmp_path_factory):
+    """Run the real `fer-study run` on the raw demo class folders (prepared by the command itself, as in the
+    README); return the study folder, with complete best/<backbone>/ folders and run_output.txt."""
     import os
-    import shutil
     import subprocess
 
-    folder = tmp_path_factory.mktemp("smoke") / "results" / "smoke"
-    shutil.copytree(study_base / "data", folder / "data")
+    results = tmp_path_factory.mktemp("smoke") / "results"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(_fer_study_cmd() + ["run", str(folder), "--space", str(smoke_space_file),
-                                              "--num-cpus", "2", "--no-dashboard"],
+    proc = subprocess.run(_fer_study_cmd() + ["run", str(study_demo_data), "--space", str(smoke_space_file),
+                                              "--name", "smoke", "--results", str(results),
+                                              "--group-regex", r"^(S\d+)_", "--num-cpus", "2", "--no-dashboard"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = results / "smoke"
     (folder / "run_output.txt").write_text(proc.stdout + proc.stderr)
     return folder
-
-
-# ---- data fixtures (owner: data) ---------------------------------------------------------------------
-# `demo_data_dir`: the demo dataset (30 faces per class + its messes), generated once per session. READ
-# ONLY: a test that needs to change files copies it first. `prepared_data`: a StudyData prepared from it at
-# 48 px with subject groups (`^(S\d+)_`), seed 0.
-
-DEMO_PER_CLASS = 30
-PREPARED_IMAGE_SIZE = 48
-
-
-@pytest.fixture(scope="session")
-def demo_data_dir(tmp_path_factory):
-    from fer.demo_data import generate_demo_data
-
-    out = tmp_path_factory.mktemp("demo_data") / "faces"
-    generate_demo_data(out, per_class=DEMO_PER_CLASS, seed=0)
-    return out
-
-
-@pytest.fixture(scope="session")
-def prepared_data(demo_data_dir, tmp_path_factory):
-    from fer.data import StudyData, prepare_dataset
-    from fer.demo_data import GROUP_REGEX
-
-    out = tmp_path_factory.mktemp("prepared") / "results" / "faces" / "data"
-    prepare_dataset(demo_data_dir, out, group_regex=GROUP_REGEX, seed=0, image_size=PREPARED_IMAGE_SIZE, log=None)
-    return StudyData(out)

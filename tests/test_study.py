@@ -135,3 +135,26 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
     study = json.loads((folder / "study.json").read_text())
     assert study["status"] == "completed" and [r["resume"] for r in study["runs"]] == [False, True]
     assert not [p for p in (folder / "trials").iterdir() if not (p / "outcome.json").exists()]
+
+
+def test_progress_view_prints_one_line_per_trial_and_redraws_live():
+    import io
+
+    from study.progress import ProgressView, trial_line
+
+    plain = io.StringIO()
+    view = ProgressView(total=2, metric="val_loss", stream=plain, live=False)
+    view.started("t1", trial_line("t1", "resnet50", "running", None, "val_loss", {"dropout": 0.5}))
+    view.update("t1", trial_line("t1", "resnet50", "running", {"epoch": 1, "val_loss": 1.2}, "val_loss", {}))
+    view.finished("t1", "errored", trial_line("t1", "resnet50", "errored", None, "val_loss", {}, "OOM"))
+    lines = plain.getvalue().splitlines()
+    assert lines[0].startswith("t1") and "dropout=0.5" in lines[0]
+    assert "ERROR: OOM" in lines[1] and "errored 1" in lines[2] and len(lines) == 3
+    assert "\x1b[" not in plain.getvalue()
+
+    live = io.StringIO()
+    view = ProgressView(total=2, metric="val_loss", stream=live, live=True)
+    view.started("t1", "t1 running")
+    view.started("t2", "t2 running")
+    view.finished("t1", "completed", "t1 completed")
+    assert "\x1b[2F\x1b[J" in live.getvalue() and live.getvalue().rstrip().endswith("errored 0")
