@@ -99,12 +99,11 @@ def predict_images(model_path: str | Path, inputs: list[str | Path], gradcam_dir
 
     Returns (table with path, predicted, confidence, p_<class>; skipped files with reasons).
     """
-    from fer.training import predict_probs
-
-    files = _image_files(inputs)  # bad paths fail before the (slow) model load
+    files = _image_files(inputs)  # bad paths fail before the (slow) Keras import and model load
     if not files:
         raise UserError("no files to predict in " + ", ".join(map(str, inputs)))
     model, classes, _ = load_trained_model(model_path)
+    from fer.training import predict_probs
     pixels, kept, skipped = decode_images(files, _input_size(model))
     if not kept:
         raise UserError(f"none of the {len(files)} files could be decoded as an image "
@@ -177,13 +176,12 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: in
 
     Folders that are not model classes and undecodable files are skipped and listed in the result.
     """
-    from fer.metrics import classification_metrics
-    from fer.training import predict_probs
-
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"no such folder: {data_dir}")
     model, classes, _ = load_trained_model(model_path)
+    from fer.metrics import classification_metrics
+    from fer.training import predict_probs
     files, labels, unknown = _labelled_files(data_dir, classes)
     pixels, kept, skipped = decode_images(files, _input_size(model))
     if not kept:

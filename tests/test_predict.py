@@ -1,0 +1,109 @@
+"""`fer-study predict` and `fer-study evaluate` on the smoke study's best model (shared `smoke_study`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+
+def fer_study(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "study.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def best_model(smoke_study) -> Path:
+    folders = sorted(p for p in (smoke_study / "best").iterdir() if (p / "model.keras").is_file())
+    assert folders, "the smoke study has no best model"
+    return folders[0]
+
+
+@pytest.fixture(scope="module")
+def classes(best_model) -> list[str]:
+    return json.loads((best_model / "test_metrics.json").read_text())["classes"]
+
+
+def _face(demo_data_dir: Path, cls: str, suffix: str) -> Path:
+    return next(p for p in sorted((demo_data_dir / cls).iterdir()) if p.suffix.lower() == suffix)
+
+
+def test_predict_csv_with_heic_folder_and_gradcam(best_model, classes, demo_data_dir, tmp_path):
+    heic = next(p for p in sorted(demo_data_dir.rglob("*.heic")))
+    folder = tmp_path / "some"
+    folder.mkdir()
+    shutil.copy(_face(demo_data_dir, classes[0], ".png"), folder / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    out_csv, cams = tmp_path / "pred.csv", tmp_path / "cams"
+    proc = fer_study("predict", best_model, heic, folder, "--csv", out_csv, "--gradcam", cams)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pd.read_csv(out_csv)
+    assert list(table["path"]) == [str(heic), str(folder / "a.png")]  # the text file is skipped...
+    assert "notes.txt" in proc.stderr and "skipped 1 file" in proc.stderr  # ...and named
+    probs = table[[f"p_{c}" for c in classes]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert list(table["predicted"]) == [classes[i] for i in probs.argmax(axis=1)]
+    overlays = sorted(cams.glob("*.png"))
+    assert len(overlays) == 2
+    width, height = Image.open(overlays[0]).size
+    assert width == 3 * height  # image | Grad-CAM | Grad-CAM++
+
+
+def test_predict_prints_a_table(best_model, classes, demo_data_dir):
+    proc = fer_study("predict", best_model, _face(demo_data_dir, classes[1], ".png"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "predicted" in proc.stdout and f"p_{classes[1]}" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{model}", "no/such/image.png"], "no such file or folder: no/such/image.png"),
+    (["no/such/model", "{image}"], "no model found at no/such/model"),
+])
+def test_predict_bad_path_is_one_line_exit_2(best_model, demo_data_dir, args, message):
+    image = next(demo_data_dir.rglob("*.png"))
+    proc = fer_study("predict", *[a.format(model=best_model, image=image) for a in args])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: {message}")  # one line, last
+    assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_on_another_labelled_folder(best_model, classes, demo_data_dir, tmp_path):
+    data = tmp_path / "other"
+    for cls in classes:
+        (data / cls).mkdir(parents=True)
+        for path in sorted((demo_data_dir / cls).glob("S0[1-3]_*"))[:3]:
+            shutil.copy(path, data / cls / path.name)
+    (data / "contempt").mkdir()  # not a class of the model: skipped, listed
+    shutil.copy(next(demo_data_dir.rglob("*.png")), data / "contempt" / "x.png")
+    (data / classes[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "eval.json"
+    proc = fer_study("evaluate", best_model, data, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    metrics = result["metrics"]
+    assert metrics["n"] == sum(len(list((data / c).glob("S0*"))) for c in classes)
+    assert 0.0 <= metrics["accuracy"]["value"] <= 1.0
+    low, high = metrics["macro_f1"]["ci95"]
+    assert low <= metrics["macro_f1"]["value"] <= high
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"]
+    assert result["skipped_folders"] == ["contempt"]
+    assert [s["path"] for s in result["skipped_files"]] == [f"{classes[0]}/broken.jpg"]
+    assert "accuracy" in proc.stdout and str(out) in proc.stdout
+
+
+def test_evaluate_missing_data_is_exit_2(best_model, tmp_path):
+    proc = fer_study("evaluate", best_model, tmp_path / "nothing")
+    assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = fer_study("evaluate", best_model, empty)
+    assert proc.returncode == 2 and "has no class folders" in proc.stderr
