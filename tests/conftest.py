@@ -82,3 +82,31 @@ def smoke_study(study_demo_data, smoke_space_file, tmp_path_factory):
     folder = results / "smoke"
     (folder / "run_output.txt").write_text(proc.stdout + proc.stderr)
     return folder
+
+
+# ---- data fixtures (owner: data) ---------------------------------------------------------------------
+# `demo_data_dir`: the demo dataset (30 faces per class + its messes), generated once per session. READ
+# ONLY: a test that needs to change files copies it first. `prepared_data`: a StudyData prepared from it at
+# 48 px with subject groups (`^(S\d+)_`), seed 0.
+
+DEMO_PER_CLASS = 30
+PREPARED_IMAGE_SIZE = 48
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+    from fer.demo_data import generate_demo_data
+
+    out = tmp_path_factory.mktemp("demo_data") / "faces"
+    generate_demo_data(out, per_class=DEMO_PER_CLASS, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_data(demo_data_dir, tmp_path_factory):
+    from fer.data import StudyData, prepare_dataset
+    from fer.demo_data import GROUP_REGEX
+
+    out = tmp_path_factory.mktemp("prepared") / "results" / "faces" / "data"
+    prepare_dataset(demo_data_dir, out, group_regex=GROUP_REGEX, seed=0, image_size=PREPARED_IMAGE_SIZE, log=None)
+    return StudyData(out)
