@@ -38,16 +38,19 @@ MODEL_FILE = "model.keras"
 class PixelBatches(keras.utils.PyDataset):
     """Batches from a (memory-mapped) uint8 pixel array: (images, one-hot labels, class weights).
 
-    Without labels it yields images only (for predict). Training order is reshuffled every epoch from a
-    seeded generator, so a run is repeatable; indices are sorted inside a batch for memory-map locality.
+    Every batch has the same shape, because a new shape means a new trace/compile of the train or predict
+    step (tens of seconds for a large backbone on a CPU): for training the incomplete last batch is
+    dropped (the order is reshuffled every epoch, so a different few images sit out each time); for
+    prediction (no labels) the last batch is padded by repeating its last image, and the caller trims.
+    The shuffle is seeded, so a run is repeatable; indices are sorted inside a batch for locality.
     """
 
     def __init__(self, pixels: np.ndarray, batch_size: int, labels: np.ndarray | None = None,
                  num_classes: int = 0, class_weights: dict[int, float] | None = None,
                  shuffle_seed: int | None = None):
         super().__init__()
-        self.pixels, self.labels, self.batch_size = pixels, labels, batch_size
-        self.num_classes = num_classes
+        self.pixels, self.labels, self.num_classes = pixels, labels, num_classes
+        self.batch_size = min(batch_size, len(pixels))
         self.sample_weights = None
         if labels is not None and class_weights:
             table = np.array([class_weights.get(i, 1.0) for i in range(num_classes)], dtype=np.float32)
@@ -59,16 +62,23 @@ class PixelBatches(keras.utils.PyDataset):
 
     @property
     def num_batches(self) -> int:
+        if self.labels is not None:  # training: drop the incomplete last batch
+            return len(self.pixels) // self.batch_size
         return math.ceil(len(self.pixels) / self.batch_size)
+
+    @property
+    def images_per_epoch(self) -> int:
+        return min(len(self.pixels), self.num_batches * self.batch_size)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __getitem__(self, index: int):
         idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        images = np.asarray(self.pixels[idx])
         if self.labels is None:
-            return (images,)
+            pad = self.batch_size - len(idx)
+            return (np.asarray(self.pixels[np.concatenate([idx, np.repeat(idx[-1:], pad)])]),)
+        images = np.asarray(self.pixels[idx])
         onehot = np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]]
         if self.sample_weights is None:
             return images, onehot
@@ -83,7 +93,8 @@ def predict_probs(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np
     """Softmax probabilities for uint8 images, in order (inference mode: no augmentation, no dropout)."""
     if len(pixels) == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    return np.asarray(model.predict(PixelBatches(pixels, batch_size), verbose=0), dtype=np.float32)
+    probs = model.predict(PixelBatches(pixels, batch_size), verbose=0)
+    return np.asarray(probs[:len(pixels)], dtype=np.float32)  # drop the padding of the last batch
 
 
 class EpochMonitor(keras.callbacks.Callback):
@@ -159,7 +170,8 @@ class _TrialState:
     def __init__(self, out_dir: Path, val_pixels, val_labels, num_classes, batch_size, n_train, loss_fn,
                  on_epoch):
         self.out_dir, self.val_pixels, self.val_labels = out_dir, val_pixels, val_labels
-        self.num_classes, self.batch_size, self.n_train = num_classes, batch_size, n_train
+        self.num_classes, self.batch_size = num_classes, batch_size
+        self.n_train = n_train  # images trained per epoch
         self.val_onehot = np.eye(num_classes, dtype=np.float32)[val_labels]
         self.loss_fn, self.on_epoch = loss_fn, on_epoch
         self.global_epoch = 0
@@ -210,10 +222,10 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
         model = build_model(config, len(classes))
         build_s = time.perf_counter() - t0
         loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"])
-        state = _TrialState(out_dir, val_pixels, val_labels, len(classes), batch_size, len(train_labels),
-                            loss_fn, on_epoch)
         train_batches = PixelBatches(train_pixels, batch_size, train_labels, len(classes),
                                      study_data.class_weights, shuffle_seed=config["seed"])
+        state = _TrialState(out_dir, val_pixels, val_labels, len(classes), batch_size,
+                            train_batches.images_per_epoch, loss_fn, on_epoch)
         stages = (("head", config["epochs_head"], config["lr_head"], 0),
                   ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]))
         trainable_counts, feature_cache = {}, None

@@ -1,0 +1,257 @@
+"""The trial (fer.training.run_trial, fer-study train) on real demo data, with tiny models and images.
+
+The five-backbone test is the most expensive test of the suite: one parametrised test, tiny images
+(inceptionv3 needs 75 px), one epoch per stage. Tests that need the offline ImageNet files in
+../shared/weights skip with a reason when that folder is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fer.config import make_config
+from fer.data import StudyData
+from fer.errors import UserError
+from fer.training import RECORD_KEYS, run_trial
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "weights"
+MOBILENETV2_FILE = WEIGHTS_DIR / "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5"
+MOBILENET025_FILE = WEIGHTS_DIR / "mobilenet_2_5_224_tf_no_top.h5"
+needs_weights = pytest.mark.skipif(not MOBILENETV2_FILE.is_file() or not MOBILENET025_FILE.is_file(),
+                                   reason=f"offline ImageNet weight files not found in {WEIGHTS_DIR}")
+TINY = dict(epochs_head=1, epochs_finetune=1, batch_size=16, unfreeze_layers=8, patience=2)
+
+
+@pytest.fixture(scope="module")
+def trial_data(prepared_data) -> StudyData:
+    return prepared_data if isinstance(prepared_data, StudyData) else StudyData(prepared_data)
+
+
+def _read_history(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "history.csv")
+
+
+@pytest.mark.parametrize("backbone,size", [("efficientnetb1", 32), ("resnet50", 32), ("inceptionv3", 75),
+                                           ("mobilenetv2", 32), ("densenet121", 32)])
+def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone, size):
+    from fer.model import backbone_layers, load_trained_model
+
+    records = []
+    summary = run_trial(dict(backbone=backbone, image_size=size, weights="none", **TINY), trial_data, tmp_path,
+                        on_epoch=records.append)
+    assert [r["stage"] for r in records] == ["head", "finetune"]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert set(r) == set(RECORD_KEYS)
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and 0.0 <= r["val_macro_f1"] <= 1.0
+        assert np.isfinite(r["loss"]) and np.isfinite(r["val_loss"]) and r["images_per_s"] > 0
+    assert records[1]["lr"] == pytest.approx(1e-4)  # stage 2 starts at lr_finetune
+    assert summary["trainable_layers"]["head"] == 0 and 0 < summary["trainable_layers"]["finetune"] <= 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "history.csv", "model.keras",
+                                                          "summary.json", "val_metrics.json"]
+    assert _read_history(tmp_path).columns.tolist() == list(RECORD_KEYS)
+    assert json.loads((tmp_path / "config.json").read_text())["backbone"] == backbone
+    val = json.loads((tmp_path / "val_metrics.json").read_text())
+    assert val["n"] == len(trial_data.labels("val")) and "ci95" in val["macro_f1"]
+
+    # The best model loads back (its predictions are checked in the beats-chance test); BatchNormalization
+    # stayed frozen whichever stage saved it.
+    model = load_trained_model(tmp_path / "model.keras")
+    assert model.output_shape == (None, 5)
+    assert not any(layer.trainable for layer in backbone_layers(model)
+                   if layer.__class__.__name__ == "BatchNormalization")
+
+
+@needs_weights
+def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, tmp_path):
+    """MobileNetV2 from the offline ImageNet file learns the demo emotions; model.keras is the best model."""
+    from fer.model import load_trained_model
+    from fer.training import predict_probs
+
+    model_file, seen = tmp_path / "model.keras", []
+
+    def on_epoch(record):  # what a scheduler would see if it stopped the trial right now
+        seen.append((record["val_loss"], model_file.stat().st_mtime_ns if model_file.exists() else None))
+
+    config = dict(backbone="mobilenetv2", image_size=48, weights=str(MOBILENETV2_FILE), bn_epsilon=1e-5,
+                  epochs_head=5, epochs_finetune=2, batch_size=16, patience=4, augment=0.0)
+    summary = run_trial(config, trial_data, tmp_path, on_epoch=on_epoch)
+    assert summary["val_accuracy"] >= 0.5 and summary["val_macro_f1"] >= 0.4, summary  # chance: 0.2
+    best = np.inf
+    for i, (val_loss, mtime) in enumerate(seen):
+        assert mtime is not None
+        improved = val_loss < best
+        best = min(best, val_loss)
+        if i > 0:
+            assert (mtime != seen[i - 1][1]) == improved, (i, seen)
+    val = json.loads((tmp_path / "val_metrics.json").read_text())
+    assert val["val_loss"] == pytest.approx(best, rel=1e-4)
+    # the saved file is exactly the model that was evaluated
+    probs = predict_probs(load_trained_model(model_file), trial_data.pixels("val", 48), 16)
+    assert np.mean(probs.argmax(axis=1) == trial_data.labels("val")) == pytest.approx(val["accuracy"]["value"])
+
+
+@needs_weights
+@pytest.mark.parametrize("backbone,path", [("mobilenetv2", MOBILENETV2_FILE), ("mobilenet025", MOBILENET025_FILE)])
+def test_weights_from_file_are_really_loaded(trial_data, backbone, path):
+    import keras
+
+    from fer.model import build_model
+
+    images = trial_data.pixels("val", 32)[:6]
+
+    def features(**overrides):
+        model = build_model(make_config(backbone=backbone, image_size=32, **overrides), 5)
+        pooled = keras.Model(model.input, model.get_layer("head_pool").output)
+        return np.asarray(pooled.predict(images, verbose=0))
+
+    from_file = features(weights=str(path), seed=1)
+    assert np.allclose(from_file, features(weights=str(path), seed=2))  # the file, not the seed, decides
+    assert not np.allclose(from_file, features(weights="none", seed=1), atol=1e-3)
+    assert from_file.std(axis=0).mean() > 1e-3  # informative: differs between images
+
+
+def test_imagenet_download_failure_names_the_alternatives():
+    from fer.model import build_model
+
+    try:
+        build_model(make_config(backbone="mobilenet025", image_size=32, weights="imagenet"), 5)
+    except UserError as exc:
+        message = str(exc)
+    else:
+        pytest.skip("ImageNet weights could be fetched here (online or cached): no failure to check")
+    assert "--weights PATH" in message and "weights=none" in message and "\n" not in message
+
+
+def test_missing_weights_file_is_a_user_error(tmp_path):
+    from fer.model import build_model
+
+    with pytest.raises(UserError, match="weights file not found"):
+        build_model(make_config(backbone="mobilenet025", image_size=32, weights=str(tmp_path / "x.h5")), 5)
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(UserError, match="could not load weights file"):
+        build_model(make_config(backbone="mobilenet025", image_size=32, weights=str(bad)), 5)
+
+
+def test_test_split_untouched_and_runs_repeatable(trial_data, tmp_path):
+    """Without evaluate_test the test split's pixel cache is never opened (here it is garbage)."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(trial_data.dir, data_dir)
+    pixel_dir = data_dir / "pixels"
+    garbage = {}
+    for path in pixel_dir.glob("test_*.npy"):
+        path.write_bytes(b"garbage")
+        garbage[path.name] = b"garbage"
+    assert garbage  # the prepared test cache exists, so it is really made unreadable
+    weights = dict(weights=str(MOBILENET025_FILE)) if MOBILENET025_FILE.is_file() else dict(weights="none")
+    config = dict(backbone="mobilenet025", image_size=48, **weights, **TINY)  # the prepared size: no rebuild
+    run_trial(config, StudyData(data_dir), tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in pixel_dir.glob("test_*.npy")} == garbage  # none built, none read
+    assert not list((tmp_path / "a").glob("test_*"))
+    # same config, same seed, untouched copy of the data: the same run, number for number
+    run_trial(config, trial_data, tmp_path / "b")
+    pd.testing.assert_frame_equal(_read_history(tmp_path / "a").drop(columns=["epoch_s", "images_per_s"]),
+                                  _read_history(tmp_path / "b").drop(columns=["epoch_s", "images_per_s"]))
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+def _cli(args, cwd=None):
+    from click.testing import CliRunner
+
+    from study.cli import main
+
+    runner = CliRunner()
+    if cwd is None:
+        return runner.invoke(main, args)
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(main, args)
+    finally:
+        os.chdir(old)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "dropuot=0.5"], "unknown config key 'dropuot'"),
+    (["--set", "dropout=lots"], "config key 'dropout': expected float"),
+    (["--set", "dropout=1.5"], "config key 'dropout': 1.5 is outside"),
+    (["--set", "image_size"], "--set expects key=value"),
+    (["--set", "unfreeze_unit=some"], "config key 'unfreeze_unit'"),
+    (["--weights", "no/such/file.h5"], "weights file not found"),
+])
+def test_cli_bad_options_are_one_line_errors(tmp_path, args, needle):
+    result = _cli(["train", str(tmp_path), "--backbone", "mobilenet025", *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_cli_unknown_backbone_and_missing_folder(tmp_path):
+    result = _cli(["train", str(tmp_path), "--backbone", "vgg16"])
+    assert result.exit_code == 2 and "unknown backbone 'vgg16'" in result.stderr
+    result = _cli(["train", str(tmp_path / "nope"), "--backbone", "mobilenet025"])
+    assert result.exit_code == 2 and "not a folder" in result.stderr
+
+
+def test_cli_train_prepares_a_raw_folder_and_evaluates_test_on_request(demo_data_dir, tmp_path):
+    out = tmp_path / "trial"
+    args = ["train", str(demo_data_dir), "--backbone", "mobilenet025", "--set", "image_size=32",
+            "--set", "epochs_head=1", "--set", "epochs_finetune=1", "--set", "weights=none", "--out", str(out),
+            "--test"]
+    result = _cli(args, cwd=tmp_path)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    data_dir = tmp_path / "results" / Path(demo_data_dir).name / "data"
+    assert (data_dir / "manifest.csv").is_file()  # prepared where the contract says, DATA untouched
+    assert "test accuracy" in result.output and "trial folder" in result.output
+    test = json.loads((out / "test_metrics.json").read_text())
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    assert len(predictions) == test["n"] == len(StudyData(data_dir).labels("test"))
+    assert {"path", "label", "predicted", "p_happy"} <= set(predictions.columns)
+
+
+# ---- other backends and process setup (subprocesses: a fresh interpreter each) -----------------------------
+
+_JAX_TRIAL = """
+import json, sys
+from fer.backend_setup import configure_backend
+print(json.dumps(configure_backend(1)))
+import keras
+from fer.data import StudyData
+from fer.training import run_trial
+summary = run_trial(dict(backbone="mobilenet025", image_size=32, weights="none", epochs_head=1,
+                         epochs_finetune=1, batch_size=16, unfreeze_layers=8), StudyData(sys.argv[1]), sys.argv[2])
+print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_run"]}))
+"""
+
+
+def test_trial_runs_under_jax(trial_data, tmp_path):
+    pytest.importorskip("jax", reason="jax is not installed (pip install -e .[jax])")
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", _JAX_TRIAL, str(trial_data.dir), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines[0] == {"backend": "jax", "threads": 1}
+    assert lines[-1] == {"backend": "jax", "epochs": 2}
+    assert (tmp_path / "model.keras").is_file() and len(_read_history(tmp_path)) == 2
+
+
+def test_configure_backend_limits_tensorflow_threads():
+    code = ("from fer.backend_setup import configure_backend; import tensorflow as tf; "
+            "print(configure_backend()['threads'], tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", FER_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "1", "1"]
