@@ -75,8 +75,8 @@ def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
         return None
     previous = json.loads(study_json.read_text())
     if not resume:
-        raise UserError(f"{study_dir} already holds a study; add --resume to continue it, "
-                        "or --name NAME to start another one")
+        raise UserError(f"{study_dir} already holds a study; add --resume to continue it, or start another "
+                        "one with DATA --name NEW (or `fer-study prepare DATA --study NEW` first)")
     old, new = previous.get("space", {}), space.to_dict()
     for key in new:
         if json.dumps(old.get(key), sort_keys=True) != json.dumps(new[key], sort_keys=True):

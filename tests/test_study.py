@@ -87,17 +87,18 @@ def _rows(path):
 
 def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_path):
     """SIGKILL the driver once two trials have finished (one of them an errored trial: its weights file
-    does not exist), then --resume: finished trials are kept, the rest run, the error stays recorded."""
+    does not exist), then --resume: finished trials are kept, the rest run, the error stays recorded, and
+    the best configuration is retrained with two more seeds (final_seeds)."""
     folder = new_study("killed")
     bad = str(tmp_path / "no-such.weights.h5")
     points = [{"dropout": 0.5, "weights": bad}, {"dropout": 0.3, "weights": "none"},
-              {"dropout": 0.4, "weights": "none"}, {"dropout": 0.2, "weights": "none"}]
-    space = {"name": "resume", "backbones": ["mobilenet025"], "trials_per_backbone": 4,
+              {"dropout": 0.4, "weights": "none"}]
+    space = {"name": "resume", "backbones": ["mobilenet025"], "trials_per_backbone": 3,
              "scheduler": {"type": "none"},
              "fixed": {"image_size": 32, "dense_units": 16, "batch_size": 16, "epochs_head": 1,
                        "epochs_finetune": 1, "augment": 0.0},
              "space": {"dropout": {"uniform": [0.1, 0.6]}, "weights": {"choice": ["none", bad]}},
-             "start_points": points}
+             "start_points": points, "final_seeds": 2}
     space_file = tmp_path / "resume.yaml"
     space_file.write_text(yaml.safe_dump(space))
     cmd = [sys.executable, "-m", "study.cli", "run", str(folder), "--space", str(space_file),
@@ -119,19 +120,24 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
         except ProcessLookupError:
             pass
     before = _rows(folder / "trials.csv")
-    assert 2 <= len(before) < 4
+    assert len(before) == 2
 
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = pd.read_csv(folder / "trials.csv")
-    assert len(after) == 4 and after.trial_id.is_unique
+    assert len(after) == 3 and after.trial_id.is_unique
     kept = after.set_index("trial_id").loc[before.trial_id]
     assert list(kept.finished_at) == list(before.finished_at)  # finished trials kept as they were
     assert sorted(after.dropout) == sorted(p["dropout"] for p in points)  # every start point exactly once
     errored = after[after.status == "errored"]
     assert len(errored) == 1 and "weights file not found" in errored.error.iloc[0]
     assert (after[after.status != "errored"].weights == "none").all()
-    assert (folder / "best" / "mobilenet025" / "test_metrics.json").is_file()
+    best = folder / "best" / "mobilenet025"
+    assert (best / "test_metrics.json").is_file()
+    seeds = json.loads((best / "seeds.json").read_text())  # final_seeds: 2 other seeds, mean and spread
+    assert seeds["test_accuracy"]["n"] == 2 and seeds["test_accuracy"]["std"] >= 0
+    assert 0 <= seeds["test_accuracy"]["min"] <= seeds["test_accuracy"]["mean"] <= seeds["test_accuracy"]["max"] <= 1
+    assert len(list((best / "seeds").glob("seed-*/test_metrics.json"))) == 2
     study = json.loads((folder / "study.json").read_text())
     assert study["status"] == "completed" and [r["resume"] for r in study["runs"]] == [False, True]
     assert not [p for p in (folder / "trials").iterdir() if not (p / "outcome.json").exists()]
