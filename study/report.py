@@ -538,6 +538,8 @@ def _header_section(doc: Document, study: StudyResults) -> None:
     if isinstance(machine, dict):
         facts.append("Machine: " + ", ".join(f"{k}: {v}" for k, v in machine.items()
                                              if not isinstance(v, (dict, list))))
+        if isinstance(machine.get("packages"), dict):
+            facts.append("Versions: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items()))
     for fact in facts:
         doc.para(fact)
 

@@ -1,0 +1,49 @@
+"""How long `fer-study report` takes on a finished study, and how much of it is the Grad-CAM appendix.
+
+Builds the report of an existing study folder twice (without and with the Grad-CAM appendix) into a
+temporary folder and prints ONE JSON line with both wall times, the study's size and the machine.
+Target: well under a minute on a 2-core CPU for the smoke study (scripts/demo.sh makes results/demo).
+
+    python3 benchmarks/report_speed.py results/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path, help="a finished study folder, e.g. results/demo")
+    parser.add_argument("--gradcam-per-class", type=int, default=2)
+    args = parser.parse_args()
+
+    from fer.machine import machine_info
+    from study.report import build_report, load_study
+
+    study = load_study(args.study)
+    timings = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, per_class in (("without_gradcam_s", 0), ("with_gradcam_s", args.gradcam_per_class)):
+            start = time.perf_counter()
+            out = build_report(args.study, Path(tmp) / label, gradcam_per_class=per_class)
+            timings[label] = round(time.perf_counter() - start, 2)
+        html_mb = (out / "report.html").stat().st_size / 1e6
+    print(json.dumps({
+        "benchmark": "report_speed", "study": str(args.study), "backbones": len(study.backbones),
+        "tested_backbones": len(study.ok), "gradcam_per_class": args.gradcam_per_class, **timings,
+        "html_mb": round(html_mb, 2), "machine": machine_info(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
