@@ -2,7 +2,7 @@
 
 The trials are a trivial function trainable (a Keras trial per simulated node would take minutes), but
 everything around it is the real `run_study` path: the per-backbone searcher and scheduler, the per-trial
-resource request, the shared-storage check across nodes, the ledger.
+resource request, joining a running cluster by address, the shared-storage check across nodes, the ledger.
 """
 
 import json
@@ -44,8 +44,7 @@ def two_node_cluster():
         "num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False})
     cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
+    try:  # run_study joins it through --address, as `fer-study run --address HOST:PORT` does
         yield cluster
     finally:
         ray.shutdown()
