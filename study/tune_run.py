@@ -136,12 +136,19 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
 
         ledger = Ledger(study_dir)
         _search(space, study, study_dir, data_dir, ledger, cpus_per_trial, gpus, trainable, stream, live, log)
+        ledger = Ledger(study_dir)  # what is on disk is the truth
         if trainable is None:
             from study.tune_best import evaluate_bests, retrain_seeds
             from study.tune_trial import trial_threads
 
             threads = trial_threads(cpus_per_trial)
             study["best"] = evaluate_bests(space, ledger, study_dir, data_dir, cpus_per_trial, gpus, threads, log)
+            if not study["best"]:
+                study["status"] = "failed"
+                write_json(study_dir / "study.json", study)
+                errors = [o["error"] for o in ledger.outcomes.values() if o.get("error")]
+                raise UserError(f"no trial of any backbone finished successfully (see {study_dir / 'trials.csv'})"
+                                + (f"; first error: {errors[0]}" if errors else ""))
             if space.final_seeds:
                 study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, cpus_per_trial, gpus,
                                                      threads, log)
@@ -197,7 +204,8 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     requeue = {b: discard_interrupted(storage, optuna_study_name(space, b)) for b in space.backbones}
     done = ledger.finished_per_backbone()
     budgets = {b: max(0, space.trials_per_backbone - done.get(b, 0)) for b in space.backbones}
-    fresh = not ledger.outcomes and not any(requeue.values()) and not (study_dir / "tune").exists()
+    existing = set(optuna.get_all_study_names(storage))
+    fresh = {b: optuna_study_name(space, b) not in existing for b in space.backbones}  # start points queued once
     searcher = BackboneSearcher(space, budgets, storage, requeue=requeue, fresh=fresh)
     total = searcher.total()
     already = sum(done.values())

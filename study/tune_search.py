@@ -80,7 +80,9 @@ class BackboneSearcher(Searcher):
     """Hands out trials for several backbones, each from its own OptunaSearch with its own budget."""
 
     def __init__(self, space: Space, budgets: dict[str, int], storage, requeue: dict[str, list] | None = None,
-                 fresh: bool = True):
+                 fresh: dict[str, bool] | None = None):
+        """`fresh[backbone]`: its Optuna study is new, so the start points are queued (once, ever);
+        `requeue[backbone]`: start points that a killed run was evaluating, queued again."""
         super().__init__(metric=space.metric, mode=space.mode)
         self.space = space
         self.budgets = dict(budgets)
@@ -92,7 +94,8 @@ class BackboneSearcher(Searcher):
         for i, backbone in enumerate(space.backbones):
             if not distributions:  # nothing to tune (e.g. paper.yaml): every trial is the fixed config
                 continue
-            points = list(space.start_points) if fresh else list((requeue or {}).get(backbone, []))
+            is_fresh = True if fresh is None else fresh.get(backbone, True)
+            points = list(space.start_points) if is_fresh else list((requeue or {}).get(backbone, []))
             sampler = optuna.samplers.TPESampler(seed=space.seed + i, n_startup_trials=min(
                 10, max(1, space.trials_per_backbone // 3)))
             self.searchers[backbone] = OptunaSearch(
