@@ -190,9 +190,10 @@ def _dtype_policy(config: dict) -> str:
     if mode == "off":
         return "float32"
     if mode == "auto":
-        from fer.backend_setup import accelerator_available
+        from fer.backend_setup import mixed_precision_dtype
 
-        return "mixed_bfloat16" if accelerator_available() else "float32"
+        dtype = mixed_precision_dtype()  # bfloat16 on compute capability >= 8, float16 below, None on CPU
+        return f"mixed_{dtype}" if dtype else "float32"
     return f"mixed_{mode}"
 
 
@@ -215,6 +216,9 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
         raise UserError(f"the study data has {len(train_labels)} train and {len(val_labels)} val images; "
                         "a trial needs both")
 
+    from fer.backend_setup import enable_compilation_cache
+
+    enable_compilation_cache(Path(study_data.dir).parent / "compile_cache")  # JAX: later trials skip compiles
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(_dtype_policy(config))
     try:
