@@ -22,14 +22,13 @@ def balanced_class_weights(train_labels: pd.Series, classes: list[str]) -> dict[
 
 
 def leakage(table: pd.DataFrame, pairs: list[tuple[int, int]]) -> dict:
-    split = table["split"]
-    crossing = [(i, j) for i, j in pairs
-                if split[i] in SPLITS and split[j] in SPLITS and split[i] != split[j]]
+    split, path = table["split"].tolist(), table["path"].tolist()
+    crossing = [(i, j) for i, j in pairs if split[i] in SPLITS and split[j] in SPLITS and split[i] != split[j]]
     used = table[table.split.isin(SPLITS)]
     groups_across = int((used.groupby("group")["split"].nunique() > 1).sum())
     return {
         "duplicate_pairs_across_splits": len(crossing),
-        "examples": [[table.at[i, "path"], table.at[j, "path"]] for i, j in crossing[:10]],
+        "examples": [[path[i], path[j]] for i, j in crossing[:10]],
         "groups_across_splits": groups_across,
         "ok": not crossing and groups_across == 0,
     }
@@ -37,18 +36,16 @@ def leakage(table: pd.DataFrame, pairs: list[tuple[int, int]]) -> dict:
 
 def build_audit(table: pd.DataFrame, classes: list[str], unknown_folders: list[str], empty_classes: list[str],
                 dup_report: dict, predefined_report: dict | None, near) -> dict:
-    counts = {c: {s: int(((table.label == c) & (table.split == s)).sum()) for s in (*SPLITS, "excluded")}
-              for c in classes}
+    counts = table[table.label.isin(classes)].groupby(["label", "split"]).size()
+    counts = {c: {s: int(counts.get((c, s), 0)) for s in (*SPLITS, "excluded")} for c in classes}
     status_counts = table.status.value_counts()
+    path, label, split, pixel_hash = (table[c].tolist() for c in ("path", "label", "split", "pixel_hash"))
     clusters = []
-    exact = {tuple(sorted(p)) for p in dup_report["exact_pairs"]}
     for members in dup_report["clusters_idx"]:
-        pairs_exact = all(tuple(sorted((members[0], m))) in exact for m in members[1:])
-        clusters.append({"kind": "exact" if pairs_exact else "near",
-                         "labels": sorted(set(table.loc[members, "label"])),
-                         "paths": table.loc[members, "path"].tolist(),
-                         "kept": [p for p, s in zip(table.loc[members, "path"], table.loc[members, "split"])
-                                  if s in SPLITS]})
+        clusters.append({"kind": "exact" if len({pixel_hash[i] for i in members}) == 1 else "near",
+                         "labels": sorted({label[i] for i in members}),
+                         "paths": [path[i] for i in members],
+                         "kept": [path[i] for i in members if split[i] in SPLITS]})
     quarantined = table[table.status == "quarantined"]
     return {
         "classes": classes,

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -22,9 +23,15 @@ POOL_MIN_FILES = 200
 
 
 def default_workers(n_files: int) -> int:
-    if n_files < POOL_MIN_FILES:
+    """Up to 2 decoding processes for a big enough job; none inside a training process (a trial that builds
+    a new cache size has its own CPU share, and forking a process with TensorFlow/JAX threads is unsafe)."""
+    if n_files < POOL_MIN_FILES or _threaded_framework_loaded():
         return 0
     return max(1, min(2, os.cpu_count() or 1))
+
+
+def _threaded_framework_loaded() -> bool:
+    return any(m in sys.modules for m in ("tensorflow", "jax", "torch"))
 
 
 def npy_header(n: int, size: int) -> bytes:
@@ -43,35 +50,45 @@ def row_bytes(size: int) -> int:
 
 # ---- pool plumbing: each worker holds one open file descriptor of the destination -------------------------
 _worker_fd: int | None = None
+_worker_func: Callable | None = None
 
 
-def _init_worker(dest: str) -> None:
-    global _worker_fd
+def _init_worker(dest: str, func: Callable) -> None:
+    global _worker_fd, _worker_func
     _worker_fd = os.open(dest, os.O_WRONLY)
+    _worker_func = func
 
 
 def _run_task(task):
-    func, args, offset = task
-    meta, pixels = func(*args)
+    args, offset = task
+    meta, pixels = _worker_func(*args)
     if pixels is not None:
         os.pwrite(_worker_fd, np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), offset)
     return meta
 
 
-def decode_into(dest: Path, tasks: Iterable[tuple[Callable, tuple, int]], workers: int) -> Iterator:
-    """Run `func(*args) -> (meta, pixels|None)` per task, writing pixels at `offset` of `dest`; yield metas
-    in task order. `dest` must already exist with its final size."""
+def decode_into(dest: Path, func: Callable, tasks: Iterable[tuple[tuple, int]], workers: int) -> Iterator:
+    """Run `func(*args) -> (meta, pixels | None)` for each `(args, offset)` task, writing the pixels at
+    `offset` of `dest` (which must already have its final size); yield the metas in task order."""
     if workers <= 0:
-        _init_worker(str(dest))
+        _init_worker(str(dest), func)
         try:
             for task in tasks:
                 yield _run_task(task)
         finally:
             _close_worker_fd()
         return
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold TensorFlow threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(dest),)) as pool:
-        yield from pool.imap(_run_task, tasks, chunksize=32)
+    ctx = multiprocessing.get_context(_start_method())
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(dest), func)) as pool:
+        yield from pool.imap(_run_task, tasks, chunksize=128)  # big chunks: few messages between processes
+
+
+def _start_method() -> str:
+    """fork (fast, works from any script) unless a threaded ML framework is loaded: forking a process that
+    holds TensorFlow/JAX/PyTorch threads can deadlock, so then spawn (which needs the usual
+    `if __name__ == "__main__":` guard in the calling script, as the `fer-study` entry point has)."""
+    threaded = _threaded_framework_loaded() or "ray" in sys.modules
+    return "spawn" if threaded or sys.platform != "linux" else "fork"
 
 
 def _close_worker_fd() -> None:

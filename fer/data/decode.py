@@ -70,12 +70,10 @@ def decode_file(path: Path, max_pixels: int = MAX_PIXELS) -> Decoded:
                 ext = path.suffix.lower().lstrip(".")
                 if ext and not _extension_matches(ext, fmt):
                     notes.append(f"content is {fmt}, name says .{ext}")
-                oriented = ImageOps.exif_transpose(img)
-                if oriented is not None and oriented is not img:
-                    orientation = img.getexif().get(0x0112)
-                    if orientation not in (None, 1):
-                        notes.append(f"EXIF orientation {orientation} applied")
-                    img = oriented
+                orientation = img.getexif().get(0x0112)
+                if orientation in (2, 3, 4, 5, 6, 7, 8):
+                    img = ImageOps.exif_transpose(img)
+                    notes.append(f"EXIF orientation {orientation} applied")
                 rgb = to_rgb(img, notes)
     except Quarantine:
         raise

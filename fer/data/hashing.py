@@ -24,13 +24,12 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 THUMB = 32
-_DCT32 = _dct_matrix(THUMB)
+_DCT8 = _dct_matrix(THUMB)[:8]  # the 8 lowest frequencies
 MAX_SHIFT = 2
-_BITS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
 
 
 def _pack(bits: np.ndarray) -> int:
-    return int(np.bitwise_or.reduce(_BITS[bits.ravel()]) if bits.any() else 0)
+    return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
 
 
 def thumbnail(rgb: np.ndarray) -> np.ndarray:
@@ -44,20 +43,23 @@ def thumbnail(rgb: np.ndarray) -> np.ndarray:
 
 def phash(thumb: np.ndarray) -> int:
     """64-bit DCT hash of a 32x32 thumbnail: its 8x8 lowest frequencies compared to their median."""
-    low = (_DCT32 @ thumb.astype(np.float64) @ _DCT32.T)[:8, :8].ravel()
-    return _pack(low > np.median(low[1:]))
+    low = (_DCT8 @ thumb.astype(np.float64) @ _DCT8.T).ravel()
+    median = np.partition(low[1:], 31)[31]  # of the 63 AC terms (the DC term is just brightness)
+    return _pack(low > median)
 
 
 def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
     return np.array([int(h, 16) for h in hex_hashes], dtype=np.uint64)
 
 
-def candidate_pairs(hashes: np.ndarray, max_bits: int, block: int = 512) -> np.ndarray:
+def candidate_pairs(hashes: np.ndarray, max_bits: int, block_cells: int = 2_000_000) -> np.ndarray:
     """All index pairs (i < j) whose 64-bit hashes differ in at most `max_bits` bits, as an (n, 2) array.
 
-    Compares every pair in row blocks (29k images: ~0.4 G comparisons, a few seconds, bounded memory).
+    Compares every pair in row blocks of at most `block_cells` comparisons (16 MB of XORs), so memory stays
+    flat; 29k images are ~0.4 G comparisons, a few seconds.
     """
     n = len(hashes)
+    block = max(1, block_cells // max(1, n))
     found = []
     for start in range(0, n, block):
         stop = min(n, start + block)
@@ -69,27 +71,43 @@ def candidate_pairs(hashes: np.ndarray, max_bits: int, block: int = 512) -> np.n
 
 
 def shift_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = MAX_SHIFT,
-                      block: int = 4096) -> np.ndarray:
-    """Per pair, the highest correlation of the two normalised thumbnails over shifts up to `max_shift`."""
-    r = max_shift
-    inner = THUMB - 2 * r
-    out = np.empty(len(pairs), dtype=np.float32)
+                      block: int = 8192) -> np.ndarray:
+    """Per pair (i, j), the highest correlation between the centre of thumbnail i and any window of
+    thumbnail j shifted by up to `max_shift` pixels.
+
+    Normalised cross-correlation without re-normalising every window: i's centre is normalised once, and
+    each window's mean and norm come from summed-area tables of j, so a shift costs one dot product.
+    """
+    out = np.full(len(pairs), -1.0, dtype=np.float32)
+    if not len(pairs):
+        return out
+    r, inner = max_shift, THUMB - 2 * max_shift
+    used, local = np.unique(pairs, return_inverse=True)
+    local = local.reshape(pairs.shape)
+    t = thumbs[used].astype(np.float32)
+    centre = t[:, r:THUMB - r, r:THUMB - r]
+    centre = centre - centre.mean(axis=(1, 2), keepdims=True)
+    norm = np.sqrt((centre * centre).sum(axis=(1, 2), keepdims=True))
+    centre = np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 1e-3)  # flat: no structure
+    sat = np.zeros((len(t), THUMB + 1, THUMB + 1), np.float64)
+    sat[:, 1:, 1:] = t.cumsum(1).cumsum(2)
+    sat2 = np.zeros_like(sat)
+    sat2[:, 1:, 1:] = (t.astype(np.float64) ** 2).cumsum(1).cumsum(2)
+    n = inner * inner
     for start in range(0, len(pairs), block):
-        p = pairs[start:start + block]
-        a = _normalise(thumbs[p[:, 0], r:THUMB - r, r:THUMB - r])
-        b_full = thumbs[p[:, 1]].astype(np.float32)
-        best = np.full(len(p), -1.0, dtype=np.float32)
-        for dy in range(-r, r + 1):
-            for dx in range(-r, r + 1):
-                b = _normalise(b_full[:, r + dy:r + dy + inner, r + dx:r + dx + inner])
-                best = np.maximum(best, (a * b).sum(axis=(1, 2)))
-        out[start:start + len(p)] = best
+        a, b = local[start:start + block, 0], local[start:start + block, 1]
+        best = out[start:start + block]
+        centre_a, t_b = centre[a], t[b]
+        for y in range(0, 2 * r + 1):
+            for x in range(0, 2 * r + 1):
+                total = _window_sum(sat, y, x, inner)[b]
+                spread = np.sqrt(np.maximum(_window_sum(sat2, y, x, inner)[b] - total * total / n, 0.0))
+                dot = np.einsum("pij,pij->p", centre_a, t_b[:, y:y + inner, x:x + inner])
+                corr = np.divide(dot, spread, out=np.zeros_like(dot), where=spread > 1e-3)
+                np.maximum(best, corr, out=best)
     return out
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    """Zero mean, unit norm per image; a flat image (no structure) stays all zeros."""
-    x = x.astype(np.float32)
-    x = x - x.mean(axis=(1, 2), keepdims=True)
-    norm = np.sqrt((x * x).sum(axis=(1, 2), keepdims=True))
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-3)
+def _window_sum(sat: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
+    """Sum of every image's window [y:y+size, x:x+size] from its summed-area table."""
+    return sat[:, y + size, x + size] - sat[:, y, x + size] - sat[:, y + size, x] + sat[:, y, x]

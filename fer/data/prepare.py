@@ -31,9 +31,8 @@ MANIFEST_COLUMNS = ["path", "label", "split", "group", "sha256", "pixel_hash", "
 FORMAT_VERSION = 1
 
 
-def _inspect_task(path: str, image_size: int, max_pixels: int):
-    rec, small = inspect_file(Path(path), image_size, max_pixels)
-    return rec, small
+def inspect_file_task(path: str, image_size: int, max_pixels: int):
+    return inspect_file(Path(path), image_size, max_pixels)
 
 
 def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.7, 0.15, 0.15), seed: int = 0,
@@ -70,22 +69,23 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
     allocate(raw, len(readable) * row_bytes(image_size))
     if workers is None:
         workers = default_workers(len(readable))
-    tasks = ((_inspect_task, (str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
+    tasks = (((str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
              for k, i in enumerate(readable))
     thumbs = np.zeros((len(entries), 32, 32), dtype=np.uint8)
-    for i, rec in zip(readable, decode_into(raw, tasks, workers)):
+    for i, rec in zip(readable, decode_into(raw, inspect_file_task, tasks, workers)):
         if rec.thumb is not None:
             thumbs[i] = rec.thumb
             rec.thumb = None
         records[i] = rec
     decode_s = time.perf_counter() - t0
 
-    table = _table(entries, records)
+    table = _Table(entries, records)
     raw_row = {i: k for k, i in enumerate(readable)}
     class_names = sorted(scan.class_folders)
     dup_report = _mark_duplicates(table, thumbs, keep_duplicates, near)
+    del thumbs
     _assign_groups(table, group_rx, dup_report["clusters_idx"])
-    usable_labels = set(table.label[table.split == ""])
+    usable_labels = {label for label, split in zip(table.label, table.split) if split == ""}
     empty = [c for c in class_names if c not in usable_labels]
     class_names = [c for c in class_names if c in usable_labels]
     if len(class_names) < 2:
@@ -94,7 +94,8 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
     predefined_report = _assign_split(table, class_names, fractions, seed, predefined_spec,
                                       dup_report["clusters_idx"])
 
-    audit = audit_mod.build_audit(table, class_names, scan.unknown_folders, empty, dup_report,
+    frame = table.frame()
+    audit = audit_mod.build_audit(frame, class_names, scan.unknown_folders, empty, dup_report,
                                   predefined_report, near)
     meta = {
         "format_version": FORMAT_VERSION, "source": str(scan.root), "classes": class_names,
@@ -103,81 +104,87 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
         "predefined": (str(predefined_spec) if isinstance(predefined_spec, Path) else predefined_spec),
         "keep_duplicates": keep_duplicates, "max_pixels": max_pixels,
     }
-    table[MANIFEST_COLUMNS].to_csv(partial / "manifest.csv", index=False)
-    (partial / "audit.json").write_text(json.dumps(audit, indent=2))
+    frame.to_csv(partial / "manifest.csv", index=False)
     (partial / "study_data.json").write_text(json.dumps(meta, indent=2))
     for s in SPLITS:
-        rows = [raw_row[i] for i in table.index[table.split == s]]
+        rows = [raw_row[i] for i, split in enumerate(table.split) if split == s]
         write_npy_from_rows(partial / "pixels" / f"{s}_{image_size}.npy", raw, rows, image_size)
     raw.unlink()
-
-    _swap_in(partial, out_dir)
     seconds = time.perf_counter() - t0
     audit["timing"] = {"files": len(entries), "decoded": len(readable), "seconds": round(seconds, 2),
                        "decode_seconds": round(decode_s, 2),
                        "images_per_s": round(len(readable) / seconds, 1) if seconds else None,
                        "workers": workers}
-    (out_dir / "audit.json").write_text(json.dumps(audit, indent=2))
+    (partial / "audit.json").write_text(json.dumps(audit, indent=2))
+    _swap_in(partial, out_dir)
     if log:
         log(audit_mod.summary_text(audit, out_dir))
     return audit
 
 
-def _table(entries, records) -> pd.DataFrame:
-    rows = []
-    for e, r in zip(entries, records):
-        rows.append({"path": e.path, "label": e.label, "split": "excluded" if r.status == "quarantined" else "",
-                     "group": "", "sha256": r.sha256, "pixel_hash": r.pixel_hash, "phash": r.phash,
-                     "width": r.width, "height": r.height, "format": r.format,
-                     "status": r.status, "reason": r.reason})
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+class _Table:
+    """The manifest as plain column lists while rows are being decided (pandas per-cell access is ~100x
+    slower, which matters at 30k files); `frame()` gives the DataFrame in MANIFEST_COLUMNS order."""
+
+    def __init__(self, entries, records):
+        self.path = [e.path for e in entries]
+        self.label = [e.label for e in entries]
+        self.split = ["excluded" if r.status == "quarantined" else "" for r in records]
+        self.group = [""] * len(entries)
+        self.sha256 = [r.sha256 for r in records]
+        self.pixel_hash = [r.pixel_hash for r in records]
+        self.phash = [r.phash for r in records]
+        self.width = [r.width for r in records]
+        self.height = [r.height for r in records]
+        self.format = [r.format for r in records]
+        self.status = [r.status for r in records]
+        self.reason = [r.reason for r in records]
+
+    def note(self, i: int, status: str, reason: str) -> None:
+        """Exclude row i with `status`, putting `reason` in front of any earlier one."""
+        self.status[i] = status
+        self.reason[i] = f"{reason}; {self.reason[i]}" if self.reason[i] else reason
+        self.split[i] = "excluded"
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({c: getattr(self, c) for c in MANIFEST_COLUMNS})
 
 
-def _note(table: pd.DataFrame, i: int, status: str, reason: str) -> None:
-    old = table.at[i, "reason"]
-    table.at[i, "status"] = status
-    table.at[i, "reason"] = f"{reason}; {old}" if old else reason
-    table.at[i, "split"] = "excluded"
-
-
-def _mark_duplicates(table: pd.DataFrame, thumbs: np.ndarray, keep_duplicates: bool, near) -> dict:
+def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, near) -> dict:
     """Cluster decoded images; exclude label conflicts; within a class keep one image per cluster."""
-    decoded = table.index[table.status.isin(["ok", "converted"])].to_numpy()
-    dups = find_duplicates(table.loc[decoded, "pixel_hash"].tolist(), table.loc[decoded, "phash"].tolist(),
+    decoded = [i for i, s in enumerate(table.status) if s in ("ok", "converted")]
+    dups = find_duplicates([table.pixel_hash[i] for i in decoded], [table.phash[i] for i in decoded],
                            thumbs[decoded], *near)
-    exact_set = {tuple(sorted(p)) for p in dups.exact_pairs}
-    clusters_idx = [[int(decoded[k]) for k in c] for c in dups.clusters]
+    clusters_idx = [[decoded[k] for k in c] for c in dups.clusters]
     conflicts = []
     for members in clusters_idx:
-        labels = sorted(set(table.loc[members, "label"]))
+        labels = sorted({table.label[i] for i in members})
         if len(labels) > 1:
-            conflicts.append({"labels": labels, "paths": table.loc[members, "path"].tolist()})
+            conflicts.append({"labels": labels, "paths": [table.path[i] for i in members]})
             for i in members:
-                _note(table, i, "duplicate", f"label conflict: the same image is labelled {' and '.join(labels)}")
+                table.note(i, "duplicate", f"label conflict: the same image is labelled {' and '.join(labels)}")
             continue
         if keep_duplicates:
             continue
         keeper = _keeper(table, members)
         for i in members:
             if i != keeper:
-                kind = "exact" if table.at[i, "pixel_hash"] == table.at[keeper, "pixel_hash"] else "near"
-                _note(table, i, "duplicate", f"{kind} duplicate of {table.at[keeper, 'path']}")
+                kind = "exact" if table.pixel_hash[i] == table.pixel_hash[keeper] else "near"
+                table.note(i, "duplicate", f"{kind} duplicate of {table.path[keeper]}")
     return {
         "clusters_idx": clusters_idx,
-        "exact_pairs": [(int(decoded[i]), int(decoded[j])) for i, j in dups.exact_pairs],
-        "near_pairs": [(int(decoded[i]), int(decoded[j])) for i, j in dups.near_pairs],
+        "exact_pairs": [(decoded[i], decoded[j]) for i, j in dups.exact_pairs],
+        "near_pairs": [(decoded[i], decoded[j]) for i, j in dups.near_pairs],
         "label_conflicts": conflicts,
-        "n_exact_pairs": len(exact_set),
     }
 
 
-def _keeper(table: pd.DataFrame, members: list[int]) -> int:
+def _keeper(table: _Table, members: list[int]) -> int:
     """The copy to keep: the largest, then one needing no conversion, then the first path."""
-    return min(members, key=lambda i: (-int(table.at[i, "width"]) * int(table.at[i, "height"]),
-                                       table.at[i, "status"] != "ok", table.at[i, "path"]))
+    return min(members, key=lambda i: (-table.width[i] * table.height[i], table.status[i] != "ok", table.path[i]))
 
 
-def _assign_groups(table: pd.DataFrame, group_rx, clusters_idx: list[list[int]]) -> None:
+def _assign_groups(table: _Table, group_rx, clusters_idx: list[list[int]]) -> None:
     """group = subject id (regex on the file name) or the file itself, merged across duplicate clusters."""
     keys = []
     for p in table.path:
@@ -188,46 +195,45 @@ def _assign_groups(table: pd.DataFrame, group_rx, clusters_idx: list[list[int]])
     for members in clusters_idx:
         for i in members[1:]:
             uf.union(key_ids[keys[members[0]]], key_ids[keys[i]])
-    names = list(key_ids)
     rep_name: dict[int, str] = {}
-    for k in names:  # a component is named by its first key in path order
+    for k in key_ids:  # a component is named by its first key in path order
         rep_name.setdefault(uf.find(key_ids[k]), k)
-    table["group"] = [rep_name[uf.find(key_ids[k])] for k in keys]
+    table.group = [rep_name[uf.find(key_ids[k])] for k in keys]
 
 
-def _assign_split(table, class_names, fractions, seed, predefined_spec, clusters) -> dict | None:
-    usable = table.index[table.split == ""].to_numpy()
+def _assign_split(table: _Table, class_names, fractions, seed, predefined_spec, clusters) -> dict | None:
     label_idx = {c: n for n, c in enumerate(class_names)}
     if predefined_spec is None:
-        labels = np.array([label_idx[c] for c in table.loc[usable, "label"]], dtype=np.int64)
-        split_idx = group_split(labels, table.loc[usable, "group"].tolist(), len(class_names), fractions, seed)
+        usable = [i for i, s in enumerate(table.split) if s == ""]
+        labels = np.array([label_idx[table.label[i]] for i in usable], dtype=np.int64)
+        split_idx = group_split(labels, [table.group[i] for i in usable], len(class_names), fractions, seed)
         check_every_split_has_every_class(labels, split_idx, class_names,
                                           f"a {'/'.join(f'{f:g}' for f in fractions)} split keeping groups whole")
-        table.loc[usable, "split"] = [SPLITS[s] for s in split_idx]
+        for i, s in zip(usable, split_idx):
+            table.split[i] = SPLITS[s]
         return None
     # predefined: every copy, including those excluded above, counts with its declared split
-    declared = pd.Series(predefined_split(table.path.tolist(), predefined_spec), index=table.index)
+    declared = predefined_split(table.path, predefined_spec)
     crossing = []
     for members in clusters:
-        splits = sorted({s for s in declared[members] if s})
+        splits = sorted({declared[i] for i in members if declared[i]})
         if len(splits) > 1:
-            crossing.append({"splits": splits, "paths": table.loc[members, "path"].tolist()})
+            crossing.append({"splits": splits, "paths": [table.path[i] for i in members]})
             for i in members:
-                _note(table, i, "duplicate", f"duplicate cluster crosses the predefined splits {', '.join(splits)}")
+                table.note(i, "duplicate", f"duplicate cluster crosses the predefined splits {', '.join(splits)}")
     unplaced = 0
-    for i in usable:
-        if table.at[i, "split"] != "":
+    for i, split in enumerate(table.split):
+        if split != "":
             continue
         if declared[i] is None:
             unplaced += 1
-            table.at[i, "split"] = "excluded"
-            table.at[i, "reason"] = "; ".join(x for x in ("not placed by the predefined split",
-                                                          table.at[i, "reason"]) if x)
+            table.split[i] = "excluded"
+            table.reason[i] = "; ".join(x for x in ("not placed by the predefined split", table.reason[i]) if x)
         else:
-            table.at[i, "split"] = declared[i]
-    used = table.index[table.split.isin(SPLITS)]
-    labels = np.array([label_idx[c] for c in table.loc[used, "label"]], dtype=np.int64)
-    split_idx = np.array([SPLITS.index(s) for s in table.loc[used, "split"]])
+            table.split[i] = declared[i]
+    used = [i for i, s in enumerate(table.split) if s in SPLITS]
+    labels = np.array([label_idx[table.label[i]] for i in used], dtype=np.int64)
+    split_idx = np.array([SPLITS.index(table.split[i]) for i in used])
     check_every_split_has_every_class(labels, split_idx, class_names, "the predefined split")
     return {"crossing_clusters": crossing, "not_placed": unplaced}
 

@@ -61,9 +61,9 @@ def check_every_split_has_every_class(labels: np.ndarray, split_idx: np.ndarray,
         missing = [SPLITS[s] for s in range(3) if not np.any(mine == s)]
         if missing:
             raise UserError(
-                f"class '{name}' has {len(mine)} usable image(s) in {len(np.unique(mine))} split(s); too few "
-                f"to appear in {', '.join(missing)} ({how}). Add images, merge or drop the class, or "
-                f"loosen --group-regex")
+                f"class '{name}' has {len(mine)} usable image(s), none of them in {', '.join(missing)} ({how}); "
+                f"every class needs images in train, val and test: add images, merge or drop the class, "
+                f"or loosen --group-regex")
 
 
 def parse_predefined(spec) -> dict[str, str] | Path:

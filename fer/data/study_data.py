@@ -91,10 +91,10 @@ class StudyData:
             with open(partial, "r+b") as f:
                 f.write(header)
             max_pixels = int(self.meta.get("max_pixels", 100_000_000))
-            tasks = ((_cache_task, (str(self.source / p), h, size, max_pixels), len(header) + k * row_bytes(size))
+            tasks = (((str(self.source / p), h, size, max_pixels), len(header) + k * row_bytes(size))
                      for k, (p, h) in enumerate(zip(rows.path, rows.pixel_hash)))
             workers = default_workers(len(rows)) if workers is None else workers
-            problems = [msg for msg in decode_into(partial, tasks, workers) if msg]
+            problems = [msg for msg in decode_into(partial, _cache_task, tasks, workers) if msg]
             if problems:
                 partial.unlink(missing_ok=True)
                 raise UserError(f"cannot build the {size}px cache: {len(problems)} file(s) in DATA changed since "

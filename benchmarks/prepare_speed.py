@@ -1,0 +1,182 @@
+"""How fast is `prepare`, and does its memory stay flat as the dataset grows? One JSON line.
+
+    python3 benchmarks/prepare_speed.py [--data ../shared/datasets/fer2013-5class] [--image-size 48]
+                                        [--fractions 0.25,0.5,1] [--workers N]
+
+Runs the real `prepare_dataset` (FER2013's own split via --predefined file-name patterns) on growing
+subsets of DATA (hard links in a temp folder, or copies where links are not possible; DATA itself is only
+read) and reports, per run, images/s (files decoded / wall seconds, everything included: scan, decode,
+hashes, duplicates, split, audit, cache files), the CPU seconds spent (process + workers: on a shared
+machine images per CPU-second shows the cost when wall time is inflated by other people's jobs), and the
+peak memory of the process plus its decoding
+workers, each run in a fresh process: PSS (proportional set size, so pages shared by forked workers count
+once) and its anonymous part (memory the processes own: no mapped files, no shared libraries), sampled
+every 50 ms. Target: >= 500 images/s on 2 cores, and anonymous memory that grows with the file count
+by no more than the per-file metadata (hashes, 32x32 thumbnail: a few KB), far below the pixel cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fer2013-5class"
+PREDEFINED = "train=^Training_,val=^PublicTest_,test=^PrivateTest_"
+
+
+def _rollup_kib(pid: int) -> dict[str, int]:
+    """Pss and Pss_Anon of one process: proportional set sizes, so pages a forked worker shares with its
+    parent are counted once in the sum, not once per process (as RSS would)."""
+    out = {"Pss": 0, "Pss_Anon": 0, "Rss": 0}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in out:
+                    out[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+class MemorySampler(threading.Thread):
+    """Peak memory of this process plus all its descendants, summed over processes at each sample."""
+
+    def __init__(self, interval: float = 0.05):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = {"Pss": 0, "Pss_Anon": 0, "Rss": 0}
+        self.stop = threading.Event()
+
+    def sample(self) -> dict[str, int]:
+        pids = [self.proc.pid] + [c.pid for c in self.proc.children(recursive=True)]
+        rollups = [_rollup_kib(p) for p in pids]
+        return {k: sum(r[k] for r in rollups) for k in self.peak}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for k, v in self.sample().items():
+                self.peak[k] = max(self.peak[k], v)
+            time.sleep(self.interval)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the decoding workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def subset(data: Path, fraction: float, tmp: Path) -> tuple[Path, int]:
+    """DATA itself for 1.0, else a folder with every k-th file of each class (hard links, or copies)."""
+    if fraction >= 1.0:
+        return data, sum(1 for p in data.rglob("*") if p.is_file())
+    out = tmp / f"subset_{fraction:g}" / data.name
+    n = 0
+    for cls in sorted(p for p in data.iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        keep = files[:: max(1, round(1 / fraction))]  # every k-th: all three predefined splits stay in
+        (out / cls.name).mkdir(parents=True)
+        for f in keep:
+            try:
+                os.link(f, out / cls.name / f.name)
+            except OSError:
+                shutil.copyfile(f, out / cls.name / f.name)
+            n += 1
+    return out, n
+
+
+def run_once(data: Path, out: Path, image_size: int, workers: int | None) -> dict:
+    """One prepare in this (fresh) process, measured."""
+    from fer.data import prepare_dataset
+
+    sampler = MemorySampler()
+    before = sampler.sample()
+    sampler.start()
+    cpu0 = _cpu_seconds()
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    audit = prepare_dataset(data, out, image_size=image_size, predefined=PREDEFINED, workers=workers, log=None)
+    seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
+    sampler.stop.set()
+    sampler.join()
+    cache = sum(p.stat().st_size for p in (out / "pixels").glob("*.npy"))
+    t = audit["timing"]
+    mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
+    return {
+        "files": t["files"], "decoded": t["decoded"], "seconds": round(seconds, 2),
+        "images_per_s": round(t["decoded"] / seconds, 1), "decode_seconds": t["decode_seconds"],
+        "workers": t["workers"], "cpu_seconds": round(cpu, 2),
+        "images_per_cpu_s": round(t["decoded"] / cpu, 1) if cpu else None,
+        "load_avg_1m_before": round(load0, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        "memory_before_mib": {"pss": mib(before["Pss"]), "pss_anon": mib(before["Pss_Anon"])},
+        "peak_pss_mib": mib(sampler.peak["Pss"]), "peak_pss_anon_mib": mib(sampler.peak["Pss_Anon"]),
+        "peak_rss_sum_mib": mib(sampler.peak["Rss"]),
+        "pixel_cache_mib": round(cache / 2**20, 1),
+        "duplicates_excluded": audit["totals"]["duplicate"], "leakage_ok": audit["leakage"]["ok"],
+    }
+
+
+def _child(args) -> None:
+    run = run_once(args.one, args.out, args.image_size, args.workers)
+    print(json.dumps(run))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--fractions", default="0.25,0.5,1", help="subset sizes to run (memory-growth check)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 2)")
+    p.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: run one prepare of this folder
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return _child(args)
+    import subprocess
+
+    from fer.machine import machine_info
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            data, _ = subset(args.data, fraction, Path(tmp))
+            out = Path(tmp) / f"out_{fraction:g}"
+            cmd = [sys.executable, __file__, "--one", str(data), "--out", str(out), "--image-size",
+                   str(args.image_size)] + (["--workers", str(args.workers)] if args.workers is not None else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)  # a fresh process per run
+            runs.append({"fraction": fraction, **json.loads(proc.stdout.strip().splitlines()[-1])})
+            shutil.rmtree(out)
+    full, small = runs[-1], runs[0]
+    growth = None
+    if len(runs) > 1:
+        growth = round((full["peak_pss_anon_mib"] - small["peak_pss_anon_mib"]) * 1024
+                       / max(1, full["files"] - small["files"]), 2)
+    print(json.dumps({
+        "benchmark": "prepare_speed", "data": str(args.data), "image_size": args.image_size,
+        "files": full["files"], "images_per_s": full["images_per_s"], "target_images_per_s": 500,
+        "images_per_cpu_s": full["images_per_cpu_s"], "load_avg_1m_during": full["load_avg_1m_after"],
+        "peak_pss_mib": full["peak_pss_mib"], "peak_pss_anon_mib": full["peak_pss_anon_mib"],
+        "pss_anon_growth_kib_per_file": growth,
+        "pixel_cache_kib_per_file": round(full["pixel_cache_mib"] * 1024 / max(1, full["files"]), 2),
+        "runs": runs, "machine": machine_info(),
+        "note": "2-core machine shared with other engineers' jobs while measured (see load_avg)",
+    }))
+
+
+if __name__ == "__main__":
+    main()
