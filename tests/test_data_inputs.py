@@ -282,6 +282,7 @@ def test_unknown_class_folders_are_reported(tmp_path):
     ("all_junk", "need at least two classes"),
     ("bad_split", "--split needs three positive fractions"),
     ("bad_regex", "--group-regex"),
+    ("split_folders", "holds split folders"),
 ])
 def test_clear_errors(tmp_path, case, message):
     data = tmp_path / "data"
@@ -301,6 +302,9 @@ def test_clear_errors(tmp_path, case, message):
     elif case == "bad_split":
         make_dataset(data)
         kw["split"] = "0.8,0.3,0.1"
+    elif case == "split_folders":
+        make_dataset(data / "train")
+        make_dataset(data / "test")
     elif case == "bad_regex":
         make_dataset(data)
         kw["group_regex"] = "^(S\\d+"

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from fer.data import StudyData, prepare_dataset
 from fer.data.prepare import MANIFEST_COLUMNS
@@ -169,6 +170,24 @@ def test_cli_prepare_writes_results_and_prints_a_summary(demo_data_dir, tmp_path
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("Error: DATA folder not found")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_new_size_needs_the_unchanged_data(prepared_data, demo_data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "faces"
+    shutil.copytree(demo_data_dir, data)
+    prepare_dataset(data, tmp_path / "study", group_regex=GROUP_REGEX, image_size=16, log=_quiet)
+    sd = StudyData(tmp_path / "study")
+    victim = data / sd.paths("val")[0]
+    Image.new("RGB", (64, 64), "red").save(victim, format=Image.open(victim).format)
+    with pytest.raises(UserError, match="changed since prepare"):
+        sd.pixels("val", 24)
+    assert not sd.pixel_file("val", 24).exists()
+    shutil.rmtree(data)
+    with pytest.raises(UserError, match="is not available to build it"):
+        sd.pixels("train", 24)
+    assert sd.pixels("train", 16).shape[1] == 16  # the prepared size still works without DATA
 
 
 def test_output_inside_data_is_refused(demo_data_dir):

@@ -19,6 +19,7 @@ from pathlib import Path
 from fer.errors import UserError
 
 _IGNORED_FOLDERS = {"__MACOSX"}
+_SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 
 @dataclasses.dataclass
@@ -80,6 +81,11 @@ def scan_dataset(data_dir, classes: list[str] | None = None) -> ScanResult:
             entries.append(ScanEntry(item.name, "", problem))
     if not class_folders:
         raise UserError(f"no class folders in {data_dir} (expected {data_dir}/<class>/<image files>)")
+    if {c.lower() for c in class_folders} <= _SPLIT_FOLDER_NAMES and all(
+            any(e.is_dir() for e in os.scandir(root / c)) for c in class_folders):
+        raise UserError(f"{data_dir} holds split folders ({', '.join(class_folders)}) with class folders inside; "
+                        f"fer-study expects DATA/<class>/<images>: merge the splits into class folders and "
+                        f"give the original split with --predefined (file-name patterns or a path,split CSV)")
     return ScanResult(root, entries, class_folders, unknown)
 
 
