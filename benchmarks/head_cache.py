@@ -1,0 +1,164 @@
+"""Head-stage feature cache: cost and accuracy of `head_features=cached` against the exact head stage.
+
+    python3 benchmarks/head_cache.py [--per-class 100] [--image-size 48] [--trials 10] [--seeds 3]
+
+A 10-trial study of the head stage (stage 1 only: epochs_finetune=0), one backbone, head hyperparameters
+(dense units, dropout, lr_head) varying from trial to trial; the first trial is the published setting. The
+same configs run twice, exact (backbone forward pass for every image every epoch) and cached (the study's
+first cached trial computes `feature_views` augmented views per train image once; every trial trains its head
+on them). Reports
+
+- head-stage seconds per trial: the head epochs' seconds (training + validation + best-model saving) plus,
+  for cached, the one-off feature computation spread over the trials. Target: cached >= 5x cheaper.
+- final val accuracy of both, trial by trial, against the seed-to-seed spread of the exact method (the
+  published setting with `--seeds` seeds). Target: |cached - exact| within that spread.
+
+Data: a stratified FER2013 subsample (official Training/PublicTest split) from ../shared/datasets, or demo
+data with --demo. Weights: a pretrained backbone is needed for meaningful accuracies (an untrained one
+gives near-constant features); the default is MobileNet (alpha 0.25) from ../shared/weights. All trials run in
+this one process, one after another, so imports are paid once. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+SHARED = REPO.parent / "shared"
+DEFAULT_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="mobilenet025")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.is_file() else "none")
+    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--per-class", type=int, default=100, help="train images per class (val: a third of it)")
+    p.add_argument("--demo", action="store_true", help="use generated demo data instead of FER2013")
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the exact published setting (spread)")
+    p.add_argument("--epochs-head", type=int, default=8)
+    p.add_argument("--views", type=int, default=5, help="feature_views of the cached method")
+    p.add_argument("--batch-size", type=int, default=32)
+    return p.parse_args()
+
+
+def trial_configs(n: int, seed: int = 0) -> list[dict]:
+    """The published head setting first, then random head hyperparameters (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    configs = [{"dense_units": 256, "dropout": 0.53, "lr_head": 1e-3}]
+    while len(configs) < n:
+        configs.append({"dense_units": int(rng.choice([64, 128, 256, 512])),
+                        "dropout": round(float(rng.uniform(0.2, 0.6)), 3),
+                        "lr_head": float(10 ** rng.uniform(-4, math.log10(3e-3)))})
+    return configs
+
+
+def prepare_data(args, tmp: Path):
+    from fer.data import StudyData, prepare_dataset
+
+    quiet = {"log": lambda *a, **k: None}
+    if args.demo:
+        from fer.demo_data import GROUP_REGEX, generate_demo_data
+
+        generate_demo_data(tmp / "src", per_class=args.per_class, seed=0)
+        prepare_dataset(tmp / "src", tmp / "study" / "data", group_regex=GROUP_REGEX,
+                        image_size=args.image_size, **quiet)
+    else:
+        from usual_way import FER2013, make_subset
+
+        make_subset(FER2013, tmp, args.per_class, max(10, args.per_class // 3), seed=0,
+                    test_per_class=10)
+        prepare_dataset(tmp / "flat", tmp / "study" / "data", image_size=args.image_size,
+                        predefined="train=^Training_,val=^PublicTest_,test=^PrivateTest_", **quiet)
+    return StudyData(tmp / "study" / "data")
+
+
+def run_one(config: dict, data, out: Path) -> dict:
+    """One trial; returns its head-stage seconds, val accuracy, feature-cache info and CPU seconds."""
+    import keras
+    import pandas as pd
+
+    from fer.training import run_trial
+
+    keras.backend.clear_session()
+    cpu0 = time.process_time()
+    summary = run_trial(config, data, out)
+    history = pd.read_csv(out / "history.csv")
+    cache = summary.get("feature_cache") or {}
+    return {"head_s": float(history[history.stage == "head"].epoch_s.sum()) + cache.get("seconds", 0.0),
+            "feature_s": cache.get("seconds", 0.0), "feature_computed": cache.get("computed", False),
+            "head_epochs": int((history.stage == "head").sum()),
+            "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"],
+            "trial_cpu_s": time.process_time() - cpu0}
+
+
+def main():
+    args = parse_args()
+    from fer.backend_setup import configure_backend
+    from fer.config import make_config
+    from fer.machine import machine_info
+
+    configure_backend()
+    base = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+                batch_size=args.batch_size, epochs_head=args.epochs_head, epochs_finetune=0,
+                patience=3, feature_views=args.views, seed=0)
+    if "torchvision_port" in args.weights:
+        base["bn_epsilon"] = 1e-5
+    configs = trial_configs(args.trials)
+    with tempfile.TemporaryDirectory(prefix="fer-head-cache-") as tmp:
+        tmp = Path(tmp)
+        data = prepare_data(args, tmp)
+        runs = {"exact": [], "cached": []}
+        for i, head in enumerate(configs):
+            for method in ("exact", "cached"):
+                config = make_config({**base, **head, "head_features": method})
+                runs[method].append(run_one(config, data, tmp / f"{method}{i}"))
+                print(f"trial {i} {method}: {json.dumps(runs[method][-1])}", file=sys.stderr)
+        spread = [runs["exact"][0]["val_accuracy"]]
+        for seed in range(1, args.seeds):
+            config = make_config({**base, **configs[0], "seed": seed, "head_features": "exact"})
+            spread.append(run_one(config, data, tmp / f"seed{seed}")["val_accuracy"])
+        n_train, n_val = len(data.labels("train")), len(data.labels("val"))
+
+    exact_s = sum(r["head_s"] for r in runs["exact"]) / len(configs)
+    cached_s = sum(r["head_s"] for r in runs["cached"]) / len(configs)  # includes the one-off, amortised
+    diffs = [c["val_accuracy"] - e["val_accuracy"] for c, e in zip(runs["cached"], runs["exact"])]
+    seed_range = max(spread) - min(spread)
+    print(json.dumps({
+        "benchmark": "head_cache", "backbone": args.backbone, "weights": Path(args.weights).name,
+        "image_size": args.image_size, "data": "demo" if args.demo else "fer2013-subsample",
+        "train_images": n_train, "val_images": n_val, "trials": len(configs), "epochs_head": args.epochs_head,
+        "feature_views": args.views,
+        "exact_head_s_per_trial": round(exact_s, 2), "cached_head_s_per_trial": round(cached_s, 2),
+        "feature_compute_once_s": round(sum(r["feature_s"] for r in runs["cached"] if r["feature_computed"]), 2),
+        "head_speedup": round(exact_s / cached_s, 2), "target_head_speedup": 5.0,
+        "exact_trial_cpu_s": round(statistics.mean(r["trial_cpu_s"] for r in runs["exact"]), 2),
+        "cached_trial_cpu_s": round(statistics.mean(r["trial_cpu_s"] for r in runs["cached"]), 2),
+        "val_accuracy_exact": [round(r["val_accuracy"], 3) for r in runs["exact"]],
+        "val_accuracy_cached": [round(r["val_accuracy"], 3) for r in runs["cached"]],
+        "mean_accuracy_exact": round(statistics.mean(r["val_accuracy"] for r in runs["exact"]), 4),
+        "mean_accuracy_cached": round(statistics.mean(r["val_accuracy"] for r in runs["cached"]), 4),
+        "mean_abs_accuracy_diff": round(statistics.mean(abs(d) for d in diffs), 4),
+        "max_abs_accuracy_diff": round(max(abs(d) for d in diffs), 4),
+        "exact_seed_accuracies": [round(a, 3) for a in spread],
+        "exact_seed_range": round(seed_range, 4),
+        "exact_seed_std": round(statistics.stdev(spread), 4) if len(spread) > 1 else None,
+        "within_seed_spread": abs(statistics.mean(diffs)) <= seed_range,
+        "machine": machine_info(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
