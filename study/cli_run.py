@@ -6,8 +6,6 @@ import sys
 
 import click
 
-from fer.errors import UserError
-
 
 @click.command("run")
 @click.argument("data_or_study", type=click.Path(file_okay=False, path_type=str))

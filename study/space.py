@@ -12,7 +12,6 @@ Distributions (one key each): `uniform: [lo, hi]`, `loguniform: [lo, hi]` (lo > 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +282,3 @@ def load_space(path: str | Path) -> Space:
         raise UserError(f"{path}: the file is empty")
     return parse_space(raw, source=path.name)
 
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -102,6 +102,13 @@ class BackboneSearcher(Searcher):
                 space=distributions, metric=space.metric, mode=space.mode, points_to_evaluate=points or None,
                 sampler=sampler, study_name=optuna_study_name(space, backbone), storage=storage)
 
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to snapshot: the Optuna studies (SQLite) and the trial ledger already hold the state, and
+        `fer-study run --resume` rebuilds a searcher from them (see study.tune_run)."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("resume a study with `fer-study run ... --resume`, not Tuner.restore")
+
     def total(self) -> int:
         return sum(self.budgets.values())
 
