@@ -190,18 +190,29 @@ def deletion_auc(curve: np.ndarray) -> float:
     return float(((curve[1:] + curve[:-1]) / 2.0).mean())
 
 
+def _box_mask(shape: tuple[int, int], boxes) -> np.ndarray:
+    h, w = shape
+    mask = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[int(np.floor(y0 * h)):int(np.ceil(y1 * h)), int(np.floor(x0 * w)):int(np.ceil(x1 * w))] = True
+    return mask
+
+
 def heat_share_in_boxes(heat: np.ndarray, boxes: list[tuple[float, float, float, float]]) -> tuple[float, float]:
     """(share of the heat inside the union of `boxes`, share of the image area they cover).
 
     Boxes are (x0, y0, x1, y1) as fractions of width and height, like `demo_regions.csv`.
     """
-    h, w = heat.shape
-    mask = np.zeros((h, w), bool)
-    for x0, y0, x1, y1 in boxes:
-        mask[int(np.floor(y0 * h)):int(np.ceil(y1 * h)), int(np.floor(x0 * w)):int(np.ceil(x1 * w))] = True
+    mask = _box_mask(heat.shape, boxes)
     total = float(heat.sum())
     return (float(heat[mask].sum()) / total if total > 0 else 0.0), float(mask.mean())
 
 
+def peak_in_boxes(heat: np.ndarray, boxes: list[tuple[float, float, float, float]]) -> bool:
+    """The "pointing game" (Zhang et al. 2016): does the hottest pixel fall inside one of `boxes`?"""
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return bool(heat.max() > 0 and _box_mask(heat.shape, boxes)[y, x])
+
+
 __all__ = ["GradCam", "Explanation", "target_layer_name", "overlay", "deletion_curves", "deletion_auc",
-           "heat_share_in_boxes"]
+           "heat_share_in_boxes", "peak_in_boxes"]

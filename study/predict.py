@@ -146,13 +146,18 @@ def save_gradcam_overlays(model, pixels: np.ndarray, files: list[Path], classes:
     return written
 
 
-def _labelled_files(data_dir: Path, classes: list[str]) -> tuple[list[Path], list[int], list[str]]:
-    """Files of a class-folder dataset whose folder names a model class; returns also unknown folders."""
+def _class_folders(data_dir: Path) -> list[Path]:
     if not data_dir.is_dir():
         raise UserError(f"no such folder: {data_dir}")
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise UserError(f"{data_dir} has no class folders (expected DATA/<class>/<image>)")
+    return folders
+
+
+def _labelled_files(data_dir: Path, folders: list[Path], classes: list[str]
+                    ) -> tuple[list[Path], list[int], list[str]]:
+    """Files of the class folders that name a model class; returns also the other folders' names."""
     index = {name: i for i, name in enumerate(classes)}
     files, labels, unknown = [], [], []
     for folder in folders:
@@ -177,12 +182,12 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: in
     Folders that are not model classes and undecodable files are skipped and listed in the result.
     """
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(f"no such folder: {data_dir}")
+    folders = _class_folders(data_dir)  # bad data fails before the (slow) model load
     model, classes, _ = load_trained_model(model_path)
     from fer.metrics import classification_metrics
     from fer.training import predict_probs
-    files, labels, unknown = _labelled_files(data_dir, classes)
+
+    files, labels, unknown = _labelled_files(data_dir, folders, classes)
     pixels, kept, skipped = decode_images(files, _input_size(model))
     if not kept:
         raise UserError(f"none of the {len(files)} files under {data_dir} could be decoded as an image")

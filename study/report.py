@@ -542,6 +542,9 @@ def _header_section(doc: Document, study: StudyResults) -> None:
             facts.append("Versions: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items()))
     for fact in facts:
         doc.para(fact)
+    if info and info.get("status") not in (None, "completed"):
+        doc.warn(f"the study's status is '{info.get('status')}': it is still running or was interrupted, so "
+                 "this report may be incomplete (finish it with `fer-study run ... --resume`)")
 
 
 def build_report(results: str | Path, out: str | Path | None = None, gradcam_per_class: int = 2,

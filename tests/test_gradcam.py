@@ -3,7 +3,7 @@
 The expensive test (`test_gradcam_heat_falls_on_the_face_features`) trains one small ImageNet-initialised
 model that clearly learns the demo faces, then checks that Grad-CAM's heat of correct predictions lies on
 the mouth, eyes and brows (the generator's `demo_regions.csv` says where) far more than their area would
-explain.
+explain (and that the hottest pixel falls inside them far more often than chance: the "pointing game").
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 from fer.config import make_config
 from fer.errors import UserError
-from fer.gradcam import GradCam, deletion_auc, deletion_curves, heat_share_in_boxes, overlay, target_layer_name
+from fer.gradcam import (GradCam, deletion_auc, deletion_curves, heat_share_in_boxes, overlay, peak_in_boxes,
+                         target_layer_name)
 from fer.model import build_model
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
@@ -104,6 +105,7 @@ def test_heat_share_in_boxes_and_overlay():
     share, area = heat_share_in_boxes(heat, [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)])
     assert share == pytest.approx(1.0) and area == pytest.approx(0.5)
     assert heat_share_in_boxes(np.zeros((4, 4)), [(0, 0, 1, 1)]) == (0.0, 1.0)
+    assert peak_in_boxes(heat, [(0.0, 0.0, 0.5, 0.5)]) and not peak_in_boxes(heat, [(0.5, 0.5, 1.0, 1.0)])
     out = overlay(np.full((10, 10, 3), 128, np.uint8), heat)
     assert out.shape == (10, 10, 3) and out.dtype == np.uint8
     assert not np.array_equal(out[0, 0], out[9, 9])  # hot and cold pixels differ
@@ -135,6 +137,7 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
              for path, group in regions.groupby("path")}
     cam = GradCam(model)
     shares = {"gradcam": [], "gradcam_pp": []}
+    peaks = {"gradcam": [], "gradcam_pp": []}
     areas, correct, total = [], 0, 0
     for split in ("val", "test"):
         e = cam.explain(np.asarray(data.pixels(split, FACE_SIZE)))
@@ -145,11 +148,17 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
             for name in shares:
                 share, area = heat_share_in_boxes(getattr(e, name)[i], boxes[paths[i]])
                 shares[name].append(share)
+                peaks[name].append(peak_in_boxes(getattr(e, name)[i], boxes[paths[i]]))
             areas.append(area)
     assert correct / total >= 0.6, f"the model did not learn the faces: accuracy {correct / total:.2f}"
     area = float(np.mean(areas))
     gradcam_share = float(np.mean(shares["gradcam"]))
     print(f"correct {correct}/{total}; heat share in boxes: Grad-CAM {gradcam_share:.3f}, "
-          f"Grad-CAM++ {np.mean(shares['gradcam_pp']):.3f}; boxes' area share {area:.3f}")
-    assert gradcam_share >= 1.4 * area, (gradcam_share, area)
+          f"Grad-CAM++ {np.mean(shares['gradcam_pp']):.3f}; boxes' area share {area:.3f}; peak in boxes: "
+          f"Grad-CAM {np.mean(peaks['gradcam']):.3f}, Grad-CAM++ {np.mean(peaks['gradcam_pp']):.3f}")
+    # measured here (2-core CPU, seed 0): 75/80 correct; heat share 0.41 (Grad-CAM) and 0.35 (Grad-CAM++) vs
+    # area 0.27; hottest pixel inside the boxes for 64% and 51% of the images (a blind guess: 27%)
+    assert gradcam_share >= 1.35 * area, (gradcam_share, area)
+    assert np.mean(peaks["gradcam"]) >= 2.0 * area, (np.mean(peaks["gradcam"]), area)
     assert np.mean(shares["gradcam_pp"]) >= 1.15 * area, (np.mean(shares["gradcam_pp"]), area)
+    assert np.mean(peaks["gradcam_pp"]) >= 1.5 * area, (np.mean(peaks["gradcam_pp"]), area)

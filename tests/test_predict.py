@@ -1,4 +1,8 @@
-"""`fer-study predict` and `fer-study evaluate` on the smoke study's best model (shared `smoke_study`)."""
+"""`fer-study predict` and `fer-study evaluate` on the smoke study's best model (shared `smoke_study`).
+
+Commands run in-process through click's runner (a new process would spend ~10 s importing TensorFlow per
+call); the one-line error of a bad path is checked in a real process too.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,23 @@ import pytest
 from PIL import Image
 
 
-def fer_study(*args: str) -> subprocess.CompletedProcess:
+def fer_study_process(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([sys.executable, "-m", "study.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+def fer_study(*args: str):
+    """Run a command in-process; the result has returncode, stdout and stderr like a finished process."""
+    from click.testing import CliRunner
+
+    from study.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    result.returncode = result.exit_code
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +87,7 @@ def test_predict_prints_a_table(best_model, classes, demo_data_dir):
 ])
 def test_predict_bad_path_is_one_line_exit_2(best_model, demo_data_dir, args, message):
     image = next(demo_data_dir.rglob("*.png"))
-    proc = fer_study("predict", *[a.format(model=best_model, image=image) for a in args])
+    proc = fer_study_process("predict", *[a.format(model=best_model, image=image) for a in args])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: {message}")  # one line, last
     assert "Traceback" not in proc.stderr
