@@ -119,7 +119,7 @@ def run_once(data: Path, out: Path, image_size: int, workers: int | None) -> dic
     mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
     return {
         "files": t["files"], "decoded": t["decoded"], "seconds": round(seconds, 2),
-        "images_per_s": round(t["decoded"] / seconds, 1), "decode_seconds": t["decode_seconds"],
+        "images_per_s": round(t["decoded"] / seconds, 1), "scan_decode_seconds": t["scan_decode_seconds"],
         "workers": t["workers"], "cpu_seconds": round(cpu, 2),
         "images_per_cpu_s": round(t["decoded"] / cpu, 1) if cpu else None,
         "load_avg_1m_before": round(load0, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),

@@ -310,7 +310,7 @@ def test_clear_errors(tmp_path, case, message):
         kw["group_regex"] = "^(S\\d+"
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         prepare(data, tmp_path / "out", **kw)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_group_regex_keeps_subjects_whole_on_a_small_folder(tmp_path):

@@ -71,12 +71,13 @@ def candidate_pairs(hashes: np.ndarray, max_bits: int, block_cells: int = 2_000_
 
 
 def shift_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = MAX_SHIFT,
-                      block: int = 8192) -> np.ndarray:
+                      block: int = 4096) -> np.ndarray:
     """Per pair (i, j), the highest correlation between the centre of thumbnail i and any window of
     thumbnail j shifted by up to `max_shift` pixels.
 
-    Normalised cross-correlation without re-normalising every window: i's centre is normalised once, and
-    each window's mean and norm come from summed-area tables of j, so a shift costs one dot product.
+    Normalised cross-correlation without re-normalising every window: each image's window norms for all
+    shifts come once from a summed-area table, i's centre is normalised once per block of pairs, and a
+    shift then costs one dot product. Memory is bounded by `block` pairs, whatever the number of pairs.
     """
     out = np.full(len(pairs), -1.0, dtype=np.float32)
     if not len(pairs):
@@ -84,27 +85,39 @@ def shift_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = MA
     r, inner = max_shift, THUMB - 2 * max_shift
     used, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(pairs.shape)
-    t = thumbs[used].astype(np.float32)
-    centre = t[:, r:THUMB - r, r:THUMB - r]
-    centre = centre - centre.mean(axis=(1, 2), keepdims=True)
-    norm = np.sqrt((centre * centre).sum(axis=(1, 2), keepdims=True))
-    centre = np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 1e-3)  # flat: no structure
-    sat = np.zeros((len(t), THUMB + 1, THUMB + 1), np.float64)
-    sat[:, 1:, 1:] = t.cumsum(1).cumsum(2)
-    sat2 = np.zeros_like(sat)
-    sat2[:, 1:, 1:] = (t.astype(np.float64) ** 2).cumsum(1).cumsum(2)
-    n = inner * inner
+    spread = _window_spreads(thumbs, used, r, inner)  # (len(used), shifts)
+    shifts = [(y, x) for y in range(2 * r + 1) for x in range(2 * r + 1)]
     for start in range(0, len(pairs), block):
         a, b = local[start:start + block, 0], local[start:start + block, 1]
+        centre = thumbs[used[a], r:THUMB - r, r:THUMB - r].astype(np.float32)
+        centre -= centre.mean(axis=(1, 2), keepdims=True)
+        norm = np.sqrt((centre * centre).sum(axis=(1, 2), keepdims=True))
+        centre = np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 1e-3)  # flat: no structure
+        other = thumbs[used[b]].astype(np.float32)
         best = out[start:start + block]
-        centre_a, t_b = centre[a], t[b]
-        for y in range(0, 2 * r + 1):
-            for x in range(0, 2 * r + 1):
-                total = _window_sum(sat, y, x, inner)[b]
-                spread = np.sqrt(np.maximum(_window_sum(sat2, y, x, inner)[b] - total * total / n, 0.0))
-                dot = np.einsum("pij,pij->p", centre_a, t_b[:, y:y + inner, x:x + inner])
-                corr = np.divide(dot, spread, out=np.zeros_like(dot), where=spread > 1e-3)
-                np.maximum(best, corr, out=best)
+        for k, (y, x) in enumerate(shifts):
+            dot = np.einsum("pij,pij->p", centre, other[:, y:y + inner, x:x + inner])
+            s = spread[b, k]
+            np.maximum(best, np.divide(dot, s, out=np.zeros_like(dot), where=s > 1e-3), out=best)
+    return out
+
+
+def _window_spreads(thumbs: np.ndarray, used: np.ndarray, r: int, inner: int, chunk: int = 2048) -> np.ndarray:
+    """sqrt(sum of squared deviations from the mean) of every (2r+1)^2 shifted window of each used image."""
+    n = inner * inner
+    out = np.empty((len(used), (2 * r + 1) ** 2), dtype=np.float32)
+    for start in range(0, len(used), chunk):
+        t = thumbs[used[start:start + chunk]].astype(np.float64)
+        sat = np.zeros((len(t), THUMB + 1, THUMB + 1))
+        sat[:, 1:, 1:] = t.cumsum(1).cumsum(2)
+        sat2 = np.zeros_like(sat)
+        sat2[:, 1:, 1:] = (t * t).cumsum(1).cumsum(2)
+        k = 0
+        for y in range(2 * r + 1):
+            for x in range(2 * r + 1):
+                total, squares = _window_sum(sat, y, x, inner), _window_sum(sat2, y, x, inner)
+                out[start:start + len(t), k] = np.sqrt(np.maximum(squares - total * total / n, 0.0))
+                k += 1
     return out
 
 

@@ -61,7 +61,34 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "pixels").mkdir(parents=True)
+    try:
+        audit = _prepare_into(partial, scan, image_size, workers, max_pixels, keep_duplicates, near, group_rx,
+                              fractions, seed, predefined_spec, t0)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    audit["source"] = str(scan.root)
+    meta = {
+        "format_version": FORMAT_VERSION, "source": str(scan.root), "classes": audit["classes"],
+        "class_weights": audit["class_weights"], "image_sizes": [image_size], "seed": seed,
+        "split": list(fractions), "group_regex": group_regex,
+        "predefined": (str(predefined_spec) if isinstance(predefined_spec, Path) else predefined_spec),
+        "keep_duplicates": keep_duplicates, "max_pixels": max_pixels,
+    }
+    (partial / "study_data.json").write_text(json.dumps(meta, indent=2))
+    seconds = time.perf_counter() - t0
+    audit["timing"]["seconds"] = round(seconds, 2)
+    audit["timing"]["images_per_s"] = round(audit["timing"]["decoded"] / seconds, 1) if seconds else None
+    (partial / "audit.json").write_text(json.dumps(audit, indent=2))
+    _swap_in(partial, out_dir)
+    if log:
+        log(audit_mod.summary_text(audit, out_dir))
+    return audit
 
+
+def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_duplicates, near, group_rx,
+                  fractions, seed, predefined_spec, t0) -> dict:
+    """Everything between the scan and the swap: decode, duplicates, groups, split, audit, caches."""
     entries = scan.entries
     readable = [i for i, e in enumerate(entries) if not e.problem]
     records: list[FileRecord] = [FileRecord(status="quarantined", reason=e.problem) for e in entries]
@@ -90,35 +117,20 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
     class_names = [c for c in class_names if c in usable_labels]
     if len(class_names) < 2:
         raise UserError(f"need at least two classes with usable images, found {len(class_names)}"
-                        f" ({', '.join(class_names) or 'none'}) in {data_dir}")
+                        f" ({', '.join(class_names) or 'none'}) in {scan.root}")
     predefined_report = _assign_split(table, class_names, fractions, seed, predefined_spec,
                                       dup_report["clusters_idx"])
 
     frame = table.frame()
     audit = audit_mod.build_audit(frame, class_names, scan.unknown_folders, empty, dup_report,
                                   predefined_report, near)
-    meta = {
-        "format_version": FORMAT_VERSION, "source": str(scan.root), "classes": class_names,
-        "class_weights": audit["class_weights"], "image_sizes": [image_size], "seed": seed,
-        "split": list(fractions), "group_regex": group_regex,
-        "predefined": (str(predefined_spec) if isinstance(predefined_spec, Path) else predefined_spec),
-        "keep_duplicates": keep_duplicates, "max_pixels": max_pixels,
-    }
     frame.to_csv(partial / "manifest.csv", index=False)
-    (partial / "study_data.json").write_text(json.dumps(meta, indent=2))
     for s in SPLITS:
         rows = [raw_row[i] for i, split in enumerate(table.split) if split == s]
         write_npy_from_rows(partial / "pixels" / f"{s}_{image_size}.npy", raw, rows, image_size)
     raw.unlink()
-    seconds = time.perf_counter() - t0
-    audit["timing"] = {"files": len(entries), "decoded": len(readable), "seconds": round(seconds, 2),
-                       "decode_seconds": round(decode_s, 2),
-                       "images_per_s": round(len(readable) / seconds, 1) if seconds else None,
+    audit["timing"] = {"files": len(entries), "decoded": len(readable), "scan_decode_seconds": round(decode_s, 2),
                        "workers": workers}
-    (partial / "audit.json").write_text(json.dumps(audit, indent=2))
-    _swap_in(partial, out_dir)
-    if log:
-        log(audit_mod.summary_text(audit, out_dir))
     return audit
 
 
