@@ -155,3 +155,18 @@ def _images_in(page: str) -> list[str]:
     parser = _Images()
     parser.feed(page)
     return parser.sources
+
+
+def test_edge_of_range_warnings():
+    """A best value in the outer 5% of its searched range (log scale for loguniform) is flagged."""
+    from study.report import BackboneResult, StudyResults, edge_warnings
+
+    space = {"space": {"lr_head": {"loguniform": [1e-4, 1e-2]}, "dropout": {"uniform": [0.2, 0.6]},
+                       "unfreeze_layers": {"int": [0, 100]}, "dense_units": {"choice": [64, 128]}}}
+    config = {"lr_head": 1.2e-4, "dropout": 0.41, "unfreeze_layers": 97, "dense_units": 64}
+    study = StudyResults(Path("."), "s", {"space": space}, None, None,
+                         [BackboneResult("resnet50", "ok", config=config, test={})], [])
+    warnings = edge_warnings(study)
+    assert len(warnings) == 2
+    assert "lr_head" in warnings[0] and "lower edge" in warnings[0]
+    assert "unfreeze_layers" in warnings[1] and "upper edge" in warnings[1]
