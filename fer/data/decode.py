@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ register_heif_opener()
 MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None  # we enforce MAX_PIXELS ourselves, with our own message
 
+READ_ONCE_BYTES = 64 << 20  # files up to this size are read into memory once (hashed, then decoded)
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 
 
@@ -46,18 +48,21 @@ class Decoded:
         return bool(self.notes)
 
 
-def decode_file(path: Path, max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Read `path` into RGB pixels or raise `Quarantine` with the reason."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise Quarantine(f"unreadable: {exc.strerror or exc}") from None
+def decode_file(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> Decoded:
+    """Read `path` (or its already-read bytes `data`) into RGB pixels, or raise `Quarantine` with the reason."""
+    if data is None:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise Quarantine(f"unreadable: {exc.strerror or exc}") from None
+    else:
+        size = len(data)
     if size == 0:
         raise Quarantine("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's EXIF/ICC warnings are not our user's problem
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 fmt = img.format or "unknown"
                 width, height = img.size
                 if width * height > max_pixels:
@@ -167,12 +172,14 @@ def inspect_file(path: Path, image_size: int | None, max_pixels: int = MAX_PIXEL
     """Decode, hash and (optionally) resize one file. Never raises for a bad file: it is quarantined."""
     rec = FileRecord()
     try:
-        rec.sha256 = file_sha256(path)
+        size = path.stat().st_size
+        data = path.read_bytes() if size <= READ_ONCE_BYTES else None  # one read for hash and decode
+        rec.sha256 = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(path)
     except OSError as exc:
         rec.status, rec.reason = "quarantined", f"unreadable: {exc.strerror or exc}"
         return rec, None
     try:
-        dec = decode_file(path, max_pixels)
+        dec = decode_file(path, max_pixels, data)
     except Quarantine as q:
         rec.status, rec.reason = "quarantined", str(q)
         return rec, None
