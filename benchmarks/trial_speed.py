@@ -98,6 +98,8 @@ def main():
         summary = run_trial(config, data, tmp / "trial")
         n_train = len(data.labels("train"))
 
+        # the bare step runs in the trial's precision (run_trial restores the global policy when it returns)
+        keras.config.set_dtype_policy(summary["dtype_policy"])
         model = build_model(config, len(data.classes))
         steps = args.bare_steps or max(3, n_train // args.batch_size)
         bare = {stage: bare_images_per_s(model, config, stage, unfreeze, len(data.classes), steps,
