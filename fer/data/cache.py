@@ -123,9 +123,7 @@ def write_npy_from_rows(dest: Path, source_raw: Path, rows: list[int], size: int
         out.write(npy_header(len(rows), size))
         for start in range(0, len(rows), chunk):
             out.write(b"".join(os.pread(src.fileno(), rb, r * rb) for r in rows[start:start + chunk]))
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, dest)
+    os.replace(partial, dest)  # atomic: readers see no file or the whole file (no fsync: a cache, rebuildable)
 
 
 def open_pixels(path: Path) -> np.ndarray:
