@@ -12,7 +12,12 @@ peak memory of the process plus its decoding
 workers, each run in a fresh process: PSS (proportional set size, so pages shared by forked workers count
 once) and its anonymous part (memory the processes own: no mapped files, no shared libraries), sampled
 every 50 ms. Target: >= 500 images/s on 2 cores, and anonymous memory that grows with the file count
-by no more than the per-file metadata (hashes, 32x32 thumbnail: a few KB), far below the pixel cache.
+by no more than the per-file metadata (hashes, 32x32 thumbnail, manifest row: a few KiB), less than the
+pixel cache's own size per file (5.6 KiB at 48 px, 147 KiB at 224 px); pixels are never held in memory.
+
+Measured 2026-11-27 on the shared 2-core machine (load average ~13 from other jobs), 48 px, 29,142 files:
+464 images/s wall, 1413 images per CPU-second, peak PSS (process + workers) 249 MiB, anonymous growth
+3.7 KiB per file between the 25 % and the full run.
 """
 
 from __future__ import annotations
