@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from fer.data import audit as audit_mod
-from fer.data.cache import allocate, decode_into, default_workers, row_bytes, write_npy_from_rows
+from fer.data.cache import (allocate, decode_into, default_workers, exclusive_lock, row_bytes,
+                            write_npy_from_rows)
 from fer.data.decode import MAX_PIXELS, FileRecord, inspect_file
 from fer.data.duplicates import NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind, find_duplicates
 from fer.data.scan import scan_dataset
@@ -58,6 +59,16 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
     out_dir = Path(out_dir).absolute()
     if out_dir.resolve() == scan.root or scan.root in out_dir.resolve().parents:
         raise UserError(f"the output folder {out_dir} is inside DATA ({scan.root}); DATA is read only")
+    with exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")):  # two prepares of one study take turns
+        audit = _prepare_locked(out_dir, scan, image_size, workers, max_pixels, keep_duplicates, near, group_rx,
+                                fractions, seed, predefined_spec, group_regex, t0)
+    if log:
+        log(audit_mod.summary_text(audit, out_dir))
+    return audit
+
+
+def _prepare_locked(out_dir, scan, image_size, workers, max_pixels, keep_duplicates, near, group_rx, fractions,
+                    seed, predefined_spec, group_regex, t0) -> dict:
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "pixels").mkdir(parents=True)
@@ -81,8 +92,6 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
     audit["timing"]["images_per_s"] = round(audit["timing"]["decoded"] / seconds, 1) if seconds else None
     (partial / "audit.json").write_text(json.dumps(audit, indent=2))
     _swap_in(partial, out_dir)
-    if log:
-        log(audit_mod.summary_text(audit, out_dir))
     return audit
 
 
