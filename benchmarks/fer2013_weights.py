@@ -56,7 +56,7 @@ class SubsampledStudyData:
 
     def __init__(self, data, caps: dict[str, int], seed: int):
         self.data, self.classes, self.class_weights = data, data.classes, data.class_weights
-        self.source = data.source
+        self.source, self.dir = data.source, data.dir
         rng = np.random.default_rng(seed)
         self.index = {}
         for split, cap in caps.items():

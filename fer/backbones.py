@@ -39,6 +39,8 @@ class Backbone:
         return ctor(include_top=False, weights=weights, input_tensor=input_tensor, **self.kwargs)
 
     def block_of(self, layer_name: str) -> str | None:
+        """The block a layer's name names, or None: such a layer belongs to the next named block after it
+        (see `fer.model.set_stage`), so a module's inner layers and its closing layer stay together."""
         m = re.match(self.block_regex, layer_name)
         return m.group(1) if m else None
 
@@ -63,11 +65,11 @@ register(Backbone("efficientnetb1", "EfficientNetB1", "raw", 240, 32, "top_activ
 register(Backbone("resnet50", "ResNet50", "caffe", 224, 32, "conv5_block3_out",
                   r"^(conv\d_block\d+|conv1|pool1)_"))
 register(Backbone("inceptionv3", "InceptionV3", "tf", 299, 75, "mixed10",
-                  r"^(mixed\d+)"))
+                  r"^(mixed\d+)$"))  # mixed9_1 is inside mixed10: unnamed layers join the next named block
 register(Backbone("mobilenetv2", "MobileNetV2", "tf", 224, 32, "out_relu",
-                  r"^(block_\d+|expanded_conv|Conv1|Conv_1|bn_Conv1|Conv1_relu|out_relu)"))
+                  r"^(block_\d+|expanded_conv|Conv1|bn_Conv1)"))  # Conv_1, Conv_1_bn, out_relu: one top block
 register(Backbone("densenet121", "DenseNet121", "torch", 224, 32, "relu",
-                  r"^(conv\d_block\d+|pool\d|conv1|bn|relu)"))
+                  r"^(conv\d_block\d+|pool\d|conv1)_"))  # the final bn, relu: one top block
 # Not part of the published comparison; a small, fast model with offline ImageNet weights in shared/weights.
 register(Backbone("mobilenet025", "MobileNet", "tf", 224, 32, "conv_pw_13_relu",
                   r"^(conv_(?:dw_|pw_)?\d+|conv1)", kwargs={"alpha": 0.25}))

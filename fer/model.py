@@ -123,8 +123,9 @@ def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers
     """Freeze the backbone (stage 'head') or unfreeze its last `unfreeze` layers/blocks ('finetune').
 
     BatchNormalization layers stay frozen (trainable=False, hence inference mode) in both stages, as in the
-    Keras fine-tuning guide: with a small batch their statistics would be overwritten by noisy batch
-    estimates, and Keras 3 runs a trainable BN in training mode even under `training=False`
+    Keras fine-tuning guide: the pretrained layers after each BN expect the ImageNet statistics it holds;
+    with small batches those would be overwritten by noisy batch estimates (wrecking what the frozen head
+    stage learned); and Keras 3 runs a trainable BN in training mode even under `training=False`
     (STACK-NOTES pitfall 6). Returns the number of layers made trainable. Recompile afterwards (pitfall 5).
     """
     layers = backbone_layers(model)
@@ -135,9 +136,11 @@ def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers
     if unit == "blocks":
         if backbone is None:
             raise ValueError("block-aware unfreezing needs the Backbone entry")
-        chosen, seen = [], []
+        chosen, seen, block = [], [], None
         for layer in reversed(layers):
-            block = backbone.block_of(layer.name) or layer.name
+            # A layer whose name names no block (InceptionV3's conv2d_N inside a `mixedN` module) belongs to
+            # the block closed by the nearest later named layer, e.g. the concatenation `mixedN`.
+            block = backbone.block_of(layer.name) or block or layer.name
             if block not in seen:
                 if len(seen) == unfreeze:
                     break

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -97,6 +98,13 @@ def predict_probs(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np
     return np.asarray(probs[:len(pixels)], dtype=np.float32)  # drop the padding of the last batch
 
 
+def save_model_atomically(model: keras.Model, path: Path) -> None:
+    """Write `path` via a temporary file and a rename, so a trial killed mid-save never leaves a torn model."""
+    partial = path.with_name(path.stem + ".partial.keras")  # Keras insists on the .keras extension
+    model.save(partial)
+    os.replace(partial, path)
+
+
 class EpochMonitor(keras.callbacks.Callback):
     """Validates after every epoch, keeps the best weights, saves the best model, reports the record.
 
@@ -153,7 +161,7 @@ class EpochMonitor(keras.callbacks.Callback):
                 full = self.full_model or self.model
                 t.best_record = record
                 t.best_weights = self.stage_best_weights if full is self.model else full.get_weights()
-                full.save(t.out_dir / MODEL_FILE)
+                save_model_atomically(full, t.out_dir / MODEL_FILE)
         t.history.append(record)
         t.write_history()
         if t.on_epoch is not None:
@@ -250,11 +258,12 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
                 keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                   patience=max(1, patience // 2), min_lr=1e-7),
+                keras.callbacks.TerminateOnNaN(),  # a diverged trial stops instead of burning its budget
             ]
             fit_model.fit(batches, epochs=epochs, callbacks=callbacks, verbose=0)
 
         if state.best_weights is None:  # no epoch ran (both stages at 0 epochs): keep the untrained model
-            model.save(out_dir / MODEL_FILE)
+            save_model_atomically(model, out_dir / MODEL_FILE)
         else:
             model.set_weights(state.best_weights)
         train_s = sum(sum(seconds) for seconds in state.train_s.values())
