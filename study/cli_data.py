@@ -29,7 +29,8 @@ def demo_data(out: Path, per_class: int, seed: int) -> None:
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path),
               help="results folder; output goes to RESULTS/<study>/data")
 @click.option("--group-regex", default=None,
-              help=r"regex on file names whose first group is a subject id kept in one split, e.g. '^(S\d+)_'")
+              help=r"regex whose first group is a subject id kept in one split, searched in the file name, "
+                   r"then in the path below the class folder, e.g. '^(S\d+)_'")
 @click.option("--split", "split", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions")
 @click.option("--predefined", default=None,
               help="use the dataset's own split: 'train=RE,val=RE,test=RE' on file names, or a CSV of path,split")

@@ -323,3 +323,17 @@ def test_group_regex_keeps_subjects_whole_on_a_small_folder(tmp_path):
     subjects = m.index.str.extract(r"/(P\d+)_")[0].to_numpy()
     per_subject = pd.Series(m.split.to_numpy()).groupby(subjects).nunique()
     assert (per_subject == 1).all() and audit["groups"] == 8 and audit["leakage"]["ok"]
+
+
+def test_group_regex_also_finds_subject_folders_and_reports_misses(tmp_path):
+    data = tmp_path / "data"
+    for c, name in enumerate(("a", "b")):
+        for k in range(24):
+            folder = data / name / f"P{k % 8}"
+            folder.mkdir(parents=True, exist_ok=True)
+            smooth_image(c * 100 + k).save(folder / f"{k}.png")
+        smooth_image(900 + c).save(data / name / "nobody.png")
+    m, audit = prepare(data, tmp_path / "out", group_regex=r"^(P\d+)/")
+    subjects = m.index.str.extract(r"/(P\d+)/")[0]
+    assert (m.group[subjects.notna().to_numpy()] == subjects.dropna().to_numpy()).all()
+    assert audit["group_regex_unmatched"] == 2 and m.loc["a/nobody.png", "group"] == "a/nobody.png"

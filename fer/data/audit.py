@@ -89,6 +89,9 @@ def summary_text(audit: dict, out_dir: Path) -> str:
     lines.append(f"  quarantined {t['quarantined']}, converted {t['converted']}, duplicates excluded "
                  f"{t['duplicate']} ({d['exact_clusters']} exact + {d['near_clusters']} near clusters), "
                  f"label conflicts {len(audit['label_conflicts'])}, groups {audit['groups']}")
+    if audit.get("group_regex_unmatched"):
+        lines.append(f"  --group-regex matched no subject in {audit['group_regex_unmatched']} usable files "
+                     "(each of them is its own group)")
     if audit["unknown_class_folders"]:
         lines.append(f"  unknown class folders (not used): {', '.join(audit['unknown_class_folders'])}")
     if audit["empty_classes"]:

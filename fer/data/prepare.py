@@ -120,7 +120,7 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
     class_names = sorted(scan.class_folders)
     dup_report = _mark_duplicates(table, thumbs, keep_duplicates, near)
     del thumbs
-    _assign_groups(table, group_rx, dup_report["clusters_idx"])
+    unmatched = _assign_groups(table, group_rx, dup_report["clusters_idx"])
     usable_labels = {label for label, split in zip(table.label, table.split) if split == ""}
     empty = [c for c in class_names if c not in usable_labels]
     class_names = [c for c in class_names if c in usable_labels]
@@ -133,6 +133,7 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
     frame = table.frame()
     audit = audit_mod.build_audit(frame, class_names, scan.unknown_folders, empty, dup_report,
                                   predefined_report, near)
+    audit["group_regex_unmatched"] = unmatched if group_rx else None
     frame.to_csv(partial / "manifest.csv", index=False)
     for s in SPLITS:
         rows = [raw_row[i] for i, split in enumerate(table.split) if split == s]
@@ -205,11 +206,16 @@ def _keeper(table: _Table, members: list[int]) -> int:
     return min(members, key=lambda i: (-table.width[i] * table.height[i], table.status[i] != "ok", table.path[i]))
 
 
-def _assign_groups(table: _Table, group_rx, clusters_idx: list[list[int]]) -> None:
-    """group = subject id (regex on the file name) or the file itself, merged across duplicate clusters."""
-    keys = []
-    for p in table.path:
-        m = group_rx.search(p.rsplit("/", 1)[-1]) if group_rx else None
+def _assign_groups(table: _Table, group_rx, clusters_idx: list[list[int]]) -> int:
+    """group = subject id or the file itself, merged across duplicate clusters. The regex is searched in the
+    file name, then in the path below the class folder (so `^(S\d+)/` finds subject sub-folders). Returns
+    how many usable files the regex did not match."""
+    keys, unmatched = [], 0
+    for p, split in zip(table.path, table.split):
+        m = None
+        if group_rx:
+            m = group_rx.search(p.rsplit("/", 1)[-1]) or group_rx.search(p.split("/", 1)[-1])
+            unmatched += m is None and split == ""
         keys.append(m.group(1) if m else p)
     key_ids = {k: n for n, k in enumerate(dict.fromkeys(keys))}
     uf = UnionFind(len(key_ids))
@@ -220,6 +226,7 @@ def _assign_groups(table: _Table, group_rx, clusters_idx: list[list[int]]) -> No
     for k in key_ids:  # a component is named by its first key in path order
         rep_name.setdefault(uf.find(key_ids[k]), k)
     table.group = [rep_name[uf.find(key_ids[k])] for k in keys]
+    return unmatched
 
 
 def _assign_split(table: _Table, class_names, fractions, seed, predefined_spec, clusters) -> dict | None:
