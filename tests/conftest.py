@@ -18,13 +18,9 @@ def _fer_study_cmd() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def study_demo_data(tmp_path_factory):
-    """Small demo class folders (12 faces per class) for the study tests."""
-    from fer.demo_data import generate_demo_data
-
-    root = tmp_path_factory.mktemp("study_demo") / "demo"
-    generate_demo_data(root, per_class=12, seed=0)
-    return root
+def study_demo_data(demo_data_dir):
+    """The shared demo class folders (read only: studies prepare them into their own folders)."""
+    return demo_data_dir
 
 
 @pytest.fixture(scope="session")

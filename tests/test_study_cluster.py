@@ -24,16 +24,26 @@ pytestmark = pytest.mark.slow
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 
 
+TRIALS = 4
+
+
 def placement_probe(config, context):
-    """Record where the trial ran and with which resources; report two epochs like a real trial."""
-    start = time.time()
+    """Record where the trial ran and with which resources, wait (holding them) until all TRIALS trials are
+    running at once (a barrier, so slow worker start-up on a busy machine cannot fake or hide concurrency),
+    then report two epochs like a real trial."""
     runtime = ray.get_runtime_context()
-    out = Path(context["trials_dir"]) / tune.get_context().get_trial_id()
-    time.sleep(2.0)
+    trial_id = tune.get_context().get_trial_id()
+    barrier = Path(context["trials_dir"]).parent / "barrier"
+    barrier.mkdir(exist_ok=True)
+    (barrier / trial_id).touch()
+    deadline = time.time() + 120
+    while len(list(barrier.iterdir())) < TRIALS and time.time() < deadline:
+        time.sleep(0.2)
+    out = Path(context["trials_dir"]) / trial_id
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps({
         "node": runtime.get_node_id(), "resources": runtime.get_assigned_resources(),
-        "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": start, "end": time.time()}))
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "running_together": len(list(barrier.iterdir()))}))
     for epoch in (1, 2):
         tune.report({"epoch": epoch, "val_loss": config["dropout"] + 1.0 / epoch})
 
@@ -62,14 +72,14 @@ def test_trials_spread_over_two_nodes_with_half_a_gpu_each(two_node_cluster, new
               trainable=placement_probe, live=False)
 
     trials = pd.read_csv(folder / "trials.csv")
-    assert len(trials) == 4 and set(trials.status) == {"completed"}
+    assert len(trials) == TRIALS and set(trials.status) == {"completed"}
     probes = [json.loads((folder / "trials" / t / "probe.json").read_text()) for t in trials.trial_id]
     assert len({p["node"] for p in probes}) == 2  # both nodes ran trials
     for probe in probes:
         assert probe["resources"]["GPU"] == pytest.approx(0.5)
         assert probe["resources"]["CPU"] == pytest.approx(0.5)
         assert len(probe["gpu_ids"]) == 1
-    # 2 nodes x (1 GPU / 0.5) = all four trials at once: every trial overlaps every other one
-    assert max(p["start"] for p in probes) < min(p["end"] for p in probes)
+    # 2 nodes x (1 GPU / 0.5) = all four trials at once: each saw the other three running
+    assert [p["running_together"] for p in probes] == [TRIALS] * TRIALS
     study = json.loads((folder / "study.json").read_text())
     assert study["ray"]["nodes"] == 2 and study["resources_per_trial"] == {"cpu": 0.5, "gpu": 0.5}
