@@ -6,8 +6,17 @@ layer with `preprocess_input`, `model.fit` with class weights, the same two stag
 the last N layers), early stopping, best checkpoint and reduce-LR-on-plateau. Same backbone, image size,
 epochs, batch size and training images for both.
 
-Each side runs in a fresh process (as a trial would), timed end to end; fer-study's one-off `prepare`
-(done once per study, not per trial) is timed separately. Prints one JSON line.
+Each side runs in a fresh process (as a trial would), timed end to end, in wall seconds and in CPU seconds
+(user + system; on a machine shared with other jobs the CPU seconds are the steadier comparison).
+fer-study's one-off `prepare` (once per study, not per trial) is timed separately. fer-study runs three
+trials: the exact published method (default), and two with `head_features=cached`: the first computes the
+study's head features (a one-off), the second (another dropout) reuses them, as every later trial of a
+study would. Prints one JSON line.
+
+Findings on a 2-core Xeon (TensorFlow 2.21 CPU): the model step dominates both sides and is the same, and
+FER2013's 48x48 JPEGs decode cheaply, so the pixel cache alone saves little; XLA (jit_compile) is 13x
+slower on this CPU and is off (Keras turns it off anyway: the augmentation layers cannot be compiled);
+mixed bfloat16 is 20% slower; the JAX backend on a CPU is 6-8x slower than TensorFlow.
 
     python3 benchmarks/usual_way.py --backbone mobilenetv2 --image-size 96 --train-per-class 300
 """
