@@ -85,10 +85,10 @@ def decode_into(dest: Path, func: Callable, tasks: Iterable[tuple[tuple, int]], 
 
 def _start_method() -> str:
     """fork (fast, works from any script) unless a threaded ML framework is loaded: forking a process that
-    holds TensorFlow/JAX/PyTorch threads can deadlock, so then spawn (which needs the usual
-    `if __name__ == "__main__":` guard in the calling script, as the `fer-study` entry point has)."""
-    threaded = _threaded_framework_loaded() or "ray" in sys.modules
-    return "spawn" if threaded or sys.platform != "linux" else "fork"
+    holds TensorFlow/JAX/PyTorch thread pools can deadlock, so then spawn (which needs the usual
+    `if __name__ == "__main__":` guard in the calling script, as the `fer-study` entry point has). Only
+    an explicit `workers=` gets here in that case: `default_workers` decodes in-process instead."""
+    return "spawn" if _threaded_framework_loaded() or sys.platform != "linux" else "fork"
 
 
 def _close_worker_fd() -> None:
