@@ -20,9 +20,12 @@ T0 = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,7 +47,6 @@ def parse_args():
 def bare_images_per_s(model, config, stage, unfreeze, n_classes, steps, class_weights):
     """Images/s of train_on_batch on one batch already converted to backend tensors (no input pipeline)."""
     import keras
-    import numpy as np
 
     from fer.backbones import get_backbone
     from fer.model import set_stage
@@ -61,10 +63,12 @@ def bare_images_per_s(model, config, stage, unfreeze, n_classes, steps, class_we
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
     for _ in range(2):  # compile + one warm step
         model.train_on_batch(x, y, sample_weight=w)
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         model.train_on_batch(x, y, sample_weight=w)
-    return steps * batch / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return batch * steps / sum(times), batch / float(np.median(times))
 
 
 def main():
@@ -102,14 +106,20 @@ def main():
         keras.config.set_dtype_policy(summary["dtype_policy"])
         model = build_model(config, len(data.classes))
         steps = args.bare_steps or max(3, n_train // args.batch_size)
-        bare = {stage: bare_images_per_s(model, config, stage, unfreeze, len(data.classes), steps,
-                                         data.class_weights)
-                for stage, unfreeze in (("head", 0), ("finetune", args.unfreeze_layers))}
+        measured = {stage: bare_images_per_s(model, config, stage, unfreeze, len(data.classes), steps,
+                                             data.class_weights)
+                    for stage, unfreeze in (("head", 0), ("finetune", args.unfreeze_layers))}
 
+    # mean: all steady steps; median: per-step medians, robust to other processes' bursts on a shared CPU
+    bare = {stage: mean for stage, (mean, _) in measured.items()}
+    bare_median = {stage: median for stage, (_, median) in measured.items()}
     trial = summary["stage_images_per_s"]
+    trial_median = {stage: args.batch_size / s for stage, s in summary["median_step_s"].items()}
     ratio = {stage: trial[stage] / bare[stage] for stage in bare if trial.get(stage)}
+    ratio_median = {stage: trial_median[stage] / bare_median[stage] for stage in ratio}
     # time-weighted over both stages: bare seconds for the trial's images / the trial's steady seconds
     overall = sum(1 / bare[s] for s in ratio) / sum(1 / trial[s] for s in ratio)
+    overall_median = sum(1 / bare_median[s] for s in ratio) / sum(1 / trial_median[s] for s in ratio)
     print(json.dumps({
         "benchmark": "trial_speed",
         "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
@@ -118,6 +128,11 @@ def main():
         "bare_images_per_s": {s: round(v, 2) for s, v in bare.items()},
         "ratio": {s: round(v, 3) for s, v in ratio.items()},
         "ratio_overall": round(overall, 3),
+        "trial_images_per_s_median": {s: round(v, 2) for s, v in trial_median.items()},
+        "bare_images_per_s_median": {s: round(v, 2) for s, v in bare_median.items()},
+        "ratio_median": {s: round(v, 3) for s, v in ratio_median.items()},
+        "ratio_overall_median": round(overall_median, 3),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "target_ratio": 0.9,
         "startup_s": round(import_s + summary["build_s"] + sum(summary["first_step_s"].values()), 2),
         "startup_parts_s": {"imports": round(import_s, 2), "build": round(summary["build_s"], 2),

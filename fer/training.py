@@ -131,8 +131,12 @@ class EpochMonitor(keras.callbacks.Callback):
         self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
         if batch == 0 and self.first_batch_s is None:  # the stage's first step: includes graph compilation
-            self.first_batch_s = time.perf_counter() - self.epoch_start
+            self.first_batch_s = now - self.epoch_start
+        if batch > 0:  # end-to-end interval: the step plus all input and callback work around it
+            self.trial.step_s.setdefault(self.stage, []).append(now - self.last_batch_end)
+        self.last_batch_end = now
 
     def on_epoch_end(self, epoch, logs=None):
         t = self.trial
@@ -188,6 +192,7 @@ class _TrialState:
         self.best_weights = None
         self.train_s: dict[str, list[float]] = {}  # per stage: training seconds of each epoch
         self.first_batch_s: dict[str, float] = {}
+        self.step_s: dict[str, list[float]] = {}  # per stage: seconds between consecutive batch ends
 
     def write_history(self) -> None:
         pd.DataFrame(self.history, columns=list(RECORD_KEYS)).to_csv(self.out_dir / "history.csv", index=False)
@@ -283,6 +288,8 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             "stage_images_per_s": {stage: _steady_images_per_s(state, batch_size, {stage: seconds})
                                    for stage, seconds in state.train_s.items()},
             "first_step_s": state.first_batch_s,
+            # robust to a busy machine: median seconds per training step, each epoch's first step excluded
+            "median_step_s": {stage: float(np.median(steps)) for stage, steps in state.step_s.items()},
             "build_s": build_s,
             "params": int(model.count_params()),
             "trainable_layers": trainable_counts,
