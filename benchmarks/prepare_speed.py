@@ -15,9 +15,10 @@ every 50 ms. Target: >= 500 images/s on 2 cores, and anonymous memory that grows
 by no more than the per-file metadata (hashes, 32x32 thumbnail, manifest row: a few KiB), less than the
 pixel cache's own size per file (5.6 KiB at 48 px, 147 KiB at 224 px); pixels are never held in memory.
 
-Measured 2026-11-27 on the shared 2-core machine (load average ~13 from other jobs), 48 px, 29,142 files:
-464 images/s wall, 1413 images per CPU-second, peak PSS (process + workers) 249 MiB, anonymous growth
-3.7 KiB per file between the 25 % and the full run.
+Measured 2026-11-27 on the shared 2-core machine (load average 10-17 from other jobs), 48 px, 29,142
+files, two runs: 405 and 464 images/s wall, 1129 and 1413 images per CPU-second, peak PSS (process +
+workers) 253 MiB, anonymous growth 3.7-3.8 KiB per file between the 25 % and the full run. At 224 px
+(25 % subset) the cache is 147 KiB per image and writing it dominates: ~440-490 images per CPU-second.
 """
 
 from __future__ import annotations
