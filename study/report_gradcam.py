@@ -101,7 +101,8 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
     return {"backbone": b.name, "target layer": cam.layer_name, "images": len(idx),
             "deletion AUC Grad-CAM": aucs["Grad-CAM"], "deletion AUC Grad-CAM++": aucs["Grad-CAM++"],
             "deletion AUC random": aucs["random"],
-            "Grad-CAM / random": aucs["Grad-CAM"] / aucs["random"] if aucs["random"] > 0 else float("nan")}
+            **{f"{name} / random": aucs[name] / aucs["random"] if aucs["random"] > 0 else float("nan")
+               for name in ("Grad-CAM", "Grad-CAM++")}}
 
 
 def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness: int) -> list[dict]:
