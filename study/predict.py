@@ -23,25 +23,20 @@ MODEL_FILE = "model.keras"
 CLASSES_SOURCES = ("classes.json", "val_metrics.json", "test_metrics.json")
 
 
-def load_trained_model(model_path: str | Path):
+def load_model_and_classes(model_path: str | Path):
     """Load `model.keras` (or a trial folder holding one) and its class names.
 
-    Class names come from the folder's metrics files (`classes`), which every trial writes.
-    Returns (model, classes, folder).
+    Loading is `fer.model.load_trained_model`; class names come from the folder's metrics files
+    (`classes`), which every trial writes. Returns (model, classes, folder).
     """
     path = Path(model_path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise UserError(f"no model found at {model_path} (expected a model.keras file or a trial folder)")
-    import keras
+    from fer.model import load_trained_model
 
-    import fer.layers  # noqa: F401  registers the in-model Preprocess layer for loading
-
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # a truncated or foreign file: say so in one line
-        raise UserError(f"could not load model {path}: {type(exc).__name__}: {exc}") from None
+    model = load_trained_model(path)
     folder = path.parent
     num_classes = int(model.output_shape[-1])
     classes = None
@@ -102,7 +97,7 @@ def predict_images(model_path: str | Path, inputs: list[str | Path], gradcam_dir
     files = _image_files(inputs)  # bad paths fail before the (slow) Keras import and model load
     if not files:
         raise UserError("no files to predict in " + ", ".join(map(str, inputs)))
-    model, classes, _ = load_trained_model(model_path)
+    model, classes, _ = load_model_and_classes(model_path)
     from fer.training import predict_probs
     pixels, kept, skipped = decode_images(files, _input_size(model))
     if not kept:
@@ -183,7 +178,7 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: in
     """
     data_dir = Path(data_dir)
     folders = _class_folders(data_dir)  # bad data fails before the (slow) model load
-    model, classes, _ = load_trained_model(model_path)
+    model, classes, _ = load_model_and_classes(model_path)
     from fer.metrics import classification_metrics
     from fer.training import predict_probs
 

@@ -124,10 +124,10 @@ def _count_params(folder: Path) -> int | None:
     """Parameter count from model.keras, for trials stopped before they wrote summary.json."""
     if not (folder / "model.keras").is_file():
         return None
-    from study.predict import load_trained_model
+    from study.predict import load_model_and_classes
 
     try:
-        return int(load_trained_model(folder)[0].count_params())
+        return int(load_model_and_classes(folder)[0].count_params())
     except UserError:
         return None
 

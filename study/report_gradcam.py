@@ -40,9 +40,9 @@ def _caption(pred: pd.DataFrame, row: int, classes: list[str], explained: str) -
 
 def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_faithfulness: int) -> dict | None:
     from fer.gradcam import GradCam, deletion_auc, deletion_curves, overlay
-    from study.predict import load_trained_model
+    from study.predict import load_model_and_classes
 
-    model, classes, _ = load_trained_model(b.folder)
+    model, classes, _ = load_model_and_classes(b.folder)
     pred = pd.read_csv(b.folder / "test_predictions.csv")
     size = int(model.input_shape[1])
     index_of = {p: i for i, p in enumerate(sd.paths("test"))}

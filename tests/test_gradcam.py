@@ -19,7 +19,7 @@ from fer.config import make_config
 from fer.errors import UserError
 from fer.gradcam import (GradCam, deletion_auc, deletion_curves, heat_share_in_boxes, overlay, peak_in_boxes,
                          target_layer_name)
-from fer.model import build_model
+from fer.model import build_model, load_trained_model
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 
@@ -130,7 +130,7 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
                          dropout=0.2, batch_size=16, epochs_head=5, epochs_finetune=10, unfreeze_layers=100,
                          augment=0.5, lr_head=3e-3, lr_finetune=1e-3, patience=4)
     run_trial(config, data, root / "trial")
-    model = keras.saving.load_model(root / "trial" / "model.keras", compile=False)
+    model = load_trained_model(root / "trial" / "model.keras")
 
     regions = pd.read_csv(root / "faces" / "demo_regions.csv")
     boxes = {path: list(group[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None))
