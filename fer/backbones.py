@@ -20,7 +20,7 @@ from fer.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Backbone:
     name: str
-    constructor: str  # attribute of keras.applications
+    constructor: str | Callable  # attribute of keras.applications, or a function with the same signature
     preprocess: str  # mode of fer.layers.Preprocess: raw | caffe | tf | torch
     native_size: int
     min_size: int
@@ -35,7 +35,9 @@ class Backbone:
         """
         import keras
 
-        ctor: Callable = getattr(keras.applications, self.constructor)
+        ctor = self.constructor
+        if isinstance(ctor, str):
+            ctor = getattr(keras.applications, ctor)
         return ctor(include_top=False, weights=weights, input_tensor=input_tensor, **self.kwargs)
 
     def block_of(self, layer_name: str) -> str | None:
@@ -43,6 +45,29 @@ class Backbone:
         (see `fer.model.set_stage`), so a module's inner layers and its closing layer stay together."""
         m = re.match(self.block_regex, layer_name)
         return m.group(1) if m else None
+
+
+def small_cnn(include_top=False, weights=None, input_tensor=None):
+    """A four-block CNN trained from scratch: the backbone of smoke studies, demos and fast tests.
+
+    Why it exists: a keras.applications model with random weights cannot learn in the head stage (its
+    frozen BatchNormalization layers hold initial statistics, and activations vanish through ~100 random
+    layers), so a demo without downloadable ImageNet weights would stay at chance. Shallow random ReLU
+    convolutions without BN keep informative features, so both stages learn within seconds on CPU.
+    """
+    import keras
+
+    if weights == "imagenet":
+        raise UserError("smallcnn has no ImageNet weights: use --set weights=none (or a smallcnn weights file)")
+    del include_top  # headless by construction
+    x = input_tensor
+    for i, filters in enumerate((32, 64, 96, 128), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal",
+                                name=f"smallcnn_block{i}_conv")(x)
+        x = keras.layers.Activation("relu", name=f"smallcnn_block{i}_relu")(x)
+        if i < 4:
+            x = keras.layers.MaxPooling2D(name=f"smallcnn_block{i}_pool")(x)
+    return keras.Model(keras.utils.get_source_inputs(input_tensor), x, name="smallcnn")
 
 
 BACKBONES: dict[str, Backbone] = {}
@@ -73,3 +98,4 @@ register(Backbone("densenet121", "DenseNet121", "torch", 224, 32, "relu",
 # Not part of the published comparison; a small, fast model with offline ImageNet weights in shared/weights.
 register(Backbone("mobilenet025", "MobileNet", "tf", 224, 32, "conv_pw_13_relu",
                   r"^(conv_(?:dw_|pw_)?\d+|conv1)", kwargs={"alpha": 0.25}))
+register(Backbone("smallcnn", small_cnn, "tf", 64, 16, "smallcnn_block4_relu", r"^(smallcnn_block\d+)_"))

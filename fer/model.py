@@ -50,6 +50,8 @@ def build_backbone(backbone: Backbone, x, weights: str) -> keras.Model:
     if resolved in (None, "imagenet"):
         try:
             return backbone.build(x, resolved)
+        except UserError:
+            raise
         except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
             if resolved is None:
                 raise
@@ -119,14 +121,18 @@ def set_bn_epsilon(net: keras.Model, epsilon: float) -> None:
 
 
 def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers",
-              backbone: Backbone | None = None) -> int:
+              backbone: Backbone | None = None, train_batchnorm: bool = False) -> int:
     """Freeze the backbone (stage 'head') or unfreeze its last `unfreeze` layers/blocks ('finetune').
 
     BatchNormalization layers stay frozen (trainable=False, hence inference mode) in both stages, as in the
     Keras fine-tuning guide: the pretrained layers after each BN expect the ImageNet statistics it holds;
     with small batches those would be overwritten by noisy batch estimates (wrecking what the frozen head
     stage learned); and Keras 3 runs a trainable BN in training mode even under `training=False`
-    (STACK-NOTES pitfall 6). Returns the number of layers made trainable. Recompile afterwards (pitfall 5).
+    (STACK-NOTES pitfall 6). The exception is a backbone trained from scratch (`weights=none`,
+    `train_batchnorm=True`): its BN layers hold no statistics worth protecting, and frozen at their initial
+    values (mean 0, variance 1) they let activations vanish through a deep random network, so nothing
+    learns (FER2013, MobileNetV2 at 96 px: test accuracy 0.17, below chance). Then the unfrozen range's BN
+    layers train too. Returns the number of layers made trainable. Recompile afterwards (pitfall 5).
     """
     layers = backbone_layers(model)
     for layer in model.layers:
@@ -150,7 +156,7 @@ def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers
         chosen = layers[-unfreeze:]
     count = 0
     for layer in chosen:
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm:
             continue
         layer.trainable = True
         count += 1

@@ -250,7 +250,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             if epochs <= 0:
                 continue
             trainable_counts[stage] = set_stage(model, stage, unfreeze, config["unfreeze_unit"],
-                                                _backbone(config))
+                                                _backbone(config), train_batchnorm=config["weights"] == "none")
             fit_model, batches, monitor = model, train_batches, EpochMonitor(state, stage)
             if stage == "head" and config["head_features"] == "cached":
                 fit_model, batches, monitor, feature_cache = _cached_head_stage(model, config, study_data, state)

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --disable-pip-version-check -e ".[cpu]"
 [ -d demo-data ] || fer-study demo-data demo-data
-fer-study run demo-data --space search_spaces/smoke.yaml --name demo "$@"
+fer-study run demo-data --space search_spaces/smoke.yaml --name demo --group-regex '^(S\d+)_' "$@"
 fer-study report results/demo
 echo "Report: reports/demo/report.html"

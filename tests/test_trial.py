@@ -63,12 +63,39 @@ def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone, size):
     val = json.loads((tmp_path / "val_metrics.json").read_text())
     assert val["n"] == len(trial_data.labels("val")) and "ci95" in val["macro_f1"]
 
-    # The best model loads back (its predictions are checked in the beats-chance test); BatchNormalization
-    # stayed frozen whichever stage saved it.
+    # The best model loads back (its predictions are checked in the beats-chance test). Trained from
+    # scratch (weights=none), only BatchNormalization inside the unfrozen range may have trained.
     model = load_trained_model(tmp_path / "model.keras")
     assert model.output_shape == (None, 5)
-    assert not any(layer.trainable for layer in backbone_layers(model)
+    assert not any(layer.trainable for layer in backbone_layers(model)[:-TINY["unfreeze_layers"]]
                    if layer.__class__.__name__ == "BatchNormalization")
+
+
+@pytest.mark.parametrize("train_batchnorm", [False, True])
+def test_batchnorm_trains_only_when_training_from_scratch(train_batchnorm):
+    """Pretrained backbones keep BN frozen in both stages; from-scratch ones (weights=none) train it."""
+    from fer.model import backbone_layers, build_model, set_stage
+
+    model = build_model(make_config(backbone="mobilenetv2", image_size=32, weights="none"), 5)
+    set_stage(model, "finetune", 10, train_batchnorm=train_batchnorm)
+    layers = backbone_layers(model)
+    trainable_bn = {layer.name for layer in layers
+                    if layer.__class__.__name__ == "BatchNormalization" and layer.trainable}
+    if train_batchnorm:
+        assert trainable_bn and trainable_bn <= {layer.name for layer in layers[-10:]}
+    else:
+        assert trainable_bn == set()
+
+
+def test_smallcnn_learns_from_scratch_and_has_no_imagenet_weights(trial_data, tmp_path):
+    """The smoke/demo backbone learns the demo faces without pretrained weights (chance is 0.2)."""
+    config = dict(backbone="smallcnn", image_size=48, weights="none", dense_units=64, batch_size=16,
+                  epochs_head=2, epochs_finetune=15, patience=15, augment=0.0, unfreeze_layers=200,
+                  lr_finetune=3e-3)
+    summary = run_trial(config, trial_data, tmp_path)
+    assert summary["val_accuracy"] >= 0.35
+    with pytest.raises(UserError, match="weights=none"):
+        run_trial(dict(config, weights="imagenet"), trial_data, tmp_path / "imagenet")
 
 
 @needs_weights
