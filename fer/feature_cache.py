@@ -35,6 +35,7 @@ import keras
 import numpy as np
 
 from fer.compute_once import POLL_S, STALE_S, atomic_save_npy, atomic_write_text, create_or_wait
+from fer.data.decode import file_sha256
 from fer.training import PixelBatches
 
 log = logging.getLogger(__name__)
@@ -58,25 +59,17 @@ def effective_views(config: dict) -> int:
     return int(config["feature_views"]) if config["augment"] > 0 else 1
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def feature_spec(config: dict, study_data, dtype_policy: str) -> dict:
     """Everything the cached features depend on (and nothing a trial's head hyperparameters change)."""
     weights = config["weights"]
     if weights not in ("imagenet", "none"):
-        weights = f"file:{_file_digest(Path(weights).expanduser())}"
+        weights = f"file:{file_sha256(Path(weights).expanduser())}"
     return {
         "backbone": config["backbone"], "image_size": config["image_size"], "weights": weights,
         "augment": config["augment"], "views": effective_views(config), "view_seed": config["seed"],
         "bn_epsilon": config["bn_epsilon"], "dtype_policy": dtype_policy, "backend": keras.backend.backend(),
         # a new `prepare` (other split, other files) makes new features
-        "manifest_sha256": _file_digest(Path(study_data.dir) / "manifest.csv"),
+        "manifest_sha256": file_sha256(Path(study_data.dir) / "manifest.csv"),
     }
 
 
