@@ -147,6 +147,11 @@ def test_weights_from_file_are_really_loaded(trial_data, backbone, path):
     assert from_file.std(axis=0).mean() > 1e-3 > random_init.std(axis=0).mean()
 
 
+@pytest.mark.parametrize("backbone,size,blocks,expected,inside,outside", [
+    ("inceptionv3", 75, 1, 22, ["mixed10", "mixed9_1"], ["mixed9"]),  # mixed9_1 is inside module mixed10
+    ("mobilenetv2", 32, 2, 7, ["block_16_project", "Conv_1", "out_relu"], ["block_15_project"]),
+    ("densenet121", 32, 1, 1, ["relu"], ["conv5_block16_concat"]),  # top block: bn (frozen) + relu
+])
 def test_block_aware_unfreezing_takes_whole_blocks(backbone, size, blocks, expected, inside, outside):
     from fer.backbones import get_backbone
     from fer.model import backbone_layers, build_model, set_stage
