@@ -48,6 +48,7 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--runs", default="imagenet_file,none", help="which runs, comma-separated")
     return p.parse_args()
 
 
@@ -107,6 +108,7 @@ def main():
     epochs_finetune = args.epochs if args.epochs is not None else args.epochs_finetune
     runs = {"imagenet_file": {"weights": str(args.weights_file), "bn_epsilon": 1e-5},
             "none": {"weights": "none"}}
+    runs = {name: runs[name] for name in args.runs.split(",")}
     results = {}
     for name, overrides in runs.items():
         config = make_config(backbone="mobilenetv2", image_size=args.image_size, batch_size=args.batch_size,
