@@ -36,6 +36,9 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` so readers see the old file or the whole new one (also from other nodes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
     tmp.write_text(text)
     os.replace(tmp, path)

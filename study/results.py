@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
+from fer.compute_once import atomic_write_text
 from fer.config import PARAMS
 
 OUTCOME = "outcome.json"
@@ -27,14 +27,6 @@ STATUSES = ("completed", "stopped", "errored")
 LEAD_COLUMNS = ("trial_id", "backbone", "status", "error", "metric", "metric_value", "best_epoch",
                 "best_val_loss", "best_val_accuracy", "best_val_macro_f1", "epochs_run", "train_s",
                 "trial_s", "images_per_s", "optuna_trial", "node_ip", "finished_at", "trial_dir")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict) -> None:
