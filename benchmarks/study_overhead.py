@@ -45,6 +45,37 @@ def ray_head_memory(num_cpus: int) -> dict:
     return {"processes": len(procs), "rss_mb": round(rss / 2**20), "pss_mb": round(pss / 2**20)}
 
 
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def time_breakdown(timings: dict, outcomes: list[dict], wall: float, start_unix: float, slots: int) -> dict:
+    """Where the study's wall time went: the driver's phases (study.json "timings") and, per trial, its
+    steps (outcome.json "timing"), with each concurrency slot's hand-over from one trial to the next."""
+    phases = {key: timings.get(key) for key in ("connect_s", "search_s", "evaluate_s", "final_seeds_s")}
+    known = sum(v for v in phases.values() if v)
+    phases["other_in_run_study_s"] = round(timings.get("total_s", wall) - known, 1)  # study.json, Tuner set-up
+    phases["after_run_study_s"] = round(wall - timings.get("total_s", wall), 1)  # Ray shutdown
+    rows = sorted((o["timing"] | {"trial_id": o["trial_id"]} for o in outcomes if o.get("timing")),
+                  key=lambda t: t["started_at"] or 0)
+    # slots: each trial takes the slot that was freed first (its previous trial's driver-side end)
+    free = [timings.get("search_started_at") or start_unix] * slots
+    for row in rows:
+        slot = min(range(slots), key=lambda i: free[i])
+        row["slot"] = slot
+        row["gap_before_s"] = round(row["started_at"] - free[slot], 3) if row["started_at"] else None
+        free[slot] = row["finished_at"]
+    end = timings.get("search_ended_at")
+    keys = ("gap_before_s", "worker_start_s", "setup_s", "epochs_s", "between_epochs_s", "wrap_up_s", "end_s")
+    return {
+        "phases": phases,
+        "per_trial_mean_s": {key: _mean(r.get(key) for r in rows) for key in keys},
+        "slot_tail_idle_s": [round(end - t, 1) for t in free] if end else None,  # last trial end -> search end
+        "trials": [{key: r.get(key) for key in ("trial_id", "slot") + keys} for r in rows],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="mobilenetv2")
@@ -77,12 +108,15 @@ def main() -> None:
                            "augment": 0.0},
                  "space": {"dropout": {"uniform": [0.1, 0.6]}}}
         (tmp / "space.yaml").write_text(yaml.safe_dump(space))
-        t0 = time.perf_counter()
+        t0, t0_unix = time.perf_counter(), time.time()
         run_study(study, tmp / "space.yaml", cpus_per_trial=1, num_cpus=args.concurrency, dashboard=True,
                   stream=sys.stderr, live=False)
         wall = time.perf_counter() - t0
         trials = pd.read_csv(study / "trials.csv")
-        search_s = json.loads((study / "study.json").read_text()).get("search_s")
+        study_json = json.loads((study / "study.json").read_text())
+        search_s = study_json.get("search_s")
+        outcomes = [json.loads(path.read_text()) for path in sorted((study / "trials").glob("*/outcome.json"))]
+        breakdown = time_breakdown(study_json.get("timings", {}), outcomes, wall, t0_unix, args.concurrency)
     train = float(trials.train_s.sum())
     trial_wall = float(trials.trial_s.sum())
     print(json.dumps({
@@ -95,6 +129,7 @@ def main() -> None:
         "overhead_fraction": round(1 - train / (wall * args.concurrency), 3),
         "orchestration_overhead_fraction": round(1 - trial_wall / (wall * args.concurrency), 3),
         "search_overhead_fraction": round(1 - train / (search_s * args.concurrency), 3) if search_s else None,
+        "breakdown": breakdown,
         "idle_ray_head": memory,
         "note": "overhead_fraction = 1 - sum(trial epoch times) / (study wall x concurrency): everything not "
                 "spent in epochs (Ray start, worker + TensorFlow start-up, model build, bookkeeping, the final "

@@ -8,6 +8,7 @@ elsewhere (CI logs, files) it prints a line when a trial starts and when it ends
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,49 @@ def error_message(trial) -> str:
     return (lines[-1] if lines else "unknown error (see the trial's error.txt)")[:500]
 
 
+def trial_timing(records: list[dict], started_at: float | None, worker_started_at: float | None,
+                 trial_dir: Path, finished_at: float) -> dict:
+    """Where a trial's wall time went, as unix times and the seconds between them (outcome.json "timing").
+
+    started_at (driver: Tune started the trial's actor) -> worker_started_at (the trial function's first line)
+    -> first_epoch_at (the first epoch began) -> last_report_at -> worker_finished_at (the trial function
+    returned; missing if a scheduler stopped it at its last report) -> finished_at (driver: outcome written).
+    """
+    from study.tune_trial import WORKER_TIMES
+
+    reported = [r for r in records if clean_float(r.get("reported_at")) is not None]
+    first_epoch_at = last_report_at = None
+    if reported:
+        first_epoch_at = reported[0]["reported_at"] - (clean_float(reported[0].get("epoch_s")) or 0.0)
+        last_report_at = reported[-1]["reported_at"]
+    worker_finished_at = None
+    try:
+        worker_finished_at = json.loads((Path(trial_dir) / WORKER_TIMES).read_text()).get("finished_at")
+    except (OSError, ValueError):
+        pass
+    times = {"started_at": started_at, "worker_started_at": worker_started_at, "first_epoch_at": first_epoch_at,
+             "last_report_at": last_report_at, "worker_finished_at": worker_finished_at, "finished_at": finished_at}
+
+    def between(a, b):
+        return round(times[b] - times[a], 3) if times[a] is not None and times[b] is not None else None
+
+    epochs_s = sum(clean_float(r.get("epoch_s")) or 0.0 for r in records)
+    span = between("first_epoch_at", "last_report_at")
+    out = {key: (round(value, 3) if value is not None else None) for key, value in times.items()}
+    out.update({
+        # the worker process and the Tune actor already exist at started_at (on_trial_start comes when the
+        # actor is ready): their start-up is in the slot's gap before started_at
+        "worker_start_s": between("started_at", "worker_started_at"),
+        "setup_s": between("worker_started_at", "first_epoch_at"),  # imports, data, model build
+        "epochs_s": round(epochs_s, 3),
+        "between_epochs_s": round(span - epochs_s, 3) if span is not None else None,  # saves, reports
+        "wrap_up_s": between("last_report_at", "worker_finished_at"),  # final val metrics, summary
+        "end_s": between("worker_finished_at", "finished_at") if worker_finished_at is not None
+        else between("last_report_at", "finished_at"),  # the driver learns the trial ended
+    })
+    return out
+
+
 class StudyCallback(Callback):
     """Writes each trial's outcome when it ends and drives the progress view (runs in the driver)."""
 
@@ -131,20 +175,26 @@ class StudyCallback(Callback):
         self.stopped, self.optuna_number, self.on_change = stopped, optuna_number, on_change
         self.records: dict[str, list[dict]] = {}
         self.nodes: dict[str, str] = {}
+        self.started_at: dict[str, float] = {}  # driver time Tune started each trial's actor
+        self.worker_started_at: dict[str, float] = {}
 
     def _params(self, trial) -> dict:
         """The tuned keys only: the fixed ones are the same for every trial."""
         return {key: trial.config.get(key) for key in self.shown}
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started_at[trial.trial_id] = time.time()
         self.records.setdefault(trial.trial_id, [])
         self.view.started(trial.trial_id, trial_line(trial.trial_id, trial.config.get("backbone", "?"),
                                                      "running", None, self.metric, self._params(trial)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         record = {k: result.get(k) for k in ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy",
-                                             "val_macro_f1", "lr", "epoch_s", "images_per_s", "trial_s")}
+                                             "val_macro_f1", "lr", "epoch_s", "images_per_s", "trial_s",
+                                             "reported_at")}
         self.records.setdefault(trial.trial_id, []).append(record)
+        if result.get("worker_started_at") is not None:
+            self.worker_started_at[trial.trial_id] = result["worker_started_at"]
         self.nodes[trial.trial_id] = result.get("node_ip")
         self.view.update(trial.trial_id, trial_line(trial.trial_id, trial.config.get("backbone", "?"),
                                                     "running", record, self.metric, self._params(trial)))
@@ -169,6 +219,9 @@ class StudyCallback(Callback):
                 "finished_at": round(time.time(), 3), "trial_dir": f"trials/{trial.trial_id}",
                 "config": dict(trial.config), "history": records,
             }
+            outcome["timing"] = trial_timing(
+                records, self.started_at.pop(trial.trial_id, None), self.worker_started_at.pop(trial.trial_id, None),
+                self.ledger.trials_dir / trial.trial_id, outcome["finished_at"])
             self.ledger.record(outcome)
             last = records[-1] if records else None
             best = {**(last or {}), self.metric: summary["metric_value"], "epoch": summary["epochs_run"]}

@@ -114,7 +114,9 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
     from study import tune_cluster
 
     ray_was_running = ray.is_initialized()
+    run_started = time.perf_counter()
     info = tune_cluster.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, dashboard=dashboard)
+    timings = {"connect_s": round(time.perf_counter() - run_started, 1)}
     try:
         log(tune_cluster.describe_dashboard(info))
         tune_cluster.check_shared_storage(study_dir)
@@ -132,6 +134,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         study["machine"] = machine_info()
         study.setdefault("started_at", _now())
         study.setdefault("runs", []).append({"started_at": _now(), "resume": bool(resume)})
+        study["timings"] = timings  # this run's phases, in seconds
         write_json(study_dir / "study.json", study)
 
         ledger = Ledger(study_dir)
@@ -142,7 +145,9 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
             from study.tune_trial import trial_threads
 
             threads = trial_threads(cpus_per_trial)
+            t0 = time.perf_counter()
             study["best"] = evaluate_bests(space, ledger, study_dir, data_dir, cpus_per_trial, gpus, threads, log)
+            timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
             if not study["best"]:
                 study["status"] = "failed"
                 write_json(study_dir / "study.json", study)
@@ -150,11 +155,14 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
                 raise UserError(f"no trial of any backbone finished successfully (see {study_dir / 'trials.csv'})"
                                 + (f"; first error: {errors[0]}" if errors else ""))
             if space.final_seeds:
+                t0 = time.perf_counter()
                 study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, cpus_per_trial, gpus,
                                                      threads, log)
+                timings["final_seeds_s"] = round(time.perf_counter() - t0, 1)
         study["status"] = "completed"
         study["finished_at"] = _now()
         study["trials"] = _counts(ledger)
+        timings["total_s"] = round(time.perf_counter() - run_started, 1)  # connect to here (Ray shutdown not in)
         write_json(study_dir / "study.json", study)
         log(f"study finished: {study_dir} (trials.csv, best/)")
         log(f"search history: optuna-dashboard sqlite:///{study_dir / 'optuna.sqlite3'}")
@@ -249,7 +257,9 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     with _quiet_tune():
         tuner.fit()
     study.setdefault("search_s", 0.0)
-    study["search_s"] = round(study["search_s"] + time.time() - t0, 1)
+    study["search_s"] = round(study["search_s"] + time.time() - t0, 1)  # all runs together
+    study.setdefault("timings", {}).update(search_s=round(time.time() - t0, 1),  # this run
+                                           search_started_at=round(t0, 3), search_ended_at=round(time.time(), 3))
     left = {b: space.trials_per_backbone - n for b, n in Ledger(study_dir).finished_per_backbone().items()}
     missing = sum(max(0, left.get(b, space.trials_per_backbone)) for b in space.backbones)
     if missing:

@@ -10,12 +10,14 @@ OMP_NUM_THREADS, STACK-NOTES pitfall 4) and GPU memory growth, before any model 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
 
 from ray import tune
 
+WORKER_TIMES = "worker_times.json"
 REPORT_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr", "epoch_s",
                "images_per_s")
 
@@ -44,22 +46,27 @@ def check_finite(record: dict) -> None:
 
 class EpochReporter:
     """Our small Keras-to-Tune bridge (no TuneReportCallback, STACK-NOTES pitfall 3): one `tune.report` per
-    epoch record, plus `trial_s`, the trial's wall time so far in its worker (start-up included)."""
+    epoch record, plus `trial_s`, the trial's wall time so far in its worker (start-up included), and two
+    unix times for the study's timing breakdown: `worker_started_at` (the trial function's first line in its
+    worker) and `reported_at` (this report)."""
 
-    def __init__(self, started: float):
+    def __init__(self, started: float, started_at: float | None = None):
         self.started = started
+        self.started_at = time.time() - (time.perf_counter() - started) if started_at is None else started_at
 
     def __call__(self, record: dict) -> None:
         metrics = {key: float(record[key]) for key in REPORT_KEYS if isinstance(record.get(key), (int, float))}
         metrics["stage"] = record.get("stage", "")
         metrics["trial_s"] = time.perf_counter() - self.started
+        metrics["worker_started_at"] = self.started_at
+        metrics["reported_at"] = time.time()
         tune.report(metrics)
         check_finite(record)  # after the report, so the NaN epoch is in the trial's history too
 
 
 def train_trial(config: dict, context: dict) -> None:
     """Tune function trainable: one `fer.training.run_trial` in `<trials_dir>/<trial_id>/`."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     from fer.backend_setup import configure_backend
 
     configure_backend(threads=context["threads"])
@@ -70,7 +77,11 @@ def train_trial(config: dict, context: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     out_dir = Path(context["trials_dir"]) / trial_id
     study_data = StudyData(context["data_dir"])
-    run_trial(make_config(config), study_data, out_dir, on_epoch=EpochReporter(started), evaluate_test=False)
+    run_trial(make_config(config), study_data, out_dir, on_epoch=EpochReporter(started, started_at),
+              evaluate_test=False)
+    # After the last report (so it may not run when a scheduler stops the trial, STACK-NOTES pitfall 2):
+    # when the worker finished its own work, for the study's timing breakdown (outcome.json "timing").
+    (out_dir / WORKER_TIMES).write_text(json.dumps({"started_at": started_at, "finished_at": time.time()}) + "\n")
 
 
 def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict) -> dict:
