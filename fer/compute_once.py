@@ -26,8 +26,13 @@ STALE_S = 600.0  # a lock untouched this long was left by a dead process
 POLL_S = 0.5
 
 
+def partial_path(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this host and process, for write-then-rename."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
+    tmp = partial_path(path)
     with open(tmp, "wb") as f:
         np.save(f, array)
         f.flush()
@@ -39,7 +44,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` so readers see the old file or the whole new one (also from other nodes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
+    tmp = partial_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -51,9 +51,17 @@ PARAMS: dict[str, Param] = {
     "seed": Param(int, 0, 0, 2**31 - 1),
     "head_features": Param(str, "exact", choices=("exact", "cached"),
                            help="'cached' trains stage 1 on precomputed backbone features (faster)"),
+    "finetune_features": Param(str, "exact", choices=("exact", "cached"),
+                               help="'cached' trains stage 2 on precomputed activations of the frozen early "
+                                    "layers (faster; see fer.feature_cache)"),
+    "finetune_cache_units": Param(int, 0, 0, 10000,
+                                  help="with finetune_features=cached: cache the activations entering the last N "
+                                       "backbone layers (or blocks, as unfreeze_unit); 0 = unfreeze_layers. A "
+                                       "study sets it to its space's largest unfreeze_layers, so trials share "
+                                       "one cache"),
     "feature_views": Param(int, 5, 1, 100,
-                           help="with head_features=cached: augmented views per train image, computed once "
-                                "per study and cycled through one per epoch"),
+                           help="with head_features or finetune_features cached: augmented views per train "
+                                "image, computed once per study and cycled through one per epoch"),
     "mixed_precision": Param(str, "auto", choices=("auto", "off", "bfloat16", "float16"),
                              help="'auto' uses bfloat16/float16 on GPUs and float32 on CPUs"),
 }

@@ -134,30 +134,38 @@ def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers
     learns (FER2013, MobileNetV2 at 96 px: test accuracy 0.17, below chance). Then the unfrozen range's BN
     layers train too. Returns the number of layers made trainable. Recompile afterwards (pitfall 5).
     """
-    layers = backbone_layers(model)
     for layer in model.layers:
         layer.trainable = not is_backbone_layer(layer)
     if stage == "head" or unfreeze <= 0:
         return 0
-    if unit == "blocks":
-        if backbone is None:
-            raise ValueError("block-aware unfreezing needs the Backbone entry")
-        chosen, seen, block = [], [], None
-        for layer in reversed(layers):
-            # A layer whose name names no block (InceptionV3's conv2d_N inside a `mixedN` module) belongs to
-            # the block closed by the nearest later named layer, e.g. the concatenation `mixedN`.
-            block = backbone.block_of(layer.name) or block or layer.name
-            if block not in seen:
-                if len(seen) == unfreeze:
-                    break
-                seen.append(block)
-            chosen.append(layer)
-    else:
-        chosen = layers[-unfreeze:]
     count = 0
-    for layer in chosen:
+    for layer in last_backbone_layers(model, unfreeze, unit, backbone):
         if isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm:
             continue
         layer.trainable = True
         count += 1
     return count
+
+
+def last_backbone_layers(model: keras.Model, count: int, unit: str = "layers",
+                         backbone: Backbone | None = None) -> list[keras.layers.Layer]:
+    """The last `count` backbone layers, or the layers of its last `count` blocks (unit 'blocks'), in
+    reverse topological order. Always a suffix of `backbone_layers(model)`."""
+    layers = backbone_layers(model)
+    if count <= 0:
+        return []
+    if unit != "blocks":
+        return layers[::-1][:count]
+    if backbone is None:
+        raise ValueError("block-aware unfreezing needs the Backbone entry")
+    chosen, seen, block = [], [], None
+    for layer in reversed(layers):
+        # A layer whose name names no block (InceptionV3's conv2d_N inside a `mixedN` module) belongs to
+        # the block closed by the nearest later named layer, e.g. the concatenation `mixedN`.
+        block = backbone.block_of(layer.name) or block or layer.name
+        if block not in seen:
+            if len(seen) == count:
+                break
+            seen.append(block)
+        chosen.append(layer)
+    return chosen

@@ -39,6 +39,9 @@ MODEL_FILE = "model.keras"
 class PixelBatches(keras.utils.PyDataset):
     """Batches from a (memory-mapped) uint8 pixel array: (images, one-hot labels, class weights).
 
+    `pixels` may also be a tuple of arrays of equal length (a model with several inputs: the cached
+    activations of fer.feature_cache); each batch then holds a tuple of arrays in their place.
+
     Every batch has the same shape, because a new shape means a new trace/compile of the train or predict
     step (tens of seconds for a large backbone on a CPU): for training the incomplete last batch is
     dropped (the order is reshuffled every epoch, so a different few images sit out each time); for
@@ -51,25 +54,25 @@ class PixelBatches(keras.utils.PyDataset):
                  shuffle_seed: int | None = None):
         super().__init__()
         self.pixels, self.labels, self.num_classes = pixels, labels, num_classes
-        self.batch_size = min(batch_size, len(pixels))
+        self.batch_size = min(batch_size, _length(pixels))
         self.sample_weights = None
         if labels is not None and class_weights:
             table = np.array([class_weights.get(i, 1.0) for i in range(num_classes)], dtype=np.float32)
             self.sample_weights = table[labels]
         self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
-        self.order = np.arange(len(pixels))
+        self.order = np.arange(_length(pixels))
         if self.rng is not None:
             self.rng.shuffle(self.order)
 
     @property
     def num_batches(self) -> int:
         if self.labels is not None:  # training: drop the incomplete last batch
-            return len(self.pixels) // self.batch_size
-        return math.ceil(len(self.pixels) / self.batch_size)
+            return _length(self.pixels) // self.batch_size
+        return math.ceil(_length(self.pixels) / self.batch_size)
 
     @property
     def images_per_epoch(self) -> int:
-        return min(len(self.pixels), self.num_batches * self.batch_size)
+        return min(_length(self.pixels), self.num_batches * self.batch_size)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -78,8 +81,8 @@ class PixelBatches(keras.utils.PyDataset):
         idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
         if self.labels is None:
             pad = self.batch_size - len(idx)
-            return (np.asarray(self.pixels[np.concatenate([idx, np.repeat(idx[-1:], pad)])]),)
-        images = np.asarray(self.pixels[idx])
+            return (_take(self.pixels, np.concatenate([idx, np.repeat(idx[-1:], pad)])),)
+        images = _take(self.pixels, idx)
         onehot = np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]]
         if self.sample_weights is None:
             return images, onehot
@@ -90,12 +93,24 @@ class PixelBatches(keras.utils.PyDataset):
             self.rng.shuffle(self.order)
 
 
-def predict_probs(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Softmax probabilities for uint8 images, in order (inference mode: no augmentation, no dropout)."""
-    if len(pixels) == 0:
+def _length(pixels) -> int:
+    return len(pixels[0]) if isinstance(pixels, tuple) else len(pixels)
+
+
+def _take(pixels, idx: np.ndarray):
+    if isinstance(pixels, tuple):
+        return tuple(np.asarray(a[idx]) for a in pixels)
+    return np.asarray(pixels[idx])
+
+
+def predict_probs(model: keras.Model, pixels, batch_size: int) -> np.ndarray:
+    """Softmax probabilities for uint8 images (or a tuple of a model's input arrays), in order (inference
+    mode: no augmentation, no dropout)."""
+    n = _length(pixels)
+    if n == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
     probs = model.predict(PixelBatches(pixels, batch_size), verbose=0)
-    return np.asarray(probs[:len(pixels)], dtype=np.float32)  # drop the padding of the last batch
+    return np.asarray(probs[:n], dtype=np.float32)  # drop the padding of the last batch
 
 
 def save_model_atomically(model: keras.Model, path: Path) -> None:
@@ -113,9 +128,9 @@ class EpochMonitor(keras.callbacks.Callback):
     `model.keras` BEFORE `on_epoch` is called, so a scheduler that stops the trial right after any report
     still leaves the best model on disk (STACK-NOTES pitfall 2).
 
-    With the head-feature cache (`head_features=cached`) the fitted model is a head-only model sharing its
-    layers with the full model: `val_inputs` are then the cached val features and `full_model` is what is
-    saved and remembered as the trial's best.
+    With a frozen-feature cache (`head_features` / `finetune_features` = cached) the fitted model is a head-only
+    or tail model sharing its layers with the full model: `val_inputs` are then the cached val inputs and
+    `full_model` is what is saved and remembered as the trial's best.
     """
 
     def __init__(self, trial: "_TrialState", stage: str, val_inputs=None, full_model: keras.Model | None = None):
@@ -228,6 +243,9 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
     if len(train_labels) == 0 or len(val_labels) == 0:
         raise UserError(f"the study data has {len(train_labels)} train and {len(val_labels)} val images; "
                         "a trial needs both")
+    if 0 < config["finetune_cache_units"] < config["unfreeze_layers"]:
+        raise UserError(f"finetune_cache_units {config['finetune_cache_units']} is below unfreeze_layers "
+                        f"{config['unfreeze_layers']}: the cached activations must enter every trainable layer")
 
     from fer.backend_setup import enable_compilation_cache
 
@@ -245,15 +263,16 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
                             train_batches.images_per_epoch, loss_fn, on_epoch)
         stages = (("head", config["epochs_head"], config["lr_head"], 0),
                   ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]))
-        trainable_counts, feature_cache = {}, None
+        trainable_counts, feature_cache = {}, {}
         for stage, epochs, lr, unfreeze in stages:
             if epochs <= 0:
                 continue
             trainable_counts[stage] = set_stage(model, stage, unfreeze, config["unfreeze_unit"],
                                                 _backbone(config), train_batchnorm=config["weights"] == "none")
             fit_model, batches, monitor = model, train_batches, EpochMonitor(state, stage)
-            if stage == "head" and config["head_features"] == "cached":
-                fit_model, batches, monitor, feature_cache = _cached_head_stage(model, config, study_data, state)
+            if config[f"{stage}_features"] == "cached":
+                fit_model, batches, monitor, feature_cache[stage] = _cached_stage(model, stage, config, study_data,
+                                                                                  state)
             # Changing `trainable` only takes effect after compile (STACK-NOTES pitfall 5).
             fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss_fn,
                               metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
@@ -294,7 +313,9 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             "params": int(model.count_params()),
             "trainable_layers": trainable_counts,
             "dtype_policy": keras.config.dtype_policy().name,
-            "feature_cache": feature_cache,  # head_features=cached: key, views, computed here?, seconds
+            # per stage with a cache (head_features / finetune_features = cached): key, views, computed here?,
+            # seconds spent getting it, bytes
+            "feature_cache": feature_cache,
         }
         if evaluate_test:
             summary.update(evaluate_split(model, study_data, "test", config, out_dir))
@@ -304,18 +325,23 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
         keras.config.set_dtype_policy(previous_policy)
 
 
-def _cached_head_stage(model: keras.Model, config: dict, study_data, state: _TrialState):
-    """Stage 1 on the study's head-feature cache (fer.feature_cache): a head-only model of the same head layers
-    fitted on precomputed backbone features. Returns (model to fit, batches, monitor, cache info)."""
-    from fer.feature_cache import FeatureViews, head_features, head_model
+def _cached_stage(model: keras.Model, stage: str, config: dict, study_data, state: _TrialState):
+    """A stage on the study's frozen-feature cache (fer.feature_cache): a model made of the SAME trainable
+    layers (the head; in stage 2 also the unfrozen tail) fitted on precomputed activations of the frozen
+    part. Returns (model to fit, batches, monitor, cache info)."""
+    from fer import feature_cache as fc
 
-    features = head_features(model, config, study_data, keras.config.dtype_policy().name)
-    batches = FeatureViews(features.train, config["batch_size"], study_data.labels("train"), state.num_classes,
-                           study_data.class_weights, shuffle_seed=config["seed"])
-    monitor = EpochMonitor(state, "head", val_inputs=features.val, full_model=model)
-    info = {"key": features.key, "views": int(features.train.shape[0]), "computed": features.computed,
-            "seconds": round(features.seconds, 3)}
-    return head_model(model), batches, monitor, info
+    policy = keras.config.dtype_policy().name
+    if stage == "head":
+        features, fit_model = fc.head_features(model, config, study_data, policy), fc.head_model(model)
+    else:
+        units = config["finetune_cache_units"] or config["unfreeze_layers"]
+        tail = fc.tail_layer_count(model, units, config["unfreeze_unit"], _backbone(config))
+        features, fit_model = fc.finetune_features(model, config, study_data, policy, tail)
+    batches = fc.FeatureViews(features.train, config["batch_size"], study_data.labels("train"),
+                              state.num_classes, study_data.class_weights, shuffle_seed=config["seed"])
+    monitor = EpochMonitor(state, stage, val_inputs=fc.val_inputs(features), full_model=model)
+    return fit_model, batches, monitor, features.info()
 
 
 def _backbone(config: dict):

@@ -66,19 +66,25 @@ class Space:
     source: str = ""
 
     def config_for(self, backbone: str, params: dict) -> dict:
-        """The full, validated trial config for `backbone` with tuned `params`."""
-        return make_config({**self.fixed, **params, "backbone": backbone})
+        """The full, validated trial config for `backbone` with tuned `params`.
+
+        With `finetune_features: cached` and `finetune_cache_units` left unset, every trial cuts the network
+        at the space's largest `unfreeze_layers`, so all trials of a backbone share one stage-2 cache."""
+        config = {**self.fixed, **params, "backbone": backbone}
+        if config.get("finetune_features") == "cached" and "finetune_cache_units" not in config:
+            config["finetune_cache_units"] = self.largest("unfreeze_layers")
+        return make_config(config)
+
+    def largest(self, key: str):
+        """The largest value `key` takes in this space (tuned or fixed)."""
+        if key in self.space:
+            dist = self.space[key]
+            return max(dist.args) if dist.kind == "choice" else dist.args[1]
+        return self.fixed.get(key, PARAMS[key].default)
 
     def max_epochs(self) -> int:
         """The most epochs any trial of this space can run (both stages), for the scheduler's max_t."""
-        total = 0
-        for key in ("epochs_head", "epochs_finetune"):
-            if key in self.space:
-                dist = self.space[key]
-                total += max(dist.args) if dist.kind == "choice" else int(dist.args[1])
-            else:
-                total += self.fixed.get(key, PARAMS[key].default)
-        return total
+        return int(self.largest("epochs_head")) + int(self.largest("epochs_finetune"))
 
     def to_dict(self) -> dict:
         """The space as plain data (for study.json); loading this back gives the same Space."""

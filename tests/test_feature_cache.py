@@ -1,4 +1,5 @@
-"""Head-stage feature cache: computed once across processes, a cached trial end to end, cache == recomputation."""
+"""Frozen-feature caches: computed once across processes, cached trials end to end, cache == recomputation,
+the stage-2 cut (residual blocks cut in the middle) reproducing the full model."""
 
 import json
 import os
@@ -79,14 +80,14 @@ def test_cached_head_stage_end_to_end(new_study):
     import keras
 
     from fer.data import StudyData
-    from fer.feature_cache import compute_features, features_dir
+    from fer.feature_cache import compute_features, features_dir, head_extractor
     from fer.model import build_model, load_trained_model
     from fer.training import predict_probs, run_trial
 
     study = new_study("cached")
     data = StudyData(study / "data")
     first = run_trial(_config(), data, study / "t1")
-    assert first["feature_cache"]["computed"] is True and first["feature_cache"]["views"] == 2
+    assert first["feature_cache"]["head"]["computed"] is True and first["feature_cache"]["head"]["views"] == 2
     for name in ("config.json", "history.csv", "model.keras", "val_metrics.json", "summary.json"):
         assert (study / "t1" / name).is_file(), name
     history = pd.read_csv(study / "t1" / "history.csv")
@@ -103,19 +104,76 @@ def test_cached_head_stage_end_to_end(new_study):
 
     # another trial with other head hyperparameters (and stage 2) reuses the same features
     second = run_trial(_config(dropout=0.2, dense_units=16, epochs_finetune=1), data, study / "t2")
-    assert second["feature_cache"]["computed"] is False
-    assert second["feature_cache"]["key"] == first["feature_cache"]["key"]
+    assert second["feature_cache"]["head"]["computed"] is False
+    assert second["feature_cache"]["head"]["key"] == first["feature_cache"]["head"]["key"]
     assert list(pd.read_csv(study / "t2" / "history.csv").stage) == ["head", "head", "finetune"]
-    key = first["feature_cache"]["key"]
-    assert sorted(p.name for p in features_dir(data).iterdir()) == [f"{key}.json", f"{key}.train.npy",
-                                                                    f"{key}.val.npy"]
+    key = first["feature_cache"]["head"]["key"]
+    assert sorted(p.name for p in features_dir(data).iterdir()) == [f"{key}.json", f"{key}.train.0.npy",
+                                                                    f"{key}.val.0.npy"]
 
     # cached features equal a fresh computation with the same key
-    train, val = compute_features(build_model(_config(), len(data.classes)), _config(), data)
-    cached_train = np.load(features_dir(data) / f"{key}.train.npy")
+    [train], [val] = compute_features(head_extractor(build_model(_config(), len(data.classes))), _config(), data)
+    cached_train = np.load(features_dir(data) / f"{key}.train.0.npy")
     assert cached_train.shape == (2, len(data.labels("train")), train.shape[-1])
     scale = np.abs(train).max()  # features of an untrained backbone are tiny: compare relative to their scale
     assert np.abs(cached_train[0] - cached_train[1]).max() > 1e-2 * scale  # two different augmented views
     np.testing.assert_allclose(cached_train, train, rtol=1e-5, atol=1e-6 * scale)
-    np.testing.assert_allclose(np.load(features_dir(data) / f"{key}.val.npy"), val, rtol=1e-5,
+    np.testing.assert_allclose(np.load(features_dir(data) / f"{key}.val.0.npy"), val, rtol=1e-5,
                                atol=1e-6 * np.abs(val).max())
+
+
+def test_cut_inside_a_residual_block_reproduces_the_full_model():
+    """The stage-2 cut: prefix then tail == the full model (inference), with two tensors crossing the cut."""
+    from fer.feature_cache import split_at_tail, tail_layer_count
+    from fer.model import build_model, set_stage
+    from fer.backbones import get_backbone
+
+    config = _config(backbone="mobilenetv2", augment=0.0)
+    model = build_model(config, 5)
+    # MobileNetV2's last 12 layers start inside block 15, whose output adds the block's input (a skip)
+    tail_layers = tail_layer_count(model, 12, "layers", get_backbone("mobilenetv2"))
+    prefix, tail, cut = split_at_tail(model, tail_layers)
+    assert tail_layers == 12 and cut.startswith("block_15")
+    assert len(prefix.outputs) == 2
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    np.testing.assert_allclose(np.asarray(tail(prefix(images))), np.asarray(model(images)), rtol=1e-5, atol=1e-6)
+    set_stage(model, "finetune", 8, "layers", get_backbone("mobilenetv2"))
+    assert {id(w) for w in tail.trainable_weights} == {id(w) for w in model.trainable_weights}
+
+
+@pytest.mark.slow
+def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
+    """Two trials with different unfreeze_layers share one stage-2 cache (cut at finetune_cache_units);
+    the tail model really trained the full model (its saved val loss is the recorded best), and the layers
+    before the cut never changed."""
+    import keras
+
+    from fer.data import StudyData
+    from fer.errors import UserError
+    from fer.model import build_model, load_trained_model
+    from fer.training import predict_probs, run_trial
+
+    study = new_study("cached_finetune")
+    data = StudyData(study / "data")
+    base = dict(backbone="mobilenetv2", epochs_head=0, epochs_finetune=2, head_features="exact",
+                finetune_features="cached", finetune_cache_units=12, lr_finetune=1e-3)
+    first = run_trial(_config(**base, unfreeze_layers=12), data, study / "t1")
+    second = run_trial(_config(**base, unfreeze_layers=6, seed=0, dropout=0.2), data, study / "t2")
+    cache1, cache2 = first["feature_cache"]["finetune"], second["feature_cache"]["finetune"]
+    assert cache1["computed"] is True and cache2["computed"] is False and cache1["key"] == cache2["key"]
+    assert second["trainable_layers"]["finetune"] < first["trainable_layers"]["finetune"]
+
+    history = pd.read_csv(study / "t1" / "history.csv")
+    assert list(history.stage) == ["finetune", "finetune"]
+    trained = load_trained_model(study / "t1" / "model.keras")
+    probs = predict_probs(trained, data.pixels("val", 32), 8)
+    loss = keras.losses.CategoricalCrossentropy()(np.eye(len(data.classes))[data.labels("val")], probs)
+    assert float(loss) == pytest.approx(history.val_loss.min(), rel=1e-4)
+
+    untrained = build_model(_config(**base, unfreeze_layers=12), len(data.classes))
+    changed = [layer.name for layer in untrained.layers if layer.weights and any(
+        not np.allclose(a, b) for a, b in zip(layer.get_weights(), trained.get_layer(layer.name).get_weights()))]
+    assert changed and all(name.startswith(("block_15", "block_16", "Conv_1", "head_")) for name in changed)
+
+    with pytest.raises(UserError, match="finetune_cache_units 6 is below unfreeze_layers 12"):
+        run_trial(_config(**{**base, "finetune_cache_units": 6}, unfreeze_layers=12), data, study / "t3")

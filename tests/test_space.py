@@ -52,6 +52,16 @@ def test_valid_space_round_trips_and_max_epochs():
     assert space.start_points[0]["unfreeze_layers"] == 30
 
 
+def test_cached_finetune_trials_cut_at_the_largest_unfreeze_of_the_space():
+    """So every trial of a backbone shares one stage-2 cache, whatever unfreeze_layers it draws."""
+    fixed = {**BASE["fixed"], "finetune_features": "cached"}
+    space = parse_space(with_(fixed=fixed))
+    assert space.config_for("mobilenetv2", {"unfreeze_layers": 7})["finetune_cache_units"] == 30
+    assert parse_space(with_()).config_for("mobilenetv2", {"unfreeze_layers": 7})["finetune_cache_units"] == 0
+    pinned = parse_space(with_(fixed={**fixed, "finetune_cache_units": 40}))
+    assert pinned.config_for("mobilenetv2", {"unfreeze_layers": 7})["finetune_cache_units"] == 40
+
+
 @pytest.mark.parametrize("raw, words", [
     (with_(colour="red"), ["unknown key 'colour'"]),
     (with_(backbones=["mobilenet025", "vgg99"]), ["unknown backbone 'vgg99'"]),

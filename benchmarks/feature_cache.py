@@ -1,15 +1,18 @@
-"""Head-stage feature cache: cost and accuracy of `head_features=cached` against the exact head stage.
+"""Frozen-feature caches: cost and accuracy of `head_features=cached` (and, with --epochs-finetune N,
+`finetune_features=cached`) against the exact method.
 
-    python3 benchmarks/head_cache.py [--per-class 100] [--image-size 48] [--trials 10] [--seeds 3]
+    python3 benchmarks/feature_cache.py [--per-class 100] [--image-size 48] [--trials 10] [--seeds 3]
+    python3 benchmarks/feature_cache.py ... --epochs-finetune 4     # both stages, both caches
 
-A 10-trial study of the head stage (stage 1 only: epochs_finetune=0), one backbone, head hyperparameters
-(dense units, dropout, lr_head) varying from trial to trial; the first trial is the published setting. The
-same configs run twice, exact (backbone forward pass for every image every epoch) and cached (the study's
-first cached trial computes `feature_views` augmented views per train image once; every trial trains its head
-on them). Reports
+A 10-trial study, one backbone, head hyperparameters (dense units, dropout, lr_head, and lr_finetune when
+stage 2 runs) varying from trial to trial; the first trial is the published setting. By default stage 1
+only (epochs_finetune=0). The same configs run twice, exact (the frozen layers' forward pass for every image
+every epoch) and cached (the study's first cached trial computes `feature_views` augmented views per train
+image once; every trial trains on them). Reports
 
-- head-stage seconds per trial: the head epochs' seconds (training + validation + best-model saving) plus,
-  for cached, the one-off feature computation spread over the trials. Target: cached >= 5x cheaper.
+- seconds per trial of each stage: its epochs' seconds (training + validation + best-model saving) plus,
+  for cached, the stage's one-off feature computation spread over the trials. Target: head stage cached
+  >= 5x cheaper.
 - final val accuracy of both, trial by trial, against the seed-to-seed spread of the exact method (the
   published setting with `--seeds` seeds). Target: |cached - exact| within that spread.
 
@@ -22,7 +25,7 @@ What decides the speedup: the cached head stage removes the backbone's forward p
 epoch (Keras's epoch set-up, validation, saving the best full model). So it shows where the backbone forward
 pass is the work, e.g. (2-core Xeon, TensorFlow CPU)
 
-    python3 benchmarks/head_cache.py --backbone mobilenetv2 --image-size 96 --epochs-head 6 \
+    python3 benchmarks/feature_cache.py --backbone mobilenetv2 --image-size 96 --epochs-head 6 \
         --weights ../shared/weights/mobilenet_v2_1.0_torchvision_port_no_top.weights.h5
 
 while with MobileNet 0.25 at 48 px (the quick default) the forward pass is cheap and the gain small (about 2.5x).
@@ -56,6 +59,8 @@ def parse_args():
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3, help="seeds of the exact published setting (spread)")
     p.add_argument("--epochs-head", type=int, default=8)
+    p.add_argument("--epochs-finetune", type=int, default=0, help="stage 2 epochs (0: head stage only)")
+    p.add_argument("--unfreeze-layers", type=int, default=30)
     p.add_argument("--views", type=int, default=5, help="feature_views of the cached method")
     p.add_argument("--batch-size", type=int, default=32)
     return p.parse_args()
@@ -66,11 +71,12 @@ def trial_configs(n: int, seed: int = 0) -> list[dict]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    configs = [{"dense_units": 256, "dropout": 0.53, "lr_head": 1e-3}]
+    configs = [{"dense_units": 256, "dropout": 0.53, "lr_head": 1e-3, "lr_finetune": 1e-4}]
     while len(configs) < n:
         configs.append({"dense_units": int(rng.choice([64, 128, 256, 512])),
                         "dropout": round(float(rng.uniform(0.2, 0.6)), 3),
-                        "lr_head": float(10 ** rng.uniform(-4, math.log10(3e-3)))})
+                        "lr_head": float(10 ** rng.uniform(-4, math.log10(3e-3))),
+                        "lr_finetune": float(10 ** rng.uniform(-5, math.log10(3e-4)))})
     return configs
 
 
@@ -95,7 +101,7 @@ def prepare_data(args, tmp: Path):
 
 
 def run_one(config: dict, data, out: Path) -> dict:
-    """One trial; returns its head-stage seconds, val accuracy, feature-cache info and CPU seconds."""
+    """One trial; returns its seconds per stage, val accuracy, feature-cache info and CPU seconds."""
     import keras
     import pandas as pd
 
@@ -105,10 +111,15 @@ def run_one(config: dict, data, out: Path) -> dict:
     cpu0 = time.process_time()
     summary = run_trial(config, data, out)
     history = pd.read_csv(out / "history.csv")
-    cache = summary.get("feature_cache") or {}
-    return {"head_s": float(history[history.stage == "head"].epoch_s.sum()) + cache.get("seconds", 0.0),
-            "feature_s": cache.get("seconds", 0.0), "feature_computed": cache.get("computed", False),
-            "head_epochs": int((history.stage == "head").sum()),
+    caches = summary.get("feature_cache") or {}
+    stats = {}
+    for stage in ("head", "finetune"):
+        cache = caches.get(stage, {})
+        stats.update({f"{stage}_s": float(history[history.stage == stage].epoch_s.sum()) + cache.get("seconds", 0.0),
+                    f"{stage}_feature_s": cache.get("seconds", 0.0),
+                    f"{stage}_feature_computed": cache.get("computed", False),
+                    f"{stage}_epochs": int((history.stage == stage).sum())})
+    return {**stats,
             "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"],
             "trial_cpu_s": time.process_time() - cpu0}
 
@@ -121,8 +132,9 @@ def main():
 
     configure_backend()
     base = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                batch_size=args.batch_size, epochs_head=args.epochs_head, epochs_finetune=0,
-                patience=3, feature_views=args.views, seed=0)
+                batch_size=args.batch_size, epochs_head=args.epochs_head, epochs_finetune=args.epochs_finetune,
+                unfreeze_layers=args.unfreeze_layers, patience=3, feature_views=args.views, seed=0)
+    stages = ("head", "finetune") if args.epochs_finetune > 0 else ("head",)
     if "torchvision_port" in args.weights:
         base["bn_epsilon"] = 1e-5
     configs = trial_configs(args.trials)
@@ -132,27 +144,33 @@ def main():
         runs = {"exact": [], "cached": []}
         for i, head in enumerate(configs):
             for method in ("exact", "cached"):
-                config = make_config({**base, **head, "head_features": method})
+                config = make_config({**base, **head, "head_features": method,
+                                      "finetune_features": method if "finetune" in stages else "exact"})
                 runs[method].append(run_one(config, data, tmp / f"{method}{i}"))
                 print(f"trial {i} {method}: {json.dumps(runs[method][-1])}", file=sys.stderr)
         spread = [runs["exact"][0]["val_accuracy"]]
         for seed in range(1, args.seeds):
-            config = make_config({**base, **configs[0], "seed": seed, "head_features": "exact"})
+            config = make_config({**base, **configs[0], "seed": seed})
             spread.append(run_one(config, data, tmp / f"seed{seed}")["val_accuracy"])
         n_train, n_val = len(data.labels("train")), len(data.labels("val"))
 
-    exact_s = sum(r["head_s"] for r in runs["exact"]) / len(configs)
-    cached_s = sum(r["head_s"] for r in runs["cached"]) / len(configs)  # includes the one-off, amortised
+    per_stage = {}
+    for stage in stages:  # seconds per trial; cached includes the one-off, amortised over the trials
+        exact_s = sum(r[f"{stage}_s"] for r in runs["exact"]) / len(configs)
+        cached_s = sum(r[f"{stage}_s"] for r in runs["cached"]) / len(configs)
+        per_stage.update({
+            f"exact_{stage}_s_per_trial": round(exact_s, 2), f"cached_{stage}_s_per_trial": round(cached_s, 2),
+            f"{stage}_feature_compute_once_s": round(sum(r[f"{stage}_feature_s"] for r in runs["cached"]
+                                                         if r[f"{stage}_feature_computed"]), 2),
+            f"{stage}_speedup": round(exact_s / cached_s, 2)})
     diffs = [c["val_accuracy"] - e["val_accuracy"] for c, e in zip(runs["cached"], runs["exact"])]
     seed_range = max(spread) - min(spread)
     print(json.dumps({
-        "benchmark": "head_cache", "backbone": args.backbone, "weights": Path(args.weights).name,
+        "benchmark": "feature_cache", "backbone": args.backbone, "weights": Path(args.weights).name,
         "image_size": args.image_size, "data": "demo" if args.demo else "fer2013-subsample",
         "train_images": n_train, "val_images": n_val, "trials": len(configs), "epochs_head": args.epochs_head,
-        "feature_views": args.views,
-        "exact_head_s_per_trial": round(exact_s, 2), "cached_head_s_per_trial": round(cached_s, 2),
-        "feature_compute_once_s": round(sum(r["feature_s"] for r in runs["cached"] if r["feature_computed"]), 2),
-        "head_speedup": round(exact_s / cached_s, 2), "target_head_speedup": 5.0,
+        "epochs_finetune": args.epochs_finetune, "unfreeze_layers": args.unfreeze_layers,
+        "feature_views": args.views, **per_stage, "target_head_speedup": 5.0,
         "exact_trial_cpu_s": round(statistics.mean(r["trial_cpu_s"] for r in runs["exact"]), 2),
         "cached_trial_cpu_s": round(statistics.mean(r["trial_cpu_s"] for r in runs["cached"]), 2),
         "val_accuracy_exact": [round(r["val_accuracy"], 3) for r in runs["exact"]],
