@@ -122,21 +122,21 @@ def head_model(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer("head_out")(x), name="head_only")
 
 
-def tail_layer_count(model: keras.Model, units: int, unit: str, backbone) -> int:
-    """How many of the last backbone layers `units` layers or blocks are (see fer.model.last_backbone_layers)."""
-    from fer.model import last_backbone_layers
-
-    return len(last_backbone_layers(model, units, unit, backbone))
-
-
 def split_at_tail(model: keras.Model, tail_layers: int) -> tuple[keras.Model, keras.Model, str]:
     """Cut `model` before its last `tail_layers` backbone layers: (prefix, tail, cut name).
 
     `prefix` maps the (augmented) image to the tensors that cross the cut; `tail` maps those tensors to the
-    class probabilities with the SAME layer objects as `model` (training it trains the full model). The
-    crossing tensors are found by walking back from the output through the graph until a layer outside
-    the tail and the head: more than one when the cut falls inside a residual block.
+    class probabilities with the SAME layer objects as `model` (training it trains the full model).
     """
+    crossing, cut = crossing_tensors(model, tail_layers)
+    prefix = keras.Model(model.get_layer("preprocess").input, crossing, name="frozen_prefix")
+    return prefix, keras.Model(crossing, model.output, name="trainable_tail"), cut
+
+
+def crossing_tensors(model: keras.Model, tail_layers: int) -> tuple[list, str]:
+    """The tensors entering the last `tail_layers` backbone layers (and the head) from before them, and the
+    name of the first tail layer. Found by walking back from the output through the graph until a layer
+    outside the tail and the head: more than one when the cut falls inside a residual block."""
     layers = backbone_layers(model)
     tail = layers[len(layers) - tail_layers:] if tail_layers > 0 else []
     inside = {id(layer) for layer in tail} | {id(layer) for layer in model.layers
@@ -152,10 +152,7 @@ def split_at_tail(model: keras.Model, tail_layers: int) -> tuple[keras.Model, ke
             crossing.append(tensor)
             continue
         stack.extend(reversed(operation._inbound_nodes[node_index].input_tensors))
-    prefix = keras.Model(model.get_layer("preprocess").input, crossing, name="frozen_prefix")
-    tail_model = keras.Model(crossing, model.output, name="trainable_tail")
-    cut = tail[0].name if tail else "head"
-    return prefix, tail_model, cut
+    return crossing, (tail[0].name if tail else "head")
 
 
 class _Augmented(keras.Model):
@@ -184,43 +181,54 @@ class _Heartbeat(keras.callbacks.Callback):
 
 
 def compute_features(extractor: keras.Model, config: dict, study_data, beat: Callable[[], None] = lambda: None,
-                     out: Callable[[str, int, tuple], np.ndarray] | None = None
-                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                     out: Callable[[str, int, tuple], np.ndarray] | None = None,
+                     source: CachedFeatures | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(train arrays (views, N, ...), val arrays (N, ...)), one per output of `extractor`.
 
-    Fresh augmentation layers with the trial seed make the views (so computing them does not advance the
-    RNG state of the model's own augmentation layers). `out(split, i, shape)` allocates the result arrays
-    (the cache passes memory-mapped files, so only one view is held in memory); `beat` runs every batch.
+    From images (`source` None): fresh augmentation layers with the trial seed make the views (so computing
+    them does not advance the RNG state of the model's own augmentation layers). From `source`, another
+    cache whose arrays are `extractor`'s inputs: view by view (the head features from the stage-2 cache:
+    the same augmented images, without running the frozen prefix again). `out(split, i, shape)` allocates
+    the result arrays (the cache passes memory-mapped files, so only one view is held in memory); `beat`
+    runs every batch.
     """
     from fer.layers import augmentation_layers
 
     out = out or (lambda split, i, shape: np.empty(shape, dtype=np.float32))
     size, batch = config["image_size"], config["batch_size"]
-    views_model = _Augmented(augmentation_layers(config["augment"], config["seed"]), extractor, name="views")
     callbacks = [_Heartbeat(beat)]
     shapes = [tuple(t.shape[1:]) for t in extractor.outputs]
-    train_pixels = study_data.pixels("train", size)
-    n_views = effective_views(config)
-    train = [out("train", i, (n_views, len(train_pixels), *shape)) for i, shape in enumerate(shapes)]
-    for view in range(n_views):
-        for i, values in enumerate(_predict(views_model, train_pixels, batch, callbacks)):
+    if source is None:
+        views_model = _Augmented(augmentation_layers(config["augment"], config["seed"]), extractor, name="views")
+        train_pixels = study_data.pixels("train", size)
+        view_inputs = [(views_model, train_pixels)] * effective_views(config)
+        val_inputs_ = study_data.pixels("val", size)
+    else:
+        view_inputs = [(extractor, _inputs(source.train, view)) for view in range(len(source.train[0]))]
+        val_inputs_ = val_inputs(source)
+    n_train = len(study_data.labels("train"))
+    train = [out("train", i, (len(view_inputs), n_train, *shape)) for i, shape in enumerate(shapes)]
+    for view, (model, inputs) in enumerate(view_inputs):
+        for i, values in enumerate(_predict(model, inputs, batch, callbacks)):
             train[i][view] = values
-    val_pixels = study_data.pixels("val", size)
-    val = [out("val", i, (len(val_pixels), *shape)) for i, shape in enumerate(shapes)]
-    for i, values in enumerate(_predict(extractor, val_pixels, batch, callbacks)):
+    val = [out("val", i, (len(study_data.labels("val")), *shape)) for i, shape in enumerate(shapes)]
+    for i, values in enumerate(_predict(extractor, val_inputs_, batch, callbacks)):
         val[i][...] = values
     return train, val
 
 
-def _predict(model: keras.Model, pixels: np.ndarray, batch: int, callbacks: list) -> list[np.ndarray]:
-    out = model.predict(PixelBatches(pixels, batch), verbose=0, callbacks=callbacks)
+def _predict(model: keras.Model, inputs, batch: int, callbacks: list) -> list[np.ndarray]:
+    batches = PixelBatches(inputs, batch)
+    out = model.predict(batches, verbose=0, callbacks=callbacks)
     out = out if isinstance(out, (list, tuple)) else [out]
-    return [np.asarray(a[:len(pixels)], dtype=np.float32) for a in out]  # PixelBatches may pad the last batch
+    n = len(batches.order)
+    return [np.asarray(a[:n], dtype=np.float32) for a in out]  # PixelBatches may pad the last batch
 
 
 def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data, stale_s: float = STALE_S,
-                    poll_s: float = POLL_S) -> CachedFeatures:
-    """The features of `spec`'s key: loaded, waited for, or computed here with `extractor` (once per study)."""
+                    poll_s: float = POLL_S, source: CachedFeatures | None = None) -> CachedFeatures:
+    """The features of `spec`'s key: loaded, waited for, or computed here with `extractor` (once per study),
+    from images or from `source` (see compute_features)."""
     t0 = time.perf_counter()
     key = feature_key(spec)
     folder = features_dir(study_data)
@@ -240,7 +248,7 @@ def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data
             return np.lib.format.open_memmap(partials[(split, i)], mode="w+", dtype=np.float32, shape=shape)
 
         try:
-            train, val = compute_features(extractor, config, study_data, beat, out=allocate)
+            train, val = compute_features(extractor, config, study_data, beat, out=allocate, source=source)
             for array in train + val:
                 array.flush()
             for (split, i), partial in partials.items():
@@ -260,19 +268,36 @@ def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data
                           time.perf_counter() - t0)
 
 
-def head_features(model: keras.Model, config: dict, study_data, dtype_policy: str, **kwargs) -> CachedFeatures:
-    """Stage 1's cache: pooled backbone features."""
-    spec = feature_spec(config, study_data, dtype_policy, kind="head")
-    return cached_features(head_extractor(model), spec, config, study_data, **kwargs)
+def stage_features(model: keras.Model, stage: str, config: dict, study_data, dtype_policy: str,
+                   **kwargs) -> tuple[CachedFeatures, keras.Model]:
+    """A stage's cache and the model (of the same trainable layers as `model`) that trains on it.
 
-
-def finetune_features(model: keras.Model, config: dict, study_data, dtype_policy: str, tail_layers: int,
-                      **kwargs) -> tuple[CachedFeatures, keras.Model]:
-    """Stage 2's cache: the activations entering the last `tail_layers` backbone layers; and the tail model
-    that trains on them."""
-    prefix, tail, cut = split_at_tail(model, tail_layers)
+    'head': pooled backbone features and the head-only model; 'finetune': the activations entering the
+    tail (the last `finetune_cache_units`, or `unfreeze_layers`, backbone layers or blocks) and the tail
+    model. With both caches on, the head features are computed from the stage-2 cache (the frozen tail
+    run on the same augmented views): the prefix runs once for both, and the head key stays the same
+    (the values are the same function of the same images).
+    """
+    if stage == "head":
+        spec = feature_spec(config, study_data, dtype_policy, kind="head")
+        extractor, source = head_extractor(model), None
+        if config["finetune_features"] == "cached" and config["epochs_finetune"] > 0:
+            source, _ = stage_features(model, "finetune", config, study_data, dtype_policy, **kwargs)
+            crossing, _ = crossing_tensors(model, _tail_layers(model, config))
+            extractor = keras.Model(crossing, model.get_layer("head_pool").output, name="tail_features")
+        return cached_features(extractor, spec, config, study_data, source=source, **kwargs), head_model(model)
+    prefix, tail, cut = split_at_tail(model, _tail_layers(model, config))
     spec = feature_spec(config, study_data, dtype_policy, kind="finetune", cut=cut)
     return cached_features(prefix, spec, config, study_data, **kwargs), tail
+
+
+def _tail_layers(model: keras.Model, config: dict) -> int:
+    """Backbone layers after the stage-2 cut: the last `finetune_cache_units` (or `unfreeze_layers`) units."""
+    from fer.backbones import get_backbone
+    from fer.model import last_backbone_layers
+
+    units = config["finetune_cache_units"] or config["unfreeze_layers"]
+    return len(last_backbone_layers(model, units, config["unfreeze_unit"], get_backbone(config["backbone"])))
 
 
 class FeatureViews(PixelBatches):

@@ -331,13 +331,7 @@ def _cached_stage(model: keras.Model, stage: str, config: dict, study_data, stat
     part. Returns (model to fit, batches, monitor, cache info)."""
     from fer import feature_cache as fc
 
-    policy = keras.config.dtype_policy().name
-    if stage == "head":
-        features, fit_model = fc.head_features(model, config, study_data, policy), fc.head_model(model)
-    else:
-        units = config["finetune_cache_units"] or config["unfreeze_layers"]
-        tail = fc.tail_layer_count(model, units, config["unfreeze_unit"], _backbone(config))
-        features, fit_model = fc.finetune_features(model, config, study_data, policy, tail)
+    features, fit_model = fc.stage_features(model, stage, config, study_data, keras.config.dtype_policy().name)
     batches = fc.FeatureViews(features.train, config["batch_size"], study_data.labels("train"),
                               state.num_classes, study_data.class_weights, shuffle_seed=config["seed"])
     monitor = EpochMonitor(state, stage, val_inputs=fc.val_inputs(features), full_model=model)

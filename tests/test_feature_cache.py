@@ -124,16 +124,15 @@ def test_cached_head_stage_end_to_end(new_study):
 
 def test_cut_inside_a_residual_block_reproduces_the_full_model():
     """The stage-2 cut: prefix then tail == the full model (inference), with two tensors crossing the cut."""
-    from fer.feature_cache import split_at_tail, tail_layer_count
-    from fer.model import build_model, set_stage
     from fer.backbones import get_backbone
+    from fer.feature_cache import split_at_tail
+    from fer.model import build_model, set_stage
 
     config = _config(backbone="mobilenetv2", augment=0.0)
     model = build_model(config, 5)
     # MobileNetV2's last 12 layers start inside block 15, whose output adds the block's input (a skip)
-    tail_layers = tail_layer_count(model, 12, "layers", get_backbone("mobilenetv2"))
-    prefix, tail, cut = split_at_tail(model, tail_layers)
-    assert tail_layers == 12 and cut.startswith("block_15")
+    prefix, tail, cut = split_at_tail(model, 12)
+    assert cut.startswith("block_15")
     assert len(prefix.outputs) == 2
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
     np.testing.assert_allclose(np.asarray(tail(prefix(images))), np.asarray(model(images)), rtol=1e-5, atol=1e-6)
@@ -175,5 +174,21 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
         not np.allclose(a, b) for a, b in zip(layer.get_weights(), trained.get_layer(layer.name).get_weights()))]
     assert changed and all(name.startswith(("block_15", "block_16", "Conv_1", "head_")) for name in changed)
 
+    # with both caches, the head features come from the stage-2 cache (the frozen tail on the same views):
+    # the same values as from the images
+    from fer.feature_cache import compute_features, features_dir, head_extractor
+
+    both = _config(**{**base, "head_features": "cached", "epochs_head": 1}, unfreeze_layers=12)
+    third = run_trial(both, data, study / "t3")
+    assert third["feature_cache"]["finetune"]["computed"] is False and third["feature_cache"]["head"]["computed"]
+    [from_images], [val_from_images] = compute_features(head_extractor(build_model(both, len(data.classes))), both,
+                                                        data)
+    key = third["feature_cache"]["head"]["key"]
+    scale = np.abs(from_images).max()
+    np.testing.assert_allclose(np.load(features_dir(data) / f"{key}.train.0.npy"), from_images, rtol=1e-4,
+                               atol=1e-5 * scale)
+    np.testing.assert_allclose(np.load(features_dir(data) / f"{key}.val.0.npy"), val_from_images, rtol=1e-4,
+                               atol=1e-5 * scale)
+
     with pytest.raises(UserError, match="finetune_cache_units 6 is below unfreeze_layers 12"):
-        run_trial(_config(**{**base, "finetune_cache_units": 6}, unfreeze_layers=12), data, study / "t3")
+        run_trial(_config(**{**base, "finetune_cache_units": 6}, unfreeze_layers=12), data, study / "t4")
