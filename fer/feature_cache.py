@@ -63,7 +63,9 @@ class CachedFeatures:
     train: list[np.ndarray]
     val: list[np.ndarray]
     computed: bool  # True when this process computed them (False: loaded or waited for another process)
-    seconds: float  # time this process spent getting them (computing, waiting or loading)
+    # time this process spent getting them (computing, waiting or loading); with both caches on, the head
+    # stage's figures include getting the stage-2 cache its features are computed from
+    seconds: float
 
     def info(self) -> dict:
         """What a trial's summary records about the cache it used."""
@@ -285,7 +287,11 @@ def stage_features(model: keras.Model, stage: str, config: dict, study_data, dty
             source, _ = stage_features(model, "finetune", config, study_data, dtype_policy, **kwargs)
             crossing, _ = crossing_tensors(model, _tail_layers(model, config))
             extractor = keras.Model(crossing, model.get_layer("head_pool").output, name="tail_features")
-        return cached_features(extractor, spec, config, study_data, source=source, **kwargs), head_model(model)
+        features = cached_features(extractor, spec, config, study_data, source=source, **kwargs)
+        if source is not None:  # the stage-2 cache was got for the head stage: its time is the head stage's
+            features.seconds += source.seconds
+            features.computed = features.computed or source.computed
+        return features, head_model(model)
     prefix, tail, cut = split_at_tail(model, _tail_layers(model, config))
     spec = feature_spec(config, study_data, dtype_policy, kind="finetune", cut=cut)
     return cached_features(prefix, spec, config, study_data, **kwargs), tail
