@@ -46,6 +46,7 @@ import numpy as np
 
 from fer.compute_once import POLL_S, STALE_S, atomic_write_text, create_or_wait, partial_path
 from fer.data.decode import file_sha256
+from fer.errors import UserError
 from fer.model import HEAD_PREFIX, backbone_layers
 from fer.training import PixelBatches
 
@@ -243,6 +244,7 @@ def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data
 
     def compute(beat: Callable[[], None]) -> None:
         start = time.perf_counter()
+        _check_room(extractor, config, study_data, folder, spec["kind"])
         partials = {}
 
         def allocate(split: str, i: int, shape: tuple) -> np.ndarray:
@@ -268,6 +270,24 @@ def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data
     return CachedFeatures(key, [np.load(path("train", i), mmap_mode="r") for i in range(n_inputs)],
                           [np.load(path("val", i), mmap_mode="r") for i in range(n_inputs)], computed,
                           time.perf_counter() - t0)
+
+
+def _check_room(extractor: keras.Model, config: dict, study_data, folder: Path, kind: str) -> None:
+    """Refuse, before computing, a cache the study folder's disk cannot hold (stage-2 caches of early cuts at
+    large sizes are big: views x images x activation size), with the options that shrink it."""
+    import shutil
+
+    per_image = sum(int(np.prod(t.shape[1:])) for t in extractor.outputs) * 4
+    n_train, n_val = len(study_data.labels("train")), len(study_data.labels("val"))
+    need = per_image * (effective_views(config) * n_train + n_val)
+    free = shutil.disk_usage(folder).free
+    log.info("%s feature cache: %.1f MiB in %s", kind, need / 2**20, folder)
+    if need > 0.9 * free:
+        raise UserError(
+            f"the {kind} feature cache needs {need / 2**30:.1f} GiB ({effective_views(config)} views x {n_train} "
+            f"train images x {per_image / 2**10:.0f} KiB) but {folder} has {free / 2**30:.1f} GiB free; use fewer "
+            "feature_views, a later cut (smaller finetune_cache_units / unfreeze_layers), or the exact method "
+            f"({kind}_features=exact)")
 
 
 def stage_features(model: keras.Model, stage: str, config: dict, study_data, dtype_policy: str,

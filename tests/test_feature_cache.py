@@ -192,3 +192,23 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
 
     with pytest.raises(UserError, match="finetune_cache_units 6 is below unfreeze_layers 12"):
         run_trial(_config(**{**base, "finetune_cache_units": 6}, unfreeze_layers=12), data, study / "t4")
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_computing(new_study, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from fer.data import StudyData
+    from fer.errors import UserError
+    from fer.feature_cache import features_dir, stage_features
+    from fer.model import build_model
+
+    data = StudyData(new_study("full_disk") / "data")
+    config = _config(finetune_features="cached", unfreeze_layers=4, epochs_finetune=1)
+    model = build_model(config, len(data.classes))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match=r"finetune feature cache needs .* GiB free; use fewer feature_views"):
+        stage_features(model, "finetune", config, data, "float32")
+    assert not any(p.suffix == ".npy" for p in features_dir(data).iterdir())  # nothing half-written
+    assert not any(p.suffix == ".lock" for p in features_dir(data).iterdir())  # and the lock released
