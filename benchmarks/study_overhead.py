@@ -45,6 +45,45 @@ def ray_head_memory(num_cpus: int) -> dict:
     return {"processes": len(procs), "rss_mb": round(rss / 2**20), "pss_mb": round(pss / 2**20)}
 
 
+class IdleSampler:
+    """Samples the machine's idle CPU time (all cores, idle + iowait) every `period` seconds in a thread, so
+    the breakdown can say how much of a phase's CPU capacity nobody used: time that overlapping could fill,
+    as opposed to time that only less work can save. Counts every process on the machine."""
+
+    def __init__(self, period: float = 0.25):
+        import threading
+
+        self.period, self.samples = period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while True:
+            times = psutil.cpu_times()
+            self.samples.append((time.time(), times.idle + getattr(times, "iowait", 0.0)))
+            if self._stop.wait(self.period):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def idle_between(self, start: float | None, end: float | None) -> float | None:
+        """Idle core-seconds between two unix times (linear between samples)."""
+        import numpy as np
+
+        if start is None or end is None or len(self.samples) < 2 or end <= start:
+            return None
+        t, idle = np.array(self.samples).T
+        return round(float(np.interp(end, t, idle) - np.interp(start, t, idle)), 1)
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return round(sum(values) / len(values), 2) if values else None
@@ -67,7 +106,8 @@ def time_breakdown(timings: dict, outcomes: list[dict], wall: float, start_unix:
         row["gap_before_s"] = round(row["started_at"] - free[slot], 3) if row["started_at"] else None
         free[slot] = row["finished_at"]
     end = timings.get("search_ended_at")
-    keys = ("gap_before_s", "worker_start_s", "setup_s", "epochs_s", "between_epochs_s", "wrap_up_s", "end_s")
+    keys = ("gap_before_s", "worker_start_s", "setup_s", "epochs_s", "between_epochs_s", "report_wait_s", "wrap_up_s",
+            "end_s")
     return {
         "phases": phases,
         "per_trial_mean_s": {key: _mean(r.get(key) for r in rows) for key in keys},
@@ -108,15 +148,23 @@ def main() -> None:
                            "augment": 0.0},
                  "space": {"dropout": {"uniform": [0.1, 0.6]}}}
         (tmp / "space.yaml").write_text(yaml.safe_dump(space))
-        t0, t0_unix = time.perf_counter(), time.time()
-        run_study(study, tmp / "space.yaml", cpus_per_trial=1, num_cpus=args.concurrency, dashboard=True,
-                  stream=sys.stderr, live=False)
-        wall = time.perf_counter() - t0
+        with IdleSampler() as idle:
+            t0, t0_unix = time.perf_counter(), time.time()
+            run_study(study, tmp / "space.yaml", cpus_per_trial=1, num_cpus=args.concurrency, dashboard=True,
+                      stream=sys.stderr, live=False)
+            wall = time.perf_counter() - t0
+            end_unix = time.time()
         trials = pd.read_csv(study / "trials.csv")
         study_json = json.loads((study / "study.json").read_text())
         search_s = study_json.get("search_s")
         outcomes = [json.loads(path.read_text()) for path in sorted((study / "trials").glob("*/outcome.json"))]
-        breakdown = time_breakdown(study_json.get("timings", {}), outcomes, wall, t0_unix, args.concurrency)
+        timings = study_json.get("timings", {})
+        breakdown = time_breakdown(timings, outcomes, wall, t0_unix, args.concurrency)
+        search = (timings.get("search_started_at"), timings.get("search_ended_at"))
+        breakdown["idle_core_s"] = {"before_search": idle.idle_between(t0_unix, search[0]),
+                                    "search": idle.idle_between(*search),
+                                    "after_search": idle.idle_between(search[1], end_unix),
+                                    "whole_run": idle.idle_between(t0_unix, end_unix)}
     train = float(trials.train_s.sum())
     trial_wall = float(trials.trial_s.sum())
     print(json.dumps({

@@ -136,11 +136,12 @@ def trial_timing(records: list[dict], started_at: float | None, worker_started_a
     if reported:
         first_epoch_at = reported[0]["reported_at"] - (clean_float(reported[0].get("epoch_s")) or 0.0)
         last_report_at = reported[-1]["reported_at"]
-    worker_finished_at = None
+    worker = {}
     try:
-        worker_finished_at = json.loads((Path(trial_dir) / WORKER_TIMES).read_text()).get("finished_at")
+        worker = json.loads((Path(trial_dir) / WORKER_TIMES).read_text())
     except (OSError, ValueError):
         pass
+    worker_finished_at = worker.get("finished_at")
     times = {"started_at": started_at, "worker_started_at": worker_started_at, "first_epoch_at": first_epoch_at,
              "last_report_at": last_report_at, "worker_finished_at": worker_finished_at, "finished_at": finished_at}
 
@@ -157,6 +158,7 @@ def trial_timing(records: list[dict], started_at: float | None, worker_started_a
         "setup_s": between("worker_started_at", "first_epoch_at"),  # imports, data, model build
         "epochs_s": round(epochs_s, 3),
         "between_epochs_s": round(span - epochs_s, 3) if span is not None else None,  # saves, reports
+        "report_wait_s": worker.get("report_wait_s"),  # of which blocked in tune.report (driver round trips)
         "wrap_up_s": between("last_report_at", "worker_finished_at"),  # final val metrics, summary
         "end_s": between("worker_finished_at", "finished_at") if worker_finished_at is not None
         else between("last_report_at", "finished_at"),  # the driver learns the trial ended

@@ -21,13 +21,38 @@ import ray
 
 from study.results import Ledger, write_json
 from study.space import Space
-from study.tune_trial import evaluate_best, retrain_seed
+from study.tune_trial import Evaluator, evaluate_best, retrain_seed
 
 SELECTION = "selection.json"
 
 
 def _remote(fn, cpus: float, gpus: float):
     return ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus or 0, max_retries=0)
+
+
+class EvaluatorPool:
+    """Evaluator actors (study.tune_trial.Evaluator) with a trial's resources, at most `limit` (the backbones).
+
+    `fill(free)` starts actors on slots no trial will take any more, so their start-up overlaps the last
+    trials; `evaluate_bests` tops the pool up to what it needs and hands each backbone to one actor."""
+
+    def __init__(self, cpus: float, gpus: float, threads: int, limit: int):
+        self.cpus, self.gpus, self.threads, self.limit = cpus, gpus, threads, limit
+        self.actors: list = []
+
+    def fill(self, free_slots: int) -> int:
+        """Start actors on up to `free_slots` slots (never more than `limit` in all); return how many started."""
+        started = 0
+        while started < free_slots and len(self.actors) < self.limit:
+            actor_cls = ray.remote(Evaluator).options(num_cpus=self.cpus, num_gpus=self.gpus or 0, max_restarts=0)
+            self.actors.append(actor_cls.remote(self.threads))
+            started += 1
+        return started
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
 def _already_evaluated(best_dir: Path, trial_id: str) -> bool:
@@ -37,10 +62,20 @@ def _already_evaluated(best_dir: Path, trial_id: str) -> bool:
 
 
 def evaluate_bests(space: Space, ledger: Ledger, study_dir: Path, data_dir: Path, cpus: float, gpus: float,
-                   threads: int, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Evaluate every backbone's best trial on the test split (in parallel, as Ray tasks)."""
+                   threads: int, log: Callable[[str], None] = print, pool: EvaluatorPool | None = None,
+                   slots: int = 1) -> dict[str, dict]:
+    """Evaluate every backbone's best trial on the test split, on up to `slots` Evaluator actors in parallel
+    (those `pool` already started first; the pool is closed afterwards)."""
     study_dir = Path(study_dir)
-    pending, summary = {}, {}
+    pool = pool or EvaluatorPool(cpus, gpus, threads, limit=len(space.backbones))
+    try:
+        return _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log, pool, slots)
+    finally:
+        pool.close()
+
+
+def _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log, pool, slots):
+    pending, summary, jobs = {}, {}, {}
     for backbone in space.backbones:
         best = ledger.best(backbone, space.metric, space.mode)
         best_dir = study_dir / "best" / backbone
@@ -53,11 +88,17 @@ def evaluate_bests(space: Space, ledger: Ledger, study_dir: Path, data_dir: Path
         if _already_evaluated(best_dir, best["trial_id"]):
             summary[backbone] = json.loads((best_dir / SELECTION).read_text())
             continue
-        pending[backbone] = (selection, _remote(evaluate_best, cpus, gpus).remote(
-            str(study_dir / best["trial_dir"]), str(best_dir), str(data_dir), threads, selection))
+        jobs[backbone] = (str(study_dir / best["trial_dir"]), str(best_dir), str(data_dir), threads, selection)
+    if jobs:
+        pool.fill(max(0, min(len(jobs), slots) - len(pool.actors)))
+    for i, (backbone, args) in enumerate(jobs.items()):
+        pending[backbone] = (args[-1], pool.actors[i % len(pool.actors)].evaluate.remote(*args))
     for backbone, (selection, ref) in pending.items():
         try:
-            result = ray.get(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError:  # the actor died (not the evaluation): once more in a task
+                result = ray.get(_remote(evaluate_best, cpus, gpus).remote(*jobs[backbone]))
         except Exception as exc:  # noqa: BLE001 - report and go on with the other backbones
             log(f"{backbone}: test evaluation of trial {selection['trial_id']} failed: {exc}")
             continue

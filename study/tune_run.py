@@ -115,7 +115,9 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
 
     ray_was_running = ray.is_initialized()
     run_started = time.perf_counter()
+    preload = _preload_modules()  # while Ray starts (mostly waiting on its processes), in a thread
     info = tune_cluster.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, dashboard=dashboard)
+    preload.join()
     timings = {"connect_s": round(time.perf_counter() - run_started, 1)}
     try:
         log(tune_cluster.describe_dashboard(info))
@@ -138,15 +140,27 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         write_json(study_dir / "study.json", study)
 
         ledger = Ledger(study_dir)
-        _search(space, study, study_dir, data_dir, ledger, cpus_per_trial, gpus, trainable, stream, live, log)
+        pool = None
+        if trainable is None:
+            from study.tune_best import EvaluatorPool
+            from study.tune_trial import trial_threads
+
+            pool = EvaluatorPool(cpus_per_trial, gpus, trial_threads(cpus_per_trial), limit=len(space.backbones))
+        try:
+            _search(space, study, study_dir, data_dir, ledger, cpus_per_trial, gpus, trainable, stream, live, log,
+                    pool)
+        except BaseException:
+            if pool is not None:
+                pool.close()
+            raise
         ledger = Ledger(study_dir)  # what is on disk is the truth
         if trainable is None:
             from study.tune_best import evaluate_bests, retrain_seeds
-            from study.tune_trial import trial_threads
 
             threads = trial_threads(cpus_per_trial)
             t0 = time.perf_counter()
-            study["best"] = evaluate_bests(space, ledger, study_dir, data_dir, cpus_per_trial, gpus, threads, log)
+            study["best"] = evaluate_bests(space, ledger, study_dir, data_dir, cpus_per_trial, gpus, threads, log,
+                                           pool=pool, slots=tune_cluster.concurrent_trials(cpus_per_trial, gpus))
             timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
             if not study["best"]:
                 study["status"] = "failed"
@@ -172,6 +186,25 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
             ray.shutdown()
 
 
+def _preload_modules():
+    """Import what the search needs (Ray Tune, Optuna, our Tune glue: about a second) in a thread, so it
+    overlaps `ray.init`, which spends most of its seconds waiting for the processes it starts."""
+    import importlib
+    import threading
+
+    def run() -> None:
+        for name in ("ray.tune", "optuna", "study.progress", "study.tune_search", "study.tune_best",
+                     "fer.machine"):
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the real import later reports any problem
+                return
+
+    thread = threading.Thread(target=run, name="fer-study-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 @contextlib.contextmanager
 def _quiet_tune():
     """Tune logs every trial error with its traceback; our progress view and trials.csv already say it."""
@@ -192,8 +225,11 @@ def _counts(ledger: Ledger) -> dict:
 
 
 def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: Ledger, cpus: float,
-            gpus: float, trainable, stream, live, log) -> None:
-    """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early."""
+            gpus: float, trainable, stream, live, log, pool=None) -> None:
+    """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early.
+
+    `pool` (a study.tune_best.EvaluatorPool): once every trial has been handed out, each slot a finishing
+    trial frees for good starts an evaluator, whose start-up then overlaps the trials still running."""
     from ray import tune
 
     import optuna
@@ -230,9 +266,16 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     for status, count in _counts(ledger).items():
         view.done[status] = count
 
+    slots = concurrent_trials(cpus, gpus)
+    finished = [0]
+
     def on_change() -> None:
         study["trials"] = _counts(ledger)
         write_json(study_dir / "study.json", study)
+        finished[0] += 1
+        handed_out = sum(searcher.suggested.values())
+        if pool is not None and handed_out >= total:  # no trial will take a freed slot any more
+            pool.fill(slots - (handed_out - finished[0]) - len(pool.actors))
 
     callback = StudyCallback(ledger, space.metric, space.mode, view, tuple(space.space), stopped=stopped,
                              optuna_number=searcher.optuna_trial_number, on_change=on_change)
@@ -248,7 +291,7 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
         # may be pending, which serialises short trials behind each worker's start-up.
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
                                     reuse_actors=False,
-                                    max_concurrent_trials=concurrent_trials(cpus, gpus)),
+                                    max_concurrent_trials=slots),
         run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=str(study_dir / "tune"),
                                   callbacks=[callback], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
