@@ -1,12 +1,18 @@
 """How much of a study's wall time is NOT trial training: Ray start, worker start-up, bookkeeping, tests.
 
-Runs a small study on demo data (local Ray, `--concurrency` trials at once with one CPU each) and prints ONE
-JSON line: study wall time, the sum of the trials' training times (their epochs, as reported), the overhead
-fraction = 1 - sum(train) / (wall x concurrency), the same with each trial's whole worker time, and the memory of an idle local Ray
-head (the processes `fer-study run` starts, before any trial). Target: overhead < 15% for ~1-minute trials.
+Runs a small study on demo data (local Ray, `--concurrency` trials at once with one CPU each; by default 4
+MobileNetV2@96 trials of 2 x 8 epochs on 130 images per class, about a minute of epochs each on a quiet
+2-core machine) and prints ONE JSON line: study wall time, the sum of the trials' training times (their
+epochs, as reported), the overhead fraction = 1 - sum(train) / (wall x concurrency), the same with each
+trial's whole worker time, the memory of an idle local Ray head (the processes `fer-study run` starts,
+before any trial), and `breakdown`: the driver's phases (study.json "timings"), each trial's steps
+(outcome.json "timing": slot hand-over gap, worker set-up before the first epoch, time between epochs,
+wrap-up after the last report), each slot's idle tail at the end of the search, and the machine's idle
+core-seconds per phase (what overlapping could still fill; counts every process on the machine, so run it
+on a quiet one). Target: overhead < 15% for ~1-minute trials.
 
-    python3 benchmarks/study_overhead.py                   # ~6 minutes on 2 cores
-    python3 benchmarks/study_overhead.py --epochs 1 --image-size 32 --trials 2   # quick check
+    python3 benchmarks/study_overhead.py                   # ~4 minutes on 2 cores (+ ~30 s data, Ray memory)
+    python3 benchmarks/study_overhead.py --epochs 1 --image-size 32 --trials 2 --per-class 20   # quick check
 """
 
 from __future__ import annotations
@@ -120,10 +126,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="mobilenetv2")
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per stage")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per stage")
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--per-class", type=int, default=130, help="demo images per class")
     args = parser.parse_args()
 
     import pandas as pd

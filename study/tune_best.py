@@ -39,6 +39,24 @@ class EvaluatorPool:
     def __init__(self, cpus: float, gpus: float, threads: int, limit: int):
         self.cpus, self.gpus, self.threads, self.limit = cpus, gpus, threads, limit
         self.actors: list = []
+        self.assigned: dict[str, int] = {}  # backbone -> index of the actor that evaluates it
+        self.preloaded: dict[str, str] = {}  # backbone -> trial folder its actor was asked to preload
+
+    def actor_for(self, backbone: str):
+        """The actor that evaluates `backbone` (the least busy one on first use); None without actors."""
+        if not self.actors:
+            return None
+        if backbone not in self.assigned:
+            load = [list(self.assigned.values()).count(i) for i in range(len(self.actors))]
+            self.assigned[backbone] = load.index(min(load))
+        return self.actors[self.assigned[backbone]]
+
+    def preload(self, backbone: str, trial_dir: str) -> None:
+        """Let the backbone's actor (if one runs) load the best finished trial so far (no test data)."""
+        actor = self.actor_for(backbone)
+        if actor is not None and self.preloaded.get(backbone) != trial_dir:
+            self.preloaded[backbone] = trial_dir
+            actor.preload.remote(trial_dir)
 
     def fill(self, free_slots: int) -> int:
         """Start actors on up to `free_slots` slots (never more than `limit` in all); return how many started."""
@@ -52,7 +70,7 @@ class EvaluatorPool:
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self.assigned, self.preloaded = [], {}, {}
 
 
 def _already_evaluated(best_dir: Path, trial_id: str) -> bool:
@@ -91,8 +109,8 @@ def _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log
         jobs[backbone] = (str(study_dir / best["trial_dir"]), str(best_dir), str(data_dir), threads, selection)
     if jobs:
         pool.fill(max(0, min(len(jobs), slots) - len(pool.actors)))
-    for i, (backbone, args) in enumerate(jobs.items()):
-        pending[backbone] = (args[-1], pool.actors[i % len(pool.actors)].evaluate.remote(*args))
+    for backbone, args in jobs.items():
+        pending[backbone] = (args[-1], pool.actor_for(backbone).evaluate.remote(*args))
     for backbone, (selection, ref) in pending.items():
         try:
             try:

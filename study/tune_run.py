@@ -276,6 +276,10 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
         handed_out = sum(searcher.suggested.values())
         if pool is not None and handed_out >= total:  # no trial will take a freed slot any more
             pool.fill(slots - (handed_out - finished[0]) - len(pool.actors))
+            for backbone in space.backbones:  # the best so far may well be the final best: load it
+                best = ledger.best(backbone, space.metric, space.mode)
+                if best is not None:
+                    pool.preload(backbone, str(study_dir / best["trial_dir"]))
 
     callback = StudyCallback(ledger, space.metric, space.mode, view, tuple(space.space), stopped=stopped,
                              optuna_number=searcher.optuna_trial_number, on_change=on_change)

@@ -107,9 +107,11 @@ def train_trial(config: dict, context: dict) -> None:
                                                     "report_wait_s": round(reporter.report_wait_s, 3)}) + "\n")
 
 
-def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict) -> dict:
+def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict,
+                  model=None) -> dict:
     """Reload a trial's best model and evaluate it ONCE on the test split (and on val if the trial was
-    stopped before writing val_metrics.json). Runs as a Ray task with a trial's resources.
+    stopped before writing val_metrics.json). Runs in an Evaluator actor (or a Ray task) with a trial's
+    resources; `model`: the trial's model.keras already loaded by that process.
 
     `selection` (which trial, by which metric) is written with the results as selection.json, in the same
     atomic step that publishes best/<backbone>/."""
@@ -134,7 +136,8 @@ def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, se
         if (src / name).exists():
             shutil.copy2(src / name, tmp / name)
     config = load_config(tmp / "config.json")
-    model = keras.models.load_model(tmp / "model.keras")
+    if model is None:
+        model = keras.models.load_model(tmp / "model.keras")
     study_data = StudyData(data_dir)
     if not (tmp / "val_metrics.json").exists():
         evaluate_split(model, study_data, "val", config, tmp)
@@ -164,9 +167,35 @@ class Evaluator:
         import fer.training  # noqa: F401
 
         keras.ops.convert_to_numpy(keras.ops.ones((1,)) + 1)  # the backend's runtime starts here, not later
+        self.preloaded: tuple[str, object] | None = None
+
+    def preload(self, trial_dir: str) -> bool:
+        """Load a finished trial's model and trace its predict step on blank images (no data is read), so
+        that if this trial is still the best when the search ends, its evaluation starts warm. Called while
+        the last trials run, for the best finished trial so far; a later call replaces the model."""
+        import keras
+        import numpy as np
+
+        from fer.config import load_config
+        from fer.training import predict_probs
+
+        if self.preloaded is not None and self.preloaded[0] == trial_dir:
+            return True
+        self.preloaded = None
+        try:
+            config = load_config(Path(trial_dir) / "config.json")
+            size, batch = config["image_size"], config["batch_size"]
+            model = keras.models.load_model(Path(trial_dir) / "model.keras")
+            predict_probs(model, np.zeros((batch, size, size, 3), np.uint8), batch)
+        except Exception:  # noqa: BLE001 - only a head start: evaluate() loads the model itself
+            return False
+        self.preloaded = (trial_dir, model)
+        return True
 
     def evaluate(self, trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict) -> dict:
-        return evaluate_best(trial_dir, best_dir, data_dir, threads, selection)
+        model = self.preloaded[1] if self.preloaded is not None and self.preloaded[0] == trial_dir else None
+        self.preloaded = None
+        return evaluate_best(trial_dir, best_dir, data_dir, threads, selection, model=model)
 
 
 def retrain_seed(config: dict, out_dir: str, data_dir: str, threads: int) -> dict:
