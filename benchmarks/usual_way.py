@@ -15,10 +15,12 @@ cached features (a one-off), the second (another dropout) reuses them, as every 
 would. `speedup_fer_cached_study10` charges a tenth of the one-off to each trial (a 10-trial study).
 Prints one JSON line.
 
-Findings on a 2-core Xeon (TensorFlow 2.21 CPU): the model step dominates both sides and is the same, and
-FER2013's 48x48 JPEGs decode cheaply, so the pixel cache alone saves little; XLA (jit_compile) is 13x
-slower on this CPU and is off (Keras turns it off anyway: the augmentation layers cannot be compiled);
-mixed bfloat16 is 20% slower; the JAX backend on a CPU is 6-8x slower than TensorFlow.
+Findings on a 2-core Xeon (TensorFlow 2.21 CPU): the model step dominates both sides, and FER2013's 48x48
+JPEGs decode cheaply, so the pixel cache alone saves little; the fused augmentation layer makes the exact
+path's steps 1.2-1.3x faster than the usual Keras layers (benchmarks/augment_speed.py); the large gain is
+the frozen-feature caches (2.5-2.7x per trial once computed, 2.2-2.3x with a tenth of the one-off in a
+10-trial study). XLA (jit_compile) is 13x slower on this CPU and is off; mixed bfloat16 is 20% slower; the
+JAX backend on a CPU is 6-8x slower than TensorFlow.
 
     python3 benchmarks/usual_way.py --backbone mobilenetv2 --image-size 96 --train-per-class 300
 """
