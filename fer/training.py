@@ -125,8 +125,10 @@ class EpochMonitor(keras.callbacks.Callback):
 
     It must run first among the callbacks: it writes val_loss into the epoch logs that EarlyStopping and
     ReduceLROnPlateau then read. The best model (lowest val_loss over the whole trial) is saved to
-    `model.keras` BEFORE `on_epoch` is called, so a scheduler that stops the trial right after any report
-    still leaves the best model on disk (STACK-NOTES pitfall 2).
+    `model.keras` BEFORE `on_epoch` is called whenever that report may be the trial's last (every report by
+    default; in a study, the scheduler's decision epochs: `report_can_stop`), so a scheduler that stops the
+    trial right after a report still leaves the best model on disk (STACK-NOTES pitfall 2). Saving only
+    there, and once at the end, spares a model write per improving epoch (0.3 s for MobileNetV2 on a CPU).
 
     With a frozen-feature cache (`head_features` / `finetune_features` = cached) the fitted model is a head-only
     or tail model sharing its layers with the full model: `val_inputs` are then the cached val inputs and
@@ -178,9 +180,10 @@ class EpochMonitor(keras.callbacks.Callback):
             self.stage_best_weights = self.model.get_weights()
             if val_loss < t.best_record.get("val_loss", math.inf):
                 full = self.full_model or self.model
-                t.best_record = record
+                t.best_record, t.best_val_probs = record, probs
                 t.best_weights = self.stage_best_weights if full is self.model else full.get_weights()
-                save_model_atomically(full, t.out_dir / MODEL_FILE)
+        if t.report_can_stop(t.global_epoch):
+            t.save_best(self.full_model or self.model)
         t.history.append(record)
         t.write_history()
         if t.on_epoch is not None:
@@ -195,7 +198,7 @@ class _TrialState:
     """What the stages share: validation data, the running history and the best model so far."""
 
     def __init__(self, out_dir: Path, val_pixels, val_labels, num_classes, batch_size, n_train, loss_fn,
-                 on_epoch):
+                 on_epoch, report_can_stop: Callable[[int], bool] | None = None):
         self.out_dir, self.val_pixels, self.val_labels = out_dir, val_pixels, val_labels
         self.num_classes, self.batch_size = num_classes, batch_size
         self.n_train = n_train  # images trained per epoch
@@ -205,9 +208,26 @@ class _TrialState:
         self.history: list[dict] = []
         self.best_record: dict = {}
         self.best_weights = None
+        self.best_val_probs = None  # val predictions of the best epoch (the final val metrics reuse them)
+        self.saved_epoch = None  # the epoch whose weights model.keras holds
+        self.report_can_stop = report_can_stop or (lambda epoch: True)
         self.train_s: dict[str, list[float]] = {}  # per stage: training seconds of each epoch
         self.first_batch_s: dict[str, float] = {}
         self.step_s: dict[str, list[float]] = {}  # per stage: seconds between consecutive batch ends
+
+    def save_best(self, full_model: keras.Model) -> None:
+        """Make model.keras hold the best weights so far (written only when it does not already)."""
+        epoch = self.best_record.get("epoch")
+        if epoch is None or epoch == self.saved_epoch:
+            return
+        if epoch == self.global_epoch:  # the model is at its best right now
+            save_model_atomically(full_model, self.out_dir / MODEL_FILE)
+        else:  # an earlier epoch was the best: write its weights, then carry on from the current ones
+            current = full_model.get_weights()
+            full_model.set_weights(self.best_weights)
+            save_model_atomically(full_model, self.out_dir / MODEL_FILE)
+            full_model.set_weights(current)
+        self.saved_epoch = epoch
 
     def write_history(self) -> None:
         pd.DataFrame(self.history, columns=list(RECORD_KEYS)).to_csv(self.out_dir / "history.csv", index=False)
@@ -226,12 +246,13 @@ def _dtype_policy(config: dict) -> str:
 
 
 def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None] | None = None,
-              evaluate_test: bool = False) -> dict:
+              evaluate_test: bool = False, report_can_stop: Callable[[int], bool] | None = None) -> dict:
     """Train one config on prepared study data; write the trial folder; return a summary dict.
 
-    Writes config.json, history.csv (after every epoch), model.keras (best val_loss so far), and at the end
-    val_metrics.json; with `evaluate_test` also test_metrics.json and test_predictions.csv. The test
-    split is not opened otherwise.
+    Writes config.json, history.csv (after every epoch), model.keras (the best val_loss so far, before every
+    report after which the trial may be stopped: `report_can_stop(epoch)`, default every epoch; always at
+    the end), and at the end val_metrics.json; with `evaluate_test` also test_metrics.json and
+    test_predictions.csv. The test split is not opened otherwise.
     """
     config = make_config(config)
     out_dir = Path(out_dir)
@@ -260,7 +281,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
         train_batches = PixelBatches(train_pixels, batch_size, train_labels, len(classes),
                                      study_data.class_weights, shuffle_seed=config["seed"])
         state = _TrialState(out_dir, val_pixels, val_labels, len(classes), batch_size,
-                            train_batches.images_per_epoch, loss_fn, on_epoch)
+                            train_batches.images_per_epoch, loss_fn, on_epoch, report_can_stop)
         stages = (("head", config["epochs_head"], config["lr_head"], 0),
                   ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]))
         trainable_counts, feature_cache = {}, {}
@@ -288,10 +309,12 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
 
         if state.best_weights is None:  # no epoch ran (both stages at 0 epochs): keep the untrained model
             save_model_atomically(model, out_dir / MODEL_FILE)
+            val_probs = predict_probs(model, val_pixels, batch_size)
         else:
             model.set_weights(state.best_weights)
+            state.save_best(model)
+            val_probs = state.best_val_probs  # what this model predicted for val at its best epoch
         train_s = sum(sum(seconds) for seconds in state.train_s.values())
-        val_probs = predict_probs(model, val_pixels, batch_size)
         val_metrics = classification_metrics(val_labels, val_probs, classes, seed=config["seed"])
         val_metrics["val_loss"] = float(keras.ops.convert_to_numpy(loss_fn(state.val_onehot, val_probs)))
         _write_json(out_dir / "val_metrics.json", val_metrics)

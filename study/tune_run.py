@@ -284,7 +284,10 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     callback = StudyCallback(ledger, space.metric, space.mode, view, tuple(space.space), stopped=stopped,
                              optuna_number=searcher.optuna_trial_number, on_change=on_change)
     context = {"data_dir": str(data_dir), "trials_dir": str(ledger.trials_dir.resolve()),
-               "threads": trial_threads(cpus)}
+               "threads": trial_threads(cpus),
+               # the reports after which a trial may be stopped (none without a scheduler): it saves its best
+               # model before those only, and at its end
+               "decision_epochs": scheduler.decision_epochs() if scheduler is not None else []}
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our ledger replaces Tune's CSV/JSON
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our view instead
     fn = tune.with_parameters(trainable or train_trial, context=context)

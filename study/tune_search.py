@@ -174,6 +174,15 @@ class PerBackboneScheduler(FIFOScheduler):
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return not (metric or mode)  # metric and mode come from the space only
 
+    def decision_epochs(self) -> list[int]:
+        """The epochs after whose report ASHA may stop a trial (its rungs' milestones): a trial saves its
+        best model before those reports only (and at its end), not after every improving epoch."""
+        epochs = set()
+        for scheduler in self.schedulers.values():
+            for bracket in scheduler._brackets:
+                epochs.update(math.ceil(milestone) for milestone, _ in bracket._rungs)
+        return sorted(epochs)
+
     def _for(self, trial) -> ASHAScheduler:
         return self.schedulers[trial.config["backbone"]]
 

@@ -100,7 +100,9 @@ def train_trial(config: dict, context: dict) -> None:
     out_dir = Path(context["trials_dir"]) / trial_id
     study_data = StudyData(context["data_dir"])
     reporter = EpochReporter(started, started_at)
-    run_trial(make_config(config), study_data, out_dir, on_epoch=reporter, evaluate_test=False)
+    decisions = set(context.get("decision_epochs", ()))
+    run_trial(make_config(config), study_data, out_dir, on_epoch=reporter, evaluate_test=False,
+              report_can_stop=decisions.__contains__)
     # After the last report (so it may not run when a scheduler stops the trial, STACK-NOTES pitfall 2):
     # when the worker finished its own work, for the study's timing breakdown (outcome.json "timing").
     (out_dir / WORKER_TIMES).write_text(json.dumps({"started_at": started_at, "finished_at": time.time(),

@@ -98,6 +98,37 @@ def test_smallcnn_learns_from_scratch_and_has_no_imagenet_weights(trial_data, tm
         run_trial(dict(config, weights="imagenet"), trial_data, tmp_path / "imagenet")
 
 
+def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the_end(trial_data, tmp_path):
+    """In a study the scheduler can stop a trial only after its decision epochs' reports: the best model so
+    far is on disk before those (also when an earlier epoch was the best), and the overall best at the end."""
+    import keras
+
+    from fer.model import load_trained_model
+    from fer.training import predict_probs
+
+    model_file, seen = tmp_path / "model.keras", []
+    onehot = np.eye(len(trial_data.classes))[trial_data.labels("val")]
+
+    def saved_val_loss():
+        probs = predict_probs(load_trained_model(model_file), trial_data.pixels("val", 32), 16)
+        return float(keras.losses.CategoricalCrossentropy()(onehot, probs))
+
+    def on_epoch(record):
+        seen.append(record["val_loss"])
+        if record["epoch"] < 3:
+            assert not model_file.exists()
+        elif record["epoch"] == 3:  # a decision epoch: the best of epochs 1-3 is on disk
+            assert saved_val_loss() == pytest.approx(min(seen), rel=1e-4)
+
+    config = dict(backbone="smallcnn", image_size=32, weights="none", epochs_head=3, epochs_finetune=3,
+                  batch_size=16, patience=10, unfreeze_layers=200, augment=0.0, lr_finetune=3e-3)
+    run_trial(config, trial_data, tmp_path, on_epoch=on_epoch, report_can_stop={3}.__contains__)
+    assert len(seen) == 6
+    assert saved_val_loss() == pytest.approx(min(seen), rel=1e-4)
+    val = json.loads((tmp_path / "val_metrics.json").read_text())  # reused from the best epoch's predictions
+    assert val["val_loss"] == pytest.approx(min(seen), rel=1e-4)
+
+
 @needs_weights
 def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, tmp_path):
     """MobileNetV2 from the offline ImageNet file learns the demo emotions; model.keras is the best model."""
