@@ -80,9 +80,13 @@ def import_keras_lean() -> None:
     sys.modules["sklearn"] = None  # `import sklearn` raises ImportError while this is here
     try:
         import keras  # noqa: F401
+    except ImportError:  # a Keras release that needs scikit-learn at import: import it the normal way
+        for name in [n for n in sys.modules if n == "keras" or n.startswith("keras.")]:
+            del sys.modules[name]
     finally:
         if sys.modules.get("sklearn", 0) is None:
             del sys.modules["sklearn"]
+    import keras  # noqa: F401,F811 - a no-op after the lean import
 
 
 def train_trial(config: dict, context: dict) -> None:
