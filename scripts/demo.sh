@@ -7,4 +7,3 @@ python3 -m pip install -q --disable-pip-version-check -e ".[cpu]"
 [ -d demo-data ] || fer-study demo-data demo-data
 fer-study run demo-data --space search_spaces/smoke.yaml --name demo --group-regex '^(S\d+)_' "$@"
 fer-study report results/demo
-echo "Report: reports/demo/report.html"

@@ -17,6 +17,9 @@ def _quiet_backend() -> None:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # TensorFlow's Python logger warns about "retracing" when several models (one per backbone, Grad-CAM)
+    # predict in one process: expected here, and it floods the terminal
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 @click.command("report")
