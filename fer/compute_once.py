@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +28,6 @@ POLL_S = 0.5
 def partial_path(path: Path) -> Path:
     """A temporary name beside `path`, unique to this host and process, for write-then-rename."""
     return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = partial_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
