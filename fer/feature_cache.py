@@ -342,11 +342,16 @@ class FeatureViews(PixelBatches):
         self.pixels = _inputs(self.views, self.view)
 
 
+def _model_input(arrays: list[np.ndarray]):
+    """What a model with these inputs takes: the array itself for one input, else a tuple (PixelBatches
+    takes both)."""
+    return arrays[0] if len(arrays) == 1 else tuple(arrays)
+
+
 def _inputs(views: list[np.ndarray], view: int):
-    """One view of every input: the array itself for a one-input model, else a tuple (PixelBatches takes both)."""
-    arrays = tuple(v[view] for v in views)
-    return arrays[0] if len(arrays) == 1 else arrays
+    """One view of every input."""
+    return _model_input([v[view] for v in views])
 
 
 def val_inputs(features: CachedFeatures):
-    return features.val[0] if len(features.val) == 1 else tuple(features.val)
+    return _model_input(features.val)
