@@ -215,12 +215,15 @@ class _TrialState:
         self.first_batch_s: dict[str, float] = {}
         self.step_s: dict[str, list[float]] = {}  # per stage: seconds between consecutive batch ends
 
-    def save_best(self, full_model: keras.Model) -> None:
-        """Make model.keras hold the best weights so far (written only when it does not already)."""
+    def save_best(self, full_model: keras.Model, at_best: bool | None = None) -> None:
+        """Make model.keras hold the best weights so far (written only when it does not already).
+        `at_best`: the model holds them right now (default: the best epoch is the current one)."""
         epoch = self.best_record.get("epoch")
         if epoch is None or epoch == self.saved_epoch:
             return
-        if epoch == self.global_epoch:  # the model is at its best right now
+        if at_best is None:
+            at_best = epoch == self.global_epoch
+        if at_best:
             save_model_atomically(full_model, self.out_dir / MODEL_FILE)
         else:  # an earlier epoch was the best: write its weights, then carry on from the current ones
             current = full_model.get_weights()
@@ -312,7 +315,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             val_probs = predict_probs(model, val_pixels, batch_size)
         else:
             model.set_weights(state.best_weights)
-            state.save_best(model)
+            state.save_best(model, at_best=True)
             val_probs = state.best_val_probs  # what this model predicted for val at its best epoch
         train_s = sum(sum(seconds) for seconds in state.train_s.values())
         val_metrics = classification_metrics(val_labels, val_probs, classes, seed=config["seed"])
