@@ -128,10 +128,9 @@ def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, se
     from fer.backend_setup import configure_backend
 
     configure_backend(threads=threads)
-    import keras
-
     from fer.config import load_config
     from fer.data import StudyData
+    from fer.model import load_trained_model
     from fer.training import evaluate_split
 
     src, dst = Path(trial_dir), Path(best_dir)
@@ -143,7 +142,7 @@ def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, se
             shutil.copy2(src / name, tmp / name)
     config = load_config(tmp / "config.json")
     if model is None:
-        model = keras.models.load_model(tmp / "model.keras")
+        model = load_trained_model(tmp / "model.keras")
     study_data = StudyData(data_dir)
     if not (tmp / "val_metrics.json").exists():
         evaluate_split(model, study_data, "val", config, tmp)
@@ -179,10 +178,10 @@ class Evaluator:
         """Load a finished trial's model and trace its predict step on blank images (no data is read), so
         that if this trial is still the best when the search ends, its evaluation starts warm. Called while
         the last trials run, for the best finished trial so far; a later call replaces the model."""
-        import keras
         import numpy as np
 
         from fer.config import load_config
+        from fer.model import load_trained_model
         from fer.training import predict_probs
 
         if self.preloaded is not None and self.preloaded[0] == trial_dir:
@@ -191,7 +190,7 @@ class Evaluator:
         try:
             config = load_config(Path(trial_dir) / "config.json")
             size, batch = config["image_size"], config["batch_size"]
-            model = keras.models.load_model(Path(trial_dir) / "model.keras")
+            model = load_trained_model(Path(trial_dir) / "model.keras")
             predict_probs(model, np.zeros((batch, size, size, 3), np.uint8), batch)
         except Exception:  # noqa: BLE001 - only a head start: evaluate() loads the model itself
             return False
