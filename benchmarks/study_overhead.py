@@ -34,7 +34,7 @@ def ray_head_memory(num_cpus: int) -> dict:
     import psutil
     import ray
 
-    from study.tune_cluster import connect
+    from study.tune.cluster import connect
 
     connect(None, num_cpus=num_cpus, dashboard=True)
     time.sleep(10)  # let the dashboard and its agents settle
@@ -138,7 +138,7 @@ def main() -> None:
     from fer.data import prepare_dataset
     from fer.demo_data import generate_demo_data
     from fer.machine import machine_info
-    from study.tune_run import run_study
+    from study.tune.run import run_study
 
     memory = ray_head_memory(args.concurrency)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ import yaml
 
 from fer.errors import UserError
 from study.space import load_space, parse_space
-from study.tune_search import BackboneSearcher, optuna_distributions
+from study.tune.search import BackboneSearcher, optuna_distributions
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

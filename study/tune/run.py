@@ -6,7 +6,7 @@ trials/<trial_id>/ (each trial's folder + outcome.json), trials.csv, best/<backb
 
 Resume (why not `Tuner.restore`): Tune snapshots its experiment state periodically (every 10 s or more),
 so a driver killed between a trial's end and the next snapshot would run that trial again. Instead, the
-facts a study needs are written the moment they happen: each trial's outcome (study.results.Ledger) and
+facts a study needs are written the moment they happen: each trial's outcome (study.tune.results.Ledger) and
 each Optuna ask/tell (SQLite). `--resume` reads them, marks trials that were running at the kill as
 interrupted (their start points are queued again, their partial folders removed), and starts a new Tuner
 whose per-backbone budgets are what is left. Completed trials are neither repeated nor lost; the only work
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from fer.errors import UserError
-from study.results import Ledger, write_json
+from study.tune.results import Ledger, write_json
 from study.space import Space, load_space
 
 
@@ -111,7 +111,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
 
     import ray
 
-    from study import tune_cluster
+    from study.tune import cluster as tune_cluster
 
     ray_was_running = ray.is_initialized()
     run_started = time.perf_counter()
@@ -142,8 +142,8 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         ledger = Ledger(study_dir)
         pool = None
         if trainable is None:
-            from study.tune_best import EvaluatorPool
-            from study.tune_trial import trial_threads
+            from study.tune.best import EvaluatorPool
+            from study.tune.trial import trial_threads
 
             pool = EvaluatorPool(cpus_per_trial, gpus, trial_threads(cpus_per_trial), limit=len(space.backbones))
         try:
@@ -155,7 +155,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
             raise
         ledger = Ledger(study_dir)  # what is on disk is the truth
         if trainable is None:
-            from study.tune_best import evaluate_bests, retrain_seeds
+            from study.tune.best import evaluate_bests, retrain_seeds
 
             threads = trial_threads(cpus_per_trial)
             t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def _preload_modules():
     import threading
 
     def run() -> None:
-        for name in ("ray.tune", "optuna", "study.progress", "study.tune_search", "study.tune_best",
+        for name in ("ray.tune", "optuna", "study.tune.progress", "study.tune.search", "study.tune.best",
                      "fer.machine"):
             try:
                 importlib.import_module(name)
@@ -228,17 +228,17 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
             gpus: float, trainable, stream, live, log, pool=None) -> None:
     """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early.
 
-    `pool` (a study.tune_best.EvaluatorPool): once every trial has been handed out, each slot a finishing
+    `pool` (a study.tune.best.EvaluatorPool): once every trial has been handed out, each slot a finishing
     trial frees for good starts an evaluator, whose start-up then overlaps the trials still running."""
     from ray import tune
 
     import optuna
 
-    from study.progress import ProgressView, StudyCallback
-    from study.tune_search import (BackboneSearcher, discard_interrupted, make_scheduler, optuna_storage,
+    from study.tune.progress import ProgressView, StudyCallback
+    from study.tune.search import (BackboneSearcher, discard_interrupted, make_scheduler, optuna_storage,
                                    optuna_study_name)
-    from study.tune_cluster import concurrent_trials
-    from study.tune_trial import train_trial, trial_resources, trial_threads
+    from study.tune.cluster import concurrent_trials
+    from study.tune.trial import train_trial, trial_resources, trial_threads
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     removed = ledger.discard_unfinished_folders()

@@ -9,7 +9,7 @@ Why one Tuner with per-backbone searchers (and not one Tuner per backbone, run o
   ResNet trials, never because MobileNet reaches a lower loss sooner. `BackboneSearcher.suggest` hands out
   trials round-robin over the backbones that still have budget, so they also progress at the same pace.
 - resume stays simple: the state that matters (finished trials, Optuna studies) is on disk and written when
-  each trial ends (see study.tune_run), so a resumed study is just a new Tuner with smaller budgets.
+  each trial ends (see study.tune.run), so a resumed study is just a new Tuner with smaller budgets.
 
 Optuna is told each trial's BEST value of the space's metric (the epoch whose model was kept), not the last
 epoch's, which is what Ray's OptunaSearch would report by default.
@@ -104,7 +104,7 @@ class BackboneSearcher(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to snapshot: the Optuna studies (SQLite) and the trial ledger already hold the state, and
-        `fer-study run --resume` rebuilds a searcher from them (see study.tune_run)."""
+        `fer-study run --resume` rebuilds a searcher from them (see study.tune.run)."""
 
     def restore(self, checkpoint_path: str) -> None:
         raise NotImplementedError("resume a study with `fer-study run ... --resume`, not Tuner.restore")

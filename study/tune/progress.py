@@ -18,7 +18,7 @@ from typing import Callable, TextIO
 from ray.exceptions import RayError
 from ray.tune import Callback
 
-from study.results import Ledger, clean_float, summarize_history
+from study.tune.results import Ledger, clean_float, summarize_history
 
 
 
@@ -129,7 +129,7 @@ def trial_timing(records: list[dict], started_at: float | None, worker_started_a
     -> first_epoch_at (the first epoch began) -> last_report_at -> worker_finished_at (the trial function
     returned; missing if a scheduler stopped it at its last report) -> finished_at (driver: outcome written).
     """
-    from study.tune_trial import WORKER_TIMES
+    from study.tune.trial import WORKER_TIMES
 
     reported = [r for r in records if clean_float(r.get("reported_at")) is not None]
     first_epoch_at = last_report_at = None

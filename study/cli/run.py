@@ -1,4 +1,4 @@
-"""`fer-study run` (see ../shared/DESIGN.md): a thin click wrapper around `study.tune_run.run_study`."""
+"""`fer-study run` (see ../shared/DESIGN.md): a thin click wrapper around `study.tune.run.run_study`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial
     """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's best
     trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared first) or a
     study folder made by `fer-study prepare`."""
-    from study.tune_run import StudyIncomplete, run_study
+    from study.tune.run import StudyIncomplete, run_study
 
     try:
         run_study(data_or_study, space_path, name=name, address=address, cpus_per_trial=cpus_per_trial,

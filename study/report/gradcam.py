@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from study import figures
+from study.report import figures
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _caption(pred: pd.DataFrame, row: int, classes: list[str], explained: str) -
 
 def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_faithfulness: int) -> dict | None:
     from fer.gradcam import GradCam, deletion_auc, deletion_curves, overlay
-    from study.predict import load_model_and_classes
+    from fer.predict import load_model_and_classes
 
     model, classes, _ = load_model_and_classes(b.folder)
     pred = pd.read_csv(b.folder / "test_predictions.csv")

@@ -19,9 +19,9 @@ from typing import Callable
 
 import ray
 
-from study.results import Ledger, write_json
+from study.tune.results import Ledger, write_json
 from study.space import Space
-from study.tune_trial import Evaluator, evaluate_best, retrain_seed
+from study.tune.trial import Evaluator, evaluate_best, retrain_seed
 
 SELECTION = "selection.json"
 
@@ -31,7 +31,7 @@ def _remote(fn, cpus: float, gpus: float):
 
 
 class EvaluatorPool:
-    """Evaluator actors (study.tune_trial.Evaluator) with a trial's resources, at most `limit` (the backbones).
+    """Evaluator actors (study.tune.trial.Evaluator) with a trial's resources, at most `limit` (the backbones).
 
     `fill(free)` starts actors on slots no trial will take any more, so their start-up overlaps the last
     trials; `evaluate_bests` tops the pool up to what it needs and hands each backbone to one actor."""

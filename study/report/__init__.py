@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from fer.errors import UserError
-from study import figures
+from study.report import figures
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _count_params(folder: Path) -> int | None:
     """Parameter count from model.keras, for trials stopped before they wrote summary.json."""
     if not (folder / "model.keras").is_file():
         return None
-    from study.predict import load_model_and_classes
+    from fer.predict import load_model_and_classes
 
     try:
         return int(load_model_and_classes(folder)[0].count_params())
@@ -561,7 +561,7 @@ def build_report(results: str | Path, out: str | Path | None = None, gradcam_per
     _search_section(doc, study)
     _evaluations_section(doc, study)
     if gradcam_per_class > 0:
-        from study.report_gradcam import gradcam_appendix
+        from study.report.gradcam import gradcam_appendix
 
         gradcam_appendix(doc, study, gradcam_per_class, n_mistakes, n_faithfulness)
     _problems_section(doc, study)

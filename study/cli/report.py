@@ -1,6 +1,6 @@
 """`fer-study` commands: report, predict, evaluate (see ../shared/DESIGN.md for the contract).
 
-Thin wrappers: parse options, call `study.report` / `study.predict`, print. Heavy imports stay inside.
+Thin wrappers: parse options, call `study.report` / `fer.predict`, print. Heavy imports stay inside.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None
     MODEL is a model.keras file or a trial folder (e.g. results/<study>/best/<backbone>).
     """
     _quiet_backend()
-    from study.predict import predict_images
+    from fer.predict import predict_images
 
     table, skipped = predict_images(model, list(images), gradcam_dir=gradcam_dir)
     if csv_path is not None:
@@ -80,7 +80,7 @@ def evaluate_command(model: Path, data: Path, out: Path | None) -> None:
     DATA holds one folder per class, named like the model's classes; other folders are skipped and listed.
     """
     _quiet_backend()
-    from study.predict import default_evaluation_path, evaluate_folder
+    from fer.predict import default_evaluation_path, evaluate_folder
 
     result = evaluate_folder(model, data)
     out = out or default_evaluation_path(model, data)
