@@ -31,7 +31,8 @@ class Backbone:
     def build(self, input_tensor, weights) -> "keras.Model":  # noqa: F821
         """Build the headless backbone on `input_tensor` so its layers sit flat in the full model.
 
-        Flat (not nested as one layer) so Grad-CAM can reach inner activations (STACK-NOTES pitfall 8).
+        Flat (not nested as one layer) so Grad-CAM can reach inner activations
+        (docs/pitfalls.md#flat-backbone).
         """
         import keras
 

@@ -3,7 +3,7 @@
 Keras 3 has no backend-neutral "gradient of this w.r.t. that", so Grad-CAM needs a few lines per backend.
 Everything else (`fer.gradcam`) is written with NumPy and `keras.ops`. The returned function is compiled
 (`tf.function` / `jax.jit`): eager Grad-CAM costs ~1.4 s per 224 px image, compiled ~0.06 s
-(STACK-NOTES pitfall 8).
+(docs/pitfalls.md#flat-backbone).
 """
 
 from __future__ import annotations

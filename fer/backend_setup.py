@@ -4,8 +4,8 @@ This is the ONE place in `fer/` that talks to a specific Keras backend (TensorFl
 uses `keras` / `keras.ops` only, so the same trial runs under `KERAS_BACKEND=jax`.
 
 Why threads matter: Ray sets OMP_NUM_THREADS for each trial, but TensorFlow ignores it and every trial then
-uses every core (STACK-NOTES pitfall 4: 1 thread x 2 trials beat 2 threads x 1 trial, 99 s vs 200 s). Call
-`configure_backend(threads=n)` at the start of a trial, before the first Keras operation runs.
+uses every core (docs/pitfalls.md#threads: 1 thread x 2 trials beat 2 threads x 1 trial, 99 s vs
+200 s). Call `configure_backend(threads=n)` at the start of a trial, before the first Keras operation runs.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ computes, writing its files under temporary names and moving them into place wit
 file last; the others poll until the marker appears. The owner touches its lock often (`beat`), so a lock
 left untouched for `stale_s` seconds is taken to belong to a dead process and is broken. No Ray, no fcntl
 (advisory locks are not reliable across NFS clients).
+
+Also the project's atomic file writes (`atomic_write_text`, `write_json`): a reader on any node sees the
+old file or the whole new one.
 """
 
 from __future__ import annotations
@@ -37,6 +40,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = partial_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data, *, sort_keys: bool = False) -> None:
+    """The project's one JSON writer: atomic (`atomic_write_text`), indented, newline-terminated; numpy
+    scalars become numbers and anything else JSON cannot hold becomes its string."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
 
 
 def create_or_wait(marker: Path, lock: Path, compute: Callable[[Callable[[], None]], None],

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fer.compute_once import write_json
 from fer.errors import UserError
 
 
@@ -122,7 +123,7 @@ def parse_set_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 
 def save_config(config: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(Path(path), config, sort_keys=True)
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

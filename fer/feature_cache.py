@@ -44,7 +44,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from fer.compute_once import POLL_S, STALE_S, atomic_write_text, create_or_wait, partial_path
+from fer.compute_once import POLL_S, STALE_S, create_or_wait, partial_path, write_json
 from fer.data.decode import file_sha256
 from fer.errors import UserError
 from fer.model import HEAD_PREFIX, backbone_layers
@@ -263,7 +263,7 @@ def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data
         info = {"key": key, "spec": spec, "train_shapes": [list(a.shape) for a in train],
                 "val_shapes": [list(a.shape) for a in val], "compute_s": round(time.perf_counter() - start, 2),
                 "host": socket.gethostname(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write_text(marker, json.dumps(info, indent=2) + "\n")
+        write_json(marker, info)
         log.info("computed %s features %s in %.1f s", spec["kind"], key, info["compute_s"])
 
     computed = create_or_wait(marker, folder / f"{key}.lock", compute, stale_s=stale_s, poll_s=poll_s)

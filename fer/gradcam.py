@@ -2,8 +2,8 @@
 
 How: the model is split at the Grad-CAM target layer (the backbone's last spatial activation, named per
 backbone in `fer.backbones`) into a feature model (image -> activations) and the head (activations ->
-class logits). Works because the backbone sits flat in the model (STACK-NOTES pitfall 8). The class score
-is the pre-softmax logit of the explained class: softmax probabilities saturate for confident predictions
+class logits). Works because the backbone sits flat in the model (docs/pitfalls.md#flat-backbone).
+The class score is the pre-softmax logit of the explained class: softmax probabilities saturate for confident predictions
 and would give near-zero gradients exactly where we most want an explanation. Gradients come from
 `fer.backend_grad` (the only backend-specific code), compiled once per model.
 

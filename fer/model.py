@@ -128,11 +128,12 @@ def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers
     Keras fine-tuning guide: the pretrained layers after each BN expect the ImageNet statistics it holds;
     with small batches those would be overwritten by noisy batch estimates (wrecking what the frozen head
     stage learned); and Keras 3 runs a trainable BN in training mode even under `training=False`
-    (STACK-NOTES pitfall 6). The exception is a backbone trained from scratch (`weights=none`,
+    (docs/pitfalls.md#frozen-batchnorm). The exception is a backbone trained from scratch (`weights=none`,
     `train_batchnorm=True`): its BN layers hold no statistics worth protecting, and frozen at their initial
     values (mean 0, variance 1) they let activations vanish through a deep random network, so nothing
     learns (FER2013, MobileNetV2 at 96 px: test accuracy 0.17, below chance). Then the unfrozen range's BN
-    layers train too. Returns the number of layers made trainable. Recompile afterwards (pitfall 5).
+    layers train too. Returns the number of layers made trainable. Recompile afterwards
+    (docs/pitfalls.md#recompile).
     """
     for layer in model.layers:
         layer.trainable = not is_backbone_layer(layer)

@@ -1,4 +1,4 @@
-"""`fer-study predict` and `fer-study evaluate`: a trained model applied to new images.
+"""Inference without Ray: a trained model applied to new images (behind `fer-study predict` and `evaluate`).
 
 Images are decoded exactly as `prepare` decodes them (`fer.data.decode`: content-sniffed, HEIC/HEIF
 included, EXIF orientation applied, squashed to the model's input size), so a prediction here matches what
@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fer import names
 from fer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
-CLASSES_SOURCES = ("classes.json", "val_metrics.json", "test_metrics.json")
+CLASSES_SOURCES = ("classes.json", names.metrics_file("val"), names.TEST_METRICS_FILE)
 
 
 def load_model_and_classes(model_path: str | Path):
@@ -31,7 +31,7 @@ def load_model_and_classes(model_path: str | Path):
     """
     path = Path(model_path)
     if path.is_dir():
-        path = path / MODEL_FILE
+        path = path / names.MODEL_FILE
     if not path.is_file():
         raise UserError(f"no model found at {model_path} (expected a model.keras file or a trial folder)")
     from fer.model import load_trained_model
@@ -207,7 +207,7 @@ def default_evaluation_path(model_path: str | Path, data_dir: str | Path) -> Pat
     path = Path(model_path).resolve()
     folder = path if path.is_dir() else path.parent
     study = folder.parent.parent
-    if folder.parent.name == "best" and any((study / f).exists() for f in ("study.json", "trials.csv")):
+    if folder.parent.name == names.BEST_DIR and names.has_study_results(study):
         name = f"{folder.name}__{_safe_stem(Path(Path(data_dir).resolve().name))}.json"
-        return study / "evaluations" / name
+        return study / names.EVALUATIONS_DIR / name
     return None

@@ -12,7 +12,6 @@ decoded again. The code uses `keras` only, so it runs on TensorFlow and on JAX.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,16 +23,16 @@ import keras
 import numpy as np
 import pandas as pd
 
+from fer.compute_once import write_json
 from fer.config import make_config, save_config
 from fer.errors import UserError
 from fer.metrics import classification_metrics, macro_f1, predictions_table
 from fer.model import build_model, set_stage
+from fer.names import (CONFIG_FILE, HISTORY_FILE, MODEL_FILE, RECORD_KEYS, SUMMARY_FILE, metrics_file,
+                       predictions_file)
 
 log = logging.getLogger(__name__)
 
-RECORD_KEYS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
-               "epoch_s", "images_per_s")
-MODEL_FILE = "model.keras"
 
 
 class PixelBatches(keras.utils.PyDataset):
@@ -127,7 +126,7 @@ class EpochMonitor(keras.callbacks.Callback):
     ReduceLROnPlateau then read. The best model (lowest val_loss over the whole trial) is saved to
     `model.keras` BEFORE `on_epoch` is called whenever that report may be the trial's last (every report by
     default; in a study, the scheduler's decision epochs: `report_can_stop`), so a scheduler that stops the
-    trial right after a report still leaves the best model on disk (STACK-NOTES pitfall 2). Saving only
+    trial right after a report still leaves the best model on disk (docs/pitfalls.md#last-report). Saving only
     there, and once at the end, spares a model write per improving epoch (0.3 s for MobileNetV2 on a CPU).
 
     With a frozen-feature cache (`head_features` / `finetune_features` = cached) the fitted model is a head-only
@@ -233,7 +232,7 @@ class _TrialState:
         self.saved_epoch = epoch
 
     def write_history(self) -> None:
-        pd.DataFrame(self.history, columns=list(RECORD_KEYS)).to_csv(self.out_dir / "history.csv", index=False)
+        pd.DataFrame(self.history, columns=list(RECORD_KEYS)).to_csv(self.out_dir / HISTORY_FILE, index=False)
 
 
 def _dtype_policy(config: dict) -> str:
@@ -260,7 +259,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
     config = make_config(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.json")
+    save_config(config, out_dir / CONFIG_FILE)
     size, batch_size, classes = config["image_size"], config["batch_size"], list(study_data.classes)
     train_pixels, train_labels = study_data.pixels("train", size), study_data.labels("train")
     val_pixels, val_labels = study_data.pixels("val", size), study_data.labels("val")
@@ -297,7 +296,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             if config[f"{stage}_features"] == "cached":
                 fit_model, batches, monitor, feature_cache[stage] = _cached_stage(model, stage, config, study_data,
                                                                                   state)
-            # Changing `trainable` only takes effect after compile (STACK-NOTES pitfall 5).
+            # Changing `trainable` only takes effect after compile (docs/pitfalls.md#recompile).
             fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss_fn,
                               metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
             patience = config["patience"]
@@ -320,7 +319,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
         train_s = sum(sum(seconds) for seconds in state.train_s.values())
         val_metrics = classification_metrics(val_labels, val_probs, classes, seed=config["seed"])
         val_metrics["val_loss"] = float(keras.ops.convert_to_numpy(loss_fn(state.val_onehot, val_probs)))
-        _write_json(out_dir / "val_metrics.json", val_metrics)
+        write_json(out_dir / metrics_file("val"), val_metrics)
         summary = {
             "best_epoch": state.best_record.get("epoch"),
             "best_stage": state.best_record.get("stage"),
@@ -345,7 +344,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
         }
         if evaluate_test:
             summary.update(evaluate_split(model, study_data, "test", config, out_dir))
-        _write_json(out_dir / "summary.json", summary)
+        write_json(out_dir / SUMMARY_FILE, summary)
         return summary
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -387,11 +386,7 @@ def evaluate_split(model: keras.Model, study_data, split: str, config: dict, out
     probs = predict_probs(model, pixels, config["batch_size"])
     classes = list(study_data.classes)
     metrics = classification_metrics(labels, probs, classes, seed=config["seed"])
-    _write_json(out_dir / f"{split}_metrics.json", metrics)
+    write_json(out_dir / metrics_file(split), metrics)
     predictions_table(study_data.paths(split), labels, probs, classes).to_csv(
-        out_dir / f"{split}_predictions.csv", index=False)
+        out_dir / predictions_file(split), index=False)
     return {f"{split}_accuracy": metrics["accuracy"]["value"], f"{split}_macro_f1": metrics["macro_f1"]["value"]}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -21,7 +21,8 @@ import pytest
 from fer.config import make_config
 from fer.data import StudyData
 from fer.errors import UserError
-from fer.training import RECORD_KEYS, run_trial
+from fer.names import RECORD_KEYS
+from fer.training import run_trial
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "weights"
 MOBILENETV2_FILE = WEIGHTS_DIR / "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5"

@@ -8,7 +8,6 @@ in at the end, so an interrupted prepare never leaves a half-written study folde
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -25,7 +24,9 @@ from fer.data.duplicates import NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind
 from fer.data.scan import scan_dataset
 from fer.data.split import (SPLITS, check_every_split_has_every_class, group_split, parse_fractions,
                             parse_predefined, predefined_split)
+from fer.compute_once import write_json
 from fer.errors import UserError
+from fer.names import AUDIT_FILE, MANIFEST_FILE, STUDY_DATA_FILE
 
 MANIFEST_COLUMNS = ["path", "label", "split", "group", "sha256", "pixel_hash", "phash", "width", "height",
                     "format", "status", "reason"]
@@ -86,11 +87,11 @@ def _prepare_locked(out_dir, scan, image_size, workers, max_pixels, keep_duplica
         "predefined": (str(predefined_spec) if isinstance(predefined_spec, Path) else predefined_spec),
         "keep_duplicates": keep_duplicates, "max_pixels": max_pixels,
     }
-    (partial / "study_data.json").write_text(json.dumps(meta, indent=2))
+    write_json(partial / STUDY_DATA_FILE, meta)
     seconds = time.perf_counter() - t0
     audit["timing"]["seconds"] = round(seconds, 2)
     audit["timing"]["images_per_s"] = round(audit["timing"]["decoded"] / seconds, 1) if seconds else None
-    (partial / "audit.json").write_text(json.dumps(audit, indent=2))
+    write_json(partial / AUDIT_FILE, audit)
     _swap_in(partial, out_dir)
     return audit
 
@@ -134,7 +135,7 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
     audit = audit_mod.build_audit(frame, class_names, scan.unknown_folders, empty, dup_report,
                                   predefined_report, near)
     audit["group_regex_unmatched"] = unmatched if group_rx else None
-    frame.to_csv(partial / "manifest.csv", index=False)
+    frame.to_csv(partial / MANIFEST_FILE, index=False)
     for s in SPLITS:
         rows = [raw_row[i] for i, split in enumerate(table.split) if split == s]
         write_npy_from_rows(partial / "pixels" / f"{s}_{image_size}.npy", raw, rows, image_size)

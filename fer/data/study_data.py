@@ -20,6 +20,7 @@ from fer.data.cache import (allocate, decode_into, default_workers, exclusive_lo
 from fer.data.decode import Quarantine, decode_file, pixel_hash, resize_square
 from fer.data.split import SPLITS
 from fer.errors import UserError
+from fer.names import AUDIT_FILE, MANIFEST_FILE, STUDY_DATA_FILE
 
 
 def _cache_task(path: str, expected_hash: str, size: int, max_pixels: int):
@@ -37,21 +38,21 @@ class StudyData:
 
     def __init__(self, data_dir):
         self.dir = Path(data_dir)
-        meta_path = self.dir / "study_data.json"
-        if not meta_path.is_file() or not (self.dir / "manifest.csv").is_file():
+        meta_path = self.dir / STUDY_DATA_FILE
+        if not meta_path.is_file() or not (self.dir / MANIFEST_FILE).is_file():
             raise UserError(f"{self.dir} is not a prepared study-data folder (run `fer-study prepare` first)")
         try:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{meta_path} is not valid JSON: {exc}") from None
         self.classes: list[str] = list(self.meta["classes"])
-        weights = json.loads((self.dir / "audit.json").read_text())["class_weights"]
+        weights = json.loads((self.dir / AUDIT_FILE).read_text())["class_weights"]
         self.class_weights: dict[int, float] = {i: float(weights[c]) for i, c in enumerate(self.classes)}
         self.source = Path(self.meta["source"])
 
     @cached_property
     def _manifest(self) -> pd.DataFrame:
-        return pd.read_csv(self.dir / "manifest.csv", dtype={"path": str, "label": str, "split": str},
+        return pd.read_csv(self.dir / MANIFEST_FILE, dtype={"path": str, "label": str, "split": str},
                            keep_default_na=False)
 
     def _rows(self, split: str) -> pd.DataFrame:

@@ -96,8 +96,9 @@ def evaluate_command(model: Path, data: Path, out: Path | None) -> None:
         click.echo(json.dumps(result, indent=2))
         click.echo(summary, err=True)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from fer.compute_once import write_json
+
+    write_json(out, result)
     click.echo(summary)
     click.echo(f"Written: {out}")
 

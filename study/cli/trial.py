@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from fer import names
 from fer.errors import UserError
 
 
@@ -21,12 +22,13 @@ def open_or_prepare(data_or_study: str | Path, image_size: int, results_root: st
     path = Path(data_or_study)
     if not path.is_dir():
         raise UserError(f"not a folder: {path}")
-    for candidate in (path / "data", path):
-        if (candidate / "manifest.csv").is_file():
-            return StudyData(candidate), candidate.parent if candidate.name == "data" else candidate
+    if names.is_study_folder(path):
+        return StudyData(path / names.DATA_DIR), path
+    if names.is_prepared_data(path):
+        return StudyData(path), path.parent if path.name == names.DATA_DIR else path
     study_dir = Path(results_root) / path.resolve().name
-    data_dir = study_dir / "data"
-    if (data_dir / "manifest.csv").is_file():
+    data_dir = study_dir / names.DATA_DIR
+    if names.is_prepared_data(data_dir):
         data = StudyData(data_dir)
         if Path(data.source).resolve() != path.resolve():
             raise UserError(f"{data_dir} was prepared from {data.source}, not {path}; "

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from fer import names
 from study.report import figures
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
     from fer.predict import load_model_and_classes
 
     model, classes, _ = load_model_and_classes(b.folder)
-    pred = pd.read_csv(b.folder / "test_predictions.csv")
+    pred = pd.read_csv(b.folder / names.TEST_PREDICTIONS_FILE)
     size = int(model.input_shape[1])
     index_of = {p: i for i, p in enumerate(sd.paths("test"))}
     missing = [p for p in pred["path"] if p not in index_of]
@@ -120,14 +121,15 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
     from fer.errors import UserError
 
     try:
-        sd = StudyData(study.folder / "data")
+        sd = StudyData(study.folder / names.DATA_DIR)
     except UserError as exc:
         doc.warn(f"Grad-CAM skipped: the study's prepared data cannot be opened ({exc})")
         return []
     rows = []
     for b in study.ok:
-        if not (b.folder / "model.keras").is_file() or not (b.folder / "test_predictions.csv").is_file():
-            doc.warn(f"{b.name}: no model.keras or test_predictions.csv in its best folder; Grad-CAM skipped")
+        if not (b.folder / names.MODEL_FILE).is_file() or not (b.folder / names.TEST_PREDICTIONS_FILE).is_file():
+            doc.warn(f"{b.name}: no {names.MODEL_FILE} or {names.TEST_PREDICTIONS_FILE} in its best folder; "
+                     "Grad-CAM skipped")
             continue
         try:
             row = _backbone_appendix(doc, study, b, sd, per_class, n_mistakes, n_faithfulness)

@@ -19,11 +19,13 @@ from typing import Callable
 
 import ray
 
-from study.tune.results import Ledger, write_json
+from fer import names
+from fer.compute_once import write_json
+from study.tune.results import Ledger
 from study.space import Space
 from study.tune.trial import Evaluator, evaluate_best, retrain_seed
 
-SELECTION = "selection.json"
+SELECTION = names.SELECTION_FILE
 
 
 def _remote(fn, cpus: float, gpus: float):
@@ -75,7 +77,7 @@ class EvaluatorPool:
 
 def _already_evaluated(best_dir: Path, trial_id: str) -> bool:
     path = best_dir / SELECTION
-    return (path.exists() and (best_dir / "test_metrics.json").exists()
+    return (path.exists() and (best_dir / names.TEST_METRICS_FILE).exists()
             and json.loads(path.read_text()).get("trial_id") == trial_id)
 
 
@@ -96,7 +98,7 @@ def _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log
     pending, summary, jobs = {}, {}, {}
     for backbone in space.backbones:
         best = ledger.best(backbone, space.metric, space.mode)
-        best_dir = study_dir / "best" / backbone
+        best_dir = study_dir / names.BEST_DIR / backbone
         if best is None:
             log(f"{backbone}: no trial finished with a finite {space.metric}; nothing to evaluate")
             continue
@@ -136,14 +138,14 @@ def retrain_seeds(space: Space, study_dir: Path, data_dir: Path, cpus: float, gp
     study_dir = Path(study_dir)
     jobs = {}
     for backbone in space.backbones:
-        best_dir = study_dir / "best" / backbone
+        best_dir = study_dir / names.BEST_DIR / backbone
         if not (best_dir / SELECTION).exists():
             continue
-        config = json.loads((best_dir / "config.json").read_text())
+        config = json.loads((best_dir / names.CONFIG_FILE).read_text())
         for k in range(1, space.final_seeds + 1):
             seed = config["seed"] + k
             out = best_dir / "seeds" / f"seed-{seed}"
-            done = out / "summary.json"
+            done = out / names.SUMMARY_FILE
             if done.exists() and "test_accuracy" in json.loads(done.read_text()):
                 jobs[(backbone, seed)] = json.loads(done.read_text())
                 continue
@@ -167,7 +169,7 @@ def retrain_seeds(space: Space, study_dir: Path, data_dir: Path, cpus: float, gp
                 stats[key] = {"mean": statistics.fmean(values),
                               "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                               "min": min(values), "max": max(values), "n": len(values)}
-        write_json(study_dir / "best" / backbone / "seeds.json", stats)
+        write_json(study_dir / names.BEST_DIR / backbone / names.SEEDS_FILE, stats)
         out[backbone] = stats
         acc = stats.get("test_accuracy")
         if acc:

@@ -1,7 +1,7 @@
 """Where the study runs: an embedded local Ray, or an existing cluster (`--address auto|ray://...`).
 
-Authentication: Ray 2.60 turns token authentication on for a new local Ray (STACK-NOTES pitfall 1). We keep
-it (anyone who can reach an unauthenticated Ray can run code on it) and bind the dashboard to 127.0.0.1
+Authentication: Ray 2.60 turns token authentication on for a new local Ray (docs/pitfalls.md#ray-auth).
+We keep it (anyone who can reach an unauthenticated Ray can run code on it) and bind the dashboard to 127.0.0.1
 only; `describe_dashboard` tells the user how to open it (the page asks for the token that
 `ray get-auth-token` prints; from another machine, tunnel the port with ssh). RAY_AUTH_MODE=disabled in the
 environment opts out, as Ray documents.

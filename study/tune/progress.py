@@ -18,6 +18,7 @@ from typing import Callable, TextIO
 from ray.exceptions import RayError
 from ray.tune import Callback
 
+from fer import names
 from study.tune.results import Ledger, clean_float, summarize_history
 
 
@@ -50,7 +51,7 @@ class ProgressView:
         self.live = self.stream.isatty() if live is None else live
         self.total, self.metric = total, metric
         self.running: dict[str, str] = {}
-        self.done = {"completed": 0, "stopped": 0, "errored": 0}
+        self.done = dict.fromkeys(names.TRIAL_STATUSES, 0)
         self._drawn = 0
         self._last_draw = 0.0
 
@@ -63,7 +64,8 @@ class ProgressView:
     def _summary(self) -> str:
         finished = sum(self.done.values())
         return (f"[{finished}/{self.total} trials] running {len(self.running)}, completed "
-                f"{self.done['completed']}, stopped early {self.done['stopped']}, errored {self.done['errored']}")
+                f"{self.done[names.COMPLETED]}, stopped early {self.done[names.STOPPED]}, "
+                f"errored {self.done[names.ERRORED]}")
 
     def _redraw(self, permanent: list[str] = ()) -> None:
         out = []
@@ -129,7 +131,6 @@ def trial_timing(records: list[dict], started_at: float | None, worker_started_a
     -> first_epoch_at (the first epoch began) -> last_report_at -> worker_finished_at (the trial function
     returned; missing if a scheduler stopped it at its last report) -> finished_at (driver: outcome written).
     """
-    from study.tune.trial import WORKER_TIMES
 
     reported = [r for r in records if clean_float(r.get("reported_at")) is not None]
     first_epoch_at = last_report_at = None
@@ -138,7 +139,7 @@ def trial_timing(records: list[dict], started_at: float | None, worker_started_a
         last_report_at = reported[-1]["reported_at"]
     worker = {}
     try:
-        worker = json.loads((Path(trial_dir) / WORKER_TIMES).read_text())
+        worker = json.loads((Path(trial_dir) / names.WORKER_TIMES_FILE).read_text())
     except (OSError, ValueError):
         pass
     worker_finished_at = worker.get("finished_at")
@@ -191,9 +192,7 @@ class StudyCallback(Callback):
                                                      "running", None, self.metric, self._params(trial)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        record = {k: result.get(k) for k in ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy",
-                                             "val_macro_f1", "lr", "epoch_s", "images_per_s", "trial_s",
-                                             "reported_at")}
+        record = {k: result.get(k) for k in (*names.RECORD_KEYS, "trial_s", "reported_at")}
         self.records.setdefault(trial.trial_id, []).append(record)
         if result.get("worker_started_at") is not None:
             self.worker_started_at[trial.trial_id] = result["worker_started_at"]
@@ -202,18 +201,18 @@ class StudyCallback(Callback):
                                                     "running", record, self.metric, self._params(trial)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        status = "stopped" if self.stopped(trial.trial_id) else "completed"
+        status = names.STOPPED if self.stopped(trial.trial_id) else names.COMPLETED
         self._finish(trial, status, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "errored", error_message(trial))
+        self._finish(trial, names.ERRORED, error_message(trial))
 
     def _finish(self, trial, status: str, error: str | None) -> None:
         try:
             records = self.records.pop(trial.trial_id, [])
             summary = summarize_history(records, self.metric, self.mode)
-            if status != "errored" and summary["metric_value"] is None:
-                status, error = "errored", f"no finite {self.metric} was reported"
+            if status != names.ERRORED and summary["metric_value"] is None:
+                status, error = names.ERRORED, f"no finite {self.metric} was reported"
             outcome = {
                 "trial_id": trial.trial_id, "backbone": trial.config.get("backbone"), "status": status,
                 "error": error, **summary, "optuna_trial": self.optuna_number(trial.trial_id),

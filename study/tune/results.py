@@ -19,24 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from fer.compute_once import atomic_write_text
+from fer import names
+from fer.compute_once import atomic_write_text, write_json
 from fer.config import PARAMS
 
-OUTCOME = "outcome.json"
-STATUSES = ("completed", "stopped", "errored")
+OUTCOME = names.OUTCOME_FILE
 LEAD_COLUMNS = ("trial_id", "backbone", "status", "error", "metric", "metric_value", "best_epoch",
                 "best_val_loss", "best_val_accuracy", "best_val_macro_f1", "epochs_run", "train_s",
                 "trial_s", "images_per_s", "optuna_trial", "node_ip", "finished_at", "trial_dir")
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 def clean_float(value):
@@ -51,7 +41,7 @@ class Ledger:
 
     def __init__(self, study_dir: Path):
         self.study_dir = Path(study_dir)
-        self.trials_dir = self.study_dir / "trials"
+        self.trials_dir = self.study_dir / names.TRIALS_DIR
         self.outcomes: dict[str, dict] = {}
         if self.trials_dir.is_dir():
             for path in sorted(self.trials_dir.glob(f"*/{OUTCOME}")):
@@ -92,12 +82,12 @@ class Ledger:
         return pd.DataFrame(rows, columns=columns)
 
     def write_csv(self) -> None:
-        atomic_write_text(self.study_dir / "trials.csv", self.table().to_csv(index=False))
+        atomic_write_text(self.study_dir / names.TRIALS_CSV, self.table().to_csv(index=False))
 
     def best(self, backbone: str, metric: str, mode: str) -> dict | None:
         """The backbone's best finished trial by `metric` (completed or stopped early, finite value)."""
         candidates = [o for o in self.outcomes.values() if o["backbone"] == backbone
-                      and o["status"] in ("completed", "stopped") and clean_float(o.get("metric_value")) is not None]
+                      and o["status"] in names.FINISHED_OK and clean_float(o.get("metric_value")) is not None]
         if not candidates:
             return None
         sign = 1.0 if mode == "min" else -1.0

@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from fer import names
+from fer.compute_once import write_json
 from fer.errors import UserError
-from study.tune.results import Ledger, write_json
+from study.tune.results import Ledger
 from study.space import Space, load_space
 
 
@@ -48,15 +50,15 @@ def resolve_study(source: str | Path, name: str | None, space: Space, results_ro
     source = Path(source)
     if not source.exists():
         raise UserError(f"no such folder: {source}")
-    if (source / "data" / "study_data.json").is_file():
+    if names.is_study_folder(source):
         study_dir = source
         if name and name != source.name:
             raise UserError(f"--name {name} given with the study folder {source}: drop --name to use it, "
                             "or pass the class-folder DATA to start another study")
     else:
         study_dir = Path(results_root) / (name or source.name)
-    data_dir = study_dir / "data"
-    if (data_dir / "study_data.json").is_file():
+    data_dir = study_dir / names.DATA_DIR
+    if names.is_prepared_data(data_dir):
         StudyData(data_dir)  # fail early with a clear message if it is not readable
     elif study_dir == source:
         raise UserError(f"{source} is not a study folder")
@@ -68,12 +70,12 @@ def resolve_study(source: str | Path, name: str | None, space: Space, results_ro
 
 
 def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
-    study_json = study_dir / "study.json"
-    if not study_json.exists():
+    study_json = study_dir / names.STUDY_FILE
+    if not names.has_study_results(study_dir):
         if resume:
-            raise UserError(f"--resume: {study_dir} holds no study to resume (no study.json)")
+            raise UserError(f"--resume: {study_dir} holds no study to resume (no {names.STUDY_FILE})")
         return None
-    previous = json.loads(study_json.read_text())
+    previous = json.loads(study_json.read_text()) if study_json.is_file() else {}
     if not resume:
         raise UserError(f"{study_dir} already holds a study; add --resume to continue it, or start another "
                         "one with DATA --name NEW (or `fer-study prepare DATA --study NEW` first)")
@@ -127,7 +129,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         study = dict(previous or {})
         study.update({
             "name": study_dir.name, "space_file": str(space_path), "space": space.to_dict(),
-            "seed": space.seed, "data": str(data_dir), "status": "running",
+            "seed": space.seed, "data": str(data_dir), "status": names.STUDY_RUNNING,
             "command": command or " ".join(shlex.quote(a) for a in sys.argv),
             "resources_per_trial": {"cpu": cpus_per_trial, "gpu": gpus}, "ray": info,
         })
@@ -137,7 +139,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         study.setdefault("started_at", _now())
         study.setdefault("runs", []).append({"started_at": _now(), "resume": bool(resume)})
         study["timings"] = timings  # this run's phases, in seconds
-        write_json(study_dir / "study.json", study)
+        write_json(study_dir / names.STUDY_FILE, study)
 
         ledger = Ledger(study_dir)
         pool = None
@@ -163,23 +165,23 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
                                            pool=pool, slots=tune_cluster.concurrent_trials(cpus_per_trial, gpus))
             timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
             if not study["best"]:
-                study["status"] = "failed"
-                write_json(study_dir / "study.json", study)
+                study["status"] = names.STUDY_FAILED
+                write_json(study_dir / names.STUDY_FILE, study)
                 errors = [o["error"] for o in ledger.outcomes.values() if o.get("error")]
-                raise UserError(f"no trial of any backbone finished successfully (see {study_dir / 'trials.csv'})"
+                raise UserError(f"no trial of any backbone finished successfully (see {study_dir / names.TRIALS_CSV})"
                                 + (f"; first error: {errors[0]}" if errors else ""))
             if space.final_seeds:
                 t0 = time.perf_counter()
                 study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, cpus_per_trial, gpus,
                                                      threads, log)
                 timings["final_seeds_s"] = round(time.perf_counter() - t0, 1)
-        study["status"] = "completed"
+        study["status"] = names.STUDY_COMPLETED
         study["finished_at"] = _now()
         study["trials"] = _counts(ledger)
         timings["total_s"] = round(time.perf_counter() - run_started, 1)  # connect to here (Ray shutdown not in)
-        write_json(study_dir / "study.json", study)
-        log(f"study finished: {study_dir} (trials.csv, best/)")
-        log(f"search history: optuna-dashboard sqlite:///{study_dir / 'optuna.sqlite3'}")
+        write_json(study_dir / names.STUDY_FILE, study)
+        log(f"study finished: {study_dir} ({names.TRIALS_CSV}, {names.BEST_DIR}/)")
+        log(f"search history: optuna-dashboard sqlite:///{study_dir / names.OPTUNA_FILE}")
         return study_dir
     finally:
         if info.get("started_here") and not ray_was_running:
@@ -271,7 +273,7 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
 
     def on_change() -> None:
         study["trials"] = _counts(ledger)
-        write_json(study_dir / "study.json", study)
+        write_json(study_dir / names.STUDY_FILE, study)
         finished[0] += 1
         handed_out = sum(searcher.suggested.values())
         if pool is not None and handed_out >= total:  # no trial will take a freed slot any more
@@ -313,6 +315,6 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     left = {b: space.trials_per_backbone - n for b, n in Ledger(study_dir).finished_per_backbone().items()}
     missing = sum(max(0, left.get(b, space.trials_per_backbone)) for b in space.backbones)
     if missing:
-        study["status"] = "interrupted"
-        write_json(study_dir / "study.json", study)
+        study["status"] = names.STUDY_INTERRUPTED
+        write_json(study_dir / names.STUDY_FILE, study)
         raise StudyIncomplete(f"{missing} trial(s) did not finish; continue with the same command plus --resume")

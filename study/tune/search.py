@@ -25,6 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from fer import names
 from study.space import Dist, Space
 
 EPOCH = "epoch"  # the scheduler's time attribute: the global epoch across both training stages
@@ -50,12 +51,12 @@ def _to_optuna(dist: Dist) -> optuna.distributions.BaseDistribution:
 
 def optuna_storage(study_dir: Path) -> optuna.storages.RDBStorage:
     """The SQLite file holding every backbone's Optuna study (`optuna-dashboard sqlite:///...` opens it)."""
-    path = Path(study_dir).resolve() / "optuna.sqlite3"
+    path = Path(study_dir).resolve() / names.OPTUNA_FILE
     return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}})
 
 
 def optuna_study_name(space: Space, backbone: str) -> str:
-    return f"{space.name}-{backbone}"
+    return names.optuna_study_name(space.name, backbone)
 
 
 def discard_interrupted(storage: optuna.storages.RDBStorage, study_name: str) -> list[dict]:
@@ -157,7 +158,7 @@ class PerBackboneScheduler(FIFOScheduler):
     """Routes every trial to its own backbone's ASHA scheduler (ASHA on the global `epoch`).
 
     `max_t` is set one epoch above the most a trial can run, so ASHA never cuts a trial at max_t, where
-    code after the trial's last report would not run (STACK-NOTES pitfall 2).
+    code after the trial's last report would not run (docs/pitfalls.md#last-report).
     """
 
     def __init__(self, space: Space):

@@ -5,12 +5,11 @@ store: every trial memory-maps the shared pixel cache (fer.data.StudyData), whic
 the same on one machine or on a cluster with a shared filesystem.
 
 Each worker first calls `fer.backend_setup.configure_backend` with the trial's CPU count (TensorFlow ignores
-OMP_NUM_THREADS, STACK-NOTES pitfall 4) and GPU memory growth, before any model is built.
+OMP_NUM_THREADS, docs/pitfalls.md#threads) and GPU memory growth, before any model is built.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -18,9 +17,10 @@ from pathlib import Path
 
 from ray import tune
 
-WORKER_TIMES = "worker_times.json"
-REPORT_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr", "epoch_s",
-               "images_per_s")
+from fer import names
+from fer.compute_once import write_json
+
+REPORT_KEYS = tuple(key for key in names.RECORD_KEYS if key != "stage")  # numbers; the stage is added as text
 
 
 def trial_threads(cpus: float) -> int:
@@ -46,8 +46,8 @@ def check_finite(record: dict) -> None:
 
 
 class EpochReporter:
-    """Our small Keras-to-Tune bridge (no TuneReportCallback, STACK-NOTES pitfall 3): one `tune.report` per
-    epoch record, plus `trial_s`, the trial's wall time so far in its worker (start-up included), and two
+    """Our small Keras-to-Tune bridge (no TuneReportCallback, docs/pitfalls.md#tune-callback): one
+    `tune.report` per epoch record, plus `trial_s`, the trial's wall time so far in its worker (start-up included), and two
     unix times for the study's timing breakdown: `worker_started_at` (the trial function's first line in its
     worker) and `reported_at` (this report)."""
 
@@ -107,10 +107,10 @@ def train_trial(config: dict, context: dict) -> None:
     decisions = set(context.get("decision_epochs", ()))
     run_trial(make_config(config), study_data, out_dir, on_epoch=reporter, evaluate_test=False,
               report_can_stop=decisions.__contains__)
-    # After the last report (so it may not run when a scheduler stops the trial, STACK-NOTES pitfall 2):
+    # After the last report (it may not run when a scheduler stops the trial, docs/pitfalls.md#last-report):
     # when the worker finished its own work, for the study's timing breakdown (outcome.json "timing").
-    (out_dir / WORKER_TIMES).write_text(json.dumps({"started_at": started_at, "finished_at": time.time(),
-                                                    "report_wait_s": round(reporter.report_wait_s, 3)}) + "\n")
+    write_json(out_dir / names.WORKER_TIMES_FILE, {"started_at": started_at, "finished_at": time.time(),
+                                                  "report_wait_s": round(reporter.report_wait_s, 3)})
 
 
 def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict,
@@ -121,8 +121,6 @@ def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, se
 
     `selection` (which trial, by which metric) is written with the results as selection.json, in the same
     atomic step that publishes best/<backbone>/."""
-    import json
-
     import shutil
 
     from fer.backend_setup import configure_backend
@@ -137,17 +135,17 @@ def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, se
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("config.json", "model.keras", "history.csv", "val_metrics.json", "summary.json"):
+    for name in names.TRIAL_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, tmp / name)
-    config = load_config(tmp / "config.json")
+    config = load_config(tmp / names.CONFIG_FILE)
     if model is None:
-        model = load_trained_model(tmp / "model.keras")
+        model = load_trained_model(tmp / names.MODEL_FILE)
     study_data = StudyData(data_dir)
-    if not (tmp / "val_metrics.json").exists():
+    if not (tmp / names.VAL_METRICS_FILE).exists():
         evaluate_split(model, study_data, "val", config, tmp)
     result = evaluate_split(model, study_data, "test", config, tmp)
-    (tmp / "selection.json").write_text(json.dumps({**selection, **result}, indent=2) + "\n")
+    write_json(tmp / names.SELECTION_FILE, {**selection, **result})
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)  # best/<backbone>/ appears complete or not at all
     return {**selection, **result}
@@ -188,9 +186,9 @@ class Evaluator:
             return True
         self.preloaded = None
         try:
-            config = load_config(Path(trial_dir) / "config.json")
+            config = load_config(Path(trial_dir) / names.CONFIG_FILE)
             size, batch = config["image_size"], config["batch_size"]
-            model = load_trained_model(Path(trial_dir) / "model.keras")
+            model = load_trained_model(Path(trial_dir) / names.MODEL_FILE)
             predict_probs(model, np.zeros((batch, size, size, 3), np.uint8), batch)
         except Exception:  # noqa: BLE001 - only a head start: evaluate() loads the model itself
             return False
