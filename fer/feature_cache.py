@@ -47,8 +47,8 @@ import numpy as np
 from fer.compute_once import POLL_S, STALE_S, create_or_wait, partial_path, write_json
 from fer.data.decode import file_sha256
 from fer.errors import UserError
+from fer.batches import PixelBatches, model_input, one_view
 from fer.model import HEAD_PREFIX, backbone_layers
-from fer.training import PixelBatches
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def compute_features(extractor: keras.Model, config: dict, study_data, beat: Cal
         view_inputs = [(views_model, train_pixels)] * effective_views(config)
         val_inputs_ = study_data.pixels("val", size)
     else:
-        view_inputs = [(extractor, _inputs(source.train, view)) for view in range(len(source.train[0]))]
-        val_inputs_ = val_inputs(source)
+        view_inputs = [(extractor, one_view(source.train, view)) for view in range(len(source.train[0]))]
+        val_inputs_ = model_input(source.val)
     n_train = len(study_data.labels("train"))
     train = [out("train", i, (len(view_inputs), n_train, *shape)) for i, shape in enumerate(shapes)]
     for view, (model, inputs) in enumerate(view_inputs):
@@ -324,34 +324,3 @@ def _tail_layers(model: keras.Model, config: dict) -> int:
 
     units = config["finetune_cache_units"] or config["unfreeze_layers"]
     return len(last_backbone_layers(model, units, config["unfreeze_unit"], get_backbone(config["backbone"])))
-
-
-class FeatureViews(PixelBatches):
-    """Training batches from cached features: one view per image per epoch, cycling through the views.
-
-    Same shuffling, one-hot labels and class weights as the pixel batches of the exact path."""
-
-    def __init__(self, views: list[np.ndarray], batch_size: int, labels: np.ndarray, num_classes: int,
-                 class_weights: dict[int, float] | None, shuffle_seed: int | None):
-        super().__init__(_inputs(views, 0), batch_size, labels, num_classes, class_weights, shuffle_seed)
-        self.views, self.view = views, 0
-
-    def on_epoch_end(self) -> None:
-        super().on_epoch_end()
-        self.view = (self.view + 1) % len(self.views[0])
-        self.pixels = _inputs(self.views, self.view)
-
-
-def _model_input(arrays: list[np.ndarray]):
-    """What a model with these inputs takes: the array itself for one input, else a tuple (PixelBatches
-    takes both)."""
-    return arrays[0] if len(arrays) == 1 else tuple(arrays)
-
-
-def _inputs(views: list[np.ndarray], view: int):
-    """One view of every input."""
-    return _model_input([v[view] for v in views])
-
-
-def val_inputs(features: CachedFeatures):
-    return _model_input(features.val)

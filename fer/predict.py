@@ -98,7 +98,7 @@ def predict_images(model_path: str | Path, inputs: list[str | Path], gradcam_dir
     if not files:
         raise UserError("no files to predict in " + ", ".join(map(str, inputs)))
     model, classes, _ = load_model_and_classes(model_path)
-    from fer.training import predict_probs
+    from fer.batches import predict_probs
     pixels, kept, skipped = decode_images(files, _input_size(model))
     if not kept:
         raise UserError(f"none of the {len(files)} files could be decoded as an image "
@@ -180,7 +180,7 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: in
     folders = _class_folders(data_dir)  # bad data fails before the (slow) model load
     model, classes, _ = load_model_and_classes(model_path)
     from fer.metrics import classification_metrics
-    from fer.training import predict_probs
+    from fer.batches import predict_probs
 
     files, labels, unknown = _labelled_files(data_dir, folders, classes)
     pixels, kept, skipped = decode_images(files, _input_size(model))

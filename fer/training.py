@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from fer.batches import FeatureViews, PixelBatches, model_input, predict_probs
 from fer.compute_once import write_json
 from fer.config import make_config, save_config
 from fer.errors import UserError
@@ -33,83 +34,6 @@ from fer.names import (CONFIG_FILE, HISTORY_FILE, MODEL_FILE, RECORD_KEYS, SUMMA
 
 log = logging.getLogger(__name__)
 
-
-
-class PixelBatches(keras.utils.PyDataset):
-    """Batches from a (memory-mapped) uint8 pixel array: (images, one-hot labels, class weights).
-
-    `pixels` may also be a tuple of arrays of equal length (a model with several inputs: the cached
-    activations of fer.feature_cache); each batch then holds a tuple of arrays in their place.
-
-    Every batch has the same shape, because a new shape means a new trace/compile of the train or predict
-    step (tens of seconds for a large backbone on a CPU): for training the incomplete last batch is
-    dropped (the order is reshuffled every epoch, so a different few images sit out each time); for
-    prediction (no labels) the last batch is padded by repeating its last image, and the caller trims.
-    The shuffle is seeded, so a run is repeatable; indices are sorted inside a batch for locality.
-    """
-
-    def __init__(self, pixels: np.ndarray, batch_size: int, labels: np.ndarray | None = None,
-                 num_classes: int = 0, class_weights: dict[int, float] | None = None,
-                 shuffle_seed: int | None = None):
-        super().__init__()
-        self.pixels, self.labels, self.num_classes = pixels, labels, num_classes
-        self.batch_size = min(batch_size, _length(pixels))
-        self.sample_weights = None
-        if labels is not None and class_weights:
-            table = np.array([class_weights.get(i, 1.0) for i in range(num_classes)], dtype=np.float32)
-            self.sample_weights = table[labels]
-        self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
-        self.order = np.arange(_length(pixels))
-        if self.rng is not None:
-            self.rng.shuffle(self.order)
-
-    @property
-    def num_batches(self) -> int:
-        if self.labels is not None:  # training: drop the incomplete last batch
-            return _length(self.pixels) // self.batch_size
-        return math.ceil(_length(self.pixels) / self.batch_size)
-
-    @property
-    def images_per_epoch(self) -> int:
-        return min(_length(self.pixels), self.num_batches * self.batch_size)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __getitem__(self, index: int):
-        idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        if self.labels is None:
-            pad = self.batch_size - len(idx)
-            return (_take(self.pixels, np.concatenate([idx, np.repeat(idx[-1:], pad)])),)
-        images = _take(self.pixels, idx)
-        onehot = np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]]
-        if self.sample_weights is None:
-            return images, onehot
-        return images, onehot, self.sample_weights[idx]
-
-    def on_epoch_end(self) -> None:
-        if self.rng is not None:
-            self.rng.shuffle(self.order)
-
-
-def _length(pixels) -> int:
-    return len(pixels[0]) if isinstance(pixels, tuple) else len(pixels)
-
-
-def _take(pixels, idx: np.ndarray):
-    if isinstance(pixels, tuple):
-        return tuple(np.asarray(a[idx]) for a in pixels)
-    return np.asarray(pixels[idx])
-
-
-def predict_probs(model: keras.Model, pixels, batch_size: int) -> np.ndarray:
-    """Softmax probabilities for uint8 images (or a tuple of a model's input arrays), in order (inference
-    mode: no augmentation, no dropout)."""
-    n = _length(pixels)
-    if n == 0:
-        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    probs = model.predict(PixelBatches(pixels, batch_size), verbose=0)
-    return np.asarray(probs[:n], dtype=np.float32)  # drop the padding of the last batch
 
 
 def save_model_atomically(model: keras.Model, path: Path) -> None:
@@ -357,9 +281,9 @@ def _cached_stage(model: keras.Model, stage: str, config: dict, study_data, stat
     from fer import feature_cache as fc
 
     features, fit_model = fc.stage_features(model, stage, config, study_data, keras.config.dtype_policy().name)
-    batches = fc.FeatureViews(features.train, config["batch_size"], study_data.labels("train"),
+    batches = FeatureViews(features.train, config["batch_size"], study_data.labels("train"),
                               state.num_classes, study_data.class_weights, shuffle_seed=config["seed"])
-    monitor = EpochMonitor(state, stage, val_inputs=fc.val_inputs(features), full_model=model)
+    monitor = EpochMonitor(state, stage, val_inputs=model_input(features.val), full_model=model)
     return fit_model, batches, monitor, features.info()
 
 

@@ -82,7 +82,8 @@ def test_cached_head_stage_end_to_end(new_study):
     from fer.data import StudyData
     from fer.feature_cache import compute_features, features_dir, head_extractor
     from fer.model import build_model, load_trained_model
-    from fer.training import predict_probs, run_trial
+    from fer.batches import predict_probs
+    from fer.training import run_trial
 
     study = new_study("cached")
     data = StudyData(study / "data")
@@ -150,7 +151,8 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
     from fer.data import StudyData
     from fer.errors import UserError
     from fer.model import build_model, load_trained_model
-    from fer.training import predict_probs, run_trial
+    from fer.batches import predict_probs
+    from fer.training import run_trial
 
     study = new_study("cached_finetune")
     data = StudyData(study / "data")

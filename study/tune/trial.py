@@ -180,7 +180,7 @@ class Evaluator:
 
         from fer.config import load_config
         from fer.model import load_trained_model
-        from fer.training import predict_probs
+        from fer.batches import predict_probs
 
         if self.preloaded is not None and self.preloaded[0] == trial_dir:
             return True
