@@ -16,9 +16,9 @@ image once; every trial trains on them). Reports
 - final val accuracy of both, trial by trial, against the seed-to-seed spread of the exact method (the
   published setting with `--seeds` seeds). Target: |cached - exact| within that spread.
 
-Data: a stratified FER2013 subsample (official Training/PublicTest split) from ../shared/datasets, or demo
+Data: a stratified FER2013 subsample (official Training/PublicTest split) from $FER_SHARED/datasets, or demo
 data with --demo. Weights: a pretrained backbone is needed for meaningful accuracies (an untrained one
-gives near-constant features); the default is MobileNet (alpha 0.25) from ../shared/weights. All trials run in
+gives near-constant features); the default is MobileNet (alpha 0.25) from $FER_SHARED/weights. All trials run in
 this one process, one after another, so imports are paid once. Prints one JSON line.
 
 What decides the speedup: the cached head stage removes the backbone's forward passes, leaving a fixed cost per
@@ -26,7 +26,7 @@ epoch (Keras's epoch set-up, validation, saving the best full model). So it show
 pass is the work, e.g. (2-core Xeon, TensorFlow CPU)
 
     python3 benchmarks/feature_cache.py --backbone mobilenetv2 --image-size 96 --epochs-head 6 \
-        --weights ../shared/weights/mobilenet_v2_1.0_torchvision_port_no_top.weights.h5
+        --weights $FER_SHARED/weights/mobilenet_v2_1.0_torchvision_port_no_top.weights.h5
 
 while with MobileNet 0.25 at 48 px (the quick default) the forward pass is cheap and the gain small (about 2.5x).
 """
@@ -45,8 +45,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-SHARED = REPO.parent / "shared"
-DEFAULT_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sys.path line
+
+DEFAULT_WEIGHTS = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
 
 
 def parse_args():
@@ -93,6 +94,8 @@ def prepare_data(args, tmp: Path):
     else:
         from usual_way import FER2013, make_subset
 
+        if not FER2013.is_dir():
+            sys.exit(shared_missing(FER2013) + " (or pass --demo)")
         make_subset(FER2013, tmp, args.per_class, max(10, args.per_class // 3), seed=0,
                     test_per_class=10)
         prepare_dataset(tmp / "flat", tmp / "study" / "data", image_size=args.image_size,

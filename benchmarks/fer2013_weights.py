@@ -28,8 +28,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "fer2013-5class"
-DEFAULT_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5"
+from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sys.path line
+
+DEFAULT_DATA = shared_path("datasets", "fer2013-5class")
+DEFAULT_WEIGHTS = shared_path("weights", "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5")
 PREDEFINED = "train=^Training_,val=^PublicTest_,test=^PrivateTest_"
 
 
@@ -91,7 +93,9 @@ def main():
     from fer.training import run_trial
 
     if not args.weights_file.is_file():
-        sys.exit(f"weights file not found: {args.weights_file}")
+        sys.exit(shared_missing(args.weights_file))
+    if not args.data.is_dir():
+        sys.exit(shared_missing(args.data))
     data_dir = args.work / "data"
     t0 = time.perf_counter()
     if not (data_dir / "manifest.csv").is_file():

@@ -1,6 +1,6 @@
 """How fast is `prepare`, and does its memory stay flat as the dataset grows? One JSON line.
 
-    python3 benchmarks/prepare_speed.py [--data ../shared/datasets/fer2013-5class] [--image-size 48]
+    python3 benchmarks/prepare_speed.py [--data $FER_SHARED/datasets/fer2013-5class] [--image-size 48]
                                         [--fractions 0.25,0.5,1] [--workers N]
 
 Runs the real `prepare_dataset` (FER2013's own split via --predefined file-name patterns) on growing
@@ -35,7 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fer2013-5class"
+from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sys.path line
+
+DEFAULT_DATA = shared_path("datasets", "fer2013-5class")
 PREDEFINED = "train=^Training_,val=^PublicTest_,test=^PrivateTest_"
 
 
@@ -153,6 +155,8 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         return _child(args)
+    if not args.data.is_dir():
+        sys.exit(shared_missing(args.data))
     import subprocess
 
     from fer.machine import machine_info

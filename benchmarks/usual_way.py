@@ -41,7 +41,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-FER2013 = REPO.parent / "shared" / "datasets" / "fer2013-5class"
+from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sys.path line
+
+FER2013 = shared_path("datasets", "fer2013-5class")
 
 
 def make_subset(src: Path, dst: Path, train_per_class: int, val_per_class: int, seed: int,
@@ -152,7 +154,7 @@ def main() -> None:
         print("RESULT " + json.dumps(usual_trial(args)))
         return
     if not args.data.is_dir():
-        raise SystemExit(f"dataset not found: {args.data}")
+        raise SystemExit(shared_missing(args.data))
     from fer.machine import machine_info
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

@@ -1,4 +1,4 @@
-"""Search-space YAML: loading and validation (see ../shared/DESIGN.md, "Search space YAML").
+"""Search-space YAML: loading and validation (format: docs/commands.md, "Search space YAML").
 
 A space file says which backbones to compare, how many trials each one gets, which trial-config keys are
 fixed and which are tuned (with their distributions), the points evaluated first, the selection metric and
@@ -21,7 +21,7 @@ from fer.config import PARAMS, make_config
 from fer.errors import UserError
 
 METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "loss", "accuracy")
-"""Per-epoch values a space may select the best trial by (DESIGN.md per-epoch report)."""
+"""Per-epoch values a space may select the best trial by (docs/results.md, the per-epoch record)."""
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SCHEDULERS = ("asha", "none")

@@ -8,7 +8,6 @@ explain (and that the hottest pixel falls inside them far more often than chance
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -19,12 +18,13 @@ from fer.config import make_config
 from fer.errors import UserError
 from fer.gradcam import (GradCam, deletion_auc, deletion_curves, heat_share_in_boxes, overlay, peak_in_boxes,
                          target_layer_name)
+from fer.machine import shared_missing, shared_path
 from fer.model import build_model, load_trained_model
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+WEIGHTS = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
 
 
-needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"needs the offline ImageNet weights {WEIGHTS}")
+needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=shared_missing(WEIGHTS))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def tiny_model():
     and every gradient would be zero, which would make these tests pass for the wrong reason.
     """
     if not WEIGHTS.is_file():
-        pytest.skip(f"needs the offline ImageNet weights {WEIGHTS}")
+        pytest.skip(shared_missing(WEIGHTS))
     return build_model(make_config(backbone="mobilenet025", image_size=64, weights=str(WEIGHTS), dense_units=8,
                                    seed=3), 5)
 

@@ -2,7 +2,7 @@
 
 The five-backbone test is the most expensive test of the suite: one parametrised test, tiny images
 (inceptionv3 needs 75 px), one epoch per stage. Tests that need the offline ImageNet files in
-../shared/weights skip with a reason when that folder is absent.
+$FER_SHARED/weights (docs/benchmarks.md) skip with a reason when they are absent.
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fer.backbones import BACKBONES, get_backbone
 from fer.config import make_config
 from fer.data import StudyData
 from fer.errors import UserError
+from fer.machine import shared_missing, shared_path
 from fer.names import RECORD_KEYS
 from fer.training import run_trial
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "weights"
+WEIGHTS_DIR = shared_path("weights")
 MOBILENETV2_FILE = WEIGHTS_DIR / "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5"
 MOBILENET025_FILE = WEIGHTS_DIR / "mobilenet_2_5_224_tf_no_top.h5"
 needs_weights = pytest.mark.skipif(not MOBILENETV2_FILE.is_file() or not MOBILENET025_FILE.is_file(),
-                                   reason=f"offline ImageNet weight files not found in {WEIGHTS_DIR}")
+                                   reason=shared_missing(MOBILENETV2_FILE))
 TINY = dict(epochs_head=1, epochs_finetune=1, batch_size=16, unfreeze_layers=8, patience=2)
 
 
@@ -41,11 +43,12 @@ def _read_history(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "history.csv")
 
 
-@pytest.mark.parametrize("backbone,size", [("efficientnetb1", 32), ("resnet50", 32), ("inceptionv3", 75),
-                                           ("mobilenetv2", 32), ("densenet121", 32)])
-def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone, size):
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
     from fer.model import backbone_layers, load_trained_model
 
+    size = max(32, get_backbone(backbone).min_size)  # tiny, but at least the backbone's minimum
     records = []
     summary = run_trial(dict(backbone=backbone, image_size=size, weights="none", **TINY), trial_data, tmp_path,
                         on_epoch=records.append)
@@ -105,7 +108,7 @@ def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the
     import keras
 
     from fer.model import load_trained_model
-    from fer.training import predict_probs
+    from fer.batches import predict_probs
 
     model_file, seen = tmp_path / "model.keras", []
     onehot = np.eye(len(trial_data.classes))[trial_data.labels("val")]
@@ -134,7 +137,7 @@ def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the
 def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, tmp_path):
     """MobileNetV2 from the offline ImageNet file learns the demo emotions; model.keras is the best model."""
     from fer.model import load_trained_model
-    from fer.training import predict_probs
+    from fer.batches import predict_probs
 
     model_file, seen = tmp_path / "model.keras", []
 
@@ -313,6 +316,7 @@ print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_
 """
 
 
+@pytest.mark.slow
 def test_trial_runs_under_jax(trial_data, tmp_path):
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[jax])")
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")

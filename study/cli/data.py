@@ -1,4 +1,4 @@
-"""`fer-study` commands: data (see ../shared/DESIGN.md for the contract): `demo-data` and `prepare`."""
+"""`fer-study` commands: data (contract: docs/commands.md): `demo-data` and `prepare`."""
 
 from __future__ import annotations
 

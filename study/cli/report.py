@@ -1,4 +1,4 @@
-"""`fer-study` commands: report, predict, evaluate (see ../shared/DESIGN.md for the contract).
+"""`fer-study` commands: report, predict, evaluate (contract: docs/commands.md).
 
 Thin wrappers: parse options, call `study.report` / `fer.predict`, print. Heavy imports stay inside.
 """

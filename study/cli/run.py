@@ -1,4 +1,4 @@
-"""`fer-study run` (see ../shared/DESIGN.md): a thin click wrapper around `study.tune.run.run_study`."""
+"""`fer-study run` (docs/commands.md): a thin click wrapper around `study.tune.run.run_study`."""
 
 from __future__ import annotations
 

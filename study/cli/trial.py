@@ -1,4 +1,4 @@
-"""`fer-study train`: one trial end to end, outside Ray, for debugging and timing (see DESIGN.md)."""
+"""`fer-study train`: one trial end to end, outside Ray, for debugging and timing (docs/commands.md)."""
 
 from __future__ import annotations
 

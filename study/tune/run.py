@@ -1,6 +1,6 @@
 """`fer-study run`: a whole study, from data (or a prepared study folder) to best/<backbone>/ test metrics.
 
-Layout of `results/<study>/` (DESIGN.md): study.json, data/, tune/ (Ray Tune's storage, one folder per
+Layout of `results/<study>/` (docs/results.md): study.json, data/, tune/ (Ray Tune's storage, one folder per
 run attempt), optuna.sqlite3 (one Optuna study per backbone: `optuna-dashboard sqlite:///.../optuna.sqlite3`),
 trials/<trial_id>/ (each trial's folder + outcome.json), trials.csv, best/<backbone>/.
 
