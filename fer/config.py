@@ -1,7 +1,10 @@
 """Trial configuration: one flat dict of named hyperparameters, validated in one place.
 
 The same keys are used by `fer-study train --set key=value`, by search-space YAML (`fixed:` and `space:`)
-and by `config.json` in every trial folder. Defaults reproduce the published method.
+and by `config.json` in every trial folder. Defaults reproduce the published method. `PARAMS` holds each
+key's one default and range (docs/config.md is generated from it: `markdown_table`); `make_config` checks
+every key and every rule between keys (`check_rules`). A trial validates its config once, in
+`fer.training.run_trial`.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ class Param:
     help: str = ""
 
 
-BACKBONE_NAMES = ("efficientnetb1", "resnet50", "inceptionv3", "mobilenetv2", "densenet121")
-
 PARAMS: dict[str, Param] = {
-    "backbone": Param(str, "efficientnetb1", help="keras.applications backbone (see fer.backbones)"),
-    "image_size": Param(int, 224, 32, 1024, help="square input size in pixels"),
+    "backbone": Param(str, "efficientnetb1",
+                      help="the backbone: a name in the registry of fer.backbones (`fer-study train --help` "
+                           "lists them)"),
+    "image_size": Param(int, 224, 32, 1024,
+                        help="square input size in pixels (images are squashed to it); at least the backbone's "
+                             "minimum (75 for inceptionv3); also `prepare --image-size`"),
     "weights": Param(str, "imagenet", help="'imagenet', 'none', or a path to a weights file"),
     "dense_units": Param(int, 256, 1, 8192, help="units of the head's hidden Dense layer"),
     "dropout": Param(float, 0.53, 0.0, 0.95, help="dropout rate before the softmax layer"),
@@ -40,16 +45,17 @@ PARAMS: dict[str, Param] = {
                            help="count unfrozen 'layers' (published) or whole 'blocks' of the backbone"),
     "lr_head": Param(float, 1e-3, 1e-7, 1.0, help="Adam learning rate of stage 1 (frozen backbone)"),
     "lr_finetune": Param(float, 1e-4, 1e-9, 1.0, help="Adam learning rate of stage 2 (fine-tuning)"),
-    "batch_size": Param(int, 32, 1, 4096),
+    "batch_size": Param(int, 32, 1, 4096, help="images per training step (and per prediction batch)"),
     "epochs_head": Param(int, 20, 0, 10000, help="maximum epochs of stage 1"),
     "epochs_finetune": Param(int, 20, 0, 10000, help="maximum epochs of stage 2"),
     "patience": Param(int, 5, 1, 1000, help="early-stopping patience (reduce-LR uses half of it)"),
     "augment": Param(float, 1.0, 0.0, 5.0, help="augmentation strength; 0 disables, 1 = published"),
-    "label_smoothing": Param(float, 0.0, 0.0, 0.5),
+    "label_smoothing": Param(float, 0.0, 0.0, 0.5, help="label smoothing of the cross-entropy loss"),
     "bn_epsilon": Param(float, 0.0, 0.0, 0.1,
                         help="epsilon of the backbone's BatchNormalization layers; 0 keeps the backbone's own "
                              "(1e-3 in keras.applications); weights ported from PyTorch need 1e-5"),
-    "seed": Param(int, 0, 0, 2**31 - 1),
+    "seed": Param(int, 0, 0, 2**31 - 1,
+                  help="seed of the weight initialisation, shuffling, augmentation and bootstrap intervals"),
     "head_features": Param(str, "exact", choices=("exact", "cached"),
                            help="'cached' trains stage 1 on precomputed backbone features (faster)"),
     "finetune_features": Param(str, "exact", choices=("exact", "cached"),
@@ -68,7 +74,8 @@ PARAMS: dict[str, Param] = {
 }
 
 
-def _coerce(key: str, value: Any) -> Any:
+def coerce(key: str, value: Any) -> Any:
+    """One key's value, converted to the key's type and checked against its range or choices."""
     spec = PARAMS[key]
     try:
         if spec.type is int:
@@ -101,14 +108,50 @@ def make_config(overrides: dict[str, Any] | None = None, **kwargs: Any) -> dict[
     unknown = sorted(set(merged) - set(PARAMS))
     if unknown:
         raise UserError(f"unknown config key '{unknown[0]}' (known: {', '.join(PARAMS)})")
-    config = {key: spec.default for key, spec in PARAMS.items()}
+    config = default_config()
     for key, value in merged.items():
-        config[key] = _coerce(key, value)
+        config[key] = coerce(key, value)
+    check_rules(config)
+    return config
+
+
+def default_config() -> dict[str, Any]:
+    """Every key at its default (not validated: the defaults are valid by construction)."""
+    return {key: spec.default for key, spec in PARAMS.items()}
+
+
+def check_rules(config: dict[str, Any]) -> None:
+    """The rules between keys of a full config (each key's own range is checked by `coerce`)."""
     from fer.backbones import BACKBONES  # late import: the registry may grow at runtime
 
-    if config["backbone"] not in BACKBONES:
+    backbone = BACKBONES.get(config["backbone"])
+    if backbone is None:
         raise UserError(f"unknown backbone '{config['backbone']}' (known: {', '.join(BACKBONES)})")
-    return config
+    if config["image_size"] < backbone.min_size:
+        raise UserError(f"image_size {config['image_size']} is below {backbone.name}'s minimum of "
+                        f"{backbone.min_size}")
+    if 0 < config["finetune_cache_units"] < config["unfreeze_layers"]:
+        raise UserError(f"finetune_cache_units {config['finetune_cache_units']} is below unfreeze_layers "
+                        f"{config['unfreeze_layers']}: the cached activations must enter every trainable layer")
+
+
+def markdown_table() -> str:
+    """The Markdown table of every key (docs/config.md holds it; tests/test_docs.py checks it is current)."""
+
+    def show(value: Any) -> str:
+        return "`none`" if value is None else f"`{value}`"
+
+    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for key, spec in PARAMS.items():
+        if spec.choices is not None:
+            allowed = ", ".join(f"`{c}`" for c in spec.choices)
+        elif spec.low is not None:
+            allowed = f"{show(spec.low)} to {show(spec.high)}"
+        else:
+            allowed = "see meaning"
+        meaning = spec.help.replace("|", "\\|")
+        lines.append(f"| `{key}` | {spec.type.__name__} | {show(spec.default)} | {allowed} | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_set_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:

@@ -90,8 +90,6 @@ def build_model(config: dict, num_classes: int) -> keras.Model:
     """Build the full model for a validated config (see fer.config). The backbone starts frozen."""
     backbone = get_backbone(config["backbone"])
     size = config["image_size"]
-    if size < backbone.min_size:
-        raise UserError(f"image_size {size} is below {backbone.name}'s minimum of {backbone.min_size}")
     keras.utils.set_random_seed(config["seed"])
     inputs = keras.Input((size, size, 3), name="image")
     x = inputs

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fer.config import PARAMS, make_config
+from fer.config import PARAMS, check_rules, coerce, default_config, make_config
 from fer.errors import UserError
 
 METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "loss", "accuracy")
@@ -66,14 +66,17 @@ class Space:
     source: str = ""
 
     def config_for(self, backbone: str, params: dict) -> dict:
-        """The full, validated trial config for `backbone` with tuned `params`.
+        """The full trial config for `backbone` with tuned `params` (every key: trials.csv shows them all).
+
+        Not validated here: loading the space checked every range, and the trial validates its config once
+        (`fer.training.run_trial`).
 
         With `finetune_features: cached` and `finetune_cache_units` left unset, every trial cuts the network
         at the space's largest `unfreeze_layers`, so all trials of a backbone share one stage-2 cache."""
         config = {**self.fixed, **params, "backbone": backbone}
         if config.get("finetune_features") == "cached" and "finetune_cache_units" not in config:
             config["finetune_cache_units"] = self.largest("unfreeze_layers")
-        return make_config(config)
+        return {**default_config(), **config}
 
     def largest(self, key: str):
         """The largest value `key` takes in this space (tuned or fixed)."""
@@ -131,7 +134,7 @@ def _parse_dist(key: str, spec: Any, where: str) -> Dist:
         values = []
         for value in args:
             try:
-                values.append(make_config({key: value})[key])
+                values.append(coerce(key, value))
             except UserError as exc:
                 raise _fail(where, str(exc)) from None
         if len(set(values)) != len(values):
@@ -217,10 +220,9 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     for key in fixed_raw:
         _check_param_key(key, f"{source}: fixed")
     try:
-        coerced = make_config(fixed_raw)
+        fixed = {key: coerce(key, value) for key, value in fixed_raw.items()}
     except UserError as exc:
         raise _fail(f"{source}: fixed", str(exc)) from None
-    fixed = {key: coerced[key] for key in fixed_raw}
 
     space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict):
@@ -265,13 +267,15 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         raise _fail(f"{source}: scheduler.grace_period", f"{scheduler['grace_period']} exceeds the "
                                                          f"{out.max_epochs()} epochs a trial runs")
     for backbone in backbones:  # every backbone must accept the fixed settings (e.g. its minimum size)
-        from fer.backbones import get_backbone
-
         size = fixed.get("image_size", PARAMS["image_size"].default)
         low = min(space["image_size"].args) if "image_size" in space else size
-        if low < get_backbone(backbone).min_size:
-            raise _fail(f"{source}: image_size", f"{low} is below {backbone}'s minimum of "
-                                                 f"{get_backbone(backbone).min_size}")
+        unfreeze = fixed.get("unfreeze_layers", PARAMS["unfreeze_layers"].default)
+        unfreeze = min(space["unfreeze_layers"].args) if "unfreeze_layers" in space else unfreeze
+        try:
+            check_rules({**default_config(), **fixed, "image_size": low, "unfreeze_layers": unfreeze,
+                         "backbone": backbone})
+        except UserError as exc:
+            raise _fail(f"{source}: {backbone}", str(exc)) from None
     return out
 
 

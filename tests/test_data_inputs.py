@@ -41,7 +41,7 @@ def make_dataset(root: Path, classes=("a", "b", "c"), per_class=8, seed=0) -> Pa
 def prepare(data: Path, out: Path, **kw) -> tuple[pd.DataFrame, dict]:
     import json
 
-    kw.setdefault("image_size", 16)
+    kw.setdefault("image_size", 32)
     kw.setdefault("workers", 0)
     prepare_dataset(data, out, log=_quiet, **kw)
     manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False).set_index("path")

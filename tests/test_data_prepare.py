@@ -126,8 +126,8 @@ def test_the_test_split_is_never_opened_by_a_train_val_reader(prepared_data):
 
 
 def test_split_is_deterministic_per_seed_and_changes_with_it(demo_data_dir, prepared_data, tmp_path):
-    prepare_dataset(demo_data_dir, tmp_path / "same", group_regex=GROUP_REGEX, seed=0, image_size=16, log=_quiet)
-    prepare_dataset(demo_data_dir, tmp_path / "other", group_regex=GROUP_REGEX, seed=1, image_size=16, log=_quiet)
+    prepare_dataset(demo_data_dir, tmp_path / "same", group_regex=GROUP_REGEX, seed=0, image_size=32, log=_quiet)
+    prepare_dataset(demo_data_dir, tmp_path / "other", group_regex=GROUP_REGEX, seed=1, image_size=32, log=_quiet)
     base = _manifest(prepared_data)
     same = pd.read_csv(tmp_path / "same" / "manifest.csv", keep_default_na=False)
     other = pd.read_csv(tmp_path / "other" / "manifest.csv", keep_default_na=False)
@@ -152,19 +152,19 @@ def test_data_folder_is_byte_for_byte_unchanged(demo_data_dir, prepared_data, tm
 
     before = snapshot()
     folders = sorted(p for p in demo_data_dir.rglob("*") if p.is_dir())
-    prepare_dataset(demo_data_dir, tmp_path / "again", group_regex=GROUP_REGEX, image_size=16, log=_quiet)
+    prepare_dataset(demo_data_dir, tmp_path / "again", group_regex=GROUP_REGEX, image_size=32, log=_quiet)
     StudyData(tmp_path / "again").pixels("val", 20)  # a new size reads DATA again
     assert snapshot() == before
     assert sorted(p for p in demo_data_dir.rglob("*") if p.is_dir()) == folders
 
 
 def test_cli_prepare_writes_results_and_prints_a_summary(demo_data_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "prepare", str(demo_data_dir), "--image-size", "16",
+    proc = subprocess.run([sys.executable, "-m", "study.cli", "prepare", str(demo_data_dir), "--image-size", "32",
                            "--group-regex", GROUP_REGEX, "--study", "mine"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "leakage check" in proc.stdout and "OK" in proc.stdout
-    assert (tmp_path / "results" / "mine" / "data" / "pixels" / "train_16.npy").is_file()
+    assert (tmp_path / "results" / "mine" / "data" / "pixels" / "train_32.npy").is_file()
     proc = subprocess.run([sys.executable, "-m", "study.cli", "prepare", str(tmp_path / "nope")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("Error: DATA folder not found")
@@ -176,7 +176,7 @@ def test_a_new_size_needs_the_unchanged_data(prepared_data, demo_data_dir, tmp_p
 
     data = tmp_path / "faces"
     shutil.copytree(demo_data_dir, data)
-    prepare_dataset(data, tmp_path / "study", group_regex=GROUP_REGEX, image_size=16, log=_quiet)
+    prepare_dataset(data, tmp_path / "study", group_regex=GROUP_REGEX, image_size=32, log=_quiet)
     sd = StudyData(tmp_path / "study")
     victim = data / sd.paths("val")[0]
     Image.new("RGB", (64, 64), "red").save(victim, format=Image.open(victim).format)
@@ -186,7 +186,7 @@ def test_a_new_size_needs_the_unchanged_data(prepared_data, demo_data_dir, tmp_p
     shutil.rmtree(data)
     with pytest.raises(UserError, match="is not available to build it"):
         sd.pixels("train", 24)
-    assert sd.pixels("train", 16).shape[1] == 16  # the prepared size still works without DATA
+    assert sd.pixels("train", 32).shape[1] == 32  # the prepared size still works without DATA
 
 
 def test_output_inside_data_is_refused(demo_data_dir):

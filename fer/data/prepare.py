@@ -16,15 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fer.compute_once import write_json
+from fer.config import PARAMS
 from fer.data import audit as audit_mod
-from fer.data.cache import (allocate, decode_into, default_workers, exclusive_lock, row_bytes,
-                            write_npy_from_rows)
+from fer.data.cache import allocate, decode_into, default_workers, exclusive_lock, row_bytes, write_npy_from_rows
 from fer.data.decode import MAX_PIXELS, FileRecord, inspect_file
 from fer.data.duplicates import NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind, find_duplicates
 from fer.data.scan import scan_dataset
-from fer.data.split import (SPLITS, check_every_split_has_every_class, group_split, parse_fractions,
-                            parse_predefined, predefined_split)
-from fer.compute_once import write_json
+from fer.data.split import (
+    SPLITS,
+    check_every_split_has_every_class,
+    group_split,
+    parse_fractions,
+    parse_predefined,
+    predefined_split,
+)
 from fer.errors import UserError
 from fer.names import AUDIT_FILE, MANIFEST_FILE, STUDY_DATA_FILE
 
@@ -38,15 +44,16 @@ def inspect_file_task(path: str, image_size: int, max_pixels: int):
 
 
 def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.7, 0.15, 0.15), seed: int = 0,
-                    image_size: int = 224, predefined=None, classes: list[str] | None = None,
+                    image_size: int = PARAMS["image_size"].default, predefined=None, classes: list[str] | None = None,
                     keep_duplicates: bool = False, workers: int | None = None,
                     max_pixels: int = MAX_PIXELS, near: tuple[int, float] = (NEAR_PHASH_BITS, NEAR_MIN_CORRELATION),
                     log=print) -> dict:
     """Prepare `data_dir` into `out_dir`; return the audit summary (also written to `audit.json`)."""
     t0 = time.perf_counter()
     fractions = parse_fractions(split)
-    if not 8 <= int(image_size) <= 1024:
-        raise UserError(f"--image-size must be between 8 and 1024, got {image_size}")
+    size = PARAMS["image_size"]
+    if not size.low <= int(image_size) <= size.high:
+        raise UserError(f"--image-size must be between {size.low} and {size.high}, got {image_size}")
     image_size = int(image_size)
     try:
         group_rx = re.compile(group_regex) if group_regex else None
@@ -208,7 +215,7 @@ def _keeper(table: _Table, members: list[int]) -> int:
 
 
 def _assign_groups(table: _Table, group_rx, clusters_idx: list[list[int]]) -> int:
-    """group = subject id or the file itself, merged across duplicate clusters. The regex is searched in the
+    r"""group = subject id or the file itself, merged across duplicate clusters. The regex is searched in the
     file name, then in the path below the class folder (so `^(S\d+)/` finds subject sub-folders). Returns
     how many usable files the regex did not match."""
     keys, unmatched = [], 0

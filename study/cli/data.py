@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from fer.config import PARAMS
+
 COMMANDS: list[click.Command] = []
 
 
@@ -35,7 +37,8 @@ def demo_data(out: Path, per_class: int, seed: int) -> None:
 @click.option("--predefined", default=None,
               help="use the dataset's own split: 'train=RE,val=RE,test=RE' on file names, or a CSV of path,split")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--image-size", default=224, show_default=True, help="size of the decoded-pixel cache")
+@click.option("--image-size", default=PARAMS["image_size"].default, show_default=True,
+              help="size of the decoded-pixel cache (the trial config's image_size range)")
 @click.option("--classes", default=None, help="expected class folders, comma-separated (others are reported)")
 @click.option("--keep-duplicates", is_flag=True, help="keep every copy in a duplicate cluster (same split)")
 @click.option("--workers", default=None, type=int, help="decoding processes (default: up to 2; 0 = in-process)")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from fer import names
+from fer.backbones import BACKBONES
 from fer.errors import UserError
 
 
@@ -41,7 +42,7 @@ def open_or_prepare(data_or_study: str | Path, image_size: int, results_root: st
 
 @click.command("train")
 @click.argument("data_or_study", type=click.Path(path_type=Path))
-@click.option("--backbone", "-b", required=True, help="efficientnetb1, resnet50, inceptionv3, mobilenetv2, densenet121")
+@click.option("--backbone", "-b", required=True, help=f"one of {', '.join(BACKBONES)}")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="a trial config key (repeatable), e.g. --set image_size=96 --set epochs_head=3")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,

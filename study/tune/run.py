@@ -17,6 +17,7 @@ after a resume (a resumed trial is compared only with trials that run after the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -24,14 +25,16 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from fer import names
 from fer.compute_once import write_json
+from fer.config import PARAMS
 from fer.errors import UserError
-from study.tune.results import Ledger
 from study.space import Space, load_space
+from study.tune.results import Ledger
 
 
 class StudyIncomplete(Exception):
@@ -39,7 +42,7 @@ class StudyIncomplete(Exception):
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def resolve_study(source: str | Path, name: str | None, space: Space, results_root: Path,
@@ -64,7 +67,7 @@ def resolve_study(source: str | Path, name: str | None, space: Space, results_ro
         raise UserError(f"{source} is not a study folder")
     else:
         log(f"preparing {source} -> {data_dir}")
-        size = space.fixed.get("image_size", 224)
+        size = space.fixed.get("image_size", PARAMS["image_size"].default)
         prepare_dataset(source, data_dir, group_regex=group_regex, seed=space.seed, image_size=size, log=log)
     return study_dir.resolve(), data_dir.resolve()
 
@@ -87,29 +90,48 @@ def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
     return previous
 
 
-def run_study(source: str | Path, space_path: str | Path, *, name: str | None = None,
-              address: str | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
-              group_regex: str | None = None, resume: bool = False, num_cpus: int | None = None, num_gpus: int | None = None,
-              dashboard: bool = True, results_root: str | Path = "results", stream: TextIO | None = None,
-              live: bool | None = None, trainable=None, command: str | None = None) -> Path:
+@dataclasses.dataclass(frozen=True)
+class StudyOptions:
+    """How a study runs: `fer-study run`'s options. `trainable` replaces the Keras trial (tests of placement
+    use a trivial one); everything else is the code path real studies take."""
+
+    name: str | None = None  # results/NAME/ (default: DATA's folder name)
+    results_root: str | Path = "results"
+    group_regex: str | None = None  # when DATA is prepared here
+    resume: bool = False
+    address: str | None = None  # an existing Ray cluster; None: a local Ray
+    num_cpus: int | None = None  # of the local Ray (default: all)
+    num_gpus: int | None = None
+    dashboard: bool = True
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    stream: TextIO | None = None  # progress output (default: stdout)
+    live: bool | None = None  # a live progress view (default: when stream is a terminal)
+    command: str | None = None  # recorded in study.json (default: this process's argv)
+    trainable: Callable | None = None
+
+
+def run_study(source: str | Path, space_path: str | Path, options: StudyOptions | None = None,
+              **overrides) -> Path:
     """Run (or resume) a study; return its folder. See the module docstring for what it writes.
 
-    `trainable` replaces the Keras trial (tests of placement use a trivial one); everything else is the
-    code path real studies take.
+    `options` (a `StudyOptions`), with keyword `overrides` of its fields, e.g.
+    `run_study(data, space, cpus_per_trial=2, resume=True)`.
     """
-    stream = stream or sys.stdout
+    opts = dataclasses.replace(options or StudyOptions(), **overrides)
+    stream = opts.stream or sys.stdout
 
     def log(message: str) -> None:
         stream.write(message + "\n")
         stream.flush()
 
     space = load_space(space_path)
-    if cpus_per_trial <= 0:
-        raise UserError(f"--cpus-per-trial must be > 0, got {cpus_per_trial}")
-    if gpus_per_trial is not None and gpus_per_trial < 0:
-        raise UserError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial}")
-    study_dir, data_dir = resolve_study(source, name, space, Path(results_root), log, group_regex)
-    previous = _check_resume(study_dir, space, resume)
+    if opts.cpus_per_trial <= 0:
+        raise UserError(f"--cpus-per-trial must be > 0, got {opts.cpus_per_trial}")
+    if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
+        raise UserError(f"--gpus-per-trial must be >= 0, got {opts.gpus_per_trial}")
+    study_dir, data_dir = resolve_study(source, opts.name, space, Path(opts.results_root), log, opts.group_regex)
+    previous = _check_resume(study_dir, space, opts.resume)
 
     import ray
 
@@ -118,51 +140,52 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
     ray_was_running = ray.is_initialized()
     run_started = time.perf_counter()
     preload = _preload_modules()  # while Ray starts (mostly waiting on its processes), in a thread
-    info = tune_cluster.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, dashboard=dashboard)
+    info = tune_cluster.connect(opts.address, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, dashboard=opts.dashboard)
     preload.join()
     timings = {"connect_s": round(time.perf_counter() - run_started, 1)}
     try:
         log(tune_cluster.describe_dashboard(info))
         tune_cluster.check_shared_storage(study_dir)
-        gpus = tune_cluster.default_gpus_per_trial() if gpus_per_trial is None else float(gpus_per_trial)
-        tune_cluster.check_trial_fits(cpus_per_trial, gpus)
+        gpus = tune_cluster.default_gpus_per_trial() if opts.gpus_per_trial is None else float(opts.gpus_per_trial)
+        tune_cluster.check_trial_fits(opts.cpus_per_trial, gpus)
         study = dict(previous or {})
         study.update({
             "name": study_dir.name, "space_file": str(space_path), "space": space.to_dict(),
             "seed": space.seed, "data": str(data_dir), "status": names.STUDY_RUNNING,
-            "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-            "resources_per_trial": {"cpu": cpus_per_trial, "gpu": gpus}, "ray": info,
+            "command": opts.command or " ".join(shlex.quote(a) for a in sys.argv),
+            "resources_per_trial": {"cpu": opts.cpus_per_trial, "gpu": gpus}, "ray": info,
         })
         from fer.machine import machine_info
 
         study["machine"] = machine_info()
         study.setdefault("started_at", _now())
-        study.setdefault("runs", []).append({"started_at": _now(), "resume": bool(resume)})
+        study.setdefault("runs", []).append({"started_at": _now(), "resume": bool(opts.resume)})
         study["timings"] = timings  # this run's phases, in seconds
         write_json(study_dir / names.STUDY_FILE, study)
 
         ledger = Ledger(study_dir)
         pool = None
-        if trainable is None:
+        if opts.trainable is None:
             from study.tune.best import EvaluatorPool
             from study.tune.trial import trial_threads
 
-            pool = EvaluatorPool(cpus_per_trial, gpus, trial_threads(cpus_per_trial), limit=len(space.backbones))
+            pool = EvaluatorPool(opts.cpus_per_trial, gpus, trial_threads(opts.cpus_per_trial),
+                                 limit=len(space.backbones))
         try:
-            _search(space, study, study_dir, data_dir, ledger, cpus_per_trial, gpus, trainable, stream, live, log,
-                    pool)
+            _search(space, study, study_dir, data_dir, ledger, opts.cpus_per_trial, gpus, opts.trainable, stream,
+                    opts.live, log, pool)
         except BaseException:
             if pool is not None:
                 pool.close()
             raise
         ledger = Ledger(study_dir)  # what is on disk is the truth
-        if trainable is None:
+        if opts.trainable is None:
             from study.tune.best import evaluate_bests, retrain_seeds
 
-            threads = trial_threads(cpus_per_trial)
+            threads = trial_threads(opts.cpus_per_trial)
             t0 = time.perf_counter()
-            study["best"] = evaluate_bests(space, ledger, study_dir, data_dir, cpus_per_trial, gpus, threads, log,
-                                           pool=pool, slots=tune_cluster.concurrent_trials(cpus_per_trial, gpus))
+            study["best"] = evaluate_bests(space, ledger, study_dir, data_dir, opts.cpus_per_trial, gpus, threads, log,
+                                           pool=pool, slots=tune_cluster.concurrent_trials(opts.cpus_per_trial, gpus))
             timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
             if not study["best"]:
                 study["status"] = names.STUDY_FAILED
@@ -172,7 +195,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
                                 + (f"; first error: {errors[0]}" if errors else ""))
             if space.final_seeds:
                 t0 = time.perf_counter()
-                study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, cpus_per_trial, gpus,
+                study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, opts.cpus_per_trial, gpus,
                                                      threads, log)
                 timings["final_seeds_s"] = round(time.perf_counter() - t0, 1)
         study["status"] = names.STUDY_COMPLETED
@@ -232,14 +255,18 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
 
     `pool` (a study.tune.best.EvaluatorPool): once every trial has been handed out, each slot a finishing
     trial frees for good starts an evaluator, whose start-up then overlaps the trials still running."""
+    import optuna
     from ray import tune
 
-    import optuna
-
-    from study.tune.progress import ProgressView, StudyCallback
-    from study.tune.search import (BackboneSearcher, discard_interrupted, make_scheduler, optuna_storage,
-                                   optuna_study_name)
     from study.tune.cluster import concurrent_trials
+    from study.tune.progress import ProgressView, StudyCallback
+    from study.tune.search import (
+        BackboneSearcher,
+        discard_interrupted,
+        make_scheduler,
+        optuna_storage,
+        optuna_study_name,
+    )
     from study.tune.trial import train_trial, trial_resources, trial_threads
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

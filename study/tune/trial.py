@@ -47,9 +47,9 @@ def check_finite(record: dict) -> None:
 
 class EpochReporter:
     """Our small Keras-to-Tune bridge (no TuneReportCallback, docs/pitfalls.md#tune-callback): one
-    `tune.report` per epoch record, plus `trial_s`, the trial's wall time so far in its worker (start-up included), and two
-    unix times for the study's timing breakdown: `worker_started_at` (the trial function's first line in its
-    worker) and `reported_at` (this report)."""
+    `tune.report` per epoch record, plus `trial_s`, the trial's wall time so far in its worker (start-up
+    included), and two unix times for the study's timing breakdown: `worker_started_at` (the trial
+    function's first line in its worker) and `reported_at` (this report)."""
 
     def __init__(self, started: float, started_at: float | None = None):
         self.started = started
@@ -96,7 +96,6 @@ def train_trial(config: dict, context: dict) -> None:
     from fer.backend_setup import configure_backend
 
     configure_backend(threads=context["threads"])
-    from fer.config import make_config
     from fer.data import StudyData
     from fer.training import run_trial
 
@@ -105,7 +104,7 @@ def train_trial(config: dict, context: dict) -> None:
     study_data = StudyData(context["data_dir"])
     reporter = EpochReporter(started, started_at)
     decisions = set(context.get("decision_epochs", ()))
-    run_trial(make_config(config), study_data, out_dir, on_epoch=reporter, evaluate_test=False,
+    run_trial(config, study_data, out_dir, on_epoch=reporter, evaluate_test=False,
               report_can_stop=decisions.__contains__)
     # After the last report (it may not run when a scheduler stops the trial, docs/pitfalls.md#last-report):
     # when the worker finished its own work, for the study's timing breakdown (outcome.json "timing").
@@ -178,9 +177,9 @@ class Evaluator:
         the last trials run, for the best finished trial so far; a later call replaces the model."""
         import numpy as np
 
+        from fer.batches import predict_probs
         from fer.config import load_config
         from fer.model import load_trained_model
-        from fer.batches import predict_probs
 
         if self.preloaded is not None and self.preloaded[0] == trial_dir:
             return True
@@ -206,8 +205,7 @@ def retrain_seed(config: dict, out_dir: str, data_dir: str, threads: int) -> dic
     from fer.backend_setup import configure_backend
 
     configure_backend(threads=threads)
-    from fer.config import make_config
     from fer.data import StudyData
     from fer.training import run_trial
 
-    return run_trial(make_config(config), StudyData(data_dir), out_dir, evaluate_test=True)
+    return run_trial(config, StudyData(data_dir), out_dir, evaluate_test=True)
