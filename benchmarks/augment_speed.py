@@ -3,7 +3,8 @@
 Builds the trial model three times in one process -- augmentation as Keras's RandomFlip + RandomRotation +
 RandomTranslation + RandomZoom (the usual way), as fer.layers.RandomAffine (what trials use), and none --
 and times compiled training steps of both stages on random uint8 images (median of per-epoch step times,
-the variants' epochs interleaved, the compiling first epoch excluded). Prints one JSON line: seconds per step and the ratios.
+the variants' epochs interleaved, the compiling first epoch excluded). Prints one JSON line: seconds per step
+and the ratios.
 
     python3 benchmarks/augment_speed.py --backbone mobilenetv2 --image-size 96
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from fer.errors import UserError
 
@@ -28,7 +28,7 @@ class Backbone:
     block_regex: str  # a layer-name regex whose first group names the layer's block
     kwargs: dict = dataclasses.field(default_factory=dict)
 
-    def build(self, input_tensor, weights) -> "keras.Model":  # noqa: F821
+    def build(self, input_tensor, weights) -> keras.Model:  # noqa: F821
         """Build the headless backbone on `input_tensor` so its layers sit flat in the full model.
 
         Flat (not nested as one layer) so Grad-CAM can reach inner activations

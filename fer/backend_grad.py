@@ -8,7 +8,7 @@ Everything else (`fer.gradcam`) is written with NumPy and `keras.ops`. The retur
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np

@@ -18,9 +18,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
 import pillow_heif
+from PIL import Image, ImageDraw, ImageFilter
 
 from fer import CLASSES
 from fer.errors import UserError

@@ -38,16 +38,16 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
 
+from fer.batches import PixelBatches, model_input, one_view
 from fer.compute_once import POLL_S, STALE_S, create_or_wait, partial_path, write_json
 from fer.data.decode import file_sha256
 from fer.errors import UserError
-from fer.batches import PixelBatches, model_input, one_view
 from fer.model import HEAD_PREFIX, backbone_layers
 
 log = logging.getLogger(__name__)

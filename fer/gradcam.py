@@ -3,8 +3,8 @@
 How: the model is split at the Grad-CAM target layer (the backbone's last spatial activation, named per
 backbone in `fer.backbones`) into a feature model (image -> activations) and the head (activations ->
 class logits). Works because the backbone sits flat in the model (docs/pitfalls.md#flat-backbone).
-The class score is the pre-softmax logit of the explained class: softmax probabilities saturate for confident predictions
-and would give near-zero gradients exactly where we most want an explanation. Gradients come from
+The class score is the pre-softmax logit of the explained class: softmax probabilities saturate for
+confident predictions and would give near-zero gradients exactly where we most want an explanation. Gradients come from
 `fer.backend_grad` (the only backend-specific code), compiled once per model.
 
 Faithfulness (deletion curve, Petsiuk et al. 2018): replace the most-highlighted pixels, a growing fraction
@@ -72,7 +72,7 @@ class GradCam:
 
     @staticmethod
     def _head_logits_fn(model: keras.Model, target: keras.layers.Layer):
-        out_layer = model.get_layer(OUTPUT_LAYER) if OUTPUT_LAYER in {l.name for l in model.layers} else None
+        out_layer = model.get_layer(OUTPUT_LAYER) if OUTPUT_LAYER in {layer.name for layer in model.layers} else None
         if isinstance(out_layer, keras.layers.Dense):
             # logits = the output Dense layer without its softmax
             penultimate = keras.Model(target.output, out_layer.input, name="gradcam_head")

@@ -2,7 +2,8 @@
 
 Doing each backbone's preprocessing in-model (rather than `preprocess_input` on NumPy arrays) means the
 same uint8 pixel cache feeds every backbone, nothing is overwritten in place
-(docs/pitfalls.md#preprocess-input), and `fer-study predict` cannot forget a step. Written with `keras.ops`, so it runs on any Keras backend.
+(docs/pitfalls.md#preprocess-input), and `fer-study predict` cannot forget a step. Written with `keras.ops`,
+so it runs on any Keras backend.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ which is what "how sure are we about this test accuracy" needs on a few hundred 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

@@ -179,8 +179,8 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: in
     data_dir = Path(data_dir)
     folders = _class_folders(data_dir)  # bad data fails before the (slow) model load
     model, classes, _ = load_model_and_classes(model_path)
-    from fer.metrics import classification_metrics
     from fer.batches import predict_probs
+    from fer.metrics import classification_metrics
 
     files, labels, unknown = _labelled_files(data_dir, folders, classes)
     pixels, kept, skipped = decode_images(files, _input_size(model))

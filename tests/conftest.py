@@ -3,6 +3,14 @@
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs a whole study (`smoke_study`, minutes) is end-to-end: marked `slow`, so the fast
+    target `pytest -m "not slow"` leaves it out."""
+    for item in items:
+        if "smoke_study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 # ---- study fixtures (owner: study) -------------------------------------------------------------------
 # A prepared study folder (tiny demo data, 32 px cache) shared by every study test, and `smoke_study`: one
 # real `fer-study run` of a smoke-like space (two backbones, two trials each, ASHA), whose complete results

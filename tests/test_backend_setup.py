@@ -1,4 +1,5 @@
-"""The accelerator path's decisions: which mixed precision `auto` picks, and where compiled programs are cached."""
+"""Backend set-up decisions (fer.backend_setup): which mixed precision `auto` picks on which device, and
+where compiled programs are cached. Runs on any machine: a GPU is simulated where the rule needs one."""
 
 import keras
 import pytest
@@ -8,12 +9,21 @@ from fer.config import make_config
 from fer.training import _dtype_policy
 
 
-def test_auto_mixed_precision_is_float32_without_an_accelerator():
-    assert not backend_setup.accelerator_available()  # the test machines have no GPU
+def test_auto_mixed_precision_is_float32_without_an_accelerator(monkeypatch):
+    monkeypatch.setattr(backend_setup, "accelerator_available", lambda: False)
     assert backend_setup.mixed_precision_dtype() is None
     assert _dtype_policy(make_config(mixed_precision="auto")) == "float32"
     assert _dtype_policy(make_config(mixed_precision="bfloat16")) == "mixed_bfloat16"
     assert _dtype_policy(make_config(mixed_precision="off")) == "float32"
+
+
+def test_auto_mixed_precision_matches_this_machine():
+    # no simulation: on a CPU-only machine float32, on a GPU one of the mixed policies
+    dtype = backend_setup.mixed_precision_dtype()
+    if backend_setup.accelerator_available():
+        assert dtype in ("float16", "bfloat16")
+    else:
+        assert dtype is None
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16"),

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fer import CLASSES
 from fer.data.decode import decode_file
-from fer.demo_data import REGIONS, generate_demo_data, render_face, _subject
+from fer.demo_data import REGIONS, _subject, generate_demo_data, render_face
 
 
 def test_demo_data_has_the_promised_messes(demo_data_dir):

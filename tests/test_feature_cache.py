@@ -79,10 +79,10 @@ def test_cached_head_stage_end_to_end(new_study):
     """Two trials share one feature computation; the head trained on features is the full model's head."""
     import keras
 
+    from fer.batches import predict_probs
     from fer.data import StudyData
     from fer.feature_cache import compute_features, features_dir, head_extractor
     from fer.model import build_model, load_trained_model
-    from fer.batches import predict_probs
     from fer.training import run_trial
 
     study = new_study("cached")
@@ -148,10 +148,10 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
     before the cut never changed."""
     import keras
 
+    from fer.batches import predict_probs
     from fer.data import StudyData
     from fer.errors import UserError
     from fer.model import build_model, load_trained_model
-    from fer.batches import predict_probs
     from fer.training import run_trial
 
     study = new_study("cached_finetune")

@@ -8,7 +8,6 @@ explain (and that the hottest pixel falls inside them far more often than chance
 
 from __future__ import annotations
 
-
 import keras
 import numpy as np
 import pandas as pd
@@ -16,8 +15,15 @@ import pytest
 
 from fer.config import make_config
 from fer.errors import UserError
-from fer.gradcam import (GradCam, deletion_auc, deletion_curves, heat_share_in_boxes, overlay, peak_in_boxes,
-                         target_layer_name)
+from fer.gradcam import (
+    GradCam,
+    deletion_auc,
+    deletion_curves,
+    heat_share_in_boxes,
+    overlay,
+    peak_in_boxes,
+    target_layer_name,
+)
 from fer.machine import shared_missing, shared_path
 from fer.model import build_model, load_trained_model
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, confusion_matrix as sk_confusion, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix as sk_confusion
 
 from fer.metrics import classification_metrics, macro_f1, predictions_table
 

@@ -107,8 +107,8 @@ def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the
     far is on disk before those (also when an earlier epoch was the best), and the overall best at the end."""
     import keras
 
-    from fer.model import load_trained_model
     from fer.batches import predict_probs
+    from fer.model import load_trained_model
 
     model_file, seen = tmp_path / "model.keras", []
     onehot = np.eye(len(trial_data.classes))[trial_data.labels("val")]
@@ -136,8 +136,8 @@ def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the
 @needs_weights
 def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, tmp_path):
     """MobileNetV2 from the offline ImageNet file learns the demo emotions; model.keras is the best model."""
-    from fer.model import load_trained_model
     from fer.batches import predict_probs
+    from fer.model import load_trained_model
 
     model_file, seen = tmp_path / "model.keras", []
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fer.data.cache import (allocate, decode_into, default_workers, exclusive_lock, npy_header, open_pixels,
-                            row_bytes)
+from fer.data.cache import allocate, decode_into, default_workers, exclusive_lock, npy_header, open_pixels, row_bytes
 from fer.data.decode import Quarantine, decode_file, pixel_hash, resize_square
 from fer.data.split import SPLITS
 from fer.errors import UserError

@@ -15,9 +15,17 @@ import pandas as pd
 
 from study.report.document import Document
 from study.report.load import BackboneResult, StudyResults, load_study
-from study.report.sections import (audit_section, backbone_figures, comparison_section, evaluations_section,
-                                   header_section, problems_section, search_section, comparison_rows,
-                                   edge_warnings)
+from study.report.sections import (
+    audit_section,
+    backbone_figures,
+    comparison_rows,
+    comparison_section,
+    edge_warnings,
+    evaluations_section,
+    header_section,
+    problems_section,
+    search_section,
+)
 
 __all__ = ["BackboneResult", "Document", "StudyResults", "build_report", "comparison_rows", "edge_warnings",
            "load_study"]

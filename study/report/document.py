@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pandas as pd
 
+
 @dataclasses.dataclass
 class Document:
     """Blocks rendered to both Markdown and HTML; figures kept as PNG bytes under a file-safe name."""
@@ -54,7 +55,8 @@ class Document:
                 frame = block[1]
                 out.append("| " + " | ".join(_md(c) for c in frame.columns) + " |")
                 out.append("|" + "---|" * len(frame.columns))
-                out += ["| " + " | ".join(_md(format_cell(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
+                out += ["| " + " | ".join(_md(format_cell(v)) for v in row) + " |"
+                        for row in frame.itertuples(index=False)]
                 out.append("")
             elif kind == "figure":
                 out += [f"![{_md(block[2])}](figures/{block[1]}.png)", "", f"*{_md(block[2])}*", ""]

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ray
 
 from fer import names
 from fer.compute_once import write_json
-from study.tune.results import Ledger
 from study.space import Space
+from study.tune.results import Ledger
 from study.tune.trial import Evaluator, evaluate_best, retrain_seed
 
 SELECTION = names.SELECTION_FILE

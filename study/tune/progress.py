@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 import traceback
-from typing import Callable, TextIO
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
 
 from ray.exceptions import RayError
 from ray.tune import Callback
 
 from fer import names
 from study.tune.results import Ledger, clean_float, summarize_history
-
 
 
 def _fmt(value) -> str:
