@@ -77,8 +77,7 @@ SHARED_DOWNLOADS = {
                                "PublicTest_, PrivateTest_",
     "datasets/jaffe-5class": "JAFFE (non-commercial research only) as PNGs in the same five class folders, "
                              "file names <SUBJECT>_<EXPR><take>_<n>.png",
-    "weights": "offline ImageNet weight files (e.g. mobilenet_v2_1.0_224_tf_no_top.h5, "
-               "mobilenet_2_5_224_tf_no_top.h5 from Keras's releases)",
+    "weights": "the offline ImageNet weight file (docs/benchmarks.md names each file and where it comes from)",
 }
 
 
