@@ -31,6 +31,8 @@ from fer.errors import UserError
 from study.results import Ledger, write_json
 from study.space import Space, load_space
 
+STUDY_LOG = "study.log"  # progress lines of long one-off steps in trials (feature and pixel caches)
+
 
 class StudyIncomplete(Exception):
     """The searches stopped before every trial finished (Ctrl-C, or the cluster went away)."""
@@ -124,6 +126,8 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         tune_cluster.check_shared_storage(study_dir)
         gpus = tune_cluster.default_gpus_per_trial() if gpus_per_trial is None else float(gpus_per_trial)
         tune_cluster.check_trial_fits(cpus_per_trial, gpus)
+        if trainable is None:
+            tune_cluster.check_backend_sees_gpus(gpus)
         study = dict(previous or {})
         study.update({
             "name": study_dir.name, "space_file": str(space_path), "space": space.to_dict(),
@@ -284,6 +288,7 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     callback = StudyCallback(ledger, space.metric, space.mode, view, tuple(space.space), stopped=stopped,
                              optuna_number=searcher.optuna_trial_number, on_change=on_change)
     context = {"data_dir": str(data_dir), "trials_dir": str(ledger.trials_dir.resolve()),
+               "study_log": str((study_dir / STUDY_LOG).resolve()),  # progress of one-off steps (caches)
                "threads": trial_threads(cpus),
                # the reports after which a trial may be stopped (none without a scheduler): it saves its best
                # model before those only, and at its end
