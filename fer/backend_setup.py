@@ -153,3 +153,21 @@ def accelerator_available() -> bool:
 
         return torch.cuda.is_available()
     return False
+
+
+def backend_gpu_count() -> int:
+    """GPUs the Keras backend can compute on in this process (0 for a CPU-only build)."""
+    name = backend_name()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    if name == "jax":
+        import jax
+
+        return len([d for d in jax.devices() if d.platform == "gpu"])
+    if name == "torch":
+        import torch
+
+        return torch.cuda.device_count()
+    return 0

@@ -185,7 +185,8 @@ class _Heartbeat(keras.callbacks.Callback):
 
 def compute_features(extractor: keras.Model, config: dict, study_data, beat: Callable[[], None] = lambda: None,
                      out: Callable[[str, int, tuple], np.ndarray] | None = None,
-                     source: CachedFeatures | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                     source: CachedFeatures | None = None, label: str = "feature"
+                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(train arrays (views, N, ...), val arrays (N, ...)), one per output of `extractor`.
 
     From images (`source` None): fresh augmentation layers with the trial seed make the views (so computing
@@ -193,13 +194,13 @@ def compute_features(extractor: keras.Model, config: dict, study_data, beat: Cal
     cache whose arrays are `extractor`'s inputs: view by view (the head features from the stage-2 cache:
     the same augmented images, without running the frozen prefix again). `out(split, i, shape)` allocates
     the result arrays (the cache passes memory-mapped files, so only one view is held in memory); `beat`
-    runs every batch.
+    runs every batch; progress lines (rate, time left) name the cache by `label`.
     """
     from fer.layers import augmentation_layers
+    from fer.progress import Progress
 
     out = out or (lambda split, i, shape: np.empty(shape, dtype=np.float32))
     size, batch = config["image_size"], config["batch_size"]
-    callbacks = [_Heartbeat(beat)]
     shapes = [tuple(t.shape[1:]) for t in extractor.outputs]
     if source is None:
         views_model = _Augmented(augmentation_layers(config["augment"], config["seed"]), extractor, name="views")
@@ -209,12 +210,19 @@ def compute_features(extractor: keras.Model, config: dict, study_data, beat: Cal
     else:
         view_inputs = [(extractor, one_view(source.train, view)) for view in range(len(source.train[0]))]
         val_inputs_ = model_input(source.val)
-    n_train = len(study_data.labels("train"))
+    n_train, n_val = len(study_data.labels("train")), len(study_data.labels("val"))
+    progress = Progress(f"{label} cache", len(view_inputs) * n_train + n_val)
+
+    def tick() -> None:
+        beat()
+        progress.advance(batch)
+
+    callbacks = [_Heartbeat(tick)]
     train = [out("train", i, (len(view_inputs), n_train, *shape)) for i, shape in enumerate(shapes)]
     for view, (model, inputs) in enumerate(view_inputs):
         for i, values in enumerate(_predict(model, inputs, batch, callbacks)):
             train[i][view] = values
-    val = [out("val", i, (len(study_data.labels("val")), *shape)) for i, shape in enumerate(shapes)]
+    val = [out("val", i, (n_val, *shape)) for i, shape in enumerate(shapes)]
     for i, values in enumerate(_predict(extractor, val_inputs_, batch, callbacks)):
         val[i][...] = values
     return train, val
@@ -252,7 +260,8 @@ def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data
             return np.lib.format.open_memmap(partials[(split, i)], mode="w+", dtype=np.float32, shape=shape)
 
         try:
-            train, val = compute_features(extractor, config, study_data, beat, out=allocate, source=source)
+            train, val = compute_features(extractor, config, study_data, beat, out=allocate, source=source,
+                                           label=f"{spec['kind']} feature")
             for array in train + val:
                 array.flush()
             for (split, i), partial in partials.items():

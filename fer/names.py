@@ -46,6 +46,7 @@ BEST_DIR = "best"
 SELECTION_FILE = "selection.json"  # best/<backbone>/selection.json
 SEEDS_FILE = "seeds.json"  # best/<backbone>/seeds.json (final_seeds)
 OPTUNA_FILE = "optuna.sqlite3"
+STUDY_LOG = "study.log"  # progress lines of long one-off steps in trials (feature and pixel caches)
 DATA_DIR = "data"  # the prepared data (fer.data.prepare_dataset)
 STUDY_DATA_FILE = "study_data.json"  # data/study_data.json: written with the rest of a finished preparation
 AUDIT_FILE = "audit.json"  # data/audit.json

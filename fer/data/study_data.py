@@ -20,6 +20,7 @@ from fer.data.decode import Quarantine, decode_file, pixel_hash, resize_square
 from fer.data.split import SPLITS
 from fer.errors import UserError
 from fer.names import AUDIT_FILE, MANIFEST_FILE, STUDY_DATA_FILE
+from fer.progress import Progress
 
 
 def _cache_task(path: str, expected_hash: str, size: int, max_pixels: int):
@@ -94,7 +95,12 @@ class StudyData:
             tasks = (((str(self.source / p), h, size, max_pixels), len(header) + k * row_bytes(size))
                      for k, (p, h) in enumerate(zip(rows.path, rows.pixel_hash)))
             workers = default_workers(len(rows)) if workers is None else workers
-            problems = [msg for msg in decode_into(partial, _cache_task, tasks, workers) if msg]
+            progress = Progress(f"{size}px pixel cache ({split})", len(rows), unit="files")
+            problems = []
+            for msg in decode_into(partial, _cache_task, tasks, workers):
+                progress.advance()
+                if msg:
+                    problems.append(msg)
             if problems:
                 partial.unlink(missing_ok=True)
                 raise UserError(f"cannot build the {size}px cache: {len(problems)} file(s) in DATA changed since "

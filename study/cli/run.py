@@ -22,19 +22,20 @@ import click
               help="when DATA is prepared here: regex whose first group names the subject (kept in one split)")
 @click.option("--resume", is_flag=True, help="continue an interrupted study: finished trials are kept")
 @click.option("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
+@click.option("--num-gpus", type=int, default=None, help="GPUs the local Ray may use (default: all it finds)")
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True, help="local Ray dashboard (127.0.0.1)")
 @click.option("--results", "results_root", default="results", show_default=True,
               type=click.Path(file_okay=False), help="folder that holds study folders")
 def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial, group_regex, resume, num_cpus,
-        dashboard, results_root):
+        num_gpus, dashboard, results_root):
     """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's best
     trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared first) or a
     study folder made by `fer-study prepare`."""
     from study.tune.run import StudyIncomplete, StudyOptions, run_study
 
     options = StudyOptions(name=name, address=address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                           group_regex=group_regex, resume=resume, num_cpus=num_cpus, dashboard=dashboard,
-                           results_root=results_root)
+                           group_regex=group_regex, resume=resume, num_cpus=num_cpus, num_gpus=num_gpus,
+                           dashboard=dashboard, results_root=results_root)
     try:
         run_study(data_or_study, space_path, options)
     except StudyIncomplete as exc:

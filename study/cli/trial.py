@@ -52,7 +52,8 @@ def open_or_prepare(data_or_study: str | Path, image_size: int, results_root: st
 @click.option("--test", "evaluate_test", is_flag=True,
               help="also evaluate on the test split (writes test_metrics.json, test_predictions.csv)")
 @click.option("--threads", type=int, default=None, help="CPU threads for the backend [default: all]")
-def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads):
+@click.option("--cpu", is_flag=True, help="train on the CPU even where the machine has a GPU the backend cannot use")
+def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads, cpu):
     """Train one trial (two stages) on DATA_OR_STUDY: a study folder or a raw class folder (prepared first)."""
     from fer.config import make_config, parse_set_options
 
@@ -66,9 +67,15 @@ def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads):
         overrides["weights"] = str(weights.resolve())
     config = make_config(overrides)  # validate before any slow import or preparation
 
-    from fer.backend_setup import configure_backend
+    from fer.backend_setup import backend_gpu_count, backend_name, configure_backend
+    from fer.devices import check_backend_gpus, system_gpu_count
+    from fer.progress import show_on_terminal
 
     configure_backend(threads)
+    if not cpu:
+        check_backend_gpus(system_gpu_count(), backend_gpu_count(), backend_name(),
+                           f"this machine has {system_gpu_count()} NVIDIA GPU(s)", "pass --cpu")
+    show_on_terminal()
     from fer.training import run_trial
 
     data, study_dir = open_or_prepare(data_or_study, config["image_size"])

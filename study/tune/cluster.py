@@ -143,3 +143,26 @@ def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
             f"the study folder {study_dir} is local to this machine: node(s) {', '.join(blind)} cannot see it. "
             "On a multi-node cluster the study folder must be on storage every node mounts at the same path "
             "(e.g. NFS): run from there or pass a study folder on it")
+
+
+def _backend_gpus() -> tuple[str, int]:
+    """In a worker holding a trial's GPU share: the Keras backend and the GPUs it can use there."""
+    from study.tune_trial import import_keras_lean
+
+    import_keras_lean()
+    from fer.backend_setup import backend_gpu_count, backend_name
+
+    return backend_name(), backend_gpu_count()
+
+
+def check_backend_sees_gpus(gpus: float) -> None:
+    """Before any trial: a task with one trial's GPU share checks that the backend can use a GPU there, so a
+    CPU-only JAX/TensorFlow on a GPU node stops the study with the fix instead of training on the CPU."""
+    if not gpus:
+        return
+    from fer.devices import check_backend_gpus
+
+    probe = ray.remote(_backend_gpus).options(num_cpus=0, num_gpus=gpus, max_retries=0)
+    backend, usable = ray.get(probe.remote())
+    check_backend_gpus(gpus, usable, backend, f"trials ask for {gpus:g} GPU each",
+                       "pass --gpus-per-trial 0")

@@ -148,6 +148,8 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
         tune_cluster.check_shared_storage(study_dir)
         gpus = tune_cluster.default_gpus_per_trial() if opts.gpus_per_trial is None else float(opts.gpus_per_trial)
         tune_cluster.check_trial_fits(opts.cpus_per_trial, gpus)
+        if opts.trainable is None:
+            tune_cluster.check_backend_sees_gpus(gpus)
         study = dict(previous or {})
         study.update({
             "name": study_dir.name, "space_file": str(space_path), "space": space.to_dict(),
@@ -313,6 +315,7 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     callback = StudyCallback(ledger, space.metric, space.mode, view, tuple(space.space), stopped=stopped,
                              optuna_number=searcher.optuna_trial_number, on_change=on_change)
     context = {"data_dir": str(data_dir), "trials_dir": str(ledger.trials_dir.resolve()),
+               "study_log": str((study_dir / names.STUDY_LOG).resolve()),  # progress of one-off steps (caches)
                "threads": trial_threads(cpus),
                # the reports after which a trial may be stopped (none without a scheduler): it saves its best
                # model before those only, and at its end

@@ -96,6 +96,9 @@ def train_trial(config: dict, context: dict) -> None:
     from fer.backend_setup import configure_backend
 
     configure_backend(threads=context["threads"])
+    from fer.progress import log_to_file
+
+    log_to_file(context["study_log"])
     from fer.data import StudyData
     from fer.training import run_trial
 
