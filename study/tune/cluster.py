@@ -147,7 +147,7 @@ def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
 
 def _backend_gpus() -> tuple[str, int]:
     """In a worker holding a trial's GPU share: the Keras backend and the GPUs it can use there."""
-    from study.tune_trial import import_keras_lean
+    from study.tune.trial import import_keras_lean
 
     import_keras_lean()
     from fer.backend_setup import backend_gpu_count, backend_name
