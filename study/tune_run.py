@@ -62,9 +62,23 @@ def resolve_study(source: str | Path, name: str | None, space: Space, results_ro
         raise UserError(f"{source} is not a study folder")
     else:
         log(f"preparing {source} -> {data_dir}")
-        size = space.fixed.get("image_size", 224)
+        size = min(space.image_sizes(space.backbones[0]) or [224])  # other sizes: built on first use
         prepare_dataset(source, data_dir, group_regex=group_regex, seed=space.seed, image_size=size, log=log)
     return study_dir.resolve(), data_dir.resolve()
+
+
+def build_pixel_caches(space: Space, data_dir: Path, log: Callable[[str], None]) -> None:
+    """Decode the train/val pixel caches of every image size the backbones use (per_backbone sizes) here,
+    with a decoding pool, before trials start: a trial would otherwise build its size itself, in one
+    process, inside its own timings (the test split's cache is built when the best models are evaluated)."""
+    from fer.data import StudyData
+
+    study_data = StudyData(data_dir)
+    for size in sorted({size for backbone in space.backbones for size in space.image_sizes(backbone)}):
+        for split in ("train", "val"):
+            if not study_data.pixel_file(split, size).exists():
+                log(f"building the {size}px pixel cache of the {split} split")
+                study_data.pixels(split, size)
 
 
 def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
@@ -108,6 +122,7 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
         raise UserError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial}")
     study_dir, data_dir = resolve_study(source, name, space, Path(results_root), log, group_regex)
     previous = _check_resume(study_dir, space, resume)
+    build_pixel_caches(space, data_dir, log)
 
     import ray
 
