@@ -564,6 +564,9 @@ def build_report(results: str | Path, out: str | Path | None = None, gradcam_per
     _backbone_figures(doc, study)
     _search_section(doc, study)
     _evaluations_section(doc, study)
+    from study.report_naive import naive_split_section
+
+    naive_split_section(doc, study.folder)
     if gradcam_per_class > 0:
         from study.report_gradcam import gradcam_appendix
 

@@ -103,11 +103,11 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
               address: str | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
               group_regex: str | None = None, resume: bool = False, num_cpus: int | None = None, num_gpus: int | None = None,
               dashboard: bool = True, results_root: str | Path = "results", stream: TextIO | None = None,
-              live: bool | None = None, trainable=None, command: str | None = None) -> Path:
+              live: bool | None = None, trainable=None, command: str | None = None, naive_split: int = 0) -> Path:
     """Run (or resume) a study; return its folder. See the module docstring for what it writes.
 
     `trainable` replaces the Keras trial (tests of placement use a trivial one); everything else is the
-    code path real studies take.
+    code path real studies take. `naive_split`: that many split seeds of study.naive_split at the end.
     """
     stream = stream or sys.stdout
 
@@ -118,6 +118,8 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
     space = load_space(space_path)
     if cpus_per_trial <= 0:
         raise UserError(f"--cpus-per-trial must be > 0, got {cpus_per_trial}")
+    if naive_split and naive_split < 2:
+        raise UserError(f"--naive-split needs at least 2 split seeds for a spread, got {naive_split}")
     if gpus_per_trial is not None and gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial}")
     study_dir, data_dir = resolve_study(source, name, space, Path(results_root), log, group_regex)
@@ -188,6 +190,12 @@ def run_study(source: str | Path, space_path: str | Path, *, name: str | None = 
                 study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, cpus_per_trial, gpus,
                                                      threads, log)
                 timings["final_seeds_s"] = round(time.perf_counter() - t0, 1)
+            if naive_split:
+                from study.naive_split import run_naive_split
+
+                t0 = time.perf_counter()
+                run_naive_split(study_dir, data_dir, naive_split, cpus_per_trial, gpus, threads, log)
+                timings["naive_split_s"] = round(time.perf_counter() - t0, 1)
         study["status"] = "completed"
         study["finished_at"] = _now()
         study["trials"] = _counts(ledger)
