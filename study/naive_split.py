@@ -66,7 +66,7 @@ def resplit(manifest: pd.DataFrame, classes: list[str], kind: str, seed: int, fr
     return m
 
 
-def test_groups_in_train(manifest: pd.DataFrame) -> float:
+def leaked_share(manifest: pd.DataFrame) -> float:
     """Share of test images whose group (subject / duplicate cluster, as prepare found it) has train images."""
     train_groups = set(manifest.group[manifest.split == "train"])
     test = manifest.group[manifest.split == "test"]
@@ -86,7 +86,7 @@ def write_split_data(source_dir: Path, dest: Path, manifest: pd.DataFrame, kind:
     counts = {s: int((manifest.split == s).sum()) for s in SPLITS}
     (partial / "audit.json").write_text(json.dumps(
         {"classes": classes, "class_weights": weights, "split_counts": counts, "split_kind": kind,
-         "split_seed": seed, "test_groups_in_train": test_groups_in_train(manifest)}, indent=2) + "\n")
+         "split_seed": seed, "test_groups_in_train": leaked_share(manifest)}, indent=2) + "\n")
     meta.update(image_sizes=[], seed=seed, predefined=None, split_kind=kind)
     (partial / "study_data.json").write_text(json.dumps(meta, indent=2) + "\n")
     partial.rename(dest)
