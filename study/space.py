@@ -11,7 +11,8 @@ Distributions (one key each): `uniform: [lo, hi]`, `loguniform: [lo, hi]` (lo > 
 Per-backbone settings (`per_backbone: {backbone: {key: value}}`): a comparison of backbones often needs each
 one's own weights file, image size or learning-rate range. A plain value fixes the key for that backbone
 (over `fixed`, or instead of tuning it); a distribution gives a key tuned in `space` that backbone's own
-range. Start points are given once, over `space`; for each backbone they keep only the keys it tunes.
+range. Start points are given once, over `space` (for each backbone they keep only the keys it tunes), or
+per backbone (`per_backbone.<backbone>.start_points`, over every key it tunes) where its ranges differ.
 
 Paths: `${NAME}` and `${NAME:-default}` in a fixed value are replaced by the environment variable NAME
 (for example `weights: ${FER_SHARED:-../shared}/weights/x.h5`); a relative weights path is relative to the
@@ -40,6 +41,7 @@ SCHEDULERS = ("asha", "none")
 TOP_KEYS = ("name", "metric", "mode", "backbones", "trials_per_backbone", "scheduler", "fixed", "space",
             "start_points", "final_seeds", "seed", "description", "per_backbone")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
+START_POINTS = "start_points"  # inside per_backbone.<backbone>: that backbone's own start points
 UNTUNABLE = ("backbone",)  # the backbone is the question, never a nuisance parameter
 
 
@@ -83,16 +85,19 @@ class Space:
     def fixed_for(self, backbone: str) -> dict:
         """The keys fixed for `backbone`: `fixed` updated by its per-backbone values."""
         own = self.per_backbone.get(backbone, {})
-        return {**self.fixed, **{k: v for k, v in own.items() if not isinstance(v, Dist)}}
+        return {**self.fixed, **{k: v for k, v in own.items() if k != START_POINTS and not isinstance(v, Dist)}}
 
     def space_for(self, backbone: str) -> dict:
         """The keys tuned for `backbone` and their distributions (its own range where it has one)."""
         own = self.per_backbone.get(backbone, {})
-        return {k: own.get(k, dist) for k, dist in self.space.items()
+        return {k: own.get(k, dist) for k, dist in self.space.items()  # a key fixed for it is not tuned
                 if k not in own or isinstance(own[k], Dist)}
 
     def start_points_for(self, backbone: str) -> tuple:
-        """The start points over the keys `backbone` tunes."""
+        """The start points over the keys `backbone` tunes: its own (per_backbone start_points) if given."""
+        own = self.per_backbone.get(backbone, {})
+        if START_POINTS in own:
+            return tuple(dict(p) for p in own[START_POINTS])
         keys = self.space_for(backbone)
         return tuple({k: v for k, v in point.items() if k in keys} for point in self.start_points)
 
@@ -138,8 +143,9 @@ class Space:
             "seed": self.seed,
         }
         if self.per_backbone:  # only when used: study.json of earlier studies stays comparable on --resume
-            out["per_backbone"] = {b: {k: v.as_dict() if isinstance(v, Dist) else v for k, v in own.items()}
-                                   for b, own in self.per_backbone.items()}
+            out["per_backbone"] = {
+                b: {k: v.as_dict() if isinstance(v, Dist) else [dict(p) for p in v] if k == START_POINTS else v
+                    for k, v in own.items()} for b, own in self.per_backbone.items()}
         return out
 
 
@@ -361,6 +367,8 @@ def _parse_per_backbone(raw: Any, backbones: list, space: dict, where: str) -> d
         here = f"{where}.{backbone}"
         if not isinstance(settings, dict) or not settings:
             raise _fail(here, f"expected a mapping of config key -> value or distribution, got {settings!r}")
+        points = settings.get(START_POINTS)
+        settings = {k: v for k, v in settings.items() if k != START_POINTS}
         own = _parse_fixed({k: v for k, v in settings.items() if not isinstance(v, dict)}, here)
         for key, spec in settings.items():
             if isinstance(spec, dict):
@@ -369,8 +377,34 @@ def _parse_per_backbone(raw: Any, backbones: list, space: dict, where: str) -> d
                     raise _fail(f"{here}.{key}", f"'{key}' is not tuned in 'space' (a distribution here only "
                                                  "gives a tuned key this backbone's own range); give a plain value")
                 own[key] = _parse_dist(key, spec, here)
+        if points is not None:
+            own[START_POINTS] = _parse_own_points(points, own, space, f"{here}.{START_POINTS}")
         out[backbone] = own
     return out
+
+
+def _parse_own_points(points: Any, own: dict, space: dict, where: str) -> tuple:
+    """A backbone's own start points: each sets every key it tunes (they replace the shared ones for it)."""
+    if not isinstance(points, list):
+        raise _fail(where, "expected a list of mappings")
+    tuned = {k: own.get(k, dist) for k, dist in space.items() if k not in own or isinstance(own[k], Dist)}
+    out = []
+    for i, point in enumerate(points):
+        here = f"{where}[{i}]"
+        _check_known(point, tuple(tuned), here)
+        missing = [key for key in tuned if key not in point]
+        if missing:
+            raise _fail(here, f"missing tuned key '{missing[0]}' (a start point sets every key this backbone tunes)")
+        try:
+            coerced = make_config(point)
+        except UserError as exc:
+            raise _fail(here, str(exc)) from None
+        point = {key: coerced[key] for key in tuned}
+        for key, value in point.items():
+            if not tuned[key].contains(value):
+                raise _fail(here, f"'{key}': {value!r} lies outside its distribution {tuned[key].as_dict()}")
+        out.append(point)
+    return tuple(out)
 
 
 def _check_each_backbone(space: Space, source: str) -> None:
@@ -381,6 +415,9 @@ def _check_each_backbone(space: Space, source: str) -> None:
     for backbone in space.backbones:
         tuned = space.space_for(backbone)
         where = f"{source}: per_backbone.{backbone}" if backbone in space.per_backbone else source
+        if len(space.start_points_for(backbone)) > space.trials_per_backbone:
+            raise _fail(f"{where}: start_points", f"{len(space.start_points_for(backbone))} start points exceed "
+                                                  f"trials_per_backbone={space.trials_per_backbone}")
         for i, point in enumerate(space.start_points_for(backbone)):
             for key, value in point.items():
                 if not tuned[key].contains(value):

@@ -230,3 +230,19 @@ def test_each_backbone_checked_against_its_own_minimum_size():
         parse_space(raw)
     raw["per_backbone"]["inceptionv3"]["image_size"] = 80
     assert parse_space(raw).image_sizes("inceptionv3") == [80]  # the fixed 32 applies to mobilenet025 only
+
+
+def test_a_backbone_may_have_its_own_start_points():
+    """Where its range excludes the shared start point (a from-scratch CNN's learning rate vs a pretrained one)."""
+    own = {"lr_head": {"loguniform": [1e-2, 1e-1]}, "start_points": [{"dropout": 0.2, "unfreeze_layers": 3,
+                                                                      "lr_head": 0.05}]}
+    space = parse_space(per_backbone(mobilenetv2=own))
+    assert space.start_points_for("mobilenetv2") == ({"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 0.05},)
+    assert space.start_points_for("mobilenet025") == space.start_points
+    assert parse_space(space.to_dict()) == space
+    for points, words in (([{"dropout": 0.2, "unfreeze_layers": 3}], "missing tuned key 'lr_head'"),
+                          ([{"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 1e-3}], "'lr_head'"),
+                          ({"dropout": 0.2}, "expected a list")):
+        with pytest.raises(UserError, match="per_backbone.mobilenetv2.start_points") as info:
+            parse_space(per_backbone(mobilenetv2={**own, "start_points": points}))
+        assert words in str(info.value)
