@@ -1,5 +1,6 @@
 """Search-space YAML validation: the shipped spaces load, and mistakes are named in one-line errors."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,16 @@ def with_(**changes):
     return raw
 
 
-@pytest.mark.parametrize("name", ["paper", "default", "smoke"])
-def test_shipped_spaces_load(name):
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # the default of FER_SHARED (../shared from the repo)
+
+
+@pytest.mark.parametrize("name", ["paper", "default", "smoke", "jaffe-small", "fer2013-cpu"])
+def test_shipped_spaces_load(name, monkeypatch):
+    if name == "fer2013-cpu":  # names the offline ImageNet files under $FER_SHARED/weights
+        shared = Path(os.environ.get("FER_SHARED") or SHARED)
+        if not (shared / "weights" / "mobilenet_v2_1.0_224_tf_no_top.h5").is_file():
+            pytest.skip(f"offline ImageNet weight files not found in {shared / 'weights'} (set FER_SHARED)")
+        monkeypatch.setenv("FER_SHARED", str(shared))
     space = load_space(SPACES / f"{name}.yaml")
     assert space.trials_per_backbone >= 1 and space.backbones
     for backbone in space.backbones:  # every start point makes a valid trial config for every backbone
@@ -246,3 +255,21 @@ def test_a_backbone_may_have_its_own_start_points():
         with pytest.raises(UserError, match="per_backbone.mobilenetv2.start_points") as info:
             parse_space(per_backbone(mobilenetv2={**own, "start_points": points}))
         assert words in str(info.value)
+
+
+def test_fer2013_cpu_space_gives_each_backbone_its_own_settings(monkeypatch):
+    """The reference study: smallcnn from scratch at 48 px in one stage, the pretrained MobileNets at 96 px with
+    their offline files, caches and lr_finetune <= 1e-4 (MobileNetV2) where 3e-4 collapsed it."""
+    shared = Path(os.environ.get("FER_SHARED") or SHARED)
+    if not (shared / "weights").is_dir():
+        pytest.skip(f"no weights folder in {shared} (set FER_SHARED)")
+    monkeypatch.setenv("FER_SHARED", str(shared))
+    space = load_space(SPACES / "fer2013-cpu.yaml")
+    cnn = space.config_for("smallcnn", space.start_points_for("smallcnn")[0])
+    assert (cnn["image_size"], cnn["weights"], cnn["epochs_head"], cnn["finetune_features"]) == (48, "none", 0, "exact")
+    for backbone, name in (("mobilenetv2", "mobilenet_v2_1.0_224_tf_no_top.h5"),
+                           ("mobilenet025", "mobilenet_2_5_224_tf_no_top.h5")):
+        config = space.config_for(backbone, space.start_points_for(backbone)[0])
+        assert config["weights"] == str((shared / "weights" / name).resolve()) and config["image_size"] == 96
+        assert config["finetune_cache_units"] == 8 and config["head_features"] == "cached"
+    assert space.space_for("mobilenetv2")["lr_finetune"].args[1] <= 1e-4
