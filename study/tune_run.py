@@ -327,8 +327,17 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     t0 = time.time()
-    with _quiet_tune():
-        tuner.fit()
+    import signal
+    import threading
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with _quiet_tune():
+            tuner.fit()
+    finally:  # Tune leaves its own SIGINT handler behind, which would make Ctrl-C in the evaluations,
+        # final_seeds or --naive-split after the search print a warning instead of stopping
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     study.setdefault("search_s", 0.0)
     study["search_s"] = round(study["search_s"] + time.time() - t0, 1)  # all runs together
     study.setdefault("timings", {}).update(search_s=round(time.time() - t0, 1),  # this run
