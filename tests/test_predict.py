@@ -117,6 +117,18 @@ def test_evaluate_on_another_labelled_folder(best_model, classes, demo_data_dir,
     assert "accuracy" in proc.stdout and str(out) in proc.stdout
 
 
+def test_file_name_filter_matches_names_not_folders():
+    from study.predict import filter_files
+
+    files = [Path("PrivateTest/Training_1.jpg"), Path("x/PrivateTest_2.jpg"), Path("y/PrivateTest_3.png"),
+             Path("y/PublicTest_4.jpg")]
+    kept, labels, out = filter_files(files, [0, 0, 1, 1], include="^PrivateTest_")
+    assert kept == files[1:3] and labels == [0, 1] and out == 2
+    kept, labels, out = filter_files(files, [0, 0, 1, 1], include="Test_", exclude=r"\.png$")
+    assert kept == [files[1], files[3]] and out == 2
+    assert filter_files(files, [0, 0, 1, 1]) == (files, [0, 0, 1, 1], 0)
+
+
 def test_evaluate_only_the_files_a_name_filter_keeps(best_model, classes, demo_data_dir, smoke_study, tmp_path):
     """--include/--exclude: a regex on file names (FER2013's class folders hold all three of its splits)."""
     data = tmp_path / "mixed"
