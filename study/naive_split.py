@@ -8,9 +8,10 @@ best trial's config.json, unchanged, same training seed) on two kinds of split, 
   ignored), split 70/15/15 at random per class;
 - `audited`: what prepare does: the usable files only, duplicate clusters and subjects (the manifest's
   `group`) kept whole, the same fractions.
-Both are stratified by class the same way, so the gap between them is the leakage, not class balance. Seeds
-start at prepare's seed (without --predefined, the first audited split is prepare's own); kinds are paired
-by seed.
+Both are stratified by class the same way, so the gap between them is the leakage, not class balance. Groups
+are placed in a seeded random order (not prepare's largest-first, which with 10 people gives the same split
+for most seeds), so each seed is another draw of people; a seed whose split leaves a class out of a split is
+skipped for the next one. Kinds are paired by seed.
 
 Each split is a study-data folder of its own under `results/<study>/naive_split/data/<kind>-<seed>/` (a
 manifest over the same DATA; its pixel caches are decoded from DATA here, before training). Trainings run
@@ -59,7 +60,7 @@ def resplit(manifest: pd.DataFrame, classes: list[str], kind: str, seed: int, fr
         groups = m.group[use].tolist()  # subjects and duplicate clusters whole
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c in m.label[use]], dtype=np.int64)
-    split_idx = group_split(labels, groups, len(classes), fractions, seed)
+    split_idx = group_split(labels, groups, len(classes), fractions, seed, largest_first=False)
     check_every_split_has_every_class(labels, split_idx, classes, f"the {kind} split with seed {seed}")
     m["split"] = "excluded"
     m.loc[use, "split"] = [SPLITS[s] for s in split_idx]
@@ -101,13 +102,18 @@ def prepare_splits(study_dir: Path, data_dir: Path, seeds: int, sizes: set[int],
     meta = json.loads((Path(data_dir) / "study_data.json").read_text())
     fractions = tuple(meta.get("split") or (0.7, 0.15, 0.15))
     manifest, classes = read_manifest(data_dir), list(meta["classes"])
-    folders = {}
-    for k in range(seeds):
-        seed = int(meta.get("seed", 0)) + k
+    folders, seed = {}, int(meta.get("seed", 0)) - 1
+    while len(folders) < 2 * seeds and seed < int(meta.get("seed", 0)) + 3 * seeds:
+        seed += 1
+        try:
+            splits = {kind: resplit(manifest, classes, kind, seed, fractions) for kind in KINDS}
+        except UserError as exc:
+            log(f"naive split: seed {seed} skipped: {exc}")
+            continue
         for kind in KINDS:
             dest = Path(study_dir) / FOLDER / "data" / f"{kind}-{seed}"
             if not (dest / "study_data.json").is_file():
-                write_split_data(data_dir, dest, resplit(manifest, classes, kind, seed, fractions), kind, seed)
+                write_split_data(data_dir, dest, splits[kind], kind, seed)
             study_data = StudyData(dest)
             for size in sorted(sizes):
                 for split in SPLITS:
