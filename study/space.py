@@ -416,8 +416,9 @@ def _check_each_backbone(space: Space, source: str) -> None:
         tuned = space.space_for(backbone)
         where = f"{source}: per_backbone.{backbone}" if backbone in space.per_backbone else source
         if len(space.start_points_for(backbone)) > space.trials_per_backbone:
-            raise _fail(f"{where}: start_points", f"{len(space.start_points_for(backbone))} start points exceed "
-                                                  f"trials_per_backbone={space.trials_per_backbone}")
+            raise _fail(f"{where}.{START_POINTS}" if backbone in space.per_backbone else f"{source}: {START_POINTS}",
+                        f"{len(space.start_points_for(backbone))} start points exceed "
+                        f"trials_per_backbone={space.trials_per_backbone}")
         for i, point in enumerate(space.start_points_for(backbone)):
             for key, value in point.items():
                 if not tuned[key].contains(value):
