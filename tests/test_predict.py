@@ -147,6 +147,8 @@ def test_evaluate_only_the_files_a_name_filter_keeps(best_model, classes, demo_d
     assert (result["include"], result["exclude"]) == ("^S0[12]_", "shifted")
     assert "include ^S0[12]_" in result["dataset"] and "left out by the file-name filter" in proc.stdout
     out.unlink()  # the shared study's report tests should not see it
+    if not any(out.parent.iterdir()):
+        out.parent.rmdir()
 
     proc = fer_study("evaluate", best_model, data, "--include", "^Nobody_")
     assert proc.returncode == 2 and "no file under" in proc.stderr and "include ^Nobody_" in proc.stderr
