@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd

@@ -33,9 +33,9 @@ def trial_data(prepared_data) -> StudyData:
 def test_a_stage_wrecked_by_its_learning_rate_is_recorded_and_logged(trial_data, tmp_path, caplog):
     """lr_finetune 1.0 wrecks smallcnn in its first fine-tune epoch: the trial says so (summary.json,
     collapse.json, a warning naming the learning rate) instead of silently keeping the head-stage model."""
-    config = dict(backbone="smallcnn", image_size=32, weights="none", dense_units=16, batch_size=16,
-                  epochs_head=1, epochs_finetune=2, patience=5, augment=0.0, unfreeze_layers=200,
-                  lr_head=1e-3, lr_finetune=1.0)
+    config = {"backbone": "smallcnn", "image_size": 32, "weights": "none", "dense_units": 16, "batch_size": 16,
+              "epochs_head": 1, "epochs_finetune": 2, "patience": 5, "augment": 0.0, "unfreeze_layers": 200,
+              "lr_head": 1e-3, "lr_finetune": 1.0}
     with caplog.at_level(logging.WARNING, logger="fer.collapse"):
         summary = run_trial(config, trial_data, tmp_path)
     stages = {s["stage"]: s for s in summary["collapsed_stages"]}
