@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
