@@ -170,19 +170,50 @@ def _labelled_files(data_dir: Path, folders: list[Path], classes: list[str]
     return files, labels, unknown
 
 
+def _compile_filter(pattern: str | None, option: str) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UserError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def filter_files(files: list[Path], labels: list[int], include: str | None = None,
+                 exclude: str | None = None) -> tuple[list[Path], list[int], int]:
+    """Keep the files whose NAME matches `include` (re.search) and not `exclude`; returns (files, labels,
+    how many were filtered out). Why: one class folder may hold several splits told apart by file name
+    (FER2013: Training_, PublicTest_, PrivateTest_), and a published figure is on one of them."""
+    inc, exc = _compile_filter(include, "--include"), _compile_filter(exclude, "--exclude")
+    kept = [(f, y) for f, y in zip(files, labels)
+            if (inc is None or inc.search(f.name)) and (exc is None or not exc.search(f.name))]
+    return [f for f, _ in kept], [y for _, y in kept], len(files) - len(kept)
+
+
+def filter_label(include: str | None, exclude: str | None) -> str:
+    """How the filter is shown next to the dataset's name ('' without one)."""
+    parts = ([f"include {include}"] if include else []) + ([f"exclude {exclude}"] if exclude else [])
+    return ", ".join(parts)
+
+
 def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: int = 32,
-                    n_boot: int = 1000) -> dict:
+                    n_boot: int = 1000, include: str | None = None, exclude: str | None = None) -> dict:
     """The full metric set (`fer.metrics`) of a trained model on another labelled class-folder dataset.
 
     Folders that are not model classes and undecodable files are skipped and listed in the result.
+    `include` / `exclude`: regular expressions on file names (searched, so anchor with ^ where meant).
     """
     data_dir = Path(data_dir)
     folders = _class_folders(data_dir)  # bad data fails before the (slow) model load
+    filter_files([], [], include, exclude)  # a bad regex too
     model, classes, _ = load_model_and_classes(model_path)
     from fer.batches import predict_probs
     from fer.metrics import classification_metrics
 
     files, labels, unknown = _labelled_files(data_dir, folders, classes)
+    files, labels, filtered_out = filter_files(files, labels, include, exclude)
+    if not files:
+        raise UserError(f"no file under {data_dir} passes the file-name filter ({filter_label(include, exclude)})")
     pixels, kept, skipped = decode_images(files, _input_size(model))
     if not kept:
         raise UserError(f"none of the {len(files)} files under {data_dir} could be decoded as an image")
@@ -191,23 +222,28 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: in
     probs = predict_probs(model, pixels, batch_size)
     metrics = classification_metrics(y_true, probs, classes, n_boot=n_boot)
     backbone = model.name.removeprefix("fer_")
+    label = filter_label(include, exclude)
     return {
-        "model": str(Path(model_path)), "backbone": backbone, "dataset": data_dir.name,
-        "data": str(data_dir), "n_files": len(files), "skipped_folders": unknown,
+        "model": str(Path(model_path)), "backbone": backbone,
+        "dataset": f"{data_dir.name} ({label})" if label else data_dir.name,
+        "data": str(data_dir), "n_files": len(files), "include": include, "exclude": exclude,
+        "filtered_out": filtered_out, "skipped_folders": unknown,
         "skipped_files": [{"path": str(p.relative_to(data_dir)), "reason": r} for p, r in skipped],
         "metrics": metrics,
     }
 
 
-def default_evaluation_path(model_path: str | Path, data_dir: str | Path) -> Path | None:
-    """results/<study>/evaluations/<backbone>__<dataset>.json when the model is a study's best model.
-
-    The report picks up every JSON in results/<study>/evaluations/.
+def default_evaluation_path(model_path: str | Path, data_dir: str | Path, include: str | None = None,
+                            exclude: str | None = None) -> Path | None:
+    """results/<study>/evaluations/<backbone>__<dataset>[__<filter>].json when the model is a study's best
+    model. The report picks up every JSON in results/<study>/evaluations/.
     """
     path = Path(model_path).resolve()
     folder = path if path.is_dir() else path.parent
     study = folder.parent.parent
     if folder.parent.name == names.BEST_DIR and names.has_study_results(study):
-        name = f"{folder.name}__{_safe_stem(Path(Path(data_dir).resolve().name))}.json"
-        return study / names.EVALUATIONS_DIR / name
+        name = f"{folder.name}__{_safe_stem(Path(Path(data_dir).resolve().name))}"
+        if include or exclude:
+            name += "__" + re.sub(r"[^A-Za-z0-9]+", "-", filter_label(include, exclude)).strip("-")[:80]
+        return study / names.EVALUATIONS_DIR / f"{name}.json"
     return None

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from fer.batches import FeatureViews, PixelBatches, model_input, predict_probs
+from fer.collapse import CollapseLog
 from fer.compute_once import write_json
 from fer.config import make_config, save_config
 from fer.errors import UserError
@@ -108,10 +109,13 @@ class EpochMonitor(keras.callbacks.Callback):
             t.save_best(self.full_model or self.model)
         t.history.append(record)
         t.write_history()
+        t.stage_last_epoch[self.stage] = t.global_epoch
+        t.collapse.check(self.stage, record, probs, t.classes)  # fer/collapse.py: collapse.json, at once
         if t.on_epoch is not None:
             t.on_epoch(dict(record))
 
     def on_train_end(self, logs=None):
+        self.trial.collapse.stage_ended(self.stage, self.trial.stage_last_epoch.get(self.stage))
         if self.stage_best_weights is not None:  # restore the stage's best-val-loss weights
             self.model.set_weights(self.stage_best_weights)
 
@@ -136,6 +140,9 @@ class _TrialState:
         self.train_s: dict[str, list[float]] = {}  # per stage: training seconds of each epoch
         self.first_batch_s: dict[str, float] = {}
         self.step_s: dict[str, list[float]] = {}  # per stage: seconds between consecutive batch ends
+        self.stage_last_epoch: dict[str, int] = {}
+        self.classes: list[str] | None = None
+        self.collapse = None  # a fer.collapse.CollapseLog, set by run_trial
 
     def save_best(self, full_model: keras.Model, at_best: bool | None = None) -> None:
         """Make model.keras hold the best weights so far (written only when it does not already).
@@ -204,6 +211,7 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
                                      study_data.class_weights, shuffle_seed=config["seed"])
         state = _TrialState(out_dir, val_pixels, val_labels, len(classes), batch_size,
                             train_batches.images_per_epoch, loss_fn, on_epoch, report_can_stop)
+        state.classes, state.collapse = classes, CollapseLog(out_dir, config, len(classes))
         stages = (("head", config["epochs_head"], config["lr_head"], 0),
                   ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]))
         trainable_counts, feature_cache = {}, {}
@@ -261,6 +269,8 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             # per stage with a cache (head_features / finetune_features = cached): key, views, computed here?,
             # seconds spent getting it, bytes
             "feature_cache": feature_cache,
+            # stages whose val outputs collapsed (uniform or one class), with the learning rate that did it
+            "collapsed_stages": state.collapse.write(state.stage_last_epoch),
         }
         if evaluate_test:
             summary.update(evaluate_split(model, study_data, "test", config, out_dir))

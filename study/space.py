@@ -7,11 +7,24 @@ the early-stopping scheduler. Everything is checked here, before Ray starts, so 
 
 Distributions (one key each): `uniform: [lo, hi]`, `loguniform: [lo, hi]` (lo > 0), `int: [lo, hi]`
 (inclusive), `choice: [a, b, ...]`. Ranges must lie inside the key's allowed range (fer.config.PARAMS).
+
+Per-backbone settings (`per_backbone: {backbone: {key: value}}`): a comparison of backbones often needs each
+one's own weights file, image size or learning-rate range. A plain value fixes the key for that backbone
+(over `fixed`, or instead of tuning it); a distribution gives a key tuned in `space` that backbone's own
+range. Start points are given once, over `space` (for each backbone they keep only the keys it tunes), or
+per backbone (`per_backbone.<backbone>.start_points`, over every key it tunes) where its ranges differ.
+
+Paths: `${NAME}` and `${NAME:-default}` in a fixed value are replaced by the environment variable NAME
+(for example `weights: ${FER_SHARED:-../shared}/weights/x.h5`); a relative weights path is relative to the
+current directory and made absolute at load time, since Ray workers run elsewhere. A fixed weights file
+must exist when the space is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +39,9 @@ METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "loss", "accuracy")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SCHEDULERS = ("asha", "none")
 TOP_KEYS = ("name", "metric", "mode", "backbones", "trials_per_backbone", "scheduler", "fixed", "space",
-            "start_points", "final_seeds", "seed", "description")
+            "start_points", "final_seeds", "seed", "description", "per_backbone")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
+START_POINTS = "start_points"  # inside per_backbone.<backbone>: that backbone's own start points
 UNTUNABLE = ("backbone",)  # the backbone is the question, never a nuisance parameter
 
 
@@ -65,6 +79,28 @@ class Space:
     seed: int = 0
     source: str = ""
 
+    # backbone -> {key: value (fixed for it) or Dist (its own range of a key tuned in `space`)}
+    per_backbone: dict = dataclasses.field(default_factory=dict)
+
+    def fixed_for(self, backbone: str) -> dict:
+        """The keys fixed for `backbone`: `fixed` updated by its per-backbone values."""
+        own = self.per_backbone.get(backbone, {})
+        return {**self.fixed, **{k: v for k, v in own.items() if k != START_POINTS and not isinstance(v, Dist)}}
+
+    def space_for(self, backbone: str) -> dict:
+        """The keys tuned for `backbone` and their distributions (its own range where it has one)."""
+        own = self.per_backbone.get(backbone, {})
+        return {k: own.get(k, dist) for k, dist in self.space.items()  # a key fixed for it is not tuned
+                if k not in own or isinstance(own[k], Dist)}
+
+    def start_points_for(self, backbone: str) -> tuple:
+        """The start points over the keys `backbone` tunes: its own (per_backbone start_points) if given."""
+        own = self.per_backbone.get(backbone, {})
+        if START_POINTS in own:
+            return tuple(dict(p) for p in own[START_POINTS])
+        keys = self.space_for(backbone)
+        return tuple({k: v for k, v in point.items() if k in keys} for point in self.start_points)
+
     def config_for(self, backbone: str, params: dict) -> dict:
         """The full trial config for `backbone` with tuned `params` (every key: trials.csv shows them all).
 
@@ -72,32 +108,48 @@ class Space:
         (`fer.training.run_trial`).
 
         With `finetune_features: cached` and `finetune_cache_units` left unset, every trial cuts the network
-        at the space's largest `unfreeze_layers`, so all trials of a backbone share one stage-2 cache."""
-        config = {**self.fixed, **params, "backbone": backbone}
+        at the largest `unfreeze_layers` the backbone's space allows, so all trials of a backbone share one
+        stage-2 cache."""
+        config = {**self.fixed_for(backbone), **params, "backbone": backbone}
         if config.get("finetune_features") == "cached" and "finetune_cache_units" not in config:
-            config["finetune_cache_units"] = self.largest("unfreeze_layers")
+            config["finetune_cache_units"] = self.largest("unfreeze_layers", backbone)
         return {**default_config(), **config}
 
-    def largest(self, key: str):
-        """The largest value `key` takes in this space (tuned or fixed)."""
-        if key in self.space:
-            dist = self.space[key]
+    def largest(self, key: str, backbone: str):
+        """The largest value `key` takes for `backbone` in this space (tuned or fixed)."""
+        space = self.space_for(backbone)
+        if key in space:
+            dist = space[key]
             return max(dist.args) if dist.kind == "choice" else dist.args[1]
-        return self.fixed.get(key, PARAMS[key].default)
+        return self.fixed_for(backbone).get(key, PARAMS[key].default)
 
-    def max_epochs(self) -> int:
-        """The most epochs any trial of this space can run (both stages), for the scheduler's max_t."""
-        return int(self.largest("epochs_head")) + int(self.largest("epochs_finetune"))
+    def max_epochs(self, backbone: str | None = None) -> int:
+        """The most epochs a trial of `backbone` (default: of any backbone) can run, for the scheduler's max_t."""
+        if backbone is None:
+            return max(self.max_epochs(b) for b in self.backbones)
+        return int(self.largest("epochs_head", backbone)) + int(self.largest("epochs_finetune", backbone))
+
+    def image_sizes(self, backbone: str) -> list[int]:
+        """The image sizes a trial of `backbone` may use (empty when image_size is tuned over a range)."""
+        dist = self.space_for(backbone).get("image_size")
+        if dist is None:
+            return [int(self.fixed_for(backbone).get("image_size", PARAMS["image_size"].default))]
+        return sorted(int(v) for v in dist.args) if dist.kind == "choice" else []
 
     def to_dict(self) -> dict:
         """The space as plain data (for study.json); loading this back gives the same Space."""
-        return {
+        out = {
             "name": self.name, "metric": self.metric, "mode": self.mode, "backbones": list(self.backbones),
             "trials_per_backbone": self.trials_per_backbone, "scheduler": dict(self.scheduler),
             "fixed": dict(self.fixed), "space": {k: d.as_dict() for k, d in self.space.items()},
             "start_points": [dict(p) for p in self.start_points], "final_seeds": self.final_seeds,
             "seed": self.seed,
         }
+        if self.per_backbone:  # only when used: study.json of earlier studies stays comparable on --resume
+            out["per_backbone"] = {
+                b: {k: v.as_dict() if isinstance(v, Dist) else [dict(p) for p in v] if k == START_POINTS else v
+                    for k, v in own.items()} for b, own in self.per_backbone.items()}
+        return out
 
 
 def _fail(where: str, message: str) -> UserError:
@@ -217,12 +269,7 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
 
     fixed_raw = raw.get("fixed") or {}
     _check_known(fixed_raw, tuple(PARAMS), f"{source}: fixed")
-    for key in fixed_raw:
-        _check_param_key(key, f"{source}: fixed")
-    try:
-        fixed = {key: coerce(key, value) for key, value in fixed_raw.items()}
-    except UserError as exc:
-        raise _fail(f"{source}: fixed", str(exc)) from None
+    fixed = _parse_fixed(fixed_raw, f"{source}: fixed")
 
     space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict):
@@ -258,25 +305,153 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     if len(start_points) > trials:
         raise _fail(f"{source}: start_points", f"{len(start_points)} start points exceed "
                                                f"trials_per_backbone={trials}")
+    per_backbone = _parse_per_backbone(raw.get("per_backbone"), backbones, space, f"{source}: per_backbone")
     out = Space(name=name, metric=metric, mode=mode, backbones=tuple(backbones), trials_per_backbone=trials,
                 scheduler=scheduler, fixed=fixed, space=space, start_points=tuple(start_points),
-                final_seeds=final_seeds, seed=seed, source=source)
-    if out.max_epochs() < 1:
-        raise _fail(source, "epochs_head + epochs_finetune is 0: trials would not train")
-    if scheduler["type"] == "asha" and scheduler["grace_period"] > out.max_epochs():
-        raise _fail(f"{source}: scheduler.grace_period", f"{scheduler['grace_period']} exceeds the "
-                                                         f"{out.max_epochs()} epochs a trial runs")
-    for backbone in backbones:  # every backbone must accept the fixed settings (e.g. its minimum size)
-        size = fixed.get("image_size", PARAMS["image_size"].default)
-        low = min(space["image_size"].args) if "image_size" in space else size
-        unfreeze = fixed.get("unfreeze_layers", PARAMS["unfreeze_layers"].default)
-        unfreeze = min(space["unfreeze_layers"].args) if "unfreeze_layers" in space else unfreeze
-        try:
-            check_rules({**default_config(), **fixed, "image_size": low, "unfreeze_layers": unfreeze,
-                         "backbone": backbone})
-        except UserError as exc:
-            raise _fail(f"{source}: {backbone}", str(exc)) from None
+                final_seeds=final_seeds, seed=seed, source=source, per_backbone=per_backbone)
+    _check_each_backbone(out, source)
     return out
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    """`${NAME}` / `${NAME:-default}` in a text value -> the environment variable NAME (or the default)."""
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if os.environ.get(name):
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise _fail(where, f"environment variable {name} is not set (used in {value!r}; set it, or write "
+                           f"${{{name}:-default}})")
+
+    return _ENV_VAR.sub(substitute, value)
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _parse_fixed(values: dict, where: str) -> dict:
+    """Fixed config values, coerced; `${VAR}` expanded; a weights file must exist (made absolute)."""
+    expanded = {}
+    for key, value in values.items():
+        _check_param_key(key, where)
+        expanded[key] = _expand_env(value, f"{where}.{key}")
+    try:
+        coerced = make_config(expanded)
+    except UserError as exc:
+        raise _fail(where, str(exc)) from None
+    out = {key: coerced[key] for key in expanded}
+    if out.get("weights") not in (None, "imagenet", "none"):
+        path = Path(out["weights"]).expanduser()
+        if not path.is_file():
+            raise _fail(f"{where}.weights", f"weights file not found: {path} (relative paths start from the "
+                                             f"current directory {Path.cwd()})")
+        out["weights"] = str(path.resolve())
+    return out
+
+
+def _parse_per_backbone(raw: Any, backbones: list, space: dict, where: str) -> dict:
+    """`per_backbone: {backbone: {key: value or distribution}}` -> {backbone: {key: value or Dist}}."""
+    from fer.backbones import BACKBONES
+
+    if not raw:
+        return {}
+    if not isinstance(raw, dict):
+        raise _fail(where, "expected a mapping backbone -> {config key: value or distribution}")
+    out = {}
+    for backbone, settings in raw.items():
+        if backbone not in BACKBONES:
+            raise _fail(where, f"unknown backbone '{backbone}' (known: {', '.join(BACKBONES)})")
+        if backbone not in backbones:
+            raise _fail(where, f"'{backbone}' is not one of the study's backbones ({', '.join(backbones)})")
+        here = f"{where}.{backbone}"
+        if not isinstance(settings, dict) or not settings:
+            raise _fail(here, f"expected a mapping of config key -> value or distribution, got {settings!r}")
+        points = settings.get(START_POINTS)
+        settings = {k: v for k, v in settings.items() if k != START_POINTS}
+        own = _parse_fixed({k: v for k, v in settings.items() if not isinstance(v, dict)}, here)
+        for key, spec in settings.items():
+            if isinstance(spec, dict):
+                _check_param_key(key, here)
+                if key not in space:
+                    raise _fail(f"{here}.{key}", f"'{key}' is not tuned in 'space' (a distribution here only "
+                                                 "gives a tuned key this backbone's own range); give a plain value")
+                own[key] = _parse_dist(key, spec, here)
+        if points is not None:
+            own[START_POINTS] = _parse_own_points(points, own, space, f"{here}.{START_POINTS}")
+        out[backbone] = own
+    return out
+
+
+def _parse_own_points(points: Any, own: dict, space: dict, where: str) -> tuple:
+    """A backbone's own start points: each sets every key it tunes (they replace the shared ones for it)."""
+    if not isinstance(points, list):
+        raise _fail(where, "expected a list of mappings")
+    tuned = {k: own.get(k, dist) for k, dist in space.items() if k not in own or isinstance(own[k], Dist)}
+    out = []
+    for i, point in enumerate(points):
+        here = f"{where}[{i}]"
+        _check_known(point, tuple(tuned), here)
+        missing = [key for key in tuned if key not in point]
+        if missing:
+            raise _fail(here, f"missing tuned key '{missing[0]}' (a start point sets every key this backbone tunes)")
+        try:
+            coerced = make_config(point)
+        except UserError as exc:
+            raise _fail(here, str(exc)) from None
+        point = {key: coerced[key] for key in tuned}
+        for key, value in point.items():
+            if not tuned[key].contains(value):
+                raise _fail(here, f"'{key}': {value!r} lies outside its distribution {tuned[key].as_dict()}")
+        out.append(point)
+    return tuple(out)
+
+
+def _check_each_backbone(space: Space, source: str) -> None:
+    """What must hold for every backbone's own settings: start points inside its ranges, something to tune
+    when it gets several trials, epochs to train, a scheduler grace period it reaches, its minimum size."""
+    from fer.backbones import get_backbone
+
+    for backbone in space.backbones:
+        tuned = space.space_for(backbone)
+        where = f"{source}: per_backbone.{backbone}" if backbone in space.per_backbone else source
+        if len(space.start_points_for(backbone)) > space.trials_per_backbone:
+            raise _fail(f"{where}.{START_POINTS}" if backbone in space.per_backbone else f"{source}: {START_POINTS}",
+                        f"{len(space.start_points_for(backbone))} start points exceed "
+                        f"trials_per_backbone={space.trials_per_backbone}")
+        for i, point in enumerate(space.start_points_for(backbone)):
+            for key, value in point.items():
+                if not tuned[key].contains(value):
+                    raise _fail(f"{source}: start_points[{i}]", f"'{key}': {value!r} lies outside {backbone}'s "
+                                                               f"distribution {tuned[key].as_dict()}")
+        if not tuned and space.trials_per_backbone > 1:
+            raise _fail(where if backbone in space.per_backbone else f"{source}: trials_per_backbone",
+                        f"{space.trials_per_backbone} trials of {backbone} but nothing to tune for it")
+        epochs = space.max_epochs(backbone)
+        if epochs < 1:
+            raise _fail(where, f"epochs_head + epochs_finetune is 0 for {backbone}: trials would not train")
+        if space.scheduler["type"] == "asha" and space.scheduler["grace_period"] > epochs:
+            raise _fail(f"{source}: scheduler.grace_period", f"{space.scheduler['grace_period']} exceeds the "
+                                                             f"{epochs} epochs a trial of {backbone} runs")
+        if "image_size" in tuned and tuned["image_size"].kind != "choice":
+            low = tuned["image_size"].args[0]
+        else:
+            low = min(space.image_sizes(backbone))
+        if low < get_backbone(backbone).min_size:
+            key = f"per_backbone.{backbone}.image_size" if "image_size" in space.per_backbone.get(backbone, {}) \
+                else "image_size"
+            raise _fail(f"{source}: {key}", f"{low} is below {backbone}'s minimum of "
+                                            f"{get_backbone(backbone).min_size}")
+        unfreeze = tuned["unfreeze_layers"].args[0] if "unfreeze_layers" in tuned else \
+            space.fixed_for(backbone).get("unfreeze_layers", PARAMS["unfreeze_layers"].default)
+        try:  # the rules between keys (fer.config.check_rules), at the backbone's smallest size and depth
+            check_rules({**default_config(), **space.fixed_for(backbone), "image_size": low,
+                         "unfreeze_layers": unfreeze, "backbone": backbone})
+        except UserError as exc:
+            raise _fail(f"{where}", str(exc)) from None
 
 
 def load_space(path: str | Path) -> Space:

@@ -170,3 +170,19 @@ def test_edge_of_range_warnings():
     assert len(warnings) == 2
     assert "lr_head" in warnings[0] and "lower edge" in warnings[0]
     assert "unfreeze_layers" in warnings[1] and "upper edge" in warnings[1]
+
+
+def test_edge_warnings_use_each_backbones_own_range():
+    """per_backbone: a backbone's own range decides its edges; a key fixed for it is not searched."""
+    from study.report import BackboneResult, StudyResults, edge_warnings
+
+    space = {"space": {"lr_finetune": {"loguniform": [1e-5, 1e-2]}, "dropout": {"uniform": [0.2, 0.6]}},
+             "per_backbone": {"mobilenetv2": {"lr_finetune": {"loguniform": [1e-5, 1e-4]}, "dropout": 0.21}}}
+    config = {"lr_finetune": 9.5e-5, "dropout": 0.21}
+    study = StudyResults(Path("."), "s", {"space": space}, None, None,
+                         [BackboneResult("mobilenetv2", "ok", config=config, test={}),
+                          BackboneResult("smallcnn", "ok", config=config, test={})], [])
+    warnings = edge_warnings(study)
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("mobilenetv2: the best lr_finetune") and "upper edge" in warnings[0]
+    assert warnings[1].startswith("smallcnn: the best dropout") and "lower edge" in warnings[1]

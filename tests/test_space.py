@@ -1,5 +1,6 @@
 """Search-space YAML validation: the shipped spaces load, and mistakes are named in one-line errors."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,16 @@ def with_(**changes):
     return raw
 
 
-@pytest.mark.parametrize("name", ["paper", "default", "smoke"])
-def test_shipped_spaces_load(name):
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # the default of FER_SHARED (../shared from the repo)
+
+
+@pytest.mark.parametrize("name", ["paper", "default", "smoke", "jaffe-small", "fer2013-cpu"])
+def test_shipped_spaces_load(name, monkeypatch):
+    if name == "fer2013-cpu":  # names the offline ImageNet files under $FER_SHARED/weights
+        shared = Path(os.environ.get("FER_SHARED") or SHARED)
+        if not (shared / "weights" / "mobilenet_v2_1.0_224_tf_no_top.h5").is_file():
+            pytest.skip(f"offline ImageNet weight files not found in {shared / 'weights'} (set FER_SHARED)")
+        monkeypatch.setenv("FER_SHARED", str(shared))
     space = load_space(SPACES / f"{name}.yaml")
     assert space.trials_per_backbone >= 1 and space.backbones
     for backbone in space.backbones:  # every start point makes a valid trial config for every backbone
@@ -129,3 +138,138 @@ def test_searcher_gives_every_backbone_the_same_budget_start_points_first(tmp_pa
         assert (config["dropout"], config["unfreeze_layers"], config["lr_head"]) == (0.53, 30, 1e-3)
         assert config["image_size"] == 32 and config["weights"] == "none"  # fixed keys are in every config
     assert set(optuna_distributions(space)) == {"dropout", "unfreeze_layers", "lr_head"}
+
+
+def per_backbone(**settings):
+    return with_(per_backbone=settings)
+
+
+def test_per_backbone_settings_override_fixed_and_space(tmp_path):
+    """Each backbone its own image size, weights file and learning-rate range; the rest stays shared."""
+    weights = tmp_path / "mnv2.h5"
+    weights.write_bytes(b"x")
+    space = parse_space(per_backbone(
+        mobilenetv2={"image_size": 64, "weights": str(weights), "lr_head": {"loguniform": [1e-4, 1e-3]},
+                     "unfreeze_layers": 12},
+    ))
+    assert parse_space(space.to_dict()) == space  # study.json round trip (resume compares it)
+    small = space.config_for("mobilenet025", {"dropout": 0.3, "unfreeze_layers": 7, "lr_head": 2e-3})
+    assert (small["image_size"], small["weights"]) == (32, "none")
+    assert set(space.space_for("mobilenet025")) == {"dropout", "unfreeze_layers", "lr_head"}
+    assert set(space.space_for("mobilenetv2")) == {"dropout", "lr_head"}  # unfreeze_layers fixed for it
+    assert space.space_for("mobilenetv2")["lr_head"].args == (1e-4, 1e-3)
+    assert space.start_points_for("mobilenetv2") == ({"dropout": 0.53, "lr_head": 1e-3},)
+    big = space.config_for("mobilenetv2", space.start_points_for("mobilenetv2")[0])
+    assert (big["image_size"], big["weights"], big["unfreeze_layers"]) == (64, str(weights.resolve()), 12)
+    assert space.image_sizes("mobilenetv2") == [64] and space.image_sizes("mobilenet025") == [32]
+    assert set(optuna_distributions(space, "mobilenetv2")) == {"dropout", "lr_head"}
+
+
+def test_per_backbone_cache_cut_and_epochs_are_each_backbones_own():
+    """finetune_cache_units = the largest unfreeze_layers THIS backbone's trials can use; ASHA's max_t per backbone."""
+    fixed = {**BASE["fixed"], "finetune_features": "cached"}
+    space = parse_space(with_(fixed=fixed, start_points=[], per_backbone={
+        "mobilenetv2": {"unfreeze_layers": {"int": [0, 8]}, "epochs_finetune": 5},
+        "mobilenet025": {"unfreeze_layers": 4}}))
+    assert space.config_for("mobilenetv2", {"unfreeze_layers": 3})["finetune_cache_units"] == 8
+    assert space.config_for("mobilenet025", {})["finetune_cache_units"] == 4
+    assert (space.max_epochs("mobilenetv2"), space.max_epochs("mobilenet025"), space.max_epochs()) == (6, 2, 6)
+    from study.tune.search import PerBackboneScheduler
+
+    scheduler = PerBackboneScheduler(space)
+    assert scheduler.schedulers["mobilenetv2"]._max_t == 7 and scheduler.schedulers["mobilenet025"]._max_t == 3
+
+
+def test_searcher_draws_each_backbone_from_its_own_range(tmp_path):
+    import optuna
+
+    space = parse_space(with_(trials_per_backbone=4, start_points=[], per_backbone={
+        "mobilenetv2": {"lr_head": {"loguniform": [1e-6, 1e-5]}, "image_size": 48}}))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.sqlite3'}")
+    searcher = BackboneSearcher(space, {"mobilenet025": 4, "mobilenetv2": 4}, storage)
+    configs = [searcher.suggest(f"t{i}") for i in range(8)]
+    for config in configs:
+        if config["backbone"] == "mobilenetv2":
+            assert 1e-6 <= config["lr_head"] <= 1e-5 and config["image_size"] == 48
+        else:
+            assert config["lr_head"] >= 1e-4 and config["image_size"] == 32
+
+
+def test_weights_path_from_an_environment_variable(tmp_path, monkeypatch):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "a.h5").write_bytes(b"x")
+    monkeypatch.setenv("FER_TEST_SHARED", str(tmp_path))
+    space = parse_space(per_backbone(mobilenetv2={"weights": "${FER_TEST_SHARED}/w/a.h5"}))
+    assert space.config_for("mobilenetv2", {})["weights"] == str(tmp_path / "w" / "a.h5")
+    monkeypatch.delenv("FER_TEST_SHARED")
+    monkeypatch.chdir(tmp_path)  # the default, relative to the current directory, made absolute
+    space = parse_space(per_backbone(mobilenetv2={"weights": "${FER_TEST_SHARED:-.}/w/a.h5"}))
+    assert space.config_for("mobilenetv2", {})["weights"] == str(tmp_path / "w" / "a.h5")
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"vgg99": {"image_size": 64}}, ["per_backbone", "unknown backbone 'vgg99'"]),
+    ({"resnet50": {"image_size": 64}}, ["per_backbone", "'resnet50' is not one of the study's backbones"]),
+    ({"mobilenetv2": {"colour": 1}}, ["per_backbone.mobilenetv2", "unknown config key 'colour'"]),
+    ({"mobilenetv2": {"image_size": "big"}}, ["per_backbone.mobilenetv2", "'image_size'", "'big'"]),
+    ({"mobilenetv2": {"image_size": 16}}, ["per_backbone.mobilenetv2", "'image_size'", "16"]),
+    ({"mobilenetv2": {"weights": "/no/such/file.h5"}}, ["per_backbone.mobilenetv2.weights", "not found"]),
+    ({"mobilenetv2": {"weights": "${FER_NO_SUCH_VAR}/x.h5"}}, ["per_backbone.mobilenetv2.weights",
+                                                              "FER_NO_SUCH_VAR is not set"]),
+    ({"mobilenetv2": {"epochs_head": {"int": [1, 3]}}}, ["per_backbone.mobilenetv2.epochs_head", "not tuned"]),
+    ({"mobilenetv2": {"dropout": {"uniform": [0.6, 0.7]}}}, ["start_points[0]", "mobilenetv2's distribution"]),
+    ({"mobilenetv2": {"dropout": 0.5, "unfreeze_layers": 3, "lr_head": 1e-3}},
+     ["per_backbone.mobilenetv2", "nothing to tune"]),
+    ({"mobilenetv2": {"epochs_head": 0, "epochs_finetune": 0}}, ["per_backbone.mobilenetv2", "is 0"]),
+    ({"mobilenetv2": []}, ["per_backbone.mobilenetv2", "expected a mapping"]),
+    ({"mobilenetv2": {"backbone": "resnet50"}}, ["'backbone' is set by 'backbones:'"]),
+])
+def test_bad_per_backbone_settings_are_rejected_naming_the_key(settings, words):
+    with pytest.raises(UserError) as info:
+        parse_space(per_backbone(**settings), source="bad.yaml")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("bad.yaml"), message
+    for word in words:
+        assert word in message, message
+
+
+def test_each_backbone_checked_against_its_own_minimum_size():
+    raw = with_(backbones=["mobilenet025", "inceptionv3"], per_backbone={"inceptionv3": {"image_size": 64}})
+    with pytest.raises(UserError, match=r"per_backbone.inceptionv3.image_size: 64 is below inceptionv3's minimum"):
+        parse_space(raw)
+    raw["per_backbone"]["inceptionv3"]["image_size"] = 80
+    assert parse_space(raw).image_sizes("inceptionv3") == [80]  # the fixed 32 applies to mobilenet025 only
+
+
+def test_a_backbone_may_have_its_own_start_points():
+    """Where its range excludes the shared start point (a from-scratch CNN's learning rate vs a pretrained one)."""
+    own = {"lr_head": {"loguniform": [1e-2, 1e-1]}, "start_points": [{"dropout": 0.2, "unfreeze_layers": 3,
+                                                                      "lr_head": 0.05}]}
+    space = parse_space(per_backbone(mobilenetv2=own))
+    assert space.start_points_for("mobilenetv2") == ({"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 0.05},)
+    assert space.start_points_for("mobilenet025") == space.start_points
+    assert parse_space(space.to_dict()) == space
+    for points, words in (([{"dropout": 0.2, "unfreeze_layers": 3}], "missing tuned key 'lr_head'"),
+                          ([{"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 1e-3}], "'lr_head'"),
+                          ({"dropout": 0.2}, "expected a list")):
+        with pytest.raises(UserError, match="per_backbone.mobilenetv2.start_points") as info:
+            parse_space(per_backbone(mobilenetv2={**own, "start_points": points}))
+        assert words in str(info.value)
+
+
+def test_fer2013_cpu_space_gives_each_backbone_its_own_settings(monkeypatch):
+    """The reference study: smallcnn from scratch at 48 px in one stage, the pretrained MobileNets at 96 px with
+    their offline files, caches and lr_finetune <= 1e-4 (MobileNetV2) where 3e-4 collapsed it."""
+    shared = Path(os.environ.get("FER_SHARED") or SHARED)
+    if not (shared / "weights").is_dir():
+        pytest.skip(f"no weights folder in {shared} (set FER_SHARED)")
+    monkeypatch.setenv("FER_SHARED", str(shared))
+    space = load_space(SPACES / "fer2013-cpu.yaml")
+    cnn = space.config_for("smallcnn", space.start_points_for("smallcnn")[0])
+    assert (cnn["image_size"], cnn["weights"], cnn["epochs_head"], cnn["finetune_features"]) == (48, "none", 0, "exact")
+    for backbone, name in (("mobilenetv2", "mobilenet_v2_1.0_224_tf_no_top.h5"),
+                           ("mobilenet025", "mobilenet_2_5_224_tf_no_top.h5")):
+        config = space.config_for(backbone, space.start_points_for(backbone)[0])
+        assert config["weights"] == str((shared / "weights" / name).resolve()) and config["image_size"] == 96
+        assert config["finetune_cache_units"] == 8 and config["head_features"] == "cached"
+    assert space.space_for("mobilenetv2")["lr_finetune"].args[1] <= 1e-4

@@ -98,6 +98,7 @@ def test_smallcnn_learns_from_scratch_and_has_no_imagenet_weights(trial_data, tm
                   lr_finetune=3e-3)
     summary = run_trial(config, trial_data, tmp_path)
     assert summary["val_accuracy"] >= 0.35
+    assert not any(stage["ended_collapsed"] for stage in summary["collapsed_stages"])  # fer/collapse.py
     with pytest.raises(UserError, match="weights=none"):
         run_trial(dict(config, weights="imagenet"), trial_data, tmp_path / "imagenet")
 

@@ -32,8 +32,13 @@ def parse_fractions(text_or_tuple) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def group_split(labels: np.ndarray, groups: list[str], n_classes: int, fractions, seed: int) -> np.ndarray:
-    """Return a split index (0 train, 1 val, 2 test) per image; images of one group share it."""
+def group_split(labels: np.ndarray, groups: list[str], n_classes: int, fractions, seed: int,
+                largest_first: bool = True) -> np.ndarray:
+    """Return a split index (0 train, 1 val, 2 test) per image; images of one group share it.
+
+    `largest_first=False` places the groups in a purely seeded random order: the fractions are kept less
+    tightly, but with few groups (10 people) different seeds then give different splits, where largest-first
+    mostly puts the same big groups in the same place whatever the seed."""
     fractions = np.asarray(fractions, dtype=float)
     names, group_idx = np.unique(np.asarray(groups, dtype=object), return_inverse=True)
     counts = np.zeros((len(names), n_classes))
@@ -43,7 +48,8 @@ def group_split(labels: np.ndarray, groups: list[str], n_classes: int, fractions
     filled = np.zeros_like(targets)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(names))
-    order = order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
+    if largest_first:
+        order = order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
     assignment = np.empty(len(names), dtype=np.int64)
     for g in order:
         need = (targets - filled) / np.maximum(targets, 1e-9)  # relative deficit per split and class

@@ -74,7 +74,10 @@ def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="metrics JSON (default: results/<study>/evaluations/<backbone>__<data>.json when MODEL "
                    "is a study's best model, where the report finds it; otherwise printed)")
-def evaluate_command(model: Path, data: Path, out: Path | None) -> None:
+@click.option("--include", default=None, metavar="REGEX",
+              help="evaluate only files whose name matches REGEX (e.g. '^PrivateTest_' for FER2013's test images)")
+@click.option("--exclude", default=None, metavar="REGEX", help="skip files whose name matches REGEX")
+def evaluate_command(model: Path, data: Path, out: Path | None, include: str | None, exclude: str | None) -> None:
     """Full metric set (95% intervals, per class, confusion matrix) of MODEL on another labelled DATA folder.
 
     DATA holds one folder per class, named like the model's classes; other folders are skipped and listed.
@@ -82,13 +85,15 @@ def evaluate_command(model: Path, data: Path, out: Path | None) -> None:
     _quiet_backend()
     from fer.predict import default_evaluation_path, evaluate_folder
 
-    result = evaluate_folder(model, data)
-    out = out or default_evaluation_path(model, data)
+    result = evaluate_folder(model, data, include=include, exclude=exclude)
+    out = out or default_evaluation_path(model, data, include, exclude)
     metrics = result["metrics"]
     summary = (f"{result['backbone']} on {result['dataset']}: n={metrics['n']}, "
                f"accuracy {metrics['accuracy']['value']:.3f} "
                f"[{metrics['accuracy']['ci95'][0]:.3f}, {metrics['accuracy']['ci95'][1]:.3f}], "
                f"macro F1 {metrics['macro_f1']['value']:.3f}")
+    if result["filtered_out"]:
+        summary += f" ({result['filtered_out']} file(s) left out by the file-name filter)"
     if result["skipped_files"] or result["skipped_folders"]:
         summary += (f" (skipped {len(result['skipped_files'])} unreadable file(s), "
                     f"{len(result['skipped_folders'])} folder(s) not in the model's classes)")

@@ -26,8 +26,11 @@ import click
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True, help="local Ray dashboard (127.0.0.1)")
 @click.option("--results", "results_root", default="results", show_default=True,
               type=click.Path(file_okay=False), help="folder that holds study folders")
+@click.option("--naive-split", "naive_split", type=int, default=0, is_flag=False, flag_value=5, metavar="[SEEDS]",
+              help="after the study, retrain each backbone's selected config on a notebook's random split and on "
+                   "the audited split, SEEDS split seeds each (default 5): results/<study>/naive_split.json")
 def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial, group_regex, resume, num_cpus,
-        num_gpus, dashboard, results_root):
+        num_gpus, dashboard, results_root, naive_split):
     """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's best
     trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared first) or a
     study folder made by `fer-study prepare`."""
@@ -35,7 +38,7 @@ def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial
 
     options = StudyOptions(name=name, address=address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                            group_regex=group_regex, resume=resume, num_cpus=num_cpus, num_gpus=num_gpus,
-                           dashboard=dashboard, results_root=results_root)
+                           dashboard=dashboard, results_root=results_root, naive_split=naive_split)
     try:
         run_study(data_or_study, space_path, options)
     except StudyIncomplete as exc:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from study.report.document import Document
 from study.report.load import BackboneResult, StudyResults, load_study
+from study.report.naive import naive_split_section
 from study.report.sections import (
     audit_section,
     backbone_figures,
@@ -44,6 +45,7 @@ def build_report(results: str | Path, out: str | Path | None = None, gradcam_per
     backbone_figures(doc, study)
     search_section(doc, study)
     evaluations_section(doc, study)
+    naive_split_section(doc, study.folder)
     if gradcam_per_class > 0:
         from study.report.gradcam import gradcam_appendix
 

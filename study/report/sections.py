@@ -130,7 +130,11 @@ def edge_warnings(study: StudyResults) -> list[str]:
     """A best value within EDGE_FRACTION of its searched range's end hints the optimum lies outside it."""
     out = []
     for b in study.ok:
+        own = (study.space.get("per_backbone") or {}).get(b.name, {})  # its own ranges; fixed keys: not searched
         for key, spec in (study.space.get("space") or {}).items():
+            spec = own.get(key, spec)
+            if not isinstance(spec, dict):
+                continue
             kind, args = next(iter(spec.items()))
             value = b.config.get(key)
             if kind == "choice" or value is None or len(args) != 2:

@@ -67,9 +67,23 @@ def resolve_study(source: str | Path, name: str | None, space: Space, results_ro
         raise UserError(f"{source} is not a study folder")
     else:
         log(f"preparing {source} -> {data_dir}")
-        size = space.fixed.get("image_size", PARAMS["image_size"].default)
+        size = min(space.image_sizes(space.backbones[0]) or [PARAMS["image_size"].default])  # others: on first use
         prepare_dataset(source, data_dir, group_regex=group_regex, seed=space.seed, image_size=size, log=log)
     return study_dir.resolve(), data_dir.resolve()
+
+
+def build_pixel_caches(space: Space, data_dir: Path, log: Callable[[str], None]) -> None:
+    """Decode the train/val pixel caches of every image size the backbones use (per_backbone sizes) here,
+    with a decoding pool, before trials start: a trial would otherwise build its size itself, in one
+    process, inside its own timings (the test split's cache is built when the best models are evaluated)."""
+    from fer.data import StudyData
+
+    study_data = StudyData(data_dir)
+    for size in sorted({size for backbone in space.backbones for size in space.image_sizes(backbone)}):
+        for split in ("train", "val"):
+            if not study_data.pixel_file(split, size).exists():
+                log(f"building the {size}px pixel cache of the {split} split")
+                study_data.pixels(split, size)
 
 
 def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
@@ -109,6 +123,7 @@ class StudyOptions:
     live: bool | None = None  # a live progress view (default: when stream is a terminal)
     command: str | None = None  # recorded in study.json (default: this process's argv)
     trainable: Callable | None = None
+    naive_split: int = 0  # split seeds of study.naive_split after the study (0: none)
 
 
 def run_study(source: str | Path, space_path: str | Path, options: StudyOptions | None = None,
@@ -130,8 +145,11 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
         raise UserError(f"--cpus-per-trial must be > 0, got {opts.cpus_per_trial}")
     if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be >= 0, got {opts.gpus_per_trial}")
+    if opts.naive_split and opts.naive_split < 2:
+        raise UserError(f"--naive-split needs at least 2 split seeds for a spread, got {opts.naive_split}")
     study_dir, data_dir = resolve_study(source, opts.name, space, Path(opts.results_root), log, opts.group_regex)
     previous = _check_resume(study_dir, space, opts.resume)
+    build_pixel_caches(space, data_dir, log)
 
     import ray
 
@@ -200,6 +218,12 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
                 study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, opts.cpus_per_trial, gpus,
                                                      threads, log)
                 timings["final_seeds_s"] = round(time.perf_counter() - t0, 1)
+            if opts.naive_split:
+                from study.tune.naive_split import run_naive_split
+
+                t0 = time.perf_counter()
+                run_naive_split(study_dir, data_dir, opts.naive_split, opts.cpus_per_trial, gpus, threads, log)
+                timings["naive_split_s"] = round(time.perf_counter() - t0, 1)
         study["status"] = names.STUDY_COMPLETED
         study["finished_at"] = _now()
         study["trials"] = _counts(ledger)
@@ -336,8 +360,17 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     t0 = time.time()
-    with _quiet_tune():
-        tuner.fit()
+    import signal
+    import threading
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with _quiet_tune():
+            tuner.fit()
+    finally:  # Tune leaves its own SIGINT handler behind, which would make Ctrl-C in the evaluations,
+        # final_seeds or --naive-split after the search print a warning instead of stopping
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     study.setdefault("search_s", 0.0)
     study["search_s"] = round(study["search_s"] + time.time() - t0, 1)  # all runs together
     study.setdefault("timings", {}).update(search_s=round(time.time() - t0, 1),  # this run

@@ -31,12 +31,10 @@ from study.space import Dist, Space
 EPOCH = "epoch"  # the scheduler's time attribute: the global epoch across both training stages
 
 
-def optuna_distributions(space: Space) -> dict:
-    """The space's tuned keys as Optuna distributions."""
-    out = {}
-    for key, dist in space.space.items():
-        out[key] = _to_optuna(dist)
-    return out
+def optuna_distributions(space: Space, backbone: str | None = None) -> dict:
+    """The keys tuned for `backbone` (default: the space's shared `space`) as Optuna distributions."""
+    tuned = space.space if backbone is None else space.space_for(backbone)
+    return {key: _to_optuna(dist) for key, dist in tuned.items()}
 
 
 def _to_optuna(dist: Dist) -> optuna.distributions.BaseDistribution:
@@ -91,12 +89,12 @@ class BackboneSearcher(Searcher):
         self.backbone_of: dict[str, str] = {}
         self.best: dict[str, float] = {}
         self.searchers: dict[str, OptunaSearch] = {}
-        distributions = optuna_distributions(space)
         for i, backbone in enumerate(space.backbones):
+            distributions = optuna_distributions(space, backbone)  # each backbone's own ranges (per_backbone)
             if not distributions:  # nothing to tune (e.g. paper.yaml): every trial is the fixed config
                 continue
             is_fresh = True if fresh is None else fresh.get(backbone, True)
-            points = list(space.start_points) if is_fresh else list((requeue or {}).get(backbone, []))
+            points = list(space.start_points_for(backbone)) if is_fresh else list((requeue or {}).get(backbone, []))
             sampler = optuna.samplers.TPESampler(seed=space.seed + i, n_startup_trials=min(
                 10, max(1, space.trials_per_backbone // 3)))
             self.searchers[backbone] = OptunaSearch(
@@ -167,7 +165,7 @@ class PerBackboneScheduler(FIFOScheduler):
         sched = space.scheduler
         self.schedulers = {
             backbone: ASHAScheduler(time_attr=EPOCH, metric=space.metric, mode=space.mode,
-                                    max_t=space.max_epochs() + 1, grace_period=sched["grace_period"],
+                                    max_t=space.max_epochs(backbone) + 1, grace_period=sched["grace_period"],
                                     reduction_factor=sched["reduction_factor"])
             for backbone in space.backbones}
         self.stopped: set[str] = set()

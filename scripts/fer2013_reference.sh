@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The reference study on real data: FER2013's own split (train = Training_, val = PublicTest_,
+# test = PrivateTest_), search_spaces/fer2013-cpu.yaml (smallcnn, MobileNetV2, MobileNet 0.25) on a 2-core
+# CPU in under 2 hours, the report, and each best model on all 2,908 PrivateTest images (the figure
+# comparable with published models; the report also shows the PrivateTest images prepare kept).
+#
+#   bash scripts/fer2013_reference.sh [DATA] [STUDY]
+#
+# DATA: the 5-class FER2013 folders (default $FER_SHARED/datasets/fer2013-5class; research use only, never
+# commit it). FER_SHARED: the shared-data folder holding datasets/ and weights/ (default ../shared, relative
+# to the repository root). Rerunning after an interruption resumes the study. Overrides for a quick try:
+# FER_SPACE (space file), FER_RESULTS (results folder), FER_STUDY (command, default fer-study).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export FER_SHARED="${FER_SHARED:-../shared}"
+DATA="${1:-$FER_SHARED/datasets/fer2013-5class}"
+STUDY="${2:-fer2013-cpu}"
+SPACE="${FER_SPACE:-search_spaces/fer2013-cpu.yaml}"
+RESULTS="${FER_RESULTS:-results}"
+read -r -a FER <<< "${FER_STUDY:-fer-study}"
+[ -d "$DATA" ] || { echo "FER2013 not found at $DATA: set FER_SHARED or pass DATA" >&2; exit 2; }
+start=$(date +%s)
+
+if [ -f "$RESULTS/$STUDY/study.json" ]; then
+    "${FER[@]}" run "$RESULTS/$STUDY" --space "$SPACE" --cpus-per-trial 1 --no-dashboard --resume
+else
+    "${FER[@]}" prepare "$DATA" --study "$STUDY" --results "$RESULTS" --image-size 48 \
+        --predefined 'train=^Training_,val=^PublicTest_,test=^PrivateTest_'
+    "${FER[@]}" run "$RESULTS/$STUDY" --space "$SPACE" --cpus-per-trial 1 --no-dashboard
+fi
+for best in "$RESULTS/$STUDY"/best/*/; do   # every PrivateTest image, duplicates included
+    "${FER[@]}" evaluate "$best" "$DATA" --include '^PrivateTest_'
+done
+"${FER[@]}" report "$RESULTS/$STUDY" --out "reports/$STUDY"
+echo "reference study done in $(( $(date +%s) - start )) s: reports/$STUDY/report.html"
