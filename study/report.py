@@ -404,8 +404,6 @@ def _comparison_section(doc: Document, study: StudyResults, rows: list[dict]) ->
             shown.append(line)
         doc.table(pd.DataFrame(shown))
         doc.figure("comparison", figures.comparison_chart(ok), "Test accuracy and macro F1 with 95% intervals")
-    for warning in edge_warnings(study):
-        doc.warn(warning)
 
 
 def edge_warnings(study: StudyResults) -> list[str]:
@@ -548,12 +546,15 @@ def _header_section(doc: Document, study: StudyResults) -> None:
 
 
 def build_report(results: str | Path, out: str | Path | None = None, gradcam_per_class: int = 2,
-                 n_mistakes: int = 6, n_faithfulness: int = 16) -> Path:
+                 n_mistakes: int = 6, n_faithfulness: int = 48) -> Path:
     """Write report.html, report.md, comparison.csv and figures/ for a study folder; return the output folder."""
     study = load_study(Path(results))
     out_dir = Path(out) if out is not None else Path("reports") / study.name
     doc = Document(f"fer-study report: {study.name}")
     _header_section(doc, study)
+    from study.verdict import add_verdict
+
+    add_verdict(doc, study, edge_warnings(study))  # before any table: what to conclude, what to fix
     _audit_section(doc, study.audit)
     rows = comparison_rows(study)
     _comparison_section(doc, study, rows)

@@ -38,7 +38,9 @@ def _caption(pred: pd.DataFrame, row: int, classes: list[str], explained: str) -
     return f"{prefix}p={p:.2f}\n{explained}"
 
 
-def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_faithfulness: int) -> dict | None:
+def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_faithfulness: int,
+                       regions: dict | None = None) -> dict | None:
+    from fer.compare import bootstrap_mean
     from fer.gradcam import GradCam, deletion_auc, deletion_curves, overlay
     from study.predict import load_model_and_classes
 
@@ -93,16 +95,45 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
     idx = [position[r] for r in sample]
     curves = deletion_curves(model, images[idx], {"Grad-CAM": explanation.gradcam[idx],
                                                   "Grad-CAM++": explanation.gradcam_pp[idx]},
-                             explanation.class_ids[idx], steps=8)
-    doc.figure(f"deletion_{b.name}", figures.deletion_curves(curves, b.name),
+                             explanation.class_ids[idx], steps=8, per_image=True)
+    doc.figure(f"deletion_{b.name}", figures.deletion_curves({k: c.mean(axis=0) for k, c in curves.items()},
+                                                             b.name),
                f"{b.name}: deletion curves on {len(idx)} test images (lower area = the heatmap finds what the "
                "model uses faster than random removal)")
-    aucs = {name: deletion_auc(curve) for name, curve in curves.items()}
-    return {"backbone": b.name, "target layer": cam.layer_name, "images": len(idx),
-            "deletion AUC Grad-CAM": aucs["Grad-CAM"], "deletion AUC Grad-CAM++": aucs["Grad-CAM++"],
-            "deletion AUC random": aucs["random"],
-            **{f"{name} / random": aucs[name] / aucs["random"] if aucs["random"] > 0 else float("nan")
-               for name in ("Grad-CAM", "Grad-CAM++")}}
+    aucs = {name: bootstrap_mean(deletion_auc(curve)) for name, curve in curves.items()}
+    row = {"backbone": b.name, "target layer": cam.layer_name, "images": len(idx),
+           **{f"deletion AUC {name} [95% CI]": f"{a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}]" for name, a in aucs.items()},
+           **{f"{name} / random": aucs[name][0] / aucs["random"][0] if aucs["random"][0] > 0 else float("nan")
+              for name in ("Grad-CAM", "Grad-CAM++")},
+           "Grad-CAM beats random (intervals apart)": "yes" if aucs["Grad-CAM"][2] < aucs["random"][1] else "no"}
+    if regions:  # the study's data names its expression regions (the demo's demo_regions.csv)
+        row.update(region_heat(cam, pred, index_of, pixels, regions))
+    return row
+
+
+def region_boxes(sd) -> dict:
+    """path -> region boxes from DATA/demo_regions.csv (written by fer.demo_data), or {} without one."""
+    try:
+        table = pd.read_csv(sd.source / "demo_regions.csv")
+    except (OSError, ValueError):
+        return {}
+    return {path: list(g[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None))
+            for path, g in table.groupby("path")}
+
+
+def region_heat(cam, pred: pd.DataFrame, index_of: dict, pixels, regions: dict, limit: int = 400) -> dict:
+    """Share of Grad-CAM's heat (predicted class) inside the known expression regions vs their share of the
+    image, over the test images that have regions (up to `limit`)."""
+    from fer.gradcam import heat_in_regions
+
+    paths = [p for p in pred["path"] if p in regions][:limit]
+    if not paths:
+        return {}
+    heat = cam.explain(np.asarray(pixels[sorted(index_of[p] for p in paths)])).gradcam
+    ordered = sorted(paths, key=lambda p: index_of[p])
+    result = heat_in_regions(heat, [regions[p] for p in ordered])
+    return {"region images": result["images"], "Grad-CAM heat in regions": result["heat_share"],
+            "regions' share of image": result["area_share"], "heat / area": result["ratio"]}
 
 
 def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness: int) -> list[dict]:
@@ -124,13 +155,13 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
     except UserError as exc:
         doc.warn(f"Grad-CAM skipped: the study's prepared data cannot be opened ({exc})")
         return []
-    rows = []
+    rows, regions = [], region_boxes(sd)
     for b in study.ok:
         if not (b.folder / "model.keras").is_file() or not (b.folder / "test_predictions.csv").is_file():
             doc.warn(f"{b.name}: no model.keras or test_predictions.csv in its best folder; Grad-CAM skipped")
             continue
         try:
-            row = _backbone_appendix(doc, study, b, sd, per_class, n_mistakes, n_faithfulness)
+            row = _backbone_appendix(doc, study, b, sd, per_class, n_mistakes, n_faithfulness, regions)
         except UserError as exc:
             doc.warn(f"{b.name}: Grad-CAM skipped: {exc}")
             continue
@@ -138,5 +169,9 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
             rows.append(row)
     if rows:
         doc.heading("Faithfulness (deletion curves)", 3)
+        if regions:
+            doc.para("This study's data comes with the regions that carry the expression (demo_regions.csv: "
+                     "mouth, eyes, brows). 'heat / area' is the share of Grad-CAM's heat inside them divided by "
+                     "their share of the image: 1 means heat spread evenly, above 1 heat on the expression.")
         doc.table(pd.DataFrame(rows))
     return rows
