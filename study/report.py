@@ -262,6 +262,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto;
 table {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }}
 th {{ background: #f2f2f2; }}
+td, th {{ overflow-wrap: anywhere; }}  /* long cells wrap, so wide tables fit the page instead of being cut */
 .scroll {{ overflow-x: auto; }}
 .warn {{ background: #fff4e0; border-left: 4px solid #e69500; padding: 0.4em 0.8em; }}
 figure {{ margin: 0.5em 0 1.5em; }}
@@ -546,7 +547,7 @@ def _header_section(doc: Document, study: StudyResults) -> None:
 
 
 def build_report(results: str | Path, out: str | Path | None = None, gradcam_per_class: int = 2,
-                 n_mistakes: int = 6, n_faithfulness: int = 48) -> Path:
+                 n_mistakes: int = 6, n_faithfulness: int = 160) -> Path:
     """Write report.html, report.md, comparison.csv and figures/ for a study folder; return the output folder."""
     study = load_study(Path(results))
     out_dir = Path(out) if out is not None else Path("reports") / study.name

@@ -7,7 +7,8 @@ difference and McNemar's exact test), saying "indistinguishable on this test spl
 - chance: a best model whose test accuracy interval covers 1/K, or that predicts one class for at least
   ONE_CLASS_SHARE of the test images;
 - undertrained: the best trial's lowest val_loss is at its very last epoch and still falling there (more than
-  STILL_IMPROVING below every earlier epoch): the budget, not the data, stopped it;
+  STILL_IMPROVING, relative, and STILL_IMPROVING_ABS below every earlier epoch): the budget, not the data,
+  stopped it;
 - collapsed: in ANY trial, a stage that ends at chance level (val_loss within CHANCE_LOSS_TOL of ln K, i.e.
   uniform outputs, or a validation macro F1 below ONE_CLASS_F1 / K, i.e. one class predicted) after the trial
   had learned something, or that diverged (non-finite loss); named with the hyperparameters that did it,
@@ -33,7 +34,8 @@ ONE_CLASS_SHARE = 0.9  # a model that gives one class to >= 90% of the test imag
 CHANCE_LOSS_TOL = 0.02  # |val_loss - ln K| <= 2% of ln K: uniform outputs
 ONE_CLASS_F1 = 0.7  # one class predicted for everything: macro F1 = F1(that class) / K <= 2s/(1+s)/K < 0.7/K
 LEARNED_LOSS = 0.9  # val_loss <= 0.9 ln K: the trial had learned something
-STILL_IMPROVING = 0.01  # the last epoch's val_loss is >1% below every earlier one
+STILL_IMPROVING = 0.01  # the last epoch's val_loss is >1% below every earlier one ...
+STILL_IMPROVING_ABS = 0.01  # ... and by more than 0.01 (a near-perfect model's loss shrinks forever)
 
 
 # ------------------------------------------------------------------------------------------ history flags
@@ -86,7 +88,7 @@ def undertrained(history: pd.DataFrame) -> str | None:
     if len(losses) < 2 or not np.isfinite(losses[-1]) or not np.isfinite(losses[:-1]).any():
         return None
     before = float(np.nanmin(losses[:-1]))
-    if losses[-1] >= before * (1 - STILL_IMPROVING):
+    if before - losses[-1] <= max(STILL_IMPROVING * before, STILL_IMPROVING_ABS):
         return None
     last = history.iloc[-1]
     stage = last.get("stage", "last")

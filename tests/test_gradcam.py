@@ -17,8 +17,8 @@ import pytest
 
 from fer.config import make_config
 from fer.errors import UserError
-from fer.gradcam import (GradCam, deletion_auc, deletion_curves, heat_share_in_boxes, overlay, peak_in_boxes,
-                         target_layer_name)
+from fer.gradcam import (GradCam, deletion_auc, deletion_curves, heat_in_regions, heat_share_in_boxes, overlay,
+                         peak_in_boxes, target_layer_name)
 from fer.model import build_model, load_trained_model
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
@@ -97,6 +97,10 @@ def test_deletion_curves_start_at_the_prediction_and_end_at_the_blank_image(tiny
     # all pixels removed: both orderings end on the same mean-colour image
     assert curves["gradcam"][-1] == pytest.approx(curves["random"][-1], abs=1e-5)
     assert deletion_auc(np.array([1.0, 1.0, 0.0])) == pytest.approx(0.75)
+    per_image = deletion_curves(tiny_model, images, {"gradcam": e.gradcam}, e.class_ids, steps=4, per_image=True)
+    assert per_image["gradcam"].shape == (5, 5)
+    np.testing.assert_allclose(per_image["gradcam"].mean(axis=0), curves["gradcam"], atol=1e-6)
+    np.testing.assert_allclose(deletion_auc(np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])), [0.75, 0.25])
 
 
 def test_heat_share_in_boxes_and_overlay():
@@ -106,6 +110,9 @@ def test_heat_share_in_boxes_and_overlay():
     assert share == pytest.approx(1.0) and area == pytest.approx(0.5)
     assert heat_share_in_boxes(np.zeros((4, 4)), [(0, 0, 1, 1)]) == (0.0, 1.0)
     assert peak_in_boxes(heat, [(0.0, 0.0, 0.5, 0.5)]) and not peak_in_boxes(heat, [(0.5, 0.5, 1.0, 1.0)])
+    both = heat_in_regions(np.stack([heat, np.ones((10, 10))]), [[(0.0, 0.0, 0.5, 0.5)], [(0.0, 0.0, 0.5, 0.5)]])
+    assert both["heat_share"] == pytest.approx((1.0 + 0.25) / 2) and both["area_share"] == pytest.approx(0.25)
+    assert both["ratio"] == pytest.approx(2.5) and both["images"] == 2  # even heat would give 1
     out = overlay(np.full((10, 10, 3), 128, np.uint8), heat)
     assert out.shape == (10, 10, 3) and out.dtype == np.uint8
     assert not np.array_equal(out[0, 0], out[9, 9])  # hot and cold pixels differ

@@ -30,7 +30,7 @@ def fer_study(*args) -> subprocess.CompletedProcess:
 
 
 def _copy_study(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tune", "trials"))  # the report reads neither
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tune"))  # trials/: per-trial histories (verdict)
     return dst
 
 
@@ -170,3 +170,22 @@ def test_edge_of_range_warnings():
     assert len(warnings) == 2
     assert "lr_head" in warnings[0] and "lower edge" in warnings[0]
     assert "unfreeze_layers" in warnings[1] and "upper edge" in warnings[1]
+
+
+def test_report_opens_with_the_verdict(report):
+    """The verdict comes before any table: ranking, a paired comparison for the pair of backbones, and the
+    flags section's outcome; the comparison table wraps instead of running off the page."""
+    study, out = report
+    markdown = (out / "report.md").read_text()
+    verdict_at, audit_at = markdown.index("## Verdict"), markdown.index("## Data audit")
+    assert verdict_at < audit_at and "\n| " not in markdown[:audit_at]  # no table before the audit's
+    verdict = markdown[verdict_at:audit_at]
+    assert "Ranking by test accuracy" in verdict
+    ok = [p.name for p in sorted((study / "best").iterdir()) if (p / "test_metrics.json").is_file()]
+    if len(ok) == 2:
+        assert f"{ok[0]} vs {ok[1]}" in verdict or f"{ok[1]} vs {ok[0]}" in verdict
+        assert "McNemar p = " in verdict and ("indistinguishable on this test split" in verdict
+                                              or "more accurate on this test split" in verdict)
+    page = (out / "report.html").read_text()
+    assert page.index("<h2>Verdict</h2>") < page.index("<table")
+    assert "overflow-wrap: anywhere" in page

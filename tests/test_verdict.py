@@ -106,3 +106,8 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
     collapse = verdict["flags"][0]["text"]
     assert "lr_finetune=0.0003" in collapse and "finetune stage collapsed" in collapse
     assert "kept its epoch 1 model" in collapse
+
+
+def test_undertrained_ignores_a_near_perfect_models_shrinking_loss():
+    tiny = _history([("head", 1.5, 1.4, 0.3), ("finetune", 0.1, 0.012, 1.0), ("finetune", 0.05, 0.006, 1.0)])
+    assert undertrained(tiny) is None  # 50% lower, but by 0.006: accuracy cannot improve, confidence does
