@@ -159,6 +159,7 @@ def add_verdict(doc, study, edge_flags: list[str] = ()) -> dict:
     if not ranking:
         doc.warn("no backbone has a tested best model: there is no verdict (see 'Failed or missing backbones')")
     else:
+        doc.para(_headline(verdict))
         doc.para("Ranking by test accuracy (95% bootstrap interval over test images): " + "; ".join(
             f"{i}. {r['backbone']} {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
             for i, r in enumerate(ranking, 1)) + ".")
@@ -189,6 +190,21 @@ def add_verdict(doc, study, edge_flags: list[str] = ()) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _headline(verdict: dict) -> str:
+    """One sentence: the best backbone and which others the test split cannot tell apart from it."""
+    best = verdict["ranking"][0]
+    text = f"Best on the test split: {best['backbone']} (accuracy {best['accuracy']:.3f})."
+    against = [p for p in verdict["pairs"] if best["backbone"] in (p["a"], p["b"])]
+    if len(verdict["ranking"]) == 1:
+        return text + " It is the only backbone with a tested model."
+    if not against:
+        return text + " No paired comparison was possible."
+    tied = [p["b"] if p["a"] == best["backbone"] else p["a"] for p in against if not p["distinguishable"]]
+    if not tied:
+        return text + " It is more accurate than every other backbone (paired tests on the same test images)."
+    return text + f" Indistinguishable from it on this test split: {', '.join(tied)}."
+
+
 def _trial_flags(study) -> list[dict]:
     """Collapsed/diverged stages and never-learning trials over every trial with a history."""
     k = _num_classes(study)
@@ -207,7 +223,9 @@ def _trial_flags(study) -> list[dict]:
             params = ", ".join(f"{key}={_fmt(row.get(key))}" for key in tuned if key in row)
             kept = ""
             if problem["kind"] != "never learned" and _float(row.get("best_epoch")) is not None:
-                kept = f"; the trial kept its epoch {int(row['best_epoch'])} model"
+                epoch = int(row["best_epoch"])
+                stage = history.loc[history["epoch"] == epoch, "stage"] if "epoch" in history else []
+                kept = f"; the trial kept its epoch {epoch}{f' ({stage.iloc[0]} stage)' if len(stage) else ''} model"
             mark = f" (the selected model of {selected[str(row['trial_id'])]})" \
                 if str(row.get("trial_id")) in selected else ""
             flags.append({"kind": problem["kind"], "backbone": str(row.get("backbone")),

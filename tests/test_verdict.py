@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from study.report import BackboneResult, StudyResults
-from study.verdict import build_verdict, chance_flags, stage_problems, undertrained
+from study.verdict import _headline, build_verdict, chance_flags, stage_problems, undertrained
 
 LN5 = math.log(5)
 
@@ -97,6 +97,8 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
     space = {"space": {"lr_finetune": {"loguniform": [1e-5, 1e-3]}, "dropout": {"uniform": [0.1, 0.6]}}}
     study = StudyResults(tmp_path, "s", {"space": space}, None, trials, backbones, [])
     verdict = build_verdict(study, ["good: the best dropout = 0.6 sits at the upper edge"])
+    assert _headline(verdict).startswith(f"Best on the test split: good (accuracy {np.mean(good == labels):.3f}). "
+                                         "It is more accurate than every other backbone")
     assert [r["backbone"] for r in verdict["ranking"]] == ["good", "poor"]
     (pair,) = verdict["pairs"]
     assert (pair["a"], pair["b"], pair["n"]) == ("good", "poor", 200)
@@ -105,7 +107,7 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
     assert kinds == [("collapsed", "good"), ("edge", "good")]
     collapse = verdict["flags"][0]["text"]
     assert "lr_finetune=0.0003" in collapse and "finetune stage collapsed" in collapse
-    assert "kept its epoch 1 model" in collapse
+    assert "kept its epoch 1 (head stage) model" in collapse
 
 
 def test_undertrained_ignores_a_near_perfect_models_shrinking_loss():
