@@ -59,7 +59,7 @@ def compare_paired(y_true, pred_a, pred_b, n_boot: int = 2000, seed: int = 0) ->
     diff, lo, hi = paired_bootstrap(right_a, right_b, n_boot=n_boot, seed=seed)
     only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
     p = mcnemar_exact(only_a, only_b)
-    return {"n": int(len(y)), "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()),
+    return {"n": len(y), "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()),
             "difference": diff, "ci95": [lo, hi], "only_a_right": only_a, "only_b_right": only_b,
             "mcnemar_p": p, "distinguishable": bool(p < ALPHA and (lo > 0 or hi < 0))}
 

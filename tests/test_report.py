@@ -188,4 +188,26 @@ def test_report_opens_with_the_verdict(report):
                                               or "more accurate on this test split" in verdict)
     page = (out / "report.html").read_text()
     assert page.index("<h2>Verdict</h2>") < page.index("<table")
-    assert "overflow-wrap: anywhere" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs it with apt-get)")
+def test_comparison_tables_fit_a_1280_px_page(report):
+    """No table is wider than the page column (none cut at the right edge, none needing a scrollbar)."""
+    _, out = report
+    page = (out / "report.html").read_text()
+    check = ("<script>window.addEventListener('load', () => {const wide = [...document.querySelectorAll('.scroll')]"
+             ".filter(d => d.scrollWidth > d.clientWidth + 1).map(d => d.querySelector('th').textContent);"
+             "document.title = 'TABLES ' + document.querySelectorAll('.scroll').length + ' WIDE ' + wide.join('/');"
+             "});</script>")
+    probe = out.parent / "width_probe.html"
+    probe.write_text(page.replace("</body>", check + "</body>"))
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             "--window-size=1280,1000", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    title = proc.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    wide = title.split(" WIDE ", 1)[1].split("/") if " WIDE " in title else ["?"]
+    assert title.startswith("TABLES ") and wide == [""], title

@@ -10,7 +10,13 @@ import numpy as np
 import pandas as pd
 
 from study.report import BackboneResult, StudyResults
-from study.verdict import _headline, build_verdict, chance_flags, stage_problems, undertrained
+from study.verdict import (
+    _headline,
+    build_verdict,
+    chance_flags,
+    stage_problems,
+    undertrained,
+)
 
 LN5 = math.log(5)
 
