@@ -53,8 +53,13 @@ def small_cnn(include_top=False, weights=None, input_tensor=None):
 
     Why it exists: a keras.applications model with random weights cannot learn in the head stage (its
     frozen BatchNormalization layers hold initial statistics, and activations vanish through ~100 random
-    layers), so a demo without downloadable ImageNet weights would stay at chance. Shallow random ReLU
-    convolutions without BN keep informative features, so both stages learn within seconds on CPU.
+    layers), so a demo without downloadable ImageNet weights would stay at chance. Four random ReLU
+    convolutions keep informative features, so both stages learn within seconds on CPU. Each convolution is
+    followed by BatchNormalization: frozen at its initial statistics in the head stage it is a near-identity
+    (the head still learns on random features), trained in stage 2 (weights=none) it lets a high learning
+    rate converge and makes the features robust to scattered pixel changes: on the demo data the deletion
+    test then tells Grad-CAM from random removal (AUC 0.29 vs 0.62 over 160 images; without BN 0.30 vs 0.37,
+    the intervals overlapping).
     """
     import keras
 
@@ -63,12 +68,49 @@ def small_cnn(include_top=False, weights=None, input_tensor=None):
     del include_top  # headless by construction
     x = input_tensor
     for i, filters in enumerate((32, 64, 96, 128), start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal",
+        x = keras.layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal", use_bias=False,
                                 name=f"smallcnn_block{i}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"smallcnn_block{i}_bn")(x)
         x = keras.layers.Activation("relu", name=f"smallcnn_block{i}_relu")(x)
         if i < 4:
             x = keras.layers.MaxPooling2D(name=f"smallcnn_block{i}_pool")(x)
     return keras.Model(keras.utils.get_source_inputs(input_tensor), x, name="smallcnn")
+
+
+def mini_xception(include_top=False, weights=None, input_tensor=None):
+    """A small residual CNN with BatchNormalization and depthwise-separable convolutions, trained from scratch.
+
+    After the mini-Xception FER model (Arriaga et al. 2017: two plain convolutions, then residual modules of
+    two separable convolutions and a strided max-pool beside a strided 1x1 shortcut), with three modules
+    instead of four, so its last feature map is 6x6 at 48 px: fine enough for Grad-CAM to tell the mouth from
+    the eyes. The demo's second backbone: unlike a keras.applications model from random weights, it has few
+    enough layers to learn from a few hundred images within seconds. Its BN layers train (weights=none, see
+    fer.model.set_stage), so give it `unfreeze_layers` >= its layer count (about 50) and few head epochs.
+    """
+    import keras
+
+    if weights == "imagenet":
+        raise UserError("minixception has no ImageNet weights: use --set weights=none (or a weights file)")
+    del include_top
+    layers = keras.layers
+    x = input_tensor
+    for i, filters in enumerate((16, 16), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"minixception_entry_conv{i}")(x)
+        x = layers.BatchNormalization(name=f"minixception_entry_bn{i}")(x)
+        x = layers.Activation("relu", name=f"minixception_entry_relu{i}")(x)
+    for i, filters in enumerate((32, 64, 128), start=1):
+        name = f"minixception_block{i}"
+        shortcut = layers.Conv2D(filters, 1, strides=2, padding="same", use_bias=False, name=f"{name}_short")(x)
+        shortcut = layers.BatchNormalization(name=f"{name}_short_bn")(shortcut)
+        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep1")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn1")(x)
+        x = layers.Activation("relu", name=f"{name}_relu1")(x)
+        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep2")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn2")(x)
+        x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"{name}_pool")(x)
+        x = layers.Add(name=f"{name}_add")([x, shortcut])
+        x = layers.Activation("relu", name=f"{name}_out")(x)
+    return keras.Model(keras.utils.get_source_inputs(input_tensor), x, name="minixception")
 
 
 BACKBONES: dict[str, Backbone] = {}
@@ -100,3 +142,5 @@ register(Backbone("densenet121", "DenseNet121", "torch", 224, 32, "relu",
 register(Backbone("mobilenet025", "MobileNet", "tf", 224, 32, "conv_pw_13_relu",
                   r"^(conv_(?:dw_|pw_)?\d+|conv1)", kwargs={"alpha": 0.25}))
 register(Backbone("smallcnn", small_cnn, "tf", 64, 16, "smallcnn_block4_relu", r"^(smallcnn_block\d+)_"))
+register(Backbone("minixception", mini_xception, "tf", 48, 16, "minixception_block3_out",
+                  r"^(minixception_(?:entry|block\d+))_"))

@@ -50,6 +50,21 @@ _EXPRESSIONS = {
 }
 
 
+# Each face shows its emotion at a random intensity in INTENSITY: eyes and brows move that far from NEUTRAL
+# towards the emotion's values and open mouths and mouth curves scale with it. Weak expressions are what
+# makes the data learnable but not trivial (a tiny CNN at 48 px needs a few hundred faces, not a few dozen).
+INTENSITY = (0.45, 1.0)
+NEUTRAL = dict(eye_open=0.11, brow_y=-0.52, brow_inner=0.0)
+
+
+def _expression(emotion: str, intensity: float) -> dict:
+    e = dict(_EXPRESSIONS[emotion])
+    for key, neutral in NEUTRAL.items():
+        e[key] = neutral + intensity * (e[key] - neutral)
+    e["mouth_open"] = 0.3 + 0.7 * intensity
+    return e
+
+
 @dataclasses.dataclass(frozen=True)
 class Subject:
     skin: tuple[int, int, int]
@@ -104,7 +119,7 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
     cx = W / 2 + rng.uniform(-0.06, 0.06) * W
     cy = H / 2 + rng.uniform(-0.03, 0.06) * H
     fh = r * subject.face_aspect
-    e = _EXPRESSIONS[emotion]
+    e = _expression(emotion, float(rng.uniform(*INTENSITY)))
     lw = max(2, int(0.14 * r))
 
     hair = tuple(int(c) for c in rng.integers(10, 200, 3))  # hair (style and colour change per photo)
@@ -140,17 +155,21 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
     mw = 0.48 * r
     shape = e["mouth"]
     mouth_ink, mlw = (70, 8, 12), int(lw * 1.5)
+    k = e["mouth_open"]  # a weaker expression: a flatter smile or frown, a smaller open mouth
     if shape == "smile":
-        d.arc((cx - mw, my - 0.32 * r, cx + mw, my + 0.2 * r), 10, 170, fill=mouth_ink, width=mlw)
+        d.arc((cx - mw, my - 0.06 * r - 0.26 * r * k, cx + mw, my - 0.06 * r + 0.26 * r * k), 10, 170,
+              fill=mouth_ink, width=mlw)
     elif shape == "frown":
-        d.arc((cx - mw, my - 0.02 * r, cx + mw, my + 0.42 * r), 195, 345, fill=mouth_ink, width=mlw)
+        d.arc((cx - mw, my + 0.2 * r - 0.22 * r * k, cx + mw, my + 0.2 * r + 0.22 * r * k), 195, 345,
+              fill=mouth_ink, width=mlw)
     elif shape == "flat":
         d.line([(cx - mw * 0.8, my), (cx + mw * 0.8, my)], fill=mouth_ink, width=mlw)
     elif shape == "o":
-        d.ellipse((cx - 0.2 * r, my - 0.22 * r, cx + 0.2 * r, my + 0.26 * r), fill=mouth_ink)
+        d.ellipse((cx - 0.2 * r, my + 0.02 * r - 0.24 * r * k, cx + 0.2 * r, my + 0.02 * r + 0.24 * r * k),
+                  fill=mouth_ink)
     else:  # wide_open
-        d.ellipse((cx - mw, my - 0.1 * r, cx + mw, my + 0.14 * r), fill=mouth_ink)
-        d.rectangle((cx - mw * 0.7, my - 0.08 * r, cx + mw * 0.7, my - 0.02 * r), fill=(245, 245, 240))
+        d.ellipse((cx - mw, my + 0.02 * r - 0.12 * r * k, cx + mw, my + 0.02 * r + 0.12 * r * k), fill=mouth_ink)
+        d.rectangle((cx - mw * 0.7, my - 0.08 * r * k, cx + mw * 0.7, my - 0.02 * r * k), fill=(245, 245, 240))
     boxes["mouth"] = (cx - 0.5 * r, my - 0.3 * r, cx + 0.5 * r, my + 0.32 * r)
 
     angle = float(rng.uniform(-10, 10))
@@ -191,7 +210,7 @@ def _image_size(rng: np.random.Generator) -> tuple[int, int]:
     return side, int(round(side * aspect))
 
 
-def generate_demo_data(out, per_class: int = 40, seed: int = 0) -> dict:
+def generate_demo_data(out, per_class: int = 200, seed: int = 0) -> dict:
     """Write the demo dataset to `out` (class folders + `demo_regions.csv`); return counts of what was made.
 
     `out` must not exist or be empty, so a typo never mixes demo faces into a real dataset.

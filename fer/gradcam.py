@@ -157,11 +157,13 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
 
 
 def deletion_curves(model: keras.Model, images: np.ndarray, heats: dict[str, np.ndarray],
-                    class_ids: np.ndarray, steps: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
+                    class_ids: np.ndarray, steps: int = 10, seed: int = 0,
+                    per_image: bool = False) -> dict[str, np.ndarray]:
     """Mean probability of `class_ids` as the top 0, 1/steps, ..., 100% pixels are replaced, per ordering.
 
     `heats` maps a name (e.g. 'gradcam') to (N, H, W) heatmaps; a 'random' ordering is always added as
-    the reference. Removed pixels take the image's mean colour. Returns name -> (steps + 1,) curve.
+    the reference. Removed pixels take the image's mean colour. Returns name -> (steps + 1,) curve, or with
+    `per_image` name -> (N, steps + 1) curves (for intervals over images).
     """
     rng = np.random.default_rng(seed)
     images = np.asarray(images)
@@ -181,14 +183,16 @@ def deletion_curves(model: keras.Model, images: np.ndarray, heats: dict[str, np.
     # one predict call for every variant: one compiled function, not one per ordering
     probs = model.predict(variants.reshape(-1, h, w, 3), batch_size=64, verbose=0)
     probs = probs.reshape(len(orders), n, steps + 1, -1)
-    return {name: probs[k, np.arange(n), :, np.asarray(class_ids)].mean(axis=0)
-            for k, name in enumerate(orders)}
+    curves = {name: probs[k, np.arange(n), :, np.asarray(class_ids)] for k, name in enumerate(orders)}
+    return curves if per_image else {name: c.mean(axis=0) for name, c in curves.items()}
 
 
-def deletion_auc(curve: np.ndarray) -> float:
-    """Area under a deletion curve sampled evenly on [0, 1] (trapezoid rule); lower = faster drop."""
+def deletion_auc(curve: np.ndarray) -> float | np.ndarray:
+    """Area under a deletion curve sampled evenly on [0, 1] (trapezoid rule); lower = faster drop.
+    For (N, steps + 1) curves, the N areas."""
     curve = np.asarray(curve, np.float64)
-    return float(((curve[1:] + curve[:-1]) / 2.0).mean())
+    areas = ((curve[..., 1:] + curve[..., :-1]) / 2.0).mean(axis=-1)
+    return float(areas) if curve.ndim == 1 else areas
 
 
 def _box_mask(shape: tuple[int, int], boxes) -> np.ndarray:
@@ -209,6 +213,15 @@ def heat_share_in_boxes(heat: np.ndarray, boxes: list[tuple[float, float, float,
     return (float(heat[mask].sum()) / total if total > 0 else 0.0), float(mask.mean())
 
 
+def heat_in_regions(heats: np.ndarray, boxes: list[list[tuple[float, float, float, float]]]) -> dict:
+    """Over N heatmaps with their own region boxes: the mean share of the heat inside the regions, the mean
+    share of the image they cover, and the ratio of the two (1 = no better than heat spread evenly)."""
+    pairs = np.array([heat_share_in_boxes(h, b) for h, b in zip(heats, boxes)], np.float64).reshape(-1, 2)
+    share, area = (float(v) for v in pairs.mean(axis=0)) if len(pairs) else (float("nan"), float("nan"))
+    return {"images": len(pairs), "heat_share": share, "area_share": area,
+            "ratio": share / area if area > 0 else float("nan"), "per_image": pairs[:, 0]}
+
+
 def peak_in_boxes(heat: np.ndarray, boxes: list[tuple[float, float, float, float]]) -> bool:
     """The "pointing game" (Zhang et al. 2016): does the hottest pixel fall inside one of `boxes`?"""
     y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
@@ -216,4 +229,4 @@ def peak_in_boxes(heat: np.ndarray, boxes: list[tuple[float, float, float, float
 
 
 __all__ = ["GradCam", "Explanation", "target_layer_name", "overlay", "deletion_curves", "deletion_auc",
-           "heat_share_in_boxes", "peak_in_boxes"]
+           "heat_share_in_boxes", "heat_in_regions", "peak_in_boxes"]

@@ -99,6 +99,8 @@ def build_model(config: dict, num_classes: int) -> keras.Model:
     net = build_backbone(backbone, x, config["weights"])
     if config.get("bn_epsilon", 0.0) > 0:
         set_bn_epsilon(net, config["bn_epsilon"])
+    if config["weights"] == "none":
+        set_bn_momentum(net, FROM_SCRATCH_BN_MOMENTUM)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(net.output)
     x = keras.layers.Dense(config["dense_units"], activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(config["dropout"], name="head_dropout")(x)
@@ -116,6 +118,20 @@ def set_bn_epsilon(net: keras.Model, epsilon: float) -> None:
     for layer in net.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.epsilon = float(epsilon)
+
+
+FROM_SCRATCH_BN_MOMENTUM = 0.9
+
+
+def set_bn_momentum(net: keras.Model, momentum: float) -> None:
+    """Let a backbone trained from scratch keep its BatchNormalization statistics current. With Keras's 0.99
+    the moving averages lag a network whose weights still change fast, so inference (which uses them) sees
+    other statistics than training did: mobilenet025 from random weights on the demo data reached 0.64
+    training-mode accuracy while predicting one class for every validation image after 8 epochs; with 0.9
+    (PyTorch's default) the same run predicted all classes and improved from the second epoch on."""
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
 
 
 def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers",

@@ -30,7 +30,7 @@ def fer_study(*args) -> subprocess.CompletedProcess:
 
 
 def _copy_study(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tune", "trials"))  # the report reads neither
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tune"))  # trials/: per-trial histories (verdict)
     return dst
 
 
@@ -186,3 +186,44 @@ def test_edge_warnings_use_each_backbones_own_range():
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith("mobilenetv2: the best lr_finetune") and "upper edge" in warnings[0]
     assert warnings[1].startswith("smallcnn: the best dropout") and "lower edge" in warnings[1]
+
+
+def test_report_opens_with_the_verdict(report):
+    """The verdict comes before any table: ranking, a paired comparison for the pair of backbones, and the
+    flags section's outcome; the comparison table wraps instead of running off the page."""
+    study, out = report
+    markdown = (out / "report.md").read_text()
+    verdict_at, audit_at = markdown.index("## Verdict"), markdown.index("## Data audit")
+    assert verdict_at < audit_at and "\n| " not in markdown[:audit_at]  # no table before the audit's
+    verdict = markdown[verdict_at:audit_at]
+    assert "Ranking by test accuracy" in verdict
+    ok = [p.name for p in sorted((study / "best").iterdir()) if (p / "test_metrics.json").is_file()]
+    if len(ok) == 2:
+        assert f"{ok[0]} vs {ok[1]}" in verdict or f"{ok[1]} vs {ok[0]}" in verdict
+        assert "McNemar p = " in verdict and ("indistinguishable on this test split" in verdict
+                                              or "more accurate on this test split" in verdict)
+    page = (out / "report.html").read_text()
+    assert page.index("<h2>Verdict</h2>") < page.index("<table")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs it with apt-get)")
+def test_comparison_tables_fit_a_1280_px_page(report):
+    """No table is wider than the page column (none cut at the right edge, none needing a scrollbar)."""
+    _, out = report
+    page = (out / "report.html").read_text()
+    check = ("<script>window.addEventListener('load', () => {const wide = [...document.querySelectorAll('.scroll')]"
+             ".filter(d => d.scrollWidth > d.clientWidth + 1).map(d => d.querySelector('th').textContent);"
+             "document.title = 'TABLES ' + document.querySelectorAll('.scroll').length + ' WIDE ' + wide.join('/');"
+             "});</script>")
+    probe = out.parent / "width_probe.html"
+    probe.write_text(page.replace("</body>", check + "</body>"))
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             "--window-size=1280,1000", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    title = proc.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    wide = title.split(" WIDE ", 1)[1].split("/") if " WIDE " in title else ["?"]
+    assert title.startswith("TABLES ") and wide == [""], title

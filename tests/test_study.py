@@ -29,7 +29,7 @@ def test_smoke_study_end_to_end(smoke_study, smoke_space_file):
     assert trials.trial_id.is_unique
     # the start point ran first for each backbone
     first = trials.sort_values("finished_at").groupby("backbone").head(space["trials_per_backbone"])
-    assert (first.dropout == 0.53).groupby(first.backbone).any().all()
+    assert (first.dropout == space["start_points"][0]["dropout"]).groupby(first.backbone).any().all()
 
     test_count = None
     for backbone in backbones:

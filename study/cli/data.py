@@ -13,7 +13,7 @@ COMMANDS: list[click.Command] = []
 
 @click.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--per-class", default=40, show_default=True, help="clean images per class (messes are added)")
+@click.option("--per-class", default=200, show_default=True, help="clean images per class (messes are added)")
 @click.option("--seed", default=0, show_default=True)
 def demo_data(out: Path, per_class: int, seed: int) -> None:
     """Generate a small, learnable synthetic 5-class face dataset (with real-world messes) in OUT."""

@@ -27,18 +27,20 @@ from study.report.sections import (
     problems_section,
     search_section,
 )
+from study.report.verdict import add_verdict
 
 __all__ = ["BackboneResult", "Document", "StudyResults", "build_report", "comparison_rows", "edge_warnings",
            "load_study"]
 
 
 def build_report(results: str | Path, out: str | Path | None = None, gradcam_per_class: int = 2,
-                 n_mistakes: int = 6, n_faithfulness: int = 16) -> Path:
+                 n_mistakes: int = 6, n_faithfulness: int = 320) -> Path:
     """Write report.html, report.md, comparison.csv and figures/ for a study folder; return the output folder."""
     study = load_study(Path(results))
     out_dir = Path(out) if out is not None else Path("reports") / study.name
     doc = Document(f"fer-study report: {study.name}")
     header_section(doc, study)
+    add_verdict(doc, study, edge_warnings(study))  # before any table: what to conclude, what to fix
     audit_section(doc, study.audit)
     rows = comparison_rows(study)
     comparison_section(doc, study, rows)

@@ -97,6 +97,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto;
 table {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }}
 th {{ background: #f2f2f2; }}
+td, th {{ overflow-wrap: break-word; }}
 .scroll {{ overflow-x: auto; }}
 .warn {{ background: #fff4e0; border-left: 4px solid #e69500; padding: 0.4em 0.8em; }}
 figure {{ margin: 0.5em 0 1.5em; }}

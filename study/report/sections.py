@@ -120,10 +120,11 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
             line.update({"trials": r["trials"], "stopped early": r["stopped_early"], "errored": r["errored"],
                          "train s": r.get("train_s"), "images/s": r.get("images_per_s"), "n test": r.get("n_test")})
             shown.append(line)
-        doc.table(pd.DataFrame(shown))
+        frame, training = pd.DataFrame(shown), ["params", "best hyperparameters", "trials", "stopped early",
+                                                "errored", "train s", "images/s"]
+        doc.table(frame.drop(columns=training))  # two tables (scores; training), so each fits the page
+        doc.table(frame[["backbone"] + training])
         doc.figure("comparison", figures.comparison_chart(ok), "Test accuracy and macro F1 with 95% intervals")
-    for warning in edge_warnings(study):
-        doc.warn(warning)
 
 
 def edge_warnings(study: StudyResults) -> list[str]:
