@@ -31,9 +31,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from study import cli_data, cli_report, cli_run, cli_trial
+    from study import cli_data, cli_export, cli_report, cli_run, cli_trial
 
-    for module in (cli_data, cli_trial, cli_run, cli_report):
+    for module in (cli_data, cli_trial, cli_run, cli_report, cli_export):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from fer.errors import UserError
 from study import figures
+from study.report_deploy import add_deployment_columns, deployment_cells, deployment_section
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +398,7 @@ def _comparison_section(doc: Document, study: StudyResults, rows: list[dict]) ->
                             f"{r[f'seed_{key}_mean']:.3f} ± {r[f'seed_{key}_sd']:.3f}")
             line.update({k.removeprefix("f1_") + " F1": v for k, v in r.items() if k.startswith("f1_")})
             line["params"] = f"{r['params'] / 1e6:.2f} M" if r.get("params") else None
+            line.update(deployment_cells(r))
             line["best hyperparameters"] = ", ".join(f"{k.removeprefix('hp_')}={_cell(v)}"
                                                      for k, v in r.items() if k.startswith("hp_"))
             line.update({"trials": r["trials"], "stopped early": r["stopped_early"], "errored": r["errored"],
@@ -556,7 +558,9 @@ def build_report(results: str | Path, out: str | Path | None = None, gradcam_per
     _header_section(doc, study)
     _audit_section(doc, study.audit)
     rows = comparison_rows(study)
+    add_deployment_columns(rows, study)
     _comparison_section(doc, study, rows)
+    deployment_section(doc, rows)
     _backbone_figures(doc, study)
     _search_section(doc, study)
     _evaluations_section(doc, study)
