@@ -110,7 +110,7 @@ def export_model(model, classes: list[str], out_dir: str | Path, fmt: str, quant
     validate_request(fmt, quantize)
     if len(classes) != int(model.output_shape[-1]):
         raise UserError(f"{len(classes)} class names for a model with {model.output_shape[-1]} outputs")
-    out_dir = Path(out_dir)
+    out_dir = _replaceable(Path(out_dir))
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -135,6 +135,13 @@ def export_model(model, classes: list[str], out_dir: str | Path, fmt: str, quant
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
     return out_dir / MODEL_FILES[fmt]
+
+
+def _replaceable(out_dir: Path) -> Path:
+    """`out_dir` if it is new, empty or an earlier export (which is replaced); never someone else's folder."""
+    if out_dir.exists() and not (out_dir / EXPORT_JSON).is_file() and (out_dir.is_file() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} exists and is not an earlier export; choose another --out (nothing was changed)")
+    return out_dir
 
 
 def _size(path: Path) -> int:
@@ -179,8 +186,8 @@ class ExportedModel:
     def _open_saved_model(self):
         import tensorflow as tf
 
-        served = tf.saved_model.load(str(self.path)).serve
-        return lambda x: served(tf.constant(x)).numpy()
+        self._loaded = tf.saved_model.load(str(self.path))  # keep it: its variables die with it
+        return lambda x: self._loaded.serve(tf.constant(x)).numpy()
 
     def _open_onnx(self):
         try:
@@ -231,7 +238,7 @@ def agreement(reference: np.ndarray, probs: np.ndarray, quantize: str | None) ->
         raise ValueError(f"shapes differ: {reference.shape} vs {probs.shape}")
     diff = float(np.abs(reference - probs).max()) if reference.size else 0.0
     top1 = float((reference.argmax(1) == probs.argmax(1)).mean()) if len(reference) else 1.0
-    result = {"n": int(len(reference)), "max_abs_diff": diff, "top1_agreement": top1}
+    result = {"n": len(reference), "max_abs_diff": diff, "top1_agreement": top1}
     if quantize is None:
         result.update(criterion=f"max_abs_diff <= {FLOAT_TOLERANCE:g}", ok=bool(diff <= FLOAT_TOLERANCE))
     else:
@@ -271,6 +278,8 @@ def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, o
         path = path / "model.keras"
     if not path.is_file():
         raise UserError(f"no model found at {model_path} (expected a model.keras file or a folder holding one)")
+    out_dir = _replaceable(Path(out) if out is not None
+                           else path.parent / "export" / (fmt + (f"-{quantize}" if quantize else "")))
     data = study_data_for(path.parent, data_dir)
     from fer.model import load_trained_model
     from fer.training import predict_probs
@@ -284,7 +293,6 @@ def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, o
     if quantize == "int8":  # calibrate on train images (val where train is empty), never on test
         train = data.pixels("train", size)
         calibration = _sample(train if len(train) else data.pixels("val", size), CALIBRATION_IMAGES)
-    out_dir = Path(out) if out is not None else path.parent / "export" / (fmt + (f"-{quantize}" if quantize else ""))
     export_model(model, data.classes, out_dir, fmt, quantize, calibration, source=str(path))
     test = data.pixels("test", size)
     if not len(test):
