@@ -65,12 +65,38 @@ def _input_spec(size: int):
     return keras.InputSpec(shape=(None, size, size, 3), dtype="uint8")
 
 
+def inference_copy(model):
+    """The model with its augmentation (`aug_*`) and Dropout layers replaced by identities, same weights.
+
+    Both are identity at inference anyway; removing them also removes their random-seed state variables
+    (uint32), which a JAX-backend SavedModel reads and writes on every call and the TFLite converter rejects."""
+    import keras
+
+    from fer.model import AUG_PREFIX
+
+    def clone(layer):
+        if layer.name.startswith(AUG_PREFIX) or isinstance(layer, keras.layers.Dropout):
+            return keras.layers.Identity(name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in copy.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return copy
+
+
 def write_saved_model(model, path: Path) -> None:
     model.export(str(path), format="tf_saved_model", input_signature=[_input_spec(int(model.input_shape[1]))],
                  verbose=False)
 
 
 def write_onnx(model, path: Path) -> None:
+    import keras
+
+    if keras.backend.backend() != "tensorflow":  # Keras's ONNX export under JAX needs jax2onnx (not a dependency)
+        raise UserError("ONNX export runs on the TensorFlow backend: rerun with KERAS_BACKEND=tensorflow "
+                        "(model.keras files are backend-independent)")
     try:
         import onnxruntime  # noqa: F401  (checked here so the error names the extra, not a deep import)
         import tf2onnx  # noqa: F401
@@ -111,21 +137,24 @@ def export_model(model, classes: list[str], out_dir: str | Path, fmt: str, quant
     if len(classes) != int(model.output_shape[-1]):
         raise UserError(f"{len(classes)} class names for a model with {model.output_shape[-1]} outputs")
     out_dir = _replaceable(Path(out_dir))
+    model = inference_copy(model)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     target = partial / MODEL_FILES[fmt]
-    if fmt == "saved_model":
-        write_saved_model(model, target)
-    elif fmt == "onnx":
-        write_onnx(model, target)
-    else:
-        saved = partial / "saved_model.tmp"
-        write_saved_model(model, saved)
-        try:
+    try:
+        if fmt == "saved_model":
+            write_saved_model(model, target)
+        elif fmt == "onnx":
+            write_onnx(model, target)
+        else:
+            saved = partial / "saved_model.tmp"
+            write_saved_model(model, saved)
             write_tflite(saved, target, quantize, calibration)
-        finally:
-            shutil.rmtree(saved, ignore_errors=True)
+            shutil.rmtree(saved)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # no half-written export left behind
+        raise
     size = int(model.input_shape[1])
     info = {"format": fmt, "quantize": quantize, "file": MODEL_FILES[fmt], "classes": list(classes),
             "input_size": size, "input": f"uint8 RGB images, shape (batch, {size}, {size}, 3), values 0-255",
@@ -260,11 +289,12 @@ def study_data_for(model_dir: Path, data_dir: str | Path | None = None):
     return StudyData(data_dir)
 
 
-def _sample(pixels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    if len(pixels) <= n:
-        return np.asarray(pixels)
-    index = np.sort(np.random.default_rng(seed).choice(len(pixels), n, replace=False))
-    return np.asarray(pixels[index])
+def _sample_index(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """`n` of `total` indices, drawn the same way every time (all where fewer), in order. Not the first `n`:
+    the manifest lists images class by class, so the first 500 could all be one emotion."""
+    if total <= n:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
 
 
 def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, out: str | Path | None = None,
@@ -292,16 +322,23 @@ def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, o
     calibration = None
     if quantize == "int8":  # calibrate on train images (val where train is empty), never on test
         train = data.pixels("train", size)
-        calibration = _sample(train if len(train) else data.pixels("val", size), CALIBRATION_IMAGES)
+        source = train if len(train) else data.pixels("val", size)
+        calibration = np.asarray(source[_sample_index(len(source), CALIBRATION_IMAGES)])
     export_model(model, data.classes, out_dir, fmt, quantize, calibration, source=str(path))
     test = data.pixels("test", size)
     if not len(test):
         raise UserError("the study has no test images to check the export on")
-    images = np.asarray(test[:CHECK_IMAGES])  # manifest order: the first 500, the same every time
+    index = _sample_index(len(test), CHECK_IMAGES)
+    images = np.asarray(test[index])
     reference = predict_probs(model, images, BATCH)
     exported = ExportedModel(out_dir / EXPORT_JSON)
-    check = agreement(reference, exported.predict(images), quantize)
-    check["images"] = "test split" + (f", first {CHECK_IMAGES}" if len(test) > CHECK_IMAGES else "")
+    probs = exported.predict(images)
+    check = agreement(reference, probs, quantize)
+    check["images"] = "test split" + (f", {len(index)} of {len(test)} drawn with seed 0" if len(test) > len(index)
+                                      else "")
+    labels = data.labels("test")[index]  # what a disagreement costs: accuracy of each on these images
+    check["accuracy_keras"] = float((reference.argmax(1) == labels).mean())
+    check["accuracy_export"] = float((probs.argmax(1) == labels).mean())
     info = json.loads((out_dir / EXPORT_JSON).read_text())
     info["check"] = check
     if measure:

@@ -38,7 +38,8 @@ def export_command(best_dir: Path, fmt: str, quantize: str | None, out: Path | N
     click.echo(f"exported {result['backbone']} as {fmt}{'/' + quantize if quantize else ''}: "
                f"{result['folder']} ({result['size_bytes'] / 1e6:.2f} MB)")
     click.echo(f"check on {check['n']} images ({check['images']}): max |p - p_keras| {check['max_abs_diff']:.2e}, "
-               f"top-1 agreement {check['top1_agreement']:.4f} (needs {check['criterion']})")
+               f"top-1 agreement {check['top1_agreement']:.4f} (needs {check['criterion']}); accuracy "
+               f"{check['accuracy_export']:.3f} exported vs {check['accuracy_keras']:.3f} Keras")
     cpu = (result.get("latency") or {}).get("devices", {}).get("cpu")
     if cpu:
         click.echo(f"latency (CPU, one image): median {cpu['latency_ms_median']:.2f} ms, "

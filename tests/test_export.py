@@ -73,6 +73,7 @@ def test_float_export_gives_the_same_probabilities(best_dir, keras_reference, fm
     info = json.loads((out / "export.json").read_text())
     assert info["classes"] == json.loads((best_dir / "test_metrics.json").read_text())["classes"]
     assert info["input_size"] == 32 and info["check"]["ok"] and info["check"]["n"] == len(test)
+    assert info["backbone"] == "smallcnn" and info["check"]["accuracy_export"] == info["check"]["accuracy_keras"]
     assert info["size_bytes"] > 0 and info["latency"]["devices"]["cpu"]["latency_ms_median"] > 0
     exported = ExportedModel(out / "export.json")  # independently of the export's own check
     probs = exported.predict(test, batch_size=7)  # uneven batches: resizing the TFLite input works
@@ -228,3 +229,22 @@ def test_report_shows_latency_columns_and_the_pareto_plot(best_dir, tmp_path):
     # same accuracy, 10x slower: only the fast copy is on the front
     front_line = next(line for line in md.splitlines() if "Backbones on the Pareto front" in line)
     assert front_line.rstrip().endswith("smallcnn.")
+
+
+def test_export_under_the_jax_backend(best_dir, keras_reference, tmp_path):
+    """The same model.keras exported by a KERAS_BACKEND=jax process (Keras's SavedModel export goes through
+    jax2tf there): the TFLite file still gives the Keras probabilities; ONNX says it needs TensorFlow."""
+    pytest.importorskip("jax", reason="jax is not installed (the optional extra 'jax')")
+    from fer.export import ExportedModel
+
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    base = [sys.executable, "-m", "study.cli", "export", str(best_dir)]
+    proc = subprocess.run(base + ["--format", "tflite", "--out", str(tmp_path / "t")], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    _, test, reference = keras_reference
+    np.testing.assert_allclose(ExportedModel(tmp_path / "t" / "export.json").predict(test), reference, atol=1e-4)
+    proc = subprocess.run(base + ["--format", "onnx", "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 2 and "KERAS_BACKEND=tensorflow" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()  # nothing half-written
