@@ -324,10 +324,10 @@ def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, o
         train = data.pixels("train", size)
         source = train if len(train) else data.pixels("val", size)
         calibration = np.asarray(source[_sample_index(len(source), CALIBRATION_IMAGES)])
-    export_model(model, data.classes, out_dir, fmt, quantize, calibration, source=str(path))
     test = data.pixels("test", size)
     if not len(test):
         raise UserError("the study has no test images to check the export on")
+    export_model(model, data.classes, out_dir, fmt, quantize, calibration, source=str(path))
     index = _sample_index(len(test), CHECK_IMAGES)
     images = np.asarray(test[index])
     reference = predict_probs(model, images, BATCH)
