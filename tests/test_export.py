@@ -33,11 +33,15 @@ def best_dir(study_base, tmp_path_factory):
 
     study = tmp_path_factory.mktemp("export") / "results" / "exp"
     shutil.copytree(study_base / "data", study / "data")
-    config = make_config(backbone="smallcnn", image_size=32, weights="none", dense_units=32, dropout=0.2,
-                         batch_size=16, epochs_head=2, epochs_finetune=6, unfreeze_layers=100, augment=0.5,
-                         lr_head=3e-3, lr_finetune=2e-3, patience=4, seed=1)
+    # learns the demo faces in about 20 s (test accuracy 0.55 on 20 images, every class predicted): a model
+    # with a constant answer would make the top-1 agreement of the quantized exports trivially perfect
+    config = make_config(backbone="smallcnn", image_size=32, weights="none", dense_units=64, dropout=0.1,
+                         batch_size=16, epochs_head=2, epochs_finetune=20, unfreeze_layers=200, augment=0.5,
+                         lr_head=1e-3, lr_finetune=3e-3, patience=8, seed=1)
     best = study / "best" / "smallcnn"
     run_trial(config, StudyData(study / "data"), best, evaluate_test=True)
+    confusion = np.array(json.loads((best / "test_metrics.json").read_text())["confusion_matrix"])
+    assert (confusion.sum(axis=0) > 0).sum() >= 3, "the fixture model did not learn: fix its config"
     measure_and_write(load_trained_model(best / "model.keras"), best / LATENCY_FILE, threads=None)
     return best
 
