@@ -115,6 +115,12 @@ def test_predict_accepts_the_export(best_dir, keras_reference, tmp_path, demo_da
         np.testing.assert_allclose(from_export["confidence"], from_keras["confidence"], atol=1e-4)
     with pytest.raises(UserError, match="--gradcam needs the model.keras"):
         predict_images(tmp_path / "tfl", images, gradcam_dir=tmp_path / "cams")
+    from study.predict import evaluate_folder
+
+    keras_eval = evaluate_folder(best_dir, demo_data_dir, n_boot=10)
+    export_eval = evaluate_folder(tmp_path / "tfl", demo_data_dir, n_boot=10)
+    assert export_eval["backbone"] == keras_eval["backbone"] == "smallcnn"
+    assert export_eval["metrics"]["confusion_matrix"] == keras_eval["metrics"]["confusion_matrix"]
 
 
 def test_bad_input_is_one_line_and_exit_2(best_dir, tmp_path):
