@@ -47,7 +47,7 @@ def time_predict(predict: Callable[[np.ndarray], np.ndarray], image_size: int, r
     One image: median and 90th percentile wall milliseconds over `runs` calls after `warmup` calls, and the
     process CPU milliseconds per call (tells a busy machine from a slow model). Batch: images/s of the best
     of `batch_runs` timed calls of `batch` images after one warm-up call (best, not mean: on a shared machine
-    the slower runs measure the neighbours)."""
+    the slower runs measure the neighbours), and the CPU milliseconds per image of those calls."""
     rng = np.random.default_rng(seed)
     one = rng.integers(0, 256, (1, image_size, image_size, 3), dtype=np.uint8)
     many = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
@@ -62,15 +62,18 @@ def time_predict(predict: Callable[[np.ndarray], np.ndarray], image_size: int, r
     cpu_ms = (_cpu_seconds() - cpu0) / runs * 1e3
     predict(many)
     batch_times = []
+    cpu0 = _cpu_seconds()
     for _ in range(batch_runs):
         start = time.perf_counter()
         predict(many)
         batch_times.append(time.perf_counter() - start)
+    batch_cpu_ms = (_cpu_seconds() - cpu0) / (batch_runs * batch) * 1e3
     ms = np.array(times) * 1e3
     return {"latency_ms_median": round(float(np.median(ms)), 3),
             "latency_ms_p90": round(float(np.percentile(ms, 90)), 3),
             "cpu_ms_per_image": round(cpu_ms, 3), "runs": runs, "warmup": warmup,
-            "batch": batch, "images_per_s": round(batch / min(batch_times), 1)}
+            "batch": batch, "images_per_s": round(batch / min(batch_times), 1),
+            "batch_cpu_ms_per_image": round(batch_cpu_ms, 3)}
 
 
 def weight_bytes(model) -> int:
