@@ -1,6 +1,6 @@
 """Deployment figures and export agreement on FER2013: one JSON line with the machine description.
 
-    python3 benchmarks/export_check.py                    # about 20 min on 2 CPU cores
+    python3 benchmarks/export_check.py                    # about 35 min on a shared 2-core CPU
     python3 benchmarks/export_check.py --backbones mobilenetv2 --max-train 300 --skip-latency   # smoke
 
 Two parts:
