@@ -88,6 +88,22 @@ def _input_size(model) -> int:
     return int(model.input_shape[1])
 
 
+def load_for_prediction(model_path: str | Path):
+    """(predict(uint8 pixels, batch_size) -> probs, classes, input size, backbone, Keras model or None) for a
+    model.keras / trial folder, or for a `fer-study export` (recognised by the export.json next to it)."""
+    from fer.export import ExportedModel, find_export
+
+    export_json = find_export(model_path)
+    if export_json is not None:
+        exported = ExportedModel(export_json)
+        return exported.predict, exported.classes, exported.input_size, exported.info.get("backbone"), None
+    model, classes, _ = load_model_and_classes(model_path)
+    from fer.batches import predict_probs
+
+    return (lambda pixels, batch_size: predict_probs(model, pixels, batch_size), classes, _input_size(model),
+            model.name.removeprefix("fer_"), model)
+
+
 def predict_images(model_path: str | Path, inputs: list[str | Path], gradcam_dir: str | Path | None = None,
                    batch_size: int = 32) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """Predicted emotion and every class probability per image; optional Grad-CAM overlays.
@@ -97,13 +113,14 @@ def predict_images(model_path: str | Path, inputs: list[str | Path], gradcam_dir
     files = _image_files(inputs)  # bad paths fail before the (slow) Keras import and model load
     if not files:
         raise UserError("no files to predict in " + ", ".join(map(str, inputs)))
-    model, classes, _ = load_model_and_classes(model_path)
-    from fer.batches import predict_probs
-    pixels, kept, skipped = decode_images(files, _input_size(model))
+    predict, classes, size, _, model = load_for_prediction(model_path)
+    if gradcam_dir is not None and model is None:
+        raise UserError("--gradcam needs the model.keras (an exported model has no gradients to explain)")
+    pixels, kept, skipped = decode_images(files, size)
     if not kept:
         raise UserError(f"none of the {len(files)} files could be decoded as an image "
                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
-    probs = predict_probs(model, pixels, batch_size)
+    probs = predict(pixels, batch_size)
     table = pd.DataFrame({"path": [str(p) for p in kept],
                           "predicted": [classes[i] for i in probs.argmax(axis=1)],
                           "confidence": probs.max(axis=1)})
@@ -206,22 +223,20 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: in
     data_dir = Path(data_dir)
     folders = _class_folders(data_dir)  # bad data fails before the (slow) model load
     filter_files([], [], include, exclude)  # a bad regex too
-    model, classes, _ = load_model_and_classes(model_path)
-    from fer.batches import predict_probs
+    predict, classes, size, backbone, _ = load_for_prediction(model_path)
     from fer.metrics import classification_metrics
 
     files, labels, unknown = _labelled_files(data_dir, folders, classes)
     files, labels, filtered_out = filter_files(files, labels, include, exclude)
     if not files:
         raise UserError(f"no file under {data_dir} passes the file-name filter ({filter_label(include, exclude)})")
-    pixels, kept, skipped = decode_images(files, _input_size(model))
+    pixels, kept, skipped = decode_images(files, size)
     if not kept:
         raise UserError(f"none of the {len(files)} files under {data_dir} could be decoded as an image")
     label_of = dict(zip(files, labels))
     y_true = np.array([label_of[p] for p in kept])
-    probs = predict_probs(model, pixels, batch_size)
+    probs = predict(pixels, batch_size)
     metrics = classification_metrics(y_true, probs, classes, n_boot=n_boot)
-    backbone = model.name.removeprefix("fer_")
     label = filter_label(include, exclude)
     return {
         "model": str(Path(model_path)), "backbone": backbone,

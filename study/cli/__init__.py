@@ -31,9 +31,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from study.cli import data, report, run, trial
+    from study.cli import data, export, report, run, trial
 
-    for module in (data, trial, run, report):
+    for module in (data, trial, run, report, export):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -48,7 +48,8 @@ def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None
                     gradcam_dir: Path | None) -> None:
     """Predicted emotion and class probabilities for images (files or folders), decoded like `prepare`.
 
-    MODEL is a model.keras file or a trial folder (e.g. results/<study>/best/<backbone>).
+    MODEL is a model.keras file, a trial folder (e.g. results/<study>/best/<backbone>) or an export
+    (`fer-study export`: its folder or model file).
     """
     _quiet_backend()
     from fer.predict import predict_images

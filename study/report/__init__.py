@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from study.report.deploy import add_deployment_columns, deployment_section
 from study.report.document import Document
 from study.report.load import BackboneResult, StudyResults, load_study
 from study.report.naive import naive_split_section
@@ -43,7 +44,9 @@ def build_report(results: str | Path, out: str | Path | None = None, gradcam_per
     add_verdict(doc, study, edge_warnings(study))  # before any table: what to conclude, what to fix
     audit_section(doc, study.audit)
     rows = comparison_rows(study)
+    add_deployment_columns(rows, study)
     comparison_section(doc, study, rows)
+    deployment_section(doc, rows)
     backbone_figures(doc, study)
     search_section(doc, study)
     evaluations_section(doc, study)

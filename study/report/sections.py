@@ -11,6 +11,7 @@ import pandas as pd
 
 from fer import names
 from study.report import figures
+from study.report.deploy import deployment_cells
 from study.report.document import Document, format_cell, format_interval, format_number
 from study.report.load import StudyResults, trial_counts
 
@@ -103,7 +104,7 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
     if not ok:
         doc.warn("no backbone has a tested best model: there is nothing to compare")
     else:
-        shown = []
+        shown, deployment = [], []
         for r in ok:
             line = {"backbone": r["backbone"]}
             for key, label in SUMMARY_METRICS:
@@ -120,10 +121,14 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
             line.update({"trials": r["trials"], "stopped early": r["stopped_early"], "errored": r["errored"],
                          "train s": r.get("train_s"), "images/s": r.get("images_per_s"), "n test": r.get("n_test")})
             shown.append(line)
+            if deployment_cells(r):
+                deployment.append({"backbone": r["backbone"], "params": line["params"], **deployment_cells(r)})
         frame, training = pd.DataFrame(shown), ["params", "best hyperparameters", "trials", "stopped early",
                                                 "errored", "train s", "images/s"]
-        doc.table(frame.drop(columns=training))  # two tables (scores; training), so each fits the page
+        doc.table(frame.drop(columns=training))  # tables of scores, training and deployment, so each fits the page
         doc.table(frame[["backbone"] + training])
+        if deployment:
+            doc.table(pd.DataFrame(deployment))
         doc.figure("comparison", figures.comparison_chart(ok), "Test accuracy and macro F1 with 95% intervals")
 
 

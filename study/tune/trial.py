@@ -147,6 +147,9 @@ def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, se
     if not (tmp / names.VAL_METRICS_FILE).exists():
         evaluate_split(model, study_data, "val", config, tmp)
     result = evaluate_split(model, study_data, "test", config, tmp)
+    from fer.latency import LATENCY_FILE, measure_and_write
+
+    measure_and_write(model, tmp / LATENCY_FILE, threads)  # deployment figures, stored once (the report reads them)
     write_json(tmp / names.SELECTION_FILE, {**selection, **result})
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)  # best/<backbone>/ appears complete or not at all
