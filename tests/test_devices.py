@@ -52,7 +52,8 @@ def test_progress_lines_give_rate_and_time_left_at_most_every_interval():
     handler.emit = lambda record: lines.append(record.getMessage())
     logger = logging.getLogger("fer.progress")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not `.level =`: it clears the logger's cached isEnabledFor answers
     try:
         progress = Progress("head feature cache", 1000, every_s=10, clock=clock)
         for _ in range(9):  # 100 images a second
@@ -80,7 +81,8 @@ def test_a_new_pixel_cache_reports_progress(prepared_data, tmp_path):
     handler.emit = lambda record: lines.append(record.getMessage())
     logger = logging.getLogger("fer.progress")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not `.level =`: it clears the logger's cached isEnabledFor answers
     try:
         shutil.copytree(prepared_data.dir, tmp_path / "data")
         data, size = StudyData(tmp_path / "data"), 24
