@@ -1,8 +1,16 @@
-"""Exact and near duplicates, clustered with union-find.
+"""Exact and near duplicates, and the clusters they form (definition: docs/duplicates.md).
 
 Exact: equal decoded pixels (a PNG and a lossless WebP of one image match though their bytes differ).
-Near: pHash within `NEAR_PHASH_BITS` of 64 and shift-tolerant thumbnail correlation of at least
-`NEAR_MIN_CORRELATION` (see hashing.py for why both). A cluster is every image connected by such pairs.
+Near: candidates whose pHash, or the pHash of the mirror image, is within `NEAR_PHASH_BITS` of 64, confirmed
+by `hashing.compare` (aligned 64x64 signatures): global correlation at least `NEAR_MIN_CORRELATION` and no
+16x16 window differing by more than `NEAR_MAX_LOCAL` (that is where another expression of the same face
+shows: mouth, eyes, brows). The thresholds were chosen from measured distributions on the calibration part
+of benchmarks/duplicates_eval.py (FER2013 Training files with edited copies, five JAFFE subjects) and scored
+on the held-out part; the figures are in docs/duplicates.md.
+
+Clusters are judged as a whole, not as chains of pairs: within a connected group, images are merged in
+order of pair strength, and two sub-clusters merge only if every cross pair passes the looser check
+(`LOOSE_*`), so a chain a~b~c cannot put two different expressions a and c into one cluster.
 """
 
 from __future__ import annotations
@@ -12,10 +20,14 @@ from collections import defaultdict
 
 import numpy as np
 
-from fer.data.hashing import candidate_pairs, hashes_to_array, shift_correlation
+from fer.data.hashing import candidate_pairs, compare, hashes_to_array
 
 NEAR_PHASH_BITS = 12
-NEAR_MIN_CORRELATION = 0.94
+NEAR_MIN_CORRELATION = 0.90
+NEAR_MAX_LOCAL = 0.14
+LOOSE_MIN_CORRELATION = 0.85
+LOOSE_MAX_LOCAL = 0.155
+MAX_GROUP_CHECK = 300  # larger connected groups are split by the pair rule alone (no cross check)
 
 
 class UnionFind:
@@ -37,32 +49,86 @@ class UnionFind:
 @dataclasses.dataclass
 class Duplicates:
     exact_pairs: list[tuple[int, int]]  # indices into the hashed items
-    near_pairs: list[tuple[int, int]]  # near but not pixel-identical
+    near_pairs: list[tuple[int, int]]  # confirmed near pairs joined into clusters
+    near_scores: list[dict]  # per near pair: corr, local, mirror, zoom, shift
     clusters: list[list[int]]  # clusters of 2+ items, each sorted, the list sorted by first member
+    refused: int = 0  # confirmed pairs left apart because their clusters failed the cross check
 
 
-def find_duplicates(pixel_hashes: list[str], phashes: list[str], thumbs: np.ndarray,
-                    max_bits: int = NEAR_PHASH_BITS, min_correlation: float = NEAR_MIN_CORRELATION
-                    ) -> Duplicates:
-    """`thumbs`: uint8 (n, 32, 32) from `hashing.thumbnail`, same order as the hashes."""
+def find_duplicates(pixel_hashes: list[str], phashes: list[str], phashes_mirror: list[str], sigs: np.ndarray,
+                    max_bits: int = NEAR_PHASH_BITS, min_correlation: float = NEAR_MIN_CORRELATION,
+                    max_local: float = NEAR_MAX_LOCAL) -> Duplicates:
+    """`sigs`: uint8 (n, 64, 64) from `hashing.signature`, same order as the hashes."""
     n = len(pixel_hashes)
     by_pixels: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(pixel_hashes):
         by_pixels[h].append(i)
     exact = [(members[0], j) for members in by_pixels.values() if len(members) > 1 for j in members[1:]]
-    first_copy = {i: members[0] for members in by_pixels.values() for i in members}
-    near: list[tuple[int, int]] = []
-    if n > 1:
-        pairs = candidate_pairs(hashes_to_array(phashes), max_bits)
-        pairs = pairs[[first_copy[i] != first_copy[j] for i, j in pairs]] if len(pairs) else pairs
-        if len(pairs):
-            confirmed = pairs[shift_correlation(thumbs, pairs) >= min_correlation]
-            near = [(int(i), int(j)) for i, j in confirmed]
+    reps = np.array(sorted(members[0] for members in by_pixels.values()), dtype=np.int64)
+    near, scores, refused = [], [], 0
     uf = UnionFind(n)
-    for i, j in exact + near:
+    for i, j in exact:
         uf.union(i, j)
+    if len(reps) > 1:
+        h, hm = hashes_to_array([phashes[i] for i in reps]), hashes_to_array([phashes_mirror[i] for i in reps])
+        pairs, flips = candidate_pairs(h, hm, max_bits)
+        pairs = reps[pairs] if len(pairs) else pairs
+        res = compare(sigs, pairs, flips) if len(pairs) else None
+        if res is not None:
+            ok = (res["corr"] >= min_correlation) & (res["local"] <= max_local)
+            confirmed = [(int(a), int(b), {k: _plain(v[k_]) for k, v in res.items()})
+                         for k_, (a, b) in enumerate(pairs) if ok[k_]]
+            near, scores, refused = _cluster_near(sigs, confirmed, uf)
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
         groups[uf.find(i)].append(i)
     clusters = sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
-    return Duplicates(exact, near, clusters)
+    return Duplicates(exact, near, scores, clusters, refused)
+
+
+def _plain(x):
+    return bool(x) if isinstance(x, np.bool_) else round(float(x), 4)
+
+
+def _strength(s: dict) -> float:
+    return s["corr"] - s["local"]
+
+
+def _cluster_near(sigs, confirmed, uf: UnionFind):
+    """Merge confirmed pairs strongest first; within a connected group of 3+ images, two sub-clusters merge
+    only if all their cross pairs pass the loose check. Returns (pairs used, their scores, refused count)."""
+    comp = UnionFind(len(sigs))
+    for a, b, _ in confirmed:
+        comp.union(a, b)
+    members: dict[int, set[int]] = defaultdict(set)
+    for a, b, _ in confirmed:
+        members[comp.find(a)].update((a, b))
+    loose_ok: dict[tuple[int, int], bool] = {}
+    todo = []
+    for group in members.values():
+        if 2 < len(group) <= MAX_GROUP_CHECK:
+            g = sorted(group)
+            todo += [(g[x], g[y]) for x in range(len(g)) for y in range(x + 1, len(g))]
+    if todo:
+        arr = np.array(todo, dtype=np.int64)
+        res = compare(sigs, arr, None)
+        passed = (res["corr"] >= LOOSE_MIN_CORRELATION) & (res["local"] <= LOOSE_MAX_LOCAL)
+        loose_ok = {pair: bool(p) for pair, p in zip(todo, passed)}
+    cluster_of = {i: {i} for g in members.values() for i in g}
+    used, scores, refused = [], [], 0
+    for a, b, s in sorted(confirmed, key=lambda t: -_strength(t[2])):
+        ca, cb = cluster_of[a], cluster_of[b]
+        if ca is cb:
+            used.append((a, b))
+            scores.append(s)
+            continue
+        if loose_ok and not all(loose_ok.get((min(x, y), max(x, y)), True) for x in ca for y in cb):
+            refused += 1
+            continue
+        merged = ca | cb
+        for i in merged:
+            cluster_of[i] = merged
+        uf.union(a, b)
+        used.append((a, b))
+        scores.append(s)
+    return used, scores, refused

@@ -21,7 +21,8 @@ from fer.data import audit as audit_mod
 from fer.data.cache import (allocate, decode_into, default_workers, exclusive_lock, row_bytes,
                             write_npy_from_rows)
 from fer.data.decode import MAX_PIXELS, FileRecord, inspect_file
-from fer.data.duplicates import NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind, find_duplicates
+from fer.data.duplicates import NEAR_MAX_LOCAL, NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind, find_duplicates
+from fer.data.hashing import SIG
 from fer.data.scan import scan_dataset
 from fer.data.split import (SPLITS, check_every_split_has_every_class, group_split, parse_fractions,
                             parse_predefined, predefined_split)
@@ -39,7 +40,8 @@ def inspect_file_task(path: str, image_size: int, max_pixels: int):
 def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.7, 0.15, 0.15), seed: int = 0,
                     image_size: int = 224, predefined=None, classes: list[str] | None = None,
                     keep_duplicates: bool = False, workers: int | None = None,
-                    max_pixels: int = MAX_PIXELS, near: tuple[int, float] = (NEAR_PHASH_BITS, NEAR_MIN_CORRELATION),
+                    max_pixels: int = MAX_PIXELS,
+                    near: tuple[int, float, float] = (NEAR_PHASH_BITS, NEAR_MIN_CORRELATION, NEAR_MAX_LOCAL),
                     log=print) -> dict:
     """Prepare `data_dir` into `out_dir`; return the audit summary (also written to `audit.json`)."""
     t0 = time.perf_counter()
@@ -107,7 +109,7 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
         workers = default_workers(len(readable))
     tasks = (((str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
              for k, i in enumerate(readable))
-    thumbs = np.zeros((len(entries), 32, 32), dtype=np.uint8)
+    thumbs = np.zeros((len(entries), SIG, SIG), dtype=np.uint8)
     for i, rec in zip(readable, decode_into(raw, inspect_file_task, tasks, workers)):
         if rec.thumb is not None:
             thumbs[i] = rec.thumb
@@ -119,6 +121,8 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
     raw_row = {i: k for k, i in enumerate(readable)}
     class_names = sorted(scan.class_folders)
     dup_report = _mark_duplicates(table, thumbs, keep_duplicates, near)
+    audit_mod.write_contact_sheet(partial / "duplicates_sheet.png", thumbs, table.path, table.label,
+                                  dup_report, seed)
     del thumbs
     unmatched = _assign_groups(table, group_rx, dup_report["clusters_idx"])
     usable_labels = {label for label, split in zip(table.label, table.split) if split == ""}
@@ -156,6 +160,7 @@ class _Table:
         self.sha256 = [r.sha256 for r in records]
         self.pixel_hash = [r.pixel_hash for r in records]
         self.phash = [r.phash for r in records]
+        self.phash_mirror = [r.phash_mirror for r in records]
         self.width = [r.width for r in records]
         self.height = [r.height for r in records]
         self.format = [r.format for r in records]
@@ -176,7 +181,7 @@ def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, n
     """Cluster decoded images; exclude label conflicts; within a class keep one image per cluster."""
     decoded = [i for i, s in enumerate(table.status) if s in ("ok", "converted")]
     dups = find_duplicates([table.pixel_hash[i] for i in decoded], [table.phash[i] for i in decoded],
-                           thumbs[decoded], *near)
+                           [table.phash_mirror[i] for i in decoded], thumbs[decoded], *near)
     clusters_idx = [[decoded[k] for k in c] for c in dups.clusters]
     conflicts = []
     for members in clusters_idx:
@@ -197,6 +202,8 @@ def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, n
         "clusters_idx": clusters_idx,
         "exact_pairs": [(decoded[i], decoded[j]) for i, j in dups.exact_pairs],
         "near_pairs": [(decoded[i], decoded[j]) for i, j in dups.near_pairs],
+        "near_scores": dups.near_scores,
+        "refused_unions": dups.refused,
         "label_conflicts": conflicts,
     }
 
