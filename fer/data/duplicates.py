@@ -20,13 +20,16 @@ from collections import defaultdict
 
 import numpy as np
 
-from fer.data.hashing import candidate_pairs, compare, hashes_to_array
+from fer.data.hashing import SIG, THUMB, candidate_pairs, compare, hashes_to_array, quick_correlation
 
 NEAR_PHASH_BITS = 12
+PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
+SAME_LABEL_MIN_QUICK = 0.92  # same-label pairs this close at 32 px are copies without the aligned check
+SAME_LABEL_MAX_LOCAL = 0.15  # same-label pairs: the aligned check without the expression-level strictness
 NEAR_MIN_CORRELATION = 0.90
-NEAR_MAX_LOCAL = 0.14
+NEAR_MAX_LOCAL = 0.075
 LOOSE_MIN_CORRELATION = 0.85
-LOOSE_MAX_LOCAL = 0.155
+LOOSE_MAX_LOCAL = 0.09
 MAX_GROUP_CHECK = 300  # larger connected groups are split by the pair rule alone (no cross check)
 
 
@@ -57,8 +60,9 @@ class Duplicates:
 
 def find_duplicates(pixel_hashes: list[str], phashes: list[str], phashes_mirror: list[str], sigs: np.ndarray,
                     max_bits: int = NEAR_PHASH_BITS, min_correlation: float = NEAR_MIN_CORRELATION,
-                    max_local: float = NEAR_MAX_LOCAL) -> Duplicates:
-    """`sigs`: uint8 (n, 64, 64) from `hashing.signature`, same order as the hashes."""
+                    max_local: float = NEAR_MAX_LOCAL, labels: list[str] | None = None) -> Duplicates:
+    """`sigs`: uint8 (n, 64, 64) from `hashing.signature`, same order as the hashes. With `labels`, the
+    cluster check only asks differently labelled images to be confirmed copies of each other directly."""
     n = len(pixel_hashes)
     by_pixels: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(pixel_hashes):
@@ -72,18 +76,52 @@ def find_duplicates(pixel_hashes: list[str], phashes: list[str], phashes_mirror:
     if len(reps) > 1:
         h, hm = hashes_to_array([phashes[i] for i in reps]), hashes_to_array([phashes_mirror[i] for i in reps])
         pairs, flips = candidate_pairs(h, hm, max_bits)
-        pairs = reps[pairs] if len(pairs) else pairs
-        res = compare(sigs, pairs, flips) if len(pairs) else None
-        if res is not None:
-            ok = (res["corr"] >= min_correlation) & (res["local"] <= max_local)
-            confirmed = [(int(a), int(b), {k: _plain(v[k_]) for k, v in res.items()})
-                         for k_, (a, b) in enumerate(pairs) if ok[k_]]
-            near, scores, refused = _cluster_near(sigs, confirmed, uf)
+        if len(pairs):
+            pairs = reps[pairs]
+            quick = _prefilter(sigs, pairs, flips)
+            keep = quick >= PREFILTER_MIN_CORRELATION
+            pairs, flips, quick = pairs[keep], flips[keep], quick[keep]
+        if len(pairs):
+            confirmed = _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local)
+            near, scores, refused = _cluster_near(sigs, confirmed, uf, labels, min_correlation, max_local)
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
         groups[uf.find(i)].append(i)
     clusters = sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
     return Duplicates(exact, near, scores, clusters, refused)
+
+
+def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> list:
+    """Confirmed pairs as (i, j, scores). Differently labelled pairs (or all, without labels) must pass the
+    strict aligned check: they would become label conflicts, and another expression of the same person is
+    exactly what must not. Same-label pairs may at worst be two takes of one expression (allowed to
+    cluster): very close at 32 px is enough, otherwise the aligned check with a looser local limit."""
+    same = np.zeros(len(pairs), dtype=bool) if labels is None else \
+        np.array([labels[i] == labels[j] for i, j in pairs], dtype=bool)
+    easy = same & (quick >= SAME_LABEL_MIN_QUICK)
+    out = [(int(i), int(j), {"corr": _plain(q), "local": 0.0, "mirror": bool(f), "zoom": 1.0, "shift": 0.0,
+                             "check": "quick"})
+           for (i, j), q, f in zip(pairs[easy], quick[easy], flips[easy])]
+    hard = ~easy
+    if hard.any():
+        res = compare(sigs, pairs[hard], flips[hard])
+        limit = np.where(same[hard], SAME_LABEL_MAX_LOCAL, max_local)
+        ok = (res["corr"] >= min_correlation) & (res["local"] <= limit)
+        for k, (i, j) in enumerate(pairs[hard]):
+            if ok[k]:
+                out.append((int(i), int(j), {**{key: _plain(v[k]) for key, v in res.items()}, "check": "aligned"}))
+    return out
+
+
+def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """hashing.quick_correlation on 32 px thumbnails, j mirrored where its mirror hash matched."""
+    used, local = np.unique(pairs, return_inverse=True)
+    local = local.reshape(pairs.shape)
+    f = SIG // THUMB
+    t = sigs[used].reshape(len(used), THUMB, f, THUMB, f).mean(axis=(2, 4)).astype(np.uint8)
+    thumbs = np.concatenate([t, t[:, :, ::-1]])
+    second = local[:, 1] + np.where(flips, len(used), 0)
+    return quick_correlation(thumbs, np.stack([local[:, 0], second], axis=1), max_shift=3)
 
 
 def _plain(x):
@@ -94,26 +132,31 @@ def _strength(s: dict) -> float:
     return s["corr"] - s["local"]
 
 
-def _cluster_near(sigs, confirmed, uf: UnionFind):
+def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_local):
     """Merge confirmed pairs strongest first; within a connected group of 3+ images, two sub-clusters merge
-    only if all their cross pairs pass the loose check. Returns (pairs used, their scores, refused count)."""
+    only if all their cross pairs pass the loose check (with `labels`: only the differently labelled cross
+    pairs, and they must pass the strict check, i.e. be copies of each other directly). Returns (pairs used,
+    their scores, number of refused merges)."""
     comp = UnionFind(len(sigs))
     for a, b, _ in confirmed:
         comp.union(a, b)
     members: dict[int, set[int]] = defaultdict(set)
     for a, b, _ in confirmed:
         members[comp.find(a)].update((a, b))
-    loose_ok: dict[tuple[int, int], bool] = {}
     todo = []
     for group in members.values():
-        if 2 < len(group) <= MAX_GROUP_CHECK:
+        if 2 < len(group) <= MAX_GROUP_CHECK and (labels is None or len({labels[i] for i in group}) > 1):
             g = sorted(group)
-            todo += [(g[x], g[y]) for x in range(len(g)) for y in range(x + 1, len(g))]
+            todo += [(g[x], g[y]) for x in range(len(g)) for y in range(x + 1, len(g))
+                     if labels is None or labels[g[x]] != labels[g[y]]]
+    passes: dict[tuple[int, int], bool] = {}
     if todo:
-        arr = np.array(todo, dtype=np.int64)
-        res = compare(sigs, arr, None)
-        passed = (res["corr"] >= LOOSE_MIN_CORRELATION) & (res["local"] <= LOOSE_MAX_LOCAL)
-        loose_ok = {pair: bool(p) for pair, p in zip(todo, passed)}
+        res = compare(sigs, np.array(todo, dtype=np.int64), None)
+        if labels is None:
+            ok = (res["corr"] >= LOOSE_MIN_CORRELATION) & (res["local"] <= LOOSE_MAX_LOCAL)
+        else:
+            ok = (res["corr"] >= min_correlation) & (res["local"] <= max_local)
+        passes = {pair: bool(p) for pair, p in zip(todo, ok)}
     cluster_of = {i: {i} for g in members.values() for i in g}
     used, scores, refused = [], [], 0
     for a, b, s in sorted(confirmed, key=lambda t: -_strength(t[2])):
@@ -122,7 +165,7 @@ def _cluster_near(sigs, confirmed, uf: UnionFind):
             used.append((a, b))
             scores.append(s)
             continue
-        if loose_ok and not all(loose_ok.get((min(x, y), max(x, y)), True) for x in ca for y in cb):
+        if passes and not all(passes.get((min(x, y), max(x, y)), True) for x in ca for y in cb):
             refused += 1
             continue
         merged = ca | cb
