@@ -85,18 +85,19 @@ def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: 
         hits = [cluster_of.get(i, -1) >= 0 and cluster_of.get(i) == cluster_of.get(src_index[m[1]])
                 for i, m in enumerate(meta) if m[0] == "fer" and m[2] == kind]
         recall[kind] = round(float(np.mean(hits)), 4)
-    false_fer, diff_expr, same_expr, diff_people, diff_examples = 0, 0, 0, 0, []
+    false_fer, diff_expr, same_expr, diff_people, diff_examples, false_examples = 0, 0, 0, 0, [], set()
     for members in dups.clusters:
         for x in range(len(members)):
             for y in range(x + 1, len(members)):
                 a, b = meta[members[x]], meta[members[y]]
-                if a[0] != b[0]:
+                if a[0] != b[0] or (a[0] == "fer" and a[1] != b[1]):
                     false_fer += 1
-                elif a[0] == "fer" and a[1] != b[1]:
-                    false_fer += 1
+                    names = [sources[m[1]].name if m[0] == "fer" else m[1] for m in (a, b)]
+                    false_examples.add(" ~ ".join(sorted(names)))
                 elif a[0] == "jaffe":
                     if a[1] != b[1]:
                         diff_people += 1
+                        false_examples.add(f"{a[1]} ~ {b[1]}")
                     elif a[2] != b[2]:
                         diff_expr += 1
                         diff_examples.append([paths[members[x]].name, paths[members[y]].name])
@@ -107,7 +108,7 @@ def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: 
                      and cluster_of.get(i, -1) >= 0 and cluster_of.get(i) == cluster_of.get(src_index[m[1]]))
     return {"part": part, "fer_sources": n_sources, "jaffe_people": mine, "images": len(paths),
             "recall_per_edit": recall, "recall_all_edits": round(found_true / copies_pairs, 4),
-            "false_joins_fer_or_people": false_fer + diff_people,
+            "false_joins_fer_or_people": false_fer + diff_people, "false_join_examples": sorted(false_examples)[:10],
             "jaffe_diff_expression_pairs_clustered": diff_expr, "jaffe_diff_expression_examples": diff_examples,
             "jaffe_same_expression_pairs_clustered": same_expr,
             "near_pairs": len(dups.near_pairs), "refused_unions": dups.refused,
