@@ -555,6 +555,10 @@ def build_report(results: str | Path, out: str | Path | None = None, gradcam_per
     doc = Document(f"fer-study report: {study.name}")
     _header_section(doc, study)
     _audit_section(doc, study.audit)
+    sheet = study.folder / "data" / "duplicates_sheet.png"  # written by prepare (fer/data/audit.py)
+    if study.audit and sheet.is_file():
+        doc.figure("duplicates_sheet", sheet.read_bytes(), "A random sample of excluded duplicate pairs and of "
+                   "label conflicts, with why each was matched (docs/duplicates.md)")
     rows = comparison_rows(study)
     _comparison_section(doc, study, rows)
     _backbone_figures(doc, study)
