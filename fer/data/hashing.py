@@ -156,23 +156,23 @@ def _window_sum(sat: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
 # --- confirmation -----------------------------------------------------------------------------------------
 
 def _resample(img: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
-    """Bilinear b(c + (p - c) * zoom + t) for a batch (P, N, N), per-image zoom and shift (pixels)."""
-    p, n = img.shape[0], img.shape[1]
+    """Bilinear b(c + (p - c) * zoom + t) for a batch (P, N, N), per-image zoom and shift (pixels), edges
+    clamped. Separable, as two batched matrix products (an order of magnitude faster than gathering)."""
+    n = img.shape[1]
+    return _interp_weights(n, zoom, ty) @ img @ _interp_weights(n, zoom, tx).transpose(0, 2, 1)
+
+
+def _interp_weights(n: int, zoom: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(P, n, n) matrices: row o holds the bilinear weights of output pixel o on the input pixels."""
     c = (n - 1) / 2.0
-    grid = np.arange(n, dtype=np.float32) - c
-    ys = c + grid[None, :] * zoom[:, None] + ty[:, None]
-    xs = c + grid[None, :] * zoom[:, None] + tx[:, None]
-    ys, xs = np.clip(ys, 0, n - 1), np.clip(xs, 0, n - 1)
-    y0 = np.minimum(ys.astype(np.int64), n - 2)
-    x0 = np.minimum(xs.astype(np.int64), n - 2)
-    wy, wx = (ys - y0)[:, :, None], (xs - x0)[:, None, :]
-    idx = np.arange(p)[:, None, None]
-    rows0 = img[idx, y0[:, :, None], np.arange(n)[None, None, :]]  # (P, N, N) rows y0
-    rows1 = img[idx, y0[:, :, None] + 1, np.arange(n)[None, None, :]]
-    rows = rows0 * (1 - wy) + rows1 * wy
-    cols0 = np.take_along_axis(rows, np.broadcast_to(x0[:, None, :], rows.shape), axis=2)
-    cols1 = np.take_along_axis(rows, np.broadcast_to(x0[:, None, :] + 1, rows.shape), axis=2)
-    return cols0 * (1 - wx) + cols1 * wx
+    pos = np.clip(c + (np.arange(n, dtype=np.float32) - c)[None, :] * zoom[:, None] + t[:, None], 0, n - 1)
+    i0 = np.minimum(pos.astype(np.int64), n - 2)
+    w = (pos - i0).astype(np.float32)
+    weights = np.zeros((len(zoom), n, n), dtype=np.float32)
+    rows, outs = np.arange(len(zoom))[:, None], np.arange(n)[None, :]
+    weights[rows, outs, i0] = 1 - w
+    weights[rows, outs, i0 + 1] += w
+    return weights
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -181,7 +181,8 @@ def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, n
     """Cluster decoded images; exclude label conflicts; within a class keep one image per cluster."""
     decoded = [i for i, s in enumerate(table.status) if s in ("ok", "converted")]
     dups = find_duplicates([table.pixel_hash[i] for i in decoded], [table.phash[i] for i in decoded],
-                           [table.phash_mirror[i] for i in decoded], thumbs[decoded], *near,
+                           [table.phash_mirror[i] for i in decoded],
+                           thumbs if len(decoded) == len(thumbs) else thumbs[decoded], *near,
                            labels=[table.label[i] for i in decoded])
     clusters_idx = [[decoded[k] for k in c] for c in dups.clusters]
     conflicts = []
