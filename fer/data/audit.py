@@ -122,7 +122,7 @@ def write_contact_sheet(dest: Path, sigs, paths: list[str], labels: list[str], d
     rows += [("label conflict", conflicts[k]) for k in (rng.permutation(len(conflicts))[:n_conflicts] if conflicts else [])]
     if not rows:
         return None
-    cell, text_w, line = 64, 420, 76
+    cell, text_w, line = 64, 560, 76
     sheet = Image.new("L", (2 * cell + text_w, line * len(rows)), 255)
     draw = ImageDraw.Draw(sheet)
     for r, (what, (i, j)) in enumerate(rows):
@@ -134,7 +134,7 @@ def write_contact_sheet(dest: Path, sigs, paths: list[str], labels: list[str], d
                    + (f", local diff {w['local_difference']:.2f}" if "local_difference" in w else ""),
                    f"{paths[i]} ({labels[i]})", f"{paths[j]} ({labels[j]})"]
         for k, t in enumerate(caption):
-            draw.text((2 * cell + 10, y + 4 + 16 * k), t[:70], fill=0)
+            draw.text((2 * cell + 10, y + 4 + 16 * k), t[:95], fill=0)
     sheet.save(dest)
     return dest
 
