@@ -18,6 +18,7 @@ from PIL import Image
 from fer.data.decode import inspect_file
 from fer.data.duplicates import UnionFind, _cluster_near, find_duplicates
 from fer.data.edits import KINDS, edit
+from fer.data.hashing import batch_phashes
 
 FACE = Path(__file__).parent / "data" / "astronaut_face.png"
 JAFFE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "jaffe-5class"
@@ -27,8 +28,8 @@ if not JAFFE.is_dir():
 
 def _records(paths):
     recs = [inspect_file(Path(p), None)[0] for p in paths]
-    return ([r.pixel_hash for r in recs], [r.phash for r in recs], [r.phash_mirror for r in recs],
-            np.stack([r.thumb for r in recs]))
+    sigs = np.stack([r.thumb for r in recs])
+    return ([r.pixel_hash for r in recs], *batch_phashes(sigs), sigs)
 
 
 def _other_expression(img: Image.Image, strength: float = 3.0) -> Image.Image:

@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from fer.data.hashing import SIG, THUMB, candidate_pairs, compare, hashes_to_array, quick_correlation
+from fer.data.hashing import THUMB, candidate_pairs, compare, halve, hashes_to_array, quick_correlation
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
@@ -118,11 +118,9 @@ def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.nda
     """hashing.quick_correlation on 32 px thumbnails, j mirrored where its mirror hash matched."""
     used, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(pairs.shape)
-    f = SIG // THUMB
     t = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
     for start in range(0, len(used), 4096):  # in chunks: a float copy of every signature would be 32 KiB each
-        chunk = sigs[used[start:start + 4096]].reshape(-1, THUMB, f, THUMB, f)
-        t[start:start + 4096] = _blur(chunk.sum(axis=(2, 4), dtype=np.uint16) / (f * f))
+        t[start:start + 4096] = _blur(halve(sigs[used[start:start + 4096]].astype(np.float32)))
     thumbs = np.concatenate([t, t[:, :, ::-1]])
     second = local[:, 1] + np.where(flips, len(used), 0)
     return quick_correlation(thumbs, np.stack([local[:, 0], second], axis=1), max_shift=2)

@@ -51,6 +51,12 @@ def thumbnail(sig: np.ndarray) -> np.ndarray:
     return _BLUR[0] * p[1:-1, :-2] + _BLUR[1] * p[1:-1, 1:-1] + _BLUR[2] * p[1:-1, 2:]
 
 
+def halve(x: np.ndarray) -> np.ndarray:
+    """2x2 mean of a batch (n, 2h, 2w) of float images (strided sums: several times faster than a
+    reshape-mean)."""
+    return 0.25 * (x[:, ::2, ::2] + x[:, 1::2, ::2] + x[:, ::2, 1::2] + x[:, 1::2, 1::2])
+
+
 def _pack(bits: np.ndarray) -> int:
     return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
 
@@ -66,14 +72,33 @@ def _bits(low: np.ndarray) -> int:
     return _pack(low > median)
 
 
-_MIRROR_SIGNS = (-1.0) ** np.arange(8)[None, :]  # DCT of a left-right mirrored image: odd columns change sign
+_MIRROR_SIGNS = (-1.0) ** np.arange(8)  # DCT of a left-right mirrored image: odd columns change sign
 
 
 def phashes(sig: np.ndarray) -> tuple[str, str]:
-    """(pHash, pHash of the mirror image) as 16 hex digits each; the mirror's DCT is the image's with the
-    odd horizontal frequencies negated, so one transform serves both."""
-    low = _DCT8 @ thumbnail(sig) @ _DCT8.T
-    return f"{_bits(low):016x}", f"{_bits(low * _MIRROR_SIGNS):016x}"
+    """(pHash, pHash of the mirror image) of one signature, as 16 hex digits each."""
+    h, hm = batch_phashes(sig[None])
+    return h[0], hm[0]
+
+
+def batch_phashes(sigs: np.ndarray, chunk: int = 4096) -> tuple[list[str], list[str]]:
+    """pHash and mirror pHash of every signature (n, 64, 64), vectorised (a few microseconds per image, where
+    one call per image costs ~100). The mirror's DCT is the image's with the odd horizontal frequencies
+    negated, so one transform serves both. Same bits as `phash(thumbnail(sig))`."""
+    out_h, out_m = [], []
+    for start in range(0, len(sigs), chunk):
+        t = halve(sigs[start:start + chunk].astype(np.float32)).astype(np.float64)
+        p = np.pad(t, ((0, 0), (1, 1), (0, 0)), mode="edge")
+        t = _BLUR[0] * p[:, :-2] + _BLUR[1] * p[:, 1:-1] + _BLUR[2] * p[:, 2:]
+        p = np.pad(t, ((0, 0), (0, 0), (1, 1)), mode="edge")
+        t = _BLUR[0] * p[:, :, :-2] + _BLUR[1] * p[:, :, 1:-1] + _BLUR[2] * p[:, :, 2:]
+        low = _DCT8 @ t @ _DCT8.T
+        for target, coeffs in ((out_h, low), (out_m, low * _MIRROR_SIGNS[None, None, :])):
+            flat = coeffs.reshape(len(coeffs), 64)
+            median = np.partition(flat[:, 1:], 31, axis=1)[:, 31]
+            packed = np.packbits(flat > median[:, None], axis=1)
+            target.extend(row.tobytes().hex() for row in packed)
+    return out_h, out_m
 
 
 def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
@@ -191,16 +216,25 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def _shift_search(a: np.ndarray, b: np.ndarray, r: int):
     """Best normalised correlation of a's centre (margin r) with b's windows shifted by up to r pixels.
-    Returns (corr, dy, dx)."""
+    Returns (corr, dy, dx). a's centre has zero mean, so each window only needs its spread, taken from
+    summed-area tables of b and b squared."""
     p, n = a.shape[0], a.shape[1]
     inner = n - 2 * r
     ac = _normalise(a[:, r:n - r, r:n - r])
+    sat = np.zeros((p, n + 1, n + 1), dtype=np.float64)
+    sat[:, 1:, 1:] = b.cumsum(1, dtype=np.float64).cumsum(2)
+    sat2 = np.zeros_like(sat)
+    sat2[:, 1:, 1:] = (b.astype(np.float64) ** 2).cumsum(1).cumsum(2)
     best = np.full(p, -2.0, dtype=np.float32)
     by, bx = np.zeros(p, dtype=np.int64), np.zeros(p, dtype=np.int64)
+    count = inner * inner
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
-            win = _normalise(b[:, r + dy:r + dy + inner, r + dx:r + dx + inner])
-            s = (ac * win).mean(axis=(1, 2))
+            y, x = r + dy, r + dx
+            total, squares = _window_sum(sat, y, x, inner), _window_sum(sat2, y, x, inner)
+            spread = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0)).astype(np.float32)
+            dot = np.einsum("pij,pij->p", ac, b[:, y:y + inner, x:x + inner]) / count
+            s = np.divide(dot, spread, out=np.zeros_like(dot), where=spread > 1e-3)
             better = s > best
             best[better], by[better], bx[better] = s[better], dy, dx
     return best, by, bx
@@ -240,8 +274,8 @@ def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray) -> dict[s
     b = b8.astype(np.float32)
     b[mirror] = b[mirror][:, :, ::-1]
     p = len(a)
-    a16 = a.reshape(p, 16, 4, 16, 4).mean(axis=(2, 4))
-    b16 = b.reshape(p, 16, 4, 16, 4).mean(axis=(2, 4))
+    a32, b32 = halve(a), halve(b)
+    a16, b16 = halve(a32), halve(b32)
     # coarse: every zoom, shifts up to 2 px at 16 px (12 %)
     best = np.full(p, -2.0, dtype=np.float32)
     zoom = np.ones(p, dtype=np.float32)
@@ -254,8 +288,6 @@ def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray) -> dict[s
         best[better], zoom[better] = s[better], z
         ty[better], tx[better] = dy[better] * 4.0, dx[better] * 4.0
     # refine at 32 px: zoom +-0.03 and shifts +-2 px at 32 around the coarse estimate
-    a32 = a.reshape(p, 32, 2, 32, 2).mean(axis=(2, 4))
-    b32 = b.reshape(p, 32, 2, 32, 2).mean(axis=(2, 4))
     best = np.full(p, -2.0, dtype=np.float32)
     z0, ty0, tx0 = zoom.copy(), ty.copy(), tx.copy()
     for dz in (-0.03, 0.0, 0.03):

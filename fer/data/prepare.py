@@ -22,7 +22,7 @@ from fer.data.cache import (allocate, decode_into, default_workers, exclusive_lo
                             write_npy_from_rows)
 from fer.data.decode import MAX_PIXELS, FileRecord, inspect_file
 from fer.data.duplicates import NEAR_MAX_LOCAL, NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind, find_duplicates
-from fer.data.hashing import SIG
+from fer.data.hashing import SIG, batch_phashes
 from fer.data.scan import scan_dataset
 from fer.data.split import (SPLITS, check_every_split_has_every_class, group_split, parse_fractions,
                             parse_predefined, predefined_split)
@@ -115,6 +115,9 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
             thumbs[i] = rec.thumb
             rec.thumb = None
         records[i] = rec
+    hashed = [i for i, r in enumerate(records) if r.status in ("ok", "converted")]
+    for i, h, hm in zip(hashed, *batch_phashes(thumbs[hashed] if len(hashed) < len(thumbs) else thumbs)):
+        records[i].phash, records[i].phash_mirror = h, hm
     decode_s = time.perf_counter() - t0
 
     table = _Table(entries, records)
