@@ -2,6 +2,11 @@
 
     python3 benchmarks/duplicates_eval.py [--fer ../shared/datasets/fer2013-5class]
                                           [--jaffe ../shared/datasets/jaffe-5class] [--sources 300]
+                                          [--before OLD_AUDIT_JSON]
+
+With --before (an audit.json of FER2013 prepared by an earlier version, 48 px, its own split), it also
+prepares FER2013 with this version and reports both exclusion counts (total, label conflicts, per class) and
+how many of the earlier label-conflict clusters (copies checked by eye) are still clustered whole.
 
 Fixtures from real faces (docs/duplicates.md), two parts: calibration = FER2013 `Training_` sources and
 JAFFE subjects KA KM MK NM UY (sorted, every other one); held-out = `PublicTest_`/`PrivateTest_` sources
@@ -115,6 +120,29 @@ def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: 
             "find_duplicates_cpu_s": round(cpu, 2)}
 
 
+def before_after(fer: Path, before_audit: Path, tmp: Path) -> dict:
+    import itertools
+
+    from fer.data import prepare_dataset
+
+    def counts(audit):
+        return {"excluded": audit["totals"]["excluded"],
+                "label_conflict_clusters": len(audit["label_conflicts"]),
+                "label_conflict_files": sum(len(c["paths"]) for c in audit["label_conflicts"]),
+                "excluded_per_class": {c: v["excluded"] for c, v in audit["counts"].items()}}
+
+    old = json.loads(before_audit.read_text())
+    new = prepare_dataset(fer, tmp / "fer_data", image_size=48, log=None,
+                          predefined="train=^Training_,val=^PublicTest_,test=^PrivateTest_")
+    cluster = {p: k for k, c in enumerate(new["duplicates"]["clusters"]) for p in c["paths"]}
+    whole = sum(len({cluster.get(p, -1 - n) for n, p in enumerate(c["paths"])}) == 1 for c in old["label_conflicts"])
+    pairs = [(a, b) for c in old["label_conflicts"] for a, b in itertools.combinations(c["paths"], 2)]
+    kept = sum(a in cluster and cluster.get(a) == cluster.get(b) for a, b in pairs)
+    return {"before": counts(old), "after": counts(new),
+            "old_conflict_clusters_still_whole": f"{whole}/{len(old['label_conflicts'])}",
+            "old_conflict_pairs_still_clustered": round(kept / max(1, len(pairs)), 4)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fer", type=Path, default=SHARED / "fer2013-5class")
@@ -122,6 +150,7 @@ def main() -> None:
     p.add_argument("--sources", type=int, default=300, help="FER2013 sources per part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default="calibration,held_out")
+    p.add_argument("--before", type=Path, help="audit.json of FER2013 prepared by an earlier version")
     args = p.parse_args()
     from fer.data import duplicates as d
     from fer.data.edits import RANGES
@@ -131,10 +160,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts.split(","):
             parts.append(run_part(part, args.fer, args.jaffe, args.sources, args.seed, Path(tmp)))
+        fer2013 = before_after(args.fer, args.before, Path(tmp)) if args.before else None
     rule = {"phash_max_bits": d.NEAR_PHASH_BITS, "prefilter": d.PREFILTER_MIN_CORRELATION, "min_correlation": d.NEAR_MIN_CORRELATION,
             "max_local": d.NEAR_MAX_LOCAL, "loose_min_correlation": d.LOOSE_MIN_CORRELATION,
             "loose_max_local": d.LOOSE_MAX_LOCAL}
     print(json.dumps({"benchmark": "duplicates_eval", "rule": rule, "edit_ranges": RANGES, "parts": parts,
+                      "fer2013_before_after": fer2013,
                       "machine": machine_info()}))
     kinds = list(RANGES)
     print(f"\n{'edit kind':<22}" + "".join(f"{q['part']:>14}" for q in parts))
@@ -143,6 +174,8 @@ def main() -> None:
     for key in ("recall_all_edits", "false_joins_fer_or_people", "jaffe_diff_expression_pairs_clustered",
                 "jaffe_same_expression_pairs_clustered", "refused_unions", "find_duplicates_cpu_s"):
         print(f"{key:<22}"[:40] + "".join(f"{q[key]:>14}" for q in parts))
+    if fer2013:
+        print(f"\nFER2013 prepare: {json.dumps(fer2013)}")
 
 
 if __name__ == "__main__":
