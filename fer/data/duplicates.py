@@ -163,7 +163,7 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
     passes: dict[tuple[int, int], bool] = {}
     if todo and hashes is not None:  # compare j mirrored where its mirror hash is the closer one
         h, hm = hashes
-        mirror = np.array([bin(h[i] ^ hm[j]).count("1") < bin(h[i] ^ h[j]).count("1") for i, j in todo])
+        mirror = np.array([(h[i] ^ hm[j]).bit_count() < (h[i] ^ h[j]).bit_count() for i, j in todo])
     else:
         mirror = None  # both orientations
     if todo:
