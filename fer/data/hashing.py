@@ -246,33 +246,52 @@ def _smooth(x: np.ndarray, k: int = 5) -> np.ndarray:
     return (c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]) / (k * k)
 
 
-def compare(sigs: np.ndarray, pairs: np.ndarray, mirror: np.ndarray | None = None, block: int = 1024
-            ) -> dict[str, np.ndarray]:
+def compare(sigs: np.ndarray, pairs: np.ndarray, mirror: np.ndarray | None = None, block: int = 1024,
+            min_corr32: float | None = None) -> dict[str, np.ndarray]:
     """Align and score each pair (i, j) of 64x64 signatures. Returns per pair: `corr` (global correlation
     of the aligned central regions), `local` (largest RMS of the smoothed residual in a 16x16 window, in
     units of the image's contrast), `mirror`, `zoom`, `shift` (pixels at 64 px, the larger axis).
 
-    `mirror`: per pair whether to compare with j mirrored; None tries both (twice the work)."""
+    `mirror`: per pair whether to compare with j mirrored; None tries both (twice the work).
+    `min_corr32`: pairs whose correlation after the 32 px alignment is below it stop there (their `corr` is
+    that value, `local` is 1.0): most candidates are different faces, and the sub-pixel search and the
+    64 px scoring are two thirds of the cost (threshold: duplicates.EARLY_REJECT_CORR32)."""
     n = len(pairs)
     out = {k: np.zeros(n, dtype=np.float32) for k in ("corr", "local", "zoom", "shift")}
     out["mirror"] = np.zeros(n, dtype=bool)
     if mirror is None:
-        plain = compare(sigs, pairs, np.zeros(n, dtype=bool), block)
-        flipped = compare(sigs, pairs, np.ones(n, dtype=bool), block)
+        plain = compare(sigs, pairs, np.zeros(n, dtype=bool), block, min_corr32)
+        flipped = compare(sigs, pairs, np.ones(n, dtype=bool), block, min_corr32)
         use = flipped["corr"] > plain["corr"]
         return {k: np.where(use, flipped[k], plain[k]) for k in plain}
     for start in range(0, n, block):
         sl = slice(start, start + block)
-        res = _compare_block(sigs[pairs[sl, 0]], sigs[pairs[sl, 1]], mirror[sl])
+        res = _compare_block(sigs[pairs[sl, 0]], sigs[pairs[sl, 1]], mirror[sl], min_corr32)
         for k, v in res.items():
             out[k][sl] = v
     return out
 
 
-def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray) -> dict[str, np.ndarray]:
+def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray, min_corr32: float | None = None
+                   ) -> dict[str, np.ndarray]:
     a = a8.astype(np.float32)
     b = b8.astype(np.float32)
     b[mirror] = b[mirror][:, :, ::-1]
+    p = len(a)
+    zoom, ty, tx, corr32 = _align32(a, b)
+    out = {"corr": corr32.copy(), "local": np.ones(p, dtype=np.float32), "zoom": zoom,
+           "shift": np.maximum(np.abs(ty), np.abs(tx)), "mirror": mirror.copy()}
+    go = np.ones(p, dtype=bool) if min_corr32 is None else corr32 >= min_corr32
+    if go.any():
+        res = _refine_and_score(a[go], b[go], zoom[go], ty[go], tx[go])
+        for k, v in res.items():
+            out[k][go] = v
+    return out
+
+
+def _align32(a: np.ndarray, b: np.ndarray):
+    """Coarse alignment of b to a: every zoom and shifts up to 12 % at 16 px, refined at 32 px. Returns
+    (zoom, ty, tx in 64 px units, the 32 px correlation)."""
     p = len(a)
     a32, b32 = halve(a), halve(b)
     a16, b16 = halve(a32), halve(b32)
@@ -296,6 +315,13 @@ def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray) -> dict[s
         better = s > best
         best[better], zoom[better] = s[better], z0[better] + dz
         ty[better], tx[better] = ty0[better] + dy[better] * 2.0, tx0[better] + dx[better] * 2.0
+    return zoom, ty, tx, best
+
+
+def _refine_and_score(a: np.ndarray, b: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray):
+    """Sub-pixel alignment at 32 px from the coarse estimate, then the scores at 64 px."""
+    p = len(a)
+    a32, b32 = halve(a), halve(b)
     # sub-pixel refinement at 32 px (shifts in 64 px units: +-1, then +-0.5 with zoom +-0.015)
     m2 = MARGIN // 2
     a32c = _normalise(a32[:, m2:THUMB - m2, m2:THUMB - m2])
@@ -318,7 +344,7 @@ def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray) -> dict[s
     final_ty, final_tx = ty, tx
     local = local_difference(ac, best_b)
     return {"corr": best_corr, "local": local, "zoom": zoom,
-            "shift": np.maximum(np.abs(final_ty), np.abs(final_tx)), "mirror": mirror.copy()}
+            "shift": np.maximum(np.abs(final_ty), np.abs(final_tx))}
 
 
 def local_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
