@@ -20,10 +20,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from fer.data.hashing import THUMB, candidate_pairs, compare, halve, hashes_to_array, quick_correlation
+from fer.data.hashing import (THUMB, candidate_pairs, compare, halve, hashes_to_array, quick_correlation,
+                              registered_phashes, registered_thumbs, registration_template)
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
+REGISTERED_PREFILTER = 0.85  # the same check on registered thumbnails (shifts +-1 px) for registered-hash candidates
 SAME_LABEL_MIN_QUICK = 0.95  # same-label pairs this close at 32 px are copies without the aligned check (different JAFFE people, same expression: <= 0.92 on calibration)
 SAME_LABEL_MAX_LOCAL = 0.15  # same-label pairs: the aligned check without the expression-level strictness
 NEAR_MIN_CORRELATION = 0.90
@@ -77,11 +79,18 @@ def find_duplicates(pixel_hashes: list[str], phashes: list[str], phashes_mirror:
     if len(reps) > 1:
         h, hm = hashes_to_array([phashes[i] for i in reps]), hashes_to_array([phashes_mirror[i] for i in reps])
         pairs, flips = candidate_pairs(h, hm, max_bits)
+        quick = np.zeros(0, dtype=np.float32)
         if len(pairs):
             pairs = reps[pairs]
             quick = _prefilter(sigs, pairs, flips)
             keep = quick >= PREFILTER_MIN_CORRELATION
             pairs, flips, quick = pairs[keep], flips[keep], quick[keep]
+        extra, extra_flips = _registered_candidates(sigs, reps, max_bits, pairs)
+        if len(extra):
+            pairs = np.concatenate([pairs, extra]) if len(pairs) else extra
+            flips = np.concatenate([flips, extra_flips]) if len(flips) else extra_flips
+            quick = np.concatenate([quick, np.zeros(len(extra), dtype=np.float32)]) if len(quick) else \
+                np.zeros(len(extra), dtype=np.float32)  # never the quick same-label acceptance
         if len(pairs):
             confirmed = _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local)
             hashes = ({int(i): int(x) for i, x in zip(reps, h)}, {int(i): int(x) for i, x in zip(reps, hm)})
@@ -118,6 +127,29 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
 def _early(min_correlation: float) -> float | None:
     """The early-reject level for compare(): measured for the default rule only (NEAR_MIN_CORRELATION)."""
     return EARLY_REJECT_CORR32 if min_correlation >= NEAR_MIN_CORRELATION else None
+
+
+def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (image indices) whose registered hashes (hashing.registered_thumbs: shifted, cropped and bordered
+    copies register to the same content) are within `max_bits`, not already in `known`, and whose
+    registered thumbnails correlate at REGISTERED_PREFILTER or more; with per pair whether j is mirrored."""
+    thumbs = registered_thumbs(sigs, reps, registration_template(sigs, reps))
+    hr, hrm = registered_phashes(thumbs)
+    local, flips = candidate_pairs(hr, hrm, max_bits)
+    if len(local) and len(known):
+        n = len(sigs)
+        mine = reps[local[:, 0]] * n + reps[local[:, 1]]
+        new = ~np.isin(mine, known[:, 0] * n + known[:, 1])
+        local, flips = local[new], flips[new]
+    if not len(local):
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
+    used, loc = np.unique(local, return_inverse=True)
+    loc = loc.reshape(local.shape)
+    t = _blur(thumbs[used].astype(np.float32))
+    quick = quick_correlation(np.concatenate([t, t[:, :, ::-1]]),
+                              np.stack([loc[:, 0], loc[:, 1] + np.where(flips, len(used), 0)], axis=1), max_shift=1)
+    keep = quick >= REGISTERED_PREFILTER
+    return reps[local[keep]], flips[keep]
 
 
 def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.ndarray:

@@ -101,6 +101,111 @@ def batch_phashes(sigs: np.ndarray, chunk: int = 4096) -> tuple[list[str], list[
     return out_h, out_m
 
 
+def _phash_bits(t: np.ndarray) -> tuple[list[str], list[str]]:
+    """pHash and mirror pHash of 32x32 float thumbnails (n, 32, 32), blurred here."""
+    p = np.pad(t, ((0, 0), (1, 1), (0, 0)), mode="edge")
+    t = _BLUR[0] * p[:, :-2] + _BLUR[1] * p[:, 1:-1] + _BLUR[2] * p[:, 2:]
+    p = np.pad(t, ((0, 0), (0, 0), (1, 1)), mode="edge")
+    t = _BLUR[0] * p[:, :, :-2] + _BLUR[1] * p[:, :, 1:-1] + _BLUR[2] * p[:, :, 2:]
+    low = _DCT8 @ t @ _DCT8.T
+    out = []
+    for coeffs in (low, low * _MIRROR_SIGNS[None, None, :]):
+        flat = coeffs.reshape(len(coeffs), 64)
+        median = np.partition(flat[:, 1:], 31, axis=1)[:, 31]
+        out.append([row.tobytes().hex() for row in np.packbits(flat > median[:, None], axis=1)])
+    return out[0], out[1]
+
+
+# --- registration: a shift-tolerant second hash ------------------------------------------------------------
+# pHash is not shift-invariant: a copy shifted by 5-10 % or padded with a border differs in most bits. Each
+# image is therefore also registered to the dataset's mean face (shifts only, found by correlation at 32 px)
+# and hashed again on its central 80 % in that registered position: a shifted copy registers to the same
+# content, so its "registered hash" is close to its source's (docs/duplicates.md).
+REG_WINDOW = 16  # template: the central 16x16 of the 32 px mean face
+REG_RADIUS = 6  # shifts searched: +-6 px at 32 px (19 %)
+REG_CENTRAL = 0.8  # the registered hash covers the central 80 % (fill, borders and watermarks at the edges drop out)
+
+
+def _blur121(t: np.ndarray) -> np.ndarray:
+    p = np.pad(t, ((0, 0), (1, 1), (0, 0)), mode="edge")
+    t = 0.25 * p[:, :-2] + 0.5 * p[:, 1:-1] + 0.25 * p[:, 2:]
+    p = np.pad(t, ((0, 0), (0, 0), (1, 1)), mode="edge")
+    return 0.25 * p[:, :, :-2] + 0.5 * p[:, :, 1:-1] + 0.25 * p[:, :, 2:]
+
+
+def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096) -> np.ndarray:
+    """The central REG_WINDOW pixels of the mean (normalised, blurred, left-right symmetrised) 32 px image
+    of up to `sample` evenly spaced images, zero mean and unit norm. Symmetric, so that registering a
+    mirrored image gives the mirrored position."""
+    pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
+    total = _normalise(_blur121(halve(sigs[pick].astype(np.float32)))).sum(axis=0, dtype=np.float64)
+    t = total + total[:, ::-1]
+    m = (THUMB - REG_WINDOW) // 2
+    t = t[m:m + REG_WINDOW, m:m + REG_WINDOW]
+    t = t - t.mean()
+    return (t / max(np.linalg.norm(t), 1e-9)).astype(np.float32)
+
+
+def registered_thumbs(sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """uint8 (len(rows), 32, 32): each image's central REG_CENTRAL part, at the shift where its blurred 32 px
+    thumbnail correlates best with `template` (normalised cross-correlation over +-REG_RADIUS px, by FFT,
+    parabolic sub-pixel peak)."""
+    out = np.empty((len(rows), THUMB, THUMB), dtype=np.uint8)
+    size, r, m = THUMB, REG_RADIUS, (THUMB - REG_WINDOW) // 2  # no wrap-around: m + r + REG_WINDOW <= THUMB
+    ft = np.conj(np.fft.rfft2(template, s=(size, size)))
+    span = 2 * r + 1
+    for start in range(0, len(rows), chunk):
+        x32 = halve(sigs[rows[start:start + chunk]].astype(np.float32))
+        x = _blur121(x32)
+        n = len(x)
+        num = np.fft.irfft2(np.fft.rfft2(x, s=(size, size)) * ft, s=(size, size))[:, m - r:m + r + 1, m - r:m + r + 1]
+        sat = np.zeros((n, THUMB + 1, THUMB + 1), dtype=np.float32)
+        sat[:, 1:, 1:] = x.cumsum(1).cumsum(2)
+        sat2 = np.zeros_like(sat)
+        sat2[:, 1:, 1:] = (x * x).cumsum(1).cumsum(2)
+        ys = np.arange(m - r, m + r + 1)
+        w = REG_WINDOW
+        def wsum(t):
+            return (t[:, ys[:, None] + w, ys[None, :] + w] - t[:, ys[:, None], ys[None, :] + w]
+                    - t[:, ys[:, None] + w, ys[None, :]] + t[:, ys[:, None], ys[None, :]])
+        total, squares = wsum(sat), wsum(sat2)
+        spread = np.sqrt(np.maximum(squares - total * total / (w * w), 1e-6))
+        corr = (num / spread).reshape(n, -1)
+        k = corr.argmax(axis=1)
+        iy, ix = np.divmod(k, span)
+        corr = corr.reshape(n, span, span)
+        at = np.arange(n)
+        dy = iy - r + _parabola(corr, at, iy, ix, axis=0)
+        dx = ix - r + _parabola(corr, at, iy, ix, axis=1)
+        zoom = np.full(n, REG_CENTRAL, dtype=np.float32)
+        out[start:start + n] = np.clip(np.rint(_resample(x32, zoom, dy.astype(np.float32), dx.astype(np.float32))), 0, 255)
+    return out
+
+
+def _parabola(corr: np.ndarray, rows: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.ndarray:
+    """Sub-pixel offset of the peak along one axis (0 at the search border)."""
+    last = corr.shape[1] - 1
+    i = iy if axis == 0 else ix
+    inner = (i > 0) & (i < last)
+    lo, hi = np.clip(i - 1, 0, last), np.clip(i + 1, 0, last)
+    c0 = corr[rows, iy, ix]
+    cm = corr[rows, lo, ix] if axis == 0 else corr[rows, iy, lo]
+    cp = corr[rows, hi, ix] if axis == 0 else corr[rows, iy, hi]
+    den = cm - 2 * c0 + cp
+    off = np.divide(0.5 * (cm - cp), den, out=np.zeros_like(den), where=den < -1e-9)
+    return np.where(inner, np.clip(off, -0.5, 0.5), 0.0)
+
+
+def registered_phashes(thumbs: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """pHash and mirror pHash (uint64 arrays) of registered thumbnails (`registered_thumbs`)."""
+    h, hm = [], []
+    for start in range(0, len(thumbs), chunk):
+        a, b = _phash_bits(thumbs[start:start + chunk].astype(np.float64))
+        h += a
+        hm += b
+    return hashes_to_array(h), hashes_to_array(hm)
+
+
 def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
     return np.array([int(h, 16) for h in hex_hashes], dtype=np.uint64)
 
