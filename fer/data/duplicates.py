@@ -25,7 +25,8 @@ from fer.data.hashing import (THUMB, candidate_pairs, compare, halve, hashes_to_
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
-REGISTERED_PREFILTER = 0.85  # the same check on registered thumbnails (shifts +-1 px) for registered-hash candidates
+REGISTERED_MIN_CORR16 = 0.80  # registered-hash candidates: plain correlation of the registered 16 px thumbnails first
+REGISTERED_PREFILTER = 0.85  # then the quick check on registered thumbnails (shifts +-1 px)
 SAME_LABEL_MIN_QUICK = 0.95  # same-label pairs this close at 32 px are copies without the aligned check (different JAFFE people, same expression: <= 0.92 on calibration)
 SAME_LABEL_MAX_LOCAL = 0.15  # same-label pairs: the aligned check without the expression-level strictness
 NEAR_MIN_CORRELATION = 0.90
@@ -134,8 +135,8 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
     copies register to the same content) are within `max_bits`, not already in `known`, and whose
     registered thumbnails correlate at REGISTERED_PREFILTER or more; with per pair whether j is mirrored."""
     thumbs = registered_thumbs(sigs, reps, registration_template(sigs, reps))
-    hr, hrm = registered_phashes(thumbs)
-    local, flips = candidate_pairs(hr, hrm, max_bits)
+    hr = registered_phashes(thumbs)
+    local, flips = candidate_pairs(hr, None, max_bits)  # mirrored copies are the plain pHash's job
     if len(local) and len(known):
         n = len(sigs)
         mine = reps[local[:, 0]] * n + reps[local[:, 1]]
@@ -143,11 +144,20 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
         local, flips = local[new], flips[new]
     if not len(local):
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
+    # first the plain correlation at 16 px (a dot product per pair), then the shift-tolerant one at 32 px
+    small = np.empty((len(thumbs), (THUMB // 2) ** 2), dtype=np.float32)
+    for start in range(0, len(thumbs), 4096):
+        x = halve(thumbs[start:start + 4096].astype(np.float32)).reshape(-1, (THUMB // 2) ** 2)
+        x -= x.mean(axis=1, keepdims=True)
+        small[start:start + 4096] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
+    close = np.concatenate([np.einsum("pk,pk->p", small[local[s:s + 65536, 0]], small[local[s:s + 65536, 1]])
+                            for s in range(0, len(local), 65536)]) >= REGISTERED_MIN_CORR16
+    local, flips = local[close], flips[close]
+    if not len(local):
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
     used, loc = np.unique(local, return_inverse=True)
     loc = loc.reshape(local.shape)
-    t = _blur(thumbs[used].astype(np.float32))
-    quick = quick_correlation(np.concatenate([t, t[:, :, ::-1]]),
-                              np.stack([loc[:, 0], loc[:, 1] + np.where(flips, len(used), 0)], axis=1), max_shift=1)
+    quick = quick_correlation(_blur(thumbs[used].astype(np.float32)), loc, max_shift=1)
     keep = quick >= REGISTERED_PREFILTER
     return reps[local[keep]], flips[keep]
 

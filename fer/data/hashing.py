@@ -122,7 +122,7 @@ def _phash_bits(t: np.ndarray) -> tuple[list[str], list[str]]:
 # and hashed again on its central 80 % in that registered position: a shifted copy registers to the same
 # content, so its "registered hash" is close to its source's (docs/duplicates.md).
 REG_WINDOW = 16  # template: the central 16x16 of the 32 px mean face
-REG_RADIUS = 6  # shifts searched: +-6 px at 32 px (19 %)
+REG_RADIUS = 8  # shifts searched: +-8 px at 32 px (25 %; the dataset mean face need not be where a face is)
 REG_CENTRAL = 0.8  # the registered hash covers the central 80 % (fill, borders and watermarks at the edges drop out)
 
 
@@ -196,24 +196,22 @@ def _parabola(corr: np.ndarray, rows: np.ndarray, iy: np.ndarray, ix: np.ndarray
     return np.where(inner, np.clip(off, -0.5, 0.5), 0.0)
 
 
-def registered_phashes(thumbs: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """pHash and mirror pHash (uint64 arrays) of registered thumbnails (`registered_thumbs`)."""
-    h, hm = [], []
+def registered_phashes(thumbs: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """pHash (uint64 array) of registered thumbnails (`registered_thumbs`)."""
+    h = []
     for start in range(0, len(thumbs), chunk):
-        a, b = _phash_bits(thumbs[start:start + chunk].astype(np.float64))
-        h += a
-        hm += b
-    return hashes_to_array(h), hashes_to_array(hm)
+        h += _phash_bits(thumbs[start:start + chunk].astype(np.float64))[0]
+    return hashes_to_array(h)
 
 
 def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
     return np.array([int(h, 16) for h in hex_hashes], dtype=np.uint64)
 
 
-def candidate_pairs(hashes: np.ndarray, mirrored: np.ndarray, max_bits: int,
+def candidate_pairs(hashes: np.ndarray, mirrored: np.ndarray | None, max_bits: int,
                     block_cells: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) with hash(i) within `max_bits` of hash(j) or of hash(mirror(j)), as an (n, 2)
-    array, and per pair whether the mirrored match was the closer one.
+    """Index pairs (i < j) with hash(i) within `max_bits` of hash(j) or of hash(mirror(j)) (`mirrored`, or
+    None: plain hashes only), as an (n, 2) array, and per pair whether the mirrored match was the closer one.
 
     Compares every pair in row blocks of at most `block_cells` comparisons, so memory stays flat.
     """
@@ -224,15 +222,29 @@ def candidate_pairs(hashes: np.ndarray, mirrored: np.ndarray, max_bits: int,
         stop = min(n, start + block)
         rows = hashes[start:stop, None]
         dist = np.bitwise_count(rows ^ hashes[None, start:])
-        dist_m = np.bitwise_count(rows ^ mirrored[None, start:])
-        r, c = np.nonzero(np.minimum(dist, dist_m) <= max_bits)
+        if mirrored is None:
+            r, c = _sparse_nonzero(dist <= max_bits)
+        else:
+            dist_m = np.bitwise_count(rows ^ mirrored[None, start:])
+            r, c = _sparse_nonzero(np.minimum(dist, dist_m) <= max_bits)
         keep = c > r  # c counts from `start`: drops self-pairs and pairs already seen
         r, c = r[keep], c[keep]
         found.append(np.stack([start + r, start + c], axis=1))
-        flips.append(dist_m[r, c] < dist[r, c])
+        flips.append(np.zeros(len(r), dtype=bool) if mirrored is None else dist_m[r, c] < dist[r, c])
     if not found:
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
     return np.concatenate(found), np.concatenate(flips)
+
+
+def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero of a 2-D boolean array that is almost all False, 5-8x faster: the bytes are scanned as
+    64-bit words first, and only the few non-zero words are looked at byte by byte."""
+    flat = np.ascontiguousarray(mask).reshape(-1)
+    n8 = len(flat) // 8 * 8
+    words = np.flatnonzero(flat[:n8].view(np.uint64))
+    sub_r, sub_c = np.nonzero(flat[:n8].reshape(-1, 8)[words])
+    idx = np.concatenate([words[sub_r] * 8 + sub_c, n8 + np.flatnonzero(flat[n8:])])
+    return np.divmod(idx, mask.shape[1])
 
 
 def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 4096) -> np.ndarray:
