@@ -33,6 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+if not SHARED.is_dir():  # a git worktree one level deeper (../../shared)
+    SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
 
 def _records(paths):
@@ -163,7 +165,8 @@ def main() -> None:
         fer2013 = before_after(args.fer, args.before, Path(tmp)) if args.before else None
     rule = {"phash_max_bits": d.NEAR_PHASH_BITS, "prefilter": d.PREFILTER_MIN_CORRELATION, "min_correlation": d.NEAR_MIN_CORRELATION,
             "max_local": d.NEAR_MAX_LOCAL, "loose_min_correlation": d.LOOSE_MIN_CORRELATION,
-            "loose_max_local": d.LOOSE_MAX_LOCAL}
+            "loose_max_local": d.LOOSE_MAX_LOCAL, "early_reject_corr32": d.EARLY_REJECT_CORR32,
+            "registered_min_corr16": d.REGISTERED_MIN_CORR16, "registered_prefilter": d.REGISTERED_PREFILTER}
     print(json.dumps({"benchmark": "duplicates_eval", "rule": rule, "edit_ranges": RANGES, "parts": parts,
                       "fer2013_before_after": fer2013,
                       "machine": machine_info()}))

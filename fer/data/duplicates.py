@@ -1,7 +1,9 @@
 """Exact and near duplicates, and the clusters they form (definition: docs/duplicates.md).
 
 Exact: equal decoded pixels (a PNG and a lossless WebP of one image match though their bytes differ).
-Near: candidates whose pHash, or the pHash of the mirror image, is within `NEAR_PHASH_BITS` of 64, confirmed
+Near: candidates whose pHash, or the pHash of the mirror image, is within `NEAR_PHASH_BITS` of 64, or whose
+registered hashes are (hashing.registered_thumbs: each image shifted onto the dataset's mean face and its
+central 80 % hashed, so shifted, cropped and bordered copies become candidates too), confirmed
 by `hashing.compare` (aligned 64x64 signatures): global correlation at least `NEAR_MIN_CORRELATION` and no
 16x16 window differing by more than `NEAR_MAX_LOCAL` (that is where another expression of the same face
 shows: mouth, eyes, brows). The thresholds were chosen from measured distributions on the calibration part
@@ -20,8 +22,17 @@ from collections import defaultdict
 
 import numpy as np
 
-from fer.data.hashing import (THUMB, candidate_pairs, compare, halve, hashes_to_array, quick_correlation,
-                              registered_phashes, registered_thumbs, registration_template)
+from fer.data.hashing import (
+    THUMB,
+    candidate_pairs,
+    compare,
+    halve,
+    hashes_to_array,
+    quick_correlation,
+    registered_phashes,
+    registered_thumbs,
+    registration_template,
+)
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else

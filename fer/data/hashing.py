@@ -162,12 +162,8 @@ def registered_thumbs(sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, 
         sat[:, 1:, 1:] = x.cumsum(1).cumsum(2)
         sat2 = np.zeros_like(sat)
         sat2[:, 1:, 1:] = (x * x).cumsum(1).cumsum(2)
-        ys = np.arange(m - r, m + r + 1)
-        w = REG_WINDOW
-        def wsum(t):
-            return (t[:, ys[:, None] + w, ys[None, :] + w] - t[:, ys[:, None], ys[None, :] + w]
-                    - t[:, ys[:, None] + w, ys[None, :]] + t[:, ys[:, None], ys[None, :]])
-        total, squares = wsum(sat), wsum(sat2)
+        starts, w = np.arange(m - r, m + r + 1), REG_WINDOW
+        total, squares = _window_sums(sat, starts, w), _window_sums(sat2, starts, w)
         spread = np.sqrt(np.maximum(squares - total * total / (w * w), 1e-6))
         corr = (num / spread).reshape(n, -1)
         k = corr.argmax(axis=1)
@@ -179,6 +175,12 @@ def registered_thumbs(sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, 
         zoom = np.full(n, REG_CENTRAL, dtype=np.float32)
         out[start:start + n] = np.clip(np.rint(_resample(x32, zoom, dy.astype(np.float32), dx.astype(np.float32))), 0, 255)
     return out
+
+
+def _window_sums(sat: np.ndarray, starts: np.ndarray, w: int) -> np.ndarray:
+    """(n, k, k) sums of the w x w windows at every (starts[a], starts[b]), from summed-area tables."""
+    y, x = starts[:, None], starts[None, :]
+    return sat[:, y + w, x + w] - sat[:, y, x + w] - sat[:, y + w, x] + sat[:, y, x]
 
 
 def _parabola(corr: np.ndarray, rows: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.ndarray:
