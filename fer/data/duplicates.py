@@ -156,19 +156,23 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
     if not len(local):
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
     # first the plain correlation at 16 px (a dot product per pair), then the shift-tolerant one at 32 px
-    small = np.empty((len(thumbs), (THUMB // 2) ** 2), dtype=np.float32)
+    small = np.empty((len(thumbs), (THUMB // 2) ** 2), dtype=np.float16)  # 0.5 KiB per image
     for start in range(0, len(thumbs), 4096):
         x = halve(thumbs[start:start + 4096].astype(np.float32)).reshape(-1, (THUMB // 2) ** 2)
         x -= x.mean(axis=1, keepdims=True)
         small[start:start + 4096] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
-    close = np.concatenate([np.einsum("pk,pk->p", small[local[s:s + 65536, 0]], small[local[s:s + 65536, 1]])
+    close = np.concatenate([np.einsum("pk,pk->p", small[local[s:s + 65536, 0]].astype(np.float32),
+                                      small[local[s:s + 65536, 1]].astype(np.float32))
                             for s in range(0, len(local), 65536)]) >= REGISTERED_MIN_CORR16
     local, flips = local[close], flips[close]
     if not len(local):
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
     used, loc = np.unique(local, return_inverse=True)
     loc = loc.reshape(local.shape)
-    quick = quick_correlation(_blur(thumbs[used].astype(np.float32)), loc, max_shift=1)
+    blurred = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
+    for start in range(0, len(used), 4096):  # in chunks: a float copy of every thumbnail would be 4 KiB each
+        blurred[start:start + 4096] = _blur(thumbs[used[start:start + 4096]].astype(np.float32))
+    quick = quick_correlation(blurred, loc, max_shift=1)
     keep = quick >= REGISTERED_PREFILTER
     return reps[local[keep]], flips[keep]
 
