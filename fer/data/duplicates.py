@@ -42,7 +42,6 @@ SAME_LABEL_MIN_QUICK = 0.95  # same-label pairs this close at 32 px are copies w
 SAME_LABEL_MAX_LOCAL = 0.15  # same-label pairs: the aligned check without the expression-level strictness
 NEAR_MIN_CORRELATION = 0.90
 NEAR_MAX_LOCAL = 0.075
-EARLY_REJECT_CORR32 = 0.87  # compare() stops pairs below this after its 32 px alignment: confirmed calibration pairs (FER2013 Training) all reach >= 0.894 there
 LOOSE_MIN_CORRELATION = 0.85
 LOOSE_MAX_LOCAL = 0.09
 MAX_GROUP_CHECK = 300  # larger connected groups are split by the pair rule alone (no cross check)
@@ -127,18 +126,13 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
            for (i, j), q, f in zip(pairs[easy], quick[easy], flips[easy])]
     hard = ~easy
     if hard.any():
-        res = compare(sigs, pairs[hard], flips[hard], min_corr32=_early(min_correlation))
+        res = compare(sigs, pairs[hard], flips[hard])
         limit = np.where(same[hard], SAME_LABEL_MAX_LOCAL, max_local)
         ok = (res["corr"] >= min_correlation) & (res["local"] <= limit)
         for k, (i, j) in enumerate(pairs[hard]):
             if ok[k]:
                 out.append((int(i), int(j), {**{key: _plain(v[k]) for key, v in res.items()}, "check": "aligned"}))
     return out
-
-
-def _early(min_correlation: float) -> float | None:
-    """The early-reject level for compare(): measured for the default rule only (NEAR_MIN_CORRELATION)."""
-    return EARLY_REJECT_CORR32 if min_correlation >= NEAR_MIN_CORRELATION else None
 
 
 def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.ndarray]:
@@ -230,8 +224,7 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
     else:
         mirror = None  # both orientations
     if todo:
-        res = compare(sigs, np.array(todo, dtype=np.int64), mirror,
-                      min_corr32=None if labels is None else _early(min_correlation))
+        res = compare(sigs, np.array(todo, dtype=np.int64), mirror)
         if labels is None:
             ok = (res["corr"] >= LOOSE_MIN_CORRELATION) & (res["local"] <= LOOSE_MAX_LOCAL)
         else:
