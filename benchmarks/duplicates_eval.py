@@ -165,7 +165,7 @@ def main() -> None:
         fer2013 = before_after(args.fer, args.before, Path(tmp)) if args.before else None
     rule = {"phash_max_bits": d.NEAR_PHASH_BITS, "prefilter": d.PREFILTER_MIN_CORRELATION, "min_correlation": d.NEAR_MIN_CORRELATION,
             "max_local": d.NEAR_MAX_LOCAL, "loose_min_correlation": d.LOOSE_MIN_CORRELATION,
-            "loose_max_local": d.LOOSE_MAX_LOCAL, "early_reject_corr32": d.EARLY_REJECT_CORR32,
+            "loose_max_local": d.LOOSE_MAX_LOCAL,
             "registered_min_corr16": d.REGISTERED_MIN_CORR16, "registered_prefilter": d.REGISTERED_PREFILTER}
     print(json.dumps({"benchmark": "duplicates_eval", "rule": rule, "edit_ranges": RANGES, "parts": parts,
                       "fer2013_before_after": fer2013,
