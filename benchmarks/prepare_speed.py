@@ -19,6 +19,11 @@ Measured 2026-11-27 on the shared 2-core machine (load average 10-17 from other 
 files, two runs: 405 and 464 images/s wall, 1129 and 1413 images per CPU-second, peak PSS (process +
 workers) 253 MiB, anonymous growth 3.7-3.8 KiB per file between the 25 % and the full run. At 224 px
 (25 % subset) the cache is 147 KiB per image and writing it dominates: ~440-490 images per CPU-second.
+2026-11-30, after the near-duplicate rework (docs/duplicates.md), same machine at load ~3: 1,233 images per
+CPU-second (23.6 CPU-s; 1,654 and 17.6 before it), peak PSS 380 MiB, anonymous growth 6.6 KiB per file.
+2026-11-30, with registered hashes (shift-tolerant candidates), load 9-17, same sitting as b3a1220: 33.5-37.0
+CPU-s (789-871 images per CPU-second) against 16.8-20.7 (1,411-1,733), peak PSS 481 MiB against 254,
+anonymous growth 8.2 KiB per file against 3.7.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ DATA_DIR = "data"  # the prepared data (fer.data.prepare_dataset)
 STUDY_DATA_FILE = "study_data.json"  # data/study_data.json: written with the rest of a finished preparation
 AUDIT_FILE = "audit.json"  # data/audit.json
 MANIFEST_FILE = "manifest.csv"  # data/manifest.csv
+DUPLICATES_SHEET = "duplicates_sheet.png"  # data/duplicates_sheet.png: sampled excluded pairs and label conflicts
 EVALUATIONS_DIR = "evaluations"  # evaluations/<backbone>__<dataset>.json (fer-study evaluate)
 
 # Trial statuses in trials.csv / outcome.json: stopped = early-stopped by the scheduler (ASHA).

@@ -41,11 +41,15 @@ def build_audit(table: pd.DataFrame, classes: list[str], unknown_folders: list[s
     status_counts = table.status.value_counts()
     path, label, split, pixel_hash = (table[c].tolist() for c in ("path", "label", "split", "pixel_hash"))
     clusters = []
+    why_of = _pair_reasons(dup_report)
     for members in dup_report["clusters_idx"]:
+        inside = set(members)
         clusters.append({"kind": "exact" if len({pixel_hash[i] for i in members}) == 1 else "near",
                          "labels": sorted({label[i] for i in members}),
                          "paths": [path[i] for i in members],
-                         "kept": [path[i] for i in members if split[i] in SPLITS]})
+                         "kept": [path[i] for i in members if split[i] in SPLITS],
+                         "why": [{"pair": [path[i], path[j]], **w} for (i, j), w in why_of.items()
+                                 if i in inside and j in inside]})
     quarantined = table[table.status == "quarantined"]
     return {
         "classes": classes,
@@ -58,7 +62,9 @@ def build_audit(table: pd.DataFrame, classes: list[str], unknown_folders: list[s
         "class_weights": balanced_class_weights(table.label[table.split == "train"], classes),
         "groups": int(table.group[table.split.isin(SPLITS)].nunique()),
         "duplicates": {
-            "near_rule": {"phash_max_bits": near[0], "min_thumbnail_correlation": near[1]},
+            "near_rule": {"phash_max_bits": near[0], "min_correlation": near[1], "max_local_difference": near[2],
+                          "definition": "docs/duplicates.md"},
+            "unions_refused_by_cluster_check": dup_report.get("refused_unions", 0),
             "exact_pairs": len(dup_report["exact_pairs"]),
             "near_pairs": len(dup_report["near_pairs"]),
             "exact_clusters": sum(c["kind"] == "exact" for c in clusters),
@@ -73,6 +79,66 @@ def build_audit(table: pd.DataFrame, classes: list[str], unknown_folders: list[s
         "predefined_split": predefined_report,
         "leakage": leakage(table, dup_report["exact_pairs"] + dup_report["near_pairs"]),
     }
+
+
+def edit_guess(score: dict) -> str:
+    """What a confirmed near pair looks like, in words, from its alignment (hashing.compare)."""
+    parts = []
+    if score.get("mirror"):
+        parts.append("mirrored")
+    if abs(score.get("zoom", 1.0) - 1.0) > 0.02:
+        parts.append("cropped or rescaled")
+    if score.get("shift", 0.0) >= 2.0:
+        parts.append("shifted")
+    if not parts:
+        close = score.get("corr", 0) >= 0.985
+        parts.append("re-encoded, resized or re-lit" if close else "edited or a near-identical frame")
+    return ", ".join(parts)
+
+
+def _pair_reasons(dup_report: dict) -> dict:
+    out = {}
+    for (i, j) in dup_report["exact_pairs"]:
+        out[(i, j)] = {"why": "exact (same pixels)", "similarity": 1.0}
+    for (i, j), s in zip(dup_report["near_pairs"], dup_report.get("near_scores", [])):
+        out[(i, j)] = {"why": edit_guess(s), "similarity": s["corr"], "local_difference": s["local"]}
+    return out
+
+
+def write_contact_sheet(dest: Path, sigs, paths: list[str], labels: list[str], dup_report: dict, seed: int,
+                        n_pairs: int = 12, n_conflicts: int = 6) -> Path | None:
+    """A PNG of a random sample of excluded pairs and of label-conflict clusters, side by side with captions,
+    so a user can see what `prepare` dropped. None when there is nothing to show."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    reasons = _pair_reasons(dup_report)
+    rng = np.random.default_rng(seed)
+    conflict_sets = [set(c) for c in dup_report["clusters_idx"] if len({labels[i] for i in c}) > 1]
+    in_conflict = set().union(*conflict_sets) if conflict_sets else set()
+    plain = [p for p in reasons if p[0] not in in_conflict]
+    conflicts = [p for p in reasons if p[0] in in_conflict]
+    rows = [("excluded", p) for p in (rng.permutation(len(plain))[:n_pairs] if plain else [])]
+    rows = [("excluded", plain[k]) for _, k in rows]
+    picked = rng.permutation(len(conflicts))[:n_conflicts] if conflicts else []
+    rows += [("label conflict", conflicts[k]) for k in picked]
+    if not rows:
+        return None
+    cell, text_w, line = 64, 560, 76
+    sheet = Image.new("L", (2 * cell + text_w, line * len(rows)), 255)
+    draw = ImageDraw.Draw(sheet)
+    for r, (what, (i, j)) in enumerate(rows):
+        y = r * line + 6
+        sheet.paste(Image.fromarray(sigs[i]), (0, y))
+        sheet.paste(Image.fromarray(sigs[j]), (cell + 2, y))
+        w = reasons[(i, j)]
+        caption = [f"{what}: {w['why']}, similarity {w['similarity']:.3f}"
+                   + (f", local diff {w['local_difference']:.2f}" if "local_difference" in w else ""),
+                   f"{paths[i]} ({labels[i]})", f"{paths[j]} ({labels[j]})"]
+        for k, t in enumerate(caption):
+            draw.text((2 * cell + 10, y + 4 + 16 * k), t[:95], fill=0)
+    sheet.save(dest)
+    return dest
 
 
 def summary_text(audit: dict, out_dir: Path) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
-from fer.data.hashing import phash, thumbnail
+from fer.data.hashing import signature
 
 register_heif_opener()
 
@@ -158,8 +158,9 @@ class FileRecord:
 
     sha256: str = ""
     pixel_hash: str = ""
-    phash: str = ""
-    thumb: np.ndarray | None = None  # 32x32 grey, confirms near duplicates (not written to the manifest)
+    phash: str = ""  # filled by prepare from `thumb` (hashing.batch_phashes)
+    phash_mirror: str = ""  # pHash of the mirror image (finds mirrored copies; not in the manifest)
+    thumb: np.ndarray | None = None  # 64x64 grey signature, confirms near duplicates (not in the manifest)
     width: int = 0
     height: int = 0
     format: str = ""
@@ -186,8 +187,7 @@ def inspect_file(path: Path, image_size: int | None, max_pixels: int = MAX_PIXEL
     rec.height, rec.width = dec.rgb.shape[:2]
     rec.format = dec.format
     rec.pixel_hash = pixel_hash(dec.rgb)
-    rec.thumb = thumbnail(dec.rgb)
-    rec.phash = f"{phash(rec.thumb):016x}"
+    rec.thumb = signature(dec.rgb)  # the hashes come from it in one vectorised pass (prepare.py)
     if dec.converted:
         rec.status, rec.reason = "converted", "; ".join(dec.notes)
     small = resize_square(dec.rgb, image_size) if image_size else None

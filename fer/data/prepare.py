@@ -21,7 +21,8 @@ from fer.config import PARAMS
 from fer.data import audit as audit_mod
 from fer.data.cache import allocate, decode_into, default_workers, exclusive_lock, row_bytes, write_npy_from_rows
 from fer.data.decode import MAX_PIXELS, FileRecord, inspect_file
-from fer.data.duplicates import NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind, find_duplicates
+from fer.data.duplicates import NEAR_MAX_LOCAL, NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind, find_duplicates
+from fer.data.hashing import SIG, batch_phashes
 from fer.data.scan import scan_dataset
 from fer.data.split import (
     SPLITS,
@@ -32,7 +33,7 @@ from fer.data.split import (
     predefined_split,
 )
 from fer.errors import UserError
-from fer.names import AUDIT_FILE, MANIFEST_FILE, STUDY_DATA_FILE
+from fer.names import AUDIT_FILE, DUPLICATES_SHEET, MANIFEST_FILE, STUDY_DATA_FILE
 
 MANIFEST_COLUMNS = ["path", "label", "split", "group", "sha256", "pixel_hash", "phash", "width", "height",
                     "format", "status", "reason"]
@@ -46,7 +47,8 @@ def inspect_file_task(path: str, image_size: int, max_pixels: int):
 def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.7, 0.15, 0.15), seed: int = 0,
                     image_size: int = PARAMS["image_size"].default, predefined=None, classes: list[str] | None = None,
                     keep_duplicates: bool = False, workers: int | None = None,
-                    max_pixels: int = MAX_PIXELS, near: tuple[int, float] = (NEAR_PHASH_BITS, NEAR_MIN_CORRELATION),
+                    max_pixels: int = MAX_PIXELS,
+                    near: tuple[int, float, float] = (NEAR_PHASH_BITS, NEAR_MIN_CORRELATION, NEAR_MAX_LOCAL),
                     log=print) -> dict:
     """Prepare `data_dir` into `out_dir`; return the audit summary (also written to `audit.json`)."""
     t0 = time.perf_counter()
@@ -115,18 +117,23 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
         workers = default_workers(len(readable))
     tasks = (((str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
              for k, i in enumerate(readable))
-    thumbs = np.zeros((len(entries), 32, 32), dtype=np.uint8)
+    thumbs = np.zeros((len(entries), SIG, SIG), dtype=np.uint8)
     for i, rec in zip(readable, decode_into(raw, inspect_file_task, tasks, workers)):
         if rec.thumb is not None:
             thumbs[i] = rec.thumb
             rec.thumb = None
         records[i] = rec
+    hashed = [i for i, r in enumerate(records) if r.status in ("ok", "converted")]
+    for i, h, hm in zip(hashed, *batch_phashes(thumbs[hashed] if len(hashed) < len(thumbs) else thumbs)):
+        records[i].phash, records[i].phash_mirror = h, hm
     decode_s = time.perf_counter() - t0
 
     table = _Table(entries, records)
     raw_row = {i: k for k, i in enumerate(readable)}
     class_names = sorted(scan.class_folders)
     dup_report = _mark_duplicates(table, thumbs, keep_duplicates, near)
+    audit_mod.write_contact_sheet(partial / DUPLICATES_SHEET, thumbs, table.path, table.label,
+                                  dup_report, seed)
     del thumbs
     unmatched = _assign_groups(table, group_rx, dup_report["clusters_idx"])
     usable_labels = {label for label, split in zip(table.label, table.split) if split == ""}
@@ -164,6 +171,7 @@ class _Table:
         self.sha256 = [r.sha256 for r in records]
         self.pixel_hash = [r.pixel_hash for r in records]
         self.phash = [r.phash for r in records]
+        self.phash_mirror = [r.phash_mirror for r in records]
         self.width = [r.width for r in records]
         self.height = [r.height for r in records]
         self.format = [r.format for r in records]
@@ -184,7 +192,9 @@ def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, n
     """Cluster decoded images; exclude label conflicts; within a class keep one image per cluster."""
     decoded = [i for i, s in enumerate(table.status) if s in ("ok", "converted")]
     dups = find_duplicates([table.pixel_hash[i] for i in decoded], [table.phash[i] for i in decoded],
-                           thumbs[decoded], *near)
+                           [table.phash_mirror[i] for i in decoded],
+                           thumbs if len(decoded) == len(thumbs) else thumbs[decoded], *near,
+                           labels=[table.label[i] for i in decoded])
     clusters_idx = [[decoded[k] for k in c] for c in dups.clusters]
     conflicts = []
     for members in clusters_idx:
@@ -205,6 +215,8 @@ def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, n
         "clusters_idx": clusters_idx,
         "exact_pairs": [(decoded[i], decoded[j]) for i, j in dups.exact_pairs],
         "near_pairs": [(decoded[i], decoded[j]) for i, j in dups.near_pairs],
+        "near_scores": dups.near_scores,
+        "refused_unions": dups.refused,
         "label_conflicts": conflicts,
     }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fer import names
 from study.report.deploy import add_deployment_columns, deployment_section
 from study.report.document import Document
 from study.report.load import BackboneResult, StudyResults, load_study
@@ -43,6 +44,10 @@ def build_report(results: str | Path, out: str | Path | None = None, gradcam_per
     header_section(doc, study)
     add_verdict(doc, study, edge_warnings(study))  # before any table: what to conclude, what to fix
     audit_section(doc, study.audit)
+    sheet = study.folder / names.DATA_DIR / names.DUPLICATES_SHEET  # written by prepare (fer/data/audit.py)
+    if study.audit and sheet.is_file():
+        doc.figure("duplicates_sheet", sheet.read_bytes(), "A random sample of excluded duplicate pairs and of "
+                   "label conflicts, with why each was matched (docs/duplicates.md)")
     rows = comparison_rows(study)
     add_deployment_columns(rows, study)
     comparison_section(doc, study, rows)

@@ -1,0 +1,134 @@
+"""Near-duplicate clustering on real faces (definition: docs/duplicates.md).
+
+Every edit kind of fer/data/edits.py, applied to a real face (tests/data/astronaut_face.png), must cluster
+with its source; the same face with a changed expression (mouth and brows moved by a smooth local warp) must
+not; a chain of confirmed pairs must not join two differently labelled images that are not copies of each
+other. The JAFFE tests (real people, every expression) skip where $FER_SHARED (default ../shared) lacks it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fer.data.decode import inspect_file
+from fer.data.duplicates import UnionFind, _cluster_near, find_duplicates
+from fer.data.edits import KINDS, edit
+from fer.data.hashing import _sparse_nonzero, batch_phashes
+from fer.machine import shared_missing, shared_path
+
+FACE = Path(__file__).parent / "data" / "astronaut_face.png"
+JAFFE = shared_path("datasets", "jaffe-5class")
+
+
+def _records(paths):
+    recs = [inspect_file(Path(p), None)[0] for p in paths]
+    sigs = np.stack([r.thumb for r in recs])
+    return ([r.pixel_hash for r in recs], *batch_phashes(sigs), sigs)
+
+
+def _other_expression(img: Image.Image, strength: float = 3.0) -> Image.Image:
+    """The same face with another expression: mouth corners pulled up and brows raised by a smooth warp of
+    a few pixels (at 96 px), everything else untouched."""
+    a = np.asarray(img, dtype=np.float32)
+    h, w = a.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    mouth = np.exp(-(((yy - 0.72 * h) / (0.07 * h)) ** 2 + ((np.abs(xx - 0.5 * w) - 0.12 * w) / (0.08 * w)) ** 2))
+    brows = np.exp(-(((yy - 0.38 * h) / (0.06 * h)) ** 2 + ((np.abs(xx - 0.5 * w) - 0.17 * w) / (0.1 * w)) ** 2))
+    sy = yy + strength * mouth + strength * brows  # sample from below: features move up
+    y0 = np.clip(np.floor(sy).astype(int), 0, h - 2)
+    f = np.clip(sy - y0, 0, 1)[..., None]
+    out = a[y0, xx.astype(int)] * (1 - f) + a[y0 + 1, xx.astype(int)] * f
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_edit_of_a_real_face_clusters_with_its_source(kind, tmp_path):
+    img = Image.open(FACE)
+    img.load()
+    rng = np.random.default_rng([7, KINDS.index(kind)])
+    src = tmp_path / "source.png"
+    img.save(src)
+    copies = []
+    for k in range(3):  # three strengths drawn from the stated range
+        data, ext, _ = edit(img, kind, rng)
+        copies.append(tmp_path / f"copy{k}.{ext}")
+        copies[-1].write_bytes(data)
+    other = tmp_path / "other.png"
+    _other_expression(img).save(other)
+    pix, h, hm, sigs = _records([src, *copies, other])
+    dups = find_duplicates(pix, h, hm, sigs, labels=["happy"] * 4 + ["sad"])
+    cluster = next((c for c in dups.clusters if 0 in c), [])
+    assert sorted(cluster) == [0, 1, 2, 3], (kind, dups.clusters, dups.near_scores)
+
+
+def test_sparse_nonzero_matches_numpy():
+    rng = np.random.default_rng(3)
+    for shape in [(40, 1001), (3, 7), (1, 8), (5, 16)]:
+        mask = rng.random(shape) < 0.01
+        mask[-1, -1] = True
+        assert [a.tolist() for a in _sparse_nonzero(mask)] == [a.tolist() for a in np.nonzero(mask)]
+
+
+def test_same_face_other_expression_does_not_cluster(tmp_path):
+    img = Image.open(FACE)
+    img.load()
+    paths = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    img.save(paths[0])
+    _other_expression(img, 3.0).save(paths[1])
+    _other_expression(img, -3.0).save(paths[2])
+    pix, h, hm, sigs = _records(paths)
+    dups = find_duplicates(pix, h, hm, sigs, labels=["neutral", "happy", "sad"])
+    assert dups.clusters == []
+    dups = find_duplicates(pix, h, hm, sigs)  # without labels every pair gets the strict check
+    assert dups.clusters == []
+
+
+def test_a_chain_does_not_join_two_expressions(tmp_path):
+    """a ~ b (a copy) and b ~ c (say a borderline match) must not put a and c, labelled differently and not
+    copies of each other, into one cluster."""
+    img = Image.open(FACE)
+    img.load()
+    data, _, _ = edit(img, "jpeg", np.random.default_rng(0))
+    (tmp_path / "b.jpg").write_bytes(data)
+    img.save(tmp_path / "a.png")
+    _other_expression(img, 3.0).save(tmp_path / "c.png")
+    _, _, _, sigs = _records([tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.png"])
+    score = {"corr": 0.99, "local": 0.01, "mirror": False, "zoom": 1.0, "shift": 0.0}
+    uf = UnionFind(3)
+    used, _, refused = _cluster_near(sigs, [(0, 1, score), (1, 2, dict(score, corr=0.95))], uf,
+                                     ["happy", "happy", "sad"], 0.90, 0.075)
+    assert uf.find(0) == uf.find(1) and uf.find(0) != uf.find(2) and refused == 1 and used == [(0, 1)]
+
+
+def _jaffe_or_skip():
+    if not JAFFE.is_dir():
+        pytest.skip(shared_missing(JAFFE))
+    return sorted(JAFFE.rglob("*.png"))
+
+
+def test_jaffe_one_persons_different_expressions_never_cluster():
+    paths = _jaffe_or_skip()
+    pix, h, hm, sigs = _records(paths)
+    labels = [p.parent.name for p in paths]
+    dups = find_duplicates(pix, h, hm, sigs, labels=labels)
+    person = [re.match(r"^([A-Z]{2})_", p.name).group(1) for p in paths]
+    bad = [(paths[i].name, paths[j].name) for c in dups.clusters for i in c for j in c
+           if i < j and person[i] == person[j] and labels[i] != labels[j]]
+    assert bad == []
+    assert all(len({person[i] for i in c}) == 1 for c in dups.clusters)  # never two people
+
+
+@pytest.mark.parametrize("regex", [None, r"^([A-Z]{2})_"])
+def test_jaffe_prepares(regex, tmp_path):
+    from fer.data import prepare_dataset
+
+    _jaffe_or_skip()
+    audit = prepare_dataset(JAFFE, tmp_path / "data", group_regex=regex, image_size=48, log=None)
+    assert audit["leakage"]["ok"] and not audit["label_conflicts"]
+    assert all(audit["counts"][c][s] > 0 for c in audit["classes"] for s in ("train", "val", "test"))
+    assert (tmp_path / "data" / "duplicates_sheet.png").is_file()
