@@ -204,26 +204,27 @@ def _scramble(layers, rng: np.random.Generator) -> None:
             v.assign(rng.permutation(value.reshape(-1)).reshape(value.shape))
 
 
-MapFn = Callable[[keras.Model, np.ndarray, np.ndarray], np.ndarray]
+MapFn = Callable[[keras.Model, np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
-def gradcam_maps(method: str, layer_name: str | None = None) -> MapFn:
-    """A MapFn (model, images, class_ids) -> (N, H, W) maps of `method` ('gradcam' or 'gradcam_pp')."""
+def gradcam_maps(layer_name: str | None = None) -> MapFn:
+    """A MapFn (model, images, class_ids) -> {'Grad-CAM': (N, H, W), 'Grad-CAM++': (N, H, W)}; builds a fresh
+    GradCam each call (jax.jit bakes the weights into the compiled function)."""
     def maps(model, images, class_ids):
-        return getattr(GradCam(model, layer_name).explain(images, class_ids), method)
+        e = GradCam(model, layer_name).explain(images, class_ids)
+        return {"Grad-CAM": e.gradcam, "Grad-CAM++": e.gradcam_pp}
     return maps
 
 
-def randomisation_check(model: keras.Model, images: np.ndarray, class_ids, map_fns: dict[str, MapFn],
-                        target_layer: str, n_backbone_steps: int = 3, seed: int = 0) -> dict:
-    """Spearman rho (median over images, with its images) between each method's maps on the trained model and
-    on each cascading-randomised model, for the SAME images and classes. A method fails when the median rho
-    with the fully randomised model stays above SANITY_RHO. The model's weights are restored afterwards
-    (GradCam is rebuilt per step: jax.jit bakes weights into the compiled function)."""
+def randomisation_check(model: keras.Model, images: np.ndarray, class_ids, map_fn: MapFn, target_layer: str,
+                        n_backbone_steps: int = 3, seed: int = 0) -> dict:
+    """Spearman rho (median over images) between each method's maps on the trained model and on each
+    cascading-randomised model, for the SAME images and classes. A method fails when the median rho with the
+    fully randomised model stays above SANITY_RHO. The model's weights are restored afterwards."""
     images, class_ids = np.asarray(images), np.asarray(class_ids)
     original = [np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights]
-    trained = {name: _cells(fn(model, images, class_ids)) for name, fn in map_fns.items()}
-    curves = {name: [] for name in map_fns}
+    trained = {name: _cells(m) for name, m in map_fn(model, images, class_ids).items()}
+    curves = {name: [] for name in trained}
     labels = []
     rng = np.random.default_rng(seed)
     try:
@@ -232,9 +233,8 @@ def randomisation_check(model: keras.Model, images: np.ndarray, class_ids, map_f
                 v.assign(value)
             _scramble(layers, rng)
             labels.append(label)
-            for name, fn in map_fns.items():
-                curves[name].append(float(np.median(spearman_rows(trained[name],
-                                                                  _cells(fn(model, images, class_ids))))))
+            for name, m in map_fn(model, images, class_ids).items():
+                curves[name].append(float(np.median(spearman_rows(trained[name], _cells(m)))))
     finally:
         for v, value in zip(model.weights, original):
             v.assign(value)

@@ -106,11 +106,14 @@ def _sobel(model, images, class_ids):
 def test_the_sanity_check_flags_an_edge_detector_and_passes_gradcam(trained_cnn):
     model, images, labels = trained_cnn
     before = [np.array(w) for w in model.get_weights()]
-    result = randomisation_check(model, images, labels, {"Sobel": _sobel, "Grad-CAM": gradcam_maps("gradcam")},
-                                 target_layer="conv3", n_backbone_steps=2)
+    def both(m, x, y):
+        return {"Sobel": _sobel(m, x, y), **gradcam_maps()(m, x, y)}
+
+    result = randomisation_check(model, images, labels, both, target_layer="conv3", n_backbone_steps=2)
     assert result["images"] == 32 and len(result["steps"]) == 3 and result["steps"][0] == "head"
     assert result["median_rho"]["Sobel"] == pytest.approx([1.0, 1.0, 1.0])
     assert result["fails"]["Sobel"] and not result["fails"]["Grad-CAM"], result["median_rho"]
+    assert result["median_rho"]["Grad-CAM"][-1] < 0.5 and len(result["median_rho"]["Grad-CAM++"]) == 3
     for a, b in zip(before, model.get_weights()):  # weights restored
         np.testing.assert_array_equal(a, b)
 
