@@ -103,7 +103,7 @@ def disagreements(rows: list[dict]) -> list[str]:
     for method in sorted({m for _, m in verdict}):
         d, i = verdict.get(("deletion", method)), verdict.get(("insertion", method))
         if d and i and d != i:
-            out.append(f"{method}: deletion says '{d}' than random, insertion says '{i}'")
+            out.append(f"{method}: against random order deletion says '{d}', insertion says '{i}'")
     return out
 
 
@@ -155,8 +155,8 @@ def map_similarity(maps: np.ndarray, pairs: int = 200, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------- readable target layer
 def readable_layer(model: keras.Model, min_cells: int = 7) -> tuple[str, tuple[int, int]]:
-    """(layer name, (h, w)): the deepest backbone layer whose map has at least `min_cells` x `min_cells`
-    cells at this input size and that cuts the model in two (the head depends on it alone, so Grad-CAM can
+    """(layer name, (h, w)): the deepest backbone layer (not a padding layer) whose map has at least
+    `min_cells` x `min_cells` cells at this input size and that cuts the model in two (the head depends on it alone, so Grad-CAM can
     split there), or the registry's layer when it already has enough cells or none does."""
     default = target_layer_name(model)
 
@@ -167,8 +167,8 @@ def readable_layer(model: keras.Model, min_cells: int = 7) -> tuple[str, tuple[i
         return default, size(model.get_layer(default))
     layers = [la for la in model.layers if is_backbone_layer(la) and len(getattr(la.output, "shape", ())) == 4]
     for layer in reversed(layers):
-        if min(size(layer)) < min_cells:
-            continue
+        if min(size(layer)) < min_cells or isinstance(layer, keras.layers.ZeroPadding2D):
+            continue  # a padding layer's extra cells are zeros, not evidence
         try:
             keras.Model(layer.output, model.output)  # a cut point: nothing else reaches the output
         except Exception:  # noqa: BLE001 - Keras raises ValueError variants for a disconnected graph

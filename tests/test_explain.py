@@ -59,7 +59,7 @@ def test_the_map_of_the_region_the_model_reads_beats_random_both_ways():
     assert disagreements(list(rows.values())) == []
     fake = [{"metric": "deletion", "method": "m", "vs random": "better"},
             {"metric": "insertion", "method": "m", "vs random": "not distinguishable"}]
-    assert disagreements(fake) == ["m: deletion says 'better' than random, insertion says 'not distinguishable'"]
+    assert disagreements(fake) == ["m: against random order deletion says 'better', insertion says 'not distinguishable'"]
 
 
 def _small_cnn() -> keras.Model:

@@ -83,7 +83,7 @@ def warnings(name: str, checks: Checks) -> list[str]:
         for mode in ("deletion", "insertion"):
             r = verdicts[(mode, method)]
             if r["vs random"] != "better":
-                why.append(f"it is {r['vs random']} than random order on {mode} (n = {r['images']} images)")
+                why.append(f"it is {_against(r['vs random'])} on {mode} (n = {r['images']} images)")
         sim = checks.similarity[method]
         if sim["same_map"]:
             why.append(f"its maps are nearly the same for every image (median rank correlation between "
@@ -95,6 +95,10 @@ def warnings(name: str, checks: Checks) -> list[str]:
         if why:
             out.append(f"{name}: do not read the {method} maps below as explanations: " + "; ".join(why) + ".")
     return out
+
+
+def _against(verdict: str) -> str:
+    return "not distinguishable from random order" if verdict == "not distinguishable" else f"{verdict} than random order"
 
 
 def _fmt(v: float) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -178,11 +179,15 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
             doc.warn(f"{b.name}: no {names.MODEL_FILE} or {names.TEST_PREDICTIONS_FILE} in its best folder; "
                      "Grad-CAM skipped")
             continue
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             row = _backbone_appendix(doc, study, b, sd, per_class, n_mistakes, n_faithfulness, regions, named)
         except UserError as exc:
             doc.warn(f"{b.name}: Grad-CAM skipped: {exc}")
             continue
+        # read by benchmarks/report_speed.py (the appendix's cost per backbone)
+        log.info("gradcam appendix %s: %.2f s wall, %.2f s CPU", b.name, time.perf_counter() - start,
+                 time.process_time() - cpu)
         if row:
             rows.append(row)
     if rows:
