@@ -178,20 +178,17 @@ def readable_layer(model: keras.Model, min_cells: int = 7) -> tuple[str, tuple[i
 
 
 # ---------------------------------------------------------------- model-randomisation sanity check
-def randomisation_steps(model: keras.Model, target_layer: str, n_backbone_steps: int = 3) -> list[tuple[str, list]]:
+def randomisation_steps(model: keras.Model, n_backbone_steps: int = 3) -> list[tuple[str, list]]:
     """Cascading randomisation plan (Adebayo et al. 2018): [(label, layers randomised so far)], first the
-    head (the layers with weights after the backbone), then the backbone's weighted layers up to the
-    target layer from the top, in `n_backbone_steps` equal cumulative chunks."""
+    head (the weighted layers outside the backbone), then the backbone's weighted layers from the top, in
+    `n_backbone_steps` equal cumulative chunks (the last step: every weighted layer)."""
     weighted = [la for la in model.layers if la.weights]
     head = [la for la in weighted if not is_backbone_layer(la)]
-    names = [la.name for la in model.layers]
-    cut = names.index(target_layer)
-    backbone = [la for la in weighted if is_backbone_layer(la) and names.index(la.name) <= cut][::-1]
+    backbone = [la for la in weighted if is_backbone_layer(la)][::-1]
     steps, done = [("head", list(head))], list(head)
-    for k, chunk in enumerate(np.array_split(np.arange(len(backbone)), n_backbone_steps)):
+    for chunk in np.array_split(np.arange(len(backbone)), n_backbone_steps):
         done = done + [backbone[i] for i in chunk]
-        frac = sum(len(c) for c in np.array_split(np.arange(len(backbone)), n_backbone_steps)[:k + 1])
-        steps.append((f"+top {frac}/{len(backbone)} backbone layers", list(done)))
+        steps.append((f"+top {len(done) - len(head)}/{len(backbone)} backbone layers", list(done)))
     return steps
 
 
@@ -216,7 +213,7 @@ def gradcam_maps(layer_name: str | None = None) -> MapFn:
     return maps
 
 
-def randomisation_check(model: keras.Model, images: np.ndarray, class_ids, map_fn: MapFn, target_layer: str,
+def randomisation_check(model: keras.Model, images: np.ndarray, class_ids, map_fn: MapFn,
                         n_backbone_steps: int = 3, seed: int = 0) -> dict:
     """Spearman rho (median over images) between each method's maps on the trained model and on each
     cascading-randomised model, for the SAME images and classes. A method fails when the median rho with the
@@ -228,7 +225,7 @@ def randomisation_check(model: keras.Model, images: np.ndarray, class_ids, map_f
     labels = []
     rng = np.random.default_rng(seed)
     try:
-        for label, layers in randomisation_steps(model, target_layer, n_backbone_steps):
+        for label, layers in randomisation_steps(model, n_backbone_steps):
             for v, value in zip(model.weights, original):
                 v.assign(value)
             _scramble(layers, rng)

@@ -109,7 +109,7 @@ def test_the_sanity_check_flags_an_edge_detector_and_passes_gradcam(trained_cnn)
     def both(m, x, y):
         return {"Sobel": _sobel(m, x, y), **gradcam_maps()(m, x, y)}
 
-    result = randomisation_check(model, images, labels, both, target_layer="conv3", n_backbone_steps=2)
+    result = randomisation_check(model, images, labels, both, n_backbone_steps=2)
     assert result["images"] == 32 and len(result["steps"]) == 3 and result["steps"][0] == "head"
     assert result["median_rho"]["Sobel"] == pytest.approx([1.0, 1.0, 1.0])
     assert result["fails"]["Sobel"] and not result["fails"]["Grad-CAM"], result["median_rho"]

@@ -53,7 +53,7 @@ def run_checks(model, cam, images, explanation, labels, classes, val_images=None
         where += f" and {len(val_images)} validation images"
     k = min(n_sanity, len(images))
     sanity = randomisation_check(model, images[:k], explanation.class_ids[:k], gradcam_maps(cam.layer_name),
-                                 target_layer=cam.layer_name, n_backbone_steps=3)
+                                 n_backbone_steps=3)
     predicted = np.asarray(classes)[explanation.predicted]
     means = class_mean_maps(explanation.gradcam, labels, predicted, classes)
     class_means = {}
