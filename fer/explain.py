@@ -253,7 +253,7 @@ def class_mean_maps(maps: np.ndarray, labels, predicted, classes: list[str]) -> 
 
 def region_stats(maps: np.ndarray, regions: list[dict[str, list]], labels, classes: list[str]) -> list[dict]:
     """Per class: the mean share of the heat inside each named region (regions[i]: name -> boxes as fractions
-    x0, y0, x1, y1, as in demo_regions.csv, docs/config.md) and the pointing-game hit rate (the hottest pixel
+    x0, y0, x1, y1, as in demo_regions.csv, docs/results.md) and the pointing-game hit rate (the hottest pixel
     inside any region), over the images of that class that have regions."""
     labels = np.asarray(labels)
     names = sorted({r for reg in regions for r in reg})

@@ -4,7 +4,7 @@ Computed before the heatmaps are drawn so that a method that does not beat rando
 insertion, paired over the same images), fails the model-randomisation sanity check, or gives nearly the
 same map for every image gets its warning ABOVE the heatmaps. Then: the faithfulness table and curves, the
 sanity-check curve, the mean Grad-CAM per class over correctly classified images (FER faces are roughly
-aligned), and with a regions file (demo_regions.csv format, docs/config.md) the heat per region and the
+aligned), and with a regions file (demo_regions.csv format, docs/results.md) the heat per region and the
 pointing-game hit rate per class. Every number carries its sample size.
 """
 
@@ -160,7 +160,7 @@ def summary_row(checks: Checks) -> dict:
 
 
 def region_names(sd) -> dict:
-    """path -> {region: [boxes]} from DATA/demo_regions.csv (docs/config.md), or {} without one."""
+    """path -> {region: [boxes]} from DATA/demo_regions.csv (docs/results.md), or {} without one."""
     try:
         table = pd.read_csv(sd.source / "demo_regions.csv")
     except (OSError, ValueError):
