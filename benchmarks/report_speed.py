@@ -61,7 +61,8 @@ def main() -> None:
         html_mb = (out / "report.html").stat().st_size / 1e6
     print(json.dumps({
         "benchmark": "report_speed", "study": str(args.study), "backbones": len(study.backbones),
-        "tested_backbones": len(study.ok), "gradcam_per_class": args.gradcam_per_class, "n_faithfulness": args.n_faithfulness, **timings,
+        "tested_backbones": len(study.ok), "gradcam_per_class": args.gradcam_per_class,
+        "n_faithfulness": args.n_faithfulness, **timings,
         "gradcam_per_backbone": per_backbone,
         "html_mb": round(html_mb, 2), "load_average_1min": round(os.getloadavg()[0], 2),
         "machine": machine_info(),

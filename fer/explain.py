@@ -156,8 +156,9 @@ def map_similarity(maps: np.ndarray, pairs: int = 200, seed: int = 0) -> dict:
 # ---------------------------------------------------------------- readable target layer
 def readable_layer(model: keras.Model, min_cells: int = 7) -> tuple[str, tuple[int, int]]:
     """(layer name, (h, w)): the deepest backbone layer (not a padding layer) whose map has at least
-    `min_cells` x `min_cells` cells at this input size and that cuts the model in two (the head depends on it alone, so Grad-CAM can
-    split there), or the registry's layer when it already has enough cells or none does."""
+    `min_cells` x `min_cells` cells at this input size and that cuts the model in two (the head depends on it
+    alone, so Grad-CAM can split there), or the registry's layer when it already has enough cells or none
+    does."""
     default = target_layer_name(model)
 
     def size(layer) -> tuple[int, int]:

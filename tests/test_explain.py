@@ -59,7 +59,8 @@ def test_the_map_of_the_region_the_model_reads_beats_random_both_ways():
     assert disagreements(list(rows.values())) == []
     fake = [{"metric": "deletion", "method": "m", "vs random": "better"},
             {"metric": "insertion", "method": "m", "vs random": "not distinguishable"}]
-    assert disagreements(fake) == ["m: against random order deletion says 'better', insertion says 'not distinguishable'"]
+    expected = "m: against random order deletion says 'better', insertion says 'not distinguishable'"
+    assert disagreements(fake) == [expected]
 
 
 def _small_cnn() -> keras.Model:

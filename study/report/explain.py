@@ -38,8 +38,15 @@ def run_checks(model, cam, images, explanation, labels, classes, val_images=None
     """`images`/`explanation`: the test sample (explained with `cam`); `labels`: their true classes (names);
     `val_images`: validation images that top up the faithfulness sample; `regions`: per sample image a
     dict region -> boxes (may be empty)."""
-    from fer.explain import (class_mean_maps, faithfulness_curves, faithfulness_table, gradcam_maps,
-                             map_similarity, randomisation_check, region_stats)
+    from fer.explain import (
+        class_mean_maps,
+        faithfulness_curves,
+        faithfulness_table,
+        gradcam_maps,
+        map_similarity,
+        randomisation_check,
+        region_stats,
+    )
     from fer.gradcam import overlay
 
     maps = {"Grad-CAM": explanation.gradcam, "Grad-CAM++": explanation.gradcam_pp}
@@ -98,7 +105,9 @@ def warnings(name: str, checks: Checks) -> list[str]:
 
 
 def _against(verdict: str) -> str:
-    return "not distinguishable from random order" if verdict == "not distinguishable" else f"{verdict} than random order"
+    if verdict == "not distinguishable":
+        return "not distinguishable from random order"
+    return f"{verdict} than random order"
 
 
 def _fmt(v: float) -> str:
@@ -131,8 +140,9 @@ def render(doc, name: str, checks: Checks) -> None:
     doc.para(f"{name}: " + "; ".join(
         f"{m} {'FAILS' if s['fails'][m] else 'passes'} the sanity check (median rank correlation "
         f"{s['median_rho'][m][-1]:.2f} with the fully randomised model, n = {s['images']})" for m in METHODS)
-        + "; " + "; ".join(f"{m} maps of different images correlate with median {checks.similarity[m]['median_rho']:.2f} "
-                           f"(n = {checks.similarity[m]['images']})" for m in METHODS) + ".")
+        + "; " + "; ".join(f"{m} maps of different images correlate with median "
+                           f"{checks.similarity[m]['median_rho']:.2f} (n = {checks.similarity[m]['images']})"
+                           for m in METHODS) + ".")
     if checks.class_means:
         doc.figure(f"class_means_{name}", figures.image_grid(
             [[(img, f"{c} (n={n})") for c, (img, n) in checks.class_means.items()]],
