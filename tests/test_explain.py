@@ -124,14 +124,14 @@ def test_readable_layer_picks_the_deepest_layer_with_enough_cells(trained_cnn):
     assert readable_layer(model, min_cells=7) == ("conv3", (8, 8))
     assert readable_layer(model, min_cells=9) == ("conv2", (16, 16))  # deepest with >= 9x9 cells
     assert readable_layer(model, min_cells=99)[0] == "conv3"  # none has enough: the default layer
-    # a layer inside a residual block does not cut the model in two: its Add is chosen instead
+    # c2 sits inside a residual block (c1 also reaches the output through the pool): not a cut point
     i = keras.Input((SIZE, SIZE, 3), name="image")
     x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(i)
     y = keras.layers.Conv2D(4, 3, padding="same", name="c2")(x)
-    z = keras.layers.Add(name="add")([x, y])
-    z = keras.layers.Conv2D(4, 3, strides=4, padding="same", name="c3")(z)
+    z = keras.layers.Add(name="add")([keras.layers.MaxPooling2D(name="pool")(x),
+                                      keras.layers.Conv2D(4, 3, strides=2, padding="same", name="c3")(y)])
     out = keras.layers.Dense(2, name="head_out")(keras.layers.GlobalAveragePooling2D(name="head_pool")(z))
-    assert readable_layer(keras.Model(i, out), min_cells=7) == ("add", (SIZE, SIZE))
+    assert readable_layer(keras.Model(i, out), min_cells=9) == ("c1", (SIZE, SIZE))
 
 
 def test_same_map_detector_and_spearman():
