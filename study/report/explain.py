@@ -156,17 +156,20 @@ def render(doc, name: str, checks: Checks) -> None:
         doc.table(pd.DataFrame(checks.region_rows).round(3))
 
 
-def summary_row(checks: Checks) -> dict:
-    """The per-backbone columns of the appendix's summary table."""
+def summary_rows(checks: Checks) -> list[dict]:
+    """One row per method for the appendix's summary table (long format: fits the page)."""
     verdicts = {(r["metric"], r["method"]): r for r in checks.faith_rows}
-    row = {"target layer": f"{checks.layer} ({checks.cells[0]}x{checks.cells[1]})", "images": checks.where}
+    rows = []
     for m in METHODS:
+        row = {"method": m, "target layer": f"{checks.layer} ({checks.cells[0]}x{checks.cells[1]})",
+               "images": checks.where}
         for mode in ("deletion", "insertion"):
             r = verdicts[(mode, m)]
-            row[f"{m} {mode} vs random"] = f"{r['vs random']} ({r['minus random']:+.3f})"
-        row[f"{m} same-map rho"] = round(checks.similarity[m]["median_rho"], 2)
-        row[f"{m} sanity rho (n={checks.sanity['images']})"] = round(checks.sanity["median_rho"][m][-1], 2)
-    return row
+            row[f"{mode} vs random"] = f"{r['vs random']} ({r['minus random']:+.3f})"
+        row[f"same-map rho (n={checks.similarity[m]['images']})"] = round(checks.similarity[m]["median_rho"], 2)
+        row[f"sanity rho (n={checks.sanity['images']})"] = round(checks.sanity["median_rho"][m][-1], 2)
+        rows.append(row)
+    return rows
 
 
 def region_names(sd) -> dict:

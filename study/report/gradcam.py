@@ -111,7 +111,7 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
         doc.para(f"{b.name}: no mistakes on the test split.")
 
     explain.render(doc, b.name, checks)
-    row = {"backbone": b.name, **explain.summary_row(checks)}
+    row = {"backbone": b.name, "methods": explain.summary_rows(checks)}
     if regions:  # the study's data names its expression regions (the demo's demo_regions.csv)
         row.update(region_heat(cam, pred, index_of, pixels, regions))
     return row
@@ -192,9 +192,14 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
             rows.append(row)
     if rows:
         doc.heading("Summary: faithfulness, sanity check, same-map test", 3)
-        if regions:
+        doc.para("Per backbone and method: the verdict against random order (paired difference of the areas in "
+                 "brackets), the median rank correlation between different images' maps (same-map test) and with "
+                 "the fully randomised model's maps (sanity check); sample sizes in the 'images' column.")
+        doc.table(pd.DataFrame([{"backbone": r["backbone"], **m} for r in rows for m in r["methods"]]))
+        region_rows = [{k: v for k, v in r.items() if k != "methods"} for r in rows if len(r) > 2]
+        if region_rows:
             doc.para("This study's data comes with the regions that carry the expression (demo_regions.csv: "
                      "mouth, eyes, brows). 'heat / area' is the share of Grad-CAM's heat inside them divided by "
                      "their share of the image: 1 means heat spread evenly, above 1 heat on the expression.")
-        doc.table(pd.DataFrame(rows))
+            doc.table(pd.DataFrame(region_rows))
     return rows
