@@ -166,8 +166,8 @@ def summary_rows(checks: Checks) -> list[dict]:
         for mode in ("deletion", "insertion"):
             r = verdicts[(mode, m)]
             row[f"{mode} vs random"] = f"{r['vs random']} ({r['minus random']:+.3f})"
-        row[f"same-map rho (n={checks.similarity[m]['images']})"] = round(checks.similarity[m]["median_rho"], 2)
-        row[f"sanity rho (n={checks.sanity['images']})"] = round(checks.sanity["median_rho"][m][-1], 2)
+        row["same-map rho"] = f"{checks.similarity[m]['median_rho']:.2f} (n={checks.similarity[m]['images']})"
+        row["sanity rho"] = f"{checks.sanity['median_rho'][m][-1]:.2f} (n={checks.sanity['images']})"
         rows.append(row)
     return rows
 
