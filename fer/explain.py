@@ -194,12 +194,18 @@ def randomisation_steps(model: keras.Model, n_backbone_steps: int = 3) -> list[t
 
 
 def _scramble(layers, rng: np.random.Generator) -> None:
-    """Permute every weight tensor's values: the learned structure is gone, each tensor's value distribution
-    (and BatchNormalization's positive variances) stays, so activations neither vanish nor explode."""
+    """Re-draw the weights: every kernel from a zero-mean normal with the trained kernel's spread (a learned
+    mean would survive a mere shuffle: a net whose filters all respond to brightness still does), every other
+    tensor (biases, BatchNormalization's scales and positive variances) shuffled, so activations neither
+    vanish nor explode."""
     for layer in layers:
         for v in layer.weights:
             value = np.asarray(keras.ops.convert_to_numpy(v))
-            v.assign(rng.permutation(value.reshape(-1)).reshape(value.shape))
+            if v.name.endswith("kernel"):
+                new = rng.normal(0.0, float(value.std()) or 1e-3, value.shape)
+            else:
+                new = rng.permutation(value.reshape(-1)).reshape(value.shape)
+            v.assign(new.astype(value.dtype))
 
 
 MapFn = Callable[[keras.Model, np.ndarray, np.ndarray], dict[str, np.ndarray]]

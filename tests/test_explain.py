@@ -113,6 +113,7 @@ def test_the_sanity_check_flags_an_edge_detector_and_passes_gradcam(trained_cnn)
     result = randomisation_check(model, images, labels, both, n_backbone_steps=2)
     assert result["images"] == 32 and len(result["steps"]) == 3 and result["steps"][0] == "head"
     assert result["median_rho"]["Sobel"] == pytest.approx([1.0, 1.0, 1.0])
+    print(result["median_rho"])
     assert result["fails"]["Sobel"] and not result["fails"]["Grad-CAM"], result["median_rho"]
     assert result["median_rho"]["Grad-CAM"][-1] < 0.5 and len(result["median_rho"]["Grad-CAM++"]) == 3
     for a, b in zip(before, model.get_weights()):  # weights restored

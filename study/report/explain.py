@@ -135,7 +135,7 @@ def render(doc, name: str, checks: Checks) -> None:
     doc.figure(f"sanity_{name}", figures.sanity_curves(s["steps"], s["median_rho"], name),
                f"{name}: model-randomisation sanity check on {s['images']} test images: median Spearman rank "
                "correlation between the trained model's maps and those of the model with its head, then more and "
-               f"more backbone layers from the top re-drawn (each weight tensor's values permuted). Above "
+               f"more backbone layers from the top re-drawn (kernels re-drawn, other weights shuffled). Above "
                f"{SANITY_RHO} at the end: the maps do not depend on what the model learned")
     doc.para(f"{name}: " + "; ".join(
         f"{m} {'FAILS' if s['fails'][m] else 'passes'} the sanity check (median rank correlation "
