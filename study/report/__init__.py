@@ -36,7 +36,7 @@ __all__ = ["BackboneResult", "Document", "StudyResults", "build_report", "compar
 
 
 def build_report(results: str | Path, out: str | Path | None = None, gradcam_per_class: int = 2,
-                 n_mistakes: int = 6, n_faithfulness: int = 320) -> Path:
+                 n_mistakes: int = 6, n_faithfulness: int = 128) -> Path:
     """Write report.html, report.md, comparison.csv and figures/ for a study folder; return the output folder."""
     study = load_study(Path(results))
     out_dir = Path(out) if out is not None else Path("reports") / study.name

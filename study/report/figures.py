@@ -130,6 +130,36 @@ def deletion_curves(curves: dict[str, np.ndarray], title: str) -> bytes:
     return _png(fig)
 
 
+def faithfulness_curves(curves: dict[str, dict[str, np.ndarray]], title: str) -> bytes:
+    """Deletion and insertion curves side by side (mode -> method -> mean curve)."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.0), squeeze=False)
+    for ax, (mode, by_name) in zip(axes[0], curves.items()):
+        for name, curve in by_name.items():
+            ax.plot(np.linspace(0, 1, len(curve)), curve, marker="o", ms=3, label=name,
+                    ls=":" if name == "random" else "-")
+        ax.set_xlabel(f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'}")
+        ax.set_ylabel("probability of explained class")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{title}: {mode}", fontsize=9)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def sanity_curves(steps: list[str], median_rho: dict[str, list[float]], title: str) -> bytes:
+    """Median rank correlation with the trained model's maps after each cascading randomisation step."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.0))
+    x = np.arange(len(steps))
+    for name, values in median_rho.items():
+        ax.plot(x, values, marker="o", ms=3, label=name)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xticks(x, steps, rotation=20, ha="right", fontsize=6.5)
+    ax.set_ylabel("median Spearman rho")
+    ax.set_ylim(-0.2, 1.05)
+    ax.set_title(f"{title}: randomisation sanity check", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def image_grid(panels: list[list[tuple[np.ndarray, str]]], title: str, column_titles: list[str] | None = None) -> bytes:
     """Rows of (image, caption) panels; empty slots are left blank."""
     n_rows, n_cols = len(panels), max(len(r) for r in panels)

@@ -1,24 +1,27 @@
 """The report's Grad-CAM appendix: what each backbone's best model looks at, and whether that is faithful.
 
 Per backbone: for every class a few correctly and a few incorrectly classified test images (Grad-CAM and
-Grad-CAM++ of the predicted class side by side), the most confident mistakes, and a deletion-curve
-faithfulness check against random pixel removal with 95% intervals over images (up to 320 test images,
-topped up with validation images when the test split is smaller: the check selects nothing, and on a
-160-image test split one backbone's random-removal interval was too wide to separate from Grad-CAM's), and
-where the data names its expression regions (the demo's demo_regions.csv) the share of Grad-CAM's heat
-inside them. Bounded (a few images per class, at most 320 for faithfulness): seconds per backbone at 48 px
-on a CPU, more for large backbones at 224 px (benchmarks/report_speed.py).
+Grad-CAM++ of the predicted class side by side) at a target layer with >= 7x7 cells where the backbone allows
+(fer.explain.readable_layer), the most confident mistakes, and the checks of study.report.explain (deletion
+and insertion against random order, paired; the model-randomisation sanity check; the same-map test; the
+mean map per class; heat per expression region), whose warnings come above the heatmaps. The faithfulness
+sample is up to 128 test images, topped up with validation images when the test split is smaller (the checks
+select nothing; on a 160-image test split random order's interval was too wide to separate from Grad-CAM's).
+Bounded cost (benchmarks/report_speed.py): target at most 60 s per backbone for MobileNetV2 at 96 px on a
+2-core CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 
 import numpy as np
 import pandas as pd
 
 from fer import names
-from study.report import figures
+from study.report import explain, figures
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,9 @@ def _caption(pred: pd.DataFrame, row: int, classes: list[str], explained: str) -
 
 
 def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_faithfulness: int,
-                       regions: dict | None = None) -> dict | None:
-    from fer.compare import bootstrap_mean
-    from fer.gradcam import GradCam, deletion_auc, overlay
+                       regions: dict | None = None, named: dict | None = None) -> dict | None:
+    from fer.explain import readable_layer
+    from fer.gradcam import Explanation, GradCam, overlay
     from fer.predict import load_model_and_classes
 
     model, classes, _ = load_model_and_classes(b.folder)
@@ -65,8 +68,19 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
     rows = sorted({r for pair in chosen.values() for side in pair for r in side} | set(mistakes) | set(sample))
     position = {r: i for i, r in enumerate(rows)}
     images = np.asarray(pixels[[index_of[pred.at[r, "path"]] for r in rows]])
-    cam = GradCam(model)
+    layer, cells = readable_layer(model)  # >= 7x7 cells where the backbone allows (fer.explain)
+    cam = GradCam(model, layer)
     explanation = cam.explain(images)
+    idx = [position[r] for r in sample]
+    val = None
+    if n_faithfulness > len(idx) and len(sd.labels("val")):  # a small test split: add validation images (the
+        val = np.asarray(sd.pixels("val", size)[:n_faithfulness - len(idx)])  # checks select nothing)
+    sub = Explanation(*(getattr(explanation, f.name)[idx] for f in dataclasses.fields(Explanation)))
+    checks = explain.run_checks(model, cam, images[idx], sub, pred.loc[sample, "label"].to_numpy(), classes, val,
+                                [named.get(pred.at[r, "path"], {}) for r in sample] if named else None)
+    doc.heading(f"{b.name} (target layer {layer}, {cells[0]}x{cells[1]} cells at {size} px)", 3)
+    for text in explain.warnings(b.name, checks):  # above the heatmaps, not below
+        doc.warn(text)
 
     def panels(row: int):
         i = position[row]
@@ -82,7 +96,6 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
     grid = [slots(chosen[c][0]) + slots(chosen[c][1]) for c in classes]
     column_titles = [f"correct #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)] + \
                     [f"incorrect #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)]
-    doc.heading(f"{b.name} (target layer {cam.layer_name})", 3)
     doc.figure(f"gradcam_{b.name}", figures.image_grid(grid, f"{b.name}: per class, correct vs incorrect",
                                                        column_titles),
                f"{b.name}: Grad-CAM and Grad-CAM++ of the predicted class, one row per true class: the most "
@@ -97,42 +110,11 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
     else:
         doc.para(f"{b.name}: no mistakes on the test split.")
 
-    idx = [position[r] for r in sample]
-    curves = _deletion(model, images[idx], explanation, idx)
-    n_val = 0
-    if n_faithfulness > len(idx) and len(sd.labels("val")):  # a small test split: add validation images (the
-        val = np.asarray(sd.pixels("val", size)[:n_faithfulness - len(idx)])  # check selects nothing)
-        more = _deletion(model, val, cam.explain(val), np.arange(len(val)), seed=1000)
-        curves, n_val = {k: np.concatenate([c, more[k]]) for k, c in curves.items()}, len(val)
-    where = f"{len(idx)} test images" + (f" and {n_val} validation images" if n_val else "")
-    doc.figure(f"deletion_{b.name}", figures.deletion_curves({k: c.mean(axis=0) for k, c in curves.items()},
-                                                             b.name),
-               f"{b.name}: deletion curves on {where} (lower area = the heatmap finds what the model uses faster "
-               "than random removal)")
-    # per image: the area above the fully deleted image's probability (the same end point for every ordering)
-    areas = {name: deletion_auc(curve) - curve[:, -1] for name, curve in curves.items()}
-    aucs = {name: bootstrap_mean(area) for name, area in areas.items()}
-    row = {"backbone": b.name, "target layer": cam.layer_name, "images": where,
-           **{f"deletion area {name} [95% CI]": f"{a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}]" for name, a in aucs.items()},
-           **{f"{name} / random": aucs[name][0] / aucs["random"][0] if aucs["random"][0] > 0 else float("nan")
-              for name in ("Grad-CAM", "Grad-CAM++")},
-           "Grad-CAM beats random (intervals apart)": "yes" if aucs["Grad-CAM"][2] < aucs["random"][1] else "no"}
+    explain.render(doc, b.name, checks)
+    row = {"backbone": b.name, "methods": explain.summary_rows(checks)}
     if regions:  # the study's data names its expression regions (the demo's demo_regions.csv)
         row.update(region_heat(cam, pred, index_of, pixels, regions))
     return row
-
-
-def _deletion(model, images, explanation, rows, seed: int = 0) -> dict:
-    """Per-image deletion curves of Grad-CAM, Grad-CAM++ and random order for explanation[rows], in chunks of
-    32 images (bounded memory at 224 px)."""
-    from fer.gradcam import deletion_curves
-
-    rows = np.asarray(rows)
-    parts = [deletion_curves(model, images[chunk], {"Grad-CAM": explanation.gradcam[rows[chunk]],
-                                                    "Grad-CAM++": explanation.gradcam_pp[rows[chunk]]},
-                             explanation.class_ids[rows[chunk]], steps=8, seed=seed + i, per_image=True)
-             for i, chunk in enumerate(np.array_split(np.arange(len(rows)), max(1, len(rows) // 32)))]
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def region_boxes(sd) -> dict:
@@ -163,14 +145,23 @@ def region_heat(cam, pred: pd.DataFrame, index_of: dict, pixels, regions: dict, 
 def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness: int) -> list[dict]:
     """Add the appendix to `doc`; returns the faithfulness rows (one per backbone explained)."""
     doc.heading("Appendix: Grad-CAM")
+    from fer.explain import BASELINE, SAME_MAP_RHO, SANITY_RHO
+
     doc.para("Heatmaps of the best model of each backbone on test images: where the evidence for the predicted "
-             "class lies (Grad-CAM: Selvaraju et al. 2017; Grad-CAM++: Chattopadhay et al. 2018), at the "
-             "backbone's last spatial layer. Faithfulness: the deletion curve replaces the most highlighted "
-             "pixels first by the image's mean colour; a faithful heatmap makes the class probability fall "
-             "faster than removing pixels in random order. 'Deletion area': per image, the area under the curve "
-             "above the probability of the fully deleted image (the same end point for every order, so it "
-             "compares orders, not images), averaged over the images with a 95% bootstrap interval; lower is "
-             "faster, a ratio below 1 and intervals apart mean Grad-CAM finds what the model uses.")
+             "class lies (Grad-CAM: Selvaraju et al. 2017; Grad-CAM++: Chattopadhay et al. 2018), at the deepest "
+             "backbone layer with at least 7x7 cells at the study's input size (coarser maps give the same few "
+             "bands on every image; the layer and its cells are named per backbone). Before the heatmaps are "
+             "shown, three checks ask whether they explain the model. Faithfulness both ways (Petsiuk et al. "
+             f"2018), with one baseline, {BASELINE}: deletion replaces the most highlighted pixels first (a "
+             "faithful map makes the class probability fall faster than random order: lower area), insertion "
+             "starts from the baseline image and restores them first (rise faster: higher area); per image areas, "
+             "means with 95% bootstrap intervals over images, and each method minus random order per image "
+             "(paired bootstrap: the same images). Deletion alone is fooled by out-of-distribution masking, so "
+             "where the two disagree the report says so. Model-randomisation sanity check (Adebayo et al. 2018): "
+             "the head, then more and more backbone layers from the top are re-drawn; maps whose median Spearman "
+             f"rank correlation with the fully randomised model's stays above {SANITY_RHO} do not depend on what "
+             f"the model learned. Same map for every image: median rank correlation between different images' "
+             f"maps above {SAME_MAP_RHO}. A method failing any check gets a warning above its heatmaps.")
     if not study.ok:
         doc.para("No tested best model: nothing to explain.")
         return []
@@ -182,24 +173,33 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
     except UserError as exc:
         doc.warn(f"Grad-CAM skipped: the study's prepared data cannot be opened ({exc})")
         return []
-    rows, regions = [], region_boxes(sd)
+    rows, regions, named = [], region_boxes(sd), explain.region_names(sd)
     for b in study.ok:
         if not (b.folder / names.MODEL_FILE).is_file() or not (b.folder / names.TEST_PREDICTIONS_FILE).is_file():
             doc.warn(f"{b.name}: no {names.MODEL_FILE} or {names.TEST_PREDICTIONS_FILE} in its best folder; "
                      "Grad-CAM skipped")
             continue
+        start, cpu = time.perf_counter(), time.process_time()
         try:
-            row = _backbone_appendix(doc, study, b, sd, per_class, n_mistakes, n_faithfulness, regions)
+            row = _backbone_appendix(doc, study, b, sd, per_class, n_mistakes, n_faithfulness, regions, named)
         except UserError as exc:
             doc.warn(f"{b.name}: Grad-CAM skipped: {exc}")
             continue
+        # read by benchmarks/report_speed.py (the appendix's cost per backbone)
+        log.info("gradcam appendix %s: %.2f s wall, %.2f s CPU", b.name, time.perf_counter() - start,
+                 time.process_time() - cpu)
         if row:
             rows.append(row)
     if rows:
-        doc.heading("Faithfulness (deletion curves)", 3)
-        if regions:
+        doc.heading("Summary: faithfulness, sanity check, same-map test", 3)
+        doc.para("Per backbone and method: the verdict against random order (paired difference of the areas in "
+                 "brackets), the median rank correlation between different images' maps (same-map test) and with "
+                 "the fully randomised model's maps (sanity check); sample sizes in the 'images' column.")
+        doc.table(pd.DataFrame([{"backbone": r["backbone"], **m} for r in rows for m in r["methods"]]))
+        region_rows = [{k: v for k, v in r.items() if k != "methods"} for r in rows if len(r) > 2]
+        if region_rows:
             doc.para("This study's data comes with the regions that carry the expression (demo_regions.csv: "
                      "mouth, eyes, brows). 'heat / area' is the share of Grad-CAM's heat inside them divided by "
                      "their share of the image: 1 means heat spread evenly, above 1 heat on the expression.")
-        doc.table(pd.DataFrame(rows))
+            doc.table(pd.DataFrame(region_rows))
     return rows
