@@ -55,8 +55,11 @@ class EpochReporter:
         self.started = started
         self.started_at = time.time() - (time.perf_counter() - started) if started_at is None else started_at
         self.report_wait_s = 0.0  # time the training thread spent blocked in tune.report
+        self.nan_loss = False  # FOR TESTS ONLY: report a NaN training loss (see _test_nan_loss)
 
     def __call__(self, record: dict) -> None:
+        if self.nan_loss:
+            record = {**record, "loss": float("nan")}
         metrics = {key: float(record[key]) for key in REPORT_KEYS if isinstance(record.get(key), (int, float))}
         metrics["stage"] = record.get("stage", "")
         metrics["trial_s"] = time.perf_counter() - self.started
@@ -119,6 +122,7 @@ def train_trial(config: dict, context: dict) -> None:
 
         study_data = StudyData(context["data_dir"])
         reporter = EpochReporter(started, started_at)
+        reporter.nan_loss = _test_nan_loss(config)
         decisions = set(context.get("decision_epochs", ()))
         run_trial(config, study_data, out_dir, on_epoch=reporter, evaluate_test=False,
                   report_can_stop=decisions.__contains__)
@@ -149,6 +153,16 @@ def report_error(exc: BaseException, out_dir: Path, metric: str | None) -> None:
 
 
 KILL_ONCE_ENV = "FER_TEST_KILL_ONCE"
+NAN_DROPOUT_ENV = "FER_TEST_NAN_DROPOUT"
+
+
+def _test_nan_loss(config: dict) -> bool:
+    """FOR TESTS ONLY (tests/test_faults.py): with FER_TEST_NAN_DROPOUT=<x>, a trial whose dropout is x
+    reports a NaN training loss at its first epoch (no valid config makes the tiny test models diverge)."""
+    import os
+
+    wanted = os.environ.get(NAN_DROPOUT_ENV)
+    return bool(wanted) and abs(float(config.get("dropout", -1.0)) - float(wanted)) < 1e-9
 
 
 def _test_kill_once() -> None:
