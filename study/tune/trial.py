@@ -68,8 +68,8 @@ class EpochReporter:
         waited = time.perf_counter()
         tune.report(metrics)  # returns when the driver has processed the result (Tune reports synchronously)
         self.report_wait_s += time.perf_counter() - waited
-        _test_kill_once()
         check_finite(record)  # after the report, so the NaN epoch is in the trial's history too
+        _test_kill_once()
 
 
 def import_keras_lean() -> None:
@@ -167,7 +167,7 @@ def _test_nan_loss(config: dict) -> bool:
 
 def _test_kill_once() -> None:
     """FOR TESTS ONLY (tests/test_faults.py): with FER_TEST_KILL_ONCE=<folder>, the first trial of the study
-    to get here (after its first epoch report) claims <folder>/claimed and SIGKILLs its own worker process,
+    to get here (after its first epoch report, with a finite loss) claims <folder>/claimed and SIGKILLs its own worker process,
     as an OOM kill would; every later attempt and trial finds the claim and goes on."""
     import os
 
