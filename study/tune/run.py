@@ -125,6 +125,7 @@ class StudyOptions:
     trainable: Callable | None = None
     naive_split: int = 0  # split seeds of study.naive_split after the study (0: none)
     max_retries: int = 2  # times a trial whose worker or node died is run again (our own errors: never)
+    reuse_workers: bool = False  # a trial slot keeps its worker process (and imported Keras) between trials
 
 
 def run_study(source: str | Path, space_path: str | Path, options: StudyOptions | None = None,
@@ -196,7 +197,7 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
                                  limit=len(space.backbones))
         try:
             _search(space, study, study_dir, data_dir, ledger, opts.cpus_per_trial, gpus, opts.trainable, stream,
-                    opts.live, log, pool, max_retries=opts.max_retries)
+                    opts.live, log, pool, max_retries=opts.max_retries, reuse_workers=opts.reuse_workers)
         except BaseException:
             if pool is not None:
                 pool.close()
@@ -279,11 +280,14 @@ def _counts(ledger: Ledger) -> dict:
 
 
 def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: Ledger, cpus: float,
-            gpus: float, trainable, stream, live, log, pool=None, max_retries: int = 2) -> None:
+            gpus: float, trainable, stream, live, log, pool=None, max_retries: int = 2,
+            reuse_workers: bool = False) -> None:
     """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early.
 
     `max_retries`: Tune runs a trial again (from scratch, same config) when its worker or node died, up to
     that many times; our own errors end the trial normally and are never retried (study.tune.trial).
+    `reuse_workers`: Tune's actor reuse: a slot's worker runs one trial after another, with Keras' state
+    cleared in between (study.tune.trial.fresh_keras_state), instead of a new process per trial.
 
     `pool` (a study.tune.best.EvaluatorPool): once every trial has been handed out, each slot a finishing
     trial frees for good starts an evaluator, whose start-up then overlaps the trials still running."""
@@ -360,7 +364,7 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
         # max_concurrent_trials: Tune starts one trial at a time with a custom searcher unless told how many
         # may be pending, which serialises short trials behind each worker's start-up.
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                    reuse_actors=False,
+                                    reuse_actors=bool(reuse_workers),
                                     max_concurrent_trials=slots),
         run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=str(study_dir / "tune"),
                                   callbacks=[callback], verbose=0,

@@ -110,7 +110,10 @@ def train_trial(config: dict, context: dict) -> None:
 
         shutil.rmtree(out_dir, ignore_errors=True)
     try:
+        reused = "keras" in sys.modules  # a warm worker (run --reuse-workers): an earlier trial ran here
         import_keras_lean()
+        if reused:
+            fresh_keras_state()
         from fer.backend_setup import configure_backend
 
         configure_backend(threads=context["threads"])
@@ -133,6 +136,20 @@ def train_trial(config: dict, context: dict) -> None:
     # when the worker finished its own work, for the study's timing breakdown (outcome.json "timing").
     write_json(out_dir / names.WORKER_TIMES_FILE, {"started_at": started_at, "finished_at": time.time(),
                                                   "report_wait_s": round(reporter.report_wait_s, 3)})
+
+
+def fresh_keras_state() -> None:
+    """Before a trial in a reused worker: drop everything an earlier trial left in Keras' global state
+    (models, layer-name counters, the default dtype policy); the trial's seeds are set by build_model
+    (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
+    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number."""
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy("float32")
+    gc.collect()
 
 
 def report_error(exc: BaseException, out_dir: Path, metric: str | None) -> None:
@@ -167,8 +184,8 @@ def _test_nan_loss(config: dict) -> bool:
 
 def _test_kill_once() -> None:
     """FOR TESTS ONLY (tests/test_faults.py): with FER_TEST_KILL_ONCE=<folder>, the first trial of the study
-    to get here (after its first epoch report, with a finite loss) claims <folder>/claimed and SIGKILLs its own worker process,
-    as an OOM kill would; every later attempt and trial finds the claim and goes on."""
+    to get here (after its first epoch report, with a finite loss) claims <folder>/claimed and SIGKILLs its
+    own worker process, as an OOM kill would; every later attempt and trial finds the claim and goes on."""
     import os
 
     folder = os.environ.get(KILL_ONCE_ENV)
