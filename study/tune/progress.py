@@ -184,6 +184,7 @@ class StudyCallback(Callback):
         self.retries: dict[str, list[str]] = {}  # why each retried trial's earlier attempts died
         self.records: dict[str, list[dict]] = {}
         self.nodes: dict[str, str] = {}
+        self.pids: dict[str, int] = {}  # each trial's worker process (reused workers run several trials)
         self.started_at: dict[str, float] = {}  # driver time Tune started each trial's actor
         self.worker_started_at: dict[str, float] = {}
 
@@ -198,6 +199,7 @@ class StudyCallback(Callback):
                                                      "running", None, self.metric, self._params(trial)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.pids[trial.trial_id] = result.get("pid")
         if result.get(names.TRIAL_ERROR_KEY):  # our code raised: the trial ends now, as errored
             self.errors[trial.trial_id] = str(result[names.TRIAL_ERROR_KEY])
             return
@@ -224,7 +226,7 @@ class StudyCallback(Callback):
         cause = error_message(trial)
         self.retries.setdefault(tid, []).append(cause)
         self.records[tid] = []
-        for times in (self.started_at, self.worker_started_at, self.nodes):
+        for times in (self.started_at, self.worker_started_at, self.nodes, self.pids):
             times.pop(tid, None)
         self.errors.pop(tid, None)
         try:
@@ -246,7 +248,7 @@ class StudyCallback(Callback):
             outcome = {
                 "trial_id": trial.trial_id, "backbone": trial.config.get("backbone"), "status": status,
                 "error": error, **summary, "optuna_trial": self.optuna_number(trial.trial_id),
-                "node_ip": self.nodes.pop(trial.trial_id, None),
+                "node_ip": self.nodes.pop(trial.trial_id, None), "worker_pid": self.pids.pop(trial.trial_id, None),
                 "retries": len(self.retries.get(trial.trial_id, [])),  # attempts lost to dead workers
                 "retry_errors": self.retries.pop(trial.trial_id, []),
                 "finished_at": round(time.time(), 3), "trial_dir": f"trials/{trial.trial_id}",
