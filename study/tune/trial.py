@@ -134,8 +134,13 @@ def train_trial(config: dict, context: dict) -> None:
         return
     # After the last report (it may not run when a scheduler stops the trial, docs/pitfalls.md#last-report):
     # when the worker finished its own work, for the study's timing breakdown (outcome.json "timing").
+    import psutil  # a Ray dependency
+
     write_json(out_dir / names.WORKER_TIMES_FILE, {"started_at": started_at, "finished_at": time.time(),
-                                                  "report_wait_s": round(reporter.report_wait_s, 3)})
+                                                  "report_wait_s": round(reporter.report_wait_s, 3),
+                                                  # the worker's resident memory now (warm workers: it must
+                                                  # stay flat, benchmarks/worker_memory.py)
+                                                  "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)})
 
 
 def fresh_keras_state() -> None:
