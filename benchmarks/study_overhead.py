@@ -130,7 +130,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--per-class", type=int, default=130, help="demo images per class")
+    parser.add_argument("--reuse-workers", action="store_true", help="run --reuse-workers (warm trial workers)")
     args = parser.parse_args()
+    import resource
 
     import pandas as pd
     import yaml
@@ -157,7 +159,7 @@ def main() -> None:
         with IdleSampler() as idle:
             t0, t0_unix = time.perf_counter(), time.time()
             run_study(study, tmp / "space.yaml", cpus_per_trial=1, num_cpus=args.concurrency, dashboard=True,
-                      stream=sys.stderr, live=False)
+                      stream=sys.stderr, live=False, reuse_workers=args.reuse_workers)
             wall = time.perf_counter() - t0
             end_unix = time.time()
         trials = pd.read_csv(study / "trials.csv")
@@ -177,7 +179,11 @@ def main() -> None:
         "benchmark": "study_overhead",
         "trials": len(trials), "statuses": trials.status.value_counts().to_dict(),
         "backbone": args.backbone, "image_size": args.image_size, "epochs": 2 * args.epochs,
-        "concurrency": args.concurrency, "study_wall_s": round(wall, 1), "search_wall_s": search_s,
+        "concurrency": args.concurrency, "reuse_workers": args.reuse_workers,
+        "setup_s_per_trial": [o.get("timing", {}).get("setup_s") for o in outcomes],
+        "cpu_s": {"driver": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+                  "children": round(sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]), 1)},
+        "load_average": os.getloadavg(), "study_wall_s": round(wall, 1), "search_wall_s": search_s,
         "trial_train_s_sum": round(train, 1), "trial_train_s_mean": round(train / len(trials), 1),
         "trial_wall_s_sum": round(trial_wall, 1),
         "overhead_fraction": round(1 - train / (wall * args.concurrency), 3),

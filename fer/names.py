@@ -43,6 +43,10 @@ TRIALS_DIR = "trials"
 COLLAPSE_FILE = "collapse.json"  # trials/<trial_id>/collapse.json: collapsed epochs per stage (fer.collapse)
 OUTCOME_FILE = "outcome.json"  # trials/<trial_id>/outcome.json
 WORKER_TIMES_FILE = "worker_times.json"  # trials/<trial_id>/worker_times.json
+ERROR_FILE = "error.txt"  # trials/<trial_id>/error.txt: the traceback of a trial that raised (status errored)
+# The key of a trial's last report when our code raised in it (the one-line error): the trial then ends
+# normally, so Ray Tune's retry (kept for dead workers) never repeats it (docs/results.md, INTERNALS.md).
+TRIAL_ERROR_KEY = "trial_error"
 BEST_DIR = "best"
 SELECTION_FILE = "selection.json"  # best/<backbone>/selection.json
 LATENCY_FILE = "latency.json"  # best/<backbone>/latency.json: deployment figures (fer.latency)

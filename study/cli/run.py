@@ -29,8 +29,14 @@ import click
 @click.option("--naive-split", "naive_split", type=int, default=0, is_flag=False, flag_value=5, metavar="[SEEDS]",
               help="after the study, retrain each backbone's selected config on a notebook's random split and on "
                    "the audited split, SEEDS split seeds each (default 5): results/<study>/naive_split.json")
+@click.option("--max-retries", type=int, default=2, show_default=True,
+              help="times a trial whose worker process or node died (an OOM kill, a lost machine) is run again "
+                   "from scratch; it counts once in its backbone's budget. Errors of the trial itself: never")
+@click.option("--reuse-workers/--fresh-workers", default=False, show_default=True,
+              help="let a trial slot keep its worker process (imported Keras/TensorFlow) from one trial to the "
+                   "next, with Keras' state cleared in between, instead of a new process per trial")
 def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial, group_regex, resume, num_cpus,
-        num_gpus, dashboard, results_root, naive_split):
+        num_gpus, dashboard, results_root, naive_split, max_retries, reuse_workers):
     """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's best
     trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared first) or a
     study folder made by `fer-study prepare`."""
@@ -38,7 +44,8 @@ def run(data_or_study, space_path, name, address, gpus_per_trial, cpus_per_trial
 
     options = StudyOptions(name=name, address=address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                            group_regex=group_regex, resume=resume, num_cpus=num_cpus, num_gpus=num_gpus,
-                           dashboard=dashboard, results_root=results_root, naive_split=naive_split)
+                           dashboard=dashboard, results_root=results_root, naive_split=naive_split,
+                           max_retries=max_retries, reuse_workers=reuse_workers)
     try:
         run_study(data_or_study, space_path, options)
     except StudyIncomplete as exc:

@@ -173,11 +173,18 @@ class StudyCallback(Callback):
     def __init__(self, ledger: Ledger, metric: str, mode: str, view: ProgressView, shown: tuple[str, ...],
                  stopped: Callable[[str], bool] = lambda tid: False,
                  optuna_number: Callable[[str], int | None] = lambda tid: None,
-                 on_change: Callable[[], None] = lambda: None):
+                 on_change: Callable[[], None] = lambda: None,
+                 on_retry: Callable[[str], None] = lambda tid: None):
+        """`on_retry(trial_id)`: a trial's worker died and Tune runs it again from scratch (the searcher
+        forgets that attempt's results: study.tune.search.BackboneSearcher.forget)."""
         self.ledger, self.metric, self.mode, self.view, self.shown = ledger, metric, mode, view, shown
         self.stopped, self.optuna_number, self.on_change = stopped, optuna_number, on_change
+        self.on_retry = on_retry
+        self.errors: dict[str, str] = {}  # trials whose code raised (their last report says it)
+        self.retries: dict[str, list[str]] = {}  # why each retried trial's earlier attempts died
         self.records: dict[str, list[dict]] = {}
         self.nodes: dict[str, str] = {}
+        self.pids: dict[str, int] = {}  # each trial's worker process (reused workers run several trials)
         self.started_at: dict[str, float] = {}  # driver time Tune started each trial's actor
         self.worker_started_at: dict[str, float] = {}
 
@@ -192,6 +199,10 @@ class StudyCallback(Callback):
                                                      "running", None, self.metric, self._params(trial)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.pids[trial.trial_id] = result.get("pid")
+        if result.get(names.TRIAL_ERROR_KEY):  # our code raised: the trial ends now, as errored
+            self.errors[trial.trial_id] = str(result[names.TRIAL_ERROR_KEY])
+            return
         record = {k: result.get(k) for k in (*names.RECORD_KEYS, "trial_s", "reported_at")}
         self.records.setdefault(trial.trial_id, []).append(record)
         if result.get("worker_started_at") is not None:
@@ -201,8 +212,29 @@ class StudyCallback(Callback):
                                                     "running", record, self.metric, self._params(trial)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        error = self.errors.pop(trial.trial_id, None)
+        if error is not None:
+            self._finish(trial, names.ERRORED, error)
+            return
         status = names.STOPPED if self.stopped(trial.trial_id) else names.COMPLETED
         self._finish(trial, status, None)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """The trial's worker (or node) died and Tune queued the trial again (FailureConfig.max_failures):
+        forget the dead attempt's epochs, so the outcome holds the new attempt's only."""
+        tid = trial.trial_id
+        cause = error_message(trial)
+        self.retries.setdefault(tid, []).append(cause)
+        self.records[tid] = []
+        for times in (self.started_at, self.worker_started_at, self.nodes, self.pids):
+            times.pop(tid, None)
+        self.errors.pop(tid, None)
+        try:
+            self.on_retry(tid)
+        except Exception:  # noqa: BLE001 - never let bookkeeping kill the study
+            traceback.print_exc()
+        self.view.started(tid, trial_line(tid, trial.config.get("backbone", "?"), "retrying", None, self.metric,
+                                         self._params(trial), f"worker died ({cause}); run again from scratch"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, names.ERRORED, error_message(trial))
@@ -216,7 +248,9 @@ class StudyCallback(Callback):
             outcome = {
                 "trial_id": trial.trial_id, "backbone": trial.config.get("backbone"), "status": status,
                 "error": error, **summary, "optuna_trial": self.optuna_number(trial.trial_id),
-                "node_ip": self.nodes.pop(trial.trial_id, None),
+                "node_ip": self.nodes.pop(trial.trial_id, None), "worker_pid": self.pids.pop(trial.trial_id, None),
+                "retries": len(self.retries.get(trial.trial_id, [])),  # attempts lost to dead workers
+                "retry_errors": self.retries.pop(trial.trial_id, []),
                 "finished_at": round(time.time(), 3), "trial_dir": f"trials/{trial.trial_id}",
                 "config": dict(trial.config), "history": records,
             }

@@ -26,7 +26,7 @@ from fer.config import PARAMS
 OUTCOME = names.OUTCOME_FILE
 LEAD_COLUMNS = ("trial_id", "backbone", "status", "error", "metric", "metric_value", "best_epoch",
                 "best_val_loss", "best_val_accuracy", "best_val_macro_f1", "epochs_run", "train_s",
-                "trial_s", "images_per_s", "optuna_trial", "node_ip", "finished_at", "trial_dir")
+                "trial_s", "images_per_s", "optuna_trial", "retries", "node_ip", "finished_at", "trial_dir")
 
 
 def clean_float(value):
@@ -74,6 +74,7 @@ class Ledger:
         rows = []
         for outcome in sorted(self.outcomes.values(), key=lambda o: (o.get("finished_at") or 0, o["trial_id"])):
             row = {key: outcome.get(key) for key in LEAD_COLUMNS}
+            row["retries"] = outcome.get("retries", 0)  # outcomes written before retries existed: none
             for key in PARAMS:
                 if key != "backbone":
                     row[key] = (outcome.get("config") or {}).get(key)

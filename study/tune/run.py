@@ -124,6 +124,8 @@ class StudyOptions:
     command: str | None = None  # recorded in study.json (default: this process's argv)
     trainable: Callable | None = None
     naive_split: int = 0  # split seeds of study.naive_split after the study (0: none)
+    max_retries: int = 2  # times a trial whose worker or node died is run again (our own errors: never)
+    reuse_workers: bool = False  # a trial slot keeps its worker process (and imported Keras) between trials
 
 
 def run_study(source: str | Path, space_path: str | Path, options: StudyOptions | None = None,
@@ -145,6 +147,8 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
         raise UserError(f"--cpus-per-trial must be > 0, got {opts.cpus_per_trial}")
     if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be >= 0, got {opts.gpus_per_trial}")
+    if isinstance(opts.max_retries, bool) or not isinstance(opts.max_retries, int) or opts.max_retries < 0:
+        raise UserError(f"--max-retries must be a whole number >= 0, got {opts.max_retries!r}")
     if opts.naive_split and opts.naive_split < 2:
         raise UserError(f"--naive-split needs at least 2 split seeds for a spread, got {opts.naive_split}")
     study_dir, data_dir = resolve_study(source, opts.name, space, Path(opts.results_root), log, opts.group_regex)
@@ -193,7 +197,7 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
                                  limit=len(space.backbones))
         try:
             _search(space, study, study_dir, data_dir, ledger, opts.cpus_per_trial, gpus, opts.trainable, stream,
-                    opts.live, log, pool)
+                    opts.live, log, pool, max_retries=opts.max_retries, reuse_workers=opts.reuse_workers)
         except BaseException:
             if pool is not None:
                 pool.close()
@@ -276,8 +280,14 @@ def _counts(ledger: Ledger) -> dict:
 
 
 def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: Ledger, cpus: float,
-            gpus: float, trainable, stream, live, log, pool=None) -> None:
+            gpus: float, trainable, stream, live, log, pool=None, max_retries: int = 2,
+            reuse_workers: bool = False) -> None:
     """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early.
+
+    `max_retries`: Tune runs a trial again (from scratch, same config) when its worker or node died, up to
+    that many times; our own errors end the trial normally and are never retried (study.tune.trial).
+    `reuse_workers`: Tune's actor reuse: a slot's worker runs one trial after another, with Keras' state
+    cleared in between (study.tune.trial.fresh_keras_state), instead of a new process per trial.
 
     `pool` (a study.tune.best.EvaluatorPool): once every trial has been handed out, each slot a finishing
     trial frees for good starts an evaluator, whose start-up then overlaps the trials still running."""
@@ -337,10 +347,11 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
                     pool.preload(backbone, str(study_dir / best["trial_dir"]))
 
     callback = StudyCallback(ledger, space.metric, space.mode, view, tuple(space.space), stopped=stopped,
-                             optuna_number=searcher.optuna_trial_number, on_change=on_change)
+                             optuna_number=searcher.optuna_trial_number, on_change=on_change,
+                             on_retry=searcher.forget)
     context = {"data_dir": str(data_dir), "trials_dir": str(ledger.trials_dir.resolve()),
                "study_log": str((study_dir / names.STUDY_LOG).resolve()),  # progress of one-off steps (caches)
-               "threads": trial_threads(cpus),
+               "threads": trial_threads(cpus), "metric": space.metric,  # an error's last report carries it
                # the reports after which a trial may be stopped (none without a scheduler): it saves its best
                # model before those only, and at its end
                "decision_epochs": scheduler.decision_epochs() if scheduler is not None else []}
@@ -353,11 +364,11 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
         # max_concurrent_trials: Tune starts one trial at a time with a custom searcher unless told how many
         # may be pending, which serialises short trials behind each worker's start-up.
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                    reuse_actors=False,
+                                    reuse_actors=bool(reuse_workers),
                                     max_concurrent_trials=slots),
         run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=str(study_dir / "tune"),
                                   callbacks=[callback], verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+                                  failure_config=tune.FailureConfig(max_failures=max_retries, fail_fast=False)),
     )
     t0 = time.time()
     import signal

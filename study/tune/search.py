@@ -141,11 +141,18 @@ class BackboneSearcher(Searcher):
         if searcher is not None and isinstance(value, (int, float)) and math.isfinite(value):
             searcher.on_trial_result(trial_id, result)
 
+    def forget(self, trial_id: str) -> None:
+        """The trial's worker died and Tune runs it again (same trial, same Optuna params): drop the dead
+        attempt's best value, so Optuna is told the new attempt's only. Optuna keeps the first attempt's
+        intermediate values of steps reported twice (they only feed pruning, which is not used)."""
+        self.best.pop(trial_id, None)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         searcher = self.searchers.get(self.backbone_of.get(trial_id, ""))
         if searcher is None:
             return
         best = self.best.get(trial_id)
+        error = error or bool((result or {}).get(names.TRIAL_ERROR_KEY))  # our code raised (study.tune.trial)
         if error or best is None:
             searcher.on_trial_complete(trial_id, None, error=True)
         else:
@@ -209,7 +216,12 @@ class PerBackboneScheduler(FIFOScheduler):
         self._for(trial)._trial_info.pop(trial.trial_id, None)
 
     def on_trial_error(self, tune_controller, trial) -> None:
+        """A dead worker (our own errors end trials normally): Tune re-adds the trial if it retries it, so
+        its rung values from the dead attempt are dropped and the new attempt is judged on its own."""
         self.on_trial_remove(tune_controller, trial)
+        for bracket in self._for(trial)._brackets:
+            for _, recorded in bracket._rungs:
+                recorded.pop(trial.trial_id, None)
 
     def debug_string(self) -> str:
         return "\n".join(f"{b}: {s.debug_string()}" for b, s in self.schedulers.items())

@@ -55,8 +55,11 @@ class EpochReporter:
         self.started = started
         self.started_at = time.time() - (time.perf_counter() - started) if started_at is None else started_at
         self.report_wait_s = 0.0  # time the training thread spent blocked in tune.report
+        self.nan_loss = False  # FOR TESTS ONLY: report a NaN training loss (see _test_nan_loss)
 
     def __call__(self, record: dict) -> None:
+        if self.nan_loss:
+            record = {**record, "loss": float("nan")}
         metrics = {key: float(record[key]) for key in REPORT_KEYS if isinstance(record.get(key), (int, float))}
         metrics["stage"] = record.get("stage", "")
         metrics["trial_s"] = time.perf_counter() - self.started
@@ -66,6 +69,7 @@ class EpochReporter:
         tune.report(metrics)  # returns when the driver has processed the result (Tune reports synchronously)
         self.report_wait_s += time.perf_counter() - waited
         check_finite(record)  # after the report, so the NaN epoch is in the trial's history too
+        _test_kill_once()
 
 
 def import_keras_lean() -> None:
@@ -90,29 +94,115 @@ def import_keras_lean() -> None:
 
 
 def train_trial(config: dict, context: dict) -> None:
-    """Tune function trainable: one `fer.training.run_trial` in `<trials_dir>/<trial_id>/`."""
+    """Tune function trainable: one `fer.training.run_trial` in `<trials_dir>/<trial_id>/`.
+
+    Faults (INTERNALS.md, "Faults and retries"): an exception raised by our code (a NaN loss included) is
+    caught here, its traceback written to error.txt and its one line sent as a last report
+    (`names.TRIAL_ERROR_KEY`), and the trial ENDS NORMALLY: the driver records it as errored and Ray Tune's
+    retry (`FailureConfig(max_failures)`, which would repeat any failure) is left with the failures that
+    never reach this code: the worker process or its node died (an OOM kill, a lost machine). A retried trial
+    starts from scratch: the folder its dead attempt left is removed first."""
     started, started_at = time.perf_counter(), time.time()
-    import_keras_lean()
-    from fer.backend_setup import configure_backend
-
-    configure_backend(threads=context["threads"])
-    from fer.progress import log_to_file
-
-    log_to_file(context["study_log"])
-    from fer.data import StudyData
-    from fer.training import run_trial
-
     trial_id = tune.get_context().get_trial_id()
     out_dir = Path(context["trials_dir"]) / trial_id
-    study_data = StudyData(context["data_dir"])
-    reporter = EpochReporter(started, started_at)
-    decisions = set(context.get("decision_epochs", ()))
-    run_trial(config, study_data, out_dir, on_epoch=reporter, evaluate_test=False,
-              report_can_stop=decisions.__contains__)
+    if out_dir.exists():  # a previous attempt of this trial died: start again from scratch
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        reused = "keras" in sys.modules  # a warm worker (run --reuse-workers): an earlier trial ran here
+        import_keras_lean()
+        if reused:
+            fresh_keras_state()
+        from fer.backend_setup import configure_backend
+
+        configure_backend(threads=context["threads"])
+        from fer.progress import log_to_file
+
+        log_to_file(context["study_log"])
+        from fer.data import StudyData
+        from fer.training import run_trial
+
+        study_data = StudyData(context["data_dir"])
+        reporter = EpochReporter(started, started_at)
+        reporter.nan_loss = _test_nan_loss(config)
+        decisions = set(context.get("decision_epochs", ()))
+        run_trial(config, study_data, out_dir, on_epoch=reporter, evaluate_test=False,
+                  report_can_stop=decisions.__contains__)
+    except Exception as exc:  # noqa: BLE001 - recorded as the trial's error, never retried (see above)
+        report_error(exc, out_dir, context.get("metric"))
+        return
     # After the last report (it may not run when a scheduler stops the trial, docs/pitfalls.md#last-report):
     # when the worker finished its own work, for the study's timing breakdown (outcome.json "timing").
+    import psutil  # a Ray dependency
+
     write_json(out_dir / names.WORKER_TIMES_FILE, {"started_at": started_at, "finished_at": time.time(),
-                                                  "report_wait_s": round(reporter.report_wait_s, 3)})
+                                                  "report_wait_s": round(reporter.report_wait_s, 3),
+                                                  # the worker's resident memory now (warm workers: it must
+                                                  # stay flat, benchmarks/worker_memory.py)
+                                                  "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)})
+
+
+def fresh_keras_state() -> None:
+    """Before a trial in a reused worker: drop everything an earlier trial left in Keras' global state
+    (models, layer-name counters, the default dtype policy); the trial's seeds are set by build_model
+    (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
+    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number."""
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy("float32")
+    gc.collect()
+
+
+def report_error(exc: BaseException, out_dir: Path, metric: str | None) -> None:
+    """Send a trial's error as its last report (the metric as NaN: Tune wants it in every report) and keep
+    the traceback in the trial folder (error.txt), since Tune never sees the exception."""
+    import traceback
+
+    message = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / names.ERROR_FILE).write_text("".join(traceback.format_exception(exc)))
+    except OSError:
+        pass
+    result = {names.TRIAL_ERROR_KEY: message}
+    if metric:
+        result[metric] = float("nan")
+    tune.report(result)
+
+
+KILL_ONCE_ENV = "FER_TEST_KILL_ONCE"
+NAN_DROPOUT_ENV = "FER_TEST_NAN_DROPOUT"
+
+
+def _test_nan_loss(config: dict) -> bool:
+    """FOR TESTS ONLY (tests/test_faults.py): with FER_TEST_NAN_DROPOUT=<x>, a trial whose dropout is x
+    reports a NaN training loss at its first epoch (no valid config makes the tiny test models diverge)."""
+    import os
+
+    wanted = os.environ.get(NAN_DROPOUT_ENV)
+    return bool(wanted) and abs(float(config.get("dropout", -1.0)) - float(wanted)) < 1e-9
+
+
+def _test_kill_once() -> None:
+    """FOR TESTS ONLY (tests/test_faults.py): with FER_TEST_KILL_ONCE=<folder>, the first trial of the study
+    to get here (after its first epoch report, with a finite loss) claims <folder>/claimed and SIGKILLs its
+    own worker process, as an OOM kill would; every later attempt and trial finds the claim and goes on."""
+    import os
+
+    folder = os.environ.get(KILL_ONCE_ENV)
+    if not folder:
+        return
+    try:
+        os.mkdir(Path(folder) / "claimed")
+    except OSError:
+        return
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict,
