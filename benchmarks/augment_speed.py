@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def keras_layers(seed: int) -> list:
     import keras
 
-    return [keras.layers.RandomFlip("horizontal", seed=seed, name="aug_flip"),
-            keras.layers.RandomRotation(0.05, fill_mode="nearest", seed=seed + 1, name="aug_rotate"),
-            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 2, name="aug_shift"),
-            keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 3, name="aug_zoom")]
+    return [
+        keras.layers.RandomFlip("horizontal", seed=seed, name="aug_flip"),
+        keras.layers.RandomRotation(0.05, fill_mode="nearest", seed=seed + 1, name="aug_rotate"),
+        keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 2, name="aug_shift"),
+        keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 3, name="aug_zoom"),
+    ]
 
 
 def epoch_seconds_per_step(model, images, labels, batch_size: int) -> float:
@@ -63,8 +65,11 @@ def main() -> None:
     images = rng.integers(0, 256, (n, args.image_size, args.image_size, 3)).astype("uint8")
     labels = np.eye(5, dtype="float32")[rng.integers(0, 5, n)]
     config = make_config(backbone=args.backbone, image_size=args.image_size, weights="none")
-    variants = {"keras_four_layers": lambda strength, seed: keras_layers(seed),
-                "fused_affine": fer_layers.augmentation_layers, "none": lambda strength, seed: []}
+    variants = {
+        "keras_four_layers": lambda strength, seed: keras_layers(seed),
+        "fused_affine": fer_layers.augmentation_layers,
+        "none": lambda strength, seed: [],
+    }
     result, models = {}, {}
     original = fer_layers.augmentation_layers
     import fer.model as fer_model
@@ -92,8 +97,18 @@ def main() -> None:
         result[f"{stage}_fused_vs_keras_step_ratio"] = round(keras_s / fused_s, 3)
         result[f"{stage}_augment_share_keras"] = round((keras_s - none_s) / keras_s, 3)
         result[f"{stage}_augment_share_fused"] = round((fused_s - none_s) / fused_s, 3)
-    print(json.dumps({"benchmark": "augment_speed", "backbone": args.backbone, "image_size": args.image_size,
-                      "batch_size": args.batch_size, **result, "machine": machine_info()}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "augment_speed",
+                "backbone": args.backbone,
+                "image_size": args.image_size,
+                "batch_size": args.batch_size,
+                **result,
+                "machine": machine_info(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,11 @@ def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: 
     src_index = {m[1]: i for i, m in enumerate(meta) if m[0] == "fer" and m[2] == "source"}
     recall = {}
     for kind in KINDS:
-        hits = [cluster_of.get(i, -1) >= 0 and cluster_of.get(i) == cluster_of.get(src_index[m[1]])
-                for i, m in enumerate(meta) if m[0] == "fer" and m[2] == kind]
+        hits = [
+            cluster_of.get(i, -1) >= 0 and cluster_of.get(i) == cluster_of.get(src_index[m[1]])
+            for i, m in enumerate(meta)
+            if m[0] == "fer" and m[2] == kind
+        ]
         recall[kind] = round(float(np.mean(hits)), 4)
     false_fer, diff_expr, same_expr, diff_people, diff_examples, false_examples = 0, 0, 0, 0, [], set()
     for members in dups.clusters:
@@ -111,15 +114,30 @@ def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: 
                     else:
                         same_expr += 1
     copies_pairs = sum(1 for m in meta if m[0] == "fer" and m[2] != "source")
-    found_true = sum(1 for i, m in enumerate(meta) if m[0] == "fer" and m[2] != "source"
-                     and cluster_of.get(i, -1) >= 0 and cluster_of.get(i) == cluster_of.get(src_index[m[1]]))
-    return {"part": part, "fer_sources": n_sources, "jaffe_people": mine, "images": len(paths),
-            "recall_per_edit": recall, "recall_all_edits": round(found_true / copies_pairs, 4),
-            "false_joins_fer_or_people": false_fer + diff_people, "false_join_examples": sorted(false_examples)[:10],
-            "jaffe_diff_expression_pairs_clustered": diff_expr, "jaffe_diff_expression_examples": diff_examples,
-            "jaffe_same_expression_pairs_clustered": same_expr,
-            "near_pairs": len(dups.near_pairs), "refused_unions": dups.refused,
-            "find_duplicates_cpu_s": round(cpu, 2)}
+    found_true = sum(
+        1
+        for i, m in enumerate(meta)
+        if m[0] == "fer"
+        and m[2] != "source"
+        and cluster_of.get(i, -1) >= 0
+        and cluster_of.get(i) == cluster_of.get(src_index[m[1]])
+    )
+    return {
+        "part": part,
+        "fer_sources": n_sources,
+        "jaffe_people": mine,
+        "images": len(paths),
+        "recall_per_edit": recall,
+        "recall_all_edits": round(found_true / copies_pairs, 4),
+        "false_joins_fer_or_people": false_fer + diff_people,
+        "false_join_examples": sorted(false_examples)[:10],
+        "jaffe_diff_expression_pairs_clustered": diff_expr,
+        "jaffe_diff_expression_examples": diff_examples,
+        "jaffe_same_expression_pairs_clustered": same_expr,
+        "near_pairs": len(dups.near_pairs),
+        "refused_unions": dups.refused,
+        "find_duplicates_cpu_s": round(cpu, 2),
+    }
 
 
 def before_after(fer: Path, before_audit: Path, tmp: Path) -> dict:
@@ -128,21 +146,31 @@ def before_after(fer: Path, before_audit: Path, tmp: Path) -> dict:
     from fer.data import prepare_dataset
 
     def counts(audit):
-        return {"excluded": audit["totals"]["excluded"],
-                "label_conflict_clusters": len(audit["label_conflicts"]),
-                "label_conflict_files": sum(len(c["paths"]) for c in audit["label_conflicts"]),
-                "excluded_per_class": {c: v["excluded"] for c, v in audit["counts"].items()}}
+        return {
+            "excluded": audit["totals"]["excluded"],
+            "label_conflict_clusters": len(audit["label_conflicts"]),
+            "label_conflict_files": sum(len(c["paths"]) for c in audit["label_conflicts"]),
+            "excluded_per_class": {c: v["excluded"] for c, v in audit["counts"].items()},
+        }
 
     old = json.loads(before_audit.read_text())
-    new = prepare_dataset(fer, tmp / "fer_data", image_size=48, log=None,
-                          predefined="train=^Training_,val=^PublicTest_,test=^PrivateTest_")
+    new = prepare_dataset(
+        fer,
+        tmp / "fer_data",
+        image_size=48,
+        log=None,
+        predefined="train=^Training_,val=^PublicTest_,test=^PrivateTest_",
+    )
     cluster = {p: k for k, c in enumerate(new["duplicates"]["clusters"]) for p in c["paths"]}
     whole = sum(len({cluster.get(p, -1 - n) for n, p in enumerate(c["paths"])}) == 1 for c in old["label_conflicts"])
     pairs = [(a, b) for c in old["label_conflicts"] for a, b in itertools.combinations(c["paths"], 2)]
     kept = sum(a in cluster and cluster.get(a) == cluster.get(b) for a, b in pairs)
-    return {"before": counts(old), "after": counts(new),
-            "old_conflict_clusters_still_whole": f"{whole}/{len(old['label_conflicts'])}",
-            "old_conflict_pairs_still_clustered": round(kept / max(1, len(pairs)), 4)}
+    return {
+        "before": counts(old),
+        "after": counts(new),
+        "old_conflict_clusters_still_whole": f"{whole}/{len(old['label_conflicts'])}",
+        "old_conflict_pairs_still_clustered": round(kept / max(1, len(pairs)), 4),
+    }
 
 
 def main() -> None:
@@ -163,20 +191,40 @@ def main() -> None:
         for part in args.parts.split(","):
             parts.append(run_part(part, args.fer, args.jaffe, args.sources, args.seed, Path(tmp)))
         fer2013 = before_after(args.fer, args.before, Path(tmp)) if args.before else None
-    rule = {"phash_max_bits": d.NEAR_PHASH_BITS, "prefilter": d.PREFILTER_MIN_CORRELATION,
-            "min_correlation": d.NEAR_MIN_CORRELATION,
-            "max_local": d.NEAR_MAX_LOCAL, "loose_min_correlation": d.LOOSE_MIN_CORRELATION,
-            "loose_max_local": d.LOOSE_MAX_LOCAL,
-            "registered_min_corr16": d.REGISTERED_MIN_CORR16, "registered_prefilter": d.REGISTERED_PREFILTER}
-    print(json.dumps({"benchmark": "duplicates_eval", "rule": rule, "edit_ranges": RANGES, "parts": parts,
-                      "fer2013_before_after": fer2013,
-                      "machine": machine_info()}))
+    rule = {
+        "phash_max_bits": d.NEAR_PHASH_BITS,
+        "prefilter": d.PREFILTER_MIN_CORRELATION,
+        "min_correlation": d.NEAR_MIN_CORRELATION,
+        "max_local": d.NEAR_MAX_LOCAL,
+        "loose_min_correlation": d.LOOSE_MIN_CORRELATION,
+        "loose_max_local": d.LOOSE_MAX_LOCAL,
+        "registered_min_corr16": d.REGISTERED_MIN_CORR16,
+        "registered_prefilter": d.REGISTERED_PREFILTER,
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "duplicates_eval",
+                "rule": rule,
+                "edit_ranges": RANGES,
+                "parts": parts,
+                "fer2013_before_after": fer2013,
+                "machine": machine_info(),
+            }
+        )
+    )
     kinds = list(RANGES)
     print(f"\n{'edit kind':<22}" + "".join(f"{q['part']:>14}" for q in parts))
     for k in kinds:
         print(f"{k:<22}" + "".join(f"{q['recall_per_edit'][k]:>14.3f}" for q in parts))
-    for key in ("recall_all_edits", "false_joins_fer_or_people", "jaffe_diff_expression_pairs_clustered",
-                "jaffe_same_expression_pairs_clustered", "refused_unions", "find_duplicates_cpu_s"):
+    for key in (
+        "recall_all_edits",
+        "false_joins_fer_or_people",
+        "jaffe_diff_expression_pairs_clustered",
+        "jaffe_same_expression_pairs_clustered",
+        "refused_unions",
+        "find_duplicates_cpu_s",
+    ):
         print(f"{key:<22}"[:40] + "".join(f"{q[key]:>14}" for q in parts))
     if fer2013:
         print(f"\nFER2013 prepare: {json.dumps(fer2013)}")

@@ -69,26 +69,33 @@ def latency_part(args, data, out: dict) -> None:
 
     for name in args.backbones.split(","):
         t = time.perf_counter()
-        model = build_model(make_config(backbone=name, image_size=args.latency_size, weights="none",
-                                        augment=1.0), len(data.classes))
+        model = build_model(
+            make_config(backbone=name, image_size=args.latency_size, weights="none", augment=1.0), len(data.classes)
+        )
         keras_figures = measure_model(model, args.threads)
         folder = args.work / "latency" / name
         export_model(model, data.classes, folder, "tflite")
         exported = ExportedModel(folder / "export.json")
-        images = _resized(np.asarray(data.pixels("test", args.image_size)[:args.check_images]), args.latency_size)
+        images = _resized(np.asarray(data.pixels("test", args.image_size)[: args.check_images]), args.latency_size)
         check = agreement(predict_probs(model, images, 64), exported.predict(images), None)
         tflite = measure_predict(exported.predict_batch, args.latency_size, exported.info["size_bytes"], "tflite")
         out["latency"][name] = {
-            "params": keras_figures["params"], "variables_mb": round(keras_figures["size_bytes"] / 1e6, 2),
-            "keras_cpu": keras_figures["devices"]["cpu"], "tflite_mb": round(exported.info["size_bytes"] / 1e6, 2),
-            "tflite_cpu": tflite["devices"]["cpu"], "tflite_check": check,
+            "params": keras_figures["params"],
+            "variables_mb": round(keras_figures["size_bytes"] / 1e6, 2),
+            "keras_cpu": keras_figures["devices"]["cpu"],
+            "tflite_mb": round(exported.info["size_bytes"] / 1e6, 2),
+            "tflite_cpu": tflite["devices"]["cpu"],
+            "tflite_check": check,
             "load_average": [keras_figures["load_average_before"], tflite["load_average_after"]],
-            "seconds": round(time.perf_counter() - t, 1)}
+            "seconds": round(time.perf_counter() - t, 1),
+        }
         k, f = keras_figures["devices"]["cpu"], tflite["devices"]["cpu"]
-        log(f"{name}: {keras_figures['params'] / 1e6:.1f} M params, keras {k['latency_ms_median']:.1f} ms "
+        log(
+            f"{name}: {keras_figures['params'] / 1e6:.1f} M params, keras {k['latency_ms_median']:.1f} ms "
             f"(p90 {k['latency_ms_p90']:.1f}, cpu {k['cpu_ms_per_image']:.1f}), {k['images_per_s']:.0f} img/s b64; "
             f"tflite {f['latency_ms_median']:.1f} ms, {exported.info['size_bytes'] / 1e6:.1f} MB, "
-            f"max diff {check['max_abs_diff']:.1e}")
+            f"max diff {check['max_abs_diff']:.1e}"
+        )
         shutil.rmtree(folder, ignore_errors=True)
         _save(args, out)
 
@@ -111,21 +118,46 @@ def trained_part(args, data_dir: Path, out: dict) -> None:
     best = args.work / "best" / "mobilenetv2"
     if not (best / "model.keras").is_file():
         data = SubsampledStudyData(StudyData(data_dir), {"train": args.max_train, "val": args.max_val}, 0)
-        config = make_config(backbone="mobilenetv2", image_size=args.image_size, weights=str(args.weights_file),
-                             epochs_head=args.epochs_head, epochs_finetune=0, batch_size=32, seed=0)
-        run_trial(config, data, best, on_epoch=lambda r: log(
-            f"epoch {r['epoch']}: val_acc {r['val_accuracy']:.3f} ({r['epoch_s']:.0f} s)"))
-    out["trained"] = {"backbone": "mobilenetv2", "image_size": args.image_size, "max_train": args.max_train,
-                      "epochs_head": args.epochs_head, "val": json.loads((best / "summary.json").read_text())
-                      .get("val_accuracy"), "exports": {}}
-    for fmt, quantize in (("saved_model", None), ("tflite", None), ("tflite", "float16"), ("tflite", "int8"),
-                          ("onnx", None)):
+        config = make_config(
+            backbone="mobilenetv2",
+            image_size=args.image_size,
+            weights=str(args.weights_file),
+            epochs_head=args.epochs_head,
+            epochs_finetune=0,
+            batch_size=32,
+            seed=0,
+        )
+        run_trial(
+            config,
+            data,
+            best,
+            on_epoch=lambda r: log(f"epoch {r['epoch']}: val_acc {r['val_accuracy']:.3f} ({r['epoch_s']:.0f} s)"),
+        )
+    out["trained"] = {
+        "backbone": "mobilenetv2",
+        "image_size": args.image_size,
+        "max_train": args.max_train,
+        "epochs_head": args.epochs_head,
+        "val": json.loads((best / "summary.json").read_text()).get("val_accuracy"),
+        "exports": {},
+    }
+    for fmt, quantize in (
+        ("saved_model", None),
+        ("tflite", None),
+        ("tflite", "float16"),
+        ("tflite", "int8"),
+        ("onnx", None),
+    ):
         key = fmt + (f"-{quantize}" if quantize else "")
         t = time.perf_counter()
         result = export_best(best, fmt, quantize)
         cpu = result["latency"]["devices"]["cpu"]
-        out["trained"]["exports"][key] = {"check": result["check"], "size_mb": round(result["size_bytes"] / 1e6, 2),
-                                          "cpu": cpu, "seconds": round(time.perf_counter() - t, 1)}
+        out["trained"]["exports"][key] = {
+            "check": result["check"],
+            "size_mb": round(result["size_bytes"] / 1e6, 2),
+            "cpu": cpu,
+            "seconds": round(time.perf_counter() - t, 1),
+        }
         log(f"{key}: {result['check']}, {result['size_bytes'] / 1e6:.2f} MB, {cpu['latency_ms_median']:.2f} ms")
         _save(args, out)
 
@@ -144,11 +176,11 @@ def main():
 
     data_dir = args.work / "data"
     if not (data_dir / "manifest.csv").is_file():
-        prepare_dataset(args.data, data_dir, image_size=args.image_size, predefined=PREDEFINED, seed=0,
-                        log=lambda *a, **k: log(*a))
+        prepare_dataset(
+            args.data, data_dir, image_size=args.image_size, predefined=PREDEFINED, seed=0, log=lambda *a, **k: log(*a)
+        )
     data = StudyData(data_dir)
-    out = {"benchmark": "export_check", "latency_size": args.latency_size, "latency": {},
-           "machine": machine_info()}
+    out = {"benchmark": "export_check", "latency_size": args.latency_size, "latency": {}, "machine": machine_info()}
     if not args.skip_trained:
         trained_part(args, data_dir, out)
     if not args.skip_latency:

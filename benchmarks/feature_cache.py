@@ -74,10 +74,14 @@ def trial_configs(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     configs = [{"dense_units": 256, "dropout": 0.53, "lr_head": 1e-3, "lr_finetune": 1e-4}]
     while len(configs) < n:
-        configs.append({"dense_units": int(rng.choice([64, 128, 256, 512])),
-                        "dropout": round(float(rng.uniform(0.2, 0.6)), 3),
-                        "lr_head": float(10 ** rng.uniform(-4, math.log10(3e-3))),
-                        "lr_finetune": float(10 ** rng.uniform(-5, math.log10(3e-4)))})
+        configs.append(
+            {
+                "dense_units": int(rng.choice([64, 128, 256, 512])),
+                "dropout": round(float(rng.uniform(0.2, 0.6)), 3),
+                "lr_head": float(10 ** rng.uniform(-4, math.log10(3e-3))),
+                "lr_finetune": float(10 ** rng.uniform(-5, math.log10(3e-4))),
+            }
+        )
     return configs
 
 
@@ -89,17 +93,22 @@ def prepare_data(args, tmp: Path):
         from fer.demo_data import GROUP_REGEX, generate_demo_data
 
         generate_demo_data(tmp / "src", per_class=args.per_class, seed=0)
-        prepare_dataset(tmp / "src", tmp / "study" / "data", group_regex=GROUP_REGEX,
-                        image_size=args.image_size, **quiet)
+        prepare_dataset(
+            tmp / "src", tmp / "study" / "data", group_regex=GROUP_REGEX, image_size=args.image_size, **quiet
+        )
     else:
         from usual_way import FER2013, make_subset
 
         if not FER2013.is_dir():
             sys.exit(shared_missing(FER2013) + " (or pass --demo)")
-        make_subset(FER2013, tmp, args.per_class, max(10, args.per_class // 3), seed=0,
-                    test_per_class=10)
-        prepare_dataset(tmp / "flat", tmp / "study" / "data", image_size=args.image_size,
-                        predefined="train=^Training_,val=^PublicTest_,test=^PrivateTest_", **quiet)
+        make_subset(FER2013, tmp, args.per_class, max(10, args.per_class // 3), seed=0, test_per_class=10)
+        prepare_dataset(
+            tmp / "flat",
+            tmp / "study" / "data",
+            image_size=args.image_size,
+            predefined="train=^Training_,val=^PublicTest_,test=^PrivateTest_",
+            **quiet,
+        )
     return StudyData(tmp / "study" / "data")
 
 
@@ -118,13 +127,20 @@ def run_one(config: dict, data, out: Path) -> dict:
     stats = {}
     for stage in ("head", "finetune"):
         cache = caches.get(stage, {})
-        stats.update({f"{stage}_s": float(history[history.stage == stage].epoch_s.sum()) + cache.get("seconds", 0.0),
-                    f"{stage}_feature_s": cache.get("seconds", 0.0),
-                    f"{stage}_feature_computed": cache.get("computed", False),
-                    f"{stage}_epochs": int((history.stage == stage).sum())})
-    return {**stats,
-            "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"],
-            "trial_cpu_s": time.process_time() - cpu0}
+        stats.update(
+            {
+                f"{stage}_s": float(history[history.stage == stage].epoch_s.sum()) + cache.get("seconds", 0.0),
+                f"{stage}_feature_s": cache.get("seconds", 0.0),
+                f"{stage}_feature_computed": cache.get("computed", False),
+                f"{stage}_epochs": int((history.stage == stage).sum()),
+            }
+        )
+    return {
+        **stats,
+        "val_accuracy": summary["val_accuracy"],
+        "val_loss": summary["val_loss"],
+        "trial_cpu_s": time.process_time() - cpu0,
+    }
 
 
 def main():
@@ -134,9 +150,18 @@ def main():
     from fer.machine import machine_info
 
     configure_backend()
-    base = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                batch_size=args.batch_size, epochs_head=args.epochs_head, epochs_finetune=args.epochs_finetune,
-                unfreeze_layers=args.unfreeze_layers, patience=3, feature_views=args.views, seed=0)
+    base = dict(
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs_head=args.epochs_head,
+        epochs_finetune=args.epochs_finetune,
+        unfreeze_layers=args.unfreeze_layers,
+        patience=3,
+        feature_views=args.views,
+        seed=0,
+    )
     stages = ("head", "finetune") if args.epochs_finetune > 0 else ("head",)
     if "torchvision_port" in args.weights:
         base["bn_epsilon"] = 1e-5
@@ -147,8 +172,14 @@ def main():
         runs = {"exact": [], "cached": []}
         for i, head in enumerate(configs):
             for method in ("exact", "cached"):
-                config = make_config({**base, **head, "head_features": method,
-                                      "finetune_features": method if "finetune" in stages else "exact"})
+                config = make_config(
+                    {
+                        **base,
+                        **head,
+                        "head_features": method,
+                        "finetune_features": method if "finetune" in stages else "exact",
+                    }
+                )
                 runs[method].append(run_one(config, data, tmp / f"{method}{i}"))
                 print(f"trial {i} {method}: {json.dumps(runs[method][-1])}", file=sys.stderr)
         spread = [runs["exact"][0]["val_accuracy"]]
@@ -161,33 +192,51 @@ def main():
     for stage in stages:  # seconds per trial; cached includes the one-off, amortised over the trials
         exact_s = sum(r[f"{stage}_s"] for r in runs["exact"]) / len(configs)
         cached_s = sum(r[f"{stage}_s"] for r in runs["cached"]) / len(configs)
-        per_stage.update({
-            f"exact_{stage}_s_per_trial": round(exact_s, 2), f"cached_{stage}_s_per_trial": round(cached_s, 2),
-            f"{stage}_feature_compute_once_s": round(sum(r[f"{stage}_feature_s"] for r in runs["cached"]
-                                                         if r[f"{stage}_feature_computed"]), 2),
-            f"{stage}_speedup": round(exact_s / cached_s, 2)})
+        per_stage.update(
+            {
+                f"exact_{stage}_s_per_trial": round(exact_s, 2),
+                f"cached_{stage}_s_per_trial": round(cached_s, 2),
+                f"{stage}_feature_compute_once_s": round(
+                    sum(r[f"{stage}_feature_s"] for r in runs["cached"] if r[f"{stage}_feature_computed"]), 2
+                ),
+                f"{stage}_speedup": round(exact_s / cached_s, 2),
+            }
+        )
     diffs = [c["val_accuracy"] - e["val_accuracy"] for c, e in zip(runs["cached"], runs["exact"])]
     seed_range = max(spread) - min(spread)
-    print(json.dumps({
-        "benchmark": "feature_cache", "backbone": args.backbone, "weights": Path(args.weights).name,
-        "image_size": args.image_size, "data": "demo" if args.demo else "fer2013-subsample",
-        "train_images": n_train, "val_images": n_val, "trials": len(configs), "epochs_head": args.epochs_head,
-        "epochs_finetune": args.epochs_finetune, "unfreeze_layers": args.unfreeze_layers,
-        "feature_views": args.views, **per_stage, "target_head_speedup": 5.0,
-        "exact_trial_cpu_s": round(statistics.mean(r["trial_cpu_s"] for r in runs["exact"]), 2),
-        "cached_trial_cpu_s": round(statistics.mean(r["trial_cpu_s"] for r in runs["cached"]), 2),
-        "val_accuracy_exact": [round(r["val_accuracy"], 3) for r in runs["exact"]],
-        "val_accuracy_cached": [round(r["val_accuracy"], 3) for r in runs["cached"]],
-        "mean_accuracy_exact": round(statistics.mean(r["val_accuracy"] for r in runs["exact"]), 4),
-        "mean_accuracy_cached": round(statistics.mean(r["val_accuracy"] for r in runs["cached"]), 4),
-        "mean_abs_accuracy_diff": round(statistics.mean(abs(d) for d in diffs), 4),
-        "max_abs_accuracy_diff": round(max(abs(d) for d in diffs), 4),
-        "exact_seed_accuracies": [round(a, 3) for a in spread],
-        "exact_seed_range": round(seed_range, 4),
-        "exact_seed_std": round(statistics.stdev(spread), 4) if len(spread) > 1 else None,
-        "within_seed_spread": abs(statistics.mean(diffs)) <= seed_range,
-        "machine": machine_info(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "feature_cache",
+                "backbone": args.backbone,
+                "weights": Path(args.weights).name,
+                "image_size": args.image_size,
+                "data": "demo" if args.demo else "fer2013-subsample",
+                "train_images": n_train,
+                "val_images": n_val,
+                "trials": len(configs),
+                "epochs_head": args.epochs_head,
+                "epochs_finetune": args.epochs_finetune,
+                "unfreeze_layers": args.unfreeze_layers,
+                "feature_views": args.views,
+                **per_stage,
+                "target_head_speedup": 5.0,
+                "exact_trial_cpu_s": round(statistics.mean(r["trial_cpu_s"] for r in runs["exact"]), 2),
+                "cached_trial_cpu_s": round(statistics.mean(r["trial_cpu_s"] for r in runs["cached"]), 2),
+                "val_accuracy_exact": [round(r["val_accuracy"], 3) for r in runs["exact"]],
+                "val_accuracy_cached": [round(r["val_accuracy"], 3) for r in runs["cached"]],
+                "mean_accuracy_exact": round(statistics.mean(r["val_accuracy"] for r in runs["exact"]), 4),
+                "mean_accuracy_cached": round(statistics.mean(r["val_accuracy"] for r in runs["cached"]), 4),
+                "mean_abs_accuracy_diff": round(statistics.mean(abs(d) for d in diffs), 4),
+                "max_abs_accuracy_diff": round(max(abs(d) for d in diffs), 4),
+                "exact_seed_accuracies": [round(a, 3) for a in spread],
+                "exact_seed_range": round(seed_range, 4),
+                "exact_seed_std": round(statistics.stdev(spread), 4) if len(spread) > 1 else None,
+                "within_seed_spread": abs(statistics.mean(diffs)) <= seed_range,
+                "machine": machine_info(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

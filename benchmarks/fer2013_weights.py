@@ -39,8 +39,12 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="FER2013 class folders")
     p.add_argument("--weights-file", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--work", type=Path, default=ROOT / "results" / "fer2013-weights",
-                   help="prepared data (reused by later runs) and the two trial folders")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "results" / "fer2013-weights",
+        help="prepared data (reused by later runs) and the two trial folders",
+    )
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--max-train", type=int, default=10000, help="stratified training subsample; 0 = all")
     p.add_argument("--max-eval", type=int, default=0, help="cap val and test (smoke tests only); 0 = all")
@@ -65,8 +69,10 @@ class SubsampledStudyData:
         for split, cap in caps.items():
             labels = data.labels(split)
             if cap and cap < len(labels):
-                keep = [rng.permutation(np.flatnonzero(labels == c))[:max(1, round(cap * np.mean(labels == c)))]
-                        for c in range(len(self.classes))]
+                keep = [
+                    rng.permutation(np.flatnonzero(labels == c))[: max(1, round(cap * np.mean(labels == c)))]
+                    for c in range(len(self.classes))
+                ]
                 self.index[split] = np.sort(np.concatenate(keep))
 
     def labels(self, split):
@@ -99,47 +105,83 @@ def main():
     data_dir = args.work / "data"
     t0 = time.perf_counter()
     if not (data_dir / "manifest.csv").is_file():
-        prepare_dataset(args.data, data_dir, image_size=args.image_size, predefined=PREDEFINED, seed=args.seed,
-                        log=lambda *a, **k: print(*a, file=sys.stderr))  # stdout holds only the JSON line
+        prepare_dataset(
+            args.data,
+            data_dir,
+            image_size=args.image_size,
+            predefined=PREDEFINED,
+            seed=args.seed,
+            log=lambda *a, **k: print(*a, file=sys.stderr),
+        )  # stdout holds only the JSON line
     prepare_s = time.perf_counter() - t0
     full = StudyData(data_dir)
-    data = SubsampledStudyData(full, {"train": args.max_train, "val": args.max_eval, "test": args.max_eval},
-                               args.seed)
+    data = SubsampledStudyData(full, {"train": args.max_train, "val": args.max_eval, "test": args.max_eval}, args.seed)
     counts = {s: len(data.labels(s)) for s in ("train", "val", "test")}
     print(f"images per split: {counts} (prepare/open {prepare_s:.0f} s)", file=sys.stderr)
 
     epochs_head = args.epochs if args.epochs is not None else args.epochs_head
     epochs_finetune = args.epochs if args.epochs is not None else args.epochs_finetune
-    runs = {"imagenet_file": {"weights": str(args.weights_file), "bn_epsilon": 1e-5},
-            "none": {"weights": "none"}}
+    runs = {"imagenet_file": {"weights": str(args.weights_file), "bn_epsilon": 1e-5}, "none": {"weights": "none"}}
     runs = {name: runs[name] for name in args.runs.split(",")}
     results = {}
     for name, overrides in runs.items():
-        config = make_config(backbone="mobilenetv2", image_size=args.image_size, batch_size=args.batch_size,
-                             epochs_head=epochs_head, epochs_finetune=epochs_finetune, seed=args.seed, **overrides)
+        config = make_config(
+            backbone="mobilenetv2",
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            epochs_head=epochs_head,
+            epochs_finetune=epochs_finetune,
+            seed=args.seed,
+            **overrides,
+        )
         out = args.work / f"trial-{name}"
         t = time.perf_counter()
-        summary = run_trial(config, data, out, evaluate_test=True,
-                            on_epoch=lambda r, n=name: print(
-                                f"[{n}] epoch {r['epoch']} {r['stage']}: val_loss {r['val_loss']:.4f} "
-                                f"val_acc {r['val_accuracy']:.3f} val_f1 {r['val_macro_f1']:.3f} "
-                                f"({r['epoch_s']:.0f} s)", file=sys.stderr))
+        summary = run_trial(
+            config,
+            data,
+            out,
+            evaluate_test=True,
+            on_epoch=lambda r, n=name: print(
+                f"[{n}] epoch {r['epoch']} {r['stage']}: val_loss {r['val_loss']:.4f} "
+                f"val_acc {r['val_accuracy']:.3f} val_f1 {r['val_macro_f1']:.3f} "
+                f"({r['epoch_s']:.0f} s)",
+                file=sys.stderr,
+            ),
+        )
         test = json.loads((out / "test_metrics.json").read_text())
         results[name] = {
             "config": {k: config[k] for k in ("weights", "bn_epsilon")},
-            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-            "val_accuracy": summary["val_accuracy"], "val_macro_f1": summary["val_macro_f1"],
-            "best_epoch": summary["best_epoch"], "best_stage": summary["best_stage"],
-            "epochs_run": summary["epochs_run"], "seconds": round(time.perf_counter() - t, 1),
+            "test_accuracy": test["accuracy"],
+            "test_macro_f1": test["macro_f1"],
+            "val_accuracy": summary["val_accuracy"],
+            "val_macro_f1": summary["val_macro_f1"],
+            "best_epoch": summary["best_epoch"],
+            "best_stage": summary["best_stage"],
+            "epochs_run": summary["epochs_run"],
+            "seconds": round(time.perf_counter() - t, 1),
             "trial_folder": str(out),
         }
-        print(f"[{name}] test accuracy {test['accuracy']['value']:.3f} {test['accuracy']['ci95']}, "
-              f"macro-F1 {test['macro_f1']['value']:.3f} {test['macro_f1']['ci95']}", file=sys.stderr)
-    print(json.dumps({
-        "benchmark": "fer2013_weights", "backbone": "mobilenetv2", "image_size": args.image_size,
-        "images": counts, "epochs_head": epochs_head, "epochs_finetune": epochs_finetune,
-        "batch_size": args.batch_size, "seed": args.seed, "results": results, "machine": machine_info(),
-    }))
+        print(
+            f"[{name}] test accuracy {test['accuracy']['value']:.3f} {test['accuracy']['ci95']}, "
+            f"macro-F1 {test['macro_f1']['value']:.3f} {test['macro_f1']['ci95']}",
+            file=sys.stderr,
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "fer2013_weights",
+                "backbone": "mobilenetv2",
+                "image_size": args.image_size,
+                "images": counts,
+                "epochs_head": epochs_head,
+                "epochs_finetune": epochs_finetune,
+                "batch_size": args.batch_size,
+                "seed": args.seed,
+                "results": results,
+                "machine": machine_info(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

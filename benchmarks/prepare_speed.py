@@ -131,16 +131,23 @@ def run_once(data: Path, out: Path, image_size: int, workers: int | None) -> dic
     t = audit["timing"]
     mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
     return {
-        "files": t["files"], "decoded": t["decoded"], "seconds": round(seconds, 2),
-        "images_per_s": round(t["decoded"] / seconds, 1), "scan_decode_seconds": t["scan_decode_seconds"],
-        "workers": t["workers"], "cpu_seconds": round(cpu, 2),
+        "files": t["files"],
+        "decoded": t["decoded"],
+        "seconds": round(seconds, 2),
+        "images_per_s": round(t["decoded"] / seconds, 1),
+        "scan_decode_seconds": t["scan_decode_seconds"],
+        "workers": t["workers"],
+        "cpu_seconds": round(cpu, 2),
         "images_per_cpu_s": round(t["decoded"] / cpu, 1) if cpu else None,
-        "load_avg_1m_before": round(load0, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        "load_avg_1m_before": round(load0, 2),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "memory_before_mib": {"pss": mib(before["Pss"]), "pss_anon": mib(before["Pss_Anon"])},
-        "peak_pss_mib": mib(sampler.peak["Pss"]), "peak_pss_anon_mib": mib(sampler.peak["Pss_Anon"]),
+        "peak_pss_mib": mib(sampler.peak["Pss"]),
+        "peak_pss_anon_mib": mib(sampler.peak["Pss_Anon"]),
         "peak_rss_sum_mib": mib(sampler.peak["Rss"]),
         "pixel_cache_mib": round(cache / 2**20, 1),
-        "duplicates_excluded": audit["totals"]["duplicate"], "leakage_ok": audit["leakage"]["ok"],
+        "duplicates_excluded": audit["totals"]["duplicate"],
+        "leakage_ok": audit["leakage"]["ok"],
     }
 
 
@@ -171,26 +178,46 @@ def main() -> None:
         for fraction in (float(f) for f in args.fractions.split(",")):
             data, _ = subset(args.data, fraction, Path(tmp))
             out = Path(tmp) / f"out_{fraction:g}"
-            cmd = [sys.executable, __file__, "--one", str(data), "--out", str(out), "--image-size",
-                   str(args.image_size)] + (["--workers", str(args.workers)] if args.workers is not None else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                str(data),
+                "--out",
+                str(out),
+                "--image-size",
+                str(args.image_size),
+            ] + (["--workers", str(args.workers)] if args.workers is not None else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)  # a fresh process per run
             runs.append({"fraction": fraction, **json.loads(proc.stdout.strip().splitlines()[-1])})
             shutil.rmtree(out)
     full, small = runs[-1], runs[0]
     growth = None
     if len(runs) > 1:
-        growth = round((full["peak_pss_anon_mib"] - small["peak_pss_anon_mib"]) * 1024
-                       / max(1, full["files"] - small["files"]), 2)
-    print(json.dumps({
-        "benchmark": "prepare_speed", "data": str(args.data), "image_size": args.image_size,
-        "files": full["files"], "images_per_s": full["images_per_s"], "target_images_per_s": 500,
-        "images_per_cpu_s": full["images_per_cpu_s"], "load_avg_1m_during": full["load_avg_1m_after"],
-        "peak_pss_mib": full["peak_pss_mib"], "peak_pss_anon_mib": full["peak_pss_anon_mib"],
-        "pss_anon_growth_kib_per_file": growth,
-        "pixel_cache_kib_per_file": round(full["pixel_cache_mib"] * 1024 / max(1, full["files"]), 2),
-        "runs": runs, "machine": machine_info(),
-        "note": "2-core machine shared with other engineers' jobs while measured (see load_avg)",
-    }))
+        growth = round(
+            (full["peak_pss_anon_mib"] - small["peak_pss_anon_mib"]) * 1024 / max(1, full["files"] - small["files"]), 2
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "prepare_speed",
+                "data": str(args.data),
+                "image_size": args.image_size,
+                "files": full["files"],
+                "images_per_s": full["images_per_s"],
+                "target_images_per_s": 500,
+                "images_per_cpu_s": full["images_per_cpu_s"],
+                "load_avg_1m_during": full["load_avg_1m_after"],
+                "peak_pss_mib": full["peak_pss_mib"],
+                "peak_pss_anon_mib": full["peak_pss_anon_mib"],
+                "pss_anon_growth_kib_per_file": growth,
+                "pixel_cache_kib_per_file": round(full["pixel_cache_mib"] * 1024 / max(1, full["files"]), 2),
+                "runs": runs,
+                "machine": machine_info(),
+                "note": "2-core machine shared with other engineers' jobs while measured (see load_avg)",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,20 +53,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, per_class in (("without_gradcam_s", 0), ("with_gradcam_s", args.gradcam_per_class)):
             start, cpu_start = time.perf_counter(), time.process_time()
-            out = build_report(args.study, Path(tmp) / label, gradcam_per_class=per_class,
-                               n_faithfulness=args.n_faithfulness)
+            out = build_report(
+                args.study, Path(tmp) / label, gradcam_per_class=per_class, n_faithfulness=args.n_faithfulness
+            )
             timings[label] = round(time.perf_counter() - start, 2)
             # CPU seconds of this process: comparable even on a machine shared with other jobs
             timings[label.replace("_s", "_cpu_s")] = round(time.process_time() - cpu_start, 2)
         html_mb = (out / "report.html").stat().st_size / 1e6
-    print(json.dumps({
-        "benchmark": "report_speed", "study": str(args.study), "backbones": len(study.backbones),
-        "tested_backbones": len(study.ok), "gradcam_per_class": args.gradcam_per_class,
-        "n_faithfulness": args.n_faithfulness, **timings,
-        "gradcam_per_backbone": per_backbone,
-        "html_mb": round(html_mb, 2), "load_average_1min": round(os.getloadavg()[0], 2),
-        "machine": machine_info(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "report_speed",
+                "study": str(args.study),
+                "backbones": len(study.backbones),
+                "tested_backbones": len(study.ok),
+                "gradcam_per_class": args.gradcam_per_class,
+                "n_faithfulness": args.n_faithfulness,
+                **timings,
+                "gradcam_per_backbone": per_backbone,
+                "html_mb": round(html_mb, 2),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "machine": machine_info(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

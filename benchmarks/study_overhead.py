@@ -102,8 +102,10 @@ def time_breakdown(timings: dict, outcomes: list[dict], wall: float, start_unix:
     known = sum(v for v in phases.values() if v)
     phases["other_in_run_study_s"] = round(timings.get("total_s", wall) - known, 1)  # study.json, Tuner set-up
     phases["after_run_study_s"] = round(wall - timings.get("total_s", wall), 1)  # Ray shutdown
-    rows = sorted((o["timing"] | {"trial_id": o["trial_id"]} for o in outcomes if o.get("timing")),
-                  key=lambda t: t["started_at"] or 0)
+    rows = sorted(
+        (o["timing"] | {"trial_id": o["trial_id"]} for o in outcomes if o.get("timing")),
+        key=lambda t: t["started_at"] or 0,
+    )
     # slots: each trial takes the slot that was freed first (its previous trial's driver-side end)
     free = [timings.get("search_started_at") or start_unix] * slots
     for row in rows:
@@ -112,8 +114,16 @@ def time_breakdown(timings: dict, outcomes: list[dict], wall: float, start_unix:
         row["gap_before_s"] = round(row["started_at"] - free[slot], 3) if row["started_at"] else None
         free[slot] = row["finished_at"]
     end = timings.get("search_ended_at")
-    keys = ("gap_before_s", "worker_start_s", "setup_s", "epochs_s", "between_epochs_s", "report_wait_s", "wrap_up_s",
-            "end_s")
+    keys = (
+        "gap_before_s",
+        "worker_start_s",
+        "setup_s",
+        "epochs_s",
+        "between_epochs_s",
+        "report_wait_s",
+        "wrap_up_s",
+        "end_s",
+    )
     return {
         "phases": phases,
         "per_trial_mean_s": {key: _mean(r.get(key) for r in rows) for key in keys},
@@ -147,19 +157,38 @@ def main() -> None:
         tmp = Path(tmp)
         generate_demo_data(tmp / "demo", per_class=args.per_class, seed=0)
         study = tmp / "results" / "bench"
-        prepare_dataset(tmp / "demo", study / "data", group_regex=r"^(S\d+)_", image_size=args.image_size,
-                        log=lambda *a, **k: None)
-        space = {"name": "bench", "backbones": [args.backbone], "trials_per_backbone": args.trials,
-                 "scheduler": {"type": "none"},
-                 "fixed": {"image_size": args.image_size, "weights": "none", "batch_size": 16,
-                           "epochs_head": args.epochs, "epochs_finetune": args.epochs, "patience": 50,
-                           "augment": 0.0},
-                 "space": {"dropout": {"uniform": [0.1, 0.6]}}}
+        prepare_dataset(
+            tmp / "demo", study / "data", group_regex=r"^(S\d+)_", image_size=args.image_size, log=lambda *a, **k: None
+        )
+        space = {
+            "name": "bench",
+            "backbones": [args.backbone],
+            "trials_per_backbone": args.trials,
+            "scheduler": {"type": "none"},
+            "fixed": {
+                "image_size": args.image_size,
+                "weights": "none",
+                "batch_size": 16,
+                "epochs_head": args.epochs,
+                "epochs_finetune": args.epochs,
+                "patience": 50,
+                "augment": 0.0,
+            },
+            "space": {"dropout": {"uniform": [0.1, 0.6]}},
+        }
         (tmp / "space.yaml").write_text(yaml.safe_dump(space))
         with IdleSampler() as idle:
             t0, t0_unix = time.perf_counter(), time.time()
-            run_study(study, tmp / "space.yaml", cpus_per_trial=1, num_cpus=args.concurrency, dashboard=True,
-                      stream=sys.stderr, live=False, reuse_workers=args.reuse_workers)
+            run_study(
+                study,
+                tmp / "space.yaml",
+                cpus_per_trial=1,
+                num_cpus=args.concurrency,
+                dashboard=True,
+                stream=sys.stderr,
+                live=False,
+                reuse_workers=args.reuse_workers,
+            )
             wall = time.perf_counter() - t0
             end_unix = time.time()
         trials = pd.read_csv(study / "trials.csv")
@@ -169,34 +198,49 @@ def main() -> None:
         timings = study_json.get("timings", {})
         breakdown = time_breakdown(timings, outcomes, wall, t0_unix, args.concurrency)
         search = (timings.get("search_started_at"), timings.get("search_ended_at"))
-        breakdown["idle_core_s"] = {"before_search": idle.idle_between(t0_unix, search[0]),
-                                    "search": idle.idle_between(*search),
-                                    "after_search": idle.idle_between(search[1], end_unix),
-                                    "whole_run": idle.idle_between(t0_unix, end_unix)}
+        breakdown["idle_core_s"] = {
+            "before_search": idle.idle_between(t0_unix, search[0]),
+            "search": idle.idle_between(*search),
+            "after_search": idle.idle_between(search[1], end_unix),
+            "whole_run": idle.idle_between(t0_unix, end_unix),
+        }
     train = float(trials.train_s.sum())
     trial_wall = float(trials.trial_s.sum())
-    print(json.dumps({
-        "benchmark": "study_overhead",
-        "trials": len(trials), "statuses": trials.status.value_counts().to_dict(),
-        "backbone": args.backbone, "image_size": args.image_size, "epochs": 2 * args.epochs,
-        "concurrency": args.concurrency, "reuse_workers": args.reuse_workers,
-        "setup_s_per_trial": [o.get("timing", {}).get("setup_s") for o in outcomes],
-        "cpu_s": {"driver": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
-                  "children": round(sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]), 1)},
-        "load_average": os.getloadavg(), "study_wall_s": round(wall, 1), "search_wall_s": search_s,
-        "trial_train_s_sum": round(train, 1), "trial_train_s_mean": round(train / len(trials), 1),
-        "trial_wall_s_sum": round(trial_wall, 1),
-        "overhead_fraction": round(1 - train / (wall * args.concurrency), 3),
-        "orchestration_overhead_fraction": round(1 - trial_wall / (wall * args.concurrency), 3),
-        "search_overhead_fraction": round(1 - train / (search_s * args.concurrency), 3) if search_s else None,
-        "breakdown": breakdown,
-        "idle_ray_head": memory,
-        "note": "overhead_fraction = 1 - sum(trial epoch times) / (study wall x concurrency): everything not "
+    print(
+        json.dumps(
+            {
+                "benchmark": "study_overhead",
+                "trials": len(trials),
+                "statuses": trials.status.value_counts().to_dict(),
+                "backbone": args.backbone,
+                "image_size": args.image_size,
+                "epochs": 2 * args.epochs,
+                "concurrency": args.concurrency,
+                "reuse_workers": args.reuse_workers,
+                "setup_s_per_trial": [o.get("timing", {}).get("setup_s") for o in outcomes],
+                "cpu_s": {
+                    "driver": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+                    "children": round(sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]), 1),
+                },
+                "load_average": os.getloadavg(),
+                "study_wall_s": round(wall, 1),
+                "search_wall_s": search_s,
+                "trial_train_s_sum": round(train, 1),
+                "trial_train_s_mean": round(train / len(trials), 1),
+                "trial_wall_s_sum": round(trial_wall, 1),
+                "overhead_fraction": round(1 - train / (wall * args.concurrency), 3),
+                "orchestration_overhead_fraction": round(1 - trial_wall / (wall * args.concurrency), 3),
+                "search_overhead_fraction": round(1 - train / (search_s * args.concurrency), 3) if search_s else None,
+                "breakdown": breakdown,
+                "idle_ray_head": memory,
+                "note": "overhead_fraction = 1 - sum(trial epoch times) / (study wall x concurrency): everything not "
                 "spent in epochs (Ray start, worker + TensorFlow start-up, model build, bookkeeping, the final "
                 "test evaluation). orchestration_overhead_fraction counts each trial's whole worker time "
                 "(start-up included) as trial time: what Ray/Tune/fer-study add on top of the trials",
-        "machine": machine_info(),
-    }))
+                "machine": machine_info(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

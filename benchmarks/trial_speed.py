@@ -77,10 +77,12 @@ def bare_images_per_s(model, config, stage, unfreeze, n_classes, steps, class_we
     y = np.tile(np.eye(n_classes, dtype="float32")[labels], (steps + 1, 1))
     w = np.tile(np.array([class_weights.get(int(i), 1.0) for i in labels], "float32"), steps + 1)
     set_stage(model, stage, unfreeze, config["unfreeze_unit"], get_backbone(config["backbone"]))
-    model.compile(optimizer=keras.optimizers.Adam(1e-4),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-    model.fit(x[:2 * batch], y[:2 * batch], sample_weight=w[:2 * batch], batch_size=batch, verbose=0)  # compile
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    model.fit(x[: 2 * batch], y[: 2 * batch], sample_weight=w[: 2 * batch], batch_size=batch, verbose=0)  # compile
     timer = _StepTimer()
     model.fit(x, y, sample_weight=w, batch_size=batch, shuffle=False, verbose=0, callbacks=[timer.callback])
     return batch * len(timer.times) / sum(timer.times), batch / float(np.median(timer.times))
@@ -111,9 +113,16 @@ def main():
             generate_demo_data(tmp / "demo", per_class=max(2, args.images // 5), seed=0)
             prepare_dataset(tmp / "demo", tmp / "data", image_size=args.image_size, log=lambda *a, **k: None)
             data = StudyData(tmp / "data")
-        config = make_config(backbone=args.backbone, image_size=args.image_size, weights="none",
-                             batch_size=args.batch_size, epochs_head=args.epochs, epochs_finetune=args.epochs,
-                             unfreeze_layers=args.unfreeze_layers, patience=max(2, args.epochs + 1))
+        config = make_config(
+            backbone=args.backbone,
+            image_size=args.image_size,
+            weights="none",
+            batch_size=args.batch_size,
+            epochs_head=args.epochs,
+            epochs_finetune=args.epochs,
+            unfreeze_layers=args.unfreeze_layers,
+            patience=max(2, args.epochs + 1),
+        )
         summary = run_trial(config, data, tmp / "trial")
         n_train = len(data.labels("train"))
 
@@ -121,9 +130,10 @@ def main():
         keras.config.set_dtype_policy(summary["dtype_policy"])
         model = build_model(config, len(data.classes))
         steps = args.bare_steps or max(3, n_train // args.batch_size)
-        measured = {stage: bare_images_per_s(model, config, stage, unfreeze, len(data.classes), steps,
-                                             data.class_weights)
-                    for stage, unfreeze in (("head", 0), ("finetune", args.unfreeze_layers))}
+        measured = {
+            stage: bare_images_per_s(model, config, stage, unfreeze, len(data.classes), steps, data.class_weights)
+            for stage, unfreeze in (("head", 0), ("finetune", args.unfreeze_layers))
+        }
 
     # mean: all steady steps; median: per-step medians, robust to other processes' bursts on a shared CPU
     bare = {stage: mean for stage, (mean, _) in measured.items()}
@@ -135,26 +145,37 @@ def main():
     # time-weighted over both stages: bare seconds for the trial's images / the trial's steady seconds
     overall = sum(1 / bare[s] for s in ratio) / sum(1 / trial[s] for s in ratio)
     overall_median = sum(1 / bare_median[s] for s in ratio) / sum(1 / trial_median[s] for s in ratio)
-    print(json.dumps({
-        "benchmark": "trial_speed",
-        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
-        "train_images": n_train, "epochs_per_stage": args.epochs, "unfreeze_layers": args.unfreeze_layers,
-        "trial_images_per_s": {s: round(v, 2) for s, v in trial.items()},
-        "bare_images_per_s": {s: round(v, 2) for s, v in bare.items()},
-        "ratio": {s: round(v, 3) for s, v in ratio.items()},
-        "ratio_overall": round(overall, 3),
-        "trial_images_per_s_median": {s: round(v, 2) for s, v in trial_median.items()},
-        "bare_images_per_s_median": {s: round(v, 2) for s, v in bare_median.items()},
-        "ratio_median": {s: round(v, 3) for s, v in ratio_median.items()},
-        "ratio_overall_median": round(overall_median, 3),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-        "target_ratio": 0.9,
-        "startup_s": round(import_s + summary["build_s"] + sum(summary["first_step_s"].values()), 2),
-        "startup_parts_s": {"imports": round(import_s, 2), "build": round(summary["build_s"], 2),
-                            **{f"first_step_{k}": round(v, 2) for k, v in summary["first_step_s"].items()}},
-        "threads": applied["threads"],
-        "machine": machine_info(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "trial_speed",
+                "backbone": args.backbone,
+                "image_size": args.image_size,
+                "batch_size": args.batch_size,
+                "train_images": n_train,
+                "epochs_per_stage": args.epochs,
+                "unfreeze_layers": args.unfreeze_layers,
+                "trial_images_per_s": {s: round(v, 2) for s, v in trial.items()},
+                "bare_images_per_s": {s: round(v, 2) for s, v in bare.items()},
+                "ratio": {s: round(v, 3) for s, v in ratio.items()},
+                "ratio_overall": round(overall, 3),
+                "trial_images_per_s_median": {s: round(v, 2) for s, v in trial_median.items()},
+                "bare_images_per_s_median": {s: round(v, 2) for s, v in bare_median.items()},
+                "ratio_median": {s: round(v, 3) for s, v in ratio_median.items()},
+                "ratio_overall_median": round(overall_median, 3),
+                "load_average": [round(v, 2) for v in os.getloadavg()],
+                "target_ratio": 0.9,
+                "startup_s": round(import_s + summary["build_s"] + sum(summary["first_step_s"].values()), 2),
+                "startup_parts_s": {
+                    "imports": round(import_s, 2),
+                    "build": round(summary["build_s"], 2),
+                    **{f"first_step_{k}": round(v, 2) for k, v in summary["first_step_s"].items()},
+                },
+                "threads": applied["threads"],
+                "machine": machine_info(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,16 +46,19 @@ from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sy
 FER2013 = shared_path("datasets", "fer2013-5class")
 
 
-def make_subset(src: Path, dst: Path, train_per_class: int, val_per_class: int, seed: int,
-                test_per_class: int = 10) -> None:
+def make_subset(
+    src: Path, dst: Path, train_per_class: int, val_per_class: int, seed: int, test_per_class: int = 10
+) -> None:
     """Copy a stratified subsample of FER2013 twice: as train/ and val/ folders (usual way) and as one
     class-folder tree whose Training_/PublicTest_ prefixes give fer-study the same split."""
     rng = random.Random(seed)
     for cls in sorted(p.name for p in src.iterdir() if p.is_dir()):
         files = sorted((src / cls).iterdir())
-        picks = {"train": [f for f in files if f.name.startswith("Training_")],
-                 "val": [f for f in files if f.name.startswith("PublicTest_")],
-                 "test": [f for f in files if f.name.startswith("PrivateTest_")]}
+        picks = {
+            "train": [f for f in files if f.name.startswith("Training_")],
+            "val": [f for f in files if f.name.startswith("PublicTest_")],
+            "test": [f for f in files if f.name.startswith("PrivateTest_")],
+        }
         for split, n in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class)):
             for f in rng.sample(picks[split], min(n, len(picks[split]))):
                 # the test images only exist so `prepare` accepts the predefined split; no trial opens them
@@ -74,21 +77,32 @@ def usual_trial(args) -> dict:
     size = (args.image_size, args.image_size)
     root = Path(args.workdir) / "usual"
     t0 = time.perf_counter()
-    train = keras.utils.image_dataset_from_directory(root / "train", image_size=size, batch_size=args.batch_size,
-                                                     seed=args.seed, color_mode="rgb")
-    val = keras.utils.image_dataset_from_directory(root / "val", image_size=size, batch_size=args.batch_size,
-                                                   shuffle=False, color_mode="rgb")
+    train = keras.utils.image_dataset_from_directory(
+        root / "train", image_size=size, batch_size=args.batch_size, seed=args.seed, color_mode="rgb"
+    )
+    val = keras.utils.image_dataset_from_directory(
+        root / "val", image_size=size, batch_size=args.batch_size, shuffle=False, color_mode="rgb"
+    )
     counts = np.array([len(list(d.iterdir())) for d in sorted((root / "train").iterdir()) if d.is_dir()])
     class_weight = {i: counts.sum() / (len(counts) * c) for i, c in enumerate(counts)}  # "balanced"
-    augment = keras.Sequential([keras.layers.RandomRotation(0.05), keras.layers.RandomTranslation(0.1, 0.1),
-                                keras.layers.RandomZoom(0.1), keras.layers.RandomFlip("horizontal")])
-    apps = {"mobilenetv2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2.preprocess_input),
-            "efficientnetb1": (keras.applications.EfficientNetB1, keras.applications.efficientnet.preprocess_input)}
+    augment = keras.Sequential(
+        [
+            keras.layers.RandomRotation(0.05),
+            keras.layers.RandomTranslation(0.1, 0.1),
+            keras.layers.RandomZoom(0.1),
+            keras.layers.RandomFlip("horizontal"),
+        ]
+    )
+    apps = {
+        "mobilenetv2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2.preprocess_input),
+        "efficientnetb1": (keras.applications.EfficientNetB1, keras.applications.efficientnet.preprocess_input),
+    }
     ctor, preprocess = apps[args.backbone]
     import tensorflow as tf  # the usual way uses tf.data directly
 
-    train = train.map(lambda x, y: (preprocess(augment(x, training=True)), y),
-                      num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    train = train.map(
+        lambda x, y: (preprocess(augment(x, training=True)), y), num_parallel_calls=tf.data.AUTOTUNE
+    ).prefetch(tf.data.AUTOTUNE)
     val = val.map(lambda x, y: (preprocess(x), y)).prefetch(tf.data.AUTOTUNE)
     base = ctor(include_top=False, weights=None, input_shape=size + (3,))
     base.trainable = False
@@ -101,21 +115,25 @@ def usual_trial(args) -> dict:
     ckpt = str(Path(args.workdir) / "usual_best.keras")
 
     def callbacks():
-        return [keras.callbacks.EarlyStopping(patience=args.patience, restore_best_weights=True),
-                keras.callbacks.ModelCheckpoint(ckpt, save_best_only=True),
-                keras.callbacks.ReduceLROnPlateau(patience=max(1, args.patience // 2))]
+        return [
+            keras.callbacks.EarlyStopping(patience=args.patience, restore_best_weights=True),
+            keras.callbacks.ModelCheckpoint(ckpt, save_best_only=True),
+            keras.callbacks.ReduceLROnPlateau(patience=max(1, args.patience // 2)),
+        ]
 
     setup_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(train, validation_data=val, epochs=args.epochs, class_weight=class_weight,
-              callbacks=callbacks(), verbose=0)
+    model.fit(
+        train, validation_data=val, epochs=args.epochs, class_weight=class_weight, callbacks=callbacks(), verbose=0
+    )
     base.trainable = True
-    for layer in base.layers[:-args.unfreeze_layers]:
+    for layer in base.layers[: -args.unfreeze_layers]:
         layer.trainable = False
     model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(train, validation_data=val, epochs=args.epochs, class_weight=class_weight,
-              callbacks=callbacks(), verbose=0)
+    model.fit(
+        train, validation_data=val, epochs=args.epochs, class_weight=class_weight, callbacks=callbacks(), verbose=0
+    )
     train_s = time.perf_counter() - t1
     _, val_acc = model.evaluate(val, verbose=0)
     return {"setup_s": setup_s, "train_s": train_s, "val_accuracy": float(val_acc), "train_images": int(counts.sum())}
@@ -161,25 +179,72 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_subset(args.data, work, args.train_per_class, args.val_per_class, args.seed)
-        common = [f"--epochs={args.epochs}", f"--batch-size={args.batch_size}", f"--seed={args.seed}",
-                  f"--unfreeze-layers={args.unfreeze_layers}", f"--patience={args.patience}"]
-        usual_s, usual_cpu, out = timed([sys.executable, __file__, "--usual-trial", f"--workdir={work}",
-                                         f"--backbone={args.backbone}", f"--image-size={args.image_size}",
-                                         *common], env)
+        common = [
+            f"--epochs={args.epochs}",
+            f"--batch-size={args.batch_size}",
+            f"--seed={args.seed}",
+            f"--unfreeze-layers={args.unfreeze_layers}",
+            f"--patience={args.patience}",
+        ]
+        usual_s, usual_cpu, out = timed(
+            [
+                sys.executable,
+                __file__,
+                "--usual-trial",
+                f"--workdir={work}",
+                f"--backbone={args.backbone}",
+                f"--image-size={args.image_size}",
+                *common,
+            ],
+            env,
+        )
         usual = json.loads(out.split("RESULT ", 1)[1])
         study = work / "results" / "bench"
-        prep_s, _, _ = timed([sys.executable, "-m", "study.cli", "prepare", str(work / "flat"),
-                              "--study", "bench", "--results", str(work / "results"),
-                              "--image-size", str(args.image_size),
-                              "--predefined", "train=^Training_,val=^PublicTest_,test=^PrivateTest_"], env)
-        sets = [f"image_size={args.image_size}", "weights=none", f"epochs_head={args.epochs}",
-                f"epochs_finetune={args.epochs}", f"batch_size={args.batch_size}",
-                f"unfreeze_layers={args.unfreeze_layers}", f"patience={args.patience}", f"seed={args.seed}"]
+        prep_s, _, _ = timed(
+            [
+                sys.executable,
+                "-m",
+                "study.cli",
+                "prepare",
+                str(work / "flat"),
+                "--study",
+                "bench",
+                "--results",
+                str(work / "results"),
+                "--image-size",
+                str(args.image_size),
+                "--predefined",
+                "train=^Training_,val=^PublicTest_,test=^PrivateTest_",
+            ],
+            env,
+        )
+        sets = [
+            f"image_size={args.image_size}",
+            "weights=none",
+            f"epochs_head={args.epochs}",
+            f"epochs_finetune={args.epochs}",
+            f"batch_size={args.batch_size}",
+            f"unfreeze_layers={args.unfreeze_layers}",
+            f"patience={args.patience}",
+            f"seed={args.seed}",
+        ]
 
         def fer_trial(name: str, *extra: str) -> tuple[float, float, dict]:
-            wall, cpu, _ = timed([sys.executable, "-m", "study.cli", "train", str(study), "--backbone",
-                                  args.backbone, "--out", str(work / name),
-                                  *sum((["--set", s] for s in sets + list(extra)), [])], env)
+            wall, cpu, _ = timed(
+                [
+                    sys.executable,
+                    "-m",
+                    "study.cli",
+                    "train",
+                    str(study),
+                    "--backbone",
+                    args.backbone,
+                    "--out",
+                    str(work / name),
+                    *sum((["--set", s] for s in sets + list(extra)), []),
+                ],
+                env,
+            )
             summary = json.loads((work / name / "summary.json").read_text())
             return wall, cpu, summary
 
@@ -194,11 +259,17 @@ def main() -> None:
             runs["fer_cached_first"] = fer_trial("cached1", *caches)
             runs["fer_cached"] = fer_trial("cached2", *caches, "dropout=0.3")
     result = {
-        "benchmark": "usual_way", "backbone": args.backbone, "image_size": args.image_size,
-        "train_images_usual": usual["train_images"], "train_images_fer": fer_train_images,
-        "epochs_per_stage": args.epochs, "weights": "none",
-        "usual_trial_s": round(usual_s, 1), "usual_trial_cpu_s": round(usual_cpu, 1),
-        "usual_train_s": round(usual["train_s"], 1), "fer_prepare_once_s": round(prep_s, 1),
+        "benchmark": "usual_way",
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "train_images_usual": usual["train_images"],
+        "train_images_fer": fer_train_images,
+        "epochs_per_stage": args.epochs,
+        "weights": "none",
+        "usual_trial_s": round(usual_s, 1),
+        "usual_trial_cpu_s": round(usual_cpu, 1),
+        "usual_train_s": round(usual["train_s"], 1),
+        "fer_prepare_once_s": round(prep_s, 1),
     }
     for name, (wall, cpu, summary) in runs.items():
         result[f"{name}_trial_s"] = round(wall, 1)
@@ -214,8 +285,9 @@ def main() -> None:
             once = runs["fer_cached_first"][i] - runs["fer_cached"][i]
             per_trial = runs["fer_cached"][i] + max(0.0, once) / 10
             result[f"speedup_fer_cached_study10{unit}"] = round((usual_s, usual_cpu)[i] / per_trial, 2)
-    result.update({"usual_val_accuracy": round(usual["val_accuracy"], 3), "target_speedup": 2.0,
-                   "machine": machine_info()})
+    result.update(
+        {"usual_val_accuracy": round(usual["val_accuracy"], 3), "target_speedup": 2.0, "machine": machine_info()}
+    )
     print(json.dumps(result))
 
 

@@ -39,30 +39,61 @@ def main() -> None:
         tmp = Path(tmp)
         generate_demo_data(tmp / "demo", per_class=args.per_class, seed=0)
         study = tmp / "results" / "memory"
-        prepare_dataset(tmp / "demo", study / "data", group_regex=r"^(S\d+)_", image_size=args.image_size,
-                        log=lambda *a, **k: None)
-        space = {"name": "memory", "backbones": [args.backbone], "trials_per_backbone": args.trials,
-                 "scheduler": {"type": "none"},
-                 "fixed": {"image_size": args.image_size, "weights": "none", "batch_size": 16, "dense_units": 16,
-                           "epochs_head": 1, "epochs_finetune": 1, "augment": 0.0},
-                 "space": {"dropout": {"uniform": [0.1, 0.6]}}}
+        prepare_dataset(
+            tmp / "demo", study / "data", group_regex=r"^(S\d+)_", image_size=args.image_size, log=lambda *a, **k: None
+        )
+        space = {
+            "name": "memory",
+            "backbones": [args.backbone],
+            "trials_per_backbone": args.trials,
+            "scheduler": {"type": "none"},
+            "fixed": {
+                "image_size": args.image_size,
+                "weights": "none",
+                "batch_size": 16,
+                "dense_units": 16,
+                "epochs_head": 1,
+                "epochs_finetune": 1,
+                "augment": 0.0,
+            },
+            "space": {"dropout": {"uniform": [0.1, 0.6]}},
+        }
         (tmp / "space.yaml").write_text(yaml.safe_dump(space))
-        run_study(study, tmp / "space.yaml", cpus_per_trial=1, num_cpus=1, dashboard=False, stream=sys.stderr,
-                  live=False, reuse_workers=not args.fresh_workers)
-        outcomes = sorted((json.loads(p.read_text()) for p in (study / "trials").glob("*/outcome.json")),
-                          key=lambda o: o["finished_at"])
+        run_study(
+            study,
+            tmp / "space.yaml",
+            cpus_per_trial=1,
+            num_cpus=1,
+            dashboard=False,
+            stream=sys.stderr,
+            live=False,
+            reuse_workers=not args.fresh_workers,
+        )
+        outcomes = sorted(
+            (json.loads(p.read_text()) for p in (study / "trials").glob("*/outcome.json")),
+            key=lambda o: o["finished_at"],
+        )
         rss = []
         for outcome in outcomes:
             times = study / outcome["trial_dir"] / "worker_times.json"
             rss.append(json.loads(times.read_text()).get("rss_mb") if times.exists() else None)
-    print(json.dumps({
-        "benchmark": "worker_memory", "backbone": args.backbone, "image_size": args.image_size,
-        "trials": len(outcomes), "reuse_workers": not args.fresh_workers,
-        "worker_pids": len({o.get("worker_pid") for o in outcomes}), "rss_mb": rss,
-        "growth_after_second_mb": round(rss[-1] - rss[1], 1) if len(rss) > 1 and None not in rss else None,
-        "statuses": sorted({o["status"] for o in outcomes}), "load_average": os.getloadavg(),
-        "machine": machine_info(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "worker_memory",
+                "backbone": args.backbone,
+                "image_size": args.image_size,
+                "trials": len(outcomes),
+                "reuse_workers": not args.fresh_workers,
+                "worker_pids": len({o.get("worker_pid") for o in outcomes}),
+                "rss_mb": rss,
+                "growth_after_second_mb": round(rss[-1] - rss[1], 1) if len(rss) > 1 and None not in rss else None,
+                "statuses": sorted({o["status"] for o in outcomes}),
+                "load_average": os.getloadavg(),
+                "machine": machine_info(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ def small_cnn(include_top=False, weights=None, input_tensor=None):
     del include_top  # headless by construction
     x = input_tensor
     for i, filters in enumerate((32, 64, 96, 128), start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", kernel_initializer="he_normal", use_bias=False,
-                                name=f"smallcnn_block{i}_conv")(x)
+        x = keras.layers.Conv2D(
+            filters, 3, padding="same", kernel_initializer="he_normal", use_bias=False, name=f"smallcnn_block{i}_conv"
+        )(x)
         x = keras.layers.BatchNormalization(name=f"smallcnn_block{i}_bn")(x)
         x = keras.layers.Activation("relu", name=f"smallcnn_block{i}_relu")(x)
         if i < 4:
@@ -128,19 +129,33 @@ def get_backbone(name: str) -> Backbone:
         raise UserError(f"unknown backbone '{name}' (known: {', '.join(BACKBONES)})") from None
 
 
-register(Backbone("efficientnetb1", "EfficientNetB1", "raw", 240, 32, "top_activation",
-                  r"^(block\d+[a-z]|stem|top)_"))
-register(Backbone("resnet50", "ResNet50", "caffe", 224, 32, "conv5_block3_out",
-                  r"^(conv\d_block\d+|conv1|pool1)_"))
-register(Backbone("inceptionv3", "InceptionV3", "tf", 299, 75, "mixed10",
-                  r"^(mixed\d+)$"))  # mixed9_1 is inside mixed10: unnamed layers join the next named block
-register(Backbone("mobilenetv2", "MobileNetV2", "tf", 224, 32, "out_relu",
-                  r"^(block_\d+|expanded_conv|Conv1|bn_Conv1)"))  # Conv_1, Conv_1_bn, out_relu: one top block
-register(Backbone("densenet121", "DenseNet121", "torch", 224, 32, "relu",
-                  r"^(conv\d_block\d+|pool\d|conv1)_"))  # the final bn, relu: one top block
+register(Backbone("efficientnetb1", "EfficientNetB1", "raw", 240, 32, "top_activation", r"^(block\d+[a-z]|stem|top)_"))
+register(Backbone("resnet50", "ResNet50", "caffe", 224, 32, "conv5_block3_out", r"^(conv\d_block\d+|conv1|pool1)_"))
+register(
+    Backbone("inceptionv3", "InceptionV3", "tf", 299, 75, "mixed10", r"^(mixed\d+)$")
+)  # mixed9_1 is inside mixed10: unnamed layers join the next named block
+register(
+    Backbone("mobilenetv2", "MobileNetV2", "tf", 224, 32, "out_relu", r"^(block_\d+|expanded_conv|Conv1|bn_Conv1)")
+)  # Conv_1, Conv_1_bn, out_relu: one top block
+register(
+    Backbone("densenet121", "DenseNet121", "torch", 224, 32, "relu", r"^(conv\d_block\d+|pool\d|conv1)_")
+)  # the final bn, relu: one top block
 # Not part of the published comparison; a small, fast model with offline ImageNet weights in shared/weights.
-register(Backbone("mobilenet025", "MobileNet", "tf", 224, 32, "conv_pw_13_relu",
-                  r"^(conv_(?:dw_|pw_)?\d+|conv1)", kwargs={"alpha": 0.25}))
+register(
+    Backbone(
+        "mobilenet025",
+        "MobileNet",
+        "tf",
+        224,
+        32,
+        "conv_pw_13_relu",
+        r"^(conv_(?:dw_|pw_)?\d+|conv1)",
+        kwargs={"alpha": 0.25},
+    )
+)
 register(Backbone("smallcnn", small_cnn, "tf", 64, 16, "smallcnn_block4_relu", r"^(smallcnn_block\d+)_"))
-register(Backbone("minixception", mini_xception, "tf", 48, 16, "minixception_block3_out",
-                  r"^(minixception_(?:entry|block\d+))_"))
+register(
+    Backbone(
+        "minixception", mini_xception, "tf", 48, 16, "minixception_block3_out", r"^(minixception_(?:entry|block\d+))_"
+    )
+)

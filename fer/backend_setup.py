@@ -58,15 +58,18 @@ def configure_backend(threads: int | None = None) -> dict:
             except RuntimeError:
                 current = tf.config.threading.get_intra_op_parallelism_threads()
                 if current != threads:
-                    log.warning("TensorFlow already started with %s threads; cannot change to %s",
-                                current or "all", threads)
+                    log.warning(
+                        "TensorFlow already started with %s threads; cannot change to %s", current or "all", threads
+                    )
                 applied["threads"] = current or None
     elif name == "jax":
         # XLA reads these when JAX initialises its backends; later calls cannot change them.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if threads:
-            flag = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} " \
-                   f"intra_op_parallelism_threads={threads}"
+            flag = (
+                f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+                f"intra_op_parallelism_threads={threads}"
+            )
             if "jax" in sys.modules and _jax_initialised():
                 log.warning("JAX already initialised; cannot limit it to %s threads", threads)
             else:

@@ -27,9 +27,15 @@ class PixelBatches(keras.utils.PyDataset):
     The shuffle is seeded, so a run is repeatable; indices are sorted inside a batch for locality.
     """
 
-    def __init__(self, pixels: np.ndarray, batch_size: int, labels: np.ndarray | None = None,
-                 num_classes: int = 0, class_weights: dict[int, float] | None = None,
-                 shuffle_seed: int | None = None):
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        batch_size: int,
+        labels: np.ndarray | None = None,
+        num_classes: int = 0,
+        class_weights: dict[int, float] | None = None,
+        shuffle_seed: int | None = None,
+    ):
         super().__init__()
         self.pixels, self.labels, self.num_classes = pixels, labels, num_classes
         self.batch_size = min(batch_size, _length(pixels))
@@ -56,7 +62,7 @@ class PixelBatches(keras.utils.PyDataset):
         return self.num_batches
 
     def __getitem__(self, index: int):
-        idx = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        idx = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
         if self.labels is None:
             pad = self.batch_size - len(idx)
             return (_take(self.pixels, np.concatenate([idx, np.repeat(idx[-1:], pad)])),)
@@ -96,8 +102,15 @@ class FeatureViews(PixelBatches):
 
     Same shuffling, one-hot labels and class weights as the pixel batches of the exact path."""
 
-    def __init__(self, views: list[np.ndarray], batch_size: int, labels: np.ndarray, num_classes: int,
-                 class_weights: dict[int, float] | None, shuffle_seed: int | None):
+    def __init__(
+        self,
+        views: list[np.ndarray],
+        batch_size: int,
+        labels: np.ndarray,
+        num_classes: int,
+        class_weights: dict[int, float] | None,
+        shuffle_seed: int | None,
+    ):
         super().__init__(one_view(views, 0), batch_size, labels, num_classes, class_weights, shuffle_seed)
         self.views, self.view = views, 0
 

@@ -57,9 +57,15 @@ class CollapseLog:
         reason = collapse_reason(probs, self.num_classes, classes)
         if reason is None:
             return
-        self.epochs.setdefault(stage, []).append({"epoch": record["epoch"], "reason": reason,
-                                                  "loss": record.get("loss"), "val_loss": record.get("val_loss"),
-                                                  "val_accuracy": record.get("val_accuracy")})
+        self.epochs.setdefault(stage, []).append(
+            {
+                "epoch": record["epoch"],
+                "reason": reason,
+                "loss": record.get("loss"),
+                "val_loss": record.get("val_loss"),
+                "val_accuracy": record.get("val_accuracy"),
+            }
+        )
         self.write(last_epoch={stage: record["epoch"]})
 
     def stages(self, last_epoch: dict[str, int]) -> list[dict]:
@@ -67,10 +73,15 @@ class CollapseLog:
         out = []
         lr_key = {"head": "lr_head", "finetune": "lr_finetune"}
         for stage, epochs in self.epochs.items():
-            entry = {"stage": stage, "ended_collapsed": epochs[-1]["epoch"] == last_epoch.get(stage),
-                     "collapsed_epochs": [e["epoch"] for e in epochs], "reason": epochs[-1]["reason"],
-                     "loss": epochs[-1]["loss"], "ln_k": math.log(self.num_classes),
-                     "val_accuracy": epochs[-1]["val_accuracy"]}
+            entry = {
+                "stage": stage,
+                "ended_collapsed": epochs[-1]["epoch"] == last_epoch.get(stage),
+                "collapsed_epochs": [e["epoch"] for e in epochs],
+                "reason": epochs[-1]["reason"],
+                "loss": epochs[-1]["loss"],
+                "ln_k": math.log(self.num_classes),
+                "val_accuracy": epochs[-1]["val_accuracy"],
+            }
             if stage in lr_key:  # the hyperparameters that did it
                 entry[lr_key[stage]] = self.config.get(lr_key[stage])
             if stage == "finetune":
@@ -90,10 +101,18 @@ class CollapseLog:
         if last_epoch is None or not epochs or epochs[-1]["epoch"] != last_epoch:
             return
         lr_key = "lr_head" if stage == "head" else "lr_finetune"
-        log.warning("%s: the %s stage collapsed (%s at its last epoch %d, train loss %s vs ln K %.3f; %s=%s)%s",
-                    self.config.get("backbone"), stage, epochs[-1]["reason"], last_epoch,
-                    _num(epochs[-1]["loss"]), math.log(self.num_classes), lr_key, self.config.get(lr_key),
-                    "; try a lower lr_finetune" if stage == "finetune" else "")
+        log.warning(
+            "%s: the %s stage collapsed (%s at its last epoch %d, train loss %s vs ln K %.3f; %s=%s)%s",
+            self.config.get("backbone"),
+            stage,
+            epochs[-1]["reason"],
+            last_epoch,
+            _num(epochs[-1]["loss"]),
+            math.log(self.num_classes),
+            lr_key,
+            self.config.get(lr_key),
+            "; try a lower lr_finetune" if stage == "finetune" else "",
+        )
 
 
 def _num(value) -> str:

@@ -31,7 +31,7 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1))  # P(X <= k) * 2**n, exactly
-    return float(min(1.0, 2 * tail / 2 ** n))
+    return float(min(1.0, 2 * tail / 2**n))
 
 
 def paired_bootstrap(correct_a, correct_b, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -45,7 +45,7 @@ def paired_bootstrap(correct_a, correct_b, n_boot: int = 2000, seed: int = 0) ->
     means = np.empty(n_boot)
     for start in range(0, n_boot, 200):  # chunks bound the memory on large test splits
         size = min(200, n_boot - start)
-        means[start:start + size] = diff[rng.integers(0, len(diff), size=(size, len(diff)))].mean(axis=1)
+        means[start : start + size] = diff[rng.integers(0, len(diff), size=(size, len(diff)))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(diff.mean()), float(lo), float(hi)
 
@@ -59,9 +59,17 @@ def compare_paired(y_true, pred_a, pred_b, n_boot: int = 2000, seed: int = 0) ->
     diff, lo, hi = paired_bootstrap(right_a, right_b, n_boot=n_boot, seed=seed)
     only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
     p = mcnemar_exact(only_a, only_b)
-    return {"n": len(y), "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()),
-            "difference": diff, "ci95": [lo, hi], "only_a_right": only_a, "only_b_right": only_b,
-            "mcnemar_p": p, "distinguishable": bool(p < ALPHA and (lo > 0 or hi < 0))}
+    return {
+        "n": len(y),
+        "accuracy_a": float(right_a.mean()),
+        "accuracy_b": float(right_b.mean()),
+        "difference": diff,
+        "ci95": [lo, hi],
+        "only_a_right": only_a,
+        "only_b_right": only_b,
+        "mcnemar_p": p,
+        "distinguishable": bool(p < ALPHA and (lo > 0 or hi < 0)),
+    }
 
 
 def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:

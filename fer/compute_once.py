@@ -53,8 +53,13 @@ def _jsonable(value):
     return str(value)
 
 
-def create_or_wait(marker: Path, lock: Path, compute: Callable[[Callable[[], None]], None],
-                   stale_s: float = STALE_S, poll_s: float = POLL_S) -> bool:
+def create_or_wait(
+    marker: Path,
+    lock: Path,
+    compute: Callable[[Callable[[], None]], None],
+    stale_s: float = STALE_S,
+    poll_s: float = POLL_S,
+) -> bool:
     """Make sure `compute` has run once, across processes and nodes: `marker` existing means done.
 
     Returns True when this process ran `compute(beat)`; `beat()` refreshes the lock (call it often). A lock
@@ -128,9 +133,11 @@ def _break_if_stale(lock: Path, stale_s: float) -> bool:
         except FileExistsError:
             pass
     else:
-        log.warning("broke a stale lock %s (held by %s, untouched for %.0f s)", lock, _read_owner(grabbed),
-                    time.time() - st.st_mtime)
+        log.warning(
+            "broke a stale lock %s (held by %s, untouched for %.0f s)",
+            lock,
+            _read_owner(grabbed),
+            time.time() - st.st_mtime,
+        )
     grabbed.unlink(missing_ok=True)
     return True
-
-

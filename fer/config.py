@@ -31,18 +31,29 @@ class Param:
 
 
 PARAMS: dict[str, Param] = {
-    "backbone": Param(str, "efficientnetb1",
-                      help="the backbone: a name in the registry of fer.backbones (`fer-study train --help` "
-                           "lists them)"),
-    "image_size": Param(int, 224, 32, 1024,
-                        help="square input size in pixels (images are squashed to it); at least the backbone's "
-                             "minimum (75 for inceptionv3); also `prepare --image-size`"),
+    "backbone": Param(
+        str,
+        "efficientnetb1",
+        help="the backbone: a name in the registry of fer.backbones (`fer-study train --help` lists them)",
+    ),
+    "image_size": Param(
+        int,
+        224,
+        32,
+        1024,
+        help="square input size in pixels (images are squashed to it); at least the backbone's "
+        "minimum (75 for inceptionv3); also `prepare --image-size`",
+    ),
     "weights": Param(str, "imagenet", help="'imagenet', 'none', or a path to a weights file"),
     "dense_units": Param(int, 256, 1, 8192, help="units of the head's hidden Dense layer"),
     "dropout": Param(float, 0.53, 0.0, 0.95, help="dropout rate before the softmax layer"),
     "unfreeze_layers": Param(int, 30, 0, 10000, help="backbone layers (or blocks) trainable in stage 2"),
-    "unfreeze_unit": Param(str, "layers", choices=("layers", "blocks"),
-                           help="count unfrozen 'layers' (published) or whole 'blocks' of the backbone"),
+    "unfreeze_unit": Param(
+        str,
+        "layers",
+        choices=("layers", "blocks"),
+        help="count unfrozen 'layers' (published) or whole 'blocks' of the backbone",
+    ),
     "lr_head": Param(float, 1e-3, 1e-7, 1.0, help="Adam learning rate of stage 1 (frozen backbone)"),
     "lr_finetune": Param(float, 1e-4, 1e-9, 1.0, help="Adam learning rate of stage 2 (fine-tuning)"),
     "batch_size": Param(int, 32, 1, 4096, help="images per training step (and per prediction batch)"),
@@ -51,26 +62,54 @@ PARAMS: dict[str, Param] = {
     "patience": Param(int, 5, 1, 1000, help="early-stopping patience (reduce-LR uses half of it)"),
     "augment": Param(float, 1.0, 0.0, 5.0, help="augmentation strength; 0 disables, 1 = published"),
     "label_smoothing": Param(float, 0.0, 0.0, 0.5, help="label smoothing of the cross-entropy loss"),
-    "bn_epsilon": Param(float, 0.0, 0.0, 0.1,
-                        help="epsilon of the backbone's BatchNormalization layers; 0 keeps the backbone's own "
-                             "(1e-3 in keras.applications); weights ported from PyTorch need 1e-5"),
-    "seed": Param(int, 0, 0, 2**31 - 1,
-                  help="seed of the weight initialisation, shuffling, augmentation and bootstrap intervals"),
-    "head_features": Param(str, "exact", choices=("exact", "cached"),
-                           help="'cached' trains stage 1 on precomputed backbone features (faster)"),
-    "finetune_features": Param(str, "exact", choices=("exact", "cached"),
-                               help="'cached' trains stage 2 on precomputed activations of the frozen early "
-                                    "layers (faster; see fer.feature_cache)"),
-    "finetune_cache_units": Param(int, 0, 0, 10000,
-                                  help="with finetune_features=cached: cache the activations entering the last N "
-                                       "backbone layers (or blocks, as unfreeze_unit); 0 = unfreeze_layers. A "
-                                       "study sets it to its space's largest unfreeze_layers, so trials share "
-                                       "one cache"),
-    "feature_views": Param(int, 5, 1, 100,
-                           help="with head_features or finetune_features cached: augmented views per train "
-                                "image, computed once per study and cycled through one per epoch"),
-    "mixed_precision": Param(str, "auto", choices=("auto", "off", "bfloat16", "float16"),
-                             help="'auto' uses bfloat16/float16 on GPUs and float32 on CPUs"),
+    "bn_epsilon": Param(
+        float,
+        0.0,
+        0.0,
+        0.1,
+        help="epsilon of the backbone's BatchNormalization layers; 0 keeps the backbone's own "
+        "(1e-3 in keras.applications); weights ported from PyTorch need 1e-5",
+    ),
+    "seed": Param(
+        int, 0, 0, 2**31 - 1, help="seed of the weight initialisation, shuffling, augmentation and bootstrap intervals"
+    ),
+    "head_features": Param(
+        str,
+        "exact",
+        choices=("exact", "cached"),
+        help="'cached' trains stage 1 on precomputed backbone features (faster)",
+    ),
+    "finetune_features": Param(
+        str,
+        "exact",
+        choices=("exact", "cached"),
+        help="'cached' trains stage 2 on precomputed activations of the frozen early "
+        "layers (faster; see fer.feature_cache)",
+    ),
+    "finetune_cache_units": Param(
+        int,
+        0,
+        0,
+        10000,
+        help="with finetune_features=cached: cache the activations entering the last N "
+        "backbone layers (or blocks, as unfreeze_unit); 0 = unfreeze_layers. A "
+        "study sets it to its space's largest unfreeze_layers, so trials share "
+        "one cache",
+    ),
+    "feature_views": Param(
+        int,
+        5,
+        1,
+        100,
+        help="with head_features or finetune_features cached: augmented views per train "
+        "image, computed once per study and cycled through one per epoch",
+    ),
+    "mixed_precision": Param(
+        str,
+        "auto",
+        choices=("auto", "off", "bfloat16", "float16"),
+        help="'auto' uses bfloat16/float16 on GPUs and float32 on CPUs",
+    ),
 }
 
 
@@ -128,11 +167,12 @@ def check_rules(config: dict[str, Any]) -> None:
     if backbone is None:
         raise UserError(f"unknown backbone '{config['backbone']}' (known: {', '.join(BACKBONES)})")
     if config["image_size"] < backbone.min_size:
-        raise UserError(f"image_size {config['image_size']} is below {backbone.name}'s minimum of "
-                        f"{backbone.min_size}")
+        raise UserError(f"image_size {config['image_size']} is below {backbone.name}'s minimum of {backbone.min_size}")
     if 0 < config["finetune_cache_units"] < config["unfreeze_layers"]:
-        raise UserError(f"finetune_cache_units {config['finetune_cache_units']} is below unfreeze_layers "
-                        f"{config['unfreeze_layers']}: the cached activations must enter every trainable layer")
+        raise UserError(
+            f"finetune_cache_units {config['finetune_cache_units']} is below unfreeze_layers "
+            f"{config['unfreeze_layers']}: the cached activations must enter every trainable layer"
+        )
 
 
 def markdown_table() -> str:

@@ -124,8 +124,15 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
 
     hair = tuple(int(c) for c in rng.integers(10, 200, 3))  # hair (style and colour change per photo)
     hair_low = rng.uniform(-0.45, 0.05)
-    d.ellipse((cx - r * rng.uniform(1.0, 1.15), cy - fh * rng.uniform(1.05, 1.2), cx + r * rng.uniform(1.0, 1.15),
-               cy + fh * hair_low), fill=hair)
+    d.ellipse(
+        (
+            cx - r * rng.uniform(1.0, 1.15),
+            cy - fh * rng.uniform(1.05, 1.2),
+            cx + r * rng.uniform(1.0, 1.15),
+            cy + fh * hair_low,
+        ),
+        fill=hair,
+    )
     d.ellipse((cx - r, cy - fh, cx + r, cy + fh), fill=subject.skin)
     dark = (25, 15, 15)
     boxes: dict[str, tuple[float, float, float, float]] = {}
@@ -134,8 +141,7 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
     for side, name in ((-1, "left"), (1, "right")):
         ex = cx + side * subject.eye_spacing * r
         ew, eh = 0.2 * r, e["eye_open"] * r * 1.2
-        d.ellipse((ex - ew, eye_y - eh, ex + ew, eye_y + eh), fill=(250, 250, 250), outline=dark,
-                  width=max(1, lw // 2))
+        d.ellipse((ex - ew, eye_y - eh, ex + ew, eye_y + eh), fill=(250, 250, 250), outline=dark, width=max(1, lw // 2))
         pr = min(0.08 * r, eh * 0.9)
         d.ellipse((ex - pr, eye_y - pr, ex + pr, eye_y + pr), fill=subject.iris)
         boxes[f"{name}_eye"] = (ex - 0.24 * r, eye_y - 0.26 * r, ex + 0.24 * r, eye_y + 0.26 * r)
@@ -157,16 +163,27 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
     mouth_ink, mlw = (70, 8, 12), int(lw * 1.5)
     k = e["mouth_open"]  # a weaker expression: a flatter smile or frown, a smaller open mouth
     if shape == "smile":
-        d.arc((cx - mw, my - 0.06 * r - 0.26 * r * k, cx + mw, my - 0.06 * r + 0.26 * r * k), 10, 170,
-              fill=mouth_ink, width=mlw)
+        d.arc(
+            (cx - mw, my - 0.06 * r - 0.26 * r * k, cx + mw, my - 0.06 * r + 0.26 * r * k),
+            10,
+            170,
+            fill=mouth_ink,
+            width=mlw,
+        )
     elif shape == "frown":
-        d.arc((cx - mw, my + 0.2 * r - 0.22 * r * k, cx + mw, my + 0.2 * r + 0.22 * r * k), 195, 345,
-              fill=mouth_ink, width=mlw)
+        d.arc(
+            (cx - mw, my + 0.2 * r - 0.22 * r * k, cx + mw, my + 0.2 * r + 0.22 * r * k),
+            195,
+            345,
+            fill=mouth_ink,
+            width=mlw,
+        )
     elif shape == "flat":
         d.line([(cx - mw * 0.8, my), (cx + mw * 0.8, my)], fill=mouth_ink, width=mlw)
     elif shape == "o":
-        d.ellipse((cx - 0.2 * r, my + 0.02 * r - 0.24 * r * k, cx + 0.2 * r, my + 0.02 * r + 0.24 * r * k),
-                  fill=mouth_ink)
+        d.ellipse(
+            (cx - 0.2 * r, my + 0.02 * r - 0.24 * r * k, cx + 0.2 * r, my + 0.02 * r + 0.24 * r * k), fill=mouth_ink
+        )
     else:  # wide_open
         d.ellipse((cx - mw, my + 0.02 * r - 0.12 * r * k, cx + mw, my + 0.02 * r + 0.12 * r * k), fill=mouth_ink)
         d.rectangle((cx - mw * 0.7, my - 0.08 * r * k, cx + mw * 0.7, my - 0.02 * r * k), fill=(245, 245, 240))
@@ -178,7 +195,7 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
 
     pixels = np.asarray(img, dtype=np.float32)
     gx, gy = rng.uniform(-0.5, 0.5, 2)  # a light gradient in a random direction
-    ramp = (np.linspace(-1, 1, W)[None, :] * gx + np.linspace(-1, 1, H)[:, None] * gy)
+    ramp = np.linspace(-1, 1, W)[None, :] * gx + np.linspace(-1, 1, H)[:, None] * gy
     pixels = pixels * (rng.uniform(0.8, 1.15) + 0.3 * ramp)[:, :, None]
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((w, h), Image.LANCZOS)
     if rng.random() < 0.2:
@@ -217,8 +234,9 @@ def generate_demo_data(out, per_class: int = 200, seed: int = 0) -> dict:
     """
     out = Path(out)
     if per_class < 3:
-        raise UserError(f"--per-class must be at least 3 (got {per_class}): every class needs images "
-                        "for train, val and test")
+        raise UserError(
+            f"--per-class must be at least 3 (got {per_class}): every class needs images for train, val and test"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; demo-data writes only into a new folder")
     rng = np.random.default_rng(seed)
@@ -241,8 +259,12 @@ def generate_demo_data(out, per_class: int = 200, seed: int = 0) -> dict:
         _add_messes(out, emotion, made[emotion], regions)
     (out / "happy" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
     _write_regions(out / "demo_regions.csv", regions)
-    return {"classes": len(CLASSES), "per_class": per_class, "subjects": n_subjects,
-            "files": sum(1 for p in out.rglob("*") if p.is_file())}
+    return {
+        "classes": len(CLASSES),
+        "per_class": per_class,
+        "subjects": n_subjects,
+        "files": sum(1 for p in out.rglob("*") if p.is_file()),
+    }
 
 
 def _add_messes(out: Path, emotion: str, files: list[tuple[Path, Face]], regions) -> None:
@@ -270,9 +292,12 @@ def _add_messes(out: Path, emotion: str, files: list[tuple[Path, Face]], regions
         dx, dy = max(1, round(0.01 * w)), max(1, round(0.01 * h))
         shifted = np.pad(arr, ((dy, 0), (dx, 0), (0, 0)), mode="edge")[:h, :w]
         Image.fromarray(shifted).save(p)
-        regions.append((p.relative_to(out).as_posix(),
-                        {k: _clip_box((b[0] + dx / w, b[1] + dy / h, b[2] + dx / w, b[3] + dy / h))
-                         for k, b in boxes.items()}))
+        regions.append(
+            (
+                p.relative_to(out).as_posix(),
+                {k: _clip_box((b[0] + dx / w, b[1] + dy / h, b[2] + dx / w, b[3] + dy / h)) for k, b in boxes.items()},
+            )
+        )
     if emotion == "fear":  # HEIC content behind a .jpg name: content sniffing must still read it
         path1, face1 = files[1]
         p = out / emotion / f"{path1.stem}_heic.jpg"

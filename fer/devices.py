@@ -34,5 +34,7 @@ def check_backend_gpus(wanted: float, usable: int, backend: str, where: str, cpu
     """Raise a one-line UserError when `wanted` GPUs (> 0) meet a backend that can use none."""
     if wanted > 0 and usable == 0:
         fix = FIXES.get(backend, "install the GPU build of the Keras backend")
-        raise UserError(f"{where} but the Keras backend '{backend}' sees no GPU, so trials would run on the CPU: "
-                        f"{fix}, or {cpu_hint} to train on the CPU on purpose")
+        raise UserError(
+            f"{where} but the Keras backend '{backend}' sees no GPU, so trials would run on the CPU: "
+            f"{fix}, or {cpu_hint} to train on the CPU on purpose"
+        )

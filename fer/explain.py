@@ -32,8 +32,15 @@ SANITY_RHO = 0.5  # median rank correlation with the fully randomised model's ma
 
 
 # ---------------------------------------------------------------- faithfulness: deletion and insertion
-def faithfulness_curves(model: keras.Model, images: np.ndarray, heats: dict[str, np.ndarray], class_ids,
-                        steps: int = 8, seed: int = 0, batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
+def faithfulness_curves(
+    model: keras.Model,
+    images: np.ndarray,
+    heats: dict[str, np.ndarray],
+    class_ids,
+    steps: int = 8,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, dict[str, np.ndarray]]:
     """Per-image deletion AND insertion curves of the explained class's probability, for every ordering in
     `heats` (name -> (N, H, W)) plus 'random'. Returns {'deletion': {name: (N, steps+1)}, 'insertion': ...}.
 
@@ -43,13 +50,17 @@ def faithfulness_curves(model: keras.Model, images: np.ndarray, heats: dict[str,
     rng = np.random.default_rng(seed)
     images = np.asarray(images)
     n, h, w = images.shape[:3]
-    orders = {name: np.argsort(-(np.asarray(heat).reshape(n, -1) + 1e-6 * rng.random((n, h * w))), axis=1)
-              for name, heat in heats.items()}
+    orders = {
+        name: np.argsort(-(np.asarray(heat).reshape(n, -1) + 1e-6 * rng.random((n, h * w))), axis=1)
+        for name, heat in heats.items()
+    }
     orders["random"] = np.stack([rng.permutation(h * w) for _ in range(n)])
     counts = np.round(np.linspace(0.0, 1.0, steps + 1) * h * w).astype(int)
     class_ids = np.asarray(class_ids)
-    out = {"deletion": {k: np.empty((n, steps + 1)) for k in orders},
-           "insertion": {k: np.empty((n, steps + 1)) for k in orders}}
+    out = {
+        "deletion": {k: np.empty((n, steps + 1)) for k in orders},
+        "insertion": {k: np.empty((n, steps + 1)) for k in orders},
+    }
     for start in range(0, n, 16):  # bounded memory at 224 px
         chunk = range(start, min(n, start + 16))
         variants = np.empty((2, len(orders), len(chunk), steps + 1, h * w, 3), np.float32)
@@ -90,8 +101,14 @@ def faithfulness_table(curves: dict[str, dict[str, np.ndarray]], n_boot: int = 2
                 d, dlo, dhi = paired_bootstrap(a, areas["random"], n_boot=n_boot)
                 better = dhi < 0 if mode == "deletion" else dlo > 0
                 worse = dlo > 0 if mode == "deletion" else dhi < 0
-                row.update({"minus random": d, "diff lo": dlo, "diff hi": dhi,
-                            "vs random": "better" if better else "worse" if worse else "not distinguishable"})
+                row.update(
+                    {
+                        "minus random": d,
+                        "diff lo": dlo,
+                        "diff hi": dhi,
+                        "vs random": "better" if better else "worse" if worse else "not distinguishable",
+                    }
+                )
             rows.append(row)
     return rows
 
@@ -115,8 +132,16 @@ def _cells(maps: np.ndarray, cells: int = 14) -> np.ndarray:
     n, h, w = maps.shape
     ys = np.linspace(0, h, min(cells, h) + 1).astype(int)
     xs = np.linspace(0, w, min(cells, w) + 1).astype(int)
-    return np.stack([[maps[:, ys[a]:ys[a + 1], xs[b]:xs[b + 1]].mean(axis=(1, 2))
-                      for b in range(len(xs) - 1)] for a in range(len(ys) - 1)]).reshape(-1, n).T
+    return (
+        np.stack(
+            [
+                [maps[:, ys[a] : ys[a + 1], xs[b] : xs[b + 1]].mean(axis=(1, 2)) for b in range(len(xs) - 1)]
+                for a in range(len(ys) - 1)
+            ]
+        )
+        .reshape(-1, n)
+        .T
+    )
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -134,7 +159,7 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     one constant row as unrelated (0.0)."""
     ra, rb = _ranks(np.atleast_2d(a)), _ranks(np.atleast_2d(b))
     ra, rb = ra - ra.mean(axis=1, keepdims=True), rb - rb.mean(axis=1, keepdims=True)
-    na, nb = np.sqrt((ra ** 2).sum(axis=1)), np.sqrt((rb ** 2).sum(axis=1))
+    na, nb = np.sqrt((ra**2).sum(axis=1)), np.sqrt((rb**2).sum(axis=1))
     rho = (ra * rb).sum(axis=1) / np.where(na * nb > 0, na * nb, 1.0)
     return np.where((na == 0) & (nb == 0), 1.0, np.where((na == 0) | (nb == 0), 0.0, rho))
 
@@ -214,14 +239,17 @@ MapFn = Callable[[keras.Model, np.ndarray, np.ndarray], dict[str, np.ndarray]]
 def gradcam_maps(layer_name: str | None = None) -> MapFn:
     """A MapFn (model, images, class_ids) -> {'Grad-CAM': (N, H, W), 'Grad-CAM++': (N, H, W)}; builds a fresh
     GradCam each call (jax.jit bakes the weights into the compiled function)."""
+
     def maps(model, images, class_ids):
         e = GradCam(model, layer_name).explain(images, class_ids)
         return {"Grad-CAM": e.gradcam, "Grad-CAM++": e.gradcam_pp}
+
     return maps
 
 
-def randomisation_check(model: keras.Model, images: np.ndarray, class_ids, map_fn: MapFn,
-                        n_backbone_steps: int = 3, seed: int = 0) -> dict:
+def randomisation_check(
+    model: keras.Model, images: np.ndarray, class_ids, map_fn: MapFn, n_backbone_steps: int = 3, seed: int = 0
+) -> dict:
     """Spearman rho (median over images) between each method's maps on the trained model and on each
     cascading-randomised model, for the SAME images and classes. A method fails when the median rho with the
     fully randomised model stays above SANITY_RHO. The model's weights are restored afterwards."""
@@ -242,8 +270,12 @@ def randomisation_check(model: keras.Model, images: np.ndarray, class_ids, map_f
     finally:
         for v, value in zip(model.weights, original):
             v.assign(value)
-    return {"images": len(images), "steps": labels, "median_rho": curves,
-            "fails": {name: c[-1] > SANITY_RHO for name, c in curves.items()}}
+    return {
+        "images": len(images),
+        "steps": labels,
+        "median_rho": curves,
+        "fails": {name: c[-1] > SANITY_RHO for name, c in curves.items()},
+    }
 
 
 # ---------------------------------------------------------------- where each class is read
@@ -287,6 +319,20 @@ def region_stats(maps: np.ndarray, regions: list[dict[str, list]], labels, class
     return rows
 
 
-__all__ = ["BASELINE", "SAME_MAP_RHO", "SANITY_RHO", "faithfulness_curves", "curve_area", "faithfulness_table",
-           "disagreements", "spearman_rows", "map_similarity", "readable_layer", "randomisation_steps",
-           "gradcam_maps", "randomisation_check", "class_mean_maps", "region_stats"]
+__all__ = [
+    "BASELINE",
+    "SAME_MAP_RHO",
+    "SANITY_RHO",
+    "faithfulness_curves",
+    "curve_area",
+    "faithfulness_table",
+    "disagreements",
+    "spearman_rows",
+    "map_similarity",
+    "readable_layer",
+    "randomisation_steps",
+    "gradcam_maps",
+    "randomisation_check",
+    "class_mean_maps",
+    "region_stats",
+]

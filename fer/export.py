@@ -49,8 +49,10 @@ def validate_request(fmt: str, quantize: str | None) -> None:
     if quantize is not None:
         allowed = QUANTIZATIONS.get(fmt, ())
         if not allowed:
-            raise UserError(f"--quantize is not available for {fmt}; quantized exports: "
-                            + ", ".join(f"{f} ({'/'.join(q)})" for f, q in QUANTIZATIONS.items()))
+            raise UserError(
+                f"--quantize is not available for {fmt}; quantized exports: "
+                + ", ".join(f"{f} ({'/'.join(q)})" for f, q in QUANTIZATIONS.items())
+            )
         if quantize not in allowed:
             raise UserError(f"unknown quantization {quantize!r} for {fmt}; choose one of {', '.join(allowed)}")
 
@@ -88,16 +90,19 @@ def inference_copy(model):
 
 
 def write_saved_model(model, path: Path) -> None:
-    model.export(str(path), format="tf_saved_model", input_signature=[_input_spec(int(model.input_shape[1]))],
-                 verbose=False)
+    model.export(
+        str(path), format="tf_saved_model", input_signature=[_input_spec(int(model.input_shape[1]))], verbose=False
+    )
 
 
 def write_onnx(model, path: Path) -> None:
     import keras
 
     if keras.backend.backend() != "tensorflow":  # Keras's ONNX export under JAX needs jax2onnx (not a dependency)
-        raise UserError("ONNX export runs on the TensorFlow backend: rerun with KERAS_BACKEND=tensorflow "
-                        "(model.keras files are backend-independent)")
+        raise UserError(
+            "ONNX export runs on the TensorFlow backend: rerun with KERAS_BACKEND=tensorflow "
+            "(model.keras files are backend-independent)"
+        )
     try:
         import onnxruntime  # noqa: F401  (checked here so the error names the extra, not a deep import)
         import tf2onnx  # noqa: F401
@@ -105,8 +110,7 @@ def write_onnx(model, path: Path) -> None:
         raise UserError("ONNX export needs the optional packages: pip install 'fer-study[onnx]'") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.export(str(path), format="onnx", input_signature=[_input_spec(int(model.input_shape[1]))],
-                     verbose=False)
+        model.export(str(path), format="onnx", input_signature=[_input_spec(int(model.input_shape[1]))], verbose=False)
 
 
 def write_tflite(saved_model: Path, path: Path, quantize: str | None, calibration: np.ndarray | None) -> None:
@@ -123,15 +127,22 @@ def write_tflite(saved_model: Path, path: Path, quantize: str | None, calibratio
             converter.target_spec.supported_types = [tf.float16]
         elif quantize == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
+            converter.representative_dataset = lambda: ([calibration[i : i + 1]] for i in range(len(calibration)))
         path.write_bytes(converter.convert())
     except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; one line for the user
         what = f"{quantize} quantization" if quantize else "TFLite conversion"
         raise UserError(f"{what} failed: {_first_line(exc)}") from None
 
 
-def export_model(model, classes: list[str], out_dir: str | Path, fmt: str, quantize: str | None = None,
-                 calibration: np.ndarray | None = None, source: str | None = None) -> Path:
+def export_model(
+    model,
+    classes: list[str],
+    out_dir: str | Path,
+    fmt: str,
+    quantize: str | None = None,
+    calibration: np.ndarray | None = None,
+    source: str | None = None,
+) -> Path:
     """Write the export of a Keras model (uint8 images in, probabilities out) and its export.json into
     `out_dir` (replaced); return the path of the model file or folder."""
     validate_request(fmt, quantize)
@@ -157,10 +168,18 @@ def export_model(model, classes: list[str], out_dir: str | Path, fmt: str, quant
         shutil.rmtree(partial, ignore_errors=True)  # no half-written export left behind
         raise
     size = int(model.input_shape[1])
-    info = {"format": fmt, "quantize": quantize, "file": MODEL_FILES[fmt], "classes": list(classes),
-            "input_size": size, "input": f"uint8 RGB images, shape (batch, {size}, {size}, 3), values 0-255",
-            "output": f"class probabilities, shape (batch, {len(classes)}), in the order of `classes`",
-            "backbone": model.name.removeprefix("fer_"), "source": source, "size_bytes": _size(target)}
+    info = {
+        "format": fmt,
+        "quantize": quantize,
+        "file": MODEL_FILES[fmt],
+        "classes": list(classes),
+        "input_size": size,
+        "input": f"uint8 RGB images, shape (batch, {size}, {size}, 3), values 0-255",
+        "output": f"class probabilities, shape (batch, {len(classes)}), in the order of `classes`",
+        "backbone": model.name.removeprefix("fer_"),
+        "source": source,
+        "size_bytes": _size(target),
+    }
     (partial / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
@@ -255,8 +274,9 @@ class ExportedModel:
     def predict(self, pixels: np.ndarray, batch_size: int = BATCH) -> np.ndarray:
         if len(pixels) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        return np.concatenate([self.predict_batch(pixels[i:i + batch_size])
-                               for i in range(0, len(pixels), batch_size)])
+        return np.concatenate(
+            [self.predict_batch(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        )
 
 
 # ------------------------------------------------------------------------------------ the check
@@ -284,8 +304,9 @@ def study_data_for(model_dir: Path, data_dir: str | Path | None = None):
     if data_dir is None:
         candidate = model_dir.resolve().parent.parent / "data"
         if not (candidate / "manifest.csv").is_file():
-            raise UserError(f"no study data next to {model_dir} (looked for {candidate}); pass --data "
-                            "results/<study>/data")
+            raise UserError(
+                f"no study data next to {model_dir} (looked for {candidate}); pass --data results/<study>/data"
+            )
         data_dir = candidate
     return StudyData(data_dir)
 
@@ -298,8 +319,14 @@ def _sample_index(total: int, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
 
 
-def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, out: str | Path | None = None,
-                data_dir: str | Path | None = None, measure: bool = True) -> dict:
+def export_best(
+    model_path: str | Path,
+    fmt: str,
+    quantize: str | None = None,
+    out: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    measure: bool = True,
+) -> dict:
     """Export a study's trained model (a `model.keras` or the folder holding it, e.g. results/<s>/best/<b>),
     check it on the study's test images and time its runtime; returns (and stores in export.json) the
     summary. `ok` is False when the export disagrees with the Keras model beyond the criterion."""
@@ -309,8 +336,9 @@ def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, o
         path = path / "model.keras"
     if not path.is_file():
         raise UserError(f"no model found at {model_path} (expected a model.keras file or a folder holding one)")
-    out_dir = _replaceable(Path(out) if out is not None
-                           else path.parent / "export" / (fmt + (f"-{quantize}" if quantize else "")))
+    out_dir = _replaceable(
+        Path(out) if out is not None else path.parent / "export" / (fmt + (f"-{quantize}" if quantize else ""))
+    )
     data = study_data_for(path.parent, data_dir)
     from fer.model import load_trained_model
     from fer.training import predict_probs
@@ -318,8 +346,10 @@ def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, o
     model = load_trained_model(path)
     size = int(model.input_shape[1])
     if len(data.classes) != int(model.output_shape[-1]):
-        raise UserError(f"the study data has {len(data.classes)} classes, the model {model.output_shape[-1]}; "
-                        "pass the study's own --data")
+        raise UserError(
+            f"the study data has {len(data.classes)} classes, the model {model.output_shape[-1]}; "
+            "pass the study's own --data"
+        )
     calibration = None
     if quantize == "int8":  # calibrate on train images (val where train is empty), never on test
         train = data.pixels("train", size)
@@ -335,8 +365,9 @@ def export_best(model_path: str | Path, fmt: str, quantize: str | None = None, o
     exported = ExportedModel(out_dir / EXPORT_JSON)
     probs = exported.predict(images)
     check = agreement(reference, probs, quantize)
-    check["images"] = "test split" + (f", {len(index)} of {len(test)} drawn with seed 0" if len(test) > len(index)
-                                      else "")
+    check["images"] = "test split" + (
+        f", {len(index)} of {len(test)} drawn with seed 0" if len(test) > len(index) else ""
+    )
     labels = data.labels("test")[index]  # what a disagreement costs: accuracy of each on these images
     check["accuracy_keras"] = float((reference.argmax(1) == labels).mean())
     check["accuracy_export"] = float((probs.argmax(1) == labels).mean())

@@ -70,9 +70,13 @@ class CachedFeatures:
 
     def info(self) -> dict:
         """What a trial's summary records about the cache it used."""
-        return {"key": self.key, "views": int(self.train[0].shape[0]), "computed": self.computed,
-                "seconds": round(self.seconds, 3),
-                "bytes": int(sum(a.nbytes for a in self.train) + sum(a.nbytes for a in self.val))}
+        return {
+            "key": self.key,
+            "views": int(self.train[0].shape[0]),
+            "computed": self.computed,
+            "seconds": round(self.seconds, 3),
+            "bytes": int(sum(a.nbytes for a in self.train) + sum(a.nbytes for a in self.val)),
+        }
 
 
 def effective_views(config: dict) -> int:
@@ -86,9 +90,16 @@ def feature_spec(config: dict, study_data, dtype_policy: str, kind: str = "head"
     if weights not in ("imagenet", "none"):
         weights = f"file:{file_sha256(Path(weights).expanduser())}"
     spec = {
-        "kind": kind, "backbone": config["backbone"], "image_size": config["image_size"], "weights": weights,
-        "augment": config["augment"], "views": effective_views(config), "view_seed": config["seed"],
-        "bn_epsilon": config["bn_epsilon"], "dtype_policy": dtype_policy, "backend": keras.backend.backend(),
+        "kind": kind,
+        "backbone": config["backbone"],
+        "image_size": config["image_size"],
+        "weights": weights,
+        "augment": config["augment"],
+        "views": effective_views(config),
+        "view_seed": config["seed"],
+        "bn_epsilon": config["bn_epsilon"],
+        "dtype_policy": dtype_policy,
+        "backend": keras.backend.backend(),
         # a new `prepare` (other split, other files) makes new features
         "manifest_sha256": file_sha256(Path(study_data.dir) / "manifest.csv"),
     }
@@ -111,8 +122,7 @@ def features_dir(study_data) -> Path:
 
 def head_extractor(model: keras.Model) -> keras.Model:
     """The trial model's own layers from the (augmented) image to `head_pool`: preprocess -> backbone -> GAP."""
-    return keras.Model(model.get_layer("preprocess").input, model.get_layer("head_pool").output,
-                       name="head_features")
+    return keras.Model(model.get_layer("preprocess").input, model.get_layer("head_pool").output, name="head_features")
 
 
 def head_model(model: keras.Model) -> keras.Model:
@@ -141,9 +151,8 @@ def crossing_tensors(model: keras.Model, tail_layers: int) -> tuple[list, str]:
     name of the first tail layer. Found by walking back from the output through the graph until a layer
     outside the tail and the head: more than one when the cut falls inside a residual block."""
     layers = backbone_layers(model)
-    tail = layers[len(layers) - tail_layers:] if tail_layers > 0 else []
-    inside = {id(layer) for layer in tail} | {id(layer) for layer in model.layers
-                                              if layer.name.startswith(HEAD_PREFIX)}
+    tail = layers[len(layers) - tail_layers :] if tail_layers > 0 else []
+    inside = {id(layer) for layer in tail} | {id(layer) for layer in model.layers if layer.name.startswith(HEAD_PREFIX)}
     crossing, stack, seen = [], [model.output], set()
     while stack:
         tensor = stack.pop()
@@ -183,10 +192,15 @@ class _Heartbeat(keras.callbacks.Callback):
 # ------------------------------------------------------------------------------------- computing, caching
 
 
-def compute_features(extractor: keras.Model, config: dict, study_data, beat: Callable[[], None] = lambda: None,
-                     out: Callable[[str, int, tuple], np.ndarray] | None = None,
-                     source: CachedFeatures | None = None, label: str = "feature"
-                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def compute_features(
+    extractor: keras.Model,
+    config: dict,
+    study_data,
+    beat: Callable[[], None] = lambda: None,
+    out: Callable[[str, int, tuple], np.ndarray] | None = None,
+    source: CachedFeatures | None = None,
+    label: str = "feature",
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(train arrays (views, N, ...), val arrays (N, ...)), one per output of `extractor`.
 
     From images (`source` None): fresh augmentation layers with the trial seed make the views (so computing
@@ -236,8 +250,15 @@ def _predict(model: keras.Model, inputs, batch: int, callbacks: list) -> list[np
     return [np.asarray(a[:n], dtype=np.float32) for a in out]  # PixelBatches may pad the last batch
 
 
-def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data, stale_s: float = STALE_S,
-                    poll_s: float = POLL_S, source: CachedFeatures | None = None) -> CachedFeatures:
+def cached_features(
+    extractor: keras.Model,
+    spec: dict,
+    config: dict,
+    study_data,
+    stale_s: float = STALE_S,
+    poll_s: float = POLL_S,
+    source: CachedFeatures | None = None,
+) -> CachedFeatures:
     """The features of `spec`'s key: loaded, waited for, or computed here with `extractor` (once per study),
     from images or from `source` (see compute_features)."""
     t0 = time.perf_counter()
@@ -260,8 +281,9 @@ def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data
             return np.lib.format.open_memmap(partials[(split, i)], mode="w+", dtype=np.float32, shape=shape)
 
         try:
-            train, val = compute_features(extractor, config, study_data, beat, out=allocate, source=source,
-                                           label=f"{spec['kind']} feature")
+            train, val = compute_features(
+                extractor, config, study_data, beat, out=allocate, source=source, label=f"{spec['kind']} feature"
+            )
             for array in train + val:
                 array.flush()
             for (split, i), partial in partials.items():
@@ -269,16 +291,26 @@ def cached_features(extractor: keras.Model, spec: dict, config: dict, study_data
         finally:
             for partial in partials.values():
                 partial.unlink(missing_ok=True)
-        info = {"key": key, "spec": spec, "train_shapes": [list(a.shape) for a in train],
-                "val_shapes": [list(a.shape) for a in val], "compute_s": round(time.perf_counter() - start, 2),
-                "host": socket.gethostname(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {
+            "key": key,
+            "spec": spec,
+            "train_shapes": [list(a.shape) for a in train],
+            "val_shapes": [list(a.shape) for a in val],
+            "compute_s": round(time.perf_counter() - start, 2),
+            "host": socket.gethostname(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         write_json(marker, info)
         log.info("computed %s features %s in %.1f s", spec["kind"], key, info["compute_s"])
 
     computed = create_or_wait(marker, folder / f"{key}.lock", compute, stale_s=stale_s, poll_s=poll_s)
-    return CachedFeatures(key, [np.load(path("train", i), mmap_mode="r") for i in range(n_inputs)],
-                          [np.load(path("val", i), mmap_mode="r") for i in range(n_inputs)], computed,
-                          time.perf_counter() - t0)
+    return CachedFeatures(
+        key,
+        [np.load(path("train", i), mmap_mode="r") for i in range(n_inputs)],
+        [np.load(path("val", i), mmap_mode="r") for i in range(n_inputs)],
+        computed,
+        time.perf_counter() - t0,
+    )
 
 
 def _check_room(extractor: keras.Model, config: dict, study_data, folder: Path, kind: str) -> None:
@@ -296,11 +328,13 @@ def _check_room(extractor: keras.Model, config: dict, study_data, folder: Path, 
             f"the {kind} feature cache needs {need / 2**30:.1f} GiB ({effective_views(config)} views x {n_train} "
             f"train images x {per_image / 2**10:.0f} KiB) but {folder} has {free / 2**30:.1f} GiB free; use fewer "
             "feature_views, a later cut (smaller finetune_cache_units / unfreeze_layers), or the exact method "
-            f"({kind}_features=exact)")
+            f"({kind}_features=exact)"
+        )
 
 
-def stage_features(model: keras.Model, stage: str, config: dict, study_data, dtype_policy: str,
-                   **kwargs) -> tuple[CachedFeatures, keras.Model]:
+def stage_features(
+    model: keras.Model, stage: str, config: dict, study_data, dtype_policy: str, **kwargs
+) -> tuple[CachedFeatures, keras.Model]:
     """A stage's cache and the model (of the same trainable layers as `model`) that trains on it.
 
     'head': pooled backbone features and the head-only model; 'finetune': the activations entering the

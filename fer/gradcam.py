@@ -38,8 +38,11 @@ def target_layer_name(model: keras.Model) -> str:
     names = {layer.name for layer in model.layers}
     if backbone is not None and backbone.gradcam_layer in names:
         return backbone.gradcam_layer
-    spatial = [layer.name for layer in model.layers
-               if is_backbone_layer(layer) and len(getattr(layer.output, "shape", ())) == 4]
+    spatial = [
+        layer.name
+        for layer in model.layers
+        if is_backbone_layer(layer) and len(getattr(layer.output, "shape", ())) == 4
+    ]
     if not spatial:
         raise UserError(f"model '{model.name}' has no spatial layer for Grad-CAM")
     return spatial[-1]
@@ -79,27 +82,35 @@ class GradCam:
 
             def logits(activations):
                 x = keras.ops.cast(penultimate(activations, training=False), "float32")
-                return keras.ops.matmul(x, keras.ops.cast(out_layer.kernel, "float32")) + \
-                    keras.ops.cast(out_layer.bias, "float32")
+                return keras.ops.matmul(x, keras.ops.cast(out_layer.kernel, "float32")) + keras.ops.cast(
+                    out_layer.bias, "float32"
+                )
+
             return logits
         head = keras.Model(target.output, model.output, name="gradcam_head")  # not ours: use log-probs
 
         def log_probs(activations):
             return keras.ops.log(keras.ops.cast(head(activations, training=False), "float32") + 1e-12)
+
         return log_probs
 
-    def explain(self, images: np.ndarray, class_ids: np.ndarray | None = None,
-                batch_size: int = 32) -> Explanation:
+    def explain(self, images: np.ndarray, class_ids: np.ndarray | None = None, batch_size: int = 32) -> Explanation:
         """Heatmaps for `images` (N, H, W, 3) 0-255; explain `class_ids`, by default the predicted class."""
         images = np.asarray(images)
         if images.ndim != 4 or tuple(images.shape[1:3]) != self.image_size:
-            raise UserError(f"Grad-CAM expects images of shape (N, {self.image_size[0]}, "
-                            f"{self.image_size[1]}, 3), got {images.shape}")
-        parts = [self._explain_batch(images[i:i + batch_size],
-                                     None if class_ids is None else np.asarray(class_ids)[i:i + batch_size])
-                 for i in range(0, len(images), batch_size)]
-        return Explanation(*(np.concatenate([getattr(p, f.name) for p in parts])
-                             for f in dataclasses.fields(Explanation)))
+            raise UserError(
+                f"Grad-CAM expects images of shape (N, {self.image_size[0]}, "
+                f"{self.image_size[1]}, 3), got {images.shape}"
+            )
+        parts = [
+            self._explain_batch(
+                images[i : i + batch_size], None if class_ids is None else np.asarray(class_ids)[i : i + batch_size]
+            )
+            for i in range(0, len(images), batch_size)
+        ]
+        return Explanation(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Explanation))
+        )
 
     def _explain_batch(self, images: np.ndarray, class_ids: np.ndarray | None) -> Explanation:
         acts = np.asarray(self.features.predict_on_batch(images.astype("float32")), dtype=np.float32)
@@ -129,7 +140,7 @@ def _gradcam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
 
 def _gradcam_pp(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
     """Chattopadhay et al. 2018, closed form for score exp(logit): higher derivatives from first ones."""
-    g2, g3 = grads ** 2, grads ** 3
+    g2, g3 = grads**2, grads**3
     denom = 2.0 * g2 + acts.sum(axis=(1, 2), keepdims=True) * g3
     alpha = g2 / np.where(denom != 0.0, denom, 1.0)
     weights = (alpha * np.maximum(grads, 0.0)).sum(axis=(1, 2))
@@ -140,8 +151,7 @@ def _upsample(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of each (h, w) map to the image size, scaled to [0, 1] (all-zero maps stay zero)."""
     out = np.empty((len(cams), *size), np.float32)
     for i, cam in enumerate(cams):
-        big = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize(
-            (size[1], size[0]), Image.BILINEAR))
+        big = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((size[1], size[0]), Image.BILINEAR))
         top = big.max()
         out[i] = big / top if top > 0 else 0.0
     return out
@@ -156,9 +166,15 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
     return np.clip(mixed, 0, 255).astype(np.uint8)
 
 
-def deletion_curves(model: keras.Model, images: np.ndarray, heats: dict[str, np.ndarray],
-                    class_ids: np.ndarray, steps: int = 10, seed: int = 0,
-                    per_image: bool = False) -> dict[str, np.ndarray]:
+def deletion_curves(
+    model: keras.Model,
+    images: np.ndarray,
+    heats: dict[str, np.ndarray],
+    class_ids: np.ndarray,
+    steps: int = 10,
+    seed: int = 0,
+    per_image: bool = False,
+) -> dict[str, np.ndarray]:
     """Mean probability of `class_ids` as the top 0, 1/steps, ..., 100% pixels are replaced, per ordering.
 
     `heats` maps a name (e.g. 'gradcam') to (N, H, W) heatmaps; a 'random' ordering is always added as
@@ -169,8 +185,9 @@ def deletion_curves(model: keras.Model, images: np.ndarray, heats: dict[str, np.
     images = np.asarray(images)
     n, h, w = images.shape[:3]
     fractions = np.linspace(0.0, 1.0, steps + 1)
-    orders = {name: np.argsort(-(heat.reshape(n, -1) + 1e-6 * rng.random((n, h * w))), axis=1)
-              for name, heat in heats.items()}
+    orders = {
+        name: np.argsort(-(heat.reshape(n, -1) + 1e-6 * rng.random((n, h * w))), axis=1) for name, heat in heats.items()
+    }
     orders["random"] = np.stack([rng.permutation(h * w) for _ in range(n)])
     variants = np.empty((len(orders), n, steps + 1, h * w, 3), images.dtype)
     for k, order in enumerate(orders.values()):
@@ -199,7 +216,7 @@ def _box_mask(shape: tuple[int, int], boxes) -> np.ndarray:
     h, w = shape
     mask = np.zeros((h, w), bool)
     for x0, y0, x1, y1 in boxes:
-        mask[int(np.floor(y0 * h)):int(np.ceil(y1 * h)), int(np.floor(x0 * w)):int(np.ceil(x1 * w))] = True
+        mask[int(np.floor(y0 * h)) : int(np.ceil(y1 * h)), int(np.floor(x0 * w)) : int(np.ceil(x1 * w))] = True
     return mask
 
 
@@ -218,8 +235,13 @@ def heat_in_regions(heats: np.ndarray, boxes: list[list[tuple[float, float, floa
     share of the image they cover, and the ratio of the two (1 = no better than heat spread evenly)."""
     pairs = np.array([heat_share_in_boxes(h, b) for h, b in zip(heats, boxes)], np.float64).reshape(-1, 2)
     share, area = (float(v) for v in pairs.mean(axis=0)) if len(pairs) else (float("nan"), float("nan"))
-    return {"images": len(pairs), "heat_share": share, "area_share": area,
-            "ratio": share / area if area > 0 else float("nan"), "per_image": pairs[:, 0]}
+    return {
+        "images": len(pairs),
+        "heat_share": share,
+        "area_share": area,
+        "ratio": share / area if area > 0 else float("nan"),
+        "per_image": pairs[:, 0],
+    }
 
 
 def peak_in_boxes(heat: np.ndarray, boxes: list[tuple[float, float, float, float]]) -> bool:
@@ -228,5 +250,14 @@ def peak_in_boxes(heat: np.ndarray, boxes: list[tuple[float, float, float, float
     return bool(heat.max() > 0 and _box_mask(heat.shape, boxes)[y, x])
 
 
-__all__ = ["GradCam", "Explanation", "target_layer_name", "overlay", "deletion_curves", "deletion_auc",
-           "heat_share_in_boxes", "heat_in_regions", "peak_in_boxes"]
+__all__ = [
+    "GradCam",
+    "Explanation",
+    "target_layer_name",
+    "overlay",
+    "deletion_curves",
+    "deletion_auc",
+    "heat_share_in_boxes",
+    "heat_in_regions",
+    "peak_in_boxes",
+]

@@ -23,8 +23,8 @@ from fer.names import LATENCY_FILE  # noqa: F401 - re-exported for callers
 
 log = logging.getLogger(__name__)
 
-RUNS = 50          # single-image calls timed (the issue asks for at least 50)
-WARMUP = 5         # untimed calls first: tracing, compilation, allocator growth
+RUNS = 50  # single-image calls timed (the issue asks for at least 50)
+WARMUP = 5  # untimed calls first: tracing, compilation, allocator growth
 BATCH = 64
 BATCH_RUNS = 3
 
@@ -41,8 +41,15 @@ def load_average() -> list[float] | None:
         return None
 
 
-def time_predict(predict: Callable[[np.ndarray], np.ndarray], image_size: int, runs: int = RUNS,
-                 warmup: int = WARMUP, batch: int = BATCH, batch_runs: int = BATCH_RUNS, seed: int = 0) -> dict:
+def time_predict(
+    predict: Callable[[np.ndarray], np.ndarray],
+    image_size: int,
+    runs: int = RUNS,
+    warmup: int = WARMUP,
+    batch: int = BATCH,
+    batch_runs: int = BATCH_RUNS,
+    seed: int = 0,
+) -> dict:
     """Time `predict` (uint8 images (n, S, S, 3) -> probabilities) on random images.
 
     One image: median and 90th percentile wall milliseconds over `runs` calls after `warmup` calls, and the
@@ -70,11 +77,16 @@ def time_predict(predict: Callable[[np.ndarray], np.ndarray], image_size: int, r
         batch_times.append(time.perf_counter() - start)
     batch_cpu_ms = (_cpu_seconds() - cpu0) / (batch_runs * batch) * 1e3
     ms = np.array(times) * 1e3
-    return {"latency_ms_median": round(float(np.median(ms)), 3),
-            "latency_ms_p90": round(float(np.percentile(ms, 90)), 3),
-            "cpu_ms_per_image": round(cpu_ms, 3), "runs": runs, "warmup": warmup,
-            "batch": batch, "images_per_s": round(batch / min(batch_times), 1),
-            "batch_cpu_ms_per_image": round(batch_cpu_ms, 3)}
+    return {
+        "latency_ms_median": round(float(np.median(ms)), 3),
+        "latency_ms_p90": round(float(np.percentile(ms, 90)), 3),
+        "cpu_ms_per_image": round(cpu_ms, 3),
+        "runs": runs,
+        "warmup": warmup,
+        "batch": batch,
+        "images_per_s": round(batch / min(batch_times), 1),
+        "batch_cpu_ms_per_image": round(batch_cpu_ms, 3),
+    }
 
 
 def weight_bytes(model) -> int:
@@ -104,10 +116,16 @@ def measure_model(model, threads: int | None = None, runs: int = RUNS, batch: in
     from fer.backend_setup import accelerator_available
 
     size = int(model.input_shape[1])
-    result = {"backbone": model.name.removeprefix("fer_"), "image_size": size,
-              "params": int(model.count_params()), "size_bytes": weight_bytes(model),
-              "size_source": "model variables (float export size, without optimizer state)",
-              "backend": keras.backend.backend(), "threads": threads, "devices": {}}
+    result = {
+        "backbone": model.name.removeprefix("fer_"),
+        "image_size": size,
+        "params": int(model.count_params()),
+        "size_bytes": weight_bytes(model),
+        "size_source": "model variables (float export size, without optimizer state)",
+        "backend": keras.backend.backend(),
+        "threads": threads,
+        "devices": {},
+    }
     load_before = load_average()
     result["devices"]["cpu"] = time_predict(_keras_predict(_cpu_copy(model)), size, runs=runs, batch=batch)
     if accelerator_available():
@@ -118,8 +136,13 @@ def measure_model(model, threads: int | None = None, runs: int = RUNS, batch: in
 def _with_machine(result: dict, load_before) -> dict:
     from fer.machine import machine_info
 
-    return {**result, "load_average_before": load_before, "load_average_after": load_average(),
-            "measured_at": round(time.time(), 1), "machine": machine_info()}
+    return {
+        **result,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "measured_at": round(time.time(), 1),
+        "machine": machine_info(),
+    }
 
 
 def measure_and_write(model, path: str | Path, threads: int | None = None) -> dict | None:
@@ -134,10 +157,13 @@ def measure_and_write(model, path: str | Path, threads: int | None = None) -> di
     return result
 
 
-def measure_predict(predict: Callable[[np.ndarray], np.ndarray], image_size: int, size_bytes: int,
-                    runtime: str) -> dict:
+def measure_predict(
+    predict: Callable[[np.ndarray], np.ndarray], image_size: int, size_bytes: int, runtime: str
+) -> dict:
     """The same figures for an exported model's runtime (CPU only: TFLite, ONNX Runtime, SavedModel)."""
     load_before = load_average()
     timing = time_predict(predict, image_size)
-    return _with_machine({"runtime": runtime, "image_size": image_size, "size_bytes": int(size_bytes),
-                          "devices": {"cpu": timing}}, load_before)
+    return _with_machine(
+        {"runtime": runtime, "image_size": image_size, "size_bytes": int(size_bytes), "devices": {"cpu": timing}},
+        load_before,
+    )

@@ -61,8 +61,15 @@ class RandomAffine(keras.layers.Layer):
     about the image centre, sampled once (bilinear, nearest-edge fill). Identity at inference.
     """
 
-    def __init__(self, rotation: float = 0.05, shift: float = 0.1, zoom: float = 0.1, flip: bool = True,
-                 seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        rotation: float = 0.05,
+        shift: float = 0.1,
+        zoom: float = 0.1,
+        flip: bool = True,
+        seed: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.rotation, self.shift, self.zoom, self.flip, self.seed = rotation, shift, zoom, flip, seed
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -81,8 +88,11 @@ class RandomAffine(keras.layers.Layer):
         angle = uniform(self.rotation * 2.0 * math.pi)
         shift_x, shift_y = uniform(self.shift) * width, uniform(self.shift) * height
         scale = 1.0 + uniform(self.zoom)
-        mirror = ops.where(keras.random.uniform((n,), seed=self.seed_generator) < 0.5, -1.0, 1.0) if self.flip \
+        mirror = (
+            ops.where(keras.random.uniform((n,), seed=self.seed_generator) < 0.5, -1.0, 1.0)
+            if self.flip
             else ops.ones((n,))
+        )
         # input point = c + D R (scale (p - c) - t), p an output point, c the centre, t the shift,
         # R the rotation, D the mirror (x -> -x about the centre): as flip, rotate, shift, zoom in a row.
         cos, sin = ops.cos(angle), ops.sin(angle)
@@ -100,8 +110,14 @@ class RandomAffine(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "rotation": self.rotation, "shift": self.shift, "zoom": self.zoom,
-                "flip": self.flip, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "rotation": self.rotation,
+            "shift": self.shift,
+            "zoom": self.zoom,
+            "flip": self.flip,
+            "seed": self.seed,
+        }
 
 
 def augmentation_layers(strength: float, seed: int) -> list[keras.layers.Layer]:
@@ -113,5 +129,8 @@ def augmentation_layers(strength: float, seed: int) -> list[keras.layers.Layer]:
     if strength <= 0:
         return []
     s = float(strength)
-    return [RandomAffine(rotation=min(0.05 * s, 0.5), shift=min(0.1 * s, 0.9), zoom=min(0.1 * s, 0.9),
-                         seed=seed, name="aug_affine")]
+    return [
+        RandomAffine(
+            rotation=min(0.05 * s, 0.5), shift=min(0.1 * s, 0.9), zoom=min(0.1 * s, 0.9), seed=seed, name="aug_affine"
+        )
+    ]

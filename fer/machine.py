@@ -12,8 +12,20 @@ import platform
 import subprocess
 from pathlib import Path
 
-_PACKAGES = ("keras", "tensorflow", "tensorflow-cpu", "jax", "jaxlib", "ray", "optuna", "numpy",
-             "pandas", "scikit-learn", "pillow", "pillow-heif")
+_PACKAGES = (
+    "keras",
+    "tensorflow",
+    "tensorflow-cpu",
+    "jax",
+    "jaxlib",
+    "ray",
+    "optuna",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "pillow",
+    "pillow-heif",
+)
 
 
 def _cpu_model() -> str:
@@ -39,8 +51,12 @@ def _memory_gib() -> float | None:
 def _gpus() -> list[str]:
     """GPU names from nvidia-smi, without importing any framework (cheap, backend-neutral)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
@@ -73,10 +89,10 @@ def machine_info() -> dict:
 SHARED_ENV = "FER_SHARED"
 SHARED_DOWNLOADS = {
     "datasets/fer2013-5class": "FER2013 (research use only) as 48x48 JPEGs in five class folders angry, fear, "
-                               "happy, sad, surprise, file names keeping the official split prefixes Training_, "
-                               "PublicTest_, PrivateTest_",
+    "happy, sad, surprise, file names keeping the official split prefixes Training_, "
+    "PublicTest_, PrivateTest_",
     "datasets/jaffe-5class": "JAFFE (non-commercial research only) as PNGs in the same five class folders, "
-                             "file names <SUBJECT>_<EXPR><take>_<n>.png",
+    "file names <SUBJECT>_<EXPR><take>_<n>.png",
     "weights": "the offline ImageNet weight file (docs/benchmarks.md names each file and where it comes from)",
 }
 
@@ -97,5 +113,7 @@ def shared_missing(path) -> str:
     except ValueError:
         rel = str(path)
     what = next((text for key, text in SHARED_DOWNLOADS.items() if rel.startswith(key)), "a shared data file")
-    return (f"{path} not found: put {what} there, or set {SHARED_ENV} to the folder that holds datasets/ and "
-            f"weights/ (docs/benchmarks.md)")
+    return (
+        f"{path} not found: put {what} there, or set {SHARED_ENV} to the folder that holds datasets/ and "
+        f"weights/ (docs/benchmarks.md)"
+    )

@@ -50,16 +50,16 @@ def macro_f1(y_true, y_pred, num_classes: int) -> float:
     return float(_scores(confusion_matrix(y_true, y_pred, num_classes))["macro_f1"])
 
 
-def _bootstrap_confusions(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, n_boot: int,
-                          rng: np.random.Generator):
+def _bootstrap_confusions(
+    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, n_boot: int, rng: np.random.Generator
+):
     n, kk = len(y_true), num_classes * num_classes
     codes = y_true * num_classes + y_pred
     for start in range(0, n_boot, _BOOT_CHUNK):
         size = min(_BOOT_CHUNK, n_boot - start)
         picks = codes[rng.integers(0, n, size=(size, n))]
         offsets = (np.arange(size) * kk)[:, None]
-        yield np.bincount((picks + offsets).ravel(), minlength=size * kk).reshape(size, num_classes,
-                                                                                 num_classes)
+        yield np.bincount((picks + offsets).ravel(), minlength=size * kk).reshape(size, num_classes, num_classes)
 
 
 def classification_metrics(y_true, probs, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -78,8 +78,7 @@ def classification_metrics(y_true, probs, classes: Sequence[str], n_boot: int = 
     y_pred = probs.argmax(axis=1)
     cm = confusion_matrix(y_true, y_pred, k)
     point = _scores(cm)
-    summary_keys = ["accuracy"] + [f"{avg}_{m}" for avg in ("macro", "weighted")
-                                   for m in ("precision", "recall", "f1")]
+    summary_keys = ["accuracy"] + [f"{avg}_{m}" for avg in ("macro", "weighted") for m in ("precision", "recall", "f1")]
     boots = {key: [] for key in summary_keys}
     if n_boot > 0:
         rng = np.random.default_rng(seed)
@@ -97,8 +96,12 @@ def classification_metrics(y_true, probs, classes: Sequence[str], n_boot: int = 
         out[key] = {"value": value, "ci95": ci}
     support = cm.sum(axis=1)
     out["per_class"] = {
-        name: {"precision": float(point["per_class_precision"][i]), "recall": float(point["per_class_recall"][i]),
-               "f1": float(point["per_class_f1"][i]), "support": int(support[i])}
+        name: {
+            "precision": float(point["per_class_precision"][i]),
+            "recall": float(point["per_class_recall"][i]),
+            "f1": float(point["per_class_f1"][i]),
+            "support": int(support[i]),
+        }
         for i, name in enumerate(classes)
     }
     out["confusion_matrix"] = cm.tolist()

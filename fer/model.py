@@ -28,8 +28,9 @@ def is_backbone_layer(layer: keras.layers.Layer) -> bool:
 
 def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """Backbone layers in topological order (excluding the input layer)."""
-    return [layer for layer in model.layers if is_backbone_layer(layer)
-            and not isinstance(layer, keras.layers.InputLayer)]
+    return [
+        layer for layer in model.layers if is_backbone_layer(layer) and not isinstance(layer, keras.layers.InputLayer)
+    ]
 
 
 def _resolve_weights(weights: str) -> str | None:
@@ -134,8 +135,14 @@ def set_bn_momentum(net: keras.Model, momentum: float) -> None:
             layer.momentum = float(momentum)
 
 
-def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers",
-              backbone: Backbone | None = None, train_batchnorm: bool = False) -> int:
+def set_stage(
+    model: keras.Model,
+    stage: str,
+    unfreeze: int,
+    unit: str = "layers",
+    backbone: Backbone | None = None,
+    train_batchnorm: bool = False,
+) -> int:
     """Freeze the backbone (stage 'head') or unfreeze its last `unfreeze` layers/blocks ('finetune').
 
     BatchNormalization layers stay frozen (trainable=False, hence inference mode) in both stages, as in the
@@ -162,8 +169,9 @@ def set_stage(model: keras.Model, stage: str, unfreeze: int, unit: str = "layers
     return count
 
 
-def last_backbone_layers(model: keras.Model, count: int, unit: str = "layers",
-                         backbone: Backbone | None = None) -> list[keras.layers.Layer]:
+def last_backbone_layers(
+    model: keras.Model, count: int, unit: str = "layers", backbone: Backbone | None = None
+) -> list[keras.layers.Layer]:
     """The last `count` backbone layers, or the layers of its last `count` blocks (unit 'blocks'), in
     reverse topological order. Always a suffix of `backbone_layers(model)`."""
     layers = backbone_layers(model)

@@ -33,8 +33,18 @@ TEST_METRICS_FILE = metrics_file("test")
 TEST_PREDICTIONS_FILE = predictions_file("test")
 
 # The per-epoch record (history.csv columns, `on_epoch` argument, what each trial reports to Ray Tune).
-RECORD_KEYS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
-               "epoch_s", "images_per_s")
+RECORD_KEYS = (
+    "epoch",
+    "stage",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "lr",
+    "epoch_s",
+    "images_per_s",
+)
 
 # ---- a study folder: results/<study>/ (study.tune writes it, study.report reads it)
 STUDY_FILE = "study.json"

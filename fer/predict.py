@@ -100,12 +100,18 @@ def load_for_prediction(model_path: str | Path):
     model, classes, _ = load_model_and_classes(model_path)
     from fer.batches import predict_probs
 
-    return (lambda pixels, batch_size: predict_probs(model, pixels, batch_size), classes, _input_size(model),
-            model.name.removeprefix("fer_"), model)
+    return (
+        lambda pixels, batch_size: predict_probs(model, pixels, batch_size),
+        classes,
+        _input_size(model),
+        model.name.removeprefix("fer_"),
+        model,
+    )
 
 
-def predict_images(model_path: str | Path, inputs: list[str | Path], gradcam_dir: str | Path | None = None,
-                   batch_size: int = 32) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+def predict_images(
+    model_path: str | Path, inputs: list[str | Path], gradcam_dir: str | Path | None = None, batch_size: int = 32
+) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """Predicted emotion and every class probability per image; optional Grad-CAM overlays.
 
     Returns (table with path, predicted, confidence, p_<class>; skipped files with reasons).
@@ -118,12 +124,17 @@ def predict_images(model_path: str | Path, inputs: list[str | Path], gradcam_dir
         raise UserError("--gradcam needs the model.keras (an exported model has no gradients to explain)")
     pixels, kept, skipped = decode_images(files, size)
     if not kept:
-        raise UserError(f"none of the {len(files)} files could be decoded as an image "
-                        f"(first: {skipped[0][0]}: {skipped[0][1]})")
+        raise UserError(
+            f"none of the {len(files)} files could be decoded as an image (first: {skipped[0][0]}: {skipped[0][1]})"
+        )
     probs = predict(pixels, batch_size)
-    table = pd.DataFrame({"path": [str(p) for p in kept],
-                          "predicted": [classes[i] for i in probs.argmax(axis=1)],
-                          "confidence": probs.max(axis=1)})
+    table = pd.DataFrame(
+        {
+            "path": [str(p) for p in kept],
+            "predicted": [classes[i] for i in probs.argmax(axis=1)],
+            "confidence": probs.max(axis=1),
+        }
+    )
     for i, name in enumerate(classes):
         table[f"p_{name}"] = probs[:, i]
     if gradcam_dir is not None:
@@ -135,8 +146,9 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:80] or "image"
 
 
-def save_gradcam_overlays(model, pixels: np.ndarray, files: list[Path], classes: list[str],
-                          out_dir: Path) -> list[Path]:
+def save_gradcam_overlays(
+    model, pixels: np.ndarray, files: list[Path], classes: list[str], out_dir: Path
+) -> list[Path]:
     """One PNG per image: the image, its Grad-CAM and its Grad-CAM++ for the predicted class, side by side."""
     from PIL import Image
 
@@ -167,8 +179,7 @@ def _class_folders(data_dir: Path) -> list[Path]:
     return folders
 
 
-def _labelled_files(data_dir: Path, folders: list[Path], classes: list[str]
-                    ) -> tuple[list[Path], list[int], list[str]]:
+def _labelled_files(data_dir: Path, folders: list[Path], classes: list[str]) -> tuple[list[Path], list[int], list[str]]:
     """Files of the class folders that name a model class; returns also the other folders' names."""
     index = {name: i for i, name in enumerate(classes)}
     files, labels, unknown = [], [], []
@@ -180,8 +191,10 @@ def _labelled_files(data_dir: Path, folders: list[Path], classes: list[str]
             files.append(path)
             labels.append(index[folder.name])
     if not files:
-        raise UserError(f"no class folder of {data_dir} matches the model's classes ({', '.join(classes)}); "
-                        f"found: {', '.join(f.name for f in folders)}")
+        raise UserError(
+            f"no class folder of {data_dir} matches the model's classes ({', '.join(classes)}); "
+            f"found: {', '.join(f.name for f in folders)}"
+        )
     for name in unknown:
         log.warning("skipped folder %s: not a class of the model", name)
     return files, labels, unknown
@@ -196,14 +209,18 @@ def _compile_filter(pattern: str | None, option: str) -> re.Pattern | None:
         raise UserError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from None
 
 
-def filter_files(files: list[Path], labels: list[int], include: str | None = None,
-                 exclude: str | None = None) -> tuple[list[Path], list[int], int]:
+def filter_files(
+    files: list[Path], labels: list[int], include: str | None = None, exclude: str | None = None
+) -> tuple[list[Path], list[int], int]:
     """Keep the files whose NAME matches `include` (re.search) and not `exclude`; returns (files, labels,
     how many were filtered out). Why: one class folder may hold several splits told apart by file name
     (FER2013: Training_, PublicTest_, PrivateTest_), and a published figure is on one of them."""
     inc, exc = _compile_filter(include, "--include"), _compile_filter(exclude, "--exclude")
-    kept = [(f, y) for f, y in zip(files, labels)
-            if (inc is None or inc.search(f.name)) and (exc is None or not exc.search(f.name))]
+    kept = [
+        (f, y)
+        for f, y in zip(files, labels)
+        if (inc is None or inc.search(f.name)) and (exc is None or not exc.search(f.name))
+    ]
     return [f for f, _ in kept], [y for _, y in kept], len(files) - len(kept)
 
 
@@ -213,8 +230,14 @@ def filter_label(include: str | None, exclude: str | None) -> str:
     return ", ".join(parts)
 
 
-def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: int = 32,
-                    n_boot: int = 1000, include: str | None = None, exclude: str | None = None) -> dict:
+def evaluate_folder(
+    model_path: str | Path,
+    data_dir: str | Path,
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    include: str | None = None,
+    exclude: str | None = None,
+) -> dict:
     """The full metric set (`fer.metrics`) of a trained model on another labelled class-folder dataset.
 
     Folders that are not model classes and undecodable files are skipped and listed in the result.
@@ -239,17 +262,23 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, batch_size: in
     metrics = classification_metrics(y_true, probs, classes, n_boot=n_boot)
     label = filter_label(include, exclude)
     return {
-        "model": str(Path(model_path)), "backbone": backbone,
+        "model": str(Path(model_path)),
+        "backbone": backbone,
         "dataset": f"{data_dir.name} ({label})" if label else data_dir.name,
-        "data": str(data_dir), "n_files": len(files), "include": include, "exclude": exclude,
-        "filtered_out": filtered_out, "skipped_folders": unknown,
+        "data": str(data_dir),
+        "n_files": len(files),
+        "include": include,
+        "exclude": exclude,
+        "filtered_out": filtered_out,
+        "skipped_folders": unknown,
         "skipped_files": [{"path": str(p.relative_to(data_dir)), "reason": r} for p, r in skipped],
         "metrics": metrics,
     }
 
 
-def default_evaluation_path(model_path: str | Path, data_dir: str | Path, include: str | None = None,
-                            exclude: str | None = None) -> Path | None:
+def default_evaluation_path(
+    model_path: str | Path, data_dir: str | Path, include: str | None = None, exclude: str | None = None
+) -> Path | None:
     """results/<study>/evaluations/<backbone>__<dataset>[__<filter>].json when the model is a study's best
     model. The report picks up every JSON in results/<study>/evaluations/.
     """

@@ -17,8 +17,7 @@ log = logging.getLogger("fer.progress")
 class Progress:
     """`advance(n)` after each chunk of work; a line at most every `every_s` seconds, and one at the end."""
 
-    def __init__(self, what: str, total: int, unit: str = "images", every_s: float = 10.0,
-                 clock=time.perf_counter):
+    def __init__(self, what: str, total: int, unit: str = "images", every_s: float = 10.0, clock=time.perf_counter):
         self.what, self.total, self.unit, self.every_s, self.clock = what, max(0, int(total)), unit, every_s, clock
         self.done = 0
         self.started = self.last = clock()

@@ -35,7 +35,6 @@ from fer.names import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, RECORD_KEYS, SUMMAR
 log = logging.getLogger(__name__)
 
 
-
 def save_model_atomically(model: keras.Model, path: Path) -> None:
     """Write `path` via a temporary file and a rename, so a trial killed mid-save never leaves a torn model."""
     partial = path.with_name(path.stem + ".partial.keras")  # Keras insists on the .keras extension
@@ -81,19 +80,23 @@ class EpochMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         t = self.trial
         train_s = time.perf_counter() - self.epoch_start
-        probs = predict_probs(self.model, t.val_pixels if self.val_inputs is None else self.val_inputs,
-                              t.batch_size)
+        probs = predict_probs(self.model, t.val_pixels if self.val_inputs is None else self.val_inputs, t.batch_size)
         val_loss = float(keras.ops.convert_to_numpy(t.loss_fn(t.val_onehot, probs)))
         pred = probs.argmax(axis=1)
         logs["val_loss"] = val_loss
         logs["val_accuracy"] = float(np.mean(pred == t.val_labels))
         t.global_epoch += 1
         record = {
-            "epoch": t.global_epoch, "stage": self.stage,
-            "loss": float(logs.get("loss", math.nan)), "accuracy": float(logs.get("accuracy", math.nan)),
-            "val_loss": val_loss, "val_accuracy": logs["val_accuracy"],
-            "val_macro_f1": macro_f1(t.val_labels, pred, t.num_classes), "lr": self.lr,
-            "epoch_s": time.perf_counter() - self.epoch_start, "images_per_s": t.n_train / train_s,
+            "epoch": t.global_epoch,
+            "stage": self.stage,
+            "loss": float(logs.get("loss", math.nan)),
+            "accuracy": float(logs.get("accuracy", math.nan)),
+            "val_loss": val_loss,
+            "val_accuracy": logs["val_accuracy"],
+            "val_macro_f1": macro_f1(t.val_labels, pred, t.num_classes),
+            "lr": self.lr,
+            "epoch_s": time.perf_counter() - self.epoch_start,
+            "images_per_s": t.n_train / train_s,
         }
         t.train_s.setdefault(self.stage, []).append(train_s)
         if self.first_batch_s is not None and t.first_batch_s.get(self.stage) is None:
@@ -123,8 +126,18 @@ class EpochMonitor(keras.callbacks.Callback):
 class _TrialState:
     """What the stages share: validation data, the running history and the best model so far."""
 
-    def __init__(self, out_dir: Path, val_pixels, val_labels, num_classes, batch_size, n_train, loss_fn,
-                 on_epoch, report_can_stop: Callable[[int], bool] | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        val_pixels,
+        val_labels,
+        num_classes,
+        batch_size,
+        n_train,
+        loss_fn,
+        on_epoch,
+        report_can_stop: Callable[[int], bool] | None = None,
+    ):
         self.out_dir, self.val_pixels, self.val_labels = out_dir, val_pixels, val_labels
         self.num_classes, self.batch_size = num_classes, batch_size
         self.n_train = n_train  # images trained per epoch
@@ -177,8 +190,14 @@ def _dtype_policy(config: dict) -> str:
     return f"mixed_{mode}"
 
 
-def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None] | None = None,
-              evaluate_test: bool = False, report_can_stop: Callable[[int], bool] | None = None) -> dict:
+def run_trial(
+    config: dict,
+    study_data,
+    out_dir,
+    on_epoch: Callable[[dict], None] | None = None,
+    evaluate_test: bool = False,
+    report_can_stop: Callable[[int], bool] | None = None,
+) -> dict:
     """Train one config on prepared study data; write the trial folder; return a summary dict.
 
     Writes config.json, history.csv (after every epoch), model.keras (the best val_loss so far, before every
@@ -194,8 +213,9 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
     train_pixels, train_labels = study_data.pixels("train", size), study_data.labels("train")
     val_pixels, val_labels = study_data.pixels("val", size), study_data.labels("val")
     if len(train_labels) == 0 or len(val_labels) == 0:
-        raise UserError(f"the study data has {len(train_labels)} train and {len(val_labels)} val images; "
-                        "a trial needs both")
+        raise UserError(
+            f"the study data has {len(train_labels)} train and {len(val_labels)} val images; a trial needs both"
+        )
 
     from fer.backend_setup import enable_compilation_cache
 
@@ -207,32 +227,55 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
         model = build_model(config, len(classes))
         build_s = time.perf_counter() - t0
         loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"])
-        train_batches = PixelBatches(train_pixels, batch_size, train_labels, len(classes),
-                                     study_data.class_weights, shuffle_seed=config["seed"])
-        state = _TrialState(out_dir, val_pixels, val_labels, len(classes), batch_size,
-                            train_batches.images_per_epoch, loss_fn, on_epoch, report_can_stop)
+        train_batches = PixelBatches(
+            train_pixels, batch_size, train_labels, len(classes), study_data.class_weights, shuffle_seed=config["seed"]
+        )
+        state = _TrialState(
+            out_dir,
+            val_pixels,
+            val_labels,
+            len(classes),
+            batch_size,
+            train_batches.images_per_epoch,
+            loss_fn,
+            on_epoch,
+            report_can_stop,
+        )
         state.classes, state.collapse = classes, CollapseLog(out_dir, config, len(classes))
-        stages = (("head", config["epochs_head"], config["lr_head"], 0),
-                  ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]))
+        stages = (
+            ("head", config["epochs_head"], config["lr_head"], 0),
+            ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]),
+        )
         trainable_counts, feature_cache = {}, {}
         for stage, epochs, lr, unfreeze in stages:
             if epochs <= 0:
                 continue
-            trainable_counts[stage] = set_stage(model, stage, unfreeze, config["unfreeze_unit"],
-                                                _backbone(config), train_batchnorm=config["weights"] == "none")
+            trainable_counts[stage] = set_stage(
+                model,
+                stage,
+                unfreeze,
+                config["unfreeze_unit"],
+                _backbone(config),
+                train_batchnorm=config["weights"] == "none",
+            )
             fit_model, batches, monitor = model, train_batches, EpochMonitor(state, stage)
             if config[f"{stage}_features"] == "cached":
-                fit_model, batches, monitor, feature_cache[stage] = _cached_stage(model, stage, config, study_data,
-                                                                                  state)
+                fit_model, batches, monitor, feature_cache[stage] = _cached_stage(
+                    model, stage, config, study_data, state
+                )
             # Changing `trainable` only takes effect after compile (docs/pitfalls.md#recompile).
-            fit_model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss_fn,
-                              metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+            fit_model.compile(
+                optimizer=keras.optimizers.Adam(lr),
+                loss=loss_fn,
+                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            )
             patience = config["patience"]
             callbacks = [
                 monitor,  # first: it puts val_loss into the logs the others read
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
-                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
-                                                  patience=max(1, patience // 2), min_lr=1e-7),
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor="val_loss", factor=0.5, patience=max(1, patience // 2), min_lr=1e-7
+                ),
                 keras.callbacks.TerminateOnNaN(),  # a diverged trial stops instead of burning its budget
             ]
             fit_model.fit(batches, epochs=epochs, callbacks=callbacks, verbose=0)
@@ -257,8 +300,10 @@ def run_trial(config: dict, study_data, out_dir, on_epoch: Callable[[dict], None
             "epochs_run": state.global_epoch,
             "train_s": train_s,
             "images_per_s": _steady_images_per_s(state, batch_size, state.train_s),
-            "stage_images_per_s": {stage: _steady_images_per_s(state, batch_size, {stage: seconds})
-                                   for stage, seconds in state.train_s.items()},
+            "stage_images_per_s": {
+                stage: _steady_images_per_s(state, batch_size, {stage: seconds})
+                for stage, seconds in state.train_s.items()
+            },
             "first_step_s": state.first_batch_s,
             # robust to a busy machine: median seconds per training step, each epoch's first step excluded
             "median_step_s": {stage: float(np.median(steps)) for stage, steps in state.step_s.items()},
@@ -287,8 +332,14 @@ def _cached_stage(model: keras.Model, stage: str, config: dict, study_data, stat
     from fer import feature_cache as fc
 
     features, fit_model = fc.stage_features(model, stage, config, study_data, keras.config.dtype_policy().name)
-    batches = FeatureViews(features.train, config["batch_size"], study_data.labels("train"),
-                              state.num_classes, study_data.class_weights, shuffle_seed=config["seed"])
+    batches = FeatureViews(
+        features.train,
+        config["batch_size"],
+        study_data.labels("train"),
+        state.num_classes,
+        study_data.class_weights,
+        shuffle_seed=config["seed"],
+    )
     monitor = EpochMonitor(state, stage, val_inputs=model_input(features.val), full_model=model)
     return fit_model, batches, monitor, features.info()
 
@@ -318,5 +369,6 @@ def evaluate_split(model: keras.Model, study_data, split: str, config: dict, out
     metrics = classification_metrics(labels, probs, classes, seed=config["seed"])
     write_json(out_dir / metrics_file(split), metrics)
     predictions_table(study_data.paths(split), labels, probs, classes).to_csv(
-        out_dir / predictions_file(split), index=False)
+        out_dir / predictions_file(split), index=False
+    )
     return {f"{split}_accuracy": metrics["accuracy"]["value"], f"{split}_macro_f1": metrics["macro_f1"]["value"]}

@@ -38,8 +38,21 @@ METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "loss", "accuracy")
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 SCHEDULERS = ("asha", "none")
-TOP_KEYS = ("name", "metric", "mode", "backbones", "trials_per_backbone", "scheduler", "fixed", "space",
-            "start_points", "final_seeds", "seed", "description", "per_backbone")
+TOP_KEYS = (
+    "name",
+    "metric",
+    "mode",
+    "backbones",
+    "trials_per_backbone",
+    "scheduler",
+    "fixed",
+    "space",
+    "start_points",
+    "final_seeds",
+    "seed",
+    "description",
+    "per_backbone",
+)
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
 START_POINTS = "start_points"  # inside per_backbone.<backbone>: that backbone's own start points
 UNTUNABLE = ("backbone",)  # the backbone is the question, never a nuisance parameter
@@ -90,8 +103,11 @@ class Space:
     def space_for(self, backbone: str) -> dict:
         """The keys tuned for `backbone` and their distributions (its own range where it has one)."""
         own = self.per_backbone.get(backbone, {})
-        return {k: own.get(k, dist) for k, dist in self.space.items()  # a key fixed for it is not tuned
-                if k not in own or isinstance(own[k], Dist)}
+        return {
+            k: own.get(k, dist)
+            for k, dist in self.space.items()  # a key fixed for it is not tuned
+            if k not in own or isinstance(own[k], Dist)
+        }
 
     def start_points_for(self, backbone: str) -> tuple:
         """The start points over the keys `backbone` tunes: its own (per_backbone start_points) if given."""
@@ -139,16 +155,26 @@ class Space:
     def to_dict(self) -> dict:
         """The space as plain data (for study.json); loading this back gives the same Space."""
         out = {
-            "name": self.name, "metric": self.metric, "mode": self.mode, "backbones": list(self.backbones),
-            "trials_per_backbone": self.trials_per_backbone, "scheduler": dict(self.scheduler),
-            "fixed": dict(self.fixed), "space": {k: d.as_dict() for k, d in self.space.items()},
-            "start_points": [dict(p) for p in self.start_points], "final_seeds": self.final_seeds,
+            "name": self.name,
+            "metric": self.metric,
+            "mode": self.mode,
+            "backbones": list(self.backbones),
+            "trials_per_backbone": self.trials_per_backbone,
+            "scheduler": dict(self.scheduler),
+            "fixed": dict(self.fixed),
+            "space": {k: d.as_dict() for k, d in self.space.items()},
+            "start_points": [dict(p) for p in self.start_points],
+            "final_seeds": self.final_seeds,
             "seed": self.seed,
         }
         if self.per_backbone:  # only when used: study.json of earlier studies stays comparable on --resume
             out["per_backbone"] = {
-                b: {k: v.as_dict() if isinstance(v, Dist) else [dict(p) for p in v] if k == START_POINTS else v
-                    for k, v in own.items()} for b, own in self.per_backbone.items()}
+                b: {
+                    k: v.as_dict() if isinstance(v, Dist) else [dict(p) for p in v] if k == START_POINTS else v
+                    for k, v in own.items()
+                }
+                for b, own in self.per_backbone.items()
+            }
         return out
 
 
@@ -176,7 +202,7 @@ def _parse_dist(key: str, spec: Any, where: str) -> Dist:
     where = f"{where}.{key}"
     if not isinstance(spec, dict) or len(spec) != 1:
         raise _fail(where, f"expected one of {', '.join(DISTRIBUTIONS)} with its arguments, got {spec!r}")
-    (kind, args), = spec.items()
+    ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:
         raise _fail(where, f"unknown distribution '{kind}' (known: {', '.join(DISTRIBUTIONS)})")
     param = PARAMS[key]
@@ -259,8 +285,9 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     scheduler = dict(scheduler)
     scheduler.setdefault("type", "asha")
     if scheduler["type"] not in SCHEDULERS:
-        raise _fail(f"{source}: scheduler.type", f"unknown scheduler '{scheduler['type']}' "
-                                                 f"(known: {', '.join(SCHEDULERS)})")
+        raise _fail(
+            f"{source}: scheduler.type", f"unknown scheduler '{scheduler['type']}' (known: {', '.join(SCHEDULERS)})"
+        )
     if scheduler["type"] == "asha":
         for key, default, minimum in (("grace_period", 1, 1), ("reduction_factor", 3, 2)):
             value = scheduler.setdefault(key, default)
@@ -303,12 +330,23 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     if not space and trials > 1:
         raise _fail(f"{source}: trials_per_backbone", f"{trials} trials but nothing to tune ('space' is empty)")
     if len(start_points) > trials:
-        raise _fail(f"{source}: start_points", f"{len(start_points)} start points exceed "
-                                               f"trials_per_backbone={trials}")
+        raise _fail(f"{source}: start_points", f"{len(start_points)} start points exceed trials_per_backbone={trials}")
     per_backbone = _parse_per_backbone(raw.get("per_backbone"), backbones, space, f"{source}: per_backbone")
-    out = Space(name=name, metric=metric, mode=mode, backbones=tuple(backbones), trials_per_backbone=trials,
-                scheduler=scheduler, fixed=fixed, space=space, start_points=tuple(start_points),
-                final_seeds=final_seeds, seed=seed, source=source, per_backbone=per_backbone)
+    out = Space(
+        name=name,
+        metric=metric,
+        mode=mode,
+        backbones=tuple(backbones),
+        trials_per_backbone=trials,
+        scheduler=scheduler,
+        fixed=fixed,
+        space=space,
+        start_points=tuple(start_points),
+        final_seeds=final_seeds,
+        seed=seed,
+        source=source,
+        per_backbone=per_backbone,
+    )
     _check_each_backbone(out, source)
     return out
 
@@ -324,8 +362,9 @@ def _expand_env(value: Any, where: str) -> Any:
             return os.environ[name]
         if default is not None:
             return default
-        raise _fail(where, f"environment variable {name} is not set (used in {value!r}; set it, or write "
-                           f"${{{name}:-default}})")
+        raise _fail(
+            where, f"environment variable {name} is not set (used in {value!r}; set it, or write ${{{name}:-default}})"
+        )
 
     return _ENV_VAR.sub(substitute, value)
 
@@ -347,8 +386,10 @@ def _parse_fixed(values: dict, where: str) -> dict:
     if out.get("weights") not in (None, "imagenet", "none"):
         path = Path(out["weights"]).expanduser()
         if not path.is_file():
-            raise _fail(f"{where}.weights", f"weights file not found: {path} (relative paths start from the "
-                                             f"current directory {Path.cwd()})")
+            raise _fail(
+                f"{where}.weights",
+                f"weights file not found: {path} (relative paths start from the current directory {Path.cwd()})",
+            )
         out["weights"] = str(path.resolve())
     return out
 
@@ -377,8 +418,11 @@ def _parse_per_backbone(raw: Any, backbones: list, space: dict, where: str) -> d
             if isinstance(spec, dict):
                 _check_param_key(key, here)
                 if key not in space:
-                    raise _fail(f"{here}.{key}", f"'{key}' is not tuned in 'space' (a distribution here only "
-                                                 "gives a tuned key this backbone's own range); give a plain value")
+                    raise _fail(
+                        f"{here}.{key}",
+                        f"'{key}' is not tuned in 'space' (a distribution here only "
+                        "gives a tuned key this backbone's own range); give a plain value",
+                    )
                 own[key] = _parse_dist(key, spec, here)
         if points is not None:
             own[START_POINTS] = _parse_own_points(points, own, space, f"{here}.{START_POINTS}")
@@ -419,37 +463,57 @@ def _check_each_backbone(space: Space, source: str) -> None:
         tuned = space.space_for(backbone)
         where = f"{source}: per_backbone.{backbone}" if backbone in space.per_backbone else source
         if len(space.start_points_for(backbone)) > space.trials_per_backbone:
-            raise _fail(f"{where}.{START_POINTS}" if backbone in space.per_backbone else f"{source}: {START_POINTS}",
-                        f"{len(space.start_points_for(backbone))} start points exceed "
-                        f"trials_per_backbone={space.trials_per_backbone}")
+            raise _fail(
+                f"{where}.{START_POINTS}" if backbone in space.per_backbone else f"{source}: {START_POINTS}",
+                f"{len(space.start_points_for(backbone))} start points exceed "
+                f"trials_per_backbone={space.trials_per_backbone}",
+            )
         for i, point in enumerate(space.start_points_for(backbone)):
             for key, value in point.items():
                 if not tuned[key].contains(value):
-                    raise _fail(f"{source}: start_points[{i}]", f"'{key}': {value!r} lies outside {backbone}'s "
-                                                               f"distribution {tuned[key].as_dict()}")
+                    raise _fail(
+                        f"{source}: start_points[{i}]",
+                        f"'{key}': {value!r} lies outside {backbone}'s distribution {tuned[key].as_dict()}",
+                    )
         if not tuned and space.trials_per_backbone > 1:
-            raise _fail(where if backbone in space.per_backbone else f"{source}: trials_per_backbone",
-                        f"{space.trials_per_backbone} trials of {backbone} but nothing to tune for it")
+            raise _fail(
+                where if backbone in space.per_backbone else f"{source}: trials_per_backbone",
+                f"{space.trials_per_backbone} trials of {backbone} but nothing to tune for it",
+            )
         epochs = space.max_epochs(backbone)
         if epochs < 1:
             raise _fail(where, f"epochs_head + epochs_finetune is 0 for {backbone}: trials would not train")
         if space.scheduler["type"] == "asha" and space.scheduler["grace_period"] > epochs:
-            raise _fail(f"{source}: scheduler.grace_period", f"{space.scheduler['grace_period']} exceeds the "
-                                                             f"{epochs} epochs a trial of {backbone} runs")
+            raise _fail(
+                f"{source}: scheduler.grace_period",
+                f"{space.scheduler['grace_period']} exceeds the {epochs} epochs a trial of {backbone} runs",
+            )
         if "image_size" in tuned and tuned["image_size"].kind != "choice":
             low = tuned["image_size"].args[0]
         else:
             low = min(space.image_sizes(backbone))
         if low < get_backbone(backbone).min_size:
-            key = f"per_backbone.{backbone}.image_size" if "image_size" in space.per_backbone.get(backbone, {}) \
+            key = (
+                f"per_backbone.{backbone}.image_size"
+                if "image_size" in space.per_backbone.get(backbone, {})
                 else "image_size"
-            raise _fail(f"{source}: {key}", f"{low} is below {backbone}'s minimum of "
-                                            f"{get_backbone(backbone).min_size}")
-        unfreeze = tuned["unfreeze_layers"].args[0] if "unfreeze_layers" in tuned else \
-            space.fixed_for(backbone).get("unfreeze_layers", PARAMS["unfreeze_layers"].default)
+            )
+            raise _fail(f"{source}: {key}", f"{low} is below {backbone}'s minimum of {get_backbone(backbone).min_size}")
+        unfreeze = (
+            tuned["unfreeze_layers"].args[0]
+            if "unfreeze_layers" in tuned
+            else space.fixed_for(backbone).get("unfreeze_layers", PARAMS["unfreeze_layers"].default)
+        )
         try:  # the rules between keys (fer.config.check_rules), at the backbone's smallest size and depth
-            check_rules({**default_config(), **space.fixed_for(backbone), "image_size": low,
-                         "unfreeze_layers": unfreeze, "backbone": backbone})
+            check_rules(
+                {
+                    **default_config(),
+                    **space.fixed_for(backbone),
+                    "image_size": low,
+                    "unfreeze_layers": unfreeze,
+                    "backbone": backbone,
+                }
+            )
         except UserError as exc:
             raise _fail(f"{where}", str(exc)) from None
 
@@ -466,4 +530,3 @@ def load_space(path: str | Path) -> Space:
     if raw is None:
         raise UserError(f"{path}: the file is empty")
     return parse_space(raw, source=path.name)
-

@@ -37,8 +37,9 @@ def study_base(study_demo_data, tmp_path_factory):
     from fer.data import prepare_dataset
 
     folder = tmp_path_factory.mktemp("study_base") / "results" / "base"
-    prepare_dataset(study_demo_data, folder / "data", group_regex=r"^(S\d+)_", seed=0, image_size=32,
-                    log=lambda *a, **k: None)
+    prepare_dataset(
+        study_demo_data, folder / "data", group_regex=r"^(S\d+)_", seed=0, image_size=32, log=lambda *a, **k: None
+    )
     return folder
 
 
@@ -78,10 +79,28 @@ def smoke_study(study_demo_data, smoke_space_file, tmp_path_factory):
 
     results = tmp_path_factory.mktemp("smoke") / "results"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(_fer_study_cmd() + ["run", str(study_demo_data), "--space", str(smoke_space_file),
-                                              "--name", "smoke", "--results", str(results),
-                                              "--group-regex", r"^(S\d+)_", "--num-cpus", "2", "--no-dashboard"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        _fer_study_cmd()
+        + [
+            "run",
+            str(study_demo_data),
+            "--space",
+            str(smoke_space_file),
+            "--name",
+            "smoke",
+            "--results",
+            str(results),
+            "--group-regex",
+            r"^(S\d+)_",
+            "--num-cpus",
+            "2",
+            "--no-dashboard",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = results / "smoke"
     (folder / "run_output.txt").write_text(proc.stdout + proc.stderr)

@@ -43,8 +43,9 @@ def test_shift_zoom_and_rotation_stay_within_the_published_ranges():
     lefts = [np.where(o[32] > 127)[0].min() for o in draws(RandomAffine(0.0, 0.1, 0.0, flip=False, seed=2), img)]
     assert max(abs(x - 40) for x in lefts) <= 0.1 * SIZE + 1 and len(set(lefts)) > 4
     # zoom about the centre: the bar's height (40 px) scales by 1/(1 +- 0.1)
-    heights = [np.ptp(np.where(o[:, 42] > 127)[0]) + 1
-               for o in draws(RandomAffine(0.0, 0.0, 0.1, flip=False, seed=3), img)]
+    heights = [
+        np.ptp(np.where(o[:, 42] > 127)[0]) + 1 for o in draws(RandomAffine(0.0, 0.0, 0.1, flip=False, seed=3), img)
+    ]
     assert all(40 / 1.1 - 1.5 <= h <= 40 / 0.9 + 1.5 for h in heights) and len(set(heights)) > 2
     # rotation by at most 18 degrees: the bar never lies down (its height stays >= 40 cos 18 - 4 px)
     for o in draws(RandomAffine(0.05, 0.0, 0.0, flip=False, seed=4), img):
@@ -60,9 +61,11 @@ def test_one_resampling_keeps_images_sharper_than_three():
     small = dict(fill_mode="nearest")
     fused = np.asarray(RandomAffine(0.01, 0.02, 0.02, flip=False, seed=5)(img, training=True))
     chain = img
-    for layer in (keras.layers.RandomRotation(0.01, seed=5, **small),
-                  keras.layers.RandomTranslation(0.02, 0.02, seed=6, **small),
-                  keras.layers.RandomZoom(0.02, seed=7, **small)):
+    for layer in (
+        keras.layers.RandomRotation(0.01, seed=5, **small),
+        keras.layers.RandomTranslation(0.02, 0.02, seed=6, **small),
+        keras.layers.RandomZoom(0.02, seed=7, **small),
+    ):
         chain = layer(chain, training=True)
     assert np.asarray(chain).std() < fused.std()  # interpolation averages neighbours: variance drops
 
@@ -70,5 +73,11 @@ def test_one_resampling_keeps_images_sharper_than_three():
 def test_config_round_trip():
     layer = RandomAffine(0.1, 0.2, 0.3, flip=False, seed=9, name="aug_affine")
     clone = RandomAffine.from_config(layer.get_config())
-    assert (clone.rotation, clone.shift, clone.zoom, clone.flip, clone.seed, clone.name) == \
-        (0.1, 0.2, 0.3, False, 9, "aug_affine")
+    assert (clone.rotation, clone.shift, clone.zoom, clone.flip, clone.seed, clone.name) == (
+        0.1,
+        0.2,
+        0.3,
+        False,
+        9,
+        "aug_affine",
+    )

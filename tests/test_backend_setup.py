@@ -26,8 +26,9 @@ def test_auto_mixed_precision_matches_this_machine():
         assert dtype is None
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16"),
-                                                  (None, "bfloat16")])
+@pytest.mark.parametrize(
+    "capability, expected", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16"), (None, "bfloat16")]
+)
 def test_auto_mixed_precision_by_gpu_generation(monkeypatch, capability, expected):
     # what a GPU would report: only the device query is replaced, the rule is the real one
     monkeypatch.setattr(backend_setup, "accelerator_available", lambda: True)

@@ -35,9 +35,20 @@ def test_a_stage_wrecked_by_its_learning_rate_is_recorded_and_logged(trial_data,
     BatchNormalization it partly recovers in a second epoch, so the stage runs one): the trial says so
     (summary.json, collapse.json, a warning naming the learning rate) instead of silently keeping the
     head-stage model."""
-    config = {"backbone": "smallcnn", "image_size": 32, "weights": "none", "dense_units": 16, "batch_size": 16,
-              "epochs_head": 1, "epochs_finetune": 1, "patience": 5, "augment": 0.0, "unfreeze_layers": 200,
-              "lr_head": 1e-3, "lr_finetune": 1.0}
+    config = {
+        "backbone": "smallcnn",
+        "image_size": 32,
+        "weights": "none",
+        "dense_units": 16,
+        "batch_size": 16,
+        "epochs_head": 1,
+        "epochs_finetune": 1,
+        "patience": 5,
+        "augment": 0.0,
+        "unfreeze_layers": 200,
+        "lr_head": 1e-3,
+        "lr_finetune": 1.0,
+    }
     with caplog.at_level(logging.WARNING, logger="fer.collapse"):
         summary = run_trial(config, trial_data, tmp_path)
     stages = {s["stage"]: s for s in summary["collapsed_stages"]}
@@ -45,6 +56,7 @@ def test_a_stage_wrecked_by_its_learning_rate_is_recorded_and_logged(trial_data,
     assert stages["finetune"]["collapsed_epochs"] == [2]
     assert math.isclose(stages["finetune"]["ln_k"], math.log(len(trial_data.classes)))
     assert json.loads((tmp_path / "collapse.json").read_text())["collapsed_stages"] == summary["collapsed_stages"]
-    assert any("finetune stage collapsed" in r.getMessage() and "lr_finetune=1.0" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "finetune stage collapsed" in r.getMessage() and "lr_finetune=1.0" in r.getMessage() for r in caplog.records
+    )
     # a learning trial ends with no collapsed stage: see test_trial.py::test_smallcnn_learns_from_scratch...

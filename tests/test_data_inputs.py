@@ -50,6 +50,7 @@ def prepare(data: Path, out: Path, **kw) -> tuple[pd.DataFrame, dict]:
 
 # ---- decoding single files ----------------------------------------------------------------------------------
 
+
 def test_heic_is_decoded_even_behind_a_jpg_name(tmp_path):
     img = smooth_image(1)
     path = tmp_path / "photo.jpg"
@@ -117,11 +118,14 @@ def test_modes_are_converted_to_rgb(tmp_path, mode):
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A tiny PNG file that declares width x height pixels (a decompression-bomb shape)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
@@ -144,6 +148,7 @@ def test_empty_and_truncated_files(tmp_path):
 
 
 # ---- a whole folder -----------------------------------------------------------------------------------------
+
 
 def test_bad_files_in_a_folder_are_quarantined_with_reasons(tmp_path):
     data = make_dataset(tmp_path / "data")
@@ -218,7 +223,11 @@ def test_duplicates_label_conflicts_and_keep_duplicates(tmp_path):
     m, audit = prepare(data, tmp_path / "out")
     assert m.loc["a/z_copy.webp", "reason"].startswith("label conflict")
     assert {p for p in m.index if m.loc[p, "reason"].startswith("label conflict")} == {
-        "a/img_00.png", "a/z_copy.webp", "a/small.jpg", "b/stolen.png"}
+        "a/img_00.png",
+        "a/z_copy.webp",
+        "a/small.jpg",
+        "b/stolen.png",
+    }
     assert audit["label_conflicts"][0]["labels"] == ["a", "b"]
 
     (data / "b" / "stolen.png").unlink()
@@ -260,8 +269,11 @@ def test_predefined_split_by_name_and_by_csv_with_crossing_clusters_excluded(tmp
     assert audit["leakage"]["duplicate_pairs_across_splits"] == 0
 
     table = tmp_path / "split.csv"
-    rows = [f"{p},{'test' if p.endswith('_1.png') else 'val' if p.endswith('_2.png') else 'train'}"
-            for p in sorted(m.index) if p.endswith(".png")]
+    rows = [
+        f"{p},{'test' if p.endswith('_1.png') else 'val' if p.endswith('_2.png') else 'train'}"
+        for p in sorted(m.index)
+        if p.endswith(".png")
+    ]
     table.write_text("path,split\n" + "\n".join(rows) + "\n")
     m2, _ = prepare(data, tmp_path / "out2", predefined=str(table))
     assert m2.loc["y/PublicTest_1.png", "split"] == "test" and m2.loc["y/PrivateTest_2.png", "split"] == "val"
@@ -274,16 +286,19 @@ def test_unknown_class_folders_are_reported(tmp_path):
     assert (m[m.index.str.startswith("misc/")].reason == "in unknown class folder 'misc'").all()
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "DATA folder not found"),
-    ("no_classes", "no class folders"),
-    ("one_class", "need at least two classes"),
-    ("too_few", "class 'b' has 2 usable image"),
-    ("all_junk", "need at least two classes"),
-    ("bad_split", "--split needs three positive fractions"),
-    ("bad_regex", "--group-regex"),
-    ("split_folders", "holds split folders"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "DATA folder not found"),
+        ("no_classes", "no class folders"),
+        ("one_class", "need at least two classes"),
+        ("too_few", "class 'b' has 2 usable image"),
+        ("all_junk", "need at least two classes"),
+        ("bad_split", "--split needs three positive fractions"),
+        ("bad_regex", "--group-regex"),
+        ("split_folders", "holds split folders"),
+    ],
+)
 def test_clear_errors(tmp_path, case, message):
     data = tmp_path / "data"
     kw = {}

@@ -45,8 +45,11 @@ def test_demo_messes_are_found(prepared_data):
     assert "truncated" in m.loc["sad/S02_sad_999.jpg", "reason"]
     assert m.loc["happy/.DS_Store", "reason"] == "hidden file"
     assert m.loc["demo_regions.csv", "reason"] == "not inside a class folder"
-    copies = [p for p in m.index if "download_" in p or "_shifted" in p or "_small" in p or "_reencoded" in p
-              or p.endswith("_heic.jpg")]
+    copies = [
+        p
+        for p in m.index
+        if "download_" in p or "_shifted" in p or "_small" in p or "_reencoded" in p or p.endswith("_heic.jpg")
+    ]
     assert len(copies) == 15
     for p in copies:  # each planted copy is grouped with its original, and the cluster keeps exactly one
         label = p.split("/")[0]
@@ -105,10 +108,13 @@ def test_a_new_size_is_built_once_even_when_processes_race(prepared_data, tmp_pa
 
     folder = tmp_path / "data"
     shutil.copytree(prepared_data.dir, folder)
-    code = ("import sys; from fer.data import StudyData; px = StudyData(sys.argv[1]).pixels('train', 40); "
-            "print(px.shape[0], int(px[-1].sum()))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    code = (
+        "import sys; from fer.data import StudyData; px = StudyData(sys.argv[1]).pixels('train', 40); "
+        "print(px.shape[0], int(px[-1].sum()))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1] and int(outs[0].split()[0]) == len(prepared_data.labels("train"))
@@ -117,10 +123,13 @@ def test_a_new_size_is_built_once_even_when_processes_race(prepared_data, tmp_pa
 
 
 def test_the_test_split_is_never_opened_by_a_train_val_reader(prepared_data):
-    code = ("import sys; from fer.data import StudyData; sd = StudyData(sys.argv[1]); "
-            "a = sd.pixels('train', 48); b = sd.pixels('val', 48); print(open('/proc/self/maps').read())")
-    maps = subprocess.run([sys.executable, "-c", code, str(prepared_data.dir)], capture_output=True, text=True,
-                          timeout=120, check=True).stdout
+    code = (
+        "import sys; from fer.data import StudyData; sd = StudyData(sys.argv[1]); "
+        "a = sd.pixels('train', 48); b = sd.pixels('val', 48); print(open('/proc/self/maps').read())"
+    )
+    maps = subprocess.run(
+        [sys.executable, "-c", code, str(prepared_data.dir)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert "pixels/train_48.npy" in maps and "pixels/val_48.npy" in maps
     assert "pixels/test_48.npy" not in maps and prepared_data.pixel_file("test", 48).exists()
 
@@ -136,8 +145,9 @@ def test_split_is_deterministic_per_seed_and_changes_with_it(demo_data_dir, prep
 
 
 def test_worker_pool_gives_the_same_result_as_in_process(demo_data_dir, prepared_data, tmp_path):
-    prepare_dataset(demo_data_dir, tmp_path / "pool", group_regex=GROUP_REGEX, seed=0, image_size=48, workers=2,
-                    log=_quiet)
+    prepare_dataset(
+        demo_data_dir, tmp_path / "pool", group_regex=GROUP_REGEX, seed=0, image_size=48, workers=2, log=_quiet
+    )
     pooled = StudyData(tmp_path / "pool")
     assert _manifest(pooled).equals(_manifest(prepared_data))
     for s in ("train", "val", "test"):
@@ -146,9 +156,11 @@ def test_worker_pool_gives_the_same_result_as_in_process(demo_data_dir, prepared
 
 def test_data_folder_is_byte_for_byte_unchanged(demo_data_dir, prepared_data, tmp_path):
     def snapshot():
-        return {p.relative_to(demo_data_dir).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                                          p.stat().st_mtime_ns)
-                for p in demo_data_dir.rglob("*") if p.is_file()}
+        return {
+            p.relative_to(demo_data_dir).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in demo_data_dir.rglob("*")
+            if p.is_file()
+        }
 
     before = snapshot()
     folders = sorted(p for p in demo_data_dir.rglob("*") if p.is_dir())
@@ -159,14 +171,35 @@ def test_data_folder_is_byte_for_byte_unchanged(demo_data_dir, prepared_data, tm
 
 
 def test_cli_prepare_writes_results_and_prints_a_summary(demo_data_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "prepare", str(demo_data_dir), "--image-size", "32",
-                           "--group-regex", GROUP_REGEX, "--study", "mine"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "prepare",
+            str(demo_data_dir),
+            "--image-size",
+            "32",
+            "--group-regex",
+            GROUP_REGEX,
+            "--study",
+            "mine",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "leakage check" in proc.stdout and "OK" in proc.stdout
     assert (tmp_path / "results" / "mine" / "data" / "pixels" / "train_32.npy").is_file()
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "prepare", str(tmp_path / "nope")],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "study.cli", "prepare", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("Error: DATA folder not found")
     assert "Traceback" not in proc.stderr
 

@@ -36,8 +36,11 @@ def test_demo_regions_cover_every_decodable_image_with_sane_boxes(demo_data_dir)
     with open(demo_data_dir / "demo_regions.csv") as f:
         for row in csv.DictReader(f):
             boxes[row["path"]][row["region"]] = [float(row[k]) for k in ("x0", "y0", "x1", "y1")]
-    images = [p.relative_to(demo_data_dir).as_posix() for p in demo_data_dir.rglob("*")
-              if p.is_file() and not p.name.startswith(".") and p.suffix != ".csv" and "_999" not in p.name]
+    images = [
+        p.relative_to(demo_data_dir).as_posix()
+        for p in demo_data_dir.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".csv" and "_999" not in p.name
+    ]
     assert set(boxes) == set(images)
     for path, regions in boxes.items():
         assert set(regions) == set(REGIONS)
@@ -80,22 +83,33 @@ def test_demo_data_refuses_a_non_empty_folder_and_is_deterministic(tmp_path):
         generate_demo_data(tmp_path / "busy", per_class=3)
     generate_demo_data(tmp_path / "a", per_class=3, seed=5)
     generate_demo_data(tmp_path / "b", per_class=3, seed=5)
-    a = sorted((p.relative_to(tmp_path / "a"), p.read_bytes()) for p in (tmp_path / "a").rglob("*") if p.is_file()
-               and p.suffix != ".heic" and not p.name.endswith("_heic.jpg"))
-    b = sorted((p.relative_to(tmp_path / "b"), p.read_bytes()) for p in (tmp_path / "b").rglob("*") if p.is_file()
-               and p.suffix != ".heic" and not p.name.endswith("_heic.jpg"))
+    a = sorted(
+        (p.relative_to(tmp_path / "a"), p.read_bytes())
+        for p in (tmp_path / "a").rglob("*")
+        if p.is_file() and p.suffix != ".heic" and not p.name.endswith("_heic.jpg")
+    )
+    b = sorted(
+        (p.relative_to(tmp_path / "b"), p.read_bytes())
+        for p in (tmp_path / "b").rglob("*")
+        if p.is_file() and p.suffix != ".heic" and not p.name.endswith("_heic.jpg")
+    )
     assert a == b
 
 
 def test_cli_demo_data(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "demo-data", str(out), "--per-class", "3"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "study.cli", "demo-data", str(out), "--per-class", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "fer-study prepare" in proc.stdout
     assert (out / "demo_regions.csv").is_file()
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "demo-data", str(out)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "study.cli", "demo-data", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
 
@@ -109,13 +123,20 @@ def test_demo_faces_are_learnable_by_a_tiny_cnn(prepared_data):
     y = prepared_data.labels("train")
     xv = np.concatenate([prepared_data.pixels(s, 48) for s in ("val", "test")]).astype("float32") / 255.0
     yv = np.concatenate([prepared_data.labels(s) for s in ("val", "test")])
-    model = keras.Sequential([
-        keras.Input((48, 48, 3)),
-        keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(), keras.layers.Dropout(0.3), keras.layers.Dense(5, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((48, 48, 3)),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(5, activation="softmax"),
+        ]
+    )
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x, y, epochs=10, batch_size=16, verbose=0)
     accuracy = model.evaluate(xv, yv, verbose=0)[1]

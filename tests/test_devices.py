@@ -28,9 +28,26 @@ def test_run_refuses_trials_on_a_fake_gpu_the_backend_cannot_see(new_study, smok
     before any trial starts."""
     study = new_study("fake_gpu")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "run", str(study), "--space", str(smoke_space_file),
-                           "--num-cpus", "2", "--num-gpus", "1", "--no-dashboard"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "run",
+            str(study),
+            "--space",
+            str(smoke_space_file),
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "1",
+            "--no-dashboard",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if "sees no GPU" in line]
     assert len(error_lines) == 1 and '".[gpu]"' in error_lines[0], proc.stderr[-2000:]

@@ -17,7 +17,8 @@ def test_config_doc_is_generated_from_params():
     table = text.split(BEGIN, 1)[1].split(END, 1)[0].strip() + "\n"
     assert table == markdown_table(), (
         "docs/config.md is out of date: regenerate its table with "
-        "python3 -c 'from fer.config import markdown_table; print(markdown_table())'")
+        "python3 -c 'from fer.config import markdown_table; print(markdown_table())'"
+    )
 
 
 def test_every_config_key_has_a_meaning():
@@ -26,13 +27,22 @@ def test_every_config_key_has_a_meaning():
 
 def test_code_cites_only_files_in_the_repository():
     pattern = re.compile(r"STACK-NOTES|pitfall [0-9]|DESIGN\.md")
-    hits = [f"{p.relative_to(ROOT)}:{i}" for package in ("fer", "study") for p in sorted((ROOT / package).rglob("*.py"))
-            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for package in ("fer", "study")
+        for p in sorted((ROOT / package).rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, f"cite docs/... instead: {hits}"
 
 
 def test_pitfall_anchors_cited_in_code_exist():
     headings = set(re.findall(r"^## (\S+)", (ROOT / "docs" / "pitfalls.md").read_text(), re.M))
-    cited = {m for package in ("fer", "study") for p in (ROOT / package).rglob("*.py")
-             for m in re.findall(r"docs/pitfalls\.md#([a-z0-9-]+)", p.read_text())}
+    cited = {
+        m
+        for package in ("fer", "study")
+        for p in (ROOT / package).rglob("*.py")
+        for m in re.findall(r"docs/pitfalls\.md#([a-z0-9-]+)", p.read_text())
+    }
     assert cited and cited <= headings, f"cited but missing in docs/pitfalls.md: {sorted(cited - headings)}"

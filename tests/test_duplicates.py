@@ -100,8 +100,9 @@ def test_a_chain_does_not_join_two_expressions(tmp_path):
     _, _, _, sigs = _records([tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.png"])
     score = {"corr": 0.99, "local": 0.01, "mirror": False, "zoom": 1.0, "shift": 0.0}
     uf = UnionFind(3)
-    used, _, refused = _cluster_near(sigs, [(0, 1, score), (1, 2, dict(score, corr=0.95))], uf,
-                                     ["happy", "happy", "sad"], 0.90, 0.075)
+    used, _, refused = _cluster_near(
+        sigs, [(0, 1, score), (1, 2, dict(score, corr=0.95))], uf, ["happy", "happy", "sad"], 0.90, 0.075
+    )
     assert uf.find(0) == uf.find(1) and uf.find(0) != uf.find(2) and refused == 1 and used == [(0, 1)]
 
 
@@ -117,8 +118,13 @@ def test_jaffe_one_persons_different_expressions_never_cluster():
     labels = [p.parent.name for p in paths]
     dups = find_duplicates(pix, h, hm, sigs, labels=labels)
     person = [re.match(r"^([A-Z]{2})_", p.name).group(1) for p in paths]
-    bad = [(paths[i].name, paths[j].name) for c in dups.clusters for i in c for j in c
-           if i < j and person[i] == person[j] and labels[i] != labels[j]]
+    bad = [
+        (paths[i].name, paths[j].name)
+        for c in dups.clusters
+        for i in c
+        for j in c
+        if i < j and person[i] == person[j] and labels[i] != labels[j]
+    ]
     assert bad == []
     assert all(len({person[i] for i in c}) == 1 for c in dups.clusters)  # never two people
 

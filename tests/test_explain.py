@@ -30,8 +30,9 @@ def _region_model() -> keras.Model:
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
     out = keras.layers.Dense(2, activation="softmax", name="head_out")(x)
     model = keras.Model(inputs, out, name="corner_model")
-    model.get_layer("head_out").set_weights([np.array([[0.02, -0.02]] * 3, np.float32),
-                                             np.array([-2.0, 2.0], np.float32)])
+    model.get_layer("head_out").set_weights(
+        [np.array([[0.02, -0.02]] * 3, np.float32), np.array([-2.0, 2.0], np.float32)]
+    )
     return model
 
 
@@ -57,8 +58,10 @@ def test_the_map_of_the_region_the_model_reads_beats_random_both_ways():
     np.testing.assert_allclose(curves["deletion"]["right"][:, 0], p0, atol=1e-5)
     np.testing.assert_allclose(curves["insertion"]["random"][:, -1], p0, atol=1e-5)
     assert disagreements(list(rows.values())) == []
-    fake = [{"metric": "deletion", "method": "m", "vs random": "better"},
-            {"metric": "insertion", "method": "m", "vs random": "not distinguishable"}]
+    fake = [
+        {"metric": "deletion", "method": "m", "vs random": "better"},
+        {"metric": "insertion", "method": "m", "vs random": "not distinguishable"},
+    ]
     expected = "m: against random order deletion says 'better', insertion says 'not distinguishable'"
     assert disagreements(fake) == [expected]
 
@@ -86,7 +89,7 @@ def trained_cnn():
     labels = rng.integers(0, 2, n)
     for i, y in enumerate(labels):
         r, c = rng.integers(0, 4, 2) + (0 if y == 0 else SIZE // 2)
-        images[i, r:r + 4, c:c + 4] += 125
+        images[i, r : r + 4, c : c + 4] += 125
     model = _small_cnn()
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(images, labels, epochs=15, batch_size=32, verbose=0)
@@ -108,6 +111,7 @@ def _sobel(model, images, class_ids):
 def test_the_sanity_check_flags_an_edge_detector_and_passes_gradcam(trained_cnn):
     model, images, labels = trained_cnn
     before = [np.array(w) for w in model.get_weights()]
+
     def both(m, x, y):
         return {"Sobel": _sobel(m, x, y), **gradcam_maps()(m, x, y)}
 
@@ -130,8 +134,9 @@ def test_readable_layer_picks_the_deepest_layer_with_enough_cells(trained_cnn):
     i = keras.Input((SIZE, SIZE, 3), name="image")
     x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(i)
     y = keras.layers.Conv2D(4, 3, padding="same", name="c2")(x)
-    z = keras.layers.Add(name="add")([keras.layers.MaxPooling2D(name="pool")(x),
-                                      keras.layers.Conv2D(4, 3, strides=2, padding="same", name="c3")(y)])
+    z = keras.layers.Add(name="add")(
+        [keras.layers.MaxPooling2D(name="pool")(x), keras.layers.Conv2D(4, 3, strides=2, padding="same", name="c3")(y)]
+    )
     out = keras.layers.Dense(2, name="head_out")(keras.layers.GlobalAveragePooling2D(name="head_pool")(z))
     assert readable_layer(keras.Model(i, out), min_cells=9) == ("c1", (SIZE, SIZE))
 
@@ -143,7 +148,7 @@ def test_same_map_detector_and_spearman():
     result = map_similarity(varied)
     assert not result["same_map"] and abs(result["median_rho"]) < 0.3 and result["images"] == 10
     a = np.array([[1.0, 2.0, 3.0, 4.0]])
-    assert spearman_rows(a, a ** 3)[0] == pytest.approx(1.0) and spearman_rows(a, -a)[0] == pytest.approx(-1.0)
+    assert spearman_rows(a, a**3)[0] == pytest.approx(1.0) and spearman_rows(a, -a)[0] == pytest.approx(-1.0)
     assert spearman_rows(np.array([[1.0, 1.0, 2.0]]), np.array([[1.0, 2.0, 3.0]]))[0] == pytest.approx(0.8660254)
 
 

@@ -35,9 +35,22 @@ def best_dir(study_base, tmp_path_factory):
     shutil.copytree(study_base / "data", study / "data")
     # learns the demo faces in about 20 s (test accuracy 0.55 on 20 images, every class predicted): a model
     # with a constant answer would make the top-1 agreement of the quantized exports trivially perfect
-    config = make_config(backbone="smallcnn", image_size=32, weights="none", dense_units=64, dropout=0.1,
-                         batch_size=16, epochs_head=2, epochs_finetune=20, unfreeze_layers=200, augment=0.5,
-                         lr_head=1e-3, lr_finetune=3e-3, patience=8, seed=1)
+    config = make_config(
+        backbone="smallcnn",
+        image_size=32,
+        weights="none",
+        dense_units=64,
+        dropout=0.1,
+        batch_size=16,
+        epochs_head=2,
+        epochs_finetune=20,
+        unfreeze_layers=200,
+        augment=0.5,
+        lr_head=1e-3,
+        lr_finetune=3e-3,
+        patience=8,
+        seed=1,
+    )
     best = study / "best" / "smallcnn"
     run_trial(config, StudyData(study / "data"), best, evaluate_test=True)
     confusion = np.array(json.loads((best / "test_metrics.json").read_text())["confusion_matrix"])
@@ -148,8 +161,24 @@ def test_bad_input_is_one_line_and_exit_2(best_dir, tmp_path):
 def test_bad_input_through_the_real_entry_point(tmp_path):
     """The same error path in a fresh process (no test runner around it): one line on stderr, exit 2."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "export", str(tmp_path), "--format", "saved_model",
-                           "--quantize", "float16"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "export",
+            str(tmp_path),
+            "--format",
+            "saved_model",
+            "--quantize",
+            "float16",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2
     expected = "Error: --quantize is not available for saved_model; quantized exports: tflite (float16/int8)"
     assert proc.stderr.strip().splitlines() == [expected]
@@ -251,12 +280,24 @@ def test_export_under_the_jax_backend(best_dir, keras_reference, tmp_path):
 
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     base = [sys.executable, "-m", "study.cli", "export", str(best_dir)]
-    proc = subprocess.run(base + ["--format", "tflite", "--out", str(tmp_path / "t")], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+    proc = subprocess.run(
+        base + ["--format", "tflite", "--out", str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     _, test, reference = keras_reference
     np.testing.assert_allclose(ExportedModel(tmp_path / "t" / "export.json").predict(test), reference, atol=1e-4)
-    proc = subprocess.run(base + ["--format", "onnx", "--out", str(tmp_path / "o")], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+    proc = subprocess.run(
+        base + ["--format", "onnx", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 2 and "KERAS_BACKEND=tensorflow" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()  # nothing half-written

@@ -23,22 +23,49 @@ def test_a_killed_worker_is_retried_and_an_error_is_not(new_study, tmp_path):
     folder = new_study("faults")
     bad = str(tmp_path / "no-such.weights.h5")
     backbones = ["smallcnn", "mobilenet025"]
-    space = {"name": "faults", "backbones": backbones, "trials_per_backbone": 3,
-             "scheduler": {"type": "none"},
-             "fixed": {"image_size": 32, "dense_units": 16, "batch_size": 16, "epochs_head": 1,
-                       "epochs_finetune": 1, "augment": 0.0},
-             "space": {"dropout": {"uniform": [0.1, 0.6]}, "weights": {"choice": ["none", bad]}},
-             "start_points": [{"dropout": 0.5, "weights": bad}, {"dropout": 0.3, "weights": "none"},
-                              {"dropout": 0.45, "weights": "none"}]}
+    space = {
+        "name": "faults",
+        "backbones": backbones,
+        "trials_per_backbone": 3,
+        "scheduler": {"type": "none"},
+        "fixed": {
+            "image_size": 32,
+            "dense_units": 16,
+            "batch_size": 16,
+            "epochs_head": 1,
+            "epochs_finetune": 1,
+            "augment": 0.0,
+        },
+        "space": {"dropout": {"uniform": [0.1, 0.6]}, "weights": {"choice": ["none", bad]}},
+        "start_points": [
+            {"dropout": 0.5, "weights": bad},
+            {"dropout": 0.3, "weights": "none"},
+            {"dropout": 0.45, "weights": "none"},
+        ],
+    }
     space_file = tmp_path / "faults.yaml"
     space_file.write_text(yaml.safe_dump(space))
     marker = tmp_path / "kill-once"
     marker.mkdir()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FER_TEST_KILL_ONCE=str(marker),
-               FER_TEST_NAN_DROPOUT="0.45")
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "run", str(folder), "--space", str(space_file),
-                           "--num-cpus", "2", "--no-dashboard"], capture_output=True, text=True, timeout=900,
-                          env=env)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FER_TEST_KILL_ONCE=str(marker), FER_TEST_NAN_DROPOUT="0.45")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "run",
+            str(folder),
+            "--space",
+            str(space_file),
+            "--num-cpus",
+            "2",
+            "--no-dashboard",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (marker / "claimed").is_dir()  # the hook did kill a worker
 

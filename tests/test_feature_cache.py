@@ -41,8 +41,12 @@ _RACER = textwrap.dedent("""
 
 def test_two_processes_asking_at_once_compute_once(tmp_path):
     start = time.time() + 1.5
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(start)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(tmp_path), str(start)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outs == ["False", "True"]  # one computed, the other waited for it
     assert (tmp_path / "computations.txt").read_text() == "x\n"
@@ -69,8 +73,17 @@ def test_stale_lock_is_broken_and_failed_compute_releases_the_lock(tmp_path):
 def _config(**overrides):
     from fer.config import make_config
 
-    base = dict(backbone="mobilenet025", image_size=32, weights="none", batch_size=8, epochs_head=2,
-                epochs_finetune=0, patience=3, head_features="cached", feature_views=2)
+    base = dict(
+        backbone="mobilenet025",
+        image_size=32,
+        weights="none",
+        batch_size=8,
+        epochs_head=2,
+        epochs_finetune=0,
+        patience=3,
+        head_features="cached",
+        feature_views=2,
+    )
     return make_config({**base, **overrides})
 
 
@@ -101,7 +114,8 @@ def test_cached_head_stage_end_to_end(new_study):
     loss = keras.losses.CategoricalCrossentropy()(np.eye(len(data.classes))[data.labels("val")], probs)
     assert float(loss) == pytest.approx(history.val_loss.min(), rel=1e-4)
     assert json.loads((study / "t1" / "val_metrics.json").read_text())["val_loss"] == pytest.approx(
-        history.val_loss.min(), rel=1e-4)
+        history.val_loss.min(), rel=1e-4
+    )
 
     # another trial with other head hyperparameters (and stage 2) reuses the same features
     second = run_trial(_config(dropout=0.2, dense_units=16, epochs_finetune=1), data, study / "t2")
@@ -109,8 +123,11 @@ def test_cached_head_stage_end_to_end(new_study):
     assert second["feature_cache"]["head"]["key"] == first["feature_cache"]["head"]["key"]
     assert list(pd.read_csv(study / "t2" / "history.csv").stage) == ["head", "head", "finetune"]
     key = first["feature_cache"]["head"]["key"]
-    assert sorted(p.name for p in features_dir(data).iterdir()) == [f"{key}.json", f"{key}.train.0.npy",
-                                                                    f"{key}.val.0.npy"]
+    assert sorted(p.name for p in features_dir(data).iterdir()) == [
+        f"{key}.json",
+        f"{key}.train.0.npy",
+        f"{key}.val.0.npy",
+    ]
 
     # cached features equal a fresh computation with the same key
     [train], [val] = compute_features(head_extractor(build_model(_config(), len(data.classes))), _config(), data)
@@ -119,8 +136,9 @@ def test_cached_head_stage_end_to_end(new_study):
     scale = np.abs(train).max()  # features of an untrained backbone are tiny: compare relative to their scale
     assert np.abs(cached_train[0] - cached_train[1]).max() > 1e-2 * scale  # two different augmented views
     np.testing.assert_allclose(cached_train, train, rtol=1e-5, atol=1e-6 * scale)
-    np.testing.assert_allclose(np.load(features_dir(data) / f"{key}.val.0.npy"), val, rtol=1e-5,
-                               atol=1e-6 * np.abs(val).max())
+    np.testing.assert_allclose(
+        np.load(features_dir(data) / f"{key}.val.0.npy"), val, rtol=1e-5, atol=1e-6 * np.abs(val).max()
+    )
 
 
 def test_cut_inside_a_residual_block_reproduces_the_full_model():
@@ -156,8 +174,15 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
 
     study = new_study("cached_finetune")
     data = StudyData(study / "data")
-    base = dict(backbone="mobilenetv2", epochs_head=0, epochs_finetune=2, head_features="exact",
-                finetune_features="cached", finetune_cache_units=12, lr_finetune=1e-3)
+    base = dict(
+        backbone="mobilenetv2",
+        epochs_head=0,
+        epochs_finetune=2,
+        head_features="exact",
+        finetune_features="cached",
+        finetune_cache_units=12,
+        lr_finetune=1e-3,
+    )
     first = run_trial(_config(**base, unfreeze_layers=12), data, study / "t1")
     second = run_trial(_config(**base, unfreeze_layers=6, seed=0, dropout=0.2), data, study / "t2")
     cache1, cache2 = first["feature_cache"]["finetune"], second["feature_cache"]["finetune"]
@@ -172,8 +197,12 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
     assert float(loss) == pytest.approx(history.val_loss.min(), rel=1e-4)
 
     untrained = build_model(_config(**base, unfreeze_layers=12), len(data.classes))
-    changed = [layer.name for layer in untrained.layers if layer.weights and any(
-        not np.allclose(a, b) for a, b in zip(layer.get_weights(), trained.get_layer(layer.name).get_weights()))]
+    changed = [
+        layer.name
+        for layer in untrained.layers
+        if layer.weights
+        and any(not np.allclose(a, b) for a, b in zip(layer.get_weights(), trained.get_layer(layer.name).get_weights()))
+    ]
     assert changed and all(name.startswith(("block_15", "block_16", "Conv_1", "head_")) for name in changed)
 
     # with both caches, the head features come from the stage-2 cache (the frozen tail on the same views):
@@ -183,14 +212,17 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
     both = _config(**{**base, "head_features": "cached", "epochs_head": 1}, unfreeze_layers=12)
     third = run_trial(both, data, study / "t3")
     assert third["feature_cache"]["finetune"]["computed"] is False and third["feature_cache"]["head"]["computed"]
-    [from_images], [val_from_images] = compute_features(head_extractor(build_model(both, len(data.classes))), both,
-                                                        data)
+    [from_images], [val_from_images] = compute_features(
+        head_extractor(build_model(both, len(data.classes))), both, data
+    )
     key = third["feature_cache"]["head"]["key"]
     scale = np.abs(from_images).max()
-    np.testing.assert_allclose(np.load(features_dir(data) / f"{key}.train.0.npy"), from_images, rtol=1e-4,
-                               atol=1e-5 * scale)
-    np.testing.assert_allclose(np.load(features_dir(data) / f"{key}.val.0.npy"), val_from_images, rtol=1e-4,
-                               atol=1e-5 * scale)
+    np.testing.assert_allclose(
+        np.load(features_dir(data) / f"{key}.train.0.npy"), from_images, rtol=1e-4, atol=1e-5 * scale
+    )
+    np.testing.assert_allclose(
+        np.load(features_dir(data) / f"{key}.val.0.npy"), val_from_images, rtol=1e-4, atol=1e-5 * scale
+    )
 
     with pytest.raises(UserError, match="finetune_cache_units 6 is below unfreeze_layers 12"):
         run_trial(_config(**{**base, "finetune_cache_units": 6}, unfreeze_layers=12), data, study / "t4")

@@ -43,8 +43,9 @@ def tiny_model():
     """
     if not WEIGHTS.is_file():
         pytest.skip(shared_missing(WEIGHTS))
-    return build_model(make_config(backbone="mobilenet025", image_size=64, weights=str(WEIGHTS), dense_units=8,
-                                   seed=3), 5)
+    return build_model(
+        make_config(backbone="mobilenet025", image_size=64, weights=str(WEIGHTS), dense_units=8, seed=3), 5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +141,29 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
     generate_demo_data(root / "faces", per_class=40, seed=0)
     prepare_dataset(root / "faces", root / "data", group_regex=GROUP_REGEX, seed=0, image_size=FACE_SIZE, log=None)
     data = StudyData(root / "data")
-    config = make_config(backbone="mobilenet025", image_size=FACE_SIZE, weights=str(WEIGHTS), dense_units=64,
-                         dropout=0.2, batch_size=16, epochs_head=5, epochs_finetune=10, unfreeze_layers=100,
-                         augment=0.5, lr_head=3e-3, lr_finetune=1e-3, patience=4)
+    config = make_config(
+        backbone="mobilenet025",
+        image_size=FACE_SIZE,
+        weights=str(WEIGHTS),
+        dense_units=64,
+        dropout=0.2,
+        batch_size=16,
+        epochs_head=5,
+        epochs_finetune=10,
+        unfreeze_layers=100,
+        augment=0.5,
+        lr_head=3e-3,
+        lr_finetune=1e-3,
+        patience=4,
+    )
     run_trial(config, data, root / "trial")
     model = load_trained_model(root / "trial" / "model.keras")
 
     regions = pd.read_csv(root / "faces" / "demo_regions.csv")
-    boxes = {path: list(group[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None))
-             for path, group in regions.groupby("path")}
+    boxes = {
+        path: list(group[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None))
+        for path, group in regions.groupby("path")
+    }
     cam = GradCam(model)
     shares = {"gradcam": [], "gradcam_pp": []}
     peaks = {"gradcam": [], "gradcam_pp": []}
@@ -167,9 +182,11 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
     assert correct / total >= 0.6, f"the model did not learn the faces: accuracy {correct / total:.2f}"
     area = float(np.mean(areas))
     gradcam_share = float(np.mean(shares["gradcam"]))
-    print(f"correct {correct}/{total}; heat share in boxes: Grad-CAM {gradcam_share:.3f}, "
-          f"Grad-CAM++ {np.mean(shares['gradcam_pp']):.3f}; boxes' area share {area:.3f}; peak in boxes: "
-          f"Grad-CAM {np.mean(peaks['gradcam']):.3f}, Grad-CAM++ {np.mean(peaks['gradcam_pp']):.3f}")
+    print(
+        f"correct {correct}/{total}; heat share in boxes: Grad-CAM {gradcam_share:.3f}, "
+        f"Grad-CAM++ {np.mean(shares['gradcam_pp']):.3f}; boxes' area share {area:.3f}; peak in boxes: "
+        f"Grad-CAM {np.mean(peaks['gradcam']):.3f}, Grad-CAM++ {np.mean(peaks['gradcam_pp']):.3f}"
+    )
     # measured here (2-core CPU, seed 0): 75/80 correct; heat share 0.41 (Grad-CAM) and 0.35 (Grad-CAM++) vs
     # area 0.27; hottest pixel inside the boxes for 64% and 51% of the images (a blind guess: 27%). With the
     # demo faces at a random expression intensity (0.45-1, since the demo must not be trivial): 70/80

@@ -33,8 +33,10 @@ def test_naive_split_leaks_and_audited_split_does_not(study_base):
         other = resplit(manifest, classes, "audited", seed + 1, meta["split"])
         assert leaked_share(other) == 0.0  # whatever the seed
     assert min(naive_shares) > 0.5  # with 6 subjects, most test faces have their subject in train
-    tests = {tuple(sorted(set(resplit(manifest, classes, "audited", s, meta["split"]).query("split == 'test'").group)))
-             for s in range(5)}
+    tests = {
+        tuple(sorted(set(resplit(manifest, classes, "audited", s, meta["split"]).query("split == 'test'").group)))
+        for s in range(5)
+    }
     assert len(tests) >= 3  # the seeds draw different people for test
     with pytest.raises(Exception, match="every class needs images"):
         resplit(manifest[manifest.label != classes[0]].assign(split="excluded"), classes, "naive", 0, meta["split"])
@@ -43,15 +45,46 @@ def test_naive_split_leaks_and_audited_split_does_not(study_base):
 @pytest.mark.slow
 def test_run_naive_split_end_to_end(new_study, tmp_path):
     folder = new_study("naive")
-    space = {"name": "naive", "backbones": ["smallcnn"], "trials_per_backbone": 1, "scheduler": "none",
-             "fixed": {"image_size": 32, "weights": "none", "dense_units": 16, "batch_size": 16, "epochs_head": 1,
-                       "epochs_finetune": 1, "augment": 0.0, "unfreeze_layers": 200}}
+    space = {
+        "name": "naive",
+        "backbones": ["smallcnn"],
+        "trials_per_backbone": 1,
+        "scheduler": "none",
+        "fixed": {
+            "image_size": 32,
+            "weights": "none",
+            "dense_units": 16,
+            "batch_size": 16,
+            "epochs_head": 1,
+            "epochs_finetune": 1,
+            "augment": 0.0,
+            "unfreeze_layers": 200,
+        },
+    }
     space_file = tmp_path / "naive.yaml"
     space_file.write_text(yaml.safe_dump(space))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "run", str(folder), "--space", str(space_file),
-                           "--num-cpus", "2", "--no-dashboard", "--naive-split", "2"],
-                          capture_output=True, text=True, timeout=600, env=env, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "run",
+            str(folder),
+            "--space",
+            str(space_file),
+            "--num-cpus",
+            "2",
+            "--no-dashboard",
+            "--naive-split",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((folder / "naive_split.json").read_text())
     stats = result["backbones"]["smallcnn"]
@@ -73,8 +106,27 @@ def test_run_naive_split_end_to_end(new_study, tmp_path):
     text = (out / "report.md").read_text()
     assert "Naive vs audited split" in text and "gap naive - audited" in text
 
-    again = subprocess.run([sys.executable, "-m", "study.cli", "run", str(folder), "--space", str(space_file),
-                            "--num-cpus", "2", "--no-dashboard", "--naive-split", "1", "--resume"],
-                           capture_output=True, text=True, timeout=120, env=env, check=False)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "run",
+            str(folder),
+            "--space",
+            str(space_file),
+            "--num-cpus",
+            "2",
+            "--no-dashboard",
+            "--naive-split",
+            "1",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert again.returncode == 2 and "at least 2 split seeds" in again.stderr
     assert pd.read_csv(folder / "trials.csv").shape[0] == 1

@@ -21,8 +21,9 @@ from PIL import Image
 
 def fer_study_process(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "study.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "study.cli", *map(str, args)], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def fer_study(*args: str):
@@ -81,10 +82,13 @@ def test_predict_prints_a_table(best_model, classes, demo_data_dir):
     assert "predicted" in proc.stdout and f"p_{classes[1]}" in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{model}", "no/such/image.png"], "no such file or folder: no/such/image.png"),
-    (["no/such/model", "{image}"], "no model found at no/such/model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{model}", "no/such/image.png"], "no such file or folder: no/such/image.png"),
+        (["no/such/model", "{image}"], "no model found at no/such/model"),
+    ],
+)
 def test_predict_bad_path_is_one_line_exit_2(best_model, demo_data_dir, args, message):
     image = next(demo_data_dir.rglob("*.png"))
     proc = fer_study_process("predict", *[a.format(model=best_model, image=image) for a in args])
@@ -120,8 +124,12 @@ def test_evaluate_on_another_labelled_folder(best_model, classes, demo_data_dir,
 def test_file_name_filter_matches_names_not_folders():
     from fer.predict import filter_files
 
-    files = [Path("PrivateTest/Training_1.jpg"), Path("x/PrivateTest_2.jpg"), Path("y/PrivateTest_3.png"),
-             Path("y/PublicTest_4.jpg")]
+    files = [
+        Path("PrivateTest/Training_1.jpg"),
+        Path("x/PrivateTest_2.jpg"),
+        Path("y/PrivateTest_3.png"),
+        Path("y/PublicTest_4.jpg"),
+    ]
     kept, labels, out = filter_files(files, [0, 0, 1, 1], include="^PrivateTest_")
     assert kept == files[1:3] and labels == [0, 1] and out == 2
     kept, labels, out = filter_files(files, [0, 0, 1, 1], include="Test_", exclude=r"\.png$")
@@ -136,8 +144,9 @@ def test_evaluate_only_the_files_a_name_filter_keeps(best_model, classes, demo_d
         (data / cls).mkdir(parents=True)
         for path in sorted((demo_data_dir / cls).glob("S0[1-4]_*.png"))[:4]:
             shutil.copy(path, data / cls / path.name)
-    wanted = [p for p in data.rglob("*") if p.is_file() and p.name.startswith(("S01_", "S02_"))
-              and "shifted" not in p.name]
+    wanted = [
+        p for p in data.rglob("*") if p.is_file() and p.name.startswith(("S01_", "S02_")) and "shifted" not in p.name
+    ]
     proc = fer_study("evaluate", best_model, data, "--include", "^S0[12]_", "--exclude", "shifted")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = smoke_study / "evaluations" / f"{best_model.name}__mixed__include-S0-12-exclude-shifted.json"

@@ -25,8 +25,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def fer_study(*args) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "study.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "study.cli", *map(str, args)], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def _copy_study(src: Path, dst: Path) -> Path:
@@ -135,17 +136,33 @@ def test_report_renders_in_headless_chromium_without_broken_images(report):
     """Every <img> decoded (naturalWidth > 0), checked by the browser itself, offline."""
     _, out = report
     page = (out / "report.html").read_text()
-    check = ("<script>window.addEventListener('load', () => {const imgs = [...document.images];"
-             "const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;"
-             "document.title = 'IMAGES ' + imgs.length + ' BROKEN ' + broken;});</script>")
+    check = (
+        "<script>window.addEventListener('load', () => {const imgs = [...document.images];"
+        "const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;"
+        "document.title = 'IMAGES ' + imgs.length + ' BROKEN ' + broken;});</script>"
+    )
     probe = out.parent / "render_probe.html"
     probe.write_text(page.replace("</body>", check + "</body>"))
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-             "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-            capture_output=True, text=True, timeout=120)
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--no-first-run",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     images = len(_images_in(page))
     assert f"<title>IMAGES {images} BROKEN 0</title>" in proc.stdout, proc.stdout[:500]
@@ -161,11 +178,18 @@ def test_edge_of_range_warnings():
     """A best value in the outer 5% of its searched range (log scale for loguniform) is flagged."""
     from study.report import BackboneResult, StudyResults, edge_warnings
 
-    space = {"space": {"lr_head": {"loguniform": [1e-4, 1e-2]}, "dropout": {"uniform": [0.2, 0.6]},
-                       "unfreeze_layers": {"int": [0, 100]}, "dense_units": {"choice": [64, 128]}}}
+    space = {
+        "space": {
+            "lr_head": {"loguniform": [1e-4, 1e-2]},
+            "dropout": {"uniform": [0.2, 0.6]},
+            "unfreeze_layers": {"int": [0, 100]},
+            "dense_units": {"choice": [64, 128]},
+        }
+    }
     config = {"lr_head": 1.2e-4, "dropout": 0.41, "unfreeze_layers": 97, "dense_units": 64}
-    study = StudyResults(Path("."), "s", {"space": space}, None, None,
-                         [BackboneResult("resnet50", "ok", config=config, test={})], [])
+    study = StudyResults(
+        Path("."), "s", {"space": space}, None, None, [BackboneResult("resnet50", "ok", config=config, test={})], []
+    )
     warnings = edge_warnings(study)
     assert len(warnings) == 2
     assert "lr_head" in warnings[0] and "lower edge" in warnings[0]
@@ -176,12 +200,23 @@ def test_edge_warnings_use_each_backbones_own_range():
     """per_backbone: a backbone's own range decides its edges; a key fixed for it is not searched."""
     from study.report import BackboneResult, StudyResults, edge_warnings
 
-    space = {"space": {"lr_finetune": {"loguniform": [1e-5, 1e-2]}, "dropout": {"uniform": [0.2, 0.6]}},
-             "per_backbone": {"mobilenetv2": {"lr_finetune": {"loguniform": [1e-5, 1e-4]}, "dropout": 0.21}}}
+    space = {
+        "space": {"lr_finetune": {"loguniform": [1e-5, 1e-2]}, "dropout": {"uniform": [0.2, 0.6]}},
+        "per_backbone": {"mobilenetv2": {"lr_finetune": {"loguniform": [1e-5, 1e-4]}, "dropout": 0.21}},
+    }
     config = {"lr_finetune": 9.5e-5, "dropout": 0.21}
-    study = StudyResults(Path("."), "s", {"space": space}, None, None,
-                         [BackboneResult("mobilenetv2", "ok", config=config, test={}),
-                          BackboneResult("smallcnn", "ok", config=config, test={})], [])
+    study = StudyResults(
+        Path("."),
+        "s",
+        {"space": space},
+        None,
+        None,
+        [
+            BackboneResult("mobilenetv2", "ok", config=config, test={}),
+            BackboneResult("smallcnn", "ok", config=config, test={}),
+        ],
+        [],
+    )
     warnings = edge_warnings(study)
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith("mobilenetv2: the best lr_finetune") and "upper edge" in warnings[0]
@@ -200,8 +235,9 @@ def test_report_opens_with_the_verdict(report):
     ok = [p.name for p in sorted((study / "best").iterdir()) if (p / "test_metrics.json").is_file()]
     if len(ok) == 2:
         assert f"{ok[0]} vs {ok[1]}" in verdict or f"{ok[1]} vs {ok[0]}" in verdict
-        assert "McNemar p = " in verdict and ("indistinguishable on this test split" in verdict
-                                              or "more accurate on this test split" in verdict)
+        assert "McNemar p = " in verdict and (
+            "indistinguishable on this test split" in verdict or "more accurate on this test split" in verdict
+        )
     page = (out / "report.html").read_text()
     assert page.index("<h2>Verdict</h2>") < page.index("<table")
 
@@ -211,18 +247,35 @@ def test_comparison_tables_fit_a_1280_px_page(report):
     """No table is wider than the page column (none cut at the right edge, none needing a scrollbar)."""
     _, out = report
     page = (out / "report.html").read_text()
-    check = ("<script>window.addEventListener('load', () => {const wide = [...document.querySelectorAll('.scroll')]"
-             ".filter(d => d.scrollWidth > d.clientWidth + 1).map(d => d.querySelector('th').textContent);"
-             "document.title = 'TABLES ' + document.querySelectorAll('.scroll').length + ' WIDE ' + wide.join('/');"
-             "});</script>")
+    check = (
+        "<script>window.addEventListener('load', () => {const wide = [...document.querySelectorAll('.scroll')]"
+        ".filter(d => d.scrollWidth > d.clientWidth + 1).map(d => d.querySelector('th').textContent);"
+        "document.title = 'TABLES ' + document.querySelectorAll('.scroll').length + ' WIDE ' + wide.join('/');"
+        "});</script>"
+    )
     probe = out.parent / "width_probe.html"
     probe.write_text(page.replace("</body>", check + "</body>"))
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--no-first-run", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-             "--window-size=1280,1000", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-            capture_output=True, text=True, timeout=120)
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--no-first-run",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--window-size=1280,1000",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     title = proc.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
     wide = title.split(" WIDE ", 1)[1].split("/") if " WIDE " in title else ["?"]

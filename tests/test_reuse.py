@@ -22,20 +22,48 @@ def test_a_reused_worker_repeats_a_fresh_process_after_failed_trials(new_study, 
     folder = new_study("reuse")
     bad = str(tmp_path / "no-such.weights.h5")
     good = {"dropout": 0.3, "weights": "none"}
-    space = {"name": "reuse", "backbones": ["smallcnn"], "trials_per_backbone": 4, "scheduler": {"type": "none"},
-             "fixed": {"image_size": 32, "dense_units": 16, "batch_size": 16, "epochs_head": 1,
-                       "epochs_finetune": 2, "augment": 0.0},
-             "space": {"dropout": {"uniform": [0.1, 0.6]}, "weights": {"choice": ["none", bad]}},
-             "start_points": [good, {"dropout": 0.5, "weights": bad}, {"dropout": 0.45, "weights": "none"}, good]}
+    space = {
+        "name": "reuse",
+        "backbones": ["smallcnn"],
+        "trials_per_backbone": 4,
+        "scheduler": {"type": "none"},
+        "fixed": {
+            "image_size": 32,
+            "dense_units": 16,
+            "batch_size": 16,
+            "epochs_head": 1,
+            "epochs_finetune": 2,
+            "augment": 0.0,
+        },
+        "space": {"dropout": {"uniform": [0.1, 0.6]}, "weights": {"choice": ["none", bad]}},
+        "start_points": [good, {"dropout": 0.5, "weights": bad}, {"dropout": 0.45, "weights": "none"}, good],
+    }
     space_file = tmp_path / "reuse.yaml"
     space_file.write_text(yaml.safe_dump(space))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FER_TEST_NAN_DROPOUT="0.45")
-    proc = subprocess.run([sys.executable, "-m", "study.cli", "run", str(folder), "--space", str(space_file),
-                           "--num-cpus", "1", "--no-dashboard", "--reuse-workers"], capture_output=True, text=True,
-                          timeout=900, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "run",
+            str(folder),
+            "--space",
+            str(space_file),
+            "--num-cpus",
+            "1",
+            "--no-dashboard",
+            "--reuse-workers",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    outcomes = sorted((json.loads(p.read_text()) for p in (folder / "trials").glob("*/outcome.json")),
-                      key=lambda o: o["finished_at"])
+    outcomes = sorted(
+        (json.loads(p.read_text()) for p in (folder / "trials").glob("*/outcome.json")), key=lambda o: o["finished_at"]
+    )
     assert [o["status"] for o in outcomes] == ["completed", "errored", "errored", "completed"]
     assert "weights file not found" in outcomes[1]["error"] and "nan" in outcomes[2]["error"]
     assert len({o["worker_pid"] for o in outcomes}) == 1, [o["worker_pid"] for o in outcomes]  # one process

@@ -13,11 +13,18 @@ from study.tune.search import BackboneSearcher, optuna_distributions
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 BASE = {
-    "name": "t", "metric": "val_loss", "mode": "min", "backbones": ["mobilenet025", "mobilenetv2"],
-    "trials_per_backbone": 3, "scheduler": {"type": "asha", "grace_period": 1},
+    "name": "t",
+    "metric": "val_loss",
+    "mode": "min",
+    "backbones": ["mobilenet025", "mobilenetv2"],
+    "trials_per_backbone": 3,
+    "scheduler": {"type": "asha", "grace_period": 1},
     "fixed": {"image_size": 32, "weights": "none", "epochs_head": 1, "epochs_finetune": 1},
-    "space": {"dropout": {"uniform": [0.1, 0.6]}, "unfreeze_layers": {"int": [0, 30]},
-              "lr_head": {"loguniform": [1e-4, 3e-3]}},
+    "space": {
+        "dropout": {"uniform": [0.1, 0.6]},
+        "unfreeze_layers": {"int": [0, 30]},
+        "lr_head": {"loguniform": [1e-4, 3e-3]},
+    },
     "start_points": [{"dropout": 0.53, "unfreeze_layers": 30, "lr_head": 1e-3}],
 }
 
@@ -50,8 +57,12 @@ def test_paper_space_is_the_published_setting_once_per_backbone():
     assert space.trials_per_backbone == 1 and not space.space
     assert set(space.backbones) == {"efficientnetb1", "resnet50", "inceptionv3", "mobilenetv2", "densenet121"}
     config = space.config_for("resnet50", {})
-    assert (config["dropout"], config["unfreeze_layers"], config["lr_head"], config["lr_finetune"]) == \
-        (0.53, 30, 1e-3, 1e-4)
+    assert (config["dropout"], config["unfreeze_layers"], config["lr_head"], config["lr_finetune"]) == (
+        0.53,
+        30,
+        1e-3,
+        1e-4,
+    )
 
 
 def test_valid_space_round_trips_and_max_epochs():
@@ -71,27 +82,32 @@ def test_cached_finetune_trials_cut_at_the_largest_unfreeze_of_the_space():
     assert pinned.config_for("mobilenetv2", {"unfreeze_layers": 7})["finetune_cache_units"] == 40
 
 
-@pytest.mark.parametrize("raw, words", [
-    (with_(colour="red"), ["unknown key 'colour'"]),
-    (with_(backbones=["mobilenet025", "vgg99"]), ["unknown backbone 'vgg99'"]),
-    (with_(fixed={"image_size": 32, "learning_rate": 0.1}), ["fixed", "'learning_rate'"]),
-    (with_(space={"dropout": {"uniform": [0.6, 0.1]}}), ["space.dropout", "bad range [0.6, 0.1]"]),
-    (with_(space={"dropout": {"uniform": [0.1, 1.5]}}), ["space.dropout", "within [0.0, 0.95]"]),
-    (with_(space={"lr_head": {"loguniform": [0.0, 0.1]}}), ["space.lr_head", "low > 0"]),
-    (with_(space={"unfreeze_layers": {"uniform": [0, 10]}}), ["space.unfreeze_layers", "integer"]),
-    (with_(space={"dropout": {"normal": [0.1, 0.2]}}), ["space.dropout", "unknown distribution 'normal'"]),
-    (with_(space={"backbone": {"choice": ["resnet50"]}}), ["'backbone' is set by 'backbones:'"]),
-    (with_(space={"speed": {"uniform": [0, 1]}}), ["unknown config key 'speed'"]),
-    (with_(space={"dropout": {"uniform": [0.1, 0.6]}}, fixed={"dropout": 0.5}), ["'dropout' is both fixed"]),
-    (with_(start_points=[{"dropout": 0.9, "unfreeze_layers": 3, "lr_head": 1e-3}]),
-     ["start_points[0]", "'dropout'", "outside"]),
-    (with_(start_points=[{"dropout": 0.3}]), ["start_points[0]", "missing tuned key 'unfreeze_layers'"]),
-    (with_(metric="val_auc"), ["metric", "unknown metric 'val_auc'"]),
-    (with_(scheduler={"type": "hyperband"}), ["scheduler.type", "'hyperband'"]),
-    (with_(scheduler={"type": "asha", "grace_period": 5}), ["scheduler.grace_period", "exceeds"]),
-    (with_(trials_per_backbone=0), ["trials_per_backbone"]),
-    (with_(fixed={"image_size": 16}), ["image_size", "16"]),
-])
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        (with_(colour="red"), ["unknown key 'colour'"]),
+        (with_(backbones=["mobilenet025", "vgg99"]), ["unknown backbone 'vgg99'"]),
+        (with_(fixed={"image_size": 32, "learning_rate": 0.1}), ["fixed", "'learning_rate'"]),
+        (with_(space={"dropout": {"uniform": [0.6, 0.1]}}), ["space.dropout", "bad range [0.6, 0.1]"]),
+        (with_(space={"dropout": {"uniform": [0.1, 1.5]}}), ["space.dropout", "within [0.0, 0.95]"]),
+        (with_(space={"lr_head": {"loguniform": [0.0, 0.1]}}), ["space.lr_head", "low > 0"]),
+        (with_(space={"unfreeze_layers": {"uniform": [0, 10]}}), ["space.unfreeze_layers", "integer"]),
+        (with_(space={"dropout": {"normal": [0.1, 0.2]}}), ["space.dropout", "unknown distribution 'normal'"]),
+        (with_(space={"backbone": {"choice": ["resnet50"]}}), ["'backbone' is set by 'backbones:'"]),
+        (with_(space={"speed": {"uniform": [0, 1]}}), ["unknown config key 'speed'"]),
+        (with_(space={"dropout": {"uniform": [0.1, 0.6]}}, fixed={"dropout": 0.5}), ["'dropout' is both fixed"]),
+        (
+            with_(start_points=[{"dropout": 0.9, "unfreeze_layers": 3, "lr_head": 1e-3}]),
+            ["start_points[0]", "'dropout'", "outside"],
+        ),
+        (with_(start_points=[{"dropout": 0.3}]), ["start_points[0]", "missing tuned key 'unfreeze_layers'"]),
+        (with_(metric="val_auc"), ["metric", "unknown metric 'val_auc'"]),
+        (with_(scheduler={"type": "hyperband"}), ["scheduler.type", "'hyperband'"]),
+        (with_(scheduler={"type": "asha", "grace_period": 5}), ["scheduler.grace_period", "exceeds"]),
+        (with_(trials_per_backbone=0), ["trials_per_backbone"]),
+        (with_(fixed={"image_size": 16}), ["image_size", "16"]),
+    ],
+)
 def test_bad_spaces_are_rejected_naming_the_key(raw, words):
     with pytest.raises(UserError) as info:
         parse_space(raw, source="bad.yaml")
@@ -148,10 +164,16 @@ def test_per_backbone_settings_override_fixed_and_space(tmp_path):
     """Each backbone its own image size, weights file and learning-rate range; the rest stays shared."""
     weights = tmp_path / "mnv2.h5"
     weights.write_bytes(b"x")
-    space = parse_space(per_backbone(
-        mobilenetv2={"image_size": 64, "weights": str(weights), "lr_head": {"loguniform": [1e-4, 1e-3]},
-                     "unfreeze_layers": 12},
-    ))
+    space = parse_space(
+        per_backbone(
+            mobilenetv2={
+                "image_size": 64,
+                "weights": str(weights),
+                "lr_head": {"loguniform": [1e-4, 1e-3]},
+                "unfreeze_layers": 12,
+            },
+        )
+    )
     assert parse_space(space.to_dict()) == space  # study.json round trip (resume compares it)
     small = space.config_for("mobilenet025", {"dropout": 0.3, "unfreeze_layers": 7, "lr_head": 2e-3})
     assert (small["image_size"], small["weights"]) == (32, "none")
@@ -168,9 +190,16 @@ def test_per_backbone_settings_override_fixed_and_space(tmp_path):
 def test_per_backbone_cache_cut_and_epochs_are_each_backbones_own():
     """finetune_cache_units = the largest unfreeze_layers THIS backbone's trials can use; ASHA's max_t per backbone."""
     fixed = {**BASE["fixed"], "finetune_features": "cached"}
-    space = parse_space(with_(fixed=fixed, start_points=[], per_backbone={
-        "mobilenetv2": {"unfreeze_layers": {"int": [0, 8]}, "epochs_finetune": 5},
-        "mobilenet025": {"unfreeze_layers": 4}}))
+    space = parse_space(
+        with_(
+            fixed=fixed,
+            start_points=[],
+            per_backbone={
+                "mobilenetv2": {"unfreeze_layers": {"int": [0, 8]}, "epochs_finetune": 5},
+                "mobilenet025": {"unfreeze_layers": 4},
+            },
+        )
+    )
     assert space.config_for("mobilenetv2", {"unfreeze_layers": 3})["finetune_cache_units"] == 8
     assert space.config_for("mobilenet025", {})["finetune_cache_units"] == 4
     assert (space.max_epochs("mobilenetv2"), space.max_epochs("mobilenet025"), space.max_epochs()) == (6, 2, 6)
@@ -183,8 +212,13 @@ def test_per_backbone_cache_cut_and_epochs_are_each_backbones_own():
 def test_searcher_draws_each_backbone_from_its_own_range(tmp_path):
     import optuna
 
-    space = parse_space(with_(trials_per_backbone=4, start_points=[], per_backbone={
-        "mobilenetv2": {"lr_head": {"loguniform": [1e-6, 1e-5]}, "image_size": 48}}))
+    space = parse_space(
+        with_(
+            trials_per_backbone=4,
+            start_points=[],
+            per_backbone={"mobilenetv2": {"lr_head": {"loguniform": [1e-6, 1e-5]}, "image_size": 48}},
+        )
+    )
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.sqlite3'}")
     searcher = BackboneSearcher(space, {"mobilenet025": 4, "mobilenetv2": 4}, storage)
     configs = [searcher.suggest(f"t{i}") for i in range(8)]
@@ -207,23 +241,30 @@ def test_weights_path_from_an_environment_variable(tmp_path, monkeypatch):
     assert space.config_for("mobilenetv2", {})["weights"] == str(tmp_path / "w" / "a.h5")
 
 
-@pytest.mark.parametrize("settings, words", [
-    ({"vgg99": {"image_size": 64}}, ["per_backbone", "unknown backbone 'vgg99'"]),
-    ({"resnet50": {"image_size": 64}}, ["per_backbone", "'resnet50' is not one of the study's backbones"]),
-    ({"mobilenetv2": {"colour": 1}}, ["per_backbone.mobilenetv2", "unknown config key 'colour'"]),
-    ({"mobilenetv2": {"image_size": "big"}}, ["per_backbone.mobilenetv2", "'image_size'", "'big'"]),
-    ({"mobilenetv2": {"image_size": 16}}, ["per_backbone.mobilenetv2", "'image_size'", "16"]),
-    ({"mobilenetv2": {"weights": "/no/such/file.h5"}}, ["per_backbone.mobilenetv2.weights", "not found"]),
-    ({"mobilenetv2": {"weights": "${FER_NO_SUCH_VAR}/x.h5"}}, ["per_backbone.mobilenetv2.weights",
-                                                              "FER_NO_SUCH_VAR is not set"]),
-    ({"mobilenetv2": {"epochs_head": {"int": [1, 3]}}}, ["per_backbone.mobilenetv2.epochs_head", "not tuned"]),
-    ({"mobilenetv2": {"dropout": {"uniform": [0.6, 0.7]}}}, ["start_points[0]", "mobilenetv2's distribution"]),
-    ({"mobilenetv2": {"dropout": 0.5, "unfreeze_layers": 3, "lr_head": 1e-3}},
-     ["per_backbone.mobilenetv2", "nothing to tune"]),
-    ({"mobilenetv2": {"epochs_head": 0, "epochs_finetune": 0}}, ["per_backbone.mobilenetv2", "is 0"]),
-    ({"mobilenetv2": []}, ["per_backbone.mobilenetv2", "expected a mapping"]),
-    ({"mobilenetv2": {"backbone": "resnet50"}}, ["'backbone' is set by 'backbones:'"]),
-])
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"vgg99": {"image_size": 64}}, ["per_backbone", "unknown backbone 'vgg99'"]),
+        ({"resnet50": {"image_size": 64}}, ["per_backbone", "'resnet50' is not one of the study's backbones"]),
+        ({"mobilenetv2": {"colour": 1}}, ["per_backbone.mobilenetv2", "unknown config key 'colour'"]),
+        ({"mobilenetv2": {"image_size": "big"}}, ["per_backbone.mobilenetv2", "'image_size'", "'big'"]),
+        ({"mobilenetv2": {"image_size": 16}}, ["per_backbone.mobilenetv2", "'image_size'", "16"]),
+        ({"mobilenetv2": {"weights": "/no/such/file.h5"}}, ["per_backbone.mobilenetv2.weights", "not found"]),
+        (
+            {"mobilenetv2": {"weights": "${FER_NO_SUCH_VAR}/x.h5"}},
+            ["per_backbone.mobilenetv2.weights", "FER_NO_SUCH_VAR is not set"],
+        ),
+        ({"mobilenetv2": {"epochs_head": {"int": [1, 3]}}}, ["per_backbone.mobilenetv2.epochs_head", "not tuned"]),
+        ({"mobilenetv2": {"dropout": {"uniform": [0.6, 0.7]}}}, ["start_points[0]", "mobilenetv2's distribution"]),
+        (
+            {"mobilenetv2": {"dropout": 0.5, "unfreeze_layers": 3, "lr_head": 1e-3}},
+            ["per_backbone.mobilenetv2", "nothing to tune"],
+        ),
+        ({"mobilenetv2": {"epochs_head": 0, "epochs_finetune": 0}}, ["per_backbone.mobilenetv2", "is 0"]),
+        ({"mobilenetv2": []}, ["per_backbone.mobilenetv2", "expected a mapping"]),
+        ({"mobilenetv2": {"backbone": "resnet50"}}, ["'backbone' is set by 'backbones:'"]),
+    ],
+)
 def test_bad_per_backbone_settings_are_rejected_naming_the_key(settings, words):
     with pytest.raises(UserError) as info:
         parse_space(per_backbone(**settings), source="bad.yaml")
@@ -243,15 +284,19 @@ def test_each_backbone_checked_against_its_own_minimum_size():
 
 def test_a_backbone_may_have_its_own_start_points():
     """Where its range excludes the shared start point (a from-scratch CNN's learning rate vs a pretrained one)."""
-    own = {"lr_head": {"loguniform": [1e-2, 1e-1]}, "start_points": [{"dropout": 0.2, "unfreeze_layers": 3,
-                                                                      "lr_head": 0.05}]}
+    own = {
+        "lr_head": {"loguniform": [1e-2, 1e-1]},
+        "start_points": [{"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 0.05}],
+    }
     space = parse_space(per_backbone(mobilenetv2=own))
     assert space.start_points_for("mobilenetv2") == ({"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 0.05},)
     assert space.start_points_for("mobilenet025") == space.start_points
     assert parse_space(space.to_dict()) == space
-    for points, words in (([{"dropout": 0.2, "unfreeze_layers": 3}], "missing tuned key 'lr_head'"),
-                          ([{"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 1e-3}], "'lr_head'"),
-                          ({"dropout": 0.2}, "expected a list")):
+    for points, words in (
+        ([{"dropout": 0.2, "unfreeze_layers": 3}], "missing tuned key 'lr_head'"),
+        ([{"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 1e-3}], "'lr_head'"),
+        ({"dropout": 0.2}, "expected a list"),
+    ):
         with pytest.raises(UserError, match="per_backbone.mobilenetv2.start_points") as info:
             parse_space(per_backbone(mobilenetv2={**own, "start_points": points}))
         assert words in str(info.value)
@@ -267,8 +312,10 @@ def test_fer2013_cpu_space_gives_each_backbone_its_own_settings(monkeypatch):
     space = load_space(SPACES / "fer2013-cpu.yaml")
     cnn = space.config_for("smallcnn", space.start_points_for("smallcnn")[0])
     assert (cnn["image_size"], cnn["weights"], cnn["epochs_head"], cnn["finetune_features"]) == (48, "none", 0, "exact")
-    for backbone, name in (("mobilenetv2", "mobilenet_v2_1.0_224_tf_no_top.h5"),
-                           ("mobilenet025", "mobilenet_2_5_224_tf_no_top.h5")):
+    for backbone, name in (
+        ("mobilenetv2", "mobilenet_v2_1.0_224_tf_no_top.h5"),
+        ("mobilenet025", "mobilenet_2_5_224_tf_no_top.h5"),
+    ):
         config = space.config_for(backbone, space.start_points_for(backbone)[0])
         assert config["weights"] == str((shared / "weights" / name).resolve()) and config["image_size"] == 96
         assert config["finetune_cache_units"] == 8 and config["head_features"] == "cached"

@@ -68,7 +68,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -104,17 +104,27 @@ def test_cycle_finder_finds_one():
 @pytest.mark.parametrize("path", sorted((ROOT / "fer").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_fer_never_imports_ray(path):
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         assert not any(n == "ray" or n.startswith("ray.") for n in names), f"{path} imports Ray (line {node.lineno})"
 
 
 def test_internals_module_map_names_every_module():
     text = (ROOT / "INTERNALS.md").read_text()
+
     def named(path: Path) -> bool:
         rel = path.relative_to(ROOT)
         return f"`{rel}`" in text or (path.name == "__init__.py" and f"`{rel.parent}/`" in text)
 
-    missing = [str(p.relative_to(ROOT)) for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))
-               if p.name != "__main__.py" and not named(p)]
+    missing = [
+        str(p.relative_to(ROOT))
+        for package in PACKAGES
+        for p in sorted((ROOT / package).rglob("*.py"))
+        if p.name != "__main__.py" and not named(p)
+    ]
     assert not missing, f"modules not named in INTERNALS.md's module map: {', '.join(missing)}"

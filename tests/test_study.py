@@ -23,8 +23,18 @@ def test_smoke_study_end_to_end(smoke_study, smoke_space_file):
     # every backbone got the same budget; every trial finished (completed or stopped early by ASHA)
     assert sorted(trials.backbone) == sorted(backbones * space["trials_per_backbone"])
     assert set(trials.status) <= {"completed", "stopped"}, trials[trials.status == "errored"].error.tolist()
-    for key in ("dropout", "unfreeze_layers", "lr_head", "lr_finetune", "image_size", "best_val_loss",
-                "best_val_accuracy", "epochs_run", "train_s", "images_per_s"):
+    for key in (
+        "dropout",
+        "unfreeze_layers",
+        "lr_head",
+        "lr_finetune",
+        "image_size",
+        "best_val_loss",
+        "best_val_accuracy",
+        "epochs_run",
+        "train_s",
+        "images_per_s",
+    ):
         assert trials[key].notna().all(), key
     assert trials.trial_id.is_unique
     # the start point ran first for each backbone
@@ -34,8 +44,15 @@ def test_smoke_study_end_to_end(smoke_study, smoke_space_file):
     test_count = None
     for backbone in backbones:
         best_dir = smoke_study / "best" / backbone
-        for name in ("config.json", "model.keras", "history.csv", "val_metrics.json", "test_metrics.json",
-                     "test_predictions.csv", "selection.json"):
+        for name in (
+            "config.json",
+            "model.keras",
+            "history.csv",
+            "val_metrics.json",
+            "test_metrics.json",
+            "test_predictions.csv",
+            "selection.json",
+        ):
             assert (best_dir / name).is_file(), f"{backbone}: {name} missing"
         selection = json.loads((best_dir / "selection.json").read_text())
         rows = trials[trials.backbone == backbone]
@@ -91,21 +108,44 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
     the best configuration is retrained with two more seeds (final_seeds)."""
     folder = new_study("killed")
     bad = str(tmp_path / "no-such.weights.h5")
-    points = [{"dropout": 0.5, "weights": bad}, {"dropout": 0.3, "weights": "none"},
-              {"dropout": 0.4, "weights": "none"}]
-    space = {"name": "resume", "backbones": ["mobilenet025"], "trials_per_backbone": 3,
-             "scheduler": {"type": "none"},
-             "fixed": {"image_size": 32, "dense_units": 16, "batch_size": 16, "epochs_head": 1,
-                       "epochs_finetune": 1, "augment": 0.0},
-             "space": {"dropout": {"uniform": [0.1, 0.6]}, "weights": {"choice": ["none", bad]}},
-             "start_points": points, "final_seeds": 2}
+    points = [
+        {"dropout": 0.5, "weights": bad},
+        {"dropout": 0.3, "weights": "none"},
+        {"dropout": 0.4, "weights": "none"},
+    ]
+    space = {
+        "name": "resume",
+        "backbones": ["mobilenet025"],
+        "trials_per_backbone": 3,
+        "scheduler": {"type": "none"},
+        "fixed": {
+            "image_size": 32,
+            "dense_units": 16,
+            "batch_size": 16,
+            "epochs_head": 1,
+            "epochs_finetune": 1,
+            "augment": 0.0,
+        },
+        "space": {"dropout": {"uniform": [0.1, 0.6]}, "weights": {"choice": ["none", bad]}},
+        "start_points": points,
+        "final_seeds": 2,
+    }
     space_file = tmp_path / "resume.yaml"
     space_file.write_text(yaml.safe_dump(space))
-    cmd = [sys.executable, "-m", "study.cli", "run", str(folder), "--space", str(space_file),
-           "--num-cpus", "2", "--no-dashboard"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "study.cli",
+        "run",
+        str(folder),
+        "--space",
+        str(space_file),
+        "--num-cpus",
+        "2",
+        "--no-dashboard",
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         deadline = time.time() + 300
         while len(_rows(folder / "trials.csv")) < 2:

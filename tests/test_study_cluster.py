@@ -41,17 +41,26 @@ def placement_probe(config, context):
         time.sleep(0.2)
     out = Path(context["trials_dir"]) / trial_id
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps({
-        "node": runtime.get_node_id(), "resources": runtime.get_assigned_resources(),
-        "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "running_together": len(list(barrier.iterdir()))}))
+    (out / "probe.json").write_text(
+        json.dumps(
+            {
+                "node": runtime.get_node_id(),
+                "resources": runtime.get_assigned_resources(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "running_together": len(list(barrier.iterdir())),
+            }
+        )
+    )
     for epoch in (1, 2):
         tune.report({"epoch": epoch, "val_loss": config["dropout"] + 1.0 / epoch})
 
 
 @pytest.fixture
 def two_node_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False},
+    )
     cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)
     cluster.wait_for_nodes()
     try:  # run_study joins it through --address, as `fer-study run --address HOST:PORT` does
@@ -64,12 +73,27 @@ def two_node_cluster():
 def test_trials_spread_over_two_nodes_with_half_a_gpu_each(two_node_cluster, new_study, tmp_path):
     folder = new_study("cluster")
     space_file = tmp_path / "cluster.yaml"
-    space_file.write_text(yaml.safe_dump({
-        "name": "cluster", "backbones": ["mobilenet025", "mobilenetv2"], "trials_per_backbone": 2,
-        "scheduler": {"type": "none"}, "fixed": {"image_size": 32, "weights": "none"},
-        "space": {"dropout": {"uniform": [0.1, 0.6]}}}))
-    run_study(folder, space_file, address=two_node_cluster.address, cpus_per_trial=0.5, gpus_per_trial=0.5,
-              trainable=placement_probe, live=False)
+    space_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cluster",
+                "backbones": ["mobilenet025", "mobilenetv2"],
+                "trials_per_backbone": 2,
+                "scheduler": {"type": "none"},
+                "fixed": {"image_size": 32, "weights": "none"},
+                "space": {"dropout": {"uniform": [0.1, 0.6]}},
+            }
+        )
+    )
+    run_study(
+        folder,
+        space_file,
+        address=two_node_cluster.address,
+        cpus_per_trial=0.5,
+        gpus_per_trial=0.5,
+        trainable=placement_probe,
+        live=False,
+    )
 
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == TRIALS and set(trials.status) == {"completed"}

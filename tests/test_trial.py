@@ -29,8 +29,9 @@ from fer.training import run_trial
 WEIGHTS_DIR = shared_path("weights")
 MOBILENETV2_FILE = WEIGHTS_DIR / "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5"
 MOBILENET025_FILE = WEIGHTS_DIR / "mobilenet_2_5_224_tf_no_top.h5"
-needs_weights = pytest.mark.skipif(not MOBILENETV2_FILE.is_file() or not MOBILENET025_FILE.is_file(),
-                                   reason=shared_missing(MOBILENETV2_FILE))
+needs_weights = pytest.mark.skipif(
+    not MOBILENETV2_FILE.is_file() or not MOBILENET025_FILE.is_file(), reason=shared_missing(MOBILENETV2_FILE)
+)
 TINY = dict(epochs_head=1, epochs_finetune=1, batch_size=16, unfreeze_layers=8, patience=2)
 
 
@@ -50,8 +51,9 @@ def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
 
     size = max(32, get_backbone(backbone).min_size)  # tiny, but at least the backbone's minimum
     records = []
-    summary = run_trial(dict(backbone=backbone, image_size=size, weights="none", **TINY), trial_data, tmp_path,
-                        on_epoch=records.append)
+    summary = run_trial(
+        dict(backbone=backbone, image_size=size, weights="none", **TINY), trial_data, tmp_path, on_epoch=records.append
+    )
     assert [r["stage"] for r in records] == ["head", "finetune"]
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
@@ -72,8 +74,11 @@ def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
     # scratch (weights=none), only BatchNormalization inside the unfrozen range may have trained.
     model = load_trained_model(tmp_path / "model.keras")
     assert model.output_shape == (None, 5)
-    assert not any(layer.trainable for layer in backbone_layers(model)[:-TINY["unfreeze_layers"]]
-                   if layer.__class__.__name__ == "BatchNormalization")
+    assert not any(
+        layer.trainable
+        for layer in backbone_layers(model)[: -TINY["unfreeze_layers"]]
+        if layer.__class__.__name__ == "BatchNormalization"
+    )
 
 
 @pytest.mark.parametrize("train_batchnorm", [False, True])
@@ -84,8 +89,9 @@ def test_batchnorm_trains_only_when_training_from_scratch(train_batchnorm):
     model = build_model(make_config(backbone="mobilenetv2", image_size=32, weights="none"), 5)
     set_stage(model, "finetune", 10, train_batchnorm=train_batchnorm)
     layers = backbone_layers(model)
-    trainable_bn = {layer.name for layer in layers
-                    if layer.__class__.__name__ == "BatchNormalization" and layer.trainable}
+    trainable_bn = {
+        layer.name for layer in layers if layer.__class__.__name__ == "BatchNormalization" and layer.trainable
+    }
     if train_batchnorm:
         assert trainable_bn and trainable_bn <= {layer.name for layer in layers[-10:]}
     else:
@@ -94,9 +100,19 @@ def test_batchnorm_trains_only_when_training_from_scratch(train_batchnorm):
 
 def test_smallcnn_learns_from_scratch_and_has_no_imagenet_weights(trial_data, tmp_path):
     """The smoke/demo backbone learns the demo faces without pretrained weights (chance is 0.2)."""
-    config = dict(backbone="smallcnn", image_size=48, weights="none", dense_units=64, batch_size=16,
-                  epochs_head=2, epochs_finetune=15, patience=15, augment=0.0, unfreeze_layers=200,
-                  lr_finetune=3e-3)
+    config = dict(
+        backbone="smallcnn",
+        image_size=48,
+        weights="none",
+        dense_units=64,
+        batch_size=16,
+        epochs_head=2,
+        epochs_finetune=15,
+        patience=15,
+        augment=0.0,
+        unfreeze_layers=200,
+        lr_finetune=3e-3,
+    )
     summary = run_trial(config, trial_data, tmp_path)
     assert summary["val_accuracy"] >= 0.35
     assert not any(stage["ended_collapsed"] for stage in summary["collapsed_stages"])  # fer/collapse.py
@@ -126,8 +142,18 @@ def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the
         elif record["epoch"] == 3:  # a decision epoch: the best of epochs 1-3 is on disk
             assert saved_val_loss() == pytest.approx(min(seen), rel=1e-4)
 
-    config = dict(backbone="smallcnn", image_size=32, weights="none", epochs_head=3, epochs_finetune=3,
-                  batch_size=16, patience=10, unfreeze_layers=200, augment=0.0, lr_finetune=3e-3)
+    config = dict(
+        backbone="smallcnn",
+        image_size=32,
+        weights="none",
+        epochs_head=3,
+        epochs_finetune=3,
+        batch_size=16,
+        patience=10,
+        unfreeze_layers=200,
+        augment=0.0,
+        lr_finetune=3e-3,
+    )
     run_trial(config, trial_data, tmp_path, on_epoch=on_epoch, report_can_stop={3}.__contains__)
     assert len(seen) == 6
     assert saved_val_loss() == pytest.approx(min(seen), rel=1e-4)
@@ -146,8 +172,17 @@ def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, 
     def on_epoch(record):  # what a scheduler would see if it stopped the trial right now
         seen.append((record["val_loss"], model_file.stat().st_mtime_ns if model_file.exists() else None))
 
-    config = dict(backbone="mobilenetv2", image_size=48, weights=str(MOBILENETV2_FILE), bn_epsilon=1e-5,
-                  epochs_head=5, epochs_finetune=1, batch_size=16, patience=4, augment=0.0)
+    config = dict(
+        backbone="mobilenetv2",
+        image_size=48,
+        weights=str(MOBILENETV2_FILE),
+        bn_epsilon=1e-5,
+        epochs_head=5,
+        epochs_finetune=1,
+        batch_size=16,
+        patience=4,
+        augment=0.0,
+    )
     summary = run_trial(config, trial_data, tmp_path, on_epoch=on_epoch)
     assert summary["val_accuracy"] >= 0.5 and summary["val_macro_f1"] >= 0.4, summary  # chance: 0.2
     best = np.inf
@@ -184,11 +219,14 @@ def test_weights_from_file_are_really_loaded(trial_data, backbone, path):
     assert from_file.std(axis=0).mean() > 1e-3 > random_init.std(axis=0).mean()
 
 
-@pytest.mark.parametrize("backbone,size,blocks,expected,inside,outside", [
-    ("inceptionv3", 75, 1, 22, ["mixed10", "mixed9_1"], ["mixed9"]),  # mixed9_1 is inside module mixed10
-    ("mobilenetv2", 32, 2, 7, ["block_16_project", "Conv_1", "out_relu"], ["block_15_project"]),
-    ("densenet121", 32, 1, 1, ["relu"], ["conv5_block16_concat"]),  # top block: bn (frozen) + relu
-])
+@pytest.mark.parametrize(
+    "backbone,size,blocks,expected,inside,outside",
+    [
+        ("inceptionv3", 75, 1, 22, ["mixed10", "mixed9_1"], ["mixed9"]),  # mixed9_1 is inside module mixed10
+        ("mobilenetv2", 32, 2, 7, ["block_16_project", "Conv_1", "out_relu"], ["block_15_project"]),
+        ("densenet121", 32, 1, 1, ["relu"], ["conv5_block16_concat"]),  # top block: bn (frozen) + relu
+    ],
+)
 def test_block_aware_unfreezing_takes_whole_blocks(backbone, size, blocks, expected, inside, outside):
     from fer.backbones import get_backbone
     from fer.model import backbone_layers, build_model, set_stage
@@ -243,11 +281,14 @@ def test_test_split_untouched_and_runs_repeatable(trial_data, tmp_path):
     assert not list((tmp_path / "a").glob("test_*"))
     # same config, same seed, untouched copy of the data: the same run, number for number
     run_trial(config, trial_data, tmp_path / "b")
-    pd.testing.assert_frame_equal(_read_history(tmp_path / "a").drop(columns=["epoch_s", "images_per_s"]),
-                                  _read_history(tmp_path / "b").drop(columns=["epoch_s", "images_per_s"]))
+    pd.testing.assert_frame_equal(
+        _read_history(tmp_path / "a").drop(columns=["epoch_s", "images_per_s"]),
+        _read_history(tmp_path / "b").drop(columns=["epoch_s", "images_per_s"]),
+    )
 
 
 # ---- the command line -----------------------------------------------------------------------------------
+
 
 def _cli(args, cwd=None):
     from click.testing import CliRunner
@@ -265,14 +306,17 @@ def _cli(args, cwd=None):
         os.chdir(old)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--set", "dropuot=0.5"], "unknown config key 'dropuot'"),
-    (["--set", "dropout=lots"], "config key 'dropout': expected float"),
-    (["--set", "dropout=1.5"], "config key 'dropout': 1.5 is outside"),
-    (["--set", "image_size"], "--set expects key=value"),
-    (["--set", "unfreeze_unit=some"], "config key 'unfreeze_unit'"),
-    (["--weights", "no/such/file.h5"], "weights file not found"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--set", "dropuot=0.5"], "unknown config key 'dropuot'"),
+        (["--set", "dropout=lots"], "config key 'dropout': expected float"),
+        (["--set", "dropout=1.5"], "config key 'dropout': 1.5 is outside"),
+        (["--set", "image_size"], "--set expects key=value"),
+        (["--set", "unfreeze_unit=some"], "config key 'unfreeze_unit'"),
+        (["--weights", "no/such/file.h5"], "weights file not found"),
+    ],
+)
 def test_cli_bad_options_are_one_line_errors(tmp_path, args, needle):
     result = _cli(["train", str(tmp_path), "--backbone", "mobilenet025", *args])
     assert result.exit_code == 2, result.output
@@ -289,9 +333,23 @@ def test_cli_unknown_backbone_and_missing_folder(tmp_path):
 
 def test_cli_train_prepares_a_raw_folder_and_evaluates_test_on_request(demo_data_dir, tmp_path):
     out = tmp_path / "trial"
-    args = ["train", str(demo_data_dir), "--backbone", "mobilenet025", "--set", "image_size=32",
-            "--set", "epochs_head=1", "--set", "epochs_finetune=1", "--set", "weights=none", "--out", str(out),
-            "--test"]
+    args = [
+        "train",
+        str(demo_data_dir),
+        "--backbone",
+        "mobilenet025",
+        "--set",
+        "image_size=32",
+        "--set",
+        "epochs_head=1",
+        "--set",
+        "epochs_finetune=1",
+        "--set",
+        "weights=none",
+        "--out",
+        str(out),
+        "--test",
+    ]
     result = _cli(args, cwd=tmp_path)
     assert result.exit_code == 0, result.output + str(result.exception)
     data_dir = tmp_path / "results" / Path(demo_data_dir).name / "data"
@@ -322,8 +380,13 @@ print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_
 def test_trial_runs_under_jax(trial_data, tmp_path):
     pytest.importorskip("jax", reason="jax is not installed (pip install -e .[jax])")
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", _JAX_TRIAL, str(trial_data.dir), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _JAX_TRIAL, str(trial_data.dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines[0] == {"backend": "jax", "threads": 1}
@@ -332,9 +395,11 @@ def test_trial_runs_under_jax(trial_data, tmp_path):
 
 
 def test_configure_backend_limits_tensorflow_threads():
-    code = ("from fer.backend_setup import configure_backend; import tensorflow as tf; "
-            "print(configure_backend()['threads'], tf.config.threading.get_intra_op_parallelism_threads(), "
-            "tf.config.threading.get_inter_op_parallelism_threads())")
+    code = (
+        "from fer.backend_setup import configure_backend; import tensorflow as tf; "
+        "print(configure_backend()['threads'], tf.config.threading.get_intra_op_parallelism_threads(), "
+        "tf.config.threading.get_inter_op_parallelism_threads())"
+    )
     env = dict(os.environ, KERAS_BACKEND="tensorflow", FER_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

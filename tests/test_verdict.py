@@ -23,22 +23,46 @@ LN5 = math.log(5)
 
 def _history(rows):
     """rows: (stage, loss, val_loss, val_macro_f1) -> a history.csv-like frame with global epochs."""
-    return pd.DataFrame([{"epoch": i + 1, "stage": s, "loss": loss, "accuracy": 0.5, "val_loss": v,
-                          "val_accuracy": 0.5, "val_macro_f1": f} for i, (s, loss, v, f) in enumerate(rows)])
+    return pd.DataFrame(
+        [
+            {
+                "epoch": i + 1,
+                "stage": s,
+                "loss": loss,
+                "accuracy": 0.5,
+                "val_loss": v,
+                "val_accuracy": 0.5,
+                "val_macro_f1": f,
+            }
+            for i, (s, loss, v, f) in enumerate(rows)
+        ]
+    )
 
 
 def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
     # the known case: the head stage learns, the first fine-tune epoch collapses to uniform outputs (ln 5)
-    collapsed = _history([("head", 1.5, 1.40, 0.35), ("head", 1.3, 1.25, 0.45),
-                          ("finetune", 3.0, LN5, 0.067), ("finetune", LN5, LN5 + 0.001, 0.067)])
+    collapsed = _history(
+        [
+            ("head", 1.5, 1.40, 0.35),
+            ("head", 1.3, 1.25, 0.45),
+            ("finetune", 3.0, LN5, 0.067),
+            ("finetune", LN5, LN5 + 0.001, 0.067),
+        ]
+    )
     problems = stage_problems(collapsed, 5)
     assert [(p["kind"], p["stage"], p["epoch"]) for p in problems] == [("collapsed", "finetune", 3)]
     # one class predicted (tiny macro F1) although the loss is not ln K: also a collapse
     one_class = _history([("head", 1.4, 1.2, 0.5), ("finetune", 1.1, 2.4, 0.05)])
     assert [p["kind"] for p in stage_problems(one_class, 5)] == ["collapsed"]
     # a from-scratch head stage sitting near ln K, then learning: nothing to flag
-    learning = _history([("head", 1.62, 1.60, 0.15), ("head", 1.60, 1.59, 0.16),
-                         ("finetune", 1.2, 0.9, 0.6), ("finetune", 0.6, 0.4, 0.85)])
+    learning = _history(
+        [
+            ("head", 1.62, 1.60, 0.15),
+            ("head", 1.60, 1.59, 0.16),
+            ("finetune", 1.2, 0.9, 0.6),
+            ("finetune", 0.6, 0.4, 0.85),
+        ]
+    )
     assert stage_problems(learning, 5) == []
     never = _history([("head", 1.61, 1.609, 0.067), ("finetune", 1.61, 1.608, 0.067)])
     assert [p["kind"] for p in stage_problems(never, 5)] == ["never learned"]
@@ -57,8 +81,13 @@ def test_undertrained_only_when_the_last_epoch_is_clearly_best():
 
 
 def _test_metrics(accuracy, ci, cm):
-    return {"classes": ["a", "b", "c", "d", "e"], "accuracy": {"value": accuracy, "ci95": ci},
-            "macro_f1": {"value": accuracy, "ci95": ci}, "confusion_matrix": cm, "n": int(np.sum(cm))}
+    return {
+        "classes": ["a", "b", "c", "d", "e"],
+        "accuracy": {"value": accuracy, "ci95": ci},
+        "macro_f1": {"value": accuracy, "ci95": ci},
+        "confusion_matrix": cm,
+        "n": int(np.sum(cm)),
+    }
 
 
 def test_chance_flags_interval_and_one_class():
@@ -87,24 +116,47 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
         folder = tmp_path / "best" / name
         folder.mkdir(parents=True)
         pd.DataFrame({"path": paths, "label": labels, "predicted": pred}).to_csv(
-            folder / "test_predictions.csv", index=False)
+            folder / "test_predictions.csv", index=False
+        )
         (folder / "selection.json").write_text(json.dumps({"trial_id": f"{name}_1"}))
         accuracy = float(np.mean(pred == labels))
-        cm = pd.crosstab(pd.Categorical(labels, list("abcde")), pd.Categorical(pred, list("abcde")),
-                         dropna=False).to_numpy().tolist()
-        backbones.append(BackboneResult(name, "ok", folder=folder, test=_test_metrics(
-            accuracy, [accuracy - 0.05, accuracy + 0.05], cm), history=_history(
-            [("head", 1.2, 1.0, 0.5), ("finetune", 0.6, 0.5, 0.8), ("finetune", 0.5, 0.52, 0.8)])))
+        cm = (
+            pd.crosstab(pd.Categorical(labels, list("abcde")), pd.Categorical(pred, list("abcde")), dropna=False)
+            .to_numpy()
+            .tolist()
+        )
+        backbones.append(
+            BackboneResult(
+                name,
+                "ok",
+                folder=folder,
+                test=_test_metrics(accuracy, [accuracy - 0.05, accuracy + 0.05], cm),
+                history=_history([("head", 1.2, 1.0, 0.5), ("finetune", 0.6, 0.5, 0.8), ("finetune", 0.5, 0.52, 0.8)]),
+            )
+        )
     (tmp_path / "trials" / "good_2").mkdir(parents=True)
     _history([("head", 1.5, 1.3, 0.4), ("finetune", LN5, LN5, 0.067)]).to_csv(
-        tmp_path / "trials" / "good_2" / "history.csv", index=False)
-    trials = pd.DataFrame([{"trial_id": "good_2", "backbone": "good", "trial_dir": "trials/good_2",
-                            "best_epoch": 1, "lr_finetune": 3e-4, "dropout": 0.5}])
+        tmp_path / "trials" / "good_2" / "history.csv", index=False
+    )
+    trials = pd.DataFrame(
+        [
+            {
+                "trial_id": "good_2",
+                "backbone": "good",
+                "trial_dir": "trials/good_2",
+                "best_epoch": 1,
+                "lr_finetune": 3e-4,
+                "dropout": 0.5,
+            }
+        ]
+    )
     space = {"space": {"lr_finetune": {"loguniform": [1e-5, 1e-3]}, "dropout": {"uniform": [0.1, 0.6]}}}
     study = StudyResults(tmp_path, "s", {"space": space}, None, trials, backbones, [])
     verdict = build_verdict(study, ["good: the best dropout = 0.6 sits at the upper edge"])
-    assert _headline(verdict).startswith(f"Best on the test split: good (accuracy {np.mean(good == labels):.3f}). "
-                                         "It is more accurate than every other backbone")
+    assert _headline(verdict).startswith(
+        f"Best on the test split: good (accuracy {np.mean(good == labels):.3f}). "
+        "It is more accurate than every other backbone"
+    )
     assert [r["backbone"] for r in verdict["ranking"]] == ["good", "poor"]
     (pair,) = verdict["pairs"]
     assert (pair["a"], pair["b"], pair["n"]) == ("good", "poor", 200)

@@ -17,8 +17,7 @@ def balanced_class_weights(train_labels: pd.Series, classes: list[str]) -> dict[
     """sklearn's "balanced": n_samples / (n_classes * n_samples_of_class), from the train split."""
     counts = train_labels.value_counts()
     n = len(train_labels)
-    return {c: round(n / (len(classes) * int(counts.get(c, 0))), 6) if counts.get(c, 0) else 0.0
-            for c in classes}
+    return {c: round(n / (len(classes) * int(counts.get(c, 0))), 6) if counts.get(c, 0) else 0.0 for c in classes}
 
 
 def leakage(table: pd.DataFrame, pairs: list[tuple[int, int]]) -> dict:
@@ -34,8 +33,15 @@ def leakage(table: pd.DataFrame, pairs: list[tuple[int, int]]) -> dict:
     }
 
 
-def build_audit(table: pd.DataFrame, classes: list[str], unknown_folders: list[str], empty_classes: list[str],
-                dup_report: dict, predefined_report: dict | None, near) -> dict:
+def build_audit(
+    table: pd.DataFrame,
+    classes: list[str],
+    unknown_folders: list[str],
+    empty_classes: list[str],
+    dup_report: dict,
+    predefined_report: dict | None,
+    near,
+) -> dict:
     counts = table[table.label.isin(classes)].groupby(["label", "split"]).size()
     counts = {c: {s: int(counts.get((c, s), 0)) for s in (*SPLITS, "excluded")} for c in classes}
     status_counts = table.status.value_counts()
@@ -44,12 +50,17 @@ def build_audit(table: pd.DataFrame, classes: list[str], unknown_folders: list[s
     why_of = _pair_reasons(dup_report)
     for members in dup_report["clusters_idx"]:
         inside = set(members)
-        clusters.append({"kind": "exact" if len({pixel_hash[i] for i in members}) == 1 else "near",
-                         "labels": sorted({label[i] for i in members}),
-                         "paths": [path[i] for i in members],
-                         "kept": [path[i] for i in members if split[i] in SPLITS],
-                         "why": [{"pair": [path[i], path[j]], **w} for (i, j), w in why_of.items()
-                                 if i in inside and j in inside]})
+        clusters.append(
+            {
+                "kind": "exact" if len({pixel_hash[i] for i in members}) == 1 else "near",
+                "labels": sorted({label[i] for i in members}),
+                "paths": [path[i] for i in members],
+                "kept": [path[i] for i in members if split[i] in SPLITS],
+                "why": [
+                    {"pair": [path[i], path[j]], **w} for (i, j), w in why_of.items() if i in inside and j in inside
+                ],
+            }
+        )
     quarantined = table[table.status == "quarantined"]
     return {
         "classes": classes,
@@ -62,8 +73,12 @@ def build_audit(table: pd.DataFrame, classes: list[str], unknown_folders: list[s
         "class_weights": balanced_class_weights(table.label[table.split == "train"], classes),
         "groups": int(table.group[table.split.isin(SPLITS)].nunique()),
         "duplicates": {
-            "near_rule": {"phash_max_bits": near[0], "min_correlation": near[1], "max_local_difference": near[2],
-                          "definition": "docs/duplicates.md"},
+            "near_rule": {
+                "phash_max_bits": near[0],
+                "min_correlation": near[1],
+                "max_local_difference": near[2],
+                "definition": "docs/duplicates.md",
+            },
             "unions_refused_by_cluster_check": dup_report.get("refused_unions", 0),
             "exact_pairs": len(dup_report["exact_pairs"]),
             "near_pairs": len(dup_report["near_pairs"]),
@@ -98,15 +113,23 @@ def edit_guess(score: dict) -> str:
 
 def _pair_reasons(dup_report: dict) -> dict:
     out = {}
-    for (i, j) in dup_report["exact_pairs"]:
+    for i, j in dup_report["exact_pairs"]:
         out[(i, j)] = {"why": "exact (same pixels)", "similarity": 1.0}
     for (i, j), s in zip(dup_report["near_pairs"], dup_report.get("near_scores", [])):
         out[(i, j)] = {"why": edit_guess(s), "similarity": s["corr"], "local_difference": s["local"]}
     return out
 
 
-def write_contact_sheet(dest: Path, sigs, paths: list[str], labels: list[str], dup_report: dict, seed: int,
-                        n_pairs: int = 12, n_conflicts: int = 6) -> Path | None:
+def write_contact_sheet(
+    dest: Path,
+    sigs,
+    paths: list[str],
+    labels: list[str],
+    dup_report: dict,
+    seed: int,
+    n_pairs: int = 12,
+    n_conflicts: int = 6,
+) -> Path | None:
     """A PNG of a random sample of excluded pairs and of label-conflict clusters, side by side with captions,
     so a user can see what `prepare` dropped. None when there is nothing to show."""
     import numpy as np
@@ -132,9 +155,12 @@ def write_contact_sheet(dest: Path, sigs, paths: list[str], labels: list[str], d
         sheet.paste(Image.fromarray(sigs[i]), (0, y))
         sheet.paste(Image.fromarray(sigs[j]), (cell + 2, y))
         w = reasons[(i, j)]
-        caption = [f"{what}: {w['why']}, similarity {w['similarity']:.3f}"
-                   + (f", local diff {w['local_difference']:.2f}" if "local_difference" in w else ""),
-                   f"{paths[i]} ({labels[i]})", f"{paths[j]} ({labels[j]})"]
+        caption = [
+            f"{what}: {w['why']}, similarity {w['similarity']:.3f}"
+            + (f", local diff {w['local_difference']:.2f}" if "local_difference" in w else ""),
+            f"{paths[i]} ({labels[i]})",
+            f"{paths[j]} ({labels[j]})",
+        ]
         for k, t in enumerate(caption):
             draw.text((2 * cell + 10, y + 4 + 16 * k), t[:95], fill=0)
     sheet.save(dest)
@@ -145,29 +171,41 @@ def summary_text(audit: dict, out_dir: Path) -> str:
     """The few lines a user reads on the terminal after `prepare`."""
     t = audit["totals"]
     width = max(len(c) for c in audit["classes"])
-    lines = [f"prepared {t['files']} files -> {out_dir}",
-             f"  {'class':<{width}}  {'train':>6} {'val':>6} {'test':>6} {'excl.':>6}  weight"]
+    lines = [
+        f"prepared {t['files']} files -> {out_dir}",
+        f"  {'class':<{width}}  {'train':>6} {'val':>6} {'test':>6} {'excl.':>6}  weight",
+    ]
     for c in audit["classes"]:
         n = audit["counts"][c]
-        lines.append(f"  {c:<{width}}  {n['train']:>6} {n['val']:>6} {n['test']:>6} {n['excluded']:>6}"
-                     f"  {audit['class_weights'][c]:.3f}")
+        lines.append(
+            f"  {c:<{width}}  {n['train']:>6} {n['val']:>6} {n['test']:>6} {n['excluded']:>6}"
+            f"  {audit['class_weights'][c]:.3f}"
+        )
     d = audit["duplicates"]
-    lines.append(f"  quarantined {t['quarantined']}, converted {t['converted']}, duplicates excluded "
-                 f"{t['duplicate']} ({d['exact_clusters']} exact + {d['near_clusters']} near clusters), "
-                 f"label conflicts {len(audit['label_conflicts'])}, groups {audit['groups']}")
+    lines.append(
+        f"  quarantined {t['quarantined']}, converted {t['converted']}, duplicates excluded "
+        f"{t['duplicate']} ({d['exact_clusters']} exact + {d['near_clusters']} near clusters), "
+        f"label conflicts {len(audit['label_conflicts'])}, groups {audit['groups']}"
+    )
     if audit.get("group_regex_unmatched"):
-        lines.append(f"  --group-regex matched no subject in {audit['group_regex_unmatched']} usable files "
-                     "(each of them is its own group)")
+        lines.append(
+            f"  --group-regex matched no subject in {audit['group_regex_unmatched']} usable files "
+            "(each of them is its own group)"
+        )
     if audit["unknown_class_folders"]:
         lines.append(f"  unknown class folders (not used): {', '.join(audit['unknown_class_folders'])}")
     if audit["empty_classes"]:
         lines.append(f"  class folders without usable images (dropped): {', '.join(audit['empty_classes'])}")
     if audit["predefined_split"] and audit["predefined_split"]["crossing_clusters"]:
-        lines.append(f"  predefined split leaks: {len(audit['predefined_split']['crossing_clusters'])} duplicate "
-                     "clusters crossed splits (excluded)")
+        lines.append(
+            f"  predefined split leaks: {len(audit['predefined_split']['crossing_clusters'])} duplicate "
+            "clusters crossed splits (excluded)"
+        )
     leak = audit["leakage"]
-    lines.append(f"  leakage check: {leak['duplicate_pairs_across_splits']} duplicate pairs and "
-                 f"{leak['groups_across_splits']} groups across splits -> {'OK' if leak['ok'] else 'FAILED'}")
+    lines.append(
+        f"  leakage check: {leak['duplicate_pairs_across_splits']} duplicate pairs and "
+        f"{leak['groups_across_splits']} groups across splits -> {'OK' if leak['ok'] else 'FAILED'}"
+    )
     reasons: dict[str, int] = {}
     for q in audit["quarantined"]:
         key = q["reason"].split(":")[0]

@@ -39,8 +39,7 @@ def npy_header(n: int, size: int) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": "|u1", "fortran_order": False, "shape": (n, size, size, 3)})
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (n, size, size, 3)})
     return buf.getvalue()
 
 
@@ -122,7 +121,7 @@ def write_npy_from_rows(dest: Path, source_raw: Path, rows: list[int], size: int
     with open(source_raw, "rb") as src, open(partial, "wb") as out:
         out.write(npy_header(len(rows), size))
         for start in range(0, len(rows), chunk):
-            out.write(b"".join(os.pread(src.fileno(), rb, r * rb) for r in rows[start:start + chunk]))
+            out.write(b"".join(os.pread(src.fileno(), rb, r * rb) for r in rows[start : start + chunk]))
     os.replace(partial, dest)  # atomic: readers see no file or the whole file (no fsync: a cache, rebuildable)
 
 

@@ -66,8 +66,7 @@ def decode_file(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = N
                 fmt = img.format or "unknown"
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise Quarantine(f"decompression bomb: {width}x{height} pixels is over the limit "
-                                     f"of {max_pixels:,}")
+                    raise Quarantine(f"decompression bomb: {width}x{height} pixels is over the limit of {max_pixels:,}")
                 img.load()
                 notes: list[str] = []
                 if fmt == "HEIF" or fmt == "AVIF":
@@ -95,9 +94,16 @@ def decode_file(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = N
 
 
 _EXTENSIONS = {
-    "JPEG": {"jpg", "jpeg", "jpe", "jfif"}, "PNG": {"png"}, "WEBP": {"webp"}, "GIF": {"gif"},
-    "BMP": {"bmp", "dib"}, "TIFF": {"tif", "tiff"}, "HEIF": {"heic", "heif", "hif"}, "AVIF": {"avif"},
-    "MPO": {"jpg", "jpeg", "mpo"}, "PPM": {"ppm", "pgm", "pbm", "pnm"},
+    "JPEG": {"jpg", "jpeg", "jpe", "jfif"},
+    "PNG": {"png"},
+    "WEBP": {"webp"},
+    "GIF": {"gif"},
+    "BMP": {"bmp", "dib"},
+    "TIFF": {"tif", "tiff"},
+    "HEIF": {"heic", "heif", "hif"},
+    "AVIF": {"avif"},
+    "MPO": {"jpg", "jpeg", "mpo"},
+    "PPM": {"ppm", "pgm", "pbm", "pnm"},
 }
 
 
@@ -168,8 +174,9 @@ class FileRecord:
     reason: str = ""
 
 
-def inspect_file(path: Path, image_size: int | None, max_pixels: int = MAX_PIXELS
-                 ) -> tuple[FileRecord, np.ndarray | None]:
+def inspect_file(
+    path: Path, image_size: int | None, max_pixels: int = MAX_PIXELS
+) -> tuple[FileRecord, np.ndarray | None]:
     """Decode, hash and (optionally) resize one file. Never raises for a bad file: it is quarantined."""
     rec = FileRecord()
     try:

@@ -74,9 +74,16 @@ class Duplicates:
     refused: int = 0  # confirmed pairs left apart because their clusters failed the cross check
 
 
-def find_duplicates(pixel_hashes: list[str], phashes: list[str], phashes_mirror: list[str], sigs: np.ndarray,
-                    max_bits: int = NEAR_PHASH_BITS, min_correlation: float = NEAR_MIN_CORRELATION,
-                    max_local: float = NEAR_MAX_LOCAL, labels: list[str] | None = None) -> Duplicates:
+def find_duplicates(
+    pixel_hashes: list[str],
+    phashes: list[str],
+    phashes_mirror: list[str],
+    sigs: np.ndarray,
+    max_bits: int = NEAR_PHASH_BITS,
+    min_correlation: float = NEAR_MIN_CORRELATION,
+    max_local: float = NEAR_MAX_LOCAL,
+    labels: list[str] | None = None,
+) -> Duplicates:
     """`sigs`: uint8 (n, 64, 64) from `hashing.signature`, same order as the hashes. With `labels`, the
     cluster check only asks differently labelled images to be confirmed copies of each other directly."""
     n = len(pixel_hashes)
@@ -102,8 +109,11 @@ def find_duplicates(pixel_hashes: list[str], phashes: list[str], phashes_mirror:
         if len(extra):
             pairs = np.concatenate([pairs, extra]) if len(pairs) else extra
             flips = np.concatenate([flips, extra_flips]) if len(flips) else extra_flips
-            quick = np.concatenate([quick, np.zeros(len(extra), dtype=np.float32)]) if len(quick) else \
-                np.zeros(len(extra), dtype=np.float32)  # never the quick same-label acceptance
+            quick = (
+                np.concatenate([quick, np.zeros(len(extra), dtype=np.float32)])
+                if len(quick)
+                else np.zeros(len(extra), dtype=np.float32)
+            )  # never the quick same-label acceptance
         if len(pairs):
             confirmed = _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local)
             hashes = ({int(i): int(x) for i, x in zip(reps, h)}, {int(i): int(x) for i, x in zip(reps, hm)})
@@ -120,12 +130,20 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
     strict aligned check: they would become label conflicts, and another expression of the same person is
     exactly what must not. Same-label pairs may at worst be two takes of one expression (allowed to
     cluster): very close at 32 px is enough, otherwise the aligned check with a looser local limit."""
-    same = np.zeros(len(pairs), dtype=bool) if labels is None else \
-        np.array([labels[i] == labels[j] for i, j in pairs], dtype=bool)
+    same = (
+        np.zeros(len(pairs), dtype=bool)
+        if labels is None
+        else np.array([labels[i] == labels[j] for i, j in pairs], dtype=bool)
+    )
     easy = same & (quick >= SAME_LABEL_MIN_QUICK)
-    out = [(int(i), int(j), {"corr": _plain(q), "local": 0.0, "mirror": bool(f), "zoom": 1.0, "shift": 0.0,
-                             "check": "quick"})
-           for (i, j), q, f in zip(pairs[easy], quick[easy], flips[easy])]
+    out = [
+        (
+            int(i),
+            int(j),
+            {"corr": _plain(q), "local": 0.0, "mirror": bool(f), "zoom": 1.0, "shift": 0.0, "check": "quick"},
+        )
+        for (i, j), q, f in zip(pairs[easy], quick[easy], flips[easy])
+    ]
     hard = ~easy
     if hard.any():
         res = compare(sigs, pairs[hard], flips[hard])
@@ -154,12 +172,22 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
     # first the plain correlation at 16 px (a dot product per pair), then the shift-tolerant one at 32 px
     small = np.empty((len(thumbs), (THUMB // 2) ** 2), dtype=np.float16)  # 0.5 KiB per image
     for start in range(0, len(thumbs), 4096):
-        x = halve(thumbs[start:start + 4096].astype(np.float32)).reshape(-1, (THUMB // 2) ** 2)
+        x = halve(thumbs[start : start + 4096].astype(np.float32)).reshape(-1, (THUMB // 2) ** 2)
         x -= x.mean(axis=1, keepdims=True)
-        small[start:start + 4096] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
-    close = np.concatenate([np.einsum("pk,pk->p", small[local[s:s + 65536, 0]].astype(np.float32),
-                                      small[local[s:s + 65536, 1]].astype(np.float32))
-                            for s in range(0, len(local), 65536)]) >= REGISTERED_MIN_CORR16
+        small[start : start + 4096] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
+    close = (
+        np.concatenate(
+            [
+                np.einsum(
+                    "pk,pk->p",
+                    small[local[s : s + 65536, 0]].astype(np.float32),
+                    small[local[s : s + 65536, 1]].astype(np.float32),
+                )
+                for s in range(0, len(local), 65536)
+            ]
+        )
+        >= REGISTERED_MIN_CORR16
+    )
     local, flips = local[close], flips[close]
     if not len(local):
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
@@ -167,7 +195,7 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
     loc = loc.reshape(local.shape)
     blurred = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
     for start in range(0, len(used), 4096):  # in chunks: a float copy of every thumbnail would be 4 KiB each
-        blurred[start:start + 4096] = _blur(thumbs[used[start:start + 4096]].astype(np.float32))
+        blurred[start : start + 4096] = _blur(thumbs[used[start : start + 4096]].astype(np.float32))
     quick = quick_correlation(blurred, loc, max_shift=1)
     keep = quick >= REGISTERED_PREFILTER
     return reps[local[keep]], flips[keep]
@@ -179,7 +207,7 @@ def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.nda
     local = local.reshape(pairs.shape)
     t = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
     for start in range(0, len(used), 4096):  # in chunks: a float copy of every signature would be 32 KiB each
-        t[start:start + 4096] = _blur(halve(sigs[used[start:start + 4096]].astype(np.float32)))
+        t[start : start + 4096] = _blur(halve(sigs[used[start : start + 4096]].astype(np.float32)))
     thumbs = np.concatenate([t, t[:, :, ::-1]])
     second = local[:, 1] + np.where(flips, len(used), 0)
     return quick_correlation(thumbs, np.stack([local[:, 0], second], axis=1), max_shift=2)
@@ -217,8 +245,12 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
     for group in members.values():
         if 2 < len(group) <= MAX_GROUP_CHECK and (labels is None or len({labels[i] for i in group}) > 1):
             g = sorted(group)
-            todo += [(g[x], g[y]) for x in range(len(g)) for y in range(x + 1, len(g))
-                     if labels is None or labels[g[x]] != labels[g[y]]]
+            todo += [
+                (g[x], g[y])
+                for x in range(len(g))
+                for y in range(x + 1, len(g))
+                if labels is None or labels[g[x]] != labels[g[y]]
+            ]
     passes: dict[tuple[int, int], bool] = {}
     if todo and hashes is not None:  # compare j mirrored where its mirror hash is the closer one
         h, hm = hashes

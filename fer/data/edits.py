@@ -18,10 +18,9 @@ RANGES = {
     "resize": "resized by a factor 0.5-2.0 (log-uniform; bilinear, bicubic, Lanczos or box filter)",
     "grey": "colour <-> grey: a colour image converted to grey, a grey one tinted (channel gains 0.8-1.2)",
     "brightness_contrast": "brightness -40..+40 of 255, contrast x0.6-1.5, gamma 0.7-1.4 (clipped to 0-255)",
-    "crop": "cropped by 2-10% of each side's length per axis (split at random between the two edges), "
-            "resized back",
+    "crop": "cropped by 2-10% of each side's length per axis (split at random between the two edges), resized back",
     "shift": "content shifted by up to 10% of the size per axis (at least 2% on one), the gap filled by edge "
-             "pixels, black or grey",
+    "pixels, black or grey",
     "mirror": "mirrored left-right",
     "watermark": "semi-transparent text (opacity 0.25-0.6, height 8-15% of the image) at a random place",
     "border": "a frame 2-8% of the size wide, drawn over the edges or padded around and resized back",
@@ -29,9 +28,15 @@ RANGES = {
 }
 KINDS = tuple(RANGES)
 _WORDS = ("stock", "(c) photo", "SAMPLE", "preview", "www.faces", "istock", "copyright")
-_EXIF_UNDO = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_EXIF_UNDO = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _png(img: Image.Image) -> bytes:
@@ -63,8 +68,11 @@ def edit(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, 
         a = np.asarray(img, np.float32)
         a = 255.0 * (a / 255.0) ** g
         a = (a - a.mean()) * c + a.mean() + b
-        return _png(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), img.mode)), "png", \
-            {"brightness": round(b, 1), "contrast": round(c, 3), "gamma": round(g, 3)}
+        return (
+            _png(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), img.mode)),
+            "png",
+            {"brightness": round(b, 1), "contrast": round(c, 3), "gamma": round(g, 3)},
+        )
     if kind == "crop":
         fx, fy = rng.uniform(0.02, 0.10, 2)
         sx, sy = rng.uniform(0, 1, 2)
@@ -83,7 +91,7 @@ def edit(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, 
         else:
             padded = np.pad(a, pad, mode="constant", constant_values=0 if fill == "black" else 128)
         y0, x0 = abs(dy) - dy, abs(dx) - dx
-        return _png(Image.fromarray(padded[y0:y0 + h, x0:x0 + w])), "png", {"dx": dx, "dy": dy, "fill": fill}
+        return _png(Image.fromarray(padded[y0 : y0 + h, x0 : x0 + w])), "png", {"dx": dx, "dy": dy, "fill": fill}
     if kind == "mirror":
         return _png(ImageOps.mirror(img)), "png", {}
     if kind == "watermark":
@@ -128,5 +136,7 @@ def edit(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, 
 def _inverse(orientation: int) -> Image.Transpose:
     """The transpose that, undone by EXIF `orientation` (ImageOps.exif_transpose), gives the original back."""
     undo = _EXIF_UNDO[orientation]
-    return {Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
-            Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270}.get(undo, undo)
+    return {
+        Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270,
+    }.get(undo, undo)

@@ -87,7 +87,7 @@ def batch_phashes(sigs: np.ndarray, chunk: int = 4096) -> tuple[list[str], list[
     negated, so one transform serves both. Same bits as `phash(thumbnail(sig))`."""
     out_h, out_m = [], []
     for start in range(0, len(sigs), chunk):
-        t = halve(sigs[start:start + chunk].astype(np.float32)).astype(np.float64)
+        t = halve(sigs[start : start + chunk].astype(np.float32)).astype(np.float64)
         p = np.pad(t, ((0, 0), (1, 1), (0, 0)), mode="edge")
         t = _BLUR[0] * p[:, :-2] + _BLUR[1] * p[:, 1:-1] + _BLUR[2] * p[:, 2:]
         p = np.pad(t, ((0, 0), (0, 0), (1, 1)), mode="edge")
@@ -139,7 +139,7 @@ def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096
     pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
     mean = _normalise(_blur121(halve(sigs[pick].astype(np.float32)))).sum(axis=0, dtype=np.float64)
     m = (THUMB - REG_WINDOW) // 2
-    t = mean[m:m + REG_WINDOW, m:m + REG_WINDOW]
+    t = mean[m : m + REG_WINDOW, m : m + REG_WINDOW]
     t = t - t.mean()
     return (t / max(np.linalg.norm(t), 1e-9)).astype(np.float32)
 
@@ -153,10 +153,12 @@ def registered_thumbs(sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, 
     ft = np.conj(np.fft.rfft2(template, s=(size, size)))
     span = 2 * r + 1
     for start in range(0, len(rows), chunk):
-        x32 = halve(sigs[rows[start:start + chunk]].astype(np.float32))
+        x32 = halve(sigs[rows[start : start + chunk]].astype(np.float32))
         x = _blur121(x32)
         n = len(x)
-        num = np.fft.irfft2(np.fft.rfft2(x, s=(size, size)) * ft, s=(size, size))[:, m - r:m + r + 1, m - r:m + r + 1]
+        num = np.fft.irfft2(np.fft.rfft2(x, s=(size, size)) * ft, s=(size, size))[
+            :, m - r : m + r + 1, m - r : m + r + 1
+        ]
         sat = np.zeros((n, THUMB + 1, THUMB + 1), dtype=np.float32)
         sat[:, 1:, 1:] = x.cumsum(1).cumsum(2)
         sat2 = np.zeros_like(sat)
@@ -173,7 +175,7 @@ def registered_thumbs(sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, 
         dx = ix - r + _parabola(corr, at, iy, ix, axis=1)
         zoom = np.full(n, REG_CENTRAL, dtype=np.float32)
         moved = _resample(x32, zoom, dy.astype(np.float32), dx.astype(np.float32))
-        out[start:start + n] = np.clip(np.rint(moved), 0, 255)
+        out[start : start + n] = np.clip(np.rint(moved), 0, 255)
     return out
 
 
@@ -201,7 +203,7 @@ def registered_phashes(thumbs: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """pHash (uint64 array) of registered thumbnails (`registered_thumbs`)."""
     h = []
     for start in range(0, len(thumbs), chunk):
-        h += _phash_bits(thumbs[start:start + chunk].astype(np.float64))[0]
+        h += _phash_bits(thumbs[start : start + chunk].astype(np.float64))[0]
     return hashes_to_array(h)
 
 
@@ -209,8 +211,9 @@ def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
     return np.array([int(h, 16) for h in hex_hashes], dtype=np.uint64)
 
 
-def candidate_pairs(hashes: np.ndarray, mirrored: np.ndarray | None, max_bits: int,
-                    block_cells: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
+def candidate_pairs(
+    hashes: np.ndarray, mirrored: np.ndarray | None, max_bits: int, block_cells: int = 2_000_000
+) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i < j) with hash(i) within `max_bits` of hash(j) or of hash(mirror(j)) (`mirrored`, or
     None: plain hashes only), as an (n, 2) array, and per pair whether the mirrored match was the closer one.
 
@@ -266,15 +269,15 @@ def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2,
     spread = _window_spreads(thumbs, used, r, inner)  # (len(used), shifts)
     shifts = [(y, x) for y in range(2 * r + 1) for x in range(2 * r + 1)]
     for start in range(0, len(pairs), block):
-        a, b = local[start:start + block, 0], local[start:start + block, 1]
-        centre = thumbs[used[a], r:THUMB - r, r:THUMB - r].astype(np.float32)
+        a, b = local[start : start + block, 0], local[start : start + block, 1]
+        centre = thumbs[used[a], r : THUMB - r, r : THUMB - r].astype(np.float32)
         centre -= centre.mean(axis=(1, 2), keepdims=True)
         norm = np.sqrt((centre * centre).sum(axis=(1, 2), keepdims=True))
         centre = np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 1e-3)  # flat: no structure
         other = thumbs[used[b]].astype(np.float32)
-        best = out[start:start + block]
+        best = out[start : start + block]
         for k, (y, x) in enumerate(shifts):
-            dot = np.einsum("pij,pij->p", centre, other[:, y:y + inner, x:x + inner])
+            dot = np.einsum("pij,pij->p", centre, other[:, y : y + inner, x : x + inner])
             s = spread[b, k]
             np.maximum(best, np.divide(dot, s, out=np.zeros_like(dot), where=s > 1e-3), out=best)
     return out
@@ -285,7 +288,7 @@ def _window_spreads(thumbs: np.ndarray, used: np.ndarray, r: int, inner: int, ch
     n = inner * inner
     out = np.empty((len(used), (2 * r + 1) ** 2), dtype=np.float32)
     for start in range(0, len(used), chunk):
-        t = thumbs[used[start:start + chunk]].astype(np.float64)
+        t = thumbs[used[start : start + chunk]].astype(np.float64)
         sat = np.zeros((len(t), THUMB + 1, THUMB + 1))
         sat[:, 1:, 1:] = t.cumsum(1).cumsum(2)
         sat2 = np.zeros_like(sat)
@@ -294,7 +297,7 @@ def _window_spreads(thumbs: np.ndarray, used: np.ndarray, r: int, inner: int, ch
         for y in range(2 * r + 1):
             for x in range(2 * r + 1):
                 total, squares = _window_sum(sat, y, x, inner), _window_sum(sat2, y, x, inner)
-                out[start:start + len(t), k] = np.sqrt(np.maximum(squares - total * total / n, 0.0))
+                out[start : start + len(t), k] = np.sqrt(np.maximum(squares - total * total / n, 0.0))
                 k += 1
     return out
 
@@ -305,6 +308,7 @@ def _window_sum(sat: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
 
 
 # --- confirmation -----------------------------------------------------------------------------------------
+
 
 def _resample(img: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
     """Bilinear b(c + (p - c) * zoom + t) for a batch (P, N, N), per-image zoom and shift (pixels), edges
@@ -338,7 +342,7 @@ def _shift_search(a: np.ndarray, b: np.ndarray, r: int):
     summed-area tables of b and b squared."""
     p, n = a.shape[0], a.shape[1]
     inner = n - 2 * r
-    ac = _normalise(a[:, r:n - r, r:n - r])
+    ac = _normalise(a[:, r : n - r, r : n - r])
     sat = np.zeros((p, n + 1, n + 1), dtype=np.float64)
     sat[:, 1:, 1:] = b.cumsum(1, dtype=np.float64).cumsum(2)
     sat2 = np.zeros_like(sat)
@@ -351,7 +355,7 @@ def _shift_search(a: np.ndarray, b: np.ndarray, r: int):
             y, x = r + dy, r + dx
             total, squares = _window_sum(sat, y, x, inner), _window_sum(sat2, y, x, inner)
             spread = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0)).astype(np.float32)
-            dot = np.einsum("pij,pij->p", ac, b[:, y:y + inner, x:x + inner]) / count
+            dot = np.einsum("pij,pij->p", ac, b[:, y : y + inner, x : x + inner]) / count
             s = np.divide(dot, spread, out=np.zeros_like(dot), where=spread > 1e-3)
             better = s > best
             best[better], by[better], bx[better] = s[better], dy, dx
@@ -364,8 +368,9 @@ def _smooth(x: np.ndarray, k: int = 5) -> np.ndarray:
     return (c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]) / (k * k)
 
 
-def compare(sigs: np.ndarray, pairs: np.ndarray, mirror: np.ndarray | None = None, block: int = 1024
-            ) -> dict[str, np.ndarray]:
+def compare(
+    sigs: np.ndarray, pairs: np.ndarray, mirror: np.ndarray | None = None, block: int = 1024
+) -> dict[str, np.ndarray]:
     """Align and score each pair (i, j) of 64x64 signatures. Returns per pair: `corr` (global correlation
     of the aligned central regions), `local` (largest RMS of the smoothed residual in a 16x16 window, in
     units of the image's contrast), `mirror`, `zoom`, `shift` (pixels at 64 px, the larger axis).
@@ -433,27 +438,26 @@ def _refine_and_score(a: np.ndarray, b: np.ndarray, zoom: np.ndarray, ty: np.nda
     a32, b32 = halve(a), halve(b)
     # sub-pixel refinement at 32 px (shifts in 64 px units: +-1, then +-0.5 with zoom +-0.015)
     m2 = MARGIN // 2
-    a32c = _normalise(a32[:, m2:THUMB - m2, m2:THUMB - m2])
+    a32c = _normalise(a32[:, m2 : THUMB - m2, m2 : THUMB - m2])
     best_corr = np.full(p, -2.0, dtype=np.float32)
     for step, dzs in ((1.0, (0.0,)), (0.5, (-0.015, 0.0, 0.015))):
         z0, ty0, tx0 = zoom.copy(), ty.copy(), tx.copy()
         for dz in dzs:
             for ddy in (-step, 0.0, step):
                 for ddx in (-step, 0.0, step):
-                    bz = _resample(b32, z0 + dz, (ty0 + ddy) / 2, (tx0 + ddx) / 2)[:, m2:THUMB - m2, m2:THUMB - m2]
+                    bz = _resample(b32, z0 + dz, (ty0 + ddy) / 2, (tx0 + ddx) / 2)[:, m2 : THUMB - m2, m2 : THUMB - m2]
                     corr = (a32c * _normalise(bz)).mean(axis=(1, 2))
                     better = corr > best_corr
                     best_corr[better] = corr[better]
                     zoom[better], ty[better], tx[better] = z0[better] + dz, ty0[better] + ddy, tx0[better] + ddx
     # score at 64 px
     m = MARGIN
-    ac = _normalise(a[:, m:SIG - m, m:SIG - m])
-    best_b = _normalise(_resample(b, zoom, ty, tx)[:, m:SIG - m, m:SIG - m])
+    ac = _normalise(a[:, m : SIG - m, m : SIG - m])
+    best_b = _normalise(_resample(b, zoom, ty, tx)[:, m : SIG - m, m : SIG - m])
     best_corr = (ac * best_b).mean(axis=(1, 2))
     final_ty, final_tx = ty, tx
     local = local_difference(ac, best_b)
-    return {"corr": best_corr, "local": local, "zoom": zoom,
-            "shift": np.maximum(np.abs(final_ty), np.abs(final_tx))}
+    return {"corr": best_corr, "local": local, "zoom": zoom, "shift": np.maximum(np.abs(final_ty), np.abs(final_tx))}
 
 
 def local_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -466,7 +470,7 @@ def local_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     worst = np.zeros(len(d), dtype=np.float32)
     for y in range(0, n - size + 1, stride):
         for x in range(0, n - size + 1, stride):
-            w = d[:, y:y + size, x:x + size].reshape(len(d), -1)
+            w = d[:, y : y + size, x : x + size].reshape(len(d), -1)
             np.maximum(worst, np.median(w, axis=1), out=worst)
     return worst
 
@@ -490,6 +494,6 @@ def _window_rms(x: np.ndarray, size: int, stride: int) -> np.ndarray:
     worst = np.zeros(len(x), dtype=np.float32)
     for y in range(0, n - size + 1, stride):
         for xx in range(0, n - size + 1, stride):
-            w = x[:, y:y + size, xx:xx + size]
+            w = x[:, y : y + size, xx : xx + size]
             np.maximum(worst, np.sqrt((w * w).mean(axis=(1, 2))), out=worst)
     return worst

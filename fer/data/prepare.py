@@ -35,8 +35,20 @@ from fer.data.split import (
 from fer.errors import UserError
 from fer.names import AUDIT_FILE, DUPLICATES_SHEET, MANIFEST_FILE, STUDY_DATA_FILE
 
-MANIFEST_COLUMNS = ["path", "label", "split", "group", "sha256", "pixel_hash", "phash", "width", "height",
-                    "format", "status", "reason"]
+MANIFEST_COLUMNS = [
+    "path",
+    "label",
+    "split",
+    "group",
+    "sha256",
+    "pixel_hash",
+    "phash",
+    "width",
+    "height",
+    "format",
+    "status",
+    "reason",
+]
 FORMAT_VERSION = 1
 
 
@@ -44,12 +56,21 @@ def inspect_file_task(path: str, image_size: int, max_pixels: int):
     return inspect_file(Path(path), image_size, max_pixels)
 
 
-def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.7, 0.15, 0.15), seed: int = 0,
-                    image_size: int = PARAMS["image_size"].default, predefined=None, classes: list[str] | None = None,
-                    keep_duplicates: bool = False, workers: int | None = None,
-                    max_pixels: int = MAX_PIXELS,
-                    near: tuple[int, float, float] = (NEAR_PHASH_BITS, NEAR_MIN_CORRELATION, NEAR_MAX_LOCAL),
-                    log=print) -> dict:
+def prepare_dataset(
+    data_dir,
+    out_dir,
+    group_regex: str | None = None,
+    split=(0.7, 0.15, 0.15),
+    seed: int = 0,
+    image_size: int = PARAMS["image_size"].default,
+    predefined=None,
+    classes: list[str] | None = None,
+    keep_duplicates: bool = False,
+    workers: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    near: tuple[int, float, float] = (NEAR_PHASH_BITS, NEAR_MIN_CORRELATION, NEAR_MAX_LOCAL),
+    log=print,
+) -> dict:
     """Prepare `data_dir` into `out_dir`; return the audit summary (also written to `audit.json`)."""
     t0 = time.perf_counter()
     fractions = parse_fractions(split)
@@ -70,31 +91,75 @@ def prepare_dataset(data_dir, out_dir, group_regex: str | None = None, split=(0.
     if out_dir.resolve() == scan.root or scan.root in out_dir.resolve().parents:
         raise UserError(f"the output folder {out_dir} is inside DATA ({scan.root}); DATA is read only")
     with exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")):  # two prepares of one study take turns
-        audit = _prepare_locked(out_dir, scan, image_size, workers, max_pixels, keep_duplicates, near, group_rx,
-                                fractions, seed, predefined_spec, group_regex, t0)
+        audit = _prepare_locked(
+            out_dir,
+            scan,
+            image_size,
+            workers,
+            max_pixels,
+            keep_duplicates,
+            near,
+            group_rx,
+            fractions,
+            seed,
+            predefined_spec,
+            group_regex,
+            t0,
+        )
     if log:
         log(audit_mod.summary_text(audit, out_dir))
     return audit
 
 
-def _prepare_locked(out_dir, scan, image_size, workers, max_pixels, keep_duplicates, near, group_rx, fractions,
-                    seed, predefined_spec, group_regex, t0) -> dict:
+def _prepare_locked(
+    out_dir,
+    scan,
+    image_size,
+    workers,
+    max_pixels,
+    keep_duplicates,
+    near,
+    group_rx,
+    fractions,
+    seed,
+    predefined_spec,
+    group_regex,
+    t0,
+) -> dict:
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "pixels").mkdir(parents=True)
     try:
-        audit = _prepare_into(partial, scan, image_size, workers, max_pixels, keep_duplicates, near, group_rx,
-                              fractions, seed, predefined_spec, t0)
+        audit = _prepare_into(
+            partial,
+            scan,
+            image_size,
+            workers,
+            max_pixels,
+            keep_duplicates,
+            near,
+            group_rx,
+            fractions,
+            seed,
+            predefined_spec,
+            t0,
+        )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     audit["source"] = str(scan.root)
     meta = {
-        "format_version": FORMAT_VERSION, "source": str(scan.root), "classes": audit["classes"],
-        "class_weights": audit["class_weights"], "image_sizes": [image_size], "seed": seed,
-        "split": list(fractions), "group_regex": group_regex,
+        "format_version": FORMAT_VERSION,
+        "source": str(scan.root),
+        "classes": audit["classes"],
+        "class_weights": audit["class_weights"],
+        "image_sizes": [image_size],
+        "seed": seed,
+        "split": list(fractions),
+        "group_regex": group_regex,
         "predefined": (str(predefined_spec) if isinstance(predefined_spec, Path) else predefined_spec),
-        "keep_duplicates": keep_duplicates, "max_pixels": max_pixels,
+        "keep_duplicates": keep_duplicates,
+        "max_pixels": max_pixels,
     }
     write_json(partial / STUDY_DATA_FILE, meta)
     seconds = time.perf_counter() - t0
@@ -105,8 +170,20 @@ def _prepare_locked(out_dir, scan, image_size, workers, max_pixels, keep_duplica
     return audit
 
 
-def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_duplicates, near, group_rx,
-                  fractions, seed, predefined_spec, t0) -> dict:
+def _prepare_into(
+    partial: Path,
+    scan,
+    image_size,
+    workers,
+    max_pixels,
+    keep_duplicates,
+    near,
+    group_rx,
+    fractions,
+    seed,
+    predefined_spec,
+    t0,
+) -> dict:
     """Everything between the scan and the swap: decode, duplicates, groups, split, audit, caches."""
     entries = scan.entries
     readable = [i for i, e in enumerate(entries) if not e.problem]
@@ -115,8 +192,10 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
     allocate(raw, len(readable) * row_bytes(image_size))
     if workers is None:
         workers = default_workers(len(readable))
-    tasks = (((str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
-             for k, i in enumerate(readable))
+    tasks = (
+        ((str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
+        for k, i in enumerate(readable)
+    )
     thumbs = np.zeros((len(entries), SIG, SIG), dtype=np.uint8)
     for i, rec in zip(readable, decode_into(raw, inspect_file_task, tasks, workers)):
         if rec.thumb is not None:
@@ -132,30 +211,33 @@ def _prepare_into(partial: Path, scan, image_size, workers, max_pixels, keep_dup
     raw_row = {i: k for k, i in enumerate(readable)}
     class_names = sorted(scan.class_folders)
     dup_report = _mark_duplicates(table, thumbs, keep_duplicates, near)
-    audit_mod.write_contact_sheet(partial / DUPLICATES_SHEET, thumbs, table.path, table.label,
-                                  dup_report, seed)
+    audit_mod.write_contact_sheet(partial / DUPLICATES_SHEET, thumbs, table.path, table.label, dup_report, seed)
     del thumbs
     unmatched = _assign_groups(table, group_rx, dup_report["clusters_idx"])
     usable_labels = {label for label, split in zip(table.label, table.split) if split == ""}
     empty = [c for c in class_names if c not in usable_labels]
     class_names = [c for c in class_names if c in usable_labels]
     if len(class_names) < 2:
-        raise UserError(f"need at least two classes with usable images, found {len(class_names)}"
-                        f" ({', '.join(class_names) or 'none'}) in {scan.root}")
-    predefined_report = _assign_split(table, class_names, fractions, seed, predefined_spec,
-                                      dup_report["clusters_idx"])
+        raise UserError(
+            f"need at least two classes with usable images, found {len(class_names)}"
+            f" ({', '.join(class_names) or 'none'}) in {scan.root}"
+        )
+    predefined_report = _assign_split(table, class_names, fractions, seed, predefined_spec, dup_report["clusters_idx"])
 
     frame = table.frame()
-    audit = audit_mod.build_audit(frame, class_names, scan.unknown_folders, empty, dup_report,
-                                  predefined_report, near)
+    audit = audit_mod.build_audit(frame, class_names, scan.unknown_folders, empty, dup_report, predefined_report, near)
     audit["group_regex_unmatched"] = unmatched if group_rx else None
     frame.to_csv(partial / MANIFEST_FILE, index=False)
     for s in SPLITS:
         rows = [raw_row[i] for i, split in enumerate(table.split) if split == s]
         write_npy_from_rows(partial / "pixels" / f"{s}_{image_size}.npy", raw, rows, image_size)
     raw.unlink()
-    audit["timing"] = {"files": len(entries), "decoded": len(readable), "scan_decode_seconds": round(decode_s, 2),
-                       "workers": workers}
+    audit["timing"] = {
+        "files": len(entries),
+        "decoded": len(readable),
+        "scan_decode_seconds": round(decode_s, 2),
+        "workers": workers,
+    }
     return audit
 
 
@@ -191,10 +273,14 @@ class _Table:
 def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, near) -> dict:
     """Cluster decoded images; exclude label conflicts; within a class keep one image per cluster."""
     decoded = [i for i, s in enumerate(table.status) if s in ("ok", "converted")]
-    dups = find_duplicates([table.pixel_hash[i] for i in decoded], [table.phash[i] for i in decoded],
-                           [table.phash_mirror[i] for i in decoded],
-                           thumbs if len(decoded) == len(thumbs) else thumbs[decoded], *near,
-                           labels=[table.label[i] for i in decoded])
+    dups = find_duplicates(
+        [table.pixel_hash[i] for i in decoded],
+        [table.phash[i] for i in decoded],
+        [table.phash_mirror[i] for i in decoded],
+        thumbs if len(decoded) == len(thumbs) else thumbs[decoded],
+        *near,
+        labels=[table.label[i] for i in decoded],
+    )
     clusters_idx = [[decoded[k] for k in c] for c in dups.clusters]
     conflicts = []
     for members in clusters_idx:
@@ -255,8 +341,9 @@ def _assign_split(table: _Table, class_names, fractions, seed, predefined_spec, 
         usable = [i for i, s in enumerate(table.split) if s == ""]
         labels = np.array([label_idx[table.label[i]] for i in usable], dtype=np.int64)
         split_idx = group_split(labels, [table.group[i] for i in usable], len(class_names), fractions, seed)
-        check_every_split_has_every_class(labels, split_idx, class_names,
-                                          f"a {'/'.join(f'{f:g}' for f in fractions)} split keeping groups whole")
+        check_every_split_has_every_class(
+            labels, split_idx, class_names, f"a {'/'.join(f'{f:g}' for f in fractions)} split keeping groups whole"
+        )
         for i, s in zip(usable, split_idx):
             table.split[i] = SPLITS[s]
         return None

@@ -69,8 +69,10 @@ def scan_dataset(data_dir, classes: list[str] | None = None) -> ScanResult:
                 entries.append(ScanEntry(item.name + "/", "", "hidden folder, not read"))
             elif classes is not None and item.name not in classes:
                 unknown.append(item.name)
-                entries.extend(ScanEntry(e.path, "", f"in unknown class folder '{item.name}'")
-                               for e in _walk_class(root, item.name))
+                entries.extend(
+                    ScanEntry(e.path, "", f"in unknown class folder '{item.name}'")
+                    for e in _walk_class(root, item.name)
+                )
             else:
                 class_folders.append(item.name)
                 entries.extend(_walk_class(root, item.name))
@@ -82,10 +84,13 @@ def scan_dataset(data_dir, classes: list[str] | None = None) -> ScanResult:
     if not class_folders:
         raise UserError(f"no class folders in {data_dir} (expected {data_dir}/<class>/<image files>)")
     if {c.lower() for c in class_folders} <= _SPLIT_FOLDER_NAMES and all(
-            any(e.is_dir() for e in os.scandir(root / c)) for c in class_folders):
-        raise UserError(f"{data_dir} holds split folders ({', '.join(class_folders)}) with class folders inside; "
-                        f"fer-study expects DATA/<class>/<images>: merge the splits into class folders and "
-                        f"give the original split with --predefined (file-name patterns or a path,split CSV)")
+        any(e.is_dir() for e in os.scandir(root / c)) for c in class_folders
+    ):
+        raise UserError(
+            f"{data_dir} holds split folders ({', '.join(class_folders)}) with class folders inside; "
+            f"fer-study expects DATA/<class>/<images>: merge the splits into class folders and "
+            f"give the original split with --predefined (file-name patterns or a path,split CSV)"
+        )
     return ScanResult(root, entries, class_folders, unknown)
 
 

@@ -32,8 +32,9 @@ def parse_fractions(text_or_tuple) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def group_split(labels: np.ndarray, groups: list[str], n_classes: int, fractions, seed: int,
-                largest_first: bool = True) -> np.ndarray:
+def group_split(
+    labels: np.ndarray, groups: list[str], n_classes: int, fractions, seed: int, largest_first: bool = True
+) -> np.ndarray:
     """Return a split index (0 train, 1 val, 2 test) per image; images of one group share it.
 
     `largest_first=False` places the groups in a purely seeded random order: the fractions are kept less
@@ -60,8 +61,7 @@ def group_split(labels: np.ndarray, groups: list[str], n_classes: int, fractions
     return assignment[group_idx]
 
 
-def check_every_split_has_every_class(labels: np.ndarray, split_idx: np.ndarray, classes: list[str],
-                                      how: str) -> None:
+def check_every_split_has_every_class(labels: np.ndarray, split_idx: np.ndarray, classes: list[str], how: str) -> None:
     for c, name in enumerate(classes):
         mine = split_idx[labels == c]
         missing = [SPLITS[s] for s in range(3) if not np.any(mine == s)]
@@ -69,7 +69,8 @@ def check_every_split_has_every_class(labels: np.ndarray, split_idx: np.ndarray,
             raise UserError(
                 f"class '{name}' has {len(mine)} usable image(s), none of them in {', '.join(missing)} ({how}); "
                 f"every class needs images in train, val and test: add images, merge or drop the class, "
-                f"or loosen --group-regex")
+                f"or loosen --group-regex"
+            )
 
 
 def parse_predefined(spec) -> dict[str, str] | Path:

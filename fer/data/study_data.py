@@ -52,8 +52,9 @@ class StudyData:
 
     @cached_property
     def _manifest(self) -> pd.DataFrame:
-        return pd.read_csv(self.dir / MANIFEST_FILE, dtype={"path": str, "label": str, "split": str},
-                           keep_default_na=False)
+        return pd.read_csv(
+            self.dir / MANIFEST_FILE, dtype={"path": str, "label": str, "split": str}, keep_default_na=False
+        )
 
     def _rows(self, split: str) -> pd.DataFrame:
         if split not in SPLITS:
@@ -84,16 +85,20 @@ class StudyData:
                 return
             rows = self._rows(split)
             if not self.source.is_dir():
-                raise UserError(f"the {size}px pixel cache for '{split}' does not exist and DATA "
-                                f"({self.source}) is not available to build it")
+                raise UserError(
+                    f"the {size}px pixel cache for '{split}' does not exist and DATA "
+                    f"({self.source}) is not available to build it"
+                )
             partial = dest.with_name(dest.name + ".partial")
             header = npy_header(len(rows), size)
             allocate(partial, len(header) + len(rows) * row_bytes(size))
             with open(partial, "r+b") as f:
                 f.write(header)
             max_pixels = int(self.meta.get("max_pixels", 100_000_000))
-            tasks = (((str(self.source / p), h, size, max_pixels), len(header) + k * row_bytes(size))
-                     for k, (p, h) in enumerate(zip(rows.path, rows.pixel_hash)))
+            tasks = (
+                ((str(self.source / p), h, size, max_pixels), len(header) + k * row_bytes(size))
+                for k, (p, h) in enumerate(zip(rows.path, rows.pixel_hash))
+            )
             workers = default_workers(len(rows)) if workers is None else workers
             progress = Progress(f"{size}px pixel cache ({split})", len(rows), unit="files")
             problems = []
@@ -103,6 +108,8 @@ class StudyData:
                     problems.append(msg)
             if problems:
                 partial.unlink(missing_ok=True)
-                raise UserError(f"cannot build the {size}px cache: {len(problems)} file(s) in DATA changed since "
-                                f"prepare (first: {problems[0]}); run `fer-study prepare` again")
+                raise UserError(
+                    f"cannot build the {size}px cache: {len(problems)} file(s) in DATA changed since "
+                    f"prepare (first: {problems[0]}); run `fer-study prepare` again"
+                )
             partial.replace(dest)

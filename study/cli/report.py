@@ -24,10 +24,14 @@ def _quiet_backend() -> None:
 
 @click.command("report")
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="output folder (default: reports/<study>/)")
-@click.option("--gradcam-per-class", type=int, default=2, show_default=True,
-              help="correct and incorrect test images per class in the Grad-CAM appendix (0: no appendix)")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="output folder (default: reports/<study>/)")
+@click.option(
+    "--gradcam-per-class",
+    type=int,
+    default=2,
+    show_default=True,
+    help="correct and incorrect test images per class in the Grad-CAM appendix (0: no appendix)",
+)
 def report_command(results: Path, out: Path | None, gradcam_per_class: int) -> None:
     """Build the report of a finished study in results/<study>/: report.html, report.md, comparison.csv."""
     _quiet_backend()
@@ -40,12 +44,21 @@ def report_command(results: Path, out: Path | None, gradcam_per_class: int) -> N
 @click.command("predict")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None,
-              help="write the table as CSV here instead of printing it")
-@click.option("--gradcam", "gradcam_dir", type=click.Path(path_type=Path), default=None,
-              help="save image | Grad-CAM | Grad-CAM++ overlays (predicted class) in this folder")
-def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None,
-                    gradcam_dir: Path | None) -> None:
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="write the table as CSV here instead of printing it",
+)
+@click.option(
+    "--gradcam",
+    "gradcam_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="save image | Grad-CAM | Grad-CAM++ overlays (predicted class) in this folder",
+)
+def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None, gradcam_dir: Path | None) -> None:
     """Predicted emotion and class probabilities for images (files or folders), decoded like `prepare`.
 
     MODEL is a model.keras file, a trial folder (e.g. results/<study>/best/<backbone>) or an export
@@ -72,11 +85,19 @@ def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None
 @click.command("evaluate")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="metrics JSON (default: results/<study>/evaluations/<backbone>__<data>.json when MODEL "
-                   "is a study's best model, where the report finds it; otherwise printed)")
-@click.option("--include", default=None, metavar="REGEX",
-              help="evaluate only files whose name matches REGEX (e.g. '^PrivateTest_' for FER2013's test images)")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="metrics JSON (default: results/<study>/evaluations/<backbone>__<data>.json when MODEL "
+    "is a study's best model, where the report finds it; otherwise printed)",
+)
+@click.option(
+    "--include",
+    default=None,
+    metavar="REGEX",
+    help="evaluate only files whose name matches REGEX (e.g. '^PrivateTest_' for FER2013's test images)",
+)
 @click.option("--exclude", default=None, metavar="REGEX", help="skip files whose name matches REGEX")
 def evaluate_command(model: Path, data: Path, out: Path | None, include: str | None, exclude: str | None) -> None:
     """Full metric set (95% intervals, per class, confusion matrix) of MODEL on another labelled DATA folder.
@@ -89,15 +110,19 @@ def evaluate_command(model: Path, data: Path, out: Path | None, include: str | N
     result = evaluate_folder(model, data, include=include, exclude=exclude)
     out = out or default_evaluation_path(model, data, include, exclude)
     metrics = result["metrics"]
-    summary = (f"{result['backbone']} on {result['dataset']}: n={metrics['n']}, "
-               f"accuracy {metrics['accuracy']['value']:.3f} "
-               f"[{metrics['accuracy']['ci95'][0]:.3f}, {metrics['accuracy']['ci95'][1]:.3f}], "
-               f"macro F1 {metrics['macro_f1']['value']:.3f}")
+    summary = (
+        f"{result['backbone']} on {result['dataset']}: n={metrics['n']}, "
+        f"accuracy {metrics['accuracy']['value']:.3f} "
+        f"[{metrics['accuracy']['ci95'][0]:.3f}, {metrics['accuracy']['ci95'][1]:.3f}], "
+        f"macro F1 {metrics['macro_f1']['value']:.3f}"
+    )
     if result["filtered_out"]:
         summary += f" ({result['filtered_out']} file(s) left out by the file-name filter)"
     if result["skipped_files"] or result["skipped_folders"]:
-        summary += (f" (skipped {len(result['skipped_files'])} unreadable file(s), "
-                    f"{len(result['skipped_folders'])} folder(s) not in the model's classes)")
+        summary += (
+            f" (skipped {len(result['skipped_files'])} unreadable file(s), "
+            f"{len(result['skipped_folders'])} folder(s) not in the model's classes)"
+        )
     if out is None:
         click.echo(json.dumps(result, indent=2))
         click.echo(summary, err=True)

@@ -32,8 +32,9 @@ def open_or_prepare(data_or_study: str | Path, image_size: int, results_root: st
     if names.is_prepared_data(data_dir):
         data = StudyData(data_dir)
         if Path(data.source).resolve() != path.resolve():
-            raise UserError(f"{data_dir} was prepared from {data.source}, not {path}; "
-                            "pass that study folder, or move it away")
+            raise UserError(
+                f"{data_dir} was prepared from {data.source}, not {path}; pass that study folder, or move it away"
+            )
         return data, study_dir
     click.echo(f"preparing {path} into {data_dir} ...", err=True)
     prepare_dataset(path, data_dir, image_size=image_size)
@@ -43,14 +44,31 @@ def open_or_prepare(data_or_study: str | Path, image_size: int, results_root: st
 @click.command("train")
 @click.argument("data_or_study", type=click.Path(path_type=Path))
 @click.option("--backbone", "-b", required=True, help=f"one of {', '.join(BACKBONES)}")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="a trial config key (repeatable), e.g. --set image_size=96 --set epochs_head=3")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="a local backbone weights file (same as --set weights=PATH)")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="trial folder to write [default: <study>/train/<backbone>-<time>]")
-@click.option("--test", "evaluate_test", is_flag=True,
-              help="also evaluate on the test split (writes test_metrics.json, test_predictions.csv)")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="a trial config key (repeatable), e.g. --set image_size=96 --set epochs_head=3",
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="a local backbone weights file (same as --set weights=PATH)",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="trial folder to write [default: <study>/train/<backbone>-<time>]",
+)
+@click.option(
+    "--test",
+    "evaluate_test",
+    is_flag=True,
+    help="also evaluate on the test split (writes test_metrics.json, test_predictions.csv)",
+)
 @click.option("--threads", type=int, default=None, help="CPU threads for the backend [default: all]")
 @click.option("--cpu", is_flag=True, help="train on the CPU even where the machine has a GPU the backend cannot use")
 def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads, cpu):
@@ -73,8 +91,13 @@ def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads, c
 
     configure_backend(threads)
     if not cpu:
-        check_backend_gpus(system_gpu_count(), backend_gpu_count(), backend_name(),
-                           f"this machine has {system_gpu_count()} NVIDIA GPU(s)", "pass --cpu")
+        check_backend_gpus(
+            system_gpu_count(),
+            backend_gpu_count(),
+            backend_name(),
+            f"this machine has {system_gpu_count()} NVIDIA GPU(s)",
+            "pass --cpu",
+        )
     show_on_terminal()
     from fer.training import run_trial
 
@@ -82,14 +105,18 @@ def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads, c
     out = out or study_dir / "train" / f"{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def show(record: dict) -> None:
-        click.echo(f"epoch {record['epoch']:>3} {record['stage']:<8} loss {record['loss']:.4f} "
-                   f"acc {record['accuracy']:.3f}  val_loss {record['val_loss']:.4f} "
-                   f"val_acc {record['val_accuracy']:.3f} val_f1 {record['val_macro_f1']:.3f}  "
-                   f"lr {record['lr']:.2e}  {record['epoch_s']:.1f}s {record['images_per_s']:.1f} img/s")
+        click.echo(
+            f"epoch {record['epoch']:>3} {record['stage']:<8} loss {record['loss']:.4f} "
+            f"acc {record['accuracy']:.3f}  val_loss {record['val_loss']:.4f} "
+            f"val_acc {record['val_accuracy']:.3f} val_f1 {record['val_macro_f1']:.3f}  "
+            f"lr {record['lr']:.2e}  {record['epoch_s']:.1f}s {record['images_per_s']:.1f} img/s"
+        )
 
     summary = run_trial(config, data, out, on_epoch=show, evaluate_test=evaluate_test)
-    click.echo(f"best epoch {summary['best_epoch']} ({summary['best_stage']}): val_loss {summary['val_loss']:.4f} "
-               f"val_accuracy {summary['val_accuracy']:.3f} val_macro_f1 {summary['val_macro_f1']:.3f}")
+    click.echo(
+        f"best epoch {summary['best_epoch']} ({summary['best_stage']}): val_loss {summary['val_loss']:.4f} "
+        f"val_accuracy {summary['val_accuracy']:.3f} val_macro_f1 {summary['val_macro_f1']:.3f}"
+    )
     if evaluate_test:
         click.echo(f"test accuracy {summary['test_accuracy']:.3f} test_macro_f1 {summary['test_macro_f1']:.3f}")
     click.echo(f"trial folder: {out}")

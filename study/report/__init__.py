@@ -31,12 +31,24 @@ from study.report.sections import (
 )
 from study.report.verdict import add_verdict
 
-__all__ = ["BackboneResult", "Document", "StudyResults", "build_report", "comparison_rows", "edge_warnings",
-           "load_study"]
+__all__ = [
+    "BackboneResult",
+    "Document",
+    "StudyResults",
+    "build_report",
+    "comparison_rows",
+    "edge_warnings",
+    "load_study",
+]
 
 
-def build_report(results: str | Path, out: str | Path | None = None, gradcam_per_class: int = 2,
-                 n_mistakes: int = 6, n_faithfulness: int = 128) -> Path:
+def build_report(
+    results: str | Path,
+    out: str | Path | None = None,
+    gradcam_per_class: int = 2,
+    n_mistakes: int = 6,
+    n_faithfulness: int = 128,
+) -> Path:
     """Write report.html, report.md, comparison.csv and figures/ for a study folder; return the output folder."""
     study = load_study(Path(results))
     out_dir = Path(out) if out is not None else Path("reports") / study.name
@@ -46,8 +58,12 @@ def build_report(results: str | Path, out: str | Path | None = None, gradcam_per
     audit_section(doc, study.audit)
     sheet = study.folder / names.DATA_DIR / names.DUPLICATES_SHEET  # written by prepare (fer/data/audit.py)
     if study.audit and sheet.is_file():
-        doc.figure("duplicates_sheet", sheet.read_bytes(), "A random sample of excluded duplicate pairs and of "
-                   "label conflicts, with why each was matched (docs/duplicates.md)")
+        doc.figure(
+            "duplicates_sheet",
+            sheet.read_bytes(),
+            "A random sample of excluded duplicate pairs and of "
+            "label conflicts, with why each was matched (docs/duplicates.md)",
+        )
     rows = comparison_rows(study)
     add_deployment_columns(rows, study)
     comparison_section(doc, study, rows)

@@ -20,8 +20,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     and at least as accurate and strictly better in one of the two. Ties (equal points) all stay on it."""
     front = []
     for i, (lat, acc) in enumerate(points):
-        dominated = any(l2 <= lat and a2 >= acc and (l2 < lat or a2 > acc)
-                        for j, (l2, a2) in enumerate(points) if j != i)
+        dominated = any(
+            l2 <= lat and a2 >= acc and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points) if j != i
+        )
         front.append(not dominated)
     return front
 
@@ -56,9 +57,12 @@ def _machine_line(stored: dict) -> str:
     gpus = ", ".join(machine.get("gpus") or []) or "no GPU"
     threads = stored.get("threads")
     load = stored.get("load_average_before")
-    return (f"{machine.get('cpu', '?')} ({machine.get('cores', '?')} cores"
-            + (f", {threads} thread(s) used" if threads else "") + f"), {gpus}; "
-            f"{stored.get('backend', '?')} backend" + (f"; load average {load[0]:.2f} before" if load else ""))
+    return (
+        f"{machine.get('cpu', '?')} ({machine.get('cores', '?')} cores"
+        + (f", {threads} thread(s) used" if threads else "")
+        + f"), {gpus}; "
+        f"{stored.get('backend', '?')} backend" + (f"; load average {load[0]:.2f} before" if load else "")
+    )
 
 
 def deployment_cells(row: dict) -> dict:
@@ -70,7 +74,8 @@ def deployment_cells(row: dict) -> dict:
         if row.get(f"{device}_latency_ms") is not None:
             batch = next((k for k in row if k.startswith(f"{device}_images_per_s_b")), None)
             cells[f"{device.upper()} ms/image (median, p90)"] = (
-                f"{row[f'{device}_latency_ms']:.1f}, {row[f'{device}_latency_p90_ms']:.1f}")
+                f"{row[f'{device}_latency_ms']:.1f}, {row[f'{device}_latency_p90_ms']:.1f}"
+            )
             if batch:
                 cells[f"{device.upper()} images/s (batch {batch.rsplit('_b', 1)[1]})"] = f"{row[batch]:.0f}"
     return cells
@@ -82,15 +87,27 @@ def accuracy_latency_chart(rows: list[dict], front: list[bool]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r, on_front in zip(rows, front):
-        ax.errorbar(r["cpu_latency_ms"], r["accuracy"], yerr=[[r["accuracy"] - r["accuracy_lo"]],
-                                                            [r["accuracy_hi"] - r["accuracy"]]],
-                    fmt="o" if on_front else "s", color="C0" if on_front else "0.55", capsize=4)
-        ax.annotate(r["backbone"], (r["cpu_latency_ms"], r["accuracy"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+        ax.errorbar(
+            r["cpu_latency_ms"],
+            r["accuracy"],
+            yerr=[[r["accuracy"] - r["accuracy_lo"]], [r["accuracy_hi"] - r["accuracy"]]],
+            fmt="o" if on_front else "s",
+            color="C0" if on_front else "0.55",
+            capsize=4,
+        )
+        ax.annotate(
+            r["backbone"], (r["cpu_latency_ms"], r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8
+        )
     best = sorted((r["cpu_latency_ms"], r["accuracy"]) for r, f in zip(rows, front) if f)
     if best:
-        ax.step([p[0] for p in best], [p[1] for p in best], where="post", color="C0", lw=1,
-                label="Pareto front (faster or more accurate than every other)")
+        ax.step(
+            [p[0] for p in best],
+            [p[1] for p in best],
+            where="post",
+            color="C0",
+            lw=1,
+            label="Pareto front (faster or more accurate than every other)",
+        )
         ax.legend(loc="lower right", fontsize=7)
     if max(r["cpu_latency_ms"] for r in rows) > 10 * min(r["cpu_latency_ms"] for r in rows):
         ax.set_xscale("log")
@@ -107,11 +124,18 @@ def deployment_section(doc, rows: list[dict]) -> None:
         return
     front = pareto_front([(r["cpu_latency_ms"], r["accuracy"]) for r in timed])
     doc.heading("Accuracy for its cost (deployment view)")
-    doc.para("Size: the model's variables (what a float export holds; the .keras file adds the optimizer's state). "
-             "Latency: one image through the Keras model, median and 90th percentile of 50 calls after warm-up; "
-             "throughput: images/s at batch 64. Measured once, when the study evaluated each best model, on: "
-             + "; ".join(sorted({r['latency_machine'] for r in timed})) + ". Backbones on the Pareto front "
-             "(no other backbone is both faster and more accurate): "
-             + ", ".join(r["backbone"] for r, f in zip(timed, front) if f) + ".")
-    doc.figure("accuracy_latency", accuracy_latency_chart(timed, front),
-               "Test accuracy (95% interval) against one-image CPU latency; the line joins the Pareto front")
+    doc.para(
+        "Size: the model's variables (what a float export holds; the .keras file adds the optimizer's state). "
+        "Latency: one image through the Keras model, median and 90th percentile of 50 calls after warm-up; "
+        "throughput: images/s at batch 64. Measured once, when the study evaluated each best model, on: "
+        + "; ".join(sorted({r["latency_machine"] for r in timed}))
+        + ". Backbones on the Pareto front "
+        "(no other backbone is both faster and more accurate): "
+        + ", ".join(r["backbone"] for r, f in zip(timed, front) if f)
+        + "."
+    )
+    doc.figure(
+        "accuracy_latency",
+        accuracy_latency_chart(timed, front),
+        "Test accuracy (95% interval) against one-image CPU latency; the line joins the Pareto front",
+    )

@@ -55,8 +55,9 @@ class Document:
                 frame = block[1]
                 out.append("| " + " | ".join(_md(c) for c in frame.columns) + " |")
                 out.append("|" + "---|" * len(frame.columns))
-                out += ["| " + " | ".join(_md(format_cell(v)) for v in row) + " |"
-                        for row in frame.itertuples(index=False)]
+                out += [
+                    "| " + " | ".join(_md(format_cell(v)) for v in row) + " |" for row in frame.itertuples(index=False)
+                ]
                 out.append("")
             elif kind == "figure":
                 out += [f"![{_md(block[2])}](figures/{block[1]}.png)", "", f"*{_md(block[2])}*", ""]
@@ -77,14 +78,19 @@ class Document:
             elif kind == "table":
                 frame = block[1]
                 head = "".join(f"<th>{esc(str(c))}</th>" for c in frame.columns)
-                rows = "".join("<tr>" + "".join(f"<td>{esc(format_cell(v))}</td>" for v in row) + "</tr>"
-                               for row in frame.itertuples(index=False))
-                parts.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-                             f"<tbody>{rows}</tbody></table></div>")
+                rows = "".join(
+                    "<tr>" + "".join(f"<td>{esc(format_cell(v))}</td>" for v in row) + "</tr>"
+                    for row in frame.itertuples(index=False)
+                )
+                parts.append(
+                    f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+                )
             elif kind == "figure":
                 data = base64.b64encode(self.figures[block[1]]).decode("ascii")
-                parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block[2])}">'
-                             f"<figcaption>{esc(block[2])}</figcaption></figure>")
+                parts.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block[2])}">'
+                    f"<figcaption>{esc(block[2])}</figcaption></figure>"
+                )
         return _HTML_PAGE.format(title=esc(self.title), body="\n".join(parts))
 
 
@@ -135,5 +141,3 @@ def format_number(value: float) -> str:
 def format_interval(metric: dict) -> str:
     lo, hi = metric["ci95"]
     return f"{metric['value']:.3f} [{lo:.3f}, {hi:.3f}]"
-
-

@@ -49,10 +49,21 @@ def confusion_matrices(cm: list[list[int]], classes: list[str], title: str) -> b
     normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     size = 2.2 + 0.55 * len(classes)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    sns.heatmap(counts, annot=True, fmt=".0f", cmap="Blues", cbar=False, ax=axes[0],
-                xticklabels=classes, yticklabels=classes)
-    sns.heatmap(normalised, annot=True, fmt=".2f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
-                xticklabels=classes, yticklabels=classes)
+    sns.heatmap(
+        counts, annot=True, fmt=".0f", cmap="Blues", cbar=False, ax=axes[0], xticklabels=classes, yticklabels=classes
+    )
+    sns.heatmap(
+        normalised,
+        annot=True,
+        fmt=".2f",
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+        cbar=False,
+        ax=axes[1],
+        xticklabels=classes,
+        yticklabels=classes,
+    )
     for ax, sub in zip(axes, ("counts", "row-normalised (recall)")):
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
@@ -120,8 +131,7 @@ def deletion_curves(curves: dict[str, np.ndarray], title: str) -> bytes:
     """Probability of the explained class as the top-ranked pixels are removed, per ranking."""
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     for name, curve in curves.items():
-        ax.plot(np.linspace(0, 1, len(curve)), curve, marker="o", ms=3, label=name,
-                ls=":" if name == "random" else "-")
+        ax.plot(np.linspace(0, 1, len(curve)), curve, marker="o", ms=3, label=name, ls=":" if name == "random" else "-")
     ax.set_xlabel("fraction of pixels removed")
     ax.set_ylabel("probability of explained class")
     ax.set_ylim(0, 1)
@@ -135,8 +145,9 @@ def faithfulness_curves(curves: dict[str, dict[str, np.ndarray]], title: str) ->
     fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.0), squeeze=False)
     for ax, (mode, by_name) in zip(axes[0], curves.items()):
         for name, curve in by_name.items():
-            ax.plot(np.linspace(0, 1, len(curve)), curve, marker="o", ms=3, label=name,
-                    ls=":" if name == "random" else "-")
+            ax.plot(
+                np.linspace(0, 1, len(curve)), curve, marker="o", ms=3, label=name, ls=":" if name == "random" else "-"
+            )
         ax.set_xlabel(f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'}")
         ax.set_ylabel("probability of explained class")
         ax.set_ylim(0, 1)
@@ -174,7 +185,6 @@ def image_grid(panels: list[list[tuple[np.ndarray, str]]], title: str, column_ti
                 ax.set_title(caption, fontsize=6.5)
     if column_titles:
         for c, text in enumerate(column_titles[:n_cols]):
-            axes[0][c].annotate(text, (0.5, 1.32), xycoords="axes fraction", ha="center", fontsize=7.5,
-                                weight="bold")
+            axes[0][c].annotate(text, (0.5, 1.32), xycoords="axes fraction", ha="center", fontsize=7.5, weight="bold")
     fig.suptitle(title, fontsize=10)
     return _png(fig)

@@ -33,8 +33,10 @@ def _select(pred: pd.DataFrame, classes: list[str], per_class: int, n_mistakes: 
     chosen = {}
     for cls in classes:
         of_class = pred["label"] == cls
-        chosen[cls] = (list(confidence[of_class & correct].sort_values(ascending=False).index[:per_class]),
-                       list(confidence[of_class & ~correct].sort_values(ascending=False).index[:per_class]))
+        chosen[cls] = (
+            list(confidence[of_class & correct].sort_values(ascending=False).index[:per_class]),
+            list(confidence[of_class & ~correct].sort_values(ascending=False).index[:per_class]),
+        )
     mistakes = list(confidence[~correct].sort_values(ascending=False).index[:n_mistakes])
     return chosen, mistakes
 
@@ -46,8 +48,17 @@ def _caption(pred: pd.DataFrame, row: int, classes: list[str], explained: str) -
     return f"{prefix}p={p:.2f}\n{explained}"
 
 
-def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_faithfulness: int,
-                       regions: dict | None = None, named: dict | None = None) -> dict | None:
+def _backbone_appendix(
+    doc,
+    study,
+    b,
+    sd,
+    per_class: int,
+    n_mistakes: int,
+    n_faithfulness: int,
+    regions: dict | None = None,
+    named: dict | None = None,
+) -> dict | None:
     from fer.explain import readable_layer
     from fer.gradcam import Explanation, GradCam, overlay
     from fer.predict import load_model_and_classes
@@ -58,8 +69,10 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
     index_of = {p: i for i, p in enumerate(sd.paths("test"))}
     missing = [p for p in pred["path"] if p not in index_of]
     if missing:
-        doc.warn(f"{b.name}: {len(missing)} test predictions do not match the study's test split "
-                 f"(e.g. {missing[0]}); Grad-CAM skipped")
+        doc.warn(
+            f"{b.name}: {len(missing)} test predictions do not match the study's test split "
+            f"(e.g. {missing[0]}); Grad-CAM skipped"
+        )
         return None
     pixels = sd.pixels("test", size)
     chosen, mistakes = _select(pred, classes, per_class, n_mistakes)
@@ -74,18 +87,28 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
     idx = [position[r] for r in sample]
     val = None
     if n_faithfulness > len(idx) and len(sd.labels("val")):  # a small test split: add validation images (the
-        val = np.asarray(sd.pixels("val", size)[:n_faithfulness - len(idx)])  # checks select nothing)
+        val = np.asarray(sd.pixels("val", size)[: n_faithfulness - len(idx)])  # checks select nothing)
     sub = Explanation(*(getattr(explanation, f.name)[idx] for f in dataclasses.fields(Explanation)))
-    checks = explain.run_checks(model, cam, images[idx], sub, pred.loc[sample, "label"].to_numpy(), classes, val,
-                                [named.get(pred.at[r, "path"], {}) for r in sample] if named else None)
+    checks = explain.run_checks(
+        model,
+        cam,
+        images[idx],
+        sub,
+        pred.loc[sample, "label"].to_numpy(),
+        classes,
+        val,
+        [named.get(pred.at[r, "path"], {}) for r in sample] if named else None,
+    )
     doc.heading(f"{b.name} (target layer {layer}, {cells[0]}x{cells[1]} cells at {size} px)", 3)
     for text in explain.warnings(b.name, checks):  # above the heatmaps, not below
         doc.warn(text)
 
     def panels(row: int):
         i = position[row]
-        return [(overlay(images[i], explanation.gradcam[i]), _caption(pred, row, classes, "Grad-CAM")),
-                (overlay(images[i], explanation.gradcam_pp[i]), _caption(pred, row, classes, "Grad-CAM++"))]
+        return [
+            (overlay(images[i], explanation.gradcam[i]), _caption(pred, row, classes, "Grad-CAM")),
+            (overlay(images[i], explanation.gradcam_pp[i]), _caption(pred, row, classes, "Grad-CAM++")),
+        ]
 
     def slots(row_ids: list[int]):
         out = []
@@ -94,16 +117,21 @@ def _backbone_appendix(doc, study, b, sd, per_class: int, n_mistakes: int, n_fai
         return out
 
     grid = [slots(chosen[c][0]) + slots(chosen[c][1]) for c in classes]
-    column_titles = [f"correct #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)] + \
-                    [f"incorrect #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)]
-    doc.figure(f"gradcam_{b.name}", figures.image_grid(grid, f"{b.name}: per class, correct vs incorrect",
-                                                       column_titles),
-               f"{b.name}: Grad-CAM and Grad-CAM++ of the predicted class, one row per true class: the most "
-               "confident correct (left) and incorrect (right) test images; empty where there are none")
+    column_titles = [f"correct #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)] + [
+        f"incorrect #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)
+    ]
+    doc.figure(
+        f"gradcam_{b.name}",
+        figures.image_grid(grid, f"{b.name}: per class, correct vs incorrect", column_titles),
+        f"{b.name}: Grad-CAM and Grad-CAM++ of the predicted class, one row per true class: the most "
+        "confident correct (left) and incorrect (right) test images; empty where there are none",
+    )
     if mistakes:
-        doc.figure(f"mistakes_{b.name}", figures.image_grid(
-            [[p for r in mistakes for p in panels(r)[:1]]], f"{b.name}: most confident mistakes"),
-            f"{b.name}: the {len(mistakes)} most confident mistakes (Grad-CAM of the wrongly predicted class)")
+        doc.figure(
+            f"mistakes_{b.name}",
+            figures.image_grid([[p for r in mistakes for p in panels(r)[:1]]], f"{b.name}: most confident mistakes"),
+            f"{b.name}: the {len(mistakes)} most confident mistakes (Grad-CAM of the wrongly predicted class)",
+        )
         table = pred.loc[mistakes, ["path", "label", "predicted"]].copy()
         table["confidence"] = [pred.at[r, f"p_{pred.at[r, 'predicted']}"] for r in mistakes]
         doc.table(table)
@@ -123,8 +151,9 @@ def region_boxes(sd) -> dict:
         table = pd.read_csv(sd.source / "demo_regions.csv")
     except (OSError, ValueError):
         return {}
-    return {path: list(g[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None))
-            for path, g in table.groupby("path")}
+    return {
+        path: list(g[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None)) for path, g in table.groupby("path")
+    }
 
 
 def region_heat(cam, pred: pd.DataFrame, index_of: dict, pixels, regions: dict, limit: int = 400) -> dict:
@@ -138,8 +167,12 @@ def region_heat(cam, pred: pd.DataFrame, index_of: dict, pixels, regions: dict, 
     heat = cam.explain(np.asarray(pixels[sorted(index_of[p] for p in paths)])).gradcam
     ordered = sorted(paths, key=lambda p: index_of[p])
     result = heat_in_regions(heat, [regions[p] for p in ordered])
-    return {"region images": result["images"], "Grad-CAM heat in regions": result["heat_share"],
-            "regions' share of image": result["area_share"], "heat / area": result["ratio"]}
+    return {
+        "region images": result["images"],
+        "Grad-CAM heat in regions": result["heat_share"],
+        "regions' share of image": result["area_share"],
+        "heat / area": result["ratio"],
+    }
 
 
 def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness: int) -> list[dict]:
@@ -147,21 +180,23 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
     doc.heading("Appendix: Grad-CAM")
     from fer.explain import BASELINE, SAME_MAP_RHO, SANITY_RHO
 
-    doc.para("Heatmaps of the best model of each backbone on test images: where the evidence for the predicted "
-             "class lies (Grad-CAM: Selvaraju et al. 2017; Grad-CAM++: Chattopadhay et al. 2018), at the deepest "
-             "backbone layer with at least 7x7 cells at the study's input size (coarser maps give the same few "
-             "bands on every image; the layer and its cells are named per backbone). Before the heatmaps are "
-             "shown, three checks ask whether they explain the model. Faithfulness both ways (Petsiuk et al. "
-             f"2018), with one baseline, {BASELINE}: deletion replaces the most highlighted pixels first (a "
-             "faithful map makes the class probability fall faster than random order: lower area), insertion "
-             "starts from the baseline image and restores them first (rise faster: higher area); per image areas, "
-             "means with 95% bootstrap intervals over images, and each method minus random order per image "
-             "(paired bootstrap: the same images). Deletion alone is fooled by out-of-distribution masking, so "
-             "where the two disagree the report says so. Model-randomisation sanity check (Adebayo et al. 2018): "
-             "the head, then more and more backbone layers from the top are re-drawn; maps whose median Spearman "
-             f"rank correlation with the fully randomised model's stays above {SANITY_RHO} do not depend on what "
-             f"the model learned. Same map for every image: median rank correlation between different images' "
-             f"maps above {SAME_MAP_RHO}. A method failing any check gets a warning above its heatmaps.")
+    doc.para(
+        "Heatmaps of the best model of each backbone on test images: where the evidence for the predicted "
+        "class lies (Grad-CAM: Selvaraju et al. 2017; Grad-CAM++: Chattopadhay et al. 2018), at the deepest "
+        "backbone layer with at least 7x7 cells at the study's input size (coarser maps give the same few "
+        "bands on every image; the layer and its cells are named per backbone). Before the heatmaps are "
+        "shown, three checks ask whether they explain the model. Faithfulness both ways (Petsiuk et al. "
+        f"2018), with one baseline, {BASELINE}: deletion replaces the most highlighted pixels first (a "
+        "faithful map makes the class probability fall faster than random order: lower area), insertion "
+        "starts from the baseline image and restores them first (rise faster: higher area); per image areas, "
+        "means with 95% bootstrap intervals over images, and each method minus random order per image "
+        "(paired bootstrap: the same images). Deletion alone is fooled by out-of-distribution masking, so "
+        "where the two disagree the report says so. Model-randomisation sanity check (Adebayo et al. 2018): "
+        "the head, then more and more backbone layers from the top are re-drawn; maps whose median Spearman "
+        f"rank correlation with the fully randomised model's stays above {SANITY_RHO} do not depend on what "
+        f"the model learned. Same map for every image: median rank correlation between different images' "
+        f"maps above {SAME_MAP_RHO}. A method failing any check gets a warning above its heatmaps."
+    )
     if not study.ok:
         doc.para("No tested best model: nothing to explain.")
         return []
@@ -176,8 +211,9 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
     rows, regions, named = [], region_boxes(sd), explain.region_names(sd)
     for b in study.ok:
         if not (b.folder / names.MODEL_FILE).is_file() or not (b.folder / names.TEST_PREDICTIONS_FILE).is_file():
-            doc.warn(f"{b.name}: no {names.MODEL_FILE} or {names.TEST_PREDICTIONS_FILE} in its best folder; "
-                     "Grad-CAM skipped")
+            doc.warn(
+                f"{b.name}: no {names.MODEL_FILE} or {names.TEST_PREDICTIONS_FILE} in its best folder; Grad-CAM skipped"
+            )
             continue
         start, cpu = time.perf_counter(), time.process_time()
         try:
@@ -186,20 +222,28 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
             doc.warn(f"{b.name}: Grad-CAM skipped: {exc}")
             continue
         # read by benchmarks/report_speed.py (the appendix's cost per backbone)
-        log.info("gradcam appendix %s: %.2f s wall, %.2f s CPU", b.name, time.perf_counter() - start,
-                 time.process_time() - cpu)
+        log.info(
+            "gradcam appendix %s: %.2f s wall, %.2f s CPU",
+            b.name,
+            time.perf_counter() - start,
+            time.process_time() - cpu,
+        )
         if row:
             rows.append(row)
     if rows:
         doc.heading("Summary: faithfulness, sanity check, same-map test", 3)
-        doc.para("Per backbone and method: the verdict against random order (paired difference of the areas in "
-                 "brackets), the median rank correlation between different images' maps (same-map test) and with "
-                 "the fully randomised model's maps (sanity check); sample sizes in the 'images' column.")
+        doc.para(
+            "Per backbone and method: the verdict against random order (paired difference of the areas in "
+            "brackets), the median rank correlation between different images' maps (same-map test) and with "
+            "the fully randomised model's maps (sanity check); sample sizes in the 'images' column."
+        )
         doc.table(pd.DataFrame([{"backbone": r["backbone"], **m} for r in rows for m in r["methods"]]))
         region_rows = [{k: v for k, v in r.items() if k != "methods"} for r in rows if len(r) > 2]
         if region_rows:
-            doc.para("This study's data comes with the regions that carry the expression (demo_regions.csv: "
-                     "mouth, eyes, brows). 'heat / area' is the share of Grad-CAM's heat inside them divided by "
-                     "their share of the image: 1 means heat spread evenly, above 1 heat on the expression.")
+            doc.para(
+                "This study's data comes with the regions that carry the expression (demo_regions.csv: "
+                "mouth, eyes, brows). 'heat / area' is the share of Grad-CAM's heat inside them divided by "
+                "their share of the image: 1 means heat spread evenly, above 1 heat on the expression."
+            )
             doc.table(pd.DataFrame(region_rows))
     return rows

@@ -18,6 +18,7 @@ from fer.errors import UserError
 
 log = logging.getLogger(__name__)
 
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -77,16 +78,20 @@ def trial_counts(trials: pd.DataFrame | None) -> dict[str, int]:
     if trials is None or trials.empty or "status" not in trials:
         return {"trials": 0 if trials is None else len(trials), "stopped_early": 0, "errored": 0}
     status = trials["status"].astype(str)
-    return {"trials": len(trials), "stopped_early": int((status == names.STOPPED).sum()),
-            "errored": int((status == names.ERRORED).sum())}
+    return {
+        "trials": len(trials),
+        "stopped_early": int((status == names.STOPPED).sum()),
+        "errored": int((status == names.ERRORED).sum()),
+    }
 
 
 def _error_message(trials: pd.DataFrame | None) -> str:
     """The first errored trial's one-line error (trials.csv `error`)."""
     if trials is None or trials.empty or "error" not in trials or "status" not in trials:
         return ""
-    errors = [str(v) for v in trials.loc[trials["status"].astype(str) == names.ERRORED, "error"].dropna()
-              if str(v).strip()]
+    errors = [
+        str(v) for v in trials.loc[trials["status"].astype(str) == names.ERRORED, "error"].dropna() if str(v).strip()
+    ]
     return errors[0] if errors else ""
 
 
@@ -117,8 +122,9 @@ def load_study(results: Path) -> StudyResults:
     if not results.is_dir():
         raise UserError(f"no such study folder: {results}")
     if not names.has_study_results(results):
-        raise UserError(f"{results} is not a study folder (no {names.STUDY_FILE} or {names.TRIALS_CSV}); "
-                        "run `fer-study run` first")
+        raise UserError(
+            f"{results} is not a study folder (no {names.STUDY_FILE} or {names.TRIALS_CSV}); run `fer-study run` first"
+        )
     info = _read_json(results / names.STUDY_FILE) or {}
     trials = _read_csv(results / names.TRIALS_CSV)
     expected = list((info.get("space") or {}).get("backbones") or [])
@@ -126,12 +132,16 @@ def load_study(results: Path) -> StudyResults:
         expected += [b for b in trials["backbone"].astype(str).unique() if b not in expected]
     best_dir = results / names.BEST_DIR
     if best_dir.is_dir():
-        expected += [p.name for p in sorted(best_dir.iterdir())
-                     if p.is_dir() and p.name not in expected and not p.name.endswith(".partial")]
+        expected += [
+            p.name
+            for p in sorted(best_dir.iterdir())
+            if p.is_dir() and p.name not in expected and not p.name.endswith(".partial")
+        ]
     backbones = []
     for name in expected:
-        own_trials = trials[trials["backbone"].astype(str) == name] if trials is not None and "backbone" in trials \
-            else None
+        own_trials = (
+            trials[trials["backbone"].astype(str) == name] if trials is not None and "backbone" in trials else None
+        )
         folder = best_dir / name
         test = _read_json(folder / names.TEST_METRICS_FILE)
         if test is None:
@@ -142,21 +152,43 @@ def load_study(results: Path) -> StudyResults:
                 status = "failed"
                 note = f"the best model was not evaluated on the test split (no {names.TEST_METRICS_FILE})"
             else:
-                status, note = "missing", (f"{counts['trials']} trials recorded, no best model" if counts["trials"]
-                                           else "no trials and no best model in the results")
-            backbones.append(BackboneResult(name, status, note, folder if folder.is_dir() else None,
-                                            trials=own_trials))
+                status, note = (
+                    "missing",
+                    (
+                        f"{counts['trials']} trials recorded, no best model"
+                        if counts["trials"]
+                        else "no trials and no best model in the results"
+                    ),
+                )
+            backbones.append(BackboneResult(name, status, note, folder if folder.is_dir() else None, trials=own_trials))
             continue
         summary = {**_selected_trial(folder, own_trials), **(_read_json(folder / names.SUMMARY_FILE) or {})}
         if summary.get("params") is None:
             summary["params"] = _count_params(folder)
-        backbones.append(BackboneResult(
-            name, "ok", folder=folder, config=_read_json(folder / names.CONFIG_FILE) or {}, test=test,
-            summary=summary, history=_read_csv(folder / names.HISTORY_FILE), trials=own_trials,
-            seeds=_read_json(folder / names.SEEDS_FILE) or {}))
-    evaluations = [e for e in (_read_json(p) for p in sorted((results / names.EVALUATIONS_DIR).glob("*.json")))
-                   if e and "metrics" in e]
-    return StudyResults(results, results.resolve().name, info, _read_json(results / names.DATA_DIR / names.AUDIT_FILE),
-                        trials, backbones, evaluations)
-
-
+        backbones.append(
+            BackboneResult(
+                name,
+                "ok",
+                folder=folder,
+                config=_read_json(folder / names.CONFIG_FILE) or {},
+                test=test,
+                summary=summary,
+                history=_read_csv(folder / names.HISTORY_FILE),
+                trials=own_trials,
+                seeds=_read_json(folder / names.SEEDS_FILE) or {},
+            )
+        )
+    evaluations = [
+        e
+        for e in (_read_json(p) for p in sorted((results / names.EVALUATIONS_DIR).glob("*.json")))
+        if e and "metrics" in e
+    ]
+    return StudyResults(
+        results,
+        results.resolve().name,
+        info,
+        _read_json(results / names.DATA_DIR / names.AUDIT_FILE),
+        trials,
+        backbones,
+        evaluations,
+    )

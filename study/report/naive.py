@@ -28,21 +28,26 @@ def naive_split_section(doc, study_dir: Path) -> None:
     data = json.loads(path.read_text())
     rows = []
     for backbone, stats in data.get("backbones", {}).items():
-        rows.append({
-            "backbone": backbone,
-            "naive split: test accuracy": _mean_sd(stats.get("naive")),
-            "audited split: test accuracy": _mean_sd(stats.get("audited")),
-            "gap naive - audited": _mean_sd(stats.get("gap"), signed=True),
-            "seeds": (stats.get("gap") or {}).get("n", 0),
-            "test images with their subject/duplicate in train (naive / audited)":
-                " / ".join(f"{(stats.get(k) or {}).get('test_groups_in_train', float('nan')):.0%}"
-                           for k in ("naive", "audited")),
-        })
+        rows.append(
+            {
+                "backbone": backbone,
+                "naive split: test accuracy": _mean_sd(stats.get("naive")),
+                "audited split: test accuracy": _mean_sd(stats.get("audited")),
+                "gap naive - audited": _mean_sd(stats.get("gap"), signed=True),
+                "seeds": (stats.get("gap") or {}).get("n", 0),
+                "test images with their subject/duplicate in train (naive / audited)": " / ".join(
+                    f"{(stats.get(k) or {}).get('test_groups_in_train', float('nan')):.0%}"
+                    for k in ("naive", "audited")
+                ),
+            }
+        )
     if not rows:
         return
     doc.heading("Naive vs audited split")
-    doc.para("Each backbone's selected configuration retrained on the split a notebook would make (random "
-             "70/15/15 over files: duplicates and subjects ignored) and on the audited split (duplicates and "
-             f"subjects kept whole), over {data.get('seeds')} split seeds each (mean ± sd; the gap is paired by "
-             "seed). The gap is how much a random split flatters the test accuracy (results/<study>/naive_split.json).")
+    doc.para(
+        "Each backbone's selected configuration retrained on the split a notebook would make (random "
+        "70/15/15 over files: duplicates and subjects ignored) and on the audited split (duplicates and "
+        f"subjects kept whole), over {data.get('seeds')} split seeds each (mean ± sd; the gap is paired by "
+        "seed). The gap is how much a random split flatters the test accuracy (results/<study>/naive_split.json)."
+    )
     doc.table(pd.DataFrame(rows))

@@ -23,32 +23,41 @@ SUMMARY_METRICS = (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("weighte
 def audit_section(doc: Document, audit: dict | None) -> None:
     doc.heading("Data audit")
     if not audit:
-        doc.warn(f"no {names.DATA_DIR}/{names.AUDIT_FILE} in the study folder: the data behind these numbers was not "
-                 "audited")
+        doc.warn(
+            f"no {names.DATA_DIR}/{names.AUDIT_FILE} in the study folder: the data behind these numbers was not audited"
+        )
         return
     counts = audit.get("counts", {})
     splits = ("train", "val", "test", "excluded")
-    rows = [{"class": c, **{s: counts[c].get(s, 0) for s in splits},
-             "class weight": audit.get("class_weights", {}).get(c)} for c in counts]
+    rows = [
+        {"class": c, **{s: counts[c].get(s, 0) for s in splits}, "class weight": audit.get("class_weights", {}).get(c)}
+        for c in counts
+    ]
     if rows:
         total = {"class": "total", **{s: sum(r[s] for r in rows) for s in splits}, "class weight": None}
         doc.table(pd.DataFrame(rows + [total]))
     t, d = audit.get("totals", {}), audit.get("duplicates", {})
-    doc.para(f"{t.get('files', '?')} files: {t.get('quarantined', 0)} quarantined, {audit.get('converted', 0)} "
-             f"converted (decoded from another mode or format), {t.get('duplicate', 0)} excluded as duplicates "
-             f"({d.get('exact_clusters', 0)} exact and {d.get('near_clusters', 0)} near-duplicate clusters), "
-             f"{len(audit.get('label_conflicts', []))} label conflicts, {audit.get('groups', '?')} groups "
-             "(subjects or duplicate clusters) kept whole within one split.")
+    doc.para(
+        f"{t.get('files', '?')} files: {t.get('quarantined', 0)} quarantined, {audit.get('converted', 0)} "
+        f"converted (decoded from another mode or format), {t.get('duplicate', 0)} excluded as duplicates "
+        f"({d.get('exact_clusters', 0)} exact and {d.get('near_clusters', 0)} near-duplicate clusters), "
+        f"{len(audit.get('label_conflicts', []))} label conflicts, {audit.get('groups', '?')} groups "
+        "(subjects or duplicate clusters) kept whole within one split."
+    )
     leak = audit.get("leakage", {})
     if leak:
-        text = (f"Leakage check: {leak.get('duplicate_pairs_across_splits', '?')} near-duplicate pairs and "
-                f"{leak.get('groups_across_splits', '?')} groups across splits")
+        text = (
+            f"Leakage check: {leak.get('duplicate_pairs_across_splits', '?')} near-duplicate pairs and "
+            f"{leak.get('groups_across_splits', '?')} groups across splits"
+        )
         if leak.get("ok"):
             doc.para(text + ": OK.")
         else:
             doc.warn(text + ": FAILED, test scores may be optimistic.")
-    for key, what in (("unknown_class_folders", "folders not used as classes"),
-                      ("empty_classes", "class folders without usable images (dropped)")):
+    for key, what in (
+        ("unknown_class_folders", "folders not used as classes"),
+        ("empty_classes", "class folders without usable images (dropped)"),
+    ):
         if audit.get(key):
             doc.warn(f"{what}: {', '.join(map(str, audit[key]))}")
     if audit.get("quarantined"):
@@ -97,9 +106,11 @@ def comparison_rows(study: StudyResults) -> list[dict]:
 def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> None:
     doc.heading("Comparison of backbones (test split)")
     metric = study.space.get("metric", "the validation metric")
-    doc.para(f"Each backbone had its own hyperparameter search; the trial chosen by {metric} on the validation "
-             "split was evaluated once on the test split. Brackets: 95% bootstrap intervals over test images. "
-             "Overlapping intervals mean the test split cannot tell the backbones apart.")
+    doc.para(
+        f"Each backbone had its own hyperparameter search; the trial chosen by {metric} on the validation "
+        "split was evaluated once on the test split. Brackets: 95% bootstrap intervals over test images. "
+        "Overlapping intervals mean the test split cannot tell the backbones apart."
+    )
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         doc.warn("no backbone has a tested best model: there is nothing to compare")
@@ -113,18 +124,30 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
                 for key, label in SUMMARY_METRICS[:2]:
                     if r.get(f"seed_{key}_mean") is not None:
                         line[f"{label}, retrained with {r['seeds']} other seeds (mean ± sd)"] = (
-                            f"{r[f'seed_{key}_mean']:.3f} ± {r[f'seed_{key}_sd']:.3f}")
+                            f"{r[f'seed_{key}_mean']:.3f} ± {r[f'seed_{key}_sd']:.3f}"
+                        )
             line.update({k.removeprefix("f1_") + " F1": v for k, v in r.items() if k.startswith("f1_")})
             line["params"] = f"{r['params'] / 1e6:.2f} M" if r.get("params") else None
-            line["best hyperparameters"] = ", ".join(f"{k.removeprefix('hp_')}={format_cell(v)}"
-                                                     for k, v in r.items() if k.startswith("hp_"))
-            line.update({"trials": r["trials"], "stopped early": r["stopped_early"], "errored": r["errored"],
-                         "train s": r.get("train_s"), "images/s": r.get("images_per_s"), "n test": r.get("n_test")})
+            line["best hyperparameters"] = ", ".join(
+                f"{k.removeprefix('hp_')}={format_cell(v)}" for k, v in r.items() if k.startswith("hp_")
+            )
+            line.update(
+                {
+                    "trials": r["trials"],
+                    "stopped early": r["stopped_early"],
+                    "errored": r["errored"],
+                    "train s": r.get("train_s"),
+                    "images/s": r.get("images_per_s"),
+                    "n test": r.get("n_test"),
+                }
+            )
             shown.append(line)
             if deployment_cells(r):
                 deployment.append({"backbone": r["backbone"], "params": line["params"], **deployment_cells(r)})
-        frame, training = pd.DataFrame(shown), ["params", "best hyperparameters", "trials", "stopped early",
-                                                "errored", "train s", "images/s"]
+        frame, training = (
+            pd.DataFrame(shown),
+            ["params", "best hyperparameters", "trials", "stopped early", "errored", "train s", "images/s"],
+        )
         doc.table(frame.drop(columns=training))  # tables of scores, training and deployment, so each fits the page
         doc.table(frame[["backbone"] + training])
         if deployment:
@@ -156,9 +179,11 @@ def edge_warnings(study: StudyResults) -> list[str]:
             if position <= EDGE_FRACTION or position >= 1 - EDGE_FRACTION:
                 edge = "lower" if position <= EDGE_FRACTION else "upper"
                 searched = f"[{format_number(float(args[0]))}, {format_number(float(args[1]))}]"
-                out.append(f"{b.name}: the best {key} = {format_number(float(value))} sits at the {edge} edge of the "
-                           f"searched range {searched}; the optimum may lie outside it, so widen the range before "
-                           "trusting this comparison")
+                out.append(
+                    f"{b.name}: the best {key} = {format_number(float(value))} sits at the {edge} edge of the "
+                    f"searched range {searched}; the optimum may lie outside it, so widen the range before "
+                    "trusting this comparison"
+                )
     return out
 
 
@@ -166,13 +191,22 @@ def backbone_figures(doc: Document, study: StudyResults) -> None:
     for b in study.ok:
         doc.heading(f"{b.name}: errors and training", 3)
         classes = b.test.get("classes") or list(b.test.get("per_class", {}))
-        doc.figure(f"confusion_{b.name}", figures.confusion_matrices(b.test["confusion_matrix"], classes, b.name),
-                   f"{b.name}: test confusion matrix, counts and row-normalised")
-        doc.figure(f"per_class_{b.name}", figures.per_class_bars(b.test["per_class"], b.name),
-                   f"{b.name}: test precision, recall and F1 per class")
+        doc.figure(
+            f"confusion_{b.name}",
+            figures.confusion_matrices(b.test["confusion_matrix"], classes, b.name),
+            f"{b.name}: test confusion matrix, counts and row-normalised",
+        )
+        doc.figure(
+            f"per_class_{b.name}",
+            figures.per_class_bars(b.test["per_class"], b.name),
+            f"{b.name}: test precision, recall and F1 per class",
+        )
         if b.history is not None and not b.history.empty and "epoch" in b.history:
-            doc.figure(f"learning_{b.name}", figures.learning_curves(b.history, b.name),
-                       f"{b.name}: learning curves of the best trial across both stages (dashed: start of fine-tuning)")
+            doc.figure(
+                f"learning_{b.name}",
+                figures.learning_curves(b.history, b.name),
+                f"{b.name}: learning curves of the best trial across both stages (dashed: start of fine-tuning)",
+            )
         else:
             doc.para(f"{b.name}: no history.csv for the best trial, so no learning curves.")
 
@@ -205,40 +239,58 @@ def search_section(doc: Document, study: StudyResults) -> None:
             doc.para(f"{b.name}: no completed trial in the search.")
             continue
         minimize = search.direction == optuna.study.StudyDirection.MINIMIZE
-        doc.figure(f"search_{b.name}", figures.search_history([t.number for t in done], [t.value for t in done],
-                                                              minimize, metric, b.name),
-                   f"{b.name}: {metric} of each completed trial and the best so far")
+        doc.figure(
+            f"search_{b.name}",
+            figures.search_history([t.number for t in done], [t.value for t in done], minimize, metric, b.name),
+            f"{b.name}: {metric} of each completed trial and the best so far",
+        )
         if len(done) < MIN_TRIALS_FOR_IMPORTANCE:
-            doc.para(f"{b.name}: hyperparameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed "
-                     f"trials ({len(done)} completed); skipped.")
+            doc.para(
+                f"{b.name}: hyperparameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed "
+                f"trials ({len(done)} completed); skipped."
+            )
             continue
         try:
             values = optuna.importance.get_param_importances(
-                search, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+                search, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            )
         except Exception as exc:  # e.g. a parameter that never varied
             doc.para(f"{b.name}: importances could not be computed ({type(exc).__name__}: {exc}).")
             continue
         if values:
-            doc.figure(f"importance_{b.name}", figures.importances(values, b.name),
-                       f"{b.name}: hyperparameter importances (Optuna, fANOVA) over {len(done)} completed trials")
+            doc.figure(
+                f"importance_{b.name}",
+                figures.importances(values, b.name),
+                f"{b.name}: hyperparameter importances (Optuna, fANOVA) over {len(done)} completed trials",
+            )
 
 
 def evaluations_section(doc: Document, study: StudyResults) -> None:
     if not study.evaluations:
         return
     doc.heading("Cross-dataset evaluation")
-    doc.para("Best models evaluated on other labelled datasets with `fer-study evaluate` "
-             "(results/<study>/evaluations/).")
+    doc.para(
+        "Best models evaluated on other labelled datasets with `fer-study evaluate` (results/<study>/evaluations/)."
+    )
     rows = []
     for e in study.evaluations:
         m = e["metrics"]
-        rows.append({"backbone": e.get("backbone"), "dataset": e.get("dataset"), "n": m.get("n"),
-                     **{f"{label} [95% CI]": format_interval(m[key]) for key, label in SUMMARY_METRICS},
-                     "skipped files": len(e.get("skipped_files", [])),
-                     "skipped folders": ", ".join(e.get("skipped_folders", []))})
+        rows.append(
+            {
+                "backbone": e.get("backbone"),
+                "dataset": e.get("dataset"),
+                "n": m.get("n"),
+                **{f"{label} [95% CI]": format_interval(m[key]) for key, label in SUMMARY_METRICS},
+                "skipped files": len(e.get("skipped_files", [])),
+                "skipped folders": ", ".join(e.get("skipped_folders", [])),
+            }
+        )
     doc.table(pd.DataFrame(rows))
-    skipped = [{"backbone": e.get("backbone"), "dataset": e.get("dataset"), **s}
-               for e in study.evaluations for s in e.get("skipped_files", [])]
+    skipped = [
+        {"backbone": e.get("backbone"), "dataset": e.get("dataset"), **s}
+        for e in study.evaluations
+        for s in e.get("skipped_files", [])
+    ]
     if skipped:
         doc.para("Files skipped during evaluation:")
         doc.table(pd.DataFrame(skipped))
@@ -249,8 +301,10 @@ def problems_section(doc: Document, study: StudyResults) -> None:
     if not bad:
         return
     doc.heading("Failed or missing backbones")
-    doc.para("These backbones were part of the study but have no tested best model, so they are not in the "
-             "comparison. The comparison is incomplete until they are rerun (`fer-study run ... --resume`).")
+    doc.para(
+        "These backbones were part of the study but have no tested best model, so they are not in the "
+        "comparison. The comparison is incomplete until they are rerun (`fer-study run ... --resume`)."
+    )
     doc.table(pd.DataFrame([{"backbone": b.name, "status": b.status, "detail": b.note} for b in bad]))
 
 
@@ -262,18 +316,21 @@ def header_section(doc: Document, study: StudyResults) -> None:
         facts.append(f"Command: {' '.join(command) if isinstance(command, list) else command}")
     space = study.space
     if space:
-        facts.append(f"Search: {space.get('trials_per_backbone', '?')} trials per backbone, selected by "
-                     f"{space.get('metric', '?')} ({space.get('mode', '?')}), space '{space.get('name', '?')}'.")
+        facts.append(
+            f"Search: {space.get('trials_per_backbone', '?')} trials per backbone, selected by "
+            f"{space.get('metric', '?')} ({space.get('mode', '?')}), space '{space.get('name', '?')}'."
+        )
     machine = info.get("machine") or info.get("hardware")
     if isinstance(machine, dict):
-        facts.append("Machine: " + ", ".join(f"{k}: {v}" for k, v in machine.items()
-                                             if not isinstance(v, (dict, list))))
+        facts.append(
+            "Machine: " + ", ".join(f"{k}: {v}" for k, v in machine.items() if not isinstance(v, (dict, list)))
+        )
         if isinstance(machine.get("packages"), dict):
             facts.append("Versions: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items()))
     for fact in facts:
         doc.para(fact)
     if info and info.get("status") not in (None, "completed"):
-        doc.warn(f"the study's status is '{info.get('status')}': it is still running or was interrupted, so "
-                 "this report may be incomplete (finish it with `fer-study run ... --resume`)")
-
-
+        doc.warn(
+            f"the study's status is '{info.get('status')}': it is still running or was interrupted, so "
+            "this report may be incomplete (finish it with `fer-study run ... --resume`)"
+        )

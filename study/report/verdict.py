@@ -57,27 +57,50 @@ def stage_problems(history: pd.DataFrame, k: int) -> list[dict]:
     problems = []
     if all(epoch_at_chance(r, k) for r in rows):
         last = rows[-1]
-        return [{"kind": "never learned", "stage": last.get("stage"), "epoch": last.get("epoch"),
-                 "val_loss": _float(last.get("val_loss")),
-                 "text": f"at chance level in all {len(rows)} epochs (val_loss {_fmt(last.get('val_loss'))}, "
-                         f"ln {k} = {math.log(k):.3f})"}]
+        return [
+            {
+                "kind": "never learned",
+                "stage": last.get("stage"),
+                "epoch": last.get("epoch"),
+                "val_loss": _float(last.get("val_loss")),
+                "text": f"at chance level in all {len(rows)} epochs (val_loss {_fmt(last.get('val_loss'))}, "
+                f"ln {k} = {math.log(k):.3f})",
+            }
+        ]
     for stage in dict.fromkeys(r.get("stage") for r in rows):
         idx = [i for i, r in enumerate(rows) if r.get("stage") == stage]
         last = rows[idx[-1]]
         losses = [_float(rows[i].get("loss")) for i in idx] + [_float(rows[i].get("val_loss")) for i in idx]
         if any(v is None for v in losses):
-            problems.append({"kind": "diverged", "stage": stage, "epoch": last.get("epoch"), "val_loss": None,
-                             "text": f"the {stage} stage diverged (non-finite loss by epoch {last.get('epoch')})"})
+            problems.append(
+                {
+                    "kind": "diverged",
+                    "stage": stage,
+                    "epoch": last.get("epoch"),
+                    "val_loss": None,
+                    "text": f"the {stage} stage diverged (non-finite loss by epoch {last.get('epoch')})",
+                }
+            )
             continue
-        learned_before = any(_float(r.get("val_loss")) is not None and _float(r["val_loss"]) <= LEARNED_LOSS *
-                             math.log(k) and not epoch_at_chance(r, k) for r in rows[:idx[-1]])
+        learned_before = any(
+            _float(r.get("val_loss")) is not None
+            and _float(r["val_loss"]) <= LEARNED_LOSS * math.log(k)
+            and not epoch_at_chance(r, k)
+            for r in rows[: idx[-1]]
+        )
         if epoch_at_chance(last, k) and learned_before:
             first = next(rows[i] for i in idx if all(epoch_at_chance(rows[j], k) for j in idx if j >= i))
-            problems.append({"kind": "collapsed", "stage": stage, "epoch": first.get("epoch"),
-                             "val_loss": _float(last.get("val_loss")),
-                             "text": f"the {stage} stage collapsed to chance level from epoch {first.get('epoch')} "
-                                     f"on (val_loss {_fmt(last.get('val_loss'))}, ln {k} = {math.log(k):.3f}; "
-                                     f"val macro F1 {_fmt(last.get('val_macro_f1'))})"})
+            problems.append(
+                {
+                    "kind": "collapsed",
+                    "stage": stage,
+                    "epoch": first.get("epoch"),
+                    "val_loss": _float(last.get("val_loss")),
+                    "text": f"the {stage} stage collapsed to chance level from epoch {first.get('epoch')} "
+                    f"on (val_loss {_fmt(last.get('val_loss'))}, ln {k} = {math.log(k):.3f}; "
+                    f"val macro F1 {_fmt(last.get('val_macro_f1'))})",
+                }
+            )
     return problems
 
 
@@ -93,9 +116,11 @@ def undertrained(history: pd.DataFrame) -> str | None:
         return None
     last = history.iloc[-1]
     stage = last.get("stage", "last")
-    return (f"undertrained: raise epochs_{stage}. Its lowest val_loss ({losses[-1]:.3f}) is at its last epoch "
-            f"(epoch {int(last['epoch'])}, {stage} stage), {100 * (1 - losses[-1] / before):.0f}% below every "
-            "earlier epoch: it was still improving when the epoch budget ran out")
+    return (
+        f"undertrained: raise epochs_{stage}. Its lowest val_loss ({losses[-1]:.3f}) is at its last epoch "
+        f"(epoch {int(last['epoch'])}, {stage} stage), {100 * (1 - losses[-1] / before):.0f}% below every "
+        "earlier epoch: it was still improving when the epoch budget ran out"
+    )
 
 
 def chance_flags(name: str, test: dict) -> list[str]:
@@ -106,16 +131,19 @@ def chance_flags(name: str, test: dict) -> list[str]:
     if k >= 2:
         lo, hi = test["accuracy"]["ci95"]
         if lo <= 1 / k <= hi:
-            out.append(f"{name} is at chance level: its test accuracy interval [{lo:.3f}, {hi:.3f}] covers "
-                       f"1/{k} = {1 / k:.3f}")
+            out.append(
+                f"{name} is at chance level: its test accuracy interval [{lo:.3f}, {hi:.3f}] covers 1/{k} = {1 / k:.3f}"
+            )
     cm = np.asarray(test.get("confusion_matrix") or [], dtype=float)
     if cm.ndim == 2 and cm.sum() > 0:
         shares = cm.sum(axis=0) / cm.sum()
         top = int(shares.argmax())
         if shares[top] >= ONE_CLASS_SHARE:
             label = classes[top] if top < len(classes) else str(top)
-            out.append(f"{name} predicts '{label}' for {100 * shares[top]:.0f}% of the test images: it has not "
-                       "learnt to tell the classes apart")
+            out.append(
+                f"{name} predicts '{label}' for {100 * shares[top]:.0f}% of the test images: it has not "
+                "learnt to tell the classes apart"
+            )
     return out
 
 
@@ -123,8 +151,16 @@ def chance_flags(name: str, test: dict) -> list[str]:
 def build_verdict(study, edge_flags: list[str] = ()) -> dict:
     """{'ranking', 'pairs', 'flags', 'seeds'} for a loaded study; JSON-ready."""
     ok = sorted(study.ok, key=lambda b: (-b.test["accuracy"]["value"], -b.test.get("macro_f1", {}).get("value", 0)))
-    ranking = [{"backbone": b.name, "accuracy": b.test["accuracy"]["value"], "ci95": b.test["accuracy"]["ci95"],
-                "macro_f1": b.test.get("macro_f1", {}).get("value"), "n": b.test.get("n")} for b in ok]
+    ranking = [
+        {
+            "backbone": b.name,
+            "accuracy": b.test["accuracy"]["value"],
+            "ci95": b.test["accuracy"]["ci95"],
+            "macro_f1": b.test.get("macro_f1", {}).get("value"),
+            "n": b.test.get("n"),
+        }
+        for b in ok
+    ]
     predictions = {b.name: _predictions(b.folder) for b in ok}
     pairs = []
     for a, b in itertools.combinations(ok, 2):
@@ -161,32 +197,49 @@ def add_verdict(doc, study, edge_flags: list[str] = ()) -> dict:
         doc.warn("no backbone has a tested best model: there is no verdict (see 'Failed or missing backbones')")
     else:
         doc.para(_headline(verdict))
-        doc.para("Ranking by test accuracy (95% bootstrap interval over test images): " + "; ".join(
-            f"{i}. {r['backbone']} {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-            for i, r in enumerate(ranking, 1)) + ".")
+        doc.para(
+            "Ranking by test accuracy (95% bootstrap interval over test images): "
+            + "; ".join(
+                f"{i}. {r['backbone']} {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+                for i, r in enumerate(ranking, 1)
+            )
+            + "."
+        )
     if verdict["pairs"]:
-        doc.para("Paired comparisons on the same test images (difference in accuracy with its paired bootstrap "
-                 "95% interval; McNemar's exact test on the images only one of the two got right; p-values "
-                 "not corrected for multiple comparisons):")
+        doc.para(
+            "Paired comparisons on the same test images (difference in accuracy with its paired bootstrap "
+            "95% interval; McNemar's exact test on the images only one of the two got right; p-values "
+            "not corrected for multiple comparisons):"
+        )
         for p in verdict["pairs"]:
             lo, hi = p["ci95"]
-            outcome = (f"{p['a'] if p['difference'] > 0 else p['b']} is more accurate on this test split"
-                       if p["distinguishable"] else "indistinguishable on this test split")
-            doc.para(f"{p['a']} vs {p['b']}: {p['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] on {p['n']} images; "
-                     f"McNemar p = {_p(p['mcnemar_p'])} ({p['only_a_right']} images only {p['a']} got right, "
-                     f"{p['only_b_right']} only {p['b']}): {outcome}.")
+            outcome = (
+                f"{p['a'] if p['difference'] > 0 else p['b']} is more accurate on this test split"
+                if p["distinguishable"]
+                else "indistinguishable on this test split"
+            )
+            doc.para(
+                f"{p['a']} vs {p['b']}: {p['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] on {p['n']} images; "
+                f"McNemar p = {_p(p['mcnemar_p'])} ({p['only_a_right']} images only {p['a']} got right, "
+                f"{p['only_b_right']} only {p['b']}): {outcome}."
+            )
     elif len(ranking) > 1:
-        doc.para("No paired comparison: the best models' test_predictions.csv files are missing or do not share "
-                 "test images.")
+        doc.para(
+            "No paired comparison: the best models' test_predictions.csv files are missing or do not share test images."
+        )
     for s in verdict["seeds"]:
-        doc.para(f"{s['backbone']}, best configuration retrained with {s['n']} other seeds: test accuracy "
-                 f"{s['mean']:.3f} ± {s['std']:.3f} (min {s['min']:.3f}, max {s['max']:.3f}); differences "
-                 "between backbones smaller than this spread can flip with the seed.")
+        doc.para(
+            f"{s['backbone']}, best configuration retrained with {s['n']} other seeds: test accuracy "
+            f"{s['mean']:.3f} ± {s['std']:.3f} (min {s['min']:.3f}, max {s['max']:.3f}); differences "
+            "between backbones smaller than this spread can flip with the seed."
+        )
     for flag in verdict["flags"]:
         doc.warn(flag["text"])
     if ranking and not verdict["flags"]:
-        doc.para("No warning: no best model at chance level, none stopped while still improving, no collapsed "
-                 "trial, no best hyperparameter at the edge of its range.")
+        doc.para(
+            "No warning: no best model at chance level, none stopped while still improving, no collapsed "
+            "trial, no best hyperparameter at the edge of its range."
+        )
     return verdict
 
 
@@ -227,12 +280,21 @@ def _trial_flags(study) -> list[dict]:
                 epoch = int(row["best_epoch"])
                 stage = history.loc[history["epoch"] == epoch, "stage"] if "epoch" in history else []
                 kept = f"; the trial kept its epoch {epoch}{f' ({stage.iloc[0]} stage)' if len(stage) else ''} model"
-            mark = f" (the selected model of {selected[str(row['trial_id'])]})" \
-                if str(row.get("trial_id")) in selected else ""
-            flags.append({"kind": problem["kind"], "backbone": str(row.get("backbone")),
-                          "trial_id": str(row.get("trial_id")), "stage": problem["stage"],
-                          "text": f"{row.get('backbone')} trial {row.get('trial_id')}{mark} ({params}): "
-                                  f"{problem['text']}{kept}"})
+            mark = (
+                f" (the selected model of {selected[str(row['trial_id'])]})"
+                if str(row.get("trial_id")) in selected
+                else ""
+            )
+            flags.append(
+                {
+                    "kind": problem["kind"],
+                    "backbone": str(row.get("backbone")),
+                    "trial_id": str(row.get("trial_id")),
+                    "stage": problem["stage"],
+                    "text": f"{row.get('backbone')} trial {row.get('trial_id')}{mark} ({params}): "
+                    f"{problem['text']}{kept}",
+                }
+            )
     return flags
 
 

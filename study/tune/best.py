@@ -77,13 +77,25 @@ class EvaluatorPool:
 
 def _already_evaluated(best_dir: Path, trial_id: str) -> bool:
     path = best_dir / SELECTION
-    return (path.exists() and (best_dir / names.TEST_METRICS_FILE).exists()
-            and json.loads(path.read_text()).get("trial_id") == trial_id)
+    return (
+        path.exists()
+        and (best_dir / names.TEST_METRICS_FILE).exists()
+        and json.loads(path.read_text()).get("trial_id") == trial_id
+    )
 
 
-def evaluate_bests(space: Space, ledger: Ledger, study_dir: Path, data_dir: Path, cpus: float, gpus: float,
-                   threads: int, log: Callable[[str], None] = print, pool: EvaluatorPool | None = None,
-                   slots: int = 1) -> dict[str, dict]:
+def evaluate_bests(
+    space: Space,
+    ledger: Ledger,
+    study_dir: Path,
+    data_dir: Path,
+    cpus: float,
+    gpus: float,
+    threads: int,
+    log: Callable[[str], None] = print,
+    pool: EvaluatorPool | None = None,
+    slots: int = 1,
+) -> dict[str, dict]:
     """Evaluate every backbone's best trial on the test split, on up to `slots` Evaluator actors in parallel
     (those `pool` already started first; the pool is closed afterwards)."""
     study_dir = Path(study_dir)
@@ -102,9 +114,14 @@ def _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log
         if best is None:
             log(f"{backbone}: no trial finished with a finite {space.metric}; nothing to evaluate")
             continue
-        selection = {"trial_id": best["trial_id"], "metric": space.metric, "mode": space.mode,
-                     "metric_value": best["metric_value"], "best_epoch": best.get("best_epoch"),
-                     "status": best["status"]}
+        selection = {
+            "trial_id": best["trial_id"],
+            "metric": space.metric,
+            "mode": space.mode,
+            "metric_value": best["metric_value"],
+            "best_epoch": best.get("best_epoch"),
+            "status": best["status"],
+        }
         if _already_evaluated(best_dir, best["trial_id"]):
             summary[backbone] = json.loads((best_dir / SELECTION).read_text())
             continue
@@ -124,14 +141,23 @@ def _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log
             continue
         selection = result
         summary[backbone] = selection
-        log(f"{backbone}: best trial {selection['trial_id']} ({space.metric} {selection['metric_value']:.4f}) "
+        log(
+            f"{backbone}: best trial {selection['trial_id']} ({space.metric} {selection['metric_value']:.4f}) "
             f"-> test accuracy {result.get('test_accuracy', float('nan')):.3f}, "
-            f"macro F1 {result.get('test_macro_f1', float('nan')):.3f}")
+            f"macro F1 {result.get('test_macro_f1', float('nan')):.3f}"
+        )
     return summary
 
 
-def retrain_seeds(space: Space, study_dir: Path, data_dir: Path, cpus: float, gpus: float, threads: int,
-                  log: Callable[[str], None] = print) -> dict[str, dict]:
+def retrain_seeds(
+    space: Space,
+    study_dir: Path,
+    data_dir: Path,
+    cpus: float,
+    gpus: float,
+    threads: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict]:
     """Retrain each backbone's best config with `space.final_seeds` other seeds; write seeds.json."""
     if space.final_seeds <= 0:
         return {}
@@ -150,7 +176,8 @@ def retrain_seeds(space: Space, study_dir: Path, data_dir: Path, cpus: float, gp
                 jobs[(backbone, seed)] = json.loads(done.read_text())
                 continue
             jobs[(backbone, seed)] = _remote(retrain_seed, cpus, gpus).remote(
-                {**config, "seed": seed}, str(out), str(data_dir), threads)
+                {**config, "seed": seed}, str(out), str(data_dir), threads
+            )
     results: dict[str, dict] = {}
     for (backbone, seed), job in jobs.items():
         try:
@@ -158,17 +185,22 @@ def retrain_seeds(space: Space, study_dir: Path, data_dir: Path, cpus: float, gp
         except Exception as exc:  # noqa: BLE001
             log(f"{backbone}: retraining with seed {seed} failed: {exc}")
             continue
-        results.setdefault(backbone, {})[seed] = {k: summary.get(k) for k in
-                                                  ("test_accuracy", "test_macro_f1", "val_loss", "epochs_run")}
+        results.setdefault(backbone, {})[seed] = {
+            k: summary.get(k) for k in ("test_accuracy", "test_macro_f1", "val_loss", "epochs_run")
+        }
     out = {}
     for backbone, per_seed in results.items():
         stats = {"seeds": per_seed}
         for key in ("test_accuracy", "test_macro_f1"):
             values = [v[key] for v in per_seed.values() if v.get(key) is not None]
             if values:
-                stats[key] = {"mean": statistics.fmean(values),
-                              "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                              "min": min(values), "max": max(values), "n": len(values)}
+                stats[key] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values),
+                    "max": max(values),
+                    "n": len(values),
+                }
         write_json(study_dir / names.BEST_DIR / backbone / names.SEEDS_FILE, stats)
         out[backbone] = stats
         acc = stats.get("test_accuracy")

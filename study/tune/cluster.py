@@ -34,8 +34,9 @@ def worker_env() -> dict:
     return env
 
 
-def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
-            dashboard: bool = True) -> dict:
+def connect(
+    address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = True
+) -> dict:
     """Start a local Ray (address None) or join a cluster; return what study.json should record.
 
     If Ray is already initialised in this process (a test's cluster, a notebook), it is used as it is.
@@ -45,14 +46,20 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     if ray.is_initialized():
         context = None
     elif address is None:
-        context = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
-                           dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                           log_to_driver=False, runtime_env=runtime_env, logging_level="ERROR")
+        context = ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            log_to_driver=False,
+            runtime_env=runtime_env,
+            logging_level="ERROR",
+        )
         started = True
     else:
         try:
-            context = ray.init(address=address, log_to_driver=False, runtime_env=runtime_env,
-                               logging_level="ERROR")
+            context = ray.init(address=address, log_to_driver=False, runtime_env=runtime_env, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
         started = True
@@ -77,8 +84,10 @@ def describe_dashboard(info: dict) -> str:
         lines.append("  token authentication is on: the page asks for the token that `ray get-auth-token` prints")
     port = url.rsplit(":", 1)[-1].strip("/")
     if "127.0.0.1" in url or "localhost" in url:
-        lines.append(f"  it listens on this machine only; from another one: ssh -L {port}:127.0.0.1:{port} "
-                     f"THIS_HOST, then open http://127.0.0.1:{port}")
+        lines.append(
+            f"  it listens on this machine only; from another one: ssh -L {port}:127.0.0.1:{port} "
+            f"THIS_HOST, then open http://127.0.0.1:{port}"
+        )
     return "\n".join(lines)
 
 
@@ -95,8 +104,10 @@ def check_trial_fits(cpus: float, gpus: float) -> None:
         if res.get("CPU", 0) >= cpus and res.get("GPU", 0) >= gpus:
             return
     biggest = max(((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes), default=(0, 0))
-    raise UserError(f"a trial asks for {cpus:g} CPU and {gpus:g} GPU but the largest node has "
-                    f"{biggest[0]:g} CPU and {biggest[1]:g} GPU (lower --cpus-per-trial / --gpus-per-trial)")
+    raise UserError(
+        f"a trial asks for {cpus:g} CPU and {gpus:g} GPU but the largest node has "
+        f"{biggest[0]:g} CPU and {biggest[1]:g} GPU (lower --cpus-per-trial / --gpus-per-trial)"
+    )
 
 
 def concurrent_trials(cpus: float, gpus: float) -> int:
@@ -131,9 +142,12 @@ def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
     marker = study_dir / f".shared-storage-check-{token[:8]}"
     marker.write_text(token)
     try:
-        refs = {node["NodeManagerAddress"] + f" ({node['NodeID'][:8]})": _read_marker.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(marker))
-            for node in nodes}
+        refs = {
+            node["NodeManagerAddress"] + f" ({node['NodeID'][:8]})": _read_marker.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(str(marker))
+            for node in nodes
+        }
         seen = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
     finally:
         marker.unlink(missing_ok=True)
@@ -142,7 +156,8 @@ def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
         raise UserError(
             f"the study folder {study_dir} is local to this machine: node(s) {', '.join(blind)} cannot see it. "
             "On a multi-node cluster the study folder must be on storage every node mounts at the same path "
-            "(e.g. NFS): run from there or pass a study folder on it")
+            "(e.g. NFS): run from there or pass a study folder on it"
+        )
 
 
 def _backend_gpus() -> tuple[str, int]:
@@ -164,5 +179,4 @@ def check_backend_sees_gpus(gpus: float) -> None:
 
     probe = ray.remote(_backend_gpus).options(num_cpus=0, num_gpus=gpus, max_retries=0)
     backend, usable = ray.get(probe.remote())
-    check_backend_gpus(gpus, usable, backend, f"trials ask for {gpus:g} GPU each",
-                       "pass --gpus-per-trial 0")
+    check_backend_gpus(gpus, usable, backend, f"trials ask for {gpus:g} GPU each", "pass --gpus-per-trial 0")

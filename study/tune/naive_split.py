@@ -86,17 +86,26 @@ def write_split_data(source_dir: Path, dest: Path, manifest: pd.DataFrame, kind:
     partial.mkdir(parents=True, exist_ok=True)
     manifest.to_csv(partial / names.MANIFEST_FILE, index=False)
     counts = {s: int((manifest.split == s).sum()) for s in SPLITS}
-    write_json(partial / names.AUDIT_FILE,
-               {"classes": classes, "class_weights": weights, "split_counts": counts, "split_kind": kind,
-                "split_seed": seed, "test_groups_in_train": leaked_share(manifest)})
+    write_json(
+        partial / names.AUDIT_FILE,
+        {
+            "classes": classes,
+            "class_weights": weights,
+            "split_counts": counts,
+            "split_kind": kind,
+            "split_seed": seed,
+            "test_groups_in_train": leaked_share(manifest),
+        },
+    )
     meta.update(image_sizes=[], seed=seed, predefined=None, split_kind=kind)
     write_json(partial / names.STUDY_DATA_FILE, meta)
     partial.rename(dest)
     return dest
 
 
-def prepare_splits(study_dir: Path, data_dir: Path, seeds: int, sizes: set[int],
-                   log: Callable[[str], None] = print) -> dict[tuple[str, int], Path]:
+def prepare_splits(
+    study_dir: Path, data_dir: Path, seeds: int, sizes: set[int], log: Callable[[str], None] = print
+) -> dict[tuple[str, int], Path]:
     """Write the 2 x `seeds` split folders and decode their pixel caches at `sizes`; {(kind, seed): folder}."""
     from fer.data import StudyData
 
@@ -125,8 +134,15 @@ def prepare_splits(study_dir: Path, data_dir: Path, seeds: int, sizes: set[int],
     return folders
 
 
-def run_naive_split(study_dir: Path, data_dir: Path, seeds: int, cpus: float, gpus: float, threads: int,
-                    log: Callable[[str], None] = print) -> dict:
+def run_naive_split(
+    study_dir: Path,
+    data_dir: Path,
+    seeds: int,
+    cpus: float,
+    gpus: float,
+    threads: int,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Retrain every backbone's selected config on each split folder (Ray tasks); write naive_split.json."""
     import ray
 
@@ -151,7 +167,8 @@ def run_naive_split(study_dir: Path, data_dir: Path, seeds: int, cpus: float, gp
                 jobs[(backbone, kind, seed)] = json.loads(done.read_text())
             else:
                 jobs[(backbone, kind, seed)] = _remote(retrain_seed, cpus, gpus).remote(
-                    config, str(out), str(data), threads)
+                    config, str(out), str(data), threads
+                )
     runs: dict = {}
     for (backbone, kind, seed), job in jobs.items():
         try:
@@ -161,23 +178,34 @@ def run_naive_split(study_dir: Path, data_dir: Path, seeds: int, cpus: float, gp
             continue
         audit = json.loads((folders[(kind, seed)] / names.AUDIT_FILE).read_text())
         runs.setdefault(backbone, {}).setdefault(kind, {})[str(seed)] = {
-            "test_accuracy": summary.get("test_accuracy"), "test_macro_f1": summary.get("test_macro_f1"),
-            "val_accuracy": summary.get("val_accuracy"), "epochs_run": summary.get("epochs_run"),
-            "n": audit["split_counts"], "test_groups_in_train": audit["test_groups_in_train"]}
+            "test_accuracy": summary.get("test_accuracy"),
+            "test_macro_f1": summary.get("test_macro_f1"),
+            "val_accuracy": summary.get("val_accuracy"),
+            "epochs_run": summary.get("epochs_run"),
+            "n": audit["split_counts"],
+            "test_groups_in_train": audit["test_groups_in_train"],
+        }
     result = {"seeds": seeds, "kinds": list(KINDS), "backbones": {b: summarize(r) for b, r in runs.items()}}
     write_json(study_dir / names.NAIVE_SPLIT_FILE, result)
     for backbone, stats in result["backbones"].items():
         gap = stats.get("gap")
         if gap:
-            log(f"naive split: {backbone}: test accuracy naive {stats['naive']['mean']:.3f} +/- "
+            log(
+                f"naive split: {backbone}: test accuracy naive {stats['naive']['mean']:.3f} +/- "
                 f"{stats['naive']['sd']:.3f}, audited {stats['audited']['mean']:.3f} +/- "
-                f"{stats['audited']['sd']:.3f}, gap {gap['mean']:+.3f} +/- {gap['sd']:.3f} ({gap['n']} seeds)")
+                f"{stats['audited']['sd']:.3f}, gap {gap['mean']:+.3f} +/- {gap['sd']:.3f} ({gap['n']} seeds)"
+            )
     return result
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def summarize(per_kind: dict) -> dict:
@@ -188,11 +216,14 @@ def summarize(per_kind: dict) -> dict:
         if values:
             out[kind] = _stats(values)
             out[kind]["test_groups_in_train"] = statistics.fmean(
-                r["test_groups_in_train"] for r in per_kind[kind].values())
+                r["test_groups_in_train"] for r in per_kind[kind].values()
+            )
     naive, audited = per_kind.get("naive", {}), per_kind.get("audited", {})
-    gaps = [naive[s]["test_accuracy"] - audited[s]["test_accuracy"] for s in naive
-            if s in audited and naive[s].get("test_accuracy") is not None
-            and audited[s].get("test_accuracy") is not None]
+    gaps = [
+        naive[s]["test_accuracy"] - audited[s]["test_accuracy"]
+        for s in naive
+        if s in audited and naive[s].get("test_accuracy") is not None and audited[s].get("test_accuracy") is not None
+    ]
     if gaps:
         out["gap"] = _stats(gaps)
     return out

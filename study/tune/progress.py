@@ -29,14 +29,19 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def trial_line(tid: str, backbone: str, state: str, record: dict | None, metric: str,
-               params: dict, error: str | None = None) -> str:
+def trial_line(
+    tid: str, backbone: str, state: str, record: dict | None, metric: str, params: dict, error: str | None = None
+) -> str:
     record = record or {}
     value = clean_float(record.get(metric))
-    parts = [f"{tid:<12}", f"{backbone:<14}", f"{state:<9}",
-             f"epoch {int(record.get('epoch', 0)):>3}",
-             f"{metric} {value:.4f}" if value is not None else f"{metric} -     ",
-             " ".join(f"{k}={_fmt(v)}" for k, v in params.items())]
+    parts = [
+        f"{tid:<12}",
+        f"{backbone:<14}",
+        f"{state:<9}",
+        f"epoch {int(record.get('epoch', 0)):>3}",
+        f"{metric} {value:.4f}" if value is not None else f"{metric} -     ",
+        " ".join(f"{k}={_fmt(v)}" for k, v in params.items()),
+    ]
     line = "  ".join(parts)
     if error:
         line += f"  ERROR: {error}"
@@ -63,9 +68,11 @@ class ProgressView:
 
     def _summary(self) -> str:
         finished = sum(self.done.values())
-        return (f"[{finished}/{self.total} trials] running {len(self.running)}, completed "
-                f"{self.done[names.COMPLETED]}, stopped early {self.done[names.STOPPED]}, "
-                f"errored {self.done[names.ERRORED]}")
+        return (
+            f"[{finished}/{self.total} trials] running {len(self.running)}, completed "
+            f"{self.done[names.COMPLETED]}, stopped early {self.done[names.STOPPED]}, "
+            f"errored {self.done[names.ERRORED]}"
+        )
 
     def _redraw(self, permanent: list[str] = ()) -> None:
         out = []
@@ -123,8 +130,9 @@ def error_message(trial) -> str:
     return (lines[-1] if lines else "unknown error (see the trial's error.txt)")[:500]
 
 
-def trial_timing(records: list[dict], started_at: float | None, worker_started_at: float | None,
-                 trial_dir: Path, finished_at: float) -> dict:
+def trial_timing(
+    records: list[dict], started_at: float | None, worker_started_at: float | None, trial_dir: Path, finished_at: float
+) -> dict:
     """Where a trial's wall time went, as unix times and the seconds between them (outcome.json "timing").
 
     started_at (driver: Tune started the trial's actor) -> worker_started_at (the trial function's first line)
@@ -143,8 +151,14 @@ def trial_timing(records: list[dict], started_at: float | None, worker_started_a
     except (OSError, ValueError):
         pass
     worker_finished_at = worker.get("finished_at")
-    times = {"started_at": started_at, "worker_started_at": worker_started_at, "first_epoch_at": first_epoch_at,
-             "last_report_at": last_report_at, "worker_finished_at": worker_finished_at, "finished_at": finished_at}
+    times = {
+        "started_at": started_at,
+        "worker_started_at": worker_started_at,
+        "first_epoch_at": first_epoch_at,
+        "last_report_at": last_report_at,
+        "worker_finished_at": worker_finished_at,
+        "finished_at": finished_at,
+    }
 
     def between(a, b):
         return round(times[b] - times[a], 3) if times[a] is not None and times[b] is not None else None
@@ -152,29 +166,39 @@ def trial_timing(records: list[dict], started_at: float | None, worker_started_a
     epochs_s = sum(clean_float(r.get("epoch_s")) or 0.0 for r in records)
     span = between("first_epoch_at", "last_report_at")
     out = {key: (round(value, 3) if value is not None else None) for key, value in times.items()}
-    out.update({
-        # the worker process and the Tune actor already exist at started_at (on_trial_start comes when the
-        # actor is ready): their start-up is in the slot's gap before started_at
-        "worker_start_s": between("started_at", "worker_started_at"),
-        "setup_s": between("worker_started_at", "first_epoch_at"),  # imports, data, model build
-        "epochs_s": round(epochs_s, 3),
-        "between_epochs_s": round(span - epochs_s, 3) if span is not None else None,  # saves, reports
-        "report_wait_s": worker.get("report_wait_s"),  # of which blocked in tune.report (driver round trips)
-        "wrap_up_s": between("last_report_at", "worker_finished_at"),  # final val metrics, summary
-        "end_s": between("worker_finished_at", "finished_at") if worker_finished_at is not None
-        else between("last_report_at", "finished_at"),  # the driver learns the trial ended
-    })
+    out.update(
+        {
+            # the worker process and the Tune actor already exist at started_at (on_trial_start comes when the
+            # actor is ready): their start-up is in the slot's gap before started_at
+            "worker_start_s": between("started_at", "worker_started_at"),
+            "setup_s": between("worker_started_at", "first_epoch_at"),  # imports, data, model build
+            "epochs_s": round(epochs_s, 3),
+            "between_epochs_s": round(span - epochs_s, 3) if span is not None else None,  # saves, reports
+            "report_wait_s": worker.get("report_wait_s"),  # of which blocked in tune.report (driver round trips)
+            "wrap_up_s": between("last_report_at", "worker_finished_at"),  # final val metrics, summary
+            "end_s": between("worker_finished_at", "finished_at")
+            if worker_finished_at is not None
+            else between("last_report_at", "finished_at"),  # the driver learns the trial ended
+        }
+    )
     return out
 
 
 class StudyCallback(Callback):
     """Writes each trial's outcome when it ends and drives the progress view (runs in the driver)."""
 
-    def __init__(self, ledger: Ledger, metric: str, mode: str, view: ProgressView, shown: tuple[str, ...],
-                 stopped: Callable[[str], bool] = lambda tid: False,
-                 optuna_number: Callable[[str], int | None] = lambda tid: None,
-                 on_change: Callable[[], None] = lambda: None,
-                 on_retry: Callable[[str], None] = lambda tid: None):
+    def __init__(
+        self,
+        ledger: Ledger,
+        metric: str,
+        mode: str,
+        view: ProgressView,
+        shown: tuple[str, ...],
+        stopped: Callable[[str], bool] = lambda tid: False,
+        optuna_number: Callable[[str], int | None] = lambda tid: None,
+        on_change: Callable[[], None] = lambda: None,
+        on_retry: Callable[[str], None] = lambda tid: None,
+    ):
         """`on_retry(trial_id)`: a trial's worker died and Tune runs it again from scratch (the searcher
         forgets that attempt's results: study.tune.search.BackboneSearcher.forget)."""
         self.ledger, self.metric, self.mode, self.view, self.shown = ledger, metric, mode, view, shown
@@ -195,8 +219,12 @@ class StudyCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started_at[trial.trial_id] = time.time()
         self.records.setdefault(trial.trial_id, [])
-        self.view.started(trial.trial_id, trial_line(trial.trial_id, trial.config.get("backbone", "?"),
-                                                     "running", None, self.metric, self._params(trial)))
+        self.view.started(
+            trial.trial_id,
+            trial_line(
+                trial.trial_id, trial.config.get("backbone", "?"), "running", None, self.metric, self._params(trial)
+            ),
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.pids[trial.trial_id] = result.get("pid")
@@ -208,8 +236,12 @@ class StudyCallback(Callback):
         if result.get("worker_started_at") is not None:
             self.worker_started_at[trial.trial_id] = result["worker_started_at"]
         self.nodes[trial.trial_id] = result.get("node_ip")
-        self.view.update(trial.trial_id, trial_line(trial.trial_id, trial.config.get("backbone", "?"),
-                                                    "running", record, self.metric, self._params(trial)))
+        self.view.update(
+            trial.trial_id,
+            trial_line(
+                trial.trial_id, trial.config.get("backbone", "?"), "running", record, self.metric, self._params(trial)
+            ),
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         error = self.errors.pop(trial.trial_id, None)
@@ -233,8 +265,18 @@ class StudyCallback(Callback):
             self.on_retry(tid)
         except Exception:  # noqa: BLE001 - never let bookkeeping kill the study
             traceback.print_exc()
-        self.view.started(tid, trial_line(tid, trial.config.get("backbone", "?"), "retrying", None, self.metric,
-                                         self._params(trial), f"worker died ({cause}); run again from scratch"))
+        self.view.started(
+            tid,
+            trial_line(
+                tid,
+                trial.config.get("backbone", "?"),
+                "retrying",
+                None,
+                self.metric,
+                self._params(trial),
+                f"worker died ({cause}); run again from scratch",
+            ),
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, names.ERRORED, error_message(trial))
@@ -246,22 +288,36 @@ class StudyCallback(Callback):
             if status != names.ERRORED and summary["metric_value"] is None:
                 status, error = names.ERRORED, f"no finite {self.metric} was reported"
             outcome = {
-                "trial_id": trial.trial_id, "backbone": trial.config.get("backbone"), "status": status,
-                "error": error, **summary, "optuna_trial": self.optuna_number(trial.trial_id),
-                "node_ip": self.nodes.pop(trial.trial_id, None), "worker_pid": self.pids.pop(trial.trial_id, None),
+                "trial_id": trial.trial_id,
+                "backbone": trial.config.get("backbone"),
+                "status": status,
+                "error": error,
+                **summary,
+                "optuna_trial": self.optuna_number(trial.trial_id),
+                "node_ip": self.nodes.pop(trial.trial_id, None),
+                "worker_pid": self.pids.pop(trial.trial_id, None),
                 "retries": len(self.retries.get(trial.trial_id, [])),  # attempts lost to dead workers
                 "retry_errors": self.retries.pop(trial.trial_id, []),
-                "finished_at": round(time.time(), 3), "trial_dir": f"trials/{trial.trial_id}",
-                "config": dict(trial.config), "history": records,
+                "finished_at": round(time.time(), 3),
+                "trial_dir": f"trials/{trial.trial_id}",
+                "config": dict(trial.config),
+                "history": records,
             }
             outcome["timing"] = trial_timing(
-                records, self.started_at.pop(trial.trial_id, None), self.worker_started_at.pop(trial.trial_id, None),
-                self.ledger.trials_dir / trial.trial_id, outcome["finished_at"])
+                records,
+                self.started_at.pop(trial.trial_id, None),
+                self.worker_started_at.pop(trial.trial_id, None),
+                self.ledger.trials_dir / trial.trial_id,
+                outcome["finished_at"],
+            )
             self.ledger.record(outcome)
             last = records[-1] if records else None
             best = {**(last or {}), self.metric: summary["metric_value"], "epoch": summary["epochs_run"]}
-            self.view.finished(trial.trial_id, status, trial_line(
-                trial.trial_id, outcome["backbone"], status, best, self.metric, self._params(trial), error))
+            self.view.finished(
+                trial.trial_id,
+                status,
+                trial_line(trial.trial_id, outcome["backbone"], status, best, self.metric, self._params(trial), error),
+            )
             self.on_change()
         except Exception:  # never let bookkeeping kill the study; say what went wrong
             traceback.print_exc()

@@ -24,9 +24,27 @@ from fer.compute_once import atomic_write_text, write_json
 from fer.config import PARAMS
 
 OUTCOME = names.OUTCOME_FILE
-LEAD_COLUMNS = ("trial_id", "backbone", "status", "error", "metric", "metric_value", "best_epoch",
-                "best_val_loss", "best_val_accuracy", "best_val_macro_f1", "epochs_run", "train_s",
-                "trial_s", "images_per_s", "optuna_trial", "retries", "node_ip", "finished_at", "trial_dir")
+LEAD_COLUMNS = (
+    "trial_id",
+    "backbone",
+    "status",
+    "error",
+    "metric",
+    "metric_value",
+    "best_epoch",
+    "best_val_loss",
+    "best_val_accuracy",
+    "best_val_macro_f1",
+    "epochs_run",
+    "train_s",
+    "trial_s",
+    "images_per_s",
+    "optuna_trial",
+    "retries",
+    "node_ip",
+    "finished_at",
+    "trial_dir",
+)
 
 
 def clean_float(value):
@@ -87,8 +105,13 @@ class Ledger:
 
     def best(self, backbone: str, metric: str, mode: str) -> dict | None:
         """The backbone's best finished trial by `metric` (completed or stopped early, finite value)."""
-        candidates = [o for o in self.outcomes.values() if o["backbone"] == backbone
-                      and o["status"] in names.FINISHED_OK and clean_float(o.get("metric_value")) is not None]
+        candidates = [
+            o
+            for o in self.outcomes.values()
+            if o["backbone"] == backbone
+            and o["status"] in names.FINISHED_OK
+            and clean_float(o.get("metric_value")) is not None
+        ]
         if not candidates:
             return None
         sign = 1.0 if mode == "min" else -1.0
@@ -98,12 +121,18 @@ class Ledger:
 def summarize_history(records: list[dict], metric: str, mode: str) -> dict:
     """Best-epoch metrics, epochs run, training time and speed from a trial's per-epoch records."""
     finite = [r for r in records if clean_float(r.get(metric)) is not None]
-    out = {"metric": metric, "metric_value": None, "best_epoch": None, "best_val_loss": None,
-           "best_val_accuracy": None, "best_val_macro_f1": None,
-           "epochs_run": max((int(r.get("epoch", 0)) for r in records), default=0),
-           "train_s": round(sum(clean_float(r.get("epoch_s")) or 0.0 for r in records), 3),
-           "trial_s": max((clean_float(r.get("trial_s")) or 0.0 for r in records), default=None),
-           "images_per_s": None}
+    out = {
+        "metric": metric,
+        "metric_value": None,
+        "best_epoch": None,
+        "best_val_loss": None,
+        "best_val_accuracy": None,
+        "best_val_macro_f1": None,
+        "epochs_run": max((int(r.get("epoch", 0)) for r in records), default=0),
+        "train_s": round(sum(clean_float(r.get("epoch_s")) or 0.0 for r in records), 3),
+        "trial_s": max((clean_float(r.get("trial_s")) or 0.0 for r in records), default=None),
+        "images_per_s": None,
+    }
     speeds = [clean_float(r.get("images_per_s")) for r in records]
     speeds = [s for s in speeds if s is not None]
     if speeds:
@@ -111,8 +140,11 @@ def summarize_history(records: list[dict], metric: str, mode: str) -> dict:
     if finite:
         sign = 1.0 if mode == "min" else -1.0
         best = min(finite, key=lambda r: sign * r[metric])
-        out.update(metric_value=float(best[metric]), best_epoch=int(best.get("epoch", 0)),
-                   best_val_loss=clean_float(best.get("val_loss")),
-                   best_val_accuracy=clean_float(best.get("val_accuracy")),
-                   best_val_macro_f1=clean_float(best.get("val_macro_f1")))
+        out.update(
+            metric_value=float(best[metric]),
+            best_epoch=int(best.get("epoch", 0)),
+            best_val_loss=clean_float(best.get("val_loss")),
+            best_val_accuracy=clean_float(best.get("val_accuracy")),
+            best_val_macro_f1=clean_float(best.get("val_macro_f1")),
+        )
     return out

@@ -45,8 +45,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def resolve_study(source: str | Path, name: str | None, space: Space, results_root: Path,
-                  log: Callable[[str], None], group_regex: str | None = None) -> tuple[Path, Path]:
+def resolve_study(
+    source: str | Path,
+    name: str | None,
+    space: Space,
+    results_root: Path,
+    log: Callable[[str], None],
+    group_regex: str | None = None,
+) -> tuple[Path, Path]:
     """Return (study_dir, data_dir): use a prepared study folder as is, or prepare DATA into a new one."""
     from fer.data import StudyData, prepare_dataset
 
@@ -56,8 +62,10 @@ def resolve_study(source: str | Path, name: str | None, space: Space, results_ro
     if names.is_study_folder(source):
         study_dir = source
         if name and name != source.name:
-            raise UserError(f"--name {name} given with the study folder {source}: drop --name to use it, "
-                            "or pass the class-folder DATA to start another study")
+            raise UserError(
+                f"--name {name} given with the study folder {source}: drop --name to use it, "
+                "or pass the class-folder DATA to start another study"
+            )
     else:
         study_dir = Path(results_root) / (name or source.name)
     data_dir = study_dir / names.DATA_DIR
@@ -94,13 +102,17 @@ def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
         return None
     previous = json.loads(study_json.read_text()) if study_json.is_file() else {}
     if not resume:
-        raise UserError(f"{study_dir} already holds a study; add --resume to continue it, or start another "
-                        "one with DATA --name NEW (or `fer-study prepare DATA --study NEW` first)")
+        raise UserError(
+            f"{study_dir} already holds a study; add --resume to continue it, or start another "
+            "one with DATA --name NEW (or `fer-study prepare DATA --study NEW` first)"
+        )
     old, new = previous.get("space", {}), space.to_dict()
     for key in new:
         if json.dumps(old.get(key), sort_keys=True) != json.dumps(new[key], sort_keys=True):
-            raise UserError(f"--resume: the space's '{key}' differs from the one the study started with; "
-                            "resume with the same search-space file")
+            raise UserError(
+                f"--resume: the space's '{key}' differs from the one the study started with; "
+                "resume with the same search-space file"
+            )
     return previous
 
 
@@ -128,8 +140,7 @@ class StudyOptions:
     reuse_workers: bool = False  # a trial slot keeps its worker process (and imported Keras) between trials
 
 
-def run_study(source: str | Path, space_path: str | Path, options: StudyOptions | None = None,
-              **overrides) -> Path:
+def run_study(source: str | Path, space_path: str | Path, options: StudyOptions | None = None, **overrides) -> Path:
     """Run (or resume) a study; return its folder. See the module docstring for what it writes.
 
     `options` (a `StudyOptions`), with keyword `overrides` of its fields, e.g.
@@ -173,12 +184,19 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
         if opts.trainable is None:
             tune_cluster.check_backend_sees_gpus(gpus)
         study = dict(previous or {})
-        study.update({
-            "name": study_dir.name, "space_file": str(space_path), "space": space.to_dict(),
-            "seed": space.seed, "data": str(data_dir), "status": names.STUDY_RUNNING,
-            "command": opts.command or " ".join(shlex.quote(a) for a in sys.argv),
-            "resources_per_trial": {"cpu": opts.cpus_per_trial, "gpu": gpus}, "ray": info,
-        })
+        study.update(
+            {
+                "name": study_dir.name,
+                "space_file": str(space_path),
+                "space": space.to_dict(),
+                "seed": space.seed,
+                "data": str(data_dir),
+                "status": names.STUDY_RUNNING,
+                "command": opts.command or " ".join(shlex.quote(a) for a in sys.argv),
+                "resources_per_trial": {"cpu": opts.cpus_per_trial, "gpu": gpus},
+                "ray": info,
+            }
+        )
         from fer.machine import machine_info
 
         study["machine"] = machine_info()
@@ -193,11 +211,26 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
             from study.tune.best import EvaluatorPool
             from study.tune.trial import trial_threads
 
-            pool = EvaluatorPool(opts.cpus_per_trial, gpus, trial_threads(opts.cpus_per_trial),
-                                 limit=len(space.backbones))
+            pool = EvaluatorPool(
+                opts.cpus_per_trial, gpus, trial_threads(opts.cpus_per_trial), limit=len(space.backbones)
+            )
         try:
-            _search(space, study, study_dir, data_dir, ledger, opts.cpus_per_trial, gpus, opts.trainable, stream,
-                    opts.live, log, pool, max_retries=opts.max_retries, reuse_workers=opts.reuse_workers)
+            _search(
+                space,
+                study,
+                study_dir,
+                data_dir,
+                ledger,
+                opts.cpus_per_trial,
+                gpus,
+                opts.trainable,
+                stream,
+                opts.live,
+                log,
+                pool,
+                max_retries=opts.max_retries,
+                reuse_workers=opts.reuse_workers,
+            )
         except BaseException:
             if pool is not None:
                 pool.close()
@@ -208,19 +241,32 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
 
             threads = trial_threads(opts.cpus_per_trial)
             t0 = time.perf_counter()
-            study["best"] = evaluate_bests(space, ledger, study_dir, data_dir, opts.cpus_per_trial, gpus, threads, log,
-                                           pool=pool, slots=tune_cluster.concurrent_trials(opts.cpus_per_trial, gpus))
+            study["best"] = evaluate_bests(
+                space,
+                ledger,
+                study_dir,
+                data_dir,
+                opts.cpus_per_trial,
+                gpus,
+                threads,
+                log,
+                pool=pool,
+                slots=tune_cluster.concurrent_trials(opts.cpus_per_trial, gpus),
+            )
             timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
             if not study["best"]:
                 study["status"] = names.STUDY_FAILED
                 write_json(study_dir / names.STUDY_FILE, study)
                 errors = [o["error"] for o in ledger.outcomes.values() if o.get("error")]
-                raise UserError(f"no trial of any backbone finished successfully (see {study_dir / names.TRIALS_CSV})"
-                                + (f"; first error: {errors[0]}" if errors else ""))
+                raise UserError(
+                    f"no trial of any backbone finished successfully (see {study_dir / names.TRIALS_CSV})"
+                    + (f"; first error: {errors[0]}" if errors else "")
+                )
             if space.final_seeds:
                 t0 = time.perf_counter()
-                study["final_seeds"] = retrain_seeds(space, study_dir, data_dir, opts.cpus_per_trial, gpus,
-                                                     threads, log)
+                study["final_seeds"] = retrain_seeds(
+                    space, study_dir, data_dir, opts.cpus_per_trial, gpus, threads, log
+                )
                 timings["final_seeds_s"] = round(time.perf_counter() - t0, 1)
             if opts.naive_split:
                 from study.tune.naive_split import run_naive_split
@@ -248,8 +294,14 @@ def _preload_modules():
     import threading
 
     def run() -> None:
-        for name in ("ray.tune", "optuna", "study.tune.progress", "study.tune.search", "study.tune.best",
-                     "fer.machine"):
+        for name in (
+            "ray.tune",
+            "optuna",
+            "study.tune.progress",
+            "study.tune.search",
+            "study.tune.best",
+            "fer.machine",
+        ):
             try:
                 importlib.import_module(name)
             except Exception:  # noqa: BLE001 - the real import later reports any problem
@@ -279,9 +331,22 @@ def _counts(ledger: Ledger) -> dict:
     return counts
 
 
-def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: Ledger, cpus: float,
-            gpus: float, trainable, stream, live, log, pool=None, max_retries: int = 2,
-            reuse_workers: bool = False) -> None:
+def _search(
+    space: Space,
+    study: dict,
+    study_dir: Path,
+    data_dir: Path,
+    ledger: Ledger,
+    cpus: float,
+    gpus: float,
+    trainable,
+    stream,
+    live,
+    log,
+    pool=None,
+    max_retries: int = 2,
+    reuse_workers: bool = False,
+) -> None:
     """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early.
 
     `max_retries`: Tune runs a trial again (from scratch, same config) when its worker or node died, up to
@@ -321,13 +386,16 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
     if total == 0:
         log(f"all {already} trials already finished")
         return
-    log(f"{total} trial(s) to run ({already} already finished): {space.trials_per_backbone} per backbone x "
-        f"{len(space.backbones)} backbones, {cpus:g} CPU + {gpus:g} GPU per trial")
+    log(
+        f"{total} trial(s) to run ({already} already finished): {space.trials_per_backbone} per backbone x "
+        f"{len(space.backbones)} backbones, {cpus:g} CPU + {gpus:g} GPU per trial"
+    )
 
     scheduler = make_scheduler(space)
     stopped = (lambda tid: tid in scheduler.stopped) if scheduler is not None else (lambda tid: False)
-    view = ProgressView(total=space.trials_per_backbone * len(space.backbones), metric=space.metric,
-                        stream=stream, live=live)
+    view = ProgressView(
+        total=space.trials_per_backbone * len(space.backbones), metric=space.metric, stream=stream, live=live
+    )
     for status, count in _counts(ledger).items():
         view.done[status] = count
 
@@ -346,15 +414,27 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
                 if best is not None:
                     pool.preload(backbone, str(study_dir / best["trial_dir"]))
 
-    callback = StudyCallback(ledger, space.metric, space.mode, view, tuple(space.space), stopped=stopped,
-                             optuna_number=searcher.optuna_trial_number, on_change=on_change,
-                             on_retry=searcher.forget)
-    context = {"data_dir": str(data_dir), "trials_dir": str(ledger.trials_dir.resolve()),
-               "study_log": str((study_dir / names.STUDY_LOG).resolve()),  # progress of one-off steps (caches)
-               "threads": trial_threads(cpus), "metric": space.metric,  # an error's last report carries it
-               # the reports after which a trial may be stopped (none without a scheduler): it saves its best
-               # model before those only, and at its end
-               "decision_epochs": scheduler.decision_epochs() if scheduler is not None else []}
+    callback = StudyCallback(
+        ledger,
+        space.metric,
+        space.mode,
+        view,
+        tuple(space.space),
+        stopped=stopped,
+        optuna_number=searcher.optuna_trial_number,
+        on_change=on_change,
+        on_retry=searcher.forget,
+    )
+    context = {
+        "data_dir": str(data_dir),
+        "trials_dir": str(ledger.trials_dir.resolve()),
+        "study_log": str((study_dir / names.STUDY_LOG).resolve()),  # progress of one-off steps (caches)
+        "threads": trial_threads(cpus),
+        "metric": space.metric,  # an error's last report carries it
+        # the reports after which a trial may be stopped (none without a scheduler): it saves its best
+        # model before those only, and at its end
+        "decision_epochs": scheduler.decision_epochs() if scheduler is not None else [],
+    }
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our ledger replaces Tune's CSV/JSON
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our view instead
     fn = tune.with_parameters(trainable or train_trial, context=context)
@@ -363,12 +443,20 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
         tune.with_resources(fn, trial_resources(cpus, gpus)),
         # max_concurrent_trials: Tune starts one trial at a time with a custom searcher unless told how many
         # may be pending, which serialises short trials behind each worker's start-up.
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                    reuse_actors=bool(reuse_workers),
-                                    max_concurrent_trials=slots),
-        run_config=tune.RunConfig(name=f"run-{run_index}", storage_path=str(study_dir / "tune"),
-                                  callbacks=[callback], verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=max_retries, fail_fast=False)),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=total,
+            reuse_actors=bool(reuse_workers),
+            max_concurrent_trials=slots,
+        ),
+        run_config=tune.RunConfig(
+            name=f"run-{run_index}",
+            storage_path=str(study_dir / "tune"),
+            callbacks=[callback],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=max_retries, fail_fast=False),
+        ),
     )
     t0 = time.time()
     import signal
@@ -384,8 +472,11 @@ def _search(space: Space, study: dict, study_dir: Path, data_dir: Path, ledger: 
             signal.signal(signal.SIGINT, sigint)
     study.setdefault("search_s", 0.0)
     study["search_s"] = round(study["search_s"] + time.time() - t0, 1)  # all runs together
-    study.setdefault("timings", {}).update(search_s=round(time.time() - t0, 1),  # this run
-                                           search_started_at=round(t0, 3), search_ended_at=round(time.time(), 3))
+    study.setdefault("timings", {}).update(
+        search_s=round(time.time() - t0, 1),  # this run
+        search_started_at=round(t0, 3),
+        search_ended_at=round(time.time(), 3),
+    )
     left = {b: space.trials_per_backbone - n for b, n in Ledger(study_dir).finished_per_backbone().items()}
     missing = sum(max(0, left.get(b, space.trials_per_backbone)) for b in space.backbones)
     if missing:

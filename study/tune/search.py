@@ -78,8 +78,14 @@ def discard_interrupted(storage: optuna.storages.RDBStorage, study_name: str) ->
 class BackboneSearcher(Searcher):
     """Hands out trials for several backbones, each from its own OptunaSearch with its own budget."""
 
-    def __init__(self, space: Space, budgets: dict[str, int], storage, requeue: dict[str, list] | None = None,
-                 fresh: dict[str, bool] | None = None):
+    def __init__(
+        self,
+        space: Space,
+        budgets: dict[str, int],
+        storage,
+        requeue: dict[str, list] | None = None,
+        fresh: dict[str, bool] | None = None,
+    ):
         """`fresh[backbone]`: its Optuna study is new, so the start points are queued (once, ever);
         `requeue[backbone]`: start points that a killed run was evaluating, queued again."""
         super().__init__(metric=space.metric, mode=space.mode)
@@ -95,11 +101,18 @@ class BackboneSearcher(Searcher):
                 continue
             is_fresh = True if fresh is None else fresh.get(backbone, True)
             points = list(space.start_points_for(backbone)) if is_fresh else list((requeue or {}).get(backbone, []))
-            sampler = optuna.samplers.TPESampler(seed=space.seed + i, n_startup_trials=min(
-                10, max(1, space.trials_per_backbone // 3)))
+            sampler = optuna.samplers.TPESampler(
+                seed=space.seed + i, n_startup_trials=min(10, max(1, space.trials_per_backbone // 3))
+            )
             self.searchers[backbone] = OptunaSearch(
-                space=distributions, metric=space.metric, mode=space.mode, points_to_evaluate=points or None,
-                sampler=sampler, study_name=optuna_study_name(space, backbone), storage=storage)
+                space=distributions,
+                metric=space.metric,
+                mode=space.mode,
+                points_to_evaluate=points or None,
+                sampler=sampler,
+                study_name=optuna_study_name(space, backbone),
+                storage=storage,
+            )
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to snapshot: the Optuna studies (SQLite) and the trial ledger already hold the state, and
@@ -171,10 +184,16 @@ class PerBackboneScheduler(FIFOScheduler):
         self._metric, self._mode = space.metric, space.mode
         sched = space.scheduler
         self.schedulers = {
-            backbone: ASHAScheduler(time_attr=EPOCH, metric=space.metric, mode=space.mode,
-                                    max_t=space.max_epochs(backbone) + 1, grace_period=sched["grace_period"],
-                                    reduction_factor=sched["reduction_factor"])
-            for backbone in space.backbones}
+            backbone: ASHAScheduler(
+                time_attr=EPOCH,
+                metric=space.metric,
+                mode=space.mode,
+                max_t=space.max_epochs(backbone) + 1,
+                grace_period=sched["grace_period"],
+                reduction_factor=sched["reduction_factor"],
+            )
+            for backbone in space.backbones
+        }
         self.stopped: set[str] = set()
 
     def set_search_properties(self, metric, mode, **spec) -> bool:

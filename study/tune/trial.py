@@ -41,8 +41,9 @@ def check_finite(record: dict) -> None:
     a message that names the epoch (it lands in trials.csv)."""
     loss = record.get("loss")
     if isinstance(loss, (int, float)) and not math.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss} at epoch {record.get('epoch')} "
-                                 f"({record.get('stage')} stage)")
+        raise FloatingPointError(
+            f"training loss is {loss} at epoch {record.get('epoch')} ({record.get('stage')} stage)"
+        )
 
 
 class EpochReporter:
@@ -127,8 +128,9 @@ def train_trial(config: dict, context: dict) -> None:
         reporter = EpochReporter(started, started_at)
         reporter.nan_loss = _test_nan_loss(config)
         decisions = set(context.get("decision_epochs", ()))
-        run_trial(config, study_data, out_dir, on_epoch=reporter, evaluate_test=False,
-                  report_can_stop=decisions.__contains__)
+        run_trial(
+            config, study_data, out_dir, on_epoch=reporter, evaluate_test=False, report_can_stop=decisions.__contains__
+        )
     except Exception as exc:  # noqa: BLE001 - recorded as the trial's error, never retried (see above)
         report_error(exc, out_dir, context.get("metric"))
         return
@@ -136,11 +138,17 @@ def train_trial(config: dict, context: dict) -> None:
     # when the worker finished its own work, for the study's timing breakdown (outcome.json "timing").
     import psutil  # a Ray dependency
 
-    write_json(out_dir / names.WORKER_TIMES_FILE, {"started_at": started_at, "finished_at": time.time(),
-                                                  "report_wait_s": round(reporter.report_wait_s, 3),
-                                                  # the worker's resident memory now (warm workers: it must
-                                                  # stay flat, benchmarks/worker_memory.py)
-                                                  "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)})
+    write_json(
+        out_dir / names.WORKER_TIMES_FILE,
+        {
+            "started_at": started_at,
+            "finished_at": time.time(),
+            "report_wait_s": round(reporter.report_wait_s, 3),
+            # the worker's resident memory now (warm workers: it must
+            # stay flat, benchmarks/worker_memory.py)
+            "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+        },
+    )
 
 
 def fresh_keras_state() -> None:
@@ -205,8 +213,7 @@ def _test_kill_once() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict,
-                  model=None) -> dict:
+def evaluate_best(trial_dir: str, best_dir: str, data_dir: str, threads: int, selection: dict, model=None) -> dict:
     """Reload a trial's best model and evaluate it ONCE on the test split (and on val if the trial was
     stopped before writing val_metrics.json). Runs in an Evaluator actor (or a Ray task) with a trial's
     resources; `model`: the trial's model.keras already loaded by that process.
