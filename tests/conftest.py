@@ -25,6 +25,25 @@ def _fer_study_cmd() -> list[str]:
     return [sys.executable, "-m", "study.cli"]
 
 
+def _run_study(folder, space_file, *extra, num_cpus: int = 2, env: dict | None = None, timeout: float = 900):
+    """`fer-study run FOLDER --space SPACE --num-cpus N --no-dashboard EXTRA...` in a subprocess: the real
+    command with its own local Ray. `env`: extra environment variables (the test hooks). Returns the
+    CompletedProcess (text output captured)."""
+    import os
+    import subprocess
+
+    command = _fer_study_cmd() + ["run", str(folder), "--space", str(space_file), "--num-cpus", str(num_cpus)]
+    command += ["--no-dashboard", *map(str, extra)]
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def run_study_cli():
+    """`_run_study`: a study through the real `fer-study run` command."""
+    return _run_study
+
+
 @pytest.fixture(scope="session")
 def study_demo_data(demo_data_dir):
     """The shared demo class folders (read only: studies prepare them into their own folders)."""
@@ -74,32 +93,17 @@ def smoke_space_file(tmp_path_factory):
 def smoke_study(study_demo_data, smoke_space_file, tmp_path_factory):
     """Run the real `fer-study run` on the raw demo class folders (prepared by the command itself, as in the
     README); return the study folder, with complete best/<backbone>/ folders and run_output.txt."""
-    import os
-    import subprocess
-
     results = tmp_path_factory.mktemp("smoke") / "results"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        _fer_study_cmd()
-        + [
-            "run",
-            str(study_demo_data),
-            "--space",
-            str(smoke_space_file),
-            "--name",
-            "smoke",
-            "--results",
-            str(results),
-            "--group-regex",
-            r"^(S\d+)_",
-            "--num-cpus",
-            "2",
-            "--no-dashboard",
-        ],
-        capture_output=True,
-        text=True,
+    proc = _run_study(
+        study_demo_data,
+        smoke_space_file,
+        "--name",
+        "smoke",
+        "--results",
+        results,
+        "--group-regex",
+        r"^(S\d+)_",
         timeout=600,
-        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = results / "smoke"

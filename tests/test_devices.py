@@ -2,9 +2,6 @@
 (a real local Ray told it has one GPU), and long one-off steps report progress with rate and time left."""
 
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -23,31 +20,11 @@ def test_gpus_the_backend_cannot_use_are_refused_with_the_fix(backend, fix):
     check_backend_gpus(0, 0, backend, "x", "y")  # no GPU asked for: fine
 
 
-def test_run_refuses_trials_on_a_fake_gpu_the_backend_cannot_see(new_study, smoke_space_file):
+def test_run_refuses_trials_on_a_fake_gpu_the_backend_cannot_see(new_study, smoke_space_file, run_study_cli):
     """Ray is told the machine has one GPU; the CPU-only TensorFlow in the worker sees none: one line, exit 2,
     before any trial starts."""
     study = new_study("fake_gpu")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "study.cli",
-            "run",
-            str(study),
-            "--space",
-            str(smoke_space_file),
-            "--num-cpus",
-            "2",
-            "--num-gpus",
-            "1",
-            "--no-dashboard",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = run_study_cli(study, smoke_space_file, "--num-gpus", 1, env={"KERAS_BACKEND": "tensorflow"}, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if "sees no GPU" in line]
     assert len(error_lines) == 1 and '".[gpu]"' in error_lines[0], proc.stderr[-2000:]

@@ -3,9 +3,6 @@ runs again from scratch and counts once in its backbone's budget; a trial whose 
 as errored and never retried."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -14,7 +11,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-def test_a_killed_worker_is_retried_and_an_error_is_not(new_study, tmp_path):
+def test_a_killed_worker_is_retried_and_an_error_is_not(new_study, tmp_path, run_study_cli):
     """Two backbones x three trials at 32 px: per backbone one trial raises (its weights file does not
     exist), one reports a NaN training loss at its first epoch (test-only hook FER_TEST_NAN_DROPOUT) and
     one trains. The first trial to finish an epoch SIGKILLs its own worker process (the test-only hook
@@ -47,25 +44,7 @@ def test_a_killed_worker_is_retried_and_an_error_is_not(new_study, tmp_path):
     space_file.write_text(yaml.safe_dump(space))
     marker = tmp_path / "kill-once"
     marker.mkdir()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FER_TEST_KILL_ONCE=str(marker), FER_TEST_NAN_DROPOUT="0.45")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "study.cli",
-            "run",
-            str(folder),
-            "--space",
-            str(space_file),
-            "--num-cpus",
-            "2",
-            "--no-dashboard",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+    proc = run_study_cli(folder, space_file, env={"FER_TEST_KILL_ONCE": str(marker), "FER_TEST_NAN_DROPOUT": "0.45"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (marker / "claimed").is_dir()  # the hook did kill a worker
 

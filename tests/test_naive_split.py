@@ -4,9 +4,6 @@ retraining runs end to end on the demo data and its result reaches the report.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -43,7 +40,7 @@ def test_naive_split_leaks_and_audited_split_does_not(study_base):
 
 
 @pytest.mark.slow
-def test_run_naive_split_end_to_end(new_study, tmp_path):
+def test_run_naive_split_end_to_end(new_study, tmp_path, run_study_cli):
     folder = new_study("naive")
     space = {
         "name": "naive",
@@ -63,28 +60,7 @@ def test_run_naive_split_end_to_end(new_study, tmp_path):
     }
     space_file = tmp_path / "naive.yaml"
     space_file.write_text(yaml.safe_dump(space))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "study.cli",
-            "run",
-            str(folder),
-            "--space",
-            str(space_file),
-            "--num-cpus",
-            "2",
-            "--no-dashboard",
-            "--naive-split",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
+    proc = run_study_cli(folder, space_file, "--naive-split", 2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((folder / "naive_split.json").read_text())
     stats = result["backbones"]["smallcnn"]
@@ -106,27 +82,6 @@ def test_run_naive_split_end_to_end(new_study, tmp_path):
     text = (out / "report.md").read_text()
     assert "Naive vs audited split" in text and "gap naive - audited" in text
 
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "study.cli",
-            "run",
-            str(folder),
-            "--space",
-            str(space_file),
-            "--num-cpus",
-            "2",
-            "--no-dashboard",
-            "--naive-split",
-            "1",
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+    again = run_study_cli(folder, space_file, "--naive-split", 1, "--resume", timeout=120)
     assert again.returncode == 2 and "at least 2 split seeds" in again.stderr
     assert pd.read_csv(folder / "trials.csv").shape[0] == 1

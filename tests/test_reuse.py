@@ -3,9 +3,6 @@ trials; a trial run there after others (one that raised, one with a NaN loss) re
 same config run first in a fresh process."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -16,7 +13,7 @@ pytestmark = pytest.mark.slow
 COMPARED = ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr")
 
 
-def test_a_reused_worker_repeats_a_fresh_process_after_failed_trials(new_study, tmp_path):
+def test_a_reused_worker_repeats_a_fresh_process_after_failed_trials(new_study, tmp_path, run_study_cli):
     """One slot (1 CPU), four trials in this order: A (fresh process), one whose weights file does not exist
     (raises), one reporting a NaN loss (test-only hook FER_TEST_NAN_DROPOUT), then A's config again."""
     folder = new_study("reuse")
@@ -40,26 +37,7 @@ def test_a_reused_worker_repeats_a_fresh_process_after_failed_trials(new_study, 
     }
     space_file = tmp_path / "reuse.yaml"
     space_file.write_text(yaml.safe_dump(space))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FER_TEST_NAN_DROPOUT="0.45")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "study.cli",
-            "run",
-            str(folder),
-            "--space",
-            str(space_file),
-            "--num-cpus",
-            "1",
-            "--no-dashboard",
-            "--reuse-workers",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+    proc = run_study_cli(folder, space_file, "--reuse-workers", num_cpus=1, env={"FER_TEST_NAN_DROPOUT": "0.45"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     outcomes = sorted(
         (json.loads(p.read_text()) for p in (folder / "trials").glob("*/outcome.json")), key=lambda o: o["finished_at"]
