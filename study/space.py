@@ -308,25 +308,9 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
             raise _fail(f"{source}: space", f"'{key}' is both fixed and tuned")
         space[key] = _parse_dist(key, spec, f"{source}: space")
 
-    points = raw.get("start_points") or []
-    if not isinstance(points, list):
-        raise _fail(f"{source}: start_points", "expected a list of mappings")
-    start_points = []
-    for i, point in enumerate(points):
-        where = f"{source}: start_points[{i}]"
-        _check_known(point, tuple(space), where)
-        missing = [key for key in space if key not in point]
-        if missing:
-            raise _fail(where, f"missing tuned key '{missing[0]}' (a start point sets every key of 'space')")
-        try:
-            coerced = make_config({**fixed, **point})
-        except UserError as exc:
-            raise _fail(where, str(exc)) from None
-        point = {key: coerced[key] for key in space}
-        for key, value in point.items():
-            if not space[key].contains(value):
-                raise _fail(where, f"'{key}': {value!r} lies outside its distribution {space[key].as_dict()}")
-        start_points.append(point)
+    start_points = list(
+        _parse_points(raw.get("start_points") or [], space, f"{source}: start_points", fixed, "every key of 'space'")
+    )
     if not space and trials > 1:
         raise _fail(f"{source}: trials_per_backbone", f"{trials} trials but nothing to tune ('space' is empty)")
     if len(start_points) > trials:
@@ -432,18 +416,24 @@ def _parse_per_backbone(raw: Any, backbones: list, space: dict, where: str) -> d
 
 def _parse_own_points(points: Any, own: dict, space: dict, where: str) -> tuple:
     """A backbone's own start points: each sets every key it tunes (they replace the shared ones for it)."""
+    tuned = {k: own.get(k, dist) for k, dist in space.items() if k not in own or isinstance(own[k], Dist)}
+    return _parse_points(points, tuned, where, {}, "every key this backbone tunes")
+
+
+def _parse_points(points: Any, tuned: dict, where: str, fixed: dict, scope: str) -> tuple:
+    """Start points: each sets every key of `tuned` (named by `scope` in the error), coerced in the context of
+    `fixed`, and lies inside its distribution."""
     if not isinstance(points, list):
         raise _fail(where, "expected a list of mappings")
-    tuned = {k: own.get(k, dist) for k, dist in space.items() if k not in own or isinstance(own[k], Dist)}
     out = []
     for i, point in enumerate(points):
         here = f"{where}[{i}]"
         _check_known(point, tuple(tuned), here)
         missing = [key for key in tuned if key not in point]
         if missing:
-            raise _fail(here, f"missing tuned key '{missing[0]}' (a start point sets every key this backbone tunes)")
+            raise _fail(here, f"missing tuned key '{missing[0]}' (a start point sets {scope})")
         try:
-            coerced = make_config(point)
+            coerced = make_config({**fixed, **point})
         except UserError as exc:
             raise _fail(here, str(exc)) from None
         point = {key: coerced[key] for key in tuned}
