@@ -6,6 +6,8 @@ resource request, joining a running cluster by address, the shared-storage check
 """
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,3 +109,19 @@ def test_trials_spread_over_two_nodes_with_half_a_gpu_each(two_node_cluster, new
     assert [p["running_together"] for p in probes] == [TRIALS] * TRIALS
     study = json.loads((folder / "study.json").read_text())
     assert study["ray"]["nodes"] == 2 and study["resources_per_trial"] == {"cpu": 0.5, "gpu": 0.5}
+
+
+def test_a_local_study_runs_its_trials_at_the_users_priority():
+    """Ray starts workers 15 nice levels down; connect() keeps a local study's trials at the driver's level."""
+    probe = (
+        "import os, ray\n"
+        "from study.tune.cluster import connect\n"
+        "connect(None, num_cpus=1, dashboard=False)\n"
+        "print('nice', os.nice(0), ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("nice ")), None)
+    assert line is not None, done.stderr[-2000:]
+    driver, worker = line.split()[1:]
+    assert worker == driver

@@ -23,6 +23,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fer.errors import UserError
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # trials read pixels from files, not from the object store
+# Ray starts its workers 15 nice levels below the raylet, so trials (the study's whole work) would yield
+# the CPU to any other process on the machine; a local study's trials run at the user's own priority
+# (`nice fer-study run ...` still lowers them). An RAY_worker_niceness already set is kept.
+LOCAL_WORKER_NICENESS = "0"
 
 
 def worker_env() -> dict:
@@ -46,6 +50,7 @@ def connect(
     if ray.is_initialized():
         context = None
     elif address is None:
+        os.environ.setdefault("RAY_worker_niceness", LOCAL_WORKER_NICENESS)  # read by the raylet it starts
         context = ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
