@@ -29,10 +29,8 @@ from fer.data.hashing import (
     halve,
     hashes_to_array,
     quick_correlation,
-    registered_phashes,
-    registered_thumbs,
-    registration_template,
 )
+from fer.data.registration import VARIANTS, probe_pairs, register, registration_template, variant_hashes, variant_thumbs
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
@@ -146,7 +144,7 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
     ]
     hard = ~easy
     if hard.any():
-        res = compare(sigs, pairs[hard], flips[hard])
+        res = compare(sigs, pairs[hard], flips[hard], min_corr=min_correlation)
         limit = np.where(same[hard], SAME_LABEL_MAX_LOCAL, max_local)
         ok = (res["corr"] >= min_correlation) & (res["local"] <= limit)
         for k, (i, j) in enumerate(pairs[hard]):
@@ -156,49 +154,36 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
 
 
 def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (image indices) whose registered hashes (hashing.registered_thumbs: shifted, cropped and bordered
-    copies register to the same content) are within `max_bits`, not already in `known`, and whose
-    registered thumbnails correlate at REGISTERED_PREFILTER or more; with per pair whether j is mirrored."""
-    thumbs = registered_thumbs(sigs, reps, registration_template(sigs, reps))
-    hr = registered_phashes(thumbs)
-    local, flips = candidate_pairs(hr, None, max_bits)  # mirrored copies are the plain pHash's job
+    """Pairs (image indices) whose registered hashes, or a probe of one and the registered hash of the other
+    (fer/data/registration.py: shifted, cropped and bordered copies register to the same content), are
+    within `max_bits`, not already in `known`, and whose registered (or probe) thumbnails correlate at
+    REGISTERED_PREFILTER or more; with per pair whether j is mirrored (never: that is the pHash's job)."""
+    offsets = register(sigs, reps, registration_template(sigs, reps))
+    local, how = probe_pairs(variant_hashes(sigs, reps, offsets), max_bits)
     if len(local) and len(known):
         n = len(sigs)
         mine = reps[local[:, 0]] * n + reps[local[:, 1]]
         new = ~np.isin(mine, known[:, 0] * n + known[:, 1])
-        local, flips = local[new], flips[new]
+        local, how = local[new], how[new]
     if not len(local):
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
-    # first the plain correlation at 16 px (a dot product per pair), then the shift-tolerant one at 32 px
-    small = np.empty((len(thumbs), (THUMB // 2) ** 2), dtype=np.float16)  # 0.5 KiB per image
-    for start in range(0, len(thumbs), 4096):
-        x = halve(thumbs[start : start + 4096].astype(np.float32)).reshape(-1, (THUMB // 2) ** 2)
-        x -= x.mean(axis=1, keepdims=True)
-        small[start : start + 4096] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
-    close = (
-        np.concatenate(
-            [
-                np.einsum(
-                    "pk,pk->p",
-                    small[local[s : s + 65536, 0]].astype(np.float32),
-                    small[local[s : s + 65536, 1]].astype(np.float32),
-                )
-                for s in range(0, len(local), 65536)
-            ]
-        )
-        >= REGISTERED_MIN_CORR16
-    )
-    local, flips = local[close], flips[close]
-    if not len(local):
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
-    used, loc = np.unique(local, return_inverse=True)
+    # which variant of each side matched: 0 registered; odd `how`: i's probe, even: j's probe
+    probe = (how + 1) // 2
+    side = np.stack([np.where(how % 2 == 1, probe, 0), np.where((how % 2 == 0) & (how > 0), probe, 0)], axis=1)
+    keys, loc = np.unique(local * VARIANTS + side, return_inverse=True)
     loc = loc.reshape(local.shape)
-    blurred = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
-    for start in range(0, len(used), 4096):  # in chunks: a float copy of every thumbnail would be 4 KiB each
-        blurred[start : start + 4096] = _blur(thumbs[used[start : start + 4096]].astype(np.float32))
-    quick = quick_correlation(blurred, loc, max_shift=1)
+    thumbs = variant_thumbs(sigs, reps[keys // VARIANTS], offsets[keys // VARIANTS], keys % VARIANTS)
+    # first the plain correlation at 16 px (a dot product per pair), then the shift-tolerant one at 32 px
+    small = halve(thumbs.astype(np.float32)).reshape(len(thumbs), -1)
+    small -= small.mean(axis=1, keepdims=True)
+    small /= np.maximum(np.linalg.norm(small, axis=1, keepdims=True), 1e-3)
+    close = np.einsum("pk,pk->p", small[loc[:, 0]], small[loc[:, 1]]) >= REGISTERED_MIN_CORR16
+    local, loc = local[close], loc[close]
+    if not len(local):
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
+    quick = quick_correlation(_blur(thumbs.astype(np.float32)).astype(np.uint8), loc, max_shift=1)
     keep = quick >= REGISTERED_PREFILTER
-    return reps[local[keep]], flips[keep]
+    return reps[local[keep]], np.zeros(int(keep.sum()), dtype=bool)
 
 
 def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.ndarray:
@@ -258,7 +243,12 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
     else:
         mirror = None  # both orientations
     if todo:
-        res = compare(sigs, np.array(todo, dtype=np.int64), mirror)
+        res = compare(
+            sigs,
+            np.array(todo, dtype=np.int64),
+            mirror,
+            min_corr=LOOSE_MIN_CORRELATION if labels is None else min_correlation,
+        )
         if labels is None:
             ok = (res["corr"] >= LOOSE_MIN_CORRELATION) & (res["local"] <= LOOSE_MAX_LOCAL)
         else:
