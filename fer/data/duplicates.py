@@ -30,7 +30,7 @@ from fer.data.hashing import (
     hashes_to_array,
     quick_correlation,
 )
-from fer.data.registration import VARIANTS, probe_pairs, register, registration_template, variant_hashes, variant_thumbs
+from fer.data.registration import VARIANTS, probe_pairs, register, registration_template, variant_thumbs
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
@@ -103,7 +103,7 @@ def find_duplicates(
             quick = _prefilter(sigs, pairs, flips)
             keep = quick >= PREFILTER_MIN_CORRELATION
             pairs, flips, quick = pairs[keep], flips[keep], quick[keep]
-        extra, extra_flips = _registered_candidates(sigs, reps, max_bits, pairs)
+        extra, extra_flips, _ = _registered_candidates(sigs, reps, max_bits, pairs)
         if len(extra):
             pairs = np.concatenate([pairs, extra]) if len(pairs) else extra
             flips = np.concatenate([flips, extra_flips]) if len(flips) else extra_flips
@@ -153,20 +153,24 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
     return out
 
 
-def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.ndarray]:
+_NONE = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32)
+
+
+def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (image indices) whose registered hashes, or a probe of one and the registered hash of the other
     (fer/data/registration.py: shifted, cropped and bordered copies register to the same content), are
     within `max_bits`, not already in `known`, and whose registered (or probe) thumbnails correlate at
-    REGISTERED_PREFILTER or more; with per pair whether j is mirrored (never: that is the pHash's job)."""
-    offsets = register(sigs, reps, registration_template(sigs, reps))
-    local, how = probe_pairs(variant_hashes(sigs, reps, offsets), max_bits)
+    REGISTERED_PREFILTER or more; with per pair whether j is mirrored (never: that is the pHash's job) and
+    that correlation."""
+    offsets, hashes = register(sigs, reps, registration_template(sigs, reps))
+    local, how = probe_pairs(hashes, max_bits)
     if len(local) and len(known):
         n = len(sigs)
         mine = reps[local[:, 0]] * n + reps[local[:, 1]]
         new = ~np.isin(mine, known[:, 0] * n + known[:, 1])
         local, how = local[new], how[new]
     if not len(local):
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
+        return _NONE
     # which variant of each side matched: 0 registered; odd `how`: i's probe, even: j's probe
     probe = (how + 1) // 2
     side = np.stack([np.where(how % 2 == 1, probe, 0), np.where((how % 2 == 0) & (how > 0), probe, 0)], axis=1)
@@ -177,13 +181,21 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
     small = halve(thumbs.astype(np.float32)).reshape(len(thumbs), -1)
     small -= small.mean(axis=1, keepdims=True)
     small /= np.maximum(np.linalg.norm(small, axis=1, keepdims=True), 1e-3)
-    close = np.einsum("pk,pk->p", small[loc[:, 0]], small[loc[:, 1]]) >= REGISTERED_MIN_CORR16
+    close = np.concatenate(
+        [
+            np.einsum("pk,pk->p", small[loc[s : s + 16384, 0]], small[loc[s : s + 16384, 1]])
+            for s in range(0, len(loc), 16384)
+        ]
+    )
+    close = close >= REGISTERED_MIN_CORR16
     local, loc = local[close], loc[close]
     if not len(local):
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
-    quick = quick_correlation(_blur(thumbs.astype(np.float32)).astype(np.uint8), loc, max_shift=1)
+        return _NONE
+    used, loc = np.unique(loc, return_inverse=True)
+    blurred = _blur(thumbs[used].astype(np.float32)).astype(np.uint8)
+    quick = quick_correlation(blurred, loc.reshape(local.shape), max_shift=1)
     keep = quick >= REGISTERED_PREFILTER
-    return reps[local[keep]], np.zeros(int(keep.sum()), dtype=bool)
+    return reps[local[keep]], np.zeros(int(keep.sum()), dtype=bool), quick[keep]
 
 
 def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.ndarray:

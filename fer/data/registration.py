@@ -19,16 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fer.data.hashing import (
-    THUMB,
-    _blur121,
-    _normalise,
-    _phash_bits,
-    _resample,
-    _sparse_nonzero,
-    halve,
-    hashes_to_array,
-)
+from fer.data.hashing import THUMB, _blur121, _normalise, _resample, _sparse_nonzero, halve, phash_array
 
 REG_WINDOW = 16  # template: the central 16x16 of the 32 px mean face
 REG_RADIUS = 6  # shifts searched: +-6 px at 32 px (19 %; +-8 registers FER2013 calibration copies less often)
@@ -49,17 +40,22 @@ def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096
     return (t / max(np.linalg.norm(t), 1e-9)).astype(np.float32)
 
 
-def register(sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """float32 (len(rows), 4): per image the shift (dy, dx, 32 px units) where its blurred 32 px thumbnail
-    correlates best with `template` (normalised cross-correlation over +-REG_RADIUS px, by FFT, parabolic
-    sub-pixel peak), then the same for the second-best peak (16 bytes per image)."""
+def register(
+    sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, hashes). offsets: float32 (len(rows), 4), per image the shift (dy, dx, 32 px units) where
+    its blurred 32 px thumbnail correlates best with `template` (normalised cross-correlation over
+    +-REG_RADIUS px, by FFT, parabolic sub-pixel peak), then the same for the second-best peak (16 bytes per
+    image). hashes: uint64 (VARIANTS, len(rows)), the pHash of each variant (`variant_thumbs`)."""
     out = np.empty((len(rows), 4), dtype=np.float32)
+    hashes = np.empty((VARIANTS, len(rows)), dtype=np.uint64)
     size, r, m = THUMB, REG_RADIUS, (THUMB - REG_WINDOW) // 2  # no wrap-around: m + r + REG_WINDOW <= THUMB
     ft = np.conj(np.fft.rfft2(template, s=(size, size)))
     span = 2 * r + 1
     grid_y, grid_x = np.divmod(np.arange(span * span), span)
     for start in range(0, len(rows), chunk):
-        x = _blur121(halve(sigs[rows[start : start + chunk]].astype(np.float32)))
+        x32 = halve(sigs[rows[start : start + chunk]].astype(np.float32))
+        x = _blur121(x32)
         n = len(x)
         num = np.fft.irfft2(np.fft.rfft2(x, s=(size, size)) * ft, s=(size, size))[
             :, m - r : m + r + 1, m - r : m + r + 1
@@ -84,34 +80,29 @@ def register(sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: in
             iy, ix = np.divmod(k, span)
             out[start : start + n, col] = iy - r + _parabola(corr, at, iy, ix, axis=0)
             out[start : start + n, col + 1] = ix - r + _parabola(corr, at, iy, ix, axis=1)
-    return out
+        for v in range(VARIANTS):
+            hashes[v, start : start + n] = phash_array(_variants(x32, out[start : start + n], v))
+    return out, hashes
 
 
 def variant_thumbs(sigs: np.ndarray, rows: np.ndarray, offsets: np.ndarray, variant: np.ndarray) -> np.ndarray:
-    """uint8 (len(rows), 32, 32): image rows[k] resampled as its `variant[k]` (VARIANTS) from its
-    `offsets[k]` (`register`): the central 80 % at the registered shift, the central 72 % there, or the
-    central 80 % at the second peak."""
-    variant = np.broadcast_to(variant, rows.shape)
-    zoom = np.where(variant == 1, REG_CENTRAL * PROBE_ZOOM, REG_CENTRAL).astype(np.float32)
-    dy = np.where(variant == 2, offsets[:, 2], offsets[:, 0]).astype(np.float32)
-    dx = np.where(variant == 2, offsets[:, 3], offsets[:, 1]).astype(np.float32)
+    """uint8 (len(rows), 32, 32): image rows[k] resampled as its `variant[k]` from `offsets[k]` (`register`)."""
     out = np.empty((len(rows), THUMB, THUMB), dtype=np.uint8)
     for start in range(0, len(rows), 4096):
         sl = slice(start, start + 4096)
-        moved = _resample(halve(sigs[rows[sl]].astype(np.float32)), zoom[sl], dy[sl], dx[sl])
+        moved = _variants(halve(sigs[rows[sl]].astype(np.float32)), offsets[sl], variant[sl])
         out[sl] = np.clip(np.rint(moved), 0, 255)
     return out
 
 
-def variant_hashes(sigs: np.ndarray, rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """uint64 (VARIANTS, len(rows)): the pHash of every image's registered thumbnail and of its two probes."""
-    out = np.empty((VARIANTS, len(rows)), dtype=np.uint64)
-    for v in range(VARIANTS):
-        for start in range(0, len(rows), 4096):
-            sl = slice(start, start + 4096)
-            t = variant_thumbs(sigs, rows[sl], offsets[sl], np.full(len(rows[sl]), v))
-            out[v, sl] = hashes_to_array(_phash_bits(t.astype(np.float64))[0])
-    return out
+def _variants(x32: np.ndarray, offsets: np.ndarray, variant) -> np.ndarray:
+    """Float 32 px thumbnails resampled as `variant` (VARIANTS; one for all, or one per image): the central
+    80 % at the registered shift, the central 72 % there, or the central 80 % at the second peak."""
+    variant = np.broadcast_to(variant, (len(x32),))
+    zoom = np.where(variant == 1, REG_CENTRAL * PROBE_ZOOM, REG_CENTRAL).astype(np.float32)
+    dy = np.where(variant == 2, offsets[:, 2], offsets[:, 0]).astype(np.float32)
+    dx = np.where(variant == 2, offsets[:, 3], offsets[:, 1]).astype(np.float32)
+    return _resample(x32, zoom, dy, dx)
 
 
 def _window_sums(sat: np.ndarray, starts: np.ndarray, w: int) -> np.ndarray:
