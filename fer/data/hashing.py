@@ -213,23 +213,11 @@ def _window_spreads(thumbs: np.ndarray, used: np.ndarray, r: int, inner: int, ch
     n = inner * inner
     out = np.empty((len(used), (2 * r + 1) ** 2), dtype=np.float32)
     for start in range(0, len(used), chunk):
-        t = thumbs[used[start : start + chunk]].astype(np.float64)
-        sat = np.zeros((len(t), THUMB + 1, THUMB + 1))
-        sat[:, 1:, 1:] = t.cumsum(1).cumsum(2)
-        sat2 = np.zeros_like(sat)
-        sat2[:, 1:, 1:] = (t * t).cumsum(1).cumsum(2)
-        k = 0
-        for y in range(2 * r + 1):
-            for x in range(2 * r + 1):
-                total, squares = _window_sum(sat, y, x, inner), _window_sum(sat2, y, x, inner)
-                out[start : start + len(t), k] = np.sqrt(np.maximum(squares - total * total / n, 0.0))
-                k += 1
+        t = thumbs[used[start : start + chunk]].astype(np.float32)
+        t -= t.mean(axis=(1, 2), keepdims=True)
+        total, squares = _window_stats(t, r, inner), _window_stats(t * t, r, inner)
+        out[start : start + len(t)] = np.sqrt(np.maximum(squares - total * total / n, 0.0)).reshape(len(t), -1)
     return out
-
-
-def _window_sum(sat: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
-    """Sum of every image's window [y:y+size, x:x+size] from its summed-area table."""
-    return sat[:, y + size, x + size] - sat[:, y, x + size] - sat[:, y + size, x] + sat[:, y, x]
 
 
 # --- confirmation -----------------------------------------------------------------------------------------
@@ -263,28 +251,38 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def _shift_search(a: np.ndarray, b: np.ndarray, r: int):
     """Best normalised correlation of a's centre (margin r) with b's windows shifted by up to r pixels.
-    Returns (corr, dy, dx). a's centre has zero mean, so each window only needs its spread, taken from
-    summed-area tables of b and b squared."""
+    Returns (corr, dy, dx). a's centre has zero mean, so each window only needs its spread (`_window_stats`)."""
     p, n = a.shape[0], a.shape[1]
     inner = n - 2 * r
     ac = _normalise(a[:, r : n - r, r : n - r])
-    sat = np.zeros((p, n + 1, n + 1), dtype=np.float64)
-    sat[:, 1:, 1:] = b.cumsum(1, dtype=np.float64).cumsum(2)
-    sat2 = np.zeros_like(sat)
-    sat2[:, 1:, 1:] = (b.astype(np.float64) ** 2).cumsum(1).cumsum(2)
+    b = b - b.mean(axis=(1, 2), keepdims=True)  # same correlations; small sums keep float32 exact enough
+    count = inner * inner
+    total, squares = _window_stats(b, r, inner), _window_stats(b * b, r, inner)
+    spread = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0))
     best = np.full(p, -2.0, dtype=np.float32)
     by, bx = np.zeros(p, dtype=np.int64), np.zeros(p, dtype=np.int64)
-    count = inner * inner
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             y, x = r + dy, r + dx
-            total, squares = _window_sum(sat, y, x, inner), _window_sum(sat2, y, x, inner)
-            spread = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0)).astype(np.float32)
             dot = np.einsum("pij,pij->p", ac, b[:, y : y + inner, x : x + inner]) / count
-            s = np.divide(dot, spread, out=np.zeros_like(dot), where=spread > 1e-3)
+            sd = spread[:, y, x]
+            s = np.divide(dot, sd, out=np.zeros_like(dot), where=sd > 1e-3)
             better = s > best
             best[better], by[better], bx[better] = s[better], dy, dx
     return best, by, bx
+
+
+def _window_stats(x: np.ndarray, r: int, inner: int) -> np.ndarray:
+    """(p, 2r+1, 2r+1): the sum of every inner x inner window of each image at offsets 0..2r per axis, as
+    two box sums (cumulative sums along one axis, then along the other over only 2r+1 columns)."""
+    p, n = x.shape[0], x.shape[1]
+    k = 2 * r + 1
+    cs = np.zeros((p, n, n + 1), dtype=np.float32)
+    np.cumsum(x, axis=2, out=cs[:, :, 1:])
+    rows = cs[:, :, inner : inner + k] - cs[:, :, :k]
+    cc = np.zeros((p, n + 1, k), dtype=np.float32)
+    np.cumsum(rows, axis=1, out=cc[:, 1:])
+    return cc[:, inner : inner + k] - cc[:, :k]
 
 
 def _smooth(x: np.ndarray, k: int = 5) -> np.ndarray:
