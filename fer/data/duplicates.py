@@ -176,24 +176,33 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
     side = np.stack([np.where(how % 2 == 1, probe, 0), np.where((how % 2 == 0) & (how > 0), probe, 0)], axis=1)
     keys, loc = np.unique(local * VARIANTS + side, return_inverse=True)
     loc = loc.reshape(local.shape)
-    thumbs = variant_thumbs(sigs, reps[keys // VARIANTS], offsets[keys // VARIANTS], keys % VARIANTS)
-    # first the plain correlation at 16 px (a dot product per pair), then the shift-tolerant one at 32 px
-    small = halve(thumbs.astype(np.float32)).reshape(len(thumbs), -1)
-    small -= small.mean(axis=1, keepdims=True)
-    small /= np.maximum(np.linalg.norm(small, axis=1, keepdims=True), 1e-3)
+    pos, variant = keys // VARIANTS, keys % VARIANTS  # positions in `reps` (and `offsets`)
+    # first the plain correlation at 16 px (a dot product per pair; float16 vectors, 0.5 KiB per image and
+    # variant), then the shift-tolerant one at 32 px on the survivors' thumbnails only
+    small = np.empty((len(keys), (THUMB // 2) ** 2), dtype=np.float16)
+    for start in range(0, len(keys), 4096):
+        sl = slice(start, start + 4096)
+        x = halve(variant_thumbs(sigs, reps[pos[sl]], offsets[pos[sl]], variant[sl]).astype(np.float32))
+        x = x.reshape(len(x), -1) - x.mean(axis=(1, 2))[:, None]
+        small[sl] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
     close = np.concatenate(
         [
-            np.einsum("pk,pk->p", small[loc[s : s + 16384, 0]], small[loc[s : s + 16384, 1]])
+            np.einsum(
+                "pk,pk->p",
+                small[loc[s : s + 16384, 0]].astype(np.float32),
+                small[loc[s : s + 16384, 1]].astype(np.float32),
+            )
             for s in range(0, len(loc), 16384)
         ]
     )
+    del small
     close = close >= REGISTERED_MIN_CORR16
     local, loc = local[close], loc[close]
     if not len(local):
         return _NONE
     used, loc = np.unique(loc, return_inverse=True)
-    blurred = _blur(thumbs[used].astype(np.float32)).astype(np.uint8)
-    quick = quick_correlation(blurred, loc.reshape(local.shape), max_shift=1)
+    thumbs = variant_thumbs(sigs, reps[pos[used]], offsets[pos[used]], variant[used])
+    quick = quick_correlation(_blur(thumbs.astype(np.float32)).astype(np.uint8), loc.reshape(local.shape), max_shift=1)
     keep = quick >= REGISTERED_PREFILTER
     return reps[local[keep]], np.zeros(int(keep.sum()), dtype=bool), quick[keep]
 
@@ -205,8 +214,10 @@ def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.nda
     t = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
     for start in range(0, len(used), 4096):  # in chunks: a float copy of every signature would be 32 KiB each
         t[start : start + 4096] = _blur(halve(sigs[used[start : start + 4096]].astype(np.float32)))
-    thumbs = np.concatenate([t, t[:, :, ::-1]])
-    second = local[:, 1] + np.where(flips, len(used), 0)
+    mirrored, at = np.unique(local[flips, 1], return_inverse=True)  # mirror only the images that need it
+    thumbs = np.concatenate([t, t[mirrored, :, ::-1]])
+    second = local[:, 1].copy()
+    second[flips] = len(used) + at
     return quick_correlation(thumbs, np.stack([local[:, 0], second], axis=1), max_shift=2)
 
 
