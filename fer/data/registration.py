@@ -137,10 +137,12 @@ def probe_pairs(h: np.ndarray, max_bits: int, block_cells: int = 2_000_000) -> t
         stop = min(n, start + block)
         canon = h[0, None, start:]
         dists = [np.bitwise_count(h[0, start:stop, None] ^ canon)]
+        best = dists[0].copy()
         for v in range(1, len(h)):
             dists.append(np.bitwise_count(h[v, start:stop, None] ^ canon))
             dists.append(np.bitwise_count(h[0, start:stop, None] ^ h[v, None, start:]))
-        best = np.minimum.reduce(dists)
+            np.minimum(best, dists[-2], out=best)
+            np.minimum(best, dists[-1], out=best)
         r, c = _sparse_nonzero(best <= max_bits)
         keep = c > r  # c counts from `start`: drops self-pairs and pairs already seen
         r, c = r[keep], c[keep]
