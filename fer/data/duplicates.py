@@ -2,8 +2,9 @@
 
 Exact: equal decoded pixels (a PNG and a lossless WebP of one image match though their bytes differ).
 Near: candidates whose pHash, or the pHash of the mirror image, is within `NEAR_PHASH_BITS` of 64, or whose
-registered hashes are (hashing.registered_thumbs: each image shifted onto the dataset's mean face and its
-central 80 % hashed, so shifted, cropped and bordered copies become candidates too), confirmed
+registered hashes are, or the probe hash of one and the registered hash of the other (fer/data/registration.py:
+each image shifted onto the dataset's mean face and its central 80 % hashed, plus a zoomed and a
+second-peak probe, so shifted, cropped and bordered copies become candidates too), confirmed
 by `hashing.compare` (aligned 64x64 signatures): global correlation at least `NEAR_MIN_CORRELATION` and no
 16x16 window differing by more than `NEAR_MAX_LOCAL` (that is where another expression of the same face
 shows: mouth, eyes, brows). The thresholds were chosen from measured distributions on the calibration part
@@ -180,8 +181,8 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
     # first the plain correlation at 16 px (a dot product per pair; float16 vectors, 0.5 KiB per image and
     # variant), then the shift-tolerant one at 32 px on the survivors' thumbnails only
     small = np.empty((len(keys), (THUMB // 2) ** 2), dtype=np.float16)
-    for start in range(0, len(keys), 4096):
-        sl = slice(start, start + 4096)
+    for start in range(0, len(keys), 1024):
+        sl = slice(start, start + 1024)
         x = halve(variant_thumbs(sigs, reps[pos[sl]], offsets[pos[sl]], variant[sl]).astype(np.float32))
         x = x.reshape(len(x), -1) - x.mean(axis=(1, 2))[:, None]
         small[sl] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
@@ -201,8 +202,11 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
     if not len(local):
         return _NONE
     used, loc = np.unique(loc, return_inverse=True)
-    thumbs = variant_thumbs(sigs, reps[pos[used]], offsets[pos[used]], variant[used])
-    quick = quick_correlation(_blur(thumbs.astype(np.float32)).astype(np.uint8), loc.reshape(local.shape), max_shift=1)
+    blurred = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
+    for start in range(0, len(used), 1024):  # in chunks: a float copy of a thumbnail is 4 KiB
+        k = used[start : start + 1024]
+        blurred[start : start + 1024] = _blur(variant_thumbs(sigs, reps[pos[k]], offsets[pos[k]], variant[k]))
+    quick = quick_correlation(blurred, loc.reshape(local.shape), max_shift=1)
     keep = quick >= REGISTERED_PREFILTER
     return reps[local[keep]], np.zeros(int(keep.sum()), dtype=bool), quick[keep]
 
@@ -212,8 +216,8 @@ def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.nda
     used, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(pairs.shape)
     t = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
-    for start in range(0, len(used), 4096):  # in chunks: a float copy of every signature would be 32 KiB each
-        t[start : start + 4096] = _blur(halve(sigs[used[start : start + 4096]].astype(np.float32)))
+    for start in range(0, len(used), 1024):  # in chunks: a float copy of every signature would be 32 KiB each
+        t[start : start + 1024] = _blur(halve(sigs[used[start : start + 1024]].astype(np.float32)))
     mirrored, at = np.unique(local[flips, 1], return_inverse=True)  # mirror only the images that need it
     thumbs = np.concatenate([t, t[mirrored, :, ::-1]])
     second = local[:, 1].copy()

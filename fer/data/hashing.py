@@ -7,10 +7,13 @@ person with another expression. Per file (computed once, in the decoding workers
   found as a hash neighbour of the original (hash(a) close to hash(mirror(b))).
 
 Pairs are confirmed by `compare`: b is aligned to a (mirror, zoom 0.87-1.14, shifts up to ~12 %: coarse
-search at 16 px, refined at 32 and 64 px), then scored on the central 52x52 pixels (borders and the gap a
-shift leaves are outside it) by their global correlation and by the largest local difference: the residual
-after alignment, smoothed, measured in 16x16 windows. Edits change every window a little; another
-expression of the same face changes the mouth, eye or brow windows a lot. Thresholds: duplicates.py.
+search at 16 px, refined at 32 px, sub-pixel by a parabola through a 3x3 grid), then scored on the central
+52x52 pixels (borders and the gap a shift leaves are outside it) by their global correlation and by the
+largest local difference: the residual after alignment, smoothed, measured in 16x16 windows. Edits change
+every window a little; another expression of the same face changes the mouth, eye or brow windows a lot.
+Most candidates are no copies: a blurred 32 px correlation after the coarse search rejects them before the
+sub-pixel stage (`EARLY_REJECT`), and the local difference is only computed where the correlation passes.
+Thresholds: duplicates.py; registration (shift-tolerant hashes): registration.py.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def _blur_matrix(n: int) -> np.ndarray:
 _DCT8_BLUR = _DCT8 @ _blur_matrix(THUMB)  # blur and the 8 lowest DCT frequencies in one product per axis
 
 
-def batch_phashes(sigs: np.ndarray, chunk: int = 4096) -> tuple[list[str], list[str]]:
+def batch_phashes(sigs: np.ndarray, chunk: int = 1024) -> tuple[list[str], list[str]]:
     """pHash and mirror pHash of every signature (n, 64, 64), vectorised (a few microseconds per image, where
     one call per image costs ~100). The mirror's DCT is the image's with the odd horizontal frequencies
     negated, so one transform serves both; the blur is folded into the DCT matrix. Same bits as
@@ -176,7 +179,7 @@ def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(idx, mask.shape[1])
 
 
-def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 4096) -> np.ndarray:
+def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 2048) -> np.ndarray:
     """Per pair (i, j), the highest correlation between the centre of 32x32 thumbnail i and any window of
     thumbnail j (already mirrored where needed) shifted by up to `max_shift` pixels: a cheap first filter
     before `compare` (tens of microseconds per pair instead of milliseconds).
@@ -295,7 +298,7 @@ def compare(
     sigs: np.ndarray,
     pairs: np.ndarray,
     mirror: np.ndarray | None = None,
-    block: int = 1024,
+    block: int = 512,
     min_corr: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Align and score each pair (i, j) of 64x64 signatures. Returns per pair: `corr` (global correlation

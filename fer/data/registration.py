@@ -33,7 +33,9 @@ def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096
     """The central REG_WINDOW pixels of the mean (normalised, blurred) 32 px image of up to `sample` evenly
     spaced images, zero mean and unit norm."""
     pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
-    mean = _normalise(_blur121(halve(sigs[pick].astype(np.float32)))).sum(axis=0, dtype=np.float64)
+    mean = np.zeros((THUMB, THUMB))
+    for start in range(0, len(pick), 1024):  # in chunks: a float copy of a signature is 16 KiB
+        mean += _normalise(_blur121(halve(sigs[pick[start : start + 1024]].astype(np.float32)))).sum(axis=0)
     m = (THUMB - REG_WINDOW) // 2
     t = mean[m : m + REG_WINDOW, m : m + REG_WINDOW]
     t = t - t.mean()
@@ -41,7 +43,7 @@ def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096
 
 
 def register(
-    sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: int = 4096
+    sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, hashes). offsets: float32 (len(rows), 4), per image the shift (dy, dx, 32 px units) where
     its blurred 32 px thumbnail correlates best with `template` (normalised cross-correlation over
@@ -88,8 +90,8 @@ def register(
 def variant_thumbs(sigs: np.ndarray, rows: np.ndarray, offsets: np.ndarray, variant: np.ndarray) -> np.ndarray:
     """uint8 (len(rows), 32, 32): image rows[k] resampled as its `variant[k]` from `offsets[k]` (`register`)."""
     out = np.empty((len(rows), THUMB, THUMB), dtype=np.uint8)
-    for start in range(0, len(rows), 4096):
-        sl = slice(start, start + 4096)
+    for start in range(0, len(rows), 1024):
+        sl = slice(start, start + 1024)
         moved = _variants(halve(sigs[rows[sl]].astype(np.float32)), offsets[sl], variant[sl])
         out[sl] = np.clip(np.rint(moved), 0, 255)
     return out
