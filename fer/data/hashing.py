@@ -7,7 +7,7 @@ person with another expression. Per file (computed once, in the decoding workers
   found as a hash neighbour of the original (hash(a) close to hash(mirror(b))).
 
 Pairs are confirmed by `compare`: b is aligned to a (mirror, zoom 0.87-1.14, shifts up to ~12 %: coarse
-search at 16 px, refined at 32 px, sub-pixel by a parabola through a 3x3 grid), then scored on the central
+search at 16 px, refined at 32 px, then to half a pixel), then scored on the central
 52x52 pixels (borders and the gap a shift leaves are outside it) by their global correlation and by the
 largest local difference: the residual after alignment, smoothed, measured in 16x16 windows. Edits change
 every window a little; another expression of the same face changes the mouth, eye or brow windows a lot.
@@ -387,27 +387,23 @@ def _refine_and_score(a: np.ndarray, b: np.ndarray, zoom: np.ndarray, ty: np.nda
     """Sub-pixel alignment at 32 px from the coarse estimate, then the scores at 64 px."""
     p = len(a)
     a32, b32 = halve(a), halve(b)
-    # sub-pixel refinement at 32 px: correlations on a 3x3 grid of shifts (+-1 px in 64 px units), the
-    # peak of a parabola through them per axis, then zoom +-0.015 and +-0.0075 there (13 resamplings; a brute-force grid
-    # of 36 found the same copies on the calibration fixtures)
+    # sub-pixel refinement at 32 px (shifts in 64 px units: +-1, then +-0.5 with zoom +-0.015). A parabola
+    # through a 3x3 grid instead (13 resamplings, not 36) found the same calibration copies but also
+    # halved the local difference of the test's same face with another expression (0.08 -> 0.04: it
+    # passed): the local-difference limit was calibrated on this grid's alignment.
     m2 = MARGIN // 2
     a32c = _normalise(a32[:, m2 : THUMB - m2, m2 : THUMB - m2])
-
-    def corr_at(z, y, x):
-        bz = _resample(b32, z, y / 2, x / 2)[:, m2 : THUMB - m2, m2 : THUMB - m2]
-        return (a32c * _normalise(bz)).mean(axis=(1, 2))
-
-    grid = np.stack([corr_at(zoom, ty + dy, tx + dx) for dy in (-1.0, 0.0, 1.0) for dx in (-1.0, 0.0, 1.0)])
-    grid = grid.reshape(3, 3, p)
-    ty = ty + _vertex(grid[0, 1], grid[1, 1], grid[2, 1])
-    tx = tx + _vertex(grid[1, 0], grid[1, 1], grid[1, 2])
-    best_corr = corr_at(zoom, ty, tx)
-    for step in (0.015, 0.0075):
-        z0 = zoom.copy()
-        for dz in (-step, step):
-            corr = corr_at(z0 + dz, ty, tx)
-            better = corr > best_corr
-            best_corr[better], zoom[better] = corr[better], z0[better] + dz
+    best_corr = np.full(p, -2.0, dtype=np.float32)
+    for step, dzs in ((1.0, (0.0,)), (0.5, (-0.015, 0.0, 0.015))):
+        z0, ty0, tx0 = zoom.copy(), ty.copy(), tx.copy()
+        for dz in dzs:
+            for ddy in (-step, 0.0, step):
+                for ddx in (-step, 0.0, step):
+                    bz = _resample(b32, z0 + dz, (ty0 + ddy) / 2, (tx0 + ddx) / 2)[:, m2 : THUMB - m2, m2 : THUMB - m2]
+                    corr = (a32c * _normalise(bz)).mean(axis=(1, 2))
+                    better = corr > best_corr
+                    best_corr[better] = corr[better]
+                    zoom[better], ty[better], tx[better] = z0[better] + dz, ty0[better] + ddy, tx0[better] + ddx
     # score at 64 px
     m = MARGIN
     ac = _normalise(a[:, m : SIG - m, m : SIG - m])
@@ -419,13 +415,6 @@ def _refine_and_score(a: np.ndarray, b: np.ndarray, zoom: np.ndarray, ty: np.nda
     if len(go):
         local[go] = local_difference(ac[go], best_b[go])
     return {"corr": best_corr, "local": local, "zoom": zoom, "shift": np.maximum(np.abs(final_ty), np.abs(final_tx))}
-
-
-def _vertex(cm: np.ndarray, c0: np.ndarray, cp: np.ndarray) -> np.ndarray:
-    """Offset (-1..1) of the peak of the parabola through correlations at -1, 0, +1."""
-    den = cm - 2 * c0 + cp
-    off = np.divide(0.5 * (cm - cp), den, out=np.zeros_like(den), where=den < -1e-9)
-    return np.clip(np.where(den < -1e-9, off, np.sign(cp - cm)), -1.0, 1.0).astype(np.float32)
 
 
 def local_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
