@@ -24,6 +24,9 @@ CPU-second (23.6 CPU-s; 1,654 and 17.6 before it), peak PSS 380 MiB, anonymous g
 2026-11-30, with registered hashes (shift-tolerant candidates), load 9-17, same sitting as b3a1220: 33.5-37.0
 CPU-s (789-871 images per CPU-second) against 16.8-20.7 (1,411-1,733), peak PSS 481 MiB against 254,
 anonymous growth 8.2 KiB per file against 3.7.
+2026-11-30, issue 10 (probe hashes, early reject, chunked memory), load 6-9, same sitting as b3a1220: 35.8
+CPU-s (815 images per CPU-second) against 21.2 (1,378), peak PSS 342 MiB against 254, anonymous growth 7.7
+KiB per file against 3.7.
 """
 
 from __future__ import annotations

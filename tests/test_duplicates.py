@@ -18,11 +18,13 @@ from PIL import Image
 from fer.data.decode import inspect_file
 from fer.data.duplicates import UnionFind, _cluster_near, find_duplicates
 from fer.data.edits import KINDS, edit
-from fer.data.hashing import _sparse_nonzero, batch_phashes
+from fer.data.hashing import _shift_search, _sparse_nonzero, batch_phashes, phash, thumbnail
+from fer.data.registration import probe_pairs
 from fer.machine import shared_missing, shared_path
 
 FACE = Path(__file__).parent / "data" / "astronaut_face.png"
 JAFFE = shared_path("datasets", "jaffe-5class")
+FER = shared_path("datasets", "fer2013-5class")
 
 
 def _records(paths):
@@ -64,6 +66,48 @@ def test_each_edit_of_a_real_face_clusters_with_its_source(kind, tmp_path):
     dups = find_duplicates(pix, h, hm, sigs, labels=["happy"] * 4 + ["sad"])
     cluster = next((c for c in dups.clusters if 0 in c), [])
     assert sorted(cluster) == [0, 1, 2, 3], (kind, dups.clusters, dups.near_scores)
+
+
+def test_batch_phashes_match_one_at_a_time():
+    rng = np.random.default_rng(1)
+    sigs = rng.integers(0, 256, (5, 64, 64), dtype=np.uint8)
+    h, hm = batch_phashes(sigs)
+    assert h == [f"{phash(thumbnail(s)):016x}" for s in sigs]
+    assert hm == [f"{phash(thumbnail(s[:, ::-1])):016x}" for s in sigs]
+
+
+def test_shift_search_matches_brute_force_correlation():
+    rng = np.random.default_rng(2)
+    a = rng.random((4, 16, 16), dtype=np.float32) * 255
+    b = np.roll(a, (1, -2), axis=(1, 2)) + rng.random((4, 16, 16), dtype=np.float32) * 20
+    corr, dy, dx = _shift_search(a, b, 2)
+    for k in range(4):
+        ac = a[k, 2:14, 2:14].ravel()
+        best = max(
+            (np.corrcoef(ac, b[k, 2 + y : 14 + y, 2 + x : 14 + x].ravel())[0, 1], y, x)
+            for y in range(-2, 3)
+            for x in range(-2, 3)
+        )
+        assert abs(best[0] - corr[k]) < 1e-4 and (best[1], best[2]) == (dy[k], dx[k]) == (1, -2)
+
+
+def test_probe_pairs_match_brute_force():
+    rng = np.random.default_rng(4)
+    h = rng.integers(0, 2**63, (3, 60), dtype=np.uint64)
+    h[1, 7] = h[0, 30] ^ np.uint64(0b111)  # image 7's scale probe ~ image 30's registered hash
+    h[2, 41] = h[0, 3]  # image 41's second-peak probe = image 3's registered hash
+    h[0, 50] = h[0, 12] ^ np.uint64(1 << 40)
+    pairs, how = probe_pairs(h, 4, block_cells=100)
+    bits = lambda x, y: int(x ^ y).bit_count()  # noqa: E731
+    want = {}
+    for i in range(60):
+        for j in range(i + 1, 60):
+            d = [bits(h[0, i], h[0, j]), bits(h[1, i], h[0, j]), bits(h[0, i], h[1, j])]
+            d += [bits(h[2, i], h[0, j]), bits(h[0, i], h[2, j])]
+            if min(d) <= 4:
+                want[(i, j)] = next(k for k, x in enumerate(d) if x <= 4)
+    assert {(int(i), int(j)): int(w) for (i, j), w in zip(pairs, how)} == want
+    assert {(7, 30), (3, 41), (12, 50)} <= set(want)
 
 
 def test_sparse_nonzero_matches_numpy():
@@ -138,3 +182,46 @@ def test_jaffe_prepares(regex, tmp_path):
     assert audit["leakage"]["ok"] and not audit["label_conflicts"]
     assert all(audit["counts"][c][s] > 0 for c in audit["classes"] for s in ("train", "val", "test"))
     assert (tmp_path / "data" / "duplicates_sheet.png").is_file()
+
+
+def test_fer2013_faces_each_edit_kind_and_jaffe_expressions(tmp_path):
+    """Real FER2013 faces (48 px), one copy per edit kind each, with one JAFFE person's every expression
+    as distractors: a regression check of benchmarks/duplicates_eval.py at small scale (its calibration
+    part: Training_ files, JAFFE KA). Measured there on 300 sources per part: docs/duplicates.md."""
+    if not FER.is_dir() or not JAFFE.is_dir():
+        pytest.skip(shared_missing(FER if not FER.is_dir() else JAFFE))
+    files = sorted(FER.glob("*/Training_*.jpg"))
+    sources = files[7 :: len(files) // 10][:10]
+    rng = np.random.default_rng(11)
+    paths, labels = [], []
+    for k, src in enumerate(sources):
+        img = Image.open(src)
+        img.load()
+        paths.append(src)
+        labels.append(src.parent.name)
+        for kind in KINDS:
+            data, ext, _ = edit(img, kind, rng)
+            paths.append(tmp_path / f"{k}_{kind}.{ext}")
+            paths[-1].write_bytes(data)
+            labels.append(src.parent.name)
+    jaffe = sorted(JAFFE.glob("*/KA_*.png"))
+    paths += jaffe
+    labels += [p.parent.name for p in jaffe]
+    pix, h, hm, sigs = _records(paths)
+    dups = find_duplicates(pix, h, hm, sigs, labels=labels)
+    cluster = {i: c for c, members in enumerate(dups.clusters) for i in members}
+    n = len(KINDS) + 1
+    missed = [
+        (k, kind)
+        for k in range(len(sources))
+        for j, kind in enumerate(KINDS)
+        if cluster.get(k * n) is None or cluster.get(k * n + 1 + j) != cluster[k * n]
+    ]
+    # calibration recall over 300 sources (docs/duplicates.md): shift 0.92, border 0.89, crop 0.98, others >= 0.997
+    hard = ("shift", "border", "crop")
+    assert [m for m in missed if m[1] not in hard] == [], missed
+    assert all(sum(m[1] == kind for m in missed) <= 2 for kind in hard), missed
+    first = len(sources) * n
+    for c in dups.clusters:
+        assert len({labels[i] for i in c if i >= first}) <= 1  # one person's expressions never together
+        assert len({i // n for i in c if i < first}) <= 1  # never two FER2013 sources

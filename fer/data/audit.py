@@ -48,17 +48,19 @@ def build_audit(
     path, label, split, pixel_hash = (table[c].tolist() for c in ("path", "label", "split", "pixel_hash"))
     clusters = []
     why_of = _pair_reasons(dup_report)
-    for members in dup_report["clusters_idx"]:
-        inside = set(members)
+    cluster_of = {i: k for k, members in enumerate(dup_report["clusters_idx"]) for i in members}
+    why_in: dict[int, list] = {}  # the pairs of each cluster, in one pass (not clusters x pairs)
+    for (i, j), w in why_of.items():
+        if i in cluster_of and cluster_of[i] == cluster_of.get(j):
+            why_in.setdefault(cluster_of[i], []).append({"pair": [path[i], path[j]], **w})
+    for k, members in enumerate(dup_report["clusters_idx"]):
         clusters.append(
             {
                 "kind": "exact" if len({pixel_hash[i] for i in members}) == 1 else "near",
                 "labels": sorted({label[i] for i in members}),
                 "paths": [path[i] for i in members],
                 "kept": [path[i] for i in members if split[i] in SPLITS],
-                "why": [
-                    {"pair": [path[i], path[j]], **w} for (i, j), w in why_of.items() if i in inside and j in inside
-                ],
+                "why": why_in.get(k, []),
             }
         )
     quarantined = table[table.status == "quarantined"]

@@ -2,8 +2,9 @@
 
 Exact: equal decoded pixels (a PNG and a lossless WebP of one image match though their bytes differ).
 Near: candidates whose pHash, or the pHash of the mirror image, is within `NEAR_PHASH_BITS` of 64, or whose
-registered hashes are (hashing.registered_thumbs: each image shifted onto the dataset's mean face and its
-central 80 % hashed, so shifted, cropped and bordered copies become candidates too), confirmed
+registered hashes are, or the probe hash of one and the registered hash of the other (fer/data/registration.py:
+each image shifted onto the dataset's mean face and its central 80 % hashed, plus a zoomed and a
+second-peak probe, so shifted, cropped and bordered copies become candidates too), confirmed
 by `hashing.compare` (aligned 64x64 signatures): global correlation at least `NEAR_MIN_CORRELATION` and no
 16x16 window differing by more than `NEAR_MAX_LOCAL` (that is where another expression of the same face
 shows: mouth, eyes, brows). The thresholds were chosen from measured distributions on the calibration part
@@ -29,10 +30,8 @@ from fer.data.hashing import (
     halve,
     hashes_to_array,
     quick_correlation,
-    registered_phashes,
-    registered_thumbs,
-    registration_template,
 )
+from fer.data.registration import VARIANTS, probe_pairs, register, registration_template, variant_thumbs
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
@@ -105,7 +104,7 @@ def find_duplicates(
             quick = _prefilter(sigs, pairs, flips)
             keep = quick >= PREFILTER_MIN_CORRELATION
             pairs, flips, quick = pairs[keep], flips[keep], quick[keep]
-        extra, extra_flips = _registered_candidates(sigs, reps, max_bits, pairs)
+        extra, extra_flips, _ = _registered_candidates(sigs, reps, max_bits, pairs)
         if len(extra):
             pairs = np.concatenate([pairs, extra]) if len(pairs) else extra
             flips = np.concatenate([flips, extra_flips]) if len(flips) else extra_flips
@@ -146,7 +145,7 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
     ]
     hard = ~easy
     if hard.any():
-        res = compare(sigs, pairs[hard], flips[hard])
+        res = compare(sigs, pairs[hard], flips[hard], min_corr=min_correlation)
         limit = np.where(same[hard], SAME_LABEL_MAX_LOCAL, max_local)
         ok = (res["corr"] >= min_correlation) & (res["local"] <= limit)
         for k, (i, j) in enumerate(pairs[hard]):
@@ -155,50 +154,61 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
     return out
 
 
-def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (image indices) whose registered hashes (hashing.registered_thumbs: shifted, cropped and bordered
-    copies register to the same content) are within `max_bits`, not already in `known`, and whose
-    registered thumbnails correlate at REGISTERED_PREFILTER or more; with per pair whether j is mirrored."""
-    thumbs = registered_thumbs(sigs, reps, registration_template(sigs, reps))
-    hr = registered_phashes(thumbs)
-    local, flips = candidate_pairs(hr, None, max_bits)  # mirrored copies are the plain pHash's job
+_NONE = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32)
+
+
+def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (image indices) whose registered hashes, or a probe of one and the registered hash of the other
+    (fer/data/registration.py: shifted, cropped and bordered copies register to the same content), are
+    within `max_bits`, not already in `known`, and whose registered (or probe) thumbnails correlate at
+    REGISTERED_PREFILTER or more; with per pair whether j is mirrored (never: that is the pHash's job) and
+    that correlation."""
+    offsets, hashes = register(sigs, reps, registration_template(sigs, reps))
+    local, how = probe_pairs(hashes, max_bits)
     if len(local) and len(known):
         n = len(sigs)
         mine = reps[local[:, 0]] * n + reps[local[:, 1]]
         new = ~np.isin(mine, known[:, 0] * n + known[:, 1])
-        local, flips = local[new], flips[new]
+        local, how = local[new], how[new]
     if not len(local):
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
-    # first the plain correlation at 16 px (a dot product per pair), then the shift-tolerant one at 32 px
-    small = np.empty((len(thumbs), (THUMB // 2) ** 2), dtype=np.float16)  # 0.5 KiB per image
-    for start in range(0, len(thumbs), 4096):
-        x = halve(thumbs[start : start + 4096].astype(np.float32)).reshape(-1, (THUMB // 2) ** 2)
-        x -= x.mean(axis=1, keepdims=True)
-        small[start : start + 4096] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
-    close = (
-        np.concatenate(
-            [
-                np.einsum(
-                    "pk,pk->p",
-                    small[local[s : s + 65536, 0]].astype(np.float32),
-                    small[local[s : s + 65536, 1]].astype(np.float32),
-                )
-                for s in range(0, len(local), 65536)
-            ]
-        )
-        >= REGISTERED_MIN_CORR16
-    )
-    local, flips = local[close], flips[close]
-    if not len(local):
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
-    used, loc = np.unique(local, return_inverse=True)
+        return _NONE
+    # which variant of each side matched: 0 registered; odd `how`: i's probe, even: j's probe
+    probe = (how + 1) // 2
+    side = np.stack([np.where(how % 2 == 1, probe, 0), np.where((how % 2 == 0) & (how > 0), probe, 0)], axis=1)
+    keys, loc = np.unique(local * VARIANTS + side, return_inverse=True)
     loc = loc.reshape(local.shape)
+    pos, variant = keys // VARIANTS, keys % VARIANTS  # positions in `reps` (and `offsets`)
+    # first the plain correlation at 16 px (a dot product per pair; float16 vectors, 0.5 KiB per image and
+    # variant), then the shift-tolerant one at 32 px on the survivors' thumbnails only
+    small = np.empty((len(keys), (THUMB // 2) ** 2), dtype=np.float16)
+    for start in range(0, len(keys), 1024):
+        sl = slice(start, start + 1024)
+        x = halve(variant_thumbs(sigs, reps[pos[sl]], offsets[pos[sl]], variant[sl]).astype(np.float32))
+        x = x.reshape(len(x), -1) - x.mean(axis=(1, 2))[:, None]
+        small[sl] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
+    close = np.concatenate(
+        [
+            np.einsum(
+                "pk,pk->p",
+                small[loc[s : s + 16384, 0]].astype(np.float32),
+                small[loc[s : s + 16384, 1]].astype(np.float32),
+            )
+            for s in range(0, len(loc), 16384)
+        ]
+    )
+    del small
+    close = close >= REGISTERED_MIN_CORR16
+    local, loc = local[close], loc[close]
+    if not len(local):
+        return _NONE
+    used, loc = np.unique(loc, return_inverse=True)
     blurred = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
-    for start in range(0, len(used), 4096):  # in chunks: a float copy of every thumbnail would be 4 KiB each
-        blurred[start : start + 4096] = _blur(thumbs[used[start : start + 4096]].astype(np.float32))
-    quick = quick_correlation(blurred, loc, max_shift=1)
+    for start in range(0, len(used), 1024):  # in chunks: a float copy of a thumbnail is 4 KiB
+        k = used[start : start + 1024]
+        blurred[start : start + 1024] = _blur(variant_thumbs(sigs, reps[pos[k]], offsets[pos[k]], variant[k]))
+    quick = quick_correlation(blurred, loc.reshape(local.shape), max_shift=1)
     keep = quick >= REGISTERED_PREFILTER
-    return reps[local[keep]], flips[keep]
+    return reps[local[keep]], np.zeros(int(keep.sum()), dtype=bool), quick[keep]
 
 
 def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.ndarray:
@@ -206,10 +216,12 @@ def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.nda
     used, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(pairs.shape)
     t = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
-    for start in range(0, len(used), 4096):  # in chunks: a float copy of every signature would be 32 KiB each
-        t[start : start + 4096] = _blur(halve(sigs[used[start : start + 4096]].astype(np.float32)))
-    thumbs = np.concatenate([t, t[:, :, ::-1]])
-    second = local[:, 1] + np.where(flips, len(used), 0)
+    for start in range(0, len(used), 1024):  # in chunks: a float copy of every signature would be 32 KiB each
+        t[start : start + 1024] = _blur(halve(sigs[used[start : start + 1024]].astype(np.float32)))
+    mirrored, at = np.unique(local[flips, 1], return_inverse=True)  # mirror only the images that need it
+    thumbs = np.concatenate([t, t[mirrored, :, ::-1]])
+    second = local[:, 1].copy()
+    second[flips] = len(used) + at
     return quick_correlation(thumbs, np.stack([local[:, 0], second], axis=1), max_shift=2)
 
 
@@ -258,7 +270,12 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
     else:
         mirror = None  # both orientations
     if todo:
-        res = compare(sigs, np.array(todo, dtype=np.int64), mirror)
+        res = compare(
+            sigs,
+            np.array(todo, dtype=np.int64),
+            mirror,
+            min_corr=LOOSE_MIN_CORRELATION if labels is None else min_correlation,
+        )
         if labels is None:
             ok = (res["corr"] >= LOOSE_MIN_CORRELATION) & (res["local"] <= LOOSE_MAX_LOCAL)
         else:

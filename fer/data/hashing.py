@@ -7,10 +7,13 @@ person with another expression. Per file (computed once, in the decoding workers
   found as a hash neighbour of the original (hash(a) close to hash(mirror(b))).
 
 Pairs are confirmed by `compare`: b is aligned to a (mirror, zoom 0.87-1.14, shifts up to ~12 %: coarse
-search at 16 px, refined at 32 and 64 px), then scored on the central 52x52 pixels (borders and the gap a
-shift leaves are outside it) by their global correlation and by the largest local difference: the residual
-after alignment, smoothed, measured in 16x16 windows. Edits change every window a little; another
-expression of the same face changes the mouth, eye or brow windows a lot. Thresholds: duplicates.py.
+search at 16 px, refined at 32 px, then to half a pixel), then scored on the central
+52x52 pixels (borders and the gap a shift leaves are outside it) by their global correlation and by the
+largest local difference: the residual after alignment, smoothed, measured in 16x16 windows. Edits change
+every window a little; another expression of the same face changes the mouth, eye or brow windows a lot.
+Most candidates are no copies: a blurred 32 px correlation after the coarse search rejects them before the
+sub-pixel stage (`EARLY_REJECT`), and the local difference is only computed where the correlation passes.
+Thresholds: duplicates.py; registration (shift-tolerant hashes): registration.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ SIG = 64
 THUMB = 32
 MARGIN = 6  # scored region: SIG - 2 * MARGIN pixels (about 10 % off each side)
 ZOOMS = (0.87, 0.93, 1.0, 1.07, 1.14)
+EARLY_REJECT = 0.88  # blurred 32 px correlation after the coarse search (calibration copies >= 0.94); below: no copy
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -81,130 +85,54 @@ def phashes(sig: np.ndarray) -> tuple[str, str]:
     return h[0], hm[0]
 
 
-def batch_phashes(sigs: np.ndarray, chunk: int = 4096) -> tuple[list[str], list[str]]:
+def _blur_matrix(n: int) -> np.ndarray:
+    """The `_BLUR` filter with replicated edges as an (n, n) matrix: blur(t) = B @ t @ B.T."""
+    m = np.zeros((n, n))
+    for i in range(n):
+        for k, w in zip((i - 1, i, i + 1), _BLUR):
+            m[i, min(max(k, 0), n - 1)] += w
+    return m
+
+
+_DCT8_BLUR = _DCT8 @ _blur_matrix(THUMB)  # blur and the 8 lowest DCT frequencies in one product per axis
+
+
+def batch_phashes(sigs: np.ndarray, chunk: int = 1024) -> tuple[list[str], list[str]]:
     """pHash and mirror pHash of every signature (n, 64, 64), vectorised (a few microseconds per image, where
     one call per image costs ~100). The mirror's DCT is the image's with the odd horizontal frequencies
-    negated, so one transform serves both. Same bits as `phash(thumbnail(sig))`."""
+    negated, so one transform serves both; the blur is folded into the DCT matrix. Same bits as
+    `phash(thumbnail(sig))` (up to float rounding at exact ties)."""
     out_h, out_m = [], []
     for start in range(0, len(sigs), chunk):
-        t = halve(sigs[start : start + chunk].astype(np.float32)).astype(np.float64)
-        p = np.pad(t, ((0, 0), (1, 1), (0, 0)), mode="edge")
-        t = _BLUR[0] * p[:, :-2] + _BLUR[1] * p[:, 1:-1] + _BLUR[2] * p[:, 2:]
-        p = np.pad(t, ((0, 0), (0, 0), (1, 1)), mode="edge")
-        t = _BLUR[0] * p[:, :, :-2] + _BLUR[1] * p[:, :, 1:-1] + _BLUR[2] * p[:, :, 2:]
-        low = _DCT8 @ t @ _DCT8.T
-        for target, coeffs in ((out_h, low), (out_m, low * _MIRROR_SIGNS[None, None, :])):
-            flat = coeffs.reshape(len(coeffs), 64)
-            median = np.partition(flat[:, 1:], 31, axis=1)[:, 31]
-            packed = np.packbits(flat > median[:, None], axis=1)
-            target.extend(row.tobytes().hex() for row in packed)
+        h, hm = _phash_pair(halve(sigs[start : start + chunk].astype(np.float32)))
+        out_h.extend(f"{x:016x}" for x in h.tolist())
+        out_m.extend(f"{x:016x}" for x in hm.tolist())
     return out_h, out_m
 
 
-def _phash_bits(t: np.ndarray) -> tuple[list[str], list[str]]:
-    """pHash and mirror pHash of 32x32 float thumbnails (n, 32, 32), blurred here."""
-    p = np.pad(t, ((0, 0), (1, 1), (0, 0)), mode="edge")
-    t = _BLUR[0] * p[:, :-2] + _BLUR[1] * p[:, 1:-1] + _BLUR[2] * p[:, 2:]
-    p = np.pad(t, ((0, 0), (0, 0), (1, 1)), mode="edge")
-    t = _BLUR[0] * p[:, :, :-2] + _BLUR[1] * p[:, :, 1:-1] + _BLUR[2] * p[:, :, 2:]
-    low = _DCT8 @ t @ _DCT8.T
+def _phash_pair(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 pHash and mirror pHash of 32x32 thumbnails (n, 32, 32), blurred here (inside the DCT)."""
+    low = _DCT8_BLUR @ t.astype(np.float64) @ _DCT8_BLUR.T
     out = []
     for coeffs in (low, low * _MIRROR_SIGNS[None, None, :]):
         flat = coeffs.reshape(len(coeffs), 64)
         median = np.partition(flat[:, 1:], 31, axis=1)[:, 31]
-        out.append([row.tobytes().hex() for row in np.packbits(flat > median[:, None], axis=1)])
+        packed = np.packbits(flat > median[:, None], axis=1)
+        out.append(packed.view(">u8").ravel().astype(np.uint64))
     return out[0], out[1]
 
 
-# --- registration: a shift-tolerant second hash ------------------------------------------------------------
-# pHash is not shift-invariant: a copy shifted by 5-10 % or padded with a border differs in most bits. Each
-# image is therefore also registered to the dataset's mean face (shifts only, found by correlation at 32 px)
-# and hashed again on its central 80 % in that registered position: a shifted copy registers to the same
-# content, so its "registered hash" is close to its source's (docs/duplicates.md).
-REG_WINDOW = 16  # template: the central 16x16 of the 32 px mean face
-REG_RADIUS = 6  # shifts searched: +-6 px at 32 px (19 %; +-8 registers FER2013 calibration copies less often)
-REG_CENTRAL = 0.8  # the registered hash covers the central 80 % (fill, borders and watermarks at the edges drop out)
+def phash_array(t: np.ndarray) -> np.ndarray:
+    """uint64 pHash of 32x32 thumbnails (n, 32, 32), blurred here."""
+    return _phash_pair(t)[0]
 
 
 def _blur121(t: np.ndarray) -> np.ndarray:
+    """[1 2 1]/4 in both directions, edges replicated (float)."""
     p = np.pad(t, ((0, 0), (1, 1), (0, 0)), mode="edge")
     t = 0.25 * p[:, :-2] + 0.5 * p[:, 1:-1] + 0.25 * p[:, 2:]
     p = np.pad(t, ((0, 0), (0, 0), (1, 1)), mode="edge")
     return 0.25 * p[:, :, :-2] + 0.5 * p[:, :, 1:-1] + 0.25 * p[:, :, 2:]
-
-
-def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096) -> np.ndarray:
-    """The central REG_WINDOW pixels of the mean (normalised, blurred) 32 px image of up to `sample` evenly
-    spaced images, zero mean and unit norm."""
-    pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
-    mean = _normalise(_blur121(halve(sigs[pick].astype(np.float32)))).sum(axis=0, dtype=np.float64)
-    m = (THUMB - REG_WINDOW) // 2
-    t = mean[m : m + REG_WINDOW, m : m + REG_WINDOW]
-    t = t - t.mean()
-    return (t / max(np.linalg.norm(t), 1e-9)).astype(np.float32)
-
-
-def registered_thumbs(sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """uint8 (len(rows), 32, 32): each image's central REG_CENTRAL part, at the shift where its blurred 32 px
-    thumbnail correlates best with `template` (normalised cross-correlation over +-REG_RADIUS px, by FFT,
-    parabolic sub-pixel peak)."""
-    out = np.empty((len(rows), THUMB, THUMB), dtype=np.uint8)
-    size, r, m = THUMB, REG_RADIUS, (THUMB - REG_WINDOW) // 2  # no wrap-around: m + r + REG_WINDOW <= THUMB
-    ft = np.conj(np.fft.rfft2(template, s=(size, size)))
-    span = 2 * r + 1
-    for start in range(0, len(rows), chunk):
-        x32 = halve(sigs[rows[start : start + chunk]].astype(np.float32))
-        x = _blur121(x32)
-        n = len(x)
-        num = np.fft.irfft2(np.fft.rfft2(x, s=(size, size)) * ft, s=(size, size))[
-            :, m - r : m + r + 1, m - r : m + r + 1
-        ]
-        sat = np.zeros((n, THUMB + 1, THUMB + 1), dtype=np.float32)
-        sat[:, 1:, 1:] = x.cumsum(1).cumsum(2)
-        sat2 = np.zeros_like(sat)
-        sat2[:, 1:, 1:] = (x * x).cumsum(1).cumsum(2)
-        starts, w = np.arange(m - r, m + r + 1), REG_WINDOW
-        total, squares = _window_sums(sat, starts, w), _window_sums(sat2, starts, w)
-        spread = np.sqrt(np.maximum(squares - total * total / (w * w), 1e-6))
-        corr = (num / spread).reshape(n, -1)
-        k = corr.argmax(axis=1)
-        iy, ix = np.divmod(k, span)
-        corr = corr.reshape(n, span, span)
-        at = np.arange(n)
-        dy = iy - r + _parabola(corr, at, iy, ix, axis=0)
-        dx = ix - r + _parabola(corr, at, iy, ix, axis=1)
-        zoom = np.full(n, REG_CENTRAL, dtype=np.float32)
-        moved = _resample(x32, zoom, dy.astype(np.float32), dx.astype(np.float32))
-        out[start : start + n] = np.clip(np.rint(moved), 0, 255)
-    return out
-
-
-def _window_sums(sat: np.ndarray, starts: np.ndarray, w: int) -> np.ndarray:
-    """(n, k, k) sums of the w x w windows at every (starts[a], starts[b]), from summed-area tables."""
-    y, x = starts[:, None], starts[None, :]
-    return sat[:, y + w, x + w] - sat[:, y, x + w] - sat[:, y + w, x] + sat[:, y, x]
-
-
-def _parabola(corr: np.ndarray, rows: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.ndarray:
-    """Sub-pixel offset of the peak along one axis (0 at the search border)."""
-    last = corr.shape[1] - 1
-    i = iy if axis == 0 else ix
-    inner = (i > 0) & (i < last)
-    lo, hi = np.clip(i - 1, 0, last), np.clip(i + 1, 0, last)
-    c0 = corr[rows, iy, ix]
-    cm = corr[rows, lo, ix] if axis == 0 else corr[rows, iy, lo]
-    cp = corr[rows, hi, ix] if axis == 0 else corr[rows, iy, hi]
-    den = cm - 2 * c0 + cp
-    off = np.divide(0.5 * (cm - cp), den, out=np.zeros_like(den), where=den < -1e-9)
-    return np.where(inner, np.clip(off, -0.5, 0.5), 0.0)
-
-
-def registered_phashes(thumbs: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """pHash (uint64 array) of registered thumbnails (`registered_thumbs`)."""
-    h = []
-    for start in range(0, len(thumbs), chunk):
-        h += _phash_bits(thumbs[start : start + chunk].astype(np.float64))[0]
-    return hashes_to_array(h)
 
 
 def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
@@ -251,7 +179,7 @@ def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(idx, mask.shape[1])
 
 
-def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 4096) -> np.ndarray:
+def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 2048) -> np.ndarray:
     """Per pair (i, j), the highest correlation between the centre of 32x32 thumbnail i and any window of
     thumbnail j (already mirrored where needed) shifted by up to `max_shift` pixels: a cheap first filter
     before `compare` (tens of microseconds per pair instead of milliseconds).
@@ -288,23 +216,11 @@ def _window_spreads(thumbs: np.ndarray, used: np.ndarray, r: int, inner: int, ch
     n = inner * inner
     out = np.empty((len(used), (2 * r + 1) ** 2), dtype=np.float32)
     for start in range(0, len(used), chunk):
-        t = thumbs[used[start : start + chunk]].astype(np.float64)
-        sat = np.zeros((len(t), THUMB + 1, THUMB + 1))
-        sat[:, 1:, 1:] = t.cumsum(1).cumsum(2)
-        sat2 = np.zeros_like(sat)
-        sat2[:, 1:, 1:] = (t * t).cumsum(1).cumsum(2)
-        k = 0
-        for y in range(2 * r + 1):
-            for x in range(2 * r + 1):
-                total, squares = _window_sum(sat, y, x, inner), _window_sum(sat2, y, x, inner)
-                out[start : start + len(t), k] = np.sqrt(np.maximum(squares - total * total / n, 0.0))
-                k += 1
+        t = thumbs[used[start : start + chunk]].astype(np.float32)
+        t -= t.mean(axis=(1, 2), keepdims=True)
+        total, squares = _window_stats(t, r, inner), _window_stats(t * t, r, inner)
+        out[start : start + len(t)] = np.sqrt(np.maximum(squares - total * total / n, 0.0)).reshape(len(t), -1)
     return out
-
-
-def _window_sum(sat: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
-    """Sum of every image's window [y:y+size, x:x+size] from its summed-area table."""
-    return sat[:, y + size, x + size] - sat[:, y, x + size] - sat[:, y + size, x] + sat[:, y, x]
 
 
 # --- confirmation -----------------------------------------------------------------------------------------
@@ -338,28 +254,38 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def _shift_search(a: np.ndarray, b: np.ndarray, r: int):
     """Best normalised correlation of a's centre (margin r) with b's windows shifted by up to r pixels.
-    Returns (corr, dy, dx). a's centre has zero mean, so each window only needs its spread, taken from
-    summed-area tables of b and b squared."""
+    Returns (corr, dy, dx). a's centre has zero mean, so each window only needs its spread (`_window_stats`)."""
     p, n = a.shape[0], a.shape[1]
     inner = n - 2 * r
     ac = _normalise(a[:, r : n - r, r : n - r])
-    sat = np.zeros((p, n + 1, n + 1), dtype=np.float64)
-    sat[:, 1:, 1:] = b.cumsum(1, dtype=np.float64).cumsum(2)
-    sat2 = np.zeros_like(sat)
-    sat2[:, 1:, 1:] = (b.astype(np.float64) ** 2).cumsum(1).cumsum(2)
+    b = b - b.mean(axis=(1, 2), keepdims=True)  # same correlations; small sums keep float32 exact enough
+    count = inner * inner
+    total, squares = _window_stats(b, r, inner), _window_stats(b * b, r, inner)
+    spread = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0))
     best = np.full(p, -2.0, dtype=np.float32)
     by, bx = np.zeros(p, dtype=np.int64), np.zeros(p, dtype=np.int64)
-    count = inner * inner
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             y, x = r + dy, r + dx
-            total, squares = _window_sum(sat, y, x, inner), _window_sum(sat2, y, x, inner)
-            spread = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0)).astype(np.float32)
             dot = np.einsum("pij,pij->p", ac, b[:, y : y + inner, x : x + inner]) / count
-            s = np.divide(dot, spread, out=np.zeros_like(dot), where=spread > 1e-3)
+            sd = spread[:, y, x]
+            s = np.divide(dot, sd, out=np.zeros_like(dot), where=sd > 1e-3)
             better = s > best
             best[better], by[better], bx[better] = s[better], dy, dx
     return best, by, bx
+
+
+def _window_stats(x: np.ndarray, r: int, inner: int) -> np.ndarray:
+    """(p, 2r+1, 2r+1): the sum of every inner x inner window of each image at offsets 0..2r per axis, as
+    two box sums (cumulative sums along one axis, then along the other over only 2r+1 columns)."""
+    p, n = x.shape[0], x.shape[1]
+    k = 2 * r + 1
+    cs = np.zeros((p, n, n + 1), dtype=np.float32)
+    np.cumsum(x, axis=2, out=cs[:, :, 1:])
+    rows = cs[:, :, inner : inner + k] - cs[:, :, :k]
+    cc = np.zeros((p, n + 1, k), dtype=np.float32)
+    np.cumsum(rows, axis=1, out=cc[:, 1:])
+    return cc[:, inner : inner + k] - cc[:, :k]
 
 
 def _smooth(x: np.ndarray, k: int = 5) -> np.ndarray:
@@ -369,7 +295,11 @@ def _smooth(x: np.ndarray, k: int = 5) -> np.ndarray:
 
 
 def compare(
-    sigs: np.ndarray, pairs: np.ndarray, mirror: np.ndarray | None = None, block: int = 1024
+    sigs: np.ndarray,
+    pairs: np.ndarray,
+    mirror: np.ndarray | None = None,
+    block: int = 512,
+    min_corr: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Align and score each pair (i, j) of 64x64 signatures. Returns per pair: `corr` (global correlation
     of the aligned central regions), `local` (largest RMS of the smoothed residual in a 16x16 window, in
@@ -380,27 +310,48 @@ def compare(
     out = {k: np.zeros(n, dtype=np.float32) for k in ("corr", "local", "zoom", "shift")}
     out["mirror"] = np.zeros(n, dtype=bool)
     if mirror is None:
-        plain = compare(sigs, pairs, np.zeros(n, dtype=bool), block)
-        flipped = compare(sigs, pairs, np.ones(n, dtype=bool), block)
+        plain = compare(sigs, pairs, np.zeros(n, dtype=bool), block, min_corr)
+        flipped = compare(sigs, pairs, np.ones(n, dtype=bool), block, min_corr)
         use = flipped["corr"] > plain["corr"]
         return {k: np.where(use, flipped[k], plain[k]) for k in plain}
     for start in range(0, n, block):
         sl = slice(start, start + block)
-        res = _compare_block(sigs[pairs[sl, 0]], sigs[pairs[sl, 1]], mirror[sl])
+        res = _compare_block(sigs[pairs[sl, 0]], sigs[pairs[sl, 1]], mirror[sl], min_corr)
         for k, v in res.items():
             out[k][sl] = v
     return out
 
 
-def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray) -> dict[str, np.ndarray]:
-    """Align b to a (coarse, then sub-pixel) and score. No early exit after the coarse stage: its 32 px
-    correlation can be far below the final one (0.78 against 0.97 for a planted shifted copy of the demo
-    data), so it is no safe bound."""
+def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray, min_corr: float | None) -> dict[str, np.ndarray]:
+    """Align b to a (coarse search, then sub-pixel) and score. Pairs whose blurred 32 px correlation after
+    the coarse search (on the scored region) is below EARLY_REJECT skip the sub-pixel stage and the local
+    difference (their `local` is 1.0): blurring makes that correlation nearly insensitive to the coarse
+    stage's half-pixel error (calibration copies: >= 0.90; it was no safe bound unblurred on a wider region).
+    With `min_corr`, the local difference is computed only where the final correlation reaches it."""
     a = a8.astype(np.float32)
     b = b8.astype(np.float32)
     b[mirror] = b[mirror][:, :, ::-1]
     zoom, ty, tx, _ = _align32(a, b)
-    return {**_refine_and_score(a, b, zoom, ty, tx), "mirror": mirror.copy()}
+    m2 = MARGIN // 2
+    a32, b32 = halve(a), halve(b)
+    early = (
+        _normalise(_blur121(a32)[:, m2 : THUMB - m2, m2 : THUMB - m2])
+        * _normalise(_blur121(_resample(b32, zoom, ty / 2, tx / 2))[:, m2 : THUMB - m2, m2 : THUMB - m2])
+    ).mean(axis=(1, 2))
+    p = len(a)
+    out = {
+        "corr": early.astype(np.float32),
+        "local": np.ones(p, dtype=np.float32),
+        "zoom": zoom,
+        "shift": np.maximum(np.abs(ty), np.abs(tx)),
+        "mirror": mirror.copy(),
+    }
+    go = np.flatnonzero(early >= EARLY_REJECT)
+    if len(go):
+        res = _refine_and_score(a[go], b[go], zoom[go], ty[go], tx[go], min_corr)
+        for k, v in res.items():
+            out[k][go] = v
+    return out
 
 
 def _align32(a: np.ndarray, b: np.ndarray):
@@ -432,11 +383,14 @@ def _align32(a: np.ndarray, b: np.ndarray):
     return zoom, ty, tx, best
 
 
-def _refine_and_score(a: np.ndarray, b: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray):
+def _refine_and_score(a: np.ndarray, b: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray, min_corr=None):
     """Sub-pixel alignment at 32 px from the coarse estimate, then the scores at 64 px."""
     p = len(a)
     a32, b32 = halve(a), halve(b)
-    # sub-pixel refinement at 32 px (shifts in 64 px units: +-1, then +-0.5 with zoom +-0.015)
+    # sub-pixel refinement at 32 px (shifts in 64 px units: +-1, then +-0.5 with zoom +-0.015). A parabola
+    # through a 3x3 grid instead (13 resamplings, not 36) found the same calibration copies but also
+    # halved the local difference of the test's same face with another expression (0.08 -> 0.04: it
+    # passed): the local-difference limit was calibrated on this grid's alignment.
     m2 = MARGIN // 2
     a32c = _normalise(a32[:, m2 : THUMB - m2, m2 : THUMB - m2])
     best_corr = np.full(p, -2.0, dtype=np.float32)
@@ -456,7 +410,10 @@ def _refine_and_score(a: np.ndarray, b: np.ndarray, zoom: np.ndarray, ty: np.nda
     best_b = _normalise(_resample(b, zoom, ty, tx)[:, m : SIG - m, m : SIG - m])
     best_corr = (ac * best_b).mean(axis=(1, 2))
     final_ty, final_tx = ty, tx
-    local = local_difference(ac, best_b)
+    local = np.ones(p, dtype=np.float32)
+    go = np.arange(p) if min_corr is None else np.flatnonzero(best_corr >= min_corr)
+    if len(go):
+        local[go] = local_difference(ac[go], best_b[go])
     return {"corr": best_corr, "local": local, "zoom": zoom, "shift": np.maximum(np.abs(final_ty), np.abs(final_tx))}
 
 

@@ -1,0 +1,156 @@
+"""Registered hashes: shift- and scale-tolerant candidates for near duplicates (docs/duplicates.md).
+
+pHash is not shift-invariant: a copy shifted by 5-10 %, cropped or padded with a border differs from its
+source in most bits. Each image is therefore registered to the dataset's mean face (the shift where its
+blurred 32 px thumbnail correlates best with the mean face's centre) and its central 80 % around that shift
+is hashed again: a shifted copy registers onto the same content, so its registered hash is close to its
+source's. The registration is shift-only and the mean face is a weak template for faces that are not
+frontal, so each image also gets two **probe** hashes, compared with the others' registered hashes:
+- the central 72 % (zoom 0.9) at the same shift: a padded border shrinks the face by 4-14 % and a crop
+  enlarges it by 2-11 %, which a shift cannot undo (the probe of the bordered copy, or of the cropped
+  copy's source, matches the other's registered hash);
+- the central 80 % at the second-best correlation peak (at least 3 px from the best): where a shifted copy
+  makes the registration pick another peak, one image's second peak is usually the other's first.
+Measured on the calibration fixtures only (benchmarks/duplicates_eval.py): registered hashes alone find
+82 % of shifted and 68 % of bordered copies; with the probes 90 % and 88 %.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fer.data.hashing import THUMB, _blur121, _normalise, _resample, _sparse_nonzero, halve, phash_array
+
+REG_WINDOW = 16  # template: the central 16x16 of the 32 px mean face
+REG_RADIUS = 6  # shifts searched: +-6 px at 32 px (19 %; +-8 registers FER2013 calibration copies less often)
+REG_CENTRAL = 0.8  # the registered hash covers the central 80 % (fill, borders and watermarks at the edges drop out)
+PROBE_ZOOM = 0.9  # the scale probe: central 72 %
+SECOND_PEAK_GAP = 3  # the second peak is the best one at least this many pixels (32 px) from the first
+VARIANTS = 3  # 0: registered, 1: scale probe, 2: second-peak probe
+
+
+def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096) -> np.ndarray:
+    """The central REG_WINDOW pixels of the mean (normalised, blurred) 32 px image of up to `sample` evenly
+    spaced images, zero mean and unit norm."""
+    pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
+    mean = np.zeros((THUMB, THUMB))
+    for start in range(0, len(pick), 1024):  # in chunks: a float copy of a signature is 16 KiB
+        mean += _normalise(_blur121(halve(sigs[pick[start : start + 1024]].astype(np.float32)))).sum(axis=0)
+    m = (THUMB - REG_WINDOW) // 2
+    t = mean[m : m + REG_WINDOW, m : m + REG_WINDOW]
+    t = t - t.mean()
+    return (t / max(np.linalg.norm(t), 1e-9)).astype(np.float32)
+
+
+def register(
+    sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, hashes). offsets: float32 (len(rows), 4), per image the shift (dy, dx, 32 px units) where
+    its blurred 32 px thumbnail correlates best with `template` (normalised cross-correlation over
+    +-REG_RADIUS px, by FFT, parabolic sub-pixel peak), then the same for the second-best peak (16 bytes per
+    image). hashes: uint64 (VARIANTS, len(rows)), the pHash of each variant (`variant_thumbs`)."""
+    out = np.empty((len(rows), 4), dtype=np.float32)
+    hashes = np.empty((VARIANTS, len(rows)), dtype=np.uint64)
+    size, r, m = THUMB, REG_RADIUS, (THUMB - REG_WINDOW) // 2  # no wrap-around: m + r + REG_WINDOW <= THUMB
+    ft = np.conj(np.fft.rfft2(template, s=(size, size)))
+    span = 2 * r + 1
+    grid_y, grid_x = np.divmod(np.arange(span * span), span)
+    for start in range(0, len(rows), chunk):
+        x32 = halve(sigs[rows[start : start + chunk]].astype(np.float32))
+        x = _blur121(x32)
+        n = len(x)
+        num = np.fft.irfft2(np.fft.rfft2(x, s=(size, size)) * ft, s=(size, size))[
+            :, m - r : m + r + 1, m - r : m + r + 1
+        ]
+        sat = np.zeros((n, THUMB + 1, THUMB + 1), dtype=np.float32)
+        sat[:, 1:, 1:] = x.cumsum(1).cumsum(2)
+        sat2 = np.zeros_like(sat)
+        sat2[:, 1:, 1:] = (x * x).cumsum(1).cumsum(2)
+        starts, w = np.arange(m - r, m + r + 1), REG_WINDOW
+        total, squares = _window_sums(sat, starts, w), _window_sums(sat2, starts, w)
+        spread = np.sqrt(np.maximum(squares - total * total / (w * w), 1e-6))
+        corr = (num / spread).reshape(n, -1)
+        at = np.arange(n)
+        first = corr.argmax(axis=1)
+        fy, fx = np.divmod(first, span)
+        far = (np.abs(grid_y[None] - fy[:, None]) >= SECOND_PEAK_GAP) | (
+            np.abs(grid_x[None] - fx[:, None]) >= SECOND_PEAK_GAP
+        )
+        second = np.where(far, corr, -np.inf).argmax(axis=1)
+        corr = corr.reshape(n, span, span)
+        for col, k in ((0, first), (2, second)):
+            iy, ix = np.divmod(k, span)
+            out[start : start + n, col] = iy - r + _parabola(corr, at, iy, ix, axis=0)
+            out[start : start + n, col + 1] = ix - r + _parabola(corr, at, iy, ix, axis=1)
+        for v in range(VARIANTS):
+            hashes[v, start : start + n] = phash_array(_variants(x32, out[start : start + n], v))
+    return out, hashes
+
+
+def variant_thumbs(sigs: np.ndarray, rows: np.ndarray, offsets: np.ndarray, variant: np.ndarray) -> np.ndarray:
+    """uint8 (len(rows), 32, 32): image rows[k] resampled as its `variant[k]` from `offsets[k]` (`register`)."""
+    out = np.empty((len(rows), THUMB, THUMB), dtype=np.uint8)
+    for start in range(0, len(rows), 1024):
+        sl = slice(start, start + 1024)
+        moved = _variants(halve(sigs[rows[sl]].astype(np.float32)), offsets[sl], variant[sl])
+        out[sl] = np.clip(np.rint(moved), 0, 255)
+    return out
+
+
+def _variants(x32: np.ndarray, offsets: np.ndarray, variant) -> np.ndarray:
+    """Float 32 px thumbnails resampled as `variant` (VARIANTS; one for all, or one per image): the central
+    80 % at the registered shift, the central 72 % there, or the central 80 % at the second peak."""
+    variant = np.broadcast_to(variant, (len(x32),))
+    zoom = np.where(variant == 1, REG_CENTRAL * PROBE_ZOOM, REG_CENTRAL).astype(np.float32)
+    dy = np.where(variant == 2, offsets[:, 2], offsets[:, 0]).astype(np.float32)
+    dx = np.where(variant == 2, offsets[:, 3], offsets[:, 1]).astype(np.float32)
+    return _resample(x32, zoom, dy, dx)
+
+
+def _window_sums(sat: np.ndarray, starts: np.ndarray, w: int) -> np.ndarray:
+    """(n, k, k) sums of the w x w windows at every (starts[a], starts[b]), from summed-area tables."""
+    y, x = starts[:, None], starts[None, :]
+    return sat[:, y + w, x + w] - sat[:, y, x + w] - sat[:, y + w, x] + sat[:, y, x]
+
+
+def _parabola(corr: np.ndarray, rows: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.ndarray:
+    """Sub-pixel offset of the peak along one axis (0 at the search border)."""
+    last = corr.shape[1] - 1
+    i = iy if axis == 0 else ix
+    inner = (i > 0) & (i < last)
+    lo, hi = np.clip(i - 1, 0, last), np.clip(i + 1, 0, last)
+    c0 = corr[rows, iy, ix]
+    cm = corr[rows, lo, ix] if axis == 0 else corr[rows, iy, lo]
+    cp = corr[rows, hi, ix] if axis == 0 else corr[rows, iy, hi]
+    den = cm - 2 * c0 + cp
+    off = np.divide(0.5 * (cm - cp), den, out=np.zeros_like(den), where=den < -1e-9)
+    return np.where(inner, np.clip(off, -0.5, 0.5), 0.0)
+
+
+def probe_pairs(h: np.ndarray, max_bits: int, block_cells: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) and which hashes matched (0: registered ~ registered, 1 + 2 (v - 1): i's probe v
+    ~ j's registered, 2 + 2 (v - 1): i's registered ~ j's probe v), where the registered hashes `h[0]` or a
+    probe `h[v]` of one image and the registered hash of the other are within `max_bits`. The first
+    matching variant is reported. Row blocks of at most `block_cells` comparisons: memory stays flat."""
+    n = h.shape[1]
+    block = max(1, block_cells // max(1, n))
+    found, how = [], []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        canon = h[0, None, start:]
+        dists = [np.bitwise_count(h[0, start:stop, None] ^ canon)]
+        best = dists[0].copy()
+        for v in range(1, len(h)):
+            dists.append(np.bitwise_count(h[v, start:stop, None] ^ canon))
+            dists.append(np.bitwise_count(h[0, start:stop, None] ^ h[v, None, start:]))
+            np.minimum(best, dists[-2], out=best)
+            np.minimum(best, dists[-1], out=best)
+        r, c = _sparse_nonzero(best <= max_bits)
+        keep = c > r  # c counts from `start`: drops self-pairs and pairs already seen
+        r, c = r[keep], c[keep]
+        which = np.argmax(np.stack([d[r, c] for d in dists]) <= max_bits, axis=0)
+        found.append(np.stack([start + r, start + c], axis=1))
+        how.append(which)
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(found), np.concatenate(how)
