@@ -153,15 +153,19 @@ def train_trial(config: dict, context: dict) -> None:
 
 def fresh_keras_state() -> None:
     """Before a trial in a reused worker: drop everything an earlier trial left in Keras' global state
-    (models, layer-name counters, the default dtype policy); the trial's seeds are set by build_model
+    (models, layer-name counters, the default dtype policy, TensorFlow's registrations that keep every traced
+    train step alive: `fer.backend_setup.release_traced_graphs`); the trial's seeds are set by build_model
     (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
     trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number."""
     import gc
 
     import keras
 
+    from fer.backend_setup import release_traced_graphs
+
     keras.backend.clear_session()
     keras.config.set_dtype_policy("float32")
+    release_traced_graphs()  # TensorFlow keeps every traced train step otherwise (docs/pitfalls.md#custom-gradient-leak)
     gc.collect()
 
 
