@@ -178,6 +178,23 @@ class _TrialState:
         pd.DataFrame(self.history, columns=list(RECORD_KEYS)).to_csv(self.out_dir / HISTORY_FILE, index=False)
 
 
+def fresh_keras_state() -> None:
+    """Before a trial in a process that already ran one (a warm study worker, `run --reuse-workers`;
+    benchmarks/compile_reuse.py): drop everything an earlier trial left in Keras' global state (models,
+    layer-name counters, the default dtype policy, TensorFlow's registrations that keep every traced train step
+    alive: `fer.backend_setup.release_traced_graphs`); the trial's seeds are set by build_model
+    (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
+    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number."""
+    import gc
+
+    from fer.backend_setup import release_traced_graphs
+
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy("float32")
+    release_traced_graphs()  # else TensorFlow keeps every traced train step (docs/pitfalls.md#custom-gradient-leak)
+    gc.collect()
+
+
 def _dtype_policy(config: dict) -> str:
     mode = config["mixed_precision"]
     if mode == "off":
@@ -226,9 +243,16 @@ def run_trial(
         t0 = time.perf_counter()
         model = build_model(config, len(classes))
         build_s = time.perf_counter() - t0
+        # val_loss (computed eagerly, outside the compiled steps) with the trial's label smoothing
         loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"])
         train_batches = PixelBatches(
-            train_pixels, batch_size, train_labels, len(classes), study_data.class_weights, shuffle_seed=config["seed"]
+            train_pixels,
+            batch_size,
+            train_labels,
+            len(classes),
+            study_data.class_weights,
+            shuffle_seed=config["seed"],
+            label_smoothing=config["label_smoothing"],
         )
         state = _TrialState(
             out_dir,
@@ -264,9 +288,12 @@ def run_trial(
                     model, stage, config, study_data, state
                 )
             # Changing `trainable` only takes effect after compile (docs/pitfalls.md#recompile).
+            # The train step's loss has no smoothing constant: the batches carry smoothed targets, so trials
+            # that differ in label_smoothing (or dropout, a fer.layers.HeadDropout variable, or learning rate, an
+            # optimizer variable) compile the same program (docs/pitfalls.md#baked-constants).
             fit_model.compile(
                 optimizer=keras.optimizers.Adam(lr),
-                loss=loss_fn,
+                loss=keras.losses.CategoricalCrossentropy(),
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
             )
             patience = config["patience"]
@@ -339,6 +366,7 @@ def _cached_stage(model: keras.Model, stage: str, config: dict, study_data, stat
         state.num_classes,
         study_data.class_weights,
         shuffle_seed=config["seed"],
+        label_smoothing=config["label_smoothing"],
     )
     monitor = EpochMonitor(state, stage, val_inputs=model_input(features.val), full_model=model)
     return fit_model, batches, monitor, features.info()

@@ -352,7 +352,7 @@ def _search(
     `max_retries`: Tune runs a trial again (from scratch, same config) when its worker or node died, up to
     that many times; our own errors end the trial normally and are never retried (study.tune.trial).
     `reuse_workers`: Tune's actor reuse: a slot's worker runs one trial after another, with Keras' state
-    cleared in between (study.tune.trial.fresh_keras_state), instead of a new process per trial.
+    cleared in between (fer.training.fresh_keras_state), instead of a new process per trial.
 
     `pool` (a study.tune.best.EvaluatorPool): once every trial has been handed out, each slot a finishing
     trial frees for good starts an evaluator, whose start-up then overlaps the trials still running."""

@@ -114,6 +114,8 @@ def train_trial(config: dict, context: dict) -> None:
         reused = "keras" in sys.modules  # a warm worker (run --reuse-workers): an earlier trial ran here
         import_keras_lean()
         if reused:
+            from fer.training import fresh_keras_state
+
             fresh_keras_state()
         from fer.backend_setup import configure_backend
 
@@ -149,24 +151,6 @@ def train_trial(config: dict, context: dict) -> None:
             "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
         },
     )
-
-
-def fresh_keras_state() -> None:
-    """Before a trial in a reused worker: drop everything an earlier trial left in Keras' global state
-    (models, layer-name counters, the default dtype policy, TensorFlow's registrations that keep every traced
-    train step alive: `fer.backend_setup.release_traced_graphs`); the trial's seeds are set by build_model
-    (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
-    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number."""
-    import gc
-
-    import keras
-
-    from fer.backend_setup import release_traced_graphs
-
-    keras.backend.clear_session()
-    keras.config.set_dtype_policy("float32")
-    release_traced_graphs()  # TensorFlow keeps every traced train step otherwise (docs/pitfalls.md#custom-gradient-leak)
-    gc.collect()
 
 
 def report_error(exc: BaseException, out_dir: Path, metric: str | None) -> None:
