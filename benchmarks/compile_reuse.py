@@ -41,6 +41,33 @@ def compile_seconds(summary: dict) -> dict[str, float]:
     return {stage: round(first[stage] - median.get(stage, 0.0), 3) for stage in first}
 
 
+def use_stock_layers() -> None:
+    """Keras's Dropout(rate) and CategoricalCrossentropy(label_smoothing) in the train step, as before issue 12
+    (the same substitution as tests/test_compile_reuse.py makes)."""
+    import keras
+
+    import fer.batches
+    import fer.model
+    import fer.training
+
+    fer.model.HeadDropout = lambda rate, name: keras.layers.Dropout(rate, name=name)
+    fer.batches.smooth_targets = lambda onehot, smoothing: onehot
+    stock_loss, run_trial = keras.losses.CategoricalCrossentropy, fer.training.run_trial
+
+    def run_with_stock_loss(config, *args, **kwargs):
+        class SmoothedLoss(stock_loss):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **{**k, "label_smoothing": config["label_smoothing"]})
+
+        keras.losses.CategoricalCrossentropy = SmoothedLoss
+        try:
+            return run_trial(config, *args, **kwargs)
+        finally:
+            keras.losses.CategoricalCrossentropy = stock_loss
+
+    fer.training.run_trial = run_with_stock_loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="smallcnn")
@@ -51,7 +78,15 @@ def main() -> None:
     parser.add_argument("--unfreeze-layers", type=int, default=4)
     parser.add_argument("--per-class", type=int, default=24, help="demo images per class")
     parser.add_argument("--data", help="a prepared study folder (with data/) to use instead of demo data")
+    parser.add_argument(
+        "--stock-layers",
+        action="store_true",
+        help="for comparison: Keras's Dropout and label smoothing inside the loss (constants in the program, "
+        "as before issue 12)",
+    )
     args = parser.parse_args()
+    if args.stock_layers:
+        use_stock_layers()
 
     from fer.backend_setup import backend_name, configure_backend
     from fer.data import StudyData, prepare_dataset
@@ -121,6 +156,7 @@ def main() -> None:
             {
                 "benchmark": "compile_reuse",
                 "backend": backend_name(),
+                "stock_layers": args.stock_layers,
                 "backbone": args.backbone,
                 "image_size": args.image_size,
                 "batch_size": args.batch_size,
