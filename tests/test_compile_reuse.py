@@ -144,6 +144,26 @@ def test_frozen_layers_stay_bit_identical_through_both_stages(prepared_data, tmp
     assert changed  # the unfrozen range did train
 
 
+def test_a_kept_model_repeats_a_freshly_built_one(prepared_data, tmp_path):
+    """reuse_model (warm workers): a trial of another dropout, label smoothing and learning rates trains the
+    kept model; the next trial with the first config restores its initial state (weights, BN statistics,
+    dropout and augmentation seed states, global random states) and repeats the freshly built run."""
+    first = dict(TINY, epochs_head=2, epochs_finetune=1, unfreeze_layers=4, augment=0.3, dropout=0.3)
+    first["label_smoothing"] = 0.1
+    other = dict(first, dropout=0.6, label_smoothing=0.0, lr_head=3e-3, lr_finetune=1e-5)
+    fresh_keras_state()
+    fresh = run_trial(first, prepared_data, tmp_path / "fresh")
+    fresh_keras_state()
+    assert not run_trial(other, prepared_data, tmp_path / "other", reuse_model=True)["model_reused"]
+    fresh_keras_state()
+    again = run_trial(first, prepared_data, tmp_path / "again", reuse_model=True)
+    assert again["model_reused"] and not fresh["model_reused"]
+    a, b = (pd.read_csv(tmp_path / name / "history.csv") for name in ("fresh", "again"))
+    pd.testing.assert_frame_equal(a[COMPARED], b[COMPARED], check_exact=False, atol=1e-6, rtol=0)
+    fresh_keras_state()  # another seed builds the model anew
+    assert not run_trial(dict(first, seed=3), prepared_data, tmp_path / "seed3", reuse_model=True)["model_reused"]
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow registry")
 def test_fresh_keras_state_frees_the_traced_steps_of_earlier_trials():
     """TensorFlow registers a gradient function per traced train step (the optimizer's all-reduce, a

@@ -434,6 +434,7 @@ def _search(
         # the reports after which a trial may be stopped (none without a scheduler): it saves its best
         # model before those only, and at its end
         "decision_epochs": scheduler.decision_epochs() if scheduler is not None else [],
+        "reuse_workers": bool(reuse_workers),  # a warm worker also keeps its model (fer.training reuse_model)
     }
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our ledger replaces Tune's CSV/JSON
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our view instead

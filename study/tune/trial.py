@@ -131,7 +131,13 @@ def train_trial(config: dict, context: dict) -> None:
         reporter.nan_loss = _test_nan_loss(config)
         decisions = set(context.get("decision_epochs", ()))
         run_trial(
-            config, study_data, out_dir, on_epoch=reporter, evaluate_test=False, report_can_stop=decisions.__contains__
+            config,
+            study_data,
+            out_dir,
+            on_epoch=reporter,
+            evaluate_test=False,
+            report_can_stop=decisions.__contains__,
+            reuse_model=bool(context.get("reuse_workers")),  # a warm worker keeps its model for the next trial
         )
     except Exception as exc:  # noqa: BLE001 - recorded as the trial's error, never retried (see above)
         report_error(exc, out_dir, context.get("metric"))
