@@ -122,9 +122,13 @@ def _gpu_compute_capability() -> tuple[int, int] | None:
 
 
 def enable_compilation_cache(folder) -> str | None:
-    """JAX: keep compiled XLA programs in `folder` (the study's), so later trials with the same shapes skip the
-    first-step compilation (about 100 s for EfficientNetB1 on a GPU). A no-op for TensorFlow, whose graphs
-    are not compiled ahead. Safe to call again; returns the folder used, or None."""
+    """JAX: keep compiled XLA programs in `folder` (the study's `compile_cache/`, shared by all its workers), so a
+    later trial whose steps lower to the same program loads it instead of compiling (about 100 s for
+    EfficientNetB1 on a GPU). Trials of one backbone, image size, batch size and unfreeze depth do: learning
+    rates are optimizer variables, the dropout rate a `fer.layers.HeadDropout` variable and label smoothing is
+    in the targets (docs/pitfalls.md#baked-constants; benchmarks/compile_reuse.py). Every program is cached,
+    however fast it compiled (minimum compile time and entry size 0). A no-op for TensorFlow, whose graphs are
+    not compiled ahead. Safe to call again; returns the folder used, or None."""
     if backend_name() != "jax":
         return None
     import jax
@@ -135,9 +139,42 @@ def enable_compilation_cache(folder) -> str | None:
         if jax.config.jax_compilation_cache_dir:
             log.info("JAX compilation cache moves from %s to %s", jax.config.jax_compilation_cache_dir, folder)
         jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        try:  # JAX opens its cache once, at the first compile: make it open the new folder
+            from jax._src import compilation_cache
+
+            compilation_cache.reset_cache()
+        except Exception as exc:  # noqa: BLE001 - private API moved: the first folder stays in use
+            log.warning("could not reset JAX's compilation cache (%s)", exc)
     return folder
+
+
+def release_traced_graphs() -> int:
+    """Between trials in a reused worker (after `keras.backend.clear_session`): let the previous trials'
+    traced TensorFlow graphs be freed. Returns how many registrations were dropped (0 for other backends).
+
+    Why (docs/pitfalls.md#custom-gradient-leak): every `tf.function` trace of a Keras train step runs the
+    optimizer's gradient all-reduce, a graph-mode `tf.custom_gradient`, which registers a gradient function
+    named `CustomGradient-<uid>` in TensorFlow's process-wide gradient registry and never removes it. That
+    function's closure holds the traced FuncGraph (every op and tensor of the step), so each compiled train
+    step stays in memory for the life of the process: about 26 MB per smallcnn trial at 32 px
+    (benchmarks/worker_memory.py). The registrations are only needed while a graph is being differentiated,
+    i.e. during a trace; between trials no traced step of an earlier trial runs again (clear_session dropped
+    its model), so they can go. Private TensorFlow API: if it moved, nothing is dropped (a warning)."""
+    if backend_name() != "tensorflow" or "tensorflow" not in sys.modules:
+        return 0
+    try:
+        from tensorflow.python.framework import ops
+
+        registry = ops._gradient_registry._registry
+        stale = [name for name in registry if name.startswith("CustomGradient-")]
+        for name in stale:
+            del registry[name]
+    except Exception as exc:  # noqa: BLE001 - a memory optimisation, never fatal
+        log.warning("could not release traced TensorFlow graphs (%s); a reused worker's memory will grow", exc)
+        return 0
+    return len(stale)
 
 
 def accelerator_available() -> bool:

@@ -17,6 +17,9 @@ import numpy as np
 class PixelBatches(keras.utils.PyDataset):
     """Batches from a (memory-mapped) uint8 pixel array: (images, one-hot labels, class weights).
 
+    With `label_smoothing` the one-hot targets come already smoothed (`smooth_targets`), so the smoothing is
+    data, not a constant compiled into the train step (docs/pitfalls.md#baked-constants).
+
     `pixels` may also be a tuple of arrays of equal length (a model with several inputs: the cached
     activations of fer.feature_cache); each batch then holds a tuple of arrays in their place.
 
@@ -35,9 +38,11 @@ class PixelBatches(keras.utils.PyDataset):
         num_classes: int = 0,
         class_weights: dict[int, float] | None = None,
         shuffle_seed: int | None = None,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         self.pixels, self.labels, self.num_classes = pixels, labels, num_classes
+        self.label_smoothing = float(label_smoothing)
         self.batch_size = min(batch_size, _length(pixels))
         self.sample_weights = None
         if labels is not None and class_weights:
@@ -67,7 +72,7 @@ class PixelBatches(keras.utils.PyDataset):
             pad = self.batch_size - len(idx)
             return (_take(self.pixels, np.concatenate([idx, np.repeat(idx[-1:], pad)])),)
         images = _take(self.pixels, idx)
-        onehot = np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]]
+        onehot = smooth_targets(np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]], self.label_smoothing)
         if self.sample_weights is None:
             return images, onehot
         return images, onehot, self.sample_weights[idx]
@@ -75,6 +80,17 @@ class PixelBatches(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         if self.rng is not None:
             self.rng.shuffle(self.order)
+
+
+def smooth_targets(onehot: np.ndarray, label_smoothing: float) -> np.ndarray:
+    """Label-smoothed float32 targets, the same numbers Keras's `CategoricalCrossentropy(label_smoothing=s)`
+    computes inside the step: y * float32(1 - s) + float32(s) / float32(K) (1 - s rounded from double, as
+    from a Python float), each operation rounded to float32. s = 0 leaves the targets as they are."""
+    if not label_smoothing:
+        return onehot
+    onehot = onehot.astype(np.float32, copy=False)
+    k = np.float32(onehot.shape[-1])
+    return onehot * np.float32(1.0 - label_smoothing) + np.float32(label_smoothing) / k
 
 
 def _length(pixels) -> int:
@@ -110,8 +126,11 @@ class FeatureViews(PixelBatches):
         num_classes: int,
         class_weights: dict[int, float] | None,
         shuffle_seed: int | None,
+        label_smoothing: float = 0.0,
     ):
-        super().__init__(one_view(views, 0), batch_size, labels, num_classes, class_weights, shuffle_seed)
+        super().__init__(
+            one_view(views, 0), batch_size, labels, num_classes, class_weights, shuffle_seed, label_smoothing
+        )
         self.views, self.view = views, 0
 
     def on_epoch_end(self) -> None:

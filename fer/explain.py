@@ -208,7 +208,8 @@ def randomisation_steps(model: keras.Model, n_backbone_steps: int = 3) -> list[t
     """Cascading randomisation plan (Adebayo et al. 2018): [(label, layers randomised so far)], first the
     head (the weighted layers outside the backbone), then the backbone's weighted layers from the top, in
     `n_backbone_steps` equal cumulative chunks (the last step: every weighted layer)."""
-    weighted = [la for la in model.layers if la.weights]
+    # a HeadDropout's weights are its rate (fer.layers), not something learned: never re-drawn
+    weighted = [la for la in model.layers if la.weights and not isinstance(la, keras.layers.Dropout)]
     head = [la for la in weighted if not is_backbone_layer(la)]
     backbone = [la for la in weighted if is_backbone_layer(la)][::-1]
     steps, done = [("head", list(head))], list(head)

@@ -134,3 +134,74 @@ def augmentation_layers(strength: float, seed: int) -> list[keras.layers.Layer]:
             rotation=min(0.05 * s, 0.5), shift=min(0.1 * s, 0.9), zoom=min(0.1 * s, 0.9), seed=seed, name="aug_affine"
         )
     ]
+
+
+@keras.saving.register_keras_serializable(package="fer")
+class HeadDropout(keras.layers.Dropout):
+    """`keras.layers.Dropout` whose rate is a VALUE held in non-trainable variables, not a constant baked into
+    the compiled train step. So trials that differ only in `dropout` compile the same program, and under JAX a
+    later trial finds it in the study's compilation cache (docs/pitfalls.md#baked-constants).
+
+    Same seed, same numbers: it draws the same uniform noise from the same seed generator as Keras's Dropout
+    and applies each backend's own rule bit for bit (TensorFlow's `stateless_dropout`: keep where
+    u >= rate, multiply by 1/(1-rate); JAX's: keep where u < 1-rate, divide by 1-rate, u in float32), with
+    1-rate and 1/(1-rate) rounded from double precision as Keras's Python-float path does
+    (tests/test_compile_reuse.py). At rate 0 it keeps a seed generator (created without touching Python's
+    global random state, so the layers built after it get the same initial weights as before) and passes
+    its input through unchanged (u >= 0 always; x * 1 exact), so a rate of 0 compiles the same program too.
+    """
+
+    def __init__(self, rate, noise_shape=None, seed=None, **kwargs):
+        super().__init__(rate, noise_shape=noise_shape, seed=seed, **kwargs)
+        if not rate < 1:
+            raise ValueError(f"HeadDropout needs a rate below 1, got {rate}")
+        if not hasattr(self, "seed_generator"):  # rate 0: Keras made none; one that leaves random's state alone
+            import random
+
+            state = random.getstate()
+            self.seed_generator = keras.random.SeedGenerator(seed)
+            random.setstate(state)
+
+    def build(self, input_shape):
+        # float32 and never autocast: the same comparisons under mixed precision as Keras's float-rate path
+        self._rate_vars = {
+            name: self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(value),
+                trainable=False,
+                autocast=False,
+                name=name,
+                dtype="float32",
+            )
+            for name, value in _dropout_values(self.rate).items()
+        }
+        self.built = True
+
+    def set_rate(self, rate: float) -> None:
+        """Change the rate without changing the compiled program."""
+        if not 0 <= rate < 1:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.rate = float(rate)
+        if self.built:
+            for name, value in _dropout_values(rate).items():
+                self._rate_vars[name].assign(value)
+
+    def call(self, inputs, training=False):
+        if not training:
+            return inputs
+        shape = ops.shape(inputs) if self.noise_shape is None else self.noise_shape
+        v = self._rate_vars
+        if keras.backend.backend() == "jax":  # jax.random.bernoulli(p=1-rate): uniform float32 < p
+            noise = keras.random.uniform(shape, dtype="float32", seed=self.seed_generator)
+            keep = ops.broadcast_to(noise < v["keep"], ops.shape(inputs))
+            return ops.where(keep, inputs / ops.cast(v["keep"], inputs.dtype), ops.zeros_like(inputs))
+        # tf.nn.experimental.stateless_dropout: uniform in the input's dtype >= rate, times 1/(1-rate)
+        noise = keras.random.uniform(shape, dtype=inputs.dtype, seed=self.seed_generator)
+        keep = noise >= ops.cast(v["rate"], inputs.dtype)
+        return ops.where(keep, inputs * ops.cast(v["scale"], inputs.dtype), ops.zeros_like(inputs))
+
+
+def _dropout_values(rate: float) -> dict[str, float]:
+    """What the dropout step reads, computed in double precision (as Keras does from a Python float)."""
+    rate = float(rate)
+    return {"rate": rate, "keep": 1.0 - rate, "scale": 1.0 / (1.0 - rate)}

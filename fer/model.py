@@ -14,7 +14,7 @@ import keras
 
 from fer.backbones import Backbone, get_backbone
 from fer.errors import UserError
-from fer.layers import Preprocess, augmentation_layers
+from fer.layers import HeadDropout, Preprocess, augmentation_layers
 
 HEAD_PREFIX = "head_"
 AUG_PREFIX = "aug_"
@@ -104,7 +104,7 @@ def build_model(config: dict, num_classes: int) -> keras.Model:
         set_bn_momentum(net, FROM_SCRATCH_BN_MOMENTUM)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(net.output)
     x = keras.layers.Dense(config["dense_units"], activation="relu", name="head_dense")(x)
-    x = keras.layers.Dropout(config["dropout"], name="head_dropout")(x)
+    x = HeadDropout(config["dropout"], name="head_dropout")(x)  # the rate is a variable: one program per shape
     # float32 softmax keeps the loss stable under mixed precision.
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head_out")(x)
     model = keras.Model(inputs, outputs, name=f"fer_{backbone.name}")

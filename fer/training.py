@@ -178,6 +178,75 @@ class _TrialState:
         pd.DataFrame(self.history, columns=list(RECORD_KEYS)).to_csv(self.out_dir / HISTORY_FILE, index=False)
 
 
+def fresh_keras_state() -> None:
+    """Before a trial in a process that already ran one (a warm study worker, `run --reuse-workers`;
+    benchmarks/compile_reuse.py): drop everything an earlier trial left in Keras' global state (models,
+    layer-name counters, the default dtype policy, TensorFlow's registrations that keep every traced train step
+    alive: `fer.backend_setup.release_traced_graphs`); the trial's seeds are set by build_model
+    (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
+    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number."""
+    import gc
+
+    from fer.backend_setup import release_traced_graphs
+
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy("float32")
+    release_traced_graphs()  # else TensorFlow keeps every traced train step (docs/pitfalls.md#custom-gradient-leak)
+    gc.collect()
+
+
+# what build_model's result depends on (dropout is a HeadDropout variable, set per trial)
+MODEL_KEYS = ("backbone", "image_size", "weights", "dense_units", "augment", "seed", "bn_epsilon")
+_kept_model: dict = {}  # the one model a warm worker keeps between trials (reuse_model), see _build_or_reuse
+
+
+def _model_key(config: dict, num_classes: int) -> str:
+    import json
+
+    fields = {key: config.get(key) for key in MODEL_KEYS}
+    if config["weights"] not in ("none", "imagenet"):  # a weights file: its content counts, not only its path
+        path = Path(config["weights"]).expanduser()
+        stat = path.stat() if path.is_file() else None
+        fields["weights_file"] = (stat.st_size, stat.st_mtime_ns) if stat else None
+    fields.update(num_classes=num_classes, policy=keras.config.dtype_policy().name, backend=keras.backend.backend())
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def _build_or_reuse(config: dict, num_classes: int, reuse: bool) -> tuple[keras.Model, bool]:
+    """`build_model`, or with `reuse` the model kept from the previous trial of this process when it would be
+    built the same: every variable (weights, BatchNormalization statistics, the random-seed states of the
+    dropout and augmentation layers) back to its value right after that build, the global random states
+    (Python, NumPy, Keras's seed) back to theirs, the dropout rate set, the backbone frozen again. The trial
+    then repeats a freshly built one number for number (tests/test_compile_reuse.py). Saves the build
+    (seconds for a large backbone; loading a weights file); the steps are compiled again either way."""
+    import random
+
+    if not reuse:
+        _kept_model.clear()
+        return build_model(config, num_classes), False
+    key = _model_key(config, num_classes)
+    if _kept_model.get("key") == key:
+        model = _kept_model["model"]
+        for variable, value in _kept_model["initial"]:
+            variable.assign(value)
+        keras.utils.set_random_seed(config["seed"])
+        random.setstate(_kept_model["python_random"])
+        np.random.set_state(_kept_model["numpy_random"])
+        model.get_layer("head_dropout").set_rate(config["dropout"])
+        set_stage(model, "head", 0, config["unfreeze_unit"], _backbone(config))
+        return model, True
+    _kept_model.clear()
+    model = build_model(config, num_classes)
+    _kept_model.update(
+        key=key,
+        model=model,
+        initial=[(v, np.array(keras.ops.convert_to_numpy(v))) for v in model.variables],
+        python_random=random.getstate(),
+        numpy_random=np.random.get_state(),
+    )
+    return model, False
+
+
 def _dtype_policy(config: dict) -> str:
     mode = config["mixed_precision"]
     if mode == "off":
@@ -197,8 +266,13 @@ def run_trial(
     on_epoch: Callable[[dict], None] | None = None,
     evaluate_test: bool = False,
     report_can_stop: Callable[[int], bool] | None = None,
+    reuse_model: bool = False,
 ) -> dict:
     """Train one config on prepared study data; write the trial folder; return a summary dict.
+
+    `reuse_model` (a warm study worker): keep the built model for the next trial in this process and, when
+    that trial's model would be built the same (`_model_key`), restore its initial state instead of building
+    it again (`_build_or_reuse`).
 
     Writes config.json, history.csv (after every epoch), model.keras (the best val_loss so far, before every
     report after which the trial may be stopped: `report_can_stop(epoch)`, default every epoch; always at
@@ -224,11 +298,18 @@ def run_trial(
     keras.config.set_dtype_policy(_dtype_policy(config))
     try:
         t0 = time.perf_counter()
-        model = build_model(config, len(classes))
+        model, model_reused = _build_or_reuse(config, len(classes), reuse_model)
         build_s = time.perf_counter() - t0
+        # val_loss (computed eagerly, outside the compiled steps) with the trial's label smoothing
         loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"])
         train_batches = PixelBatches(
-            train_pixels, batch_size, train_labels, len(classes), study_data.class_weights, shuffle_seed=config["seed"]
+            train_pixels,
+            batch_size,
+            train_labels,
+            len(classes),
+            study_data.class_weights,
+            shuffle_seed=config["seed"],
+            label_smoothing=config["label_smoothing"],
         )
         state = _TrialState(
             out_dir,
@@ -264,9 +345,12 @@ def run_trial(
                     model, stage, config, study_data, state
                 )
             # Changing `trainable` only takes effect after compile (docs/pitfalls.md#recompile).
+            # The train step's loss has no smoothing constant: the batches carry smoothed targets, so trials
+            # that differ in label_smoothing (or dropout, a fer.layers.HeadDropout variable, or learning rate, an
+            # optimizer variable) compile the same program (docs/pitfalls.md#baked-constants).
             fit_model.compile(
                 optimizer=keras.optimizers.Adam(lr),
-                loss=loss_fn,
+                loss=keras.losses.CategoricalCrossentropy(),
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
             )
             patience = config["patience"]
@@ -308,6 +392,7 @@ def run_trial(
             # robust to a busy machine: median seconds per training step, each epoch's first step excluded
             "median_step_s": {stage: float(np.median(steps)) for stage, steps in state.step_s.items()},
             "build_s": build_s,
+            "model_reused": model_reused,  # reuse_model: the previous trial's model, its initial state restored
             "params": int(model.count_params()),
             "trainable_layers": trainable_counts,
             "dtype_policy": keras.config.dtype_policy().name,
@@ -339,6 +424,7 @@ def _cached_stage(model: keras.Model, stage: str, config: dict, study_data, stat
         state.num_classes,
         study_data.class_weights,
         shuffle_seed=config["seed"],
+        label_smoothing=config["label_smoothing"],
     )
     monitor = EpochMonitor(state, stage, val_inputs=model_input(features.val), full_model=model)
     return fit_model, batches, monitor, features.info()

@@ -352,7 +352,7 @@ def _search(
     `max_retries`: Tune runs a trial again (from scratch, same config) when its worker or node died, up to
     that many times; our own errors end the trial normally and are never retried (study.tune.trial).
     `reuse_workers`: Tune's actor reuse: a slot's worker runs one trial after another, with Keras' state
-    cleared in between (study.tune.trial.fresh_keras_state), instead of a new process per trial.
+    cleared in between (fer.training.fresh_keras_state), instead of a new process per trial.
 
     `pool` (a study.tune.best.EvaluatorPool): once every trial has been handed out, each slot a finishing
     trial frees for good starts an evaluator, whose start-up then overlaps the trials still running."""
@@ -434,6 +434,7 @@ def _search(
         # the reports after which a trial may be stopped (none without a scheduler): it saves its best
         # model before those only, and at its end
         "decision_epochs": scheduler.decision_epochs() if scheduler is not None else [],
+        "reuse_workers": bool(reuse_workers),  # a warm worker also keeps its model (fer.training reuse_model)
     }
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our ledger replaces Tune's CSV/JSON
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our view instead

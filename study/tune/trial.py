@@ -114,6 +114,8 @@ def train_trial(config: dict, context: dict) -> None:
         reused = "keras" in sys.modules  # a warm worker (run --reuse-workers): an earlier trial ran here
         import_keras_lean()
         if reused:
+            from fer.training import fresh_keras_state
+
             fresh_keras_state()
         from fer.backend_setup import configure_backend
 
@@ -129,7 +131,13 @@ def train_trial(config: dict, context: dict) -> None:
         reporter.nan_loss = _test_nan_loss(config)
         decisions = set(context.get("decision_epochs", ()))
         run_trial(
-            config, study_data, out_dir, on_epoch=reporter, evaluate_test=False, report_can_stop=decisions.__contains__
+            config,
+            study_data,
+            out_dir,
+            on_epoch=reporter,
+            evaluate_test=False,
+            report_can_stop=decisions.__contains__,
+            reuse_model=bool(context.get("reuse_workers")),  # a warm worker keeps its model for the next trial
         )
     except Exception as exc:  # noqa: BLE001 - recorded as the trial's error, never retried (see above)
         report_error(exc, out_dir, context.get("metric"))
@@ -149,20 +157,6 @@ def train_trial(config: dict, context: dict) -> None:
             "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
         },
     )
-
-
-def fresh_keras_state() -> None:
-    """Before a trial in a reused worker: drop everything an earlier trial left in Keras' global state
-    (models, layer-name counters, the default dtype policy); the trial's seeds are set by build_model
-    (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
-    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number."""
-    import gc
-
-    import keras
-
-    keras.backend.clear_session()
-    keras.config.set_dtype_policy("float32")
-    gc.collect()
 
 
 def report_error(exc: BaseException, out_dir: Path, metric: str | None) -> None:
