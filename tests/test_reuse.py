@@ -40,7 +40,8 @@ def test_a_reused_worker_repeats_a_fresh_process_after_failed_trials(new_study, 
     proc = run_study_cli(folder, space_file, "--reuse-workers", num_cpus=1, env={"FER_TEST_NAN_DROPOUT": "0.45"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     outcomes = sorted(
-        (json.loads(p.read_text()) for p in (folder / "trials").glob("*/outcome.json")), key=lambda o: o["finished_at"]
+        ({**json.loads(p.read_text()), "folder": p.parent} for p in (folder / "trials").glob("*/outcome.json")),
+        key=lambda o: o["finished_at"],
     )
     assert [o["status"] for o in outcomes] == ["completed", "errored", "errored", "completed"]
     assert "weights file not found" in outcomes[1]["error"] and "nan" in outcomes[2]["error"]
@@ -50,7 +51,9 @@ def test_a_reused_worker_repeats_a_fresh_process_after_failed_trials(new_study, 
     for a, b in zip(first["history"], last["history"], strict=True):
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], abs=1e-6, rel=0), (key, a["epoch"])
-    # the warm trial skipped the worker's start-up: its setup (imports, data, model build) is shorter
-    assert last["timing"]["setup_s"] < first["timing"]["setup_s"]
+    # the warm trial restored the model the worker kept (built the same) instead of building one
+    summary = {o["folder"].name: json.loads((o["folder"] / "summary.json").read_text()) for o in (first, last)}
+    assert summary[first["folder"].name]["model_reused"] is False
+    assert summary[last["folder"].name]["model_reused"] is True
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == 4

@@ -220,7 +220,7 @@ def add_verdict(doc, study, edge_flags: list[str] = ()) -> dict:
             )
             doc.para(
                 f"{p['a']} vs {p['b']}: {p['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] on {p['n']} images; "
-                f"McNemar p = {_p(p['mcnemar_p'])} ({p['only_a_right']} images only {p['a']} got right, "
+                f"McNemar p {_p(p['mcnemar_p'])} ({p['only_a_right']} images only {p['a']} got right, "
                 f"{p['only_b_right']} only {p['b']}): {outcome}."
             )
     elif len(ranking) > 1:
@@ -351,4 +351,5 @@ def _fmt(value) -> str:
 
 
 def _p(p: float) -> str:
-    return f"{p:.2g}" if p >= 0.001 else "< 0.001"
+    """'= 0.0078' or '< 0.001' (never 'p = < 0.001')."""
+    return f"= {p:.2g}" if p >= 0.001 else "< 0.001"
