@@ -44,6 +44,29 @@ def run_study_cli():
     return _run_study
 
 
+def _run_under_jax(script: str, *args, timeout: float = 600, **env) -> list[dict]:
+    """Runs `python -c script args...` with KERAS_BACKEND=jax (the backend is chosen at import, so it needs a
+    process of its own) and returns the JSON lines it printed; fails the test with its stderr if it failed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", **env)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def run_under_jax():
+    """`_run_under_jax`: a script in a JAX-backend subprocess, its JSON lines back."""
+    pytest.importorskip("jax", reason="jax is not installed (pip install -e .[jax])")
+    return _run_under_jax
+
+
 @pytest.fixture(scope="session")
 def study_demo_data(demo_data_dir):
     """The shared demo class folders (read only: studies prepare them into their own folders)."""

@@ -11,10 +11,6 @@
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -225,26 +221,18 @@ print(json.dumps({"files": [len(f) for f in files], "new": sorted(set(files[1]) 
 
 
 @pytest.mark.slow
-def test_under_jax_a_later_trial_with_other_hyperparameters_compiles_nothing_new(prepared_data, tmp_path):
+def test_under_jax_a_later_trial_with_other_hyperparameters_compiles_nothing_new(
+    prepared_data, tmp_path, run_under_jax
+):
     """Two trials of one backbone, size and depth, with other dropout, label smoothing, learning rates and
     seed, in one JAX process: the second finds every program it runs in the study's compilation cache (both
     with some label smoothing: the eager val-loss smoothing ops run only then). Also checks HeadDropout
     against Keras's Dropout under JAX."""
-    pytest.importorskip("jax", reason="jax is not installed (pip install -e .[jax])")
     import shutil
 
     data = tmp_path / "results" / "s" / "data"
     shutil.copytree(prepared_data.dir, data)
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", _JAX_TWO_TRIALS, str(data), str(tmp_path / "trials")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = run_under_jax(_JAX_TWO_TRIALS, data, tmp_path / "trials", JAX_PLATFORMS="cpu")
     assert lines[0]["backend"] == "jax" and all(lines[0]["dropout_same"])
     assert len(lines[1]["steps"]) >= 3, lines[1]  # train steps of both stages and the predict step are cached
     assert lines[1]["new"] == [], lines[1]

@@ -377,18 +377,8 @@ print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_
 
 
 @pytest.mark.slow
-def test_trial_runs_under_jax(trial_data, tmp_path):
-    pytest.importorskip("jax", reason="jax is not installed (pip install -e .[jax])")
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        [sys.executable, "-c", _JAX_TRIAL, str(trial_data.dir), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+def test_trial_runs_under_jax(trial_data, tmp_path, run_under_jax):
+    lines = run_under_jax(_JAX_TRIAL, trial_data.dir, tmp_path, timeout=300)
     assert lines[0] == {"backend": "jax", "threads": 1}
     assert lines[-1] == {"backend": "jax", "epochs": 2}
     assert (tmp_path / "model.keras").is_file() and len(_read_history(tmp_path)) == 2
