@@ -145,6 +145,26 @@ class Space:
             return max(self.max_epochs(b) for b in self.backbones)
         return int(self.largest("epochs_head", backbone)) + int(self.largest("epochs_finetune", backbone))
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but likely to mislead, one sentence each (`run` prints them at start).
+
+        ASHA's first rung inside a backbone's head stage: in README's FER2013 reference study, 5 of the 10
+        trials of the two ImageNet backbones were stopped at epoch 4 on head-only accuracy (6 head epochs),
+        which says little about how a trial fine-tunes."""
+        if self.scheduler.get("type") != "asha":
+            return []
+        grace = int(self.scheduler["grace_period"])
+        heads = {b: int(self.largest("epochs_head", b)) for b in self.backbones}
+        inside = [b for b, head in heads.items() if grace <= head and int(self.largest("epochs_finetune", b)) > 0]
+        if not inside:
+            return []
+        named = ", ".join(f"{b} ({heads[b]})" for b in inside)
+        return [
+            f"ASHA's first rung (epoch {grace}) falls in the head stage of {named} (head epochs in brackets): "
+            "trials are stopped on head-only accuracy before any fine-tuning; set scheduler.grace_period above "
+            "the head epochs (or fewer head epochs) to compare fine-tuned trials"
+        ]
+
     def image_sizes(self, backbone: str) -> list[int]:
         """The image sizes a trial of `backbone` may use (empty when image_size is tuned over a range)."""
         dist = self.space_for(backbone).get("image_size")

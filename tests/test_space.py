@@ -320,3 +320,17 @@ def test_fer2013_cpu_space_gives_each_backbone_its_own_settings(monkeypatch):
         assert config["weights"] == str((shared / "weights" / name).resolve()) and config["image_size"] == 96
         assert config["finetune_cache_units"] == 8 and config["head_features"] == "cached"
     assert space.space_for("mobilenetv2")["lr_finetune"].args[1] <= 1e-4
+
+
+def test_an_asha_rung_inside_a_head_stage_is_warned_about_naming_the_backbones():
+    """grace_period <= a backbone's head epochs: ASHA would stop trials before they fine-tune."""
+    fixed = {**BASE["fixed"], "epochs_head": 4, "epochs_finetune": 3}
+    own = {"mobilenet025": {"epochs_head": 0, "epochs_finetune": 7}}  # one stage: nothing to warn about
+    warned = parse_space(with_(fixed=fixed, per_backbone=own, scheduler={"type": "asha", "grace_period": 4}))
+    (warning,) = warned.warnings()
+    assert "mobilenetv2 (4)" in warning and "mobilenet025" not in warning and "grace_period" in warning
+    after_head = with_(fixed=fixed, scheduler={"type": "asha", "grace_period": 5})
+    assert parse_space(after_head).warnings() == []
+    assert parse_space(with_(fixed=fixed, scheduler={"type": "none"})).warnings() == []
+    head_only = {**fixed, "epochs_finetune": 0}  # no fine-tuning to protect
+    assert parse_space(with_(fixed=head_only, scheduler={"type": "asha", "grace_period": 1})).warnings() == []

@@ -391,6 +391,8 @@ def _search(
         f"{len(space.backbones)} backbones, {cpus:g} CPU + {gpus:g} GPU per trial"
     )
 
+    for warning in space.warnings():
+        log(f"warning: {warning}")
     scheduler = make_scheduler(space)
     stopped = (lambda tid: tid in scheduler.stopped) if scheduler is not None else (lambda tid: False)
     view = ProgressView(
