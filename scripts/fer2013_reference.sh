@@ -19,6 +19,14 @@ SPACE="${FER_SPACE:-search_spaces/fer2013-cpu.yaml}"
 RESULTS="${FER_RESULTS:-results}"
 read -r -a FER <<< "${FER_STUDY:-fer-study}"
 [ -d "$DATA" ] || { echo "FER2013 not found at $DATA: set FER_SHARED or pass DATA" >&2; exit 2; }
+if [ "$SPACE" = search_spaces/fer2013-cpu.yaml ]; then  # its weights files, checked before an hour of training
+    for weights in mobilenet_v2_1.0_224_tf_no_top.h5 mobilenet_2_5_224_tf_no_top.h5; do
+        [ -f "$FER_SHARED/weights/$weights" ] || {
+            echo "ImageNet weights not found: $FER_SHARED/weights/$weights (set FER_SHARED to the folder holding weights/)" >&2
+            exit 2
+        }
+    done
+fi
 start=$(date +%s)
 
 if [ -f "$RESULTS/$STUDY/study.json" ]; then
