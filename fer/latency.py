@@ -29,6 +29,17 @@ BATCH = 64
 BATCH_RUNS = 3
 
 
+def _timed(predict, x, runs: int) -> tuple[list[float], float]:
+    """Wall seconds of each of `runs` calls of predict(x), and the process CPU-seconds they took in all."""
+    times = []
+    cpu0 = _cpu_seconds()
+    for _ in range(runs):
+        start = time.perf_counter()
+        predict(x)
+        times.append(time.perf_counter() - start)
+    return times, _cpu_seconds() - cpu0
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -61,21 +72,11 @@ def time_predict(
     many = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
     for _ in range(warmup):
         predict(one)
-    times = []
-    cpu0 = _cpu_seconds()
-    for _ in range(runs):
-        start = time.perf_counter()
-        predict(one)
-        times.append(time.perf_counter() - start)
-    cpu_ms = (_cpu_seconds() - cpu0) / runs * 1e3
+    times, cpu_s = _timed(predict, one, runs)
+    cpu_ms = cpu_s / runs * 1e3
     predict(many)
-    batch_times = []
-    cpu0 = _cpu_seconds()
-    for _ in range(batch_runs):
-        start = time.perf_counter()
-        predict(many)
-        batch_times.append(time.perf_counter() - start)
-    batch_cpu_ms = (_cpu_seconds() - cpu0) / (batch_runs * batch) * 1e3
+    batch_times, cpu_s = _timed(predict, many, batch_runs)
+    batch_cpu_ms = cpu_s / (batch_runs * batch) * 1e3
     ms = np.array(times) * 1e3
     return {
         "latency_ms_median": round(float(np.median(ms)), 3),
