@@ -31,6 +31,7 @@ from fer.errors import UserError
 from fer.metrics import classification_metrics, macro_f1, predictions_table
 from fer.model import build_model, set_stage
 from fer.names import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, RECORD_KEYS, SUMMARY_FILE, metrics_file, predictions_file
+from fer.stage_programs import StagePrograms, compile_stage
 
 log = logging.getLogger(__name__)
 
@@ -212,18 +213,19 @@ def _model_key(config: dict, num_classes: int) -> str:
     return json.dumps(fields, sort_keys=True, default=str)
 
 
-def _build_or_reuse(config: dict, num_classes: int, reuse: bool) -> tuple[keras.Model, bool]:
+def _build_or_reuse(config: dict, num_classes: int, reuse: bool) -> tuple[keras.Model, bool, StagePrograms | None]:
     """`build_model`, or with `reuse` the model kept from the previous trial of this process when it would be
     built the same: every variable (weights, BatchNormalization statistics, the random-seed states of the
     dropout and augmentation layers) back to its value right after that build, the global random states
     (Python, NumPy, Keras's seed) back to theirs, the dropout rate set, the backbone frozen again. The trial
     then repeats a freshly built one number for number (tests/test_compile_reuse.py). Saves the build
-    (seconds for a large backbone; loading a weights file); the steps are compiled again either way."""
+    (seconds for a large backbone; loading a weights file) and, with the model's `StagePrograms` (returned
+    third, None without `reuse`), the tracing of each stage whose trainable layers an earlier trial trained."""
     import random
 
     if not reuse:
         _kept_model.clear()
-        return build_model(config, num_classes), False
+        return build_model(config, num_classes), False, None
     key = _model_key(config, num_classes)
     if _kept_model.get("key") == key:
         model = _kept_model["model"]
@@ -234,7 +236,7 @@ def _build_or_reuse(config: dict, num_classes: int, reuse: bool) -> tuple[keras.
         np.random.set_state(_kept_model["numpy_random"])
         model.get_layer("head_dropout").set_rate(config["dropout"])
         set_stage(model, "head", 0, config["unfreeze_unit"], _backbone(config))
-        return model, True
+        return model, True, _kept_model["programs"]
     _kept_model.clear()
     model = build_model(config, num_classes)
     _kept_model.update(
@@ -243,8 +245,9 @@ def _build_or_reuse(config: dict, num_classes: int, reuse: bool) -> tuple[keras.
         initial=[(v, np.array(keras.ops.convert_to_numpy(v))) for v in model.variables],
         python_random=random.getstate(),
         numpy_random=np.random.get_state(),
+        programs=StagePrograms(),
     )
-    return model, False
+    return model, False, _kept_model["programs"]
 
 
 def _dtype_policy(config: dict) -> str:
@@ -298,7 +301,7 @@ def run_trial(
     keras.config.set_dtype_policy(_dtype_policy(config))
     try:
         t0 = time.perf_counter()
-        model, model_reused = _build_or_reuse(config, len(classes), reuse_model)
+        model, model_reused, programs = _build_or_reuse(config, len(classes), reuse_model)
         build_s = time.perf_counter() - t0
         # val_loss (computed eagerly, outside the compiled steps) with the trial's label smoothing
         loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"])
@@ -327,7 +330,7 @@ def run_trial(
             ("head", config["epochs_head"], config["lr_head"], 0),
             ("finetune", config["epochs_finetune"], config["lr_finetune"], config["unfreeze_layers"]),
         )
-        trainable_counts, feature_cache = {}, {}
+        trainable_counts, feature_cache, reused_stages = {}, {}, {}
         for stage, epochs, lr, unfreeze in stages:
             if epochs <= 0:
                 continue
@@ -344,15 +347,13 @@ def run_trial(
                 fit_model, batches, monitor, feature_cache[stage] = _cached_stage(
                     model, stage, config, study_data, state
                 )
-            # Changing `trainable` only takes effect after compile (docs/pitfalls.md#recompile).
-            # The train step's loss has no smoothing constant: the batches carry smoothed targets, so trials
-            # that differ in label_smoothing (or dropout, a fer.layers.HeadDropout variable, or learning rate, an
-            # optimizer variable) compile the same program (docs/pitfalls.md#baked-constants).
-            fit_model.compile(
-                optimizer=keras.optimizers.Adam(lr),
-                loss=keras.losses.CategoricalCrossentropy(),
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-            )
+            # Changing `trainable` only takes effect after compile (docs/pitfalls.md#recompile). A warm worker's
+            # kept model puts back an earlier trial's compiled stage of the same trainable layers instead
+            # (fer/stage_programs.py); a feature-cache stage fits a new model each trial and compiles it.
+            if fit_model is model and programs is not None:
+                reused_stages[stage] = programs.compile(model, lr)
+            else:
+                compile_stage(fit_model, lr)
             patience = config["patience"]
             callbacks = [
                 monitor,  # first: it puts val_loss into the logs the others read
@@ -362,7 +363,12 @@ def run_trial(
                 ),
                 keras.callbacks.TerminateOnNaN(),  # a diverged trial stops instead of burning its budget
             ]
-            fit_model.fit(batches, epochs=epochs, callbacks=callbacks, verbose=0)
+            # shuffle=False: the batches shuffle themselves with the trial's seed every epoch. Keras's own
+            # batch-order shuffle draws from Python's global random state, which Keras's first-fit build
+            # steps consume too, so a warm worker's put-back stage (no build) would see another batch order.
+            fit_model.fit(batches, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
+            if fit_model is model and programs is not None:
+                programs.keep(model)
 
         if state.best_weights is None:  # no epoch ran (both stages at 0 epochs): keep the untrained model
             save_model_atomically(model, out_dir / MODEL_FILE)
@@ -393,6 +399,7 @@ def run_trial(
             "median_step_s": {stage: float(np.median(steps)) for stage, steps in state.step_s.items()},
             "build_s": build_s,
             "model_reused": model_reused,  # reuse_model: the previous trial's model, its initial state restored
+            "compiled_stage_reused": reused_stages,  # per stage: an earlier trial's compiled program put back
             "params": int(model.count_params()),
             "trainable_layers": trainable_counts,
             "dtype_policy": keras.config.dtype_policy().name,

@@ -154,6 +154,9 @@ def test_a_kept_model_repeats_a_freshly_built_one(prepared_data, tmp_path):
     fresh_keras_state()
     again = run_trial(first, prepared_data, tmp_path / "again", reuse_model=True)
     assert again["model_reused"] and not fresh["model_reused"]
+    # the same trainable layers in both stages: the earlier trial's compiled stages were put back
+    # (fer/stage_programs.py) and the numbers still match the fresh trial's
+    assert again["compiled_stage_reused"] == {"head": True, "finetune": True}
     a, b = (pd.read_csv(tmp_path / name / "history.csv") for name in ("fresh", "again"))
     pd.testing.assert_frame_equal(a[COMPARED], b[COMPARED], check_exact=False, atol=1e-6, rtol=0)
     fresh_keras_state()  # another seed builds the model anew
