@@ -185,12 +185,18 @@ def fresh_keras_state() -> None:
     layer-name counters, the default dtype policy, TensorFlow's registrations that keep every traced train step
     alive: `fer.backend_setup.release_traced_graphs`); the trial's seeds are set by build_model
     (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
-    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number."""
+    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number.
+
+    A worker that keeps its model (`run_trial(reuse_model=True)`) keeps the session until it builds another
+    model (`_build_or_reuse` clears it then): `clear_session` also empties TensorFlow's kernel cache, and
+    each put-back compiled stage then paid 0.4-1 s re-optimizing its program at its first step (MobileNetV2,
+    96 px). One garbage collection (clear_session's own is skipped): each costs ~0.35 s with a kept model."""
     import gc
 
     from fer.backend_setup import release_traced_graphs
 
-    keras.backend.clear_session()
+    if not _kept_model:
+        keras.backend.clear_session(free_memory=False)
     keras.config.set_dtype_policy("float32")
     release_traced_graphs()  # else TensorFlow keeps every traced train step (docs/pitfalls.md#custom-gradient-leak)
     gc.collect()
@@ -224,20 +230,23 @@ def _build_or_reuse(config: dict, num_classes: int, reuse: bool) -> tuple[keras.
     import random
 
     if not reuse:
-        _kept_model.clear()
+        _drop_kept_model()
         return build_model(config, num_classes), False, None
     key = _model_key(config, num_classes)
     if _kept_model.get("key") == key:
         model = _kept_model["model"]
         for variable, value in _kept_model["initial"]:
             variable.assign(value)
-        keras.utils.set_random_seed(config["seed"])
+        # Not keras.utils.set_random_seed: every random op of the model draws from its layers' seed-generator
+        # variables (just restored), Python's and NumPy's states are put back below, and the session (Keras's
+        # global seed) was kept; TensorFlow's tf.random.set_seed would also empty the kernel cache, making
+        # each put-back compiled stage re-optimize its program at its first step (0.4-1 s, MobileNetV2 96 px).
         random.setstate(_kept_model["python_random"])
         np.random.set_state(_kept_model["numpy_random"])
         model.get_layer("head_dropout").set_rate(config["dropout"])
         set_stage(model, "head", 0, config["unfreeze_unit"], _backbone(config))
         return model, True, _kept_model["programs"]
-    _kept_model.clear()
+    _drop_kept_model()
     model = build_model(config, num_classes)
     _kept_model.update(
         key=key,
@@ -248,6 +257,16 @@ def _build_or_reuse(config: dict, num_classes: int, reuse: bool) -> tuple[keras.
         programs=StagePrograms(),
     )
     return model, False, _kept_model["programs"]
+
+
+def _drop_kept_model() -> None:
+    """Another model replaces the kept one: clear the Keras session fresh_keras_state left for it (the trial's
+    dtype policy, already set, stays)."""
+    if _kept_model:
+        _kept_model.clear()
+        policy = keras.config.dtype_policy()
+        keras.backend.clear_session()
+        keras.config.set_dtype_policy(policy)
 
 
 def _dtype_policy(config: dict) -> str:
