@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--per-class", type=int, default=130, help="demo images per class")
-    parser.add_argument("--reuse-workers", action="store_true", help="run --reuse-workers (warm trial workers)")
+    parser.add_argument("--fresh-workers", action="store_true", help="run --fresh-workers (a process per trial)")
     args = parser.parse_args()
     import resource
 
@@ -208,7 +208,7 @@ def main() -> None:
                 dashboard=True,
                 stream=sys.stderr,
                 live=False,
-                reuse_workers=args.reuse_workers,
+                reuse_workers=not args.fresh_workers,
             )
             wall = time.perf_counter() - t0
             end_unix = time.time()
@@ -241,7 +241,7 @@ def main() -> None:
                 "image_size": args.image_size,
                 "epochs": 2 * args.epochs,
                 "concurrency": args.concurrency,
-                "reuse_workers": args.reuse_workers,
+                "reuse_workers": not args.fresh_workers,
                 "setup_s_per_trial": [o.get("timing", {}).get("setup_s") for o in outcomes],
                 "cpu_s": {
                     "driver": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),

@@ -180,7 +180,7 @@ class _TrialState:
 
 
 def fresh_keras_state() -> None:
-    """Before a trial in a process that already ran one (a warm study worker, `run --reuse-workers`;
+    """Before a trial in a process that already ran one (a warm study worker, `run`'s default;
     benchmarks/compile_reuse.py): drop everything an earlier trial left in Keras' global state (models,
     layer-name counters, the default dtype policy, TensorFlow's registrations that keep every traced train step
     alive: `fer.backend_setup.release_traced_graphs`); the trial's seeds are set by build_model

@@ -73,10 +73,11 @@ import click
 )
 @click.option(
     "--reuse-workers/--fresh-workers",
-    default=False,
+    default=True,
     show_default=True,
-    help="let a trial slot keep its worker process (imported Keras/TensorFlow) from one trial to the "
-    "next, with Keras' state cleared in between, instead of a new process per trial",
+    help="warm workers (default): a trial slot keeps its worker process from one trial to the next (imported "
+    "Keras, its model reset to its initial weights, its compiled stages), with Keras' state cleared in between; "
+    "--fresh-workers: a new process per trial",
 )
 def run(
     data_or_study,

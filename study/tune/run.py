@@ -137,7 +137,7 @@ class StudyOptions:
     trainable: Callable | None = None
     naive_split: int = 0  # split seeds of study.naive_split after the study (0: none)
     max_retries: int = 2  # times a trial whose worker or node died is run again (our own errors: never)
-    reuse_workers: bool = False  # a trial slot keeps its worker process (and imported Keras) between trials
+    reuse_workers: bool = True  # a trial slot keeps its worker process (imported Keras, its model, compiled stages)
 
 
 def run_study(source: str | Path, space_path: str | Path, options: StudyOptions | None = None, **overrides) -> Path:
@@ -345,7 +345,7 @@ def _search(
     log,
     pool=None,
     max_retries: int = 2,
-    reuse_workers: bool = False,
+    reuse_workers: bool = True,
 ) -> None:
     """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early.
 

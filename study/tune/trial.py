@@ -111,7 +111,7 @@ def train_trial(config: dict, context: dict) -> None:
 
         shutil.rmtree(out_dir, ignore_errors=True)
     try:
-        reused = "keras" in sys.modules  # a warm worker (run --reuse-workers): an earlier trial ran here
+        reused = "keras" in sys.modules  # a warm worker (run's default): an earlier trial ran here
         import_keras_lean()
         if reused:
             from fer.training import fresh_keras_state
