@@ -114,9 +114,11 @@ def find_duplicates(
                 else np.zeros(len(extra), dtype=np.float32)
             )  # never the quick same-label acceptance
         if len(pairs):
-            confirmed = _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local)
+            confirmed, checked = _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local)
             hashes = ({int(i): int(x) for i, x in zip(reps, h)}, {int(i): int(x) for i, x in zip(reps, hm)})
-            near, scores, refused = _cluster_near(sigs, confirmed, uf, labels, min_correlation, max_local, hashes)
+            near, scores, refused = _cluster_near(
+                sigs, confirmed, uf, labels, min_correlation, max_local, hashes, checked
+            )
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
         groups[uf.find(i)].append(i)
@@ -124,8 +126,9 @@ def find_duplicates(
     return Duplicates(exact, near, scores, clusters, refused)
 
 
-def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> list:
-    """Confirmed pairs as (i, j, scores). Differently labelled pairs (or all, without labels) must pass the
+def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> tuple[list, dict]:
+    """Confirmed pairs as (i, j, scores), and whether each differently labelled pair passed the strict check
+    (the cluster check reuses it). Differently labelled pairs (or all, without labels) must pass the
     strict aligned check: they would become label conflicts, and another expression of the same person is
     exactly what must not. Same-label pairs may at worst be two takes of one expression (allowed to
     cluster): very close at 32 px is enough, otherwise the aligned check with a looser local limit."""
@@ -151,7 +154,11 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
         for k, (i, j) in enumerate(pairs[hard]):
             if ok[k]:
                 out.append((int(i), int(j), {**{key: _plain(v[k]) for key, v in res.items()}, "check": "aligned"}))
-    return out
+        strict = ~same[hard]
+        checked = dict(zip(map(tuple, pairs[hard][strict].tolist()), ok[strict].tolist()))
+    else:
+        checked = {}
+    return out, checked
 
 
 _NONE = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32)
@@ -242,11 +249,11 @@ def _blur(t: np.ndarray) -> np.ndarray:
     return np.rint(0.25 * p[:, :, :-2] + 0.5 * p[:, :, 1:-1] + 0.25 * p[:, :, 2:])
 
 
-def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_local, hashes=None):
+def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_local, hashes=None, checked=None):
     """Merge confirmed pairs strongest first; within a connected group of 3+ images, two sub-clusters merge
     only if all their cross pairs pass the loose check (with `labels`: only the differently labelled cross
-    pairs, and they must pass the strict check, i.e. be copies of each other directly). Returns (pairs used,
-    their scores, number of refused merges)."""
+    pairs, and they must pass the strict check, i.e. be copies of each other directly; `checked`: the
+    strict results `_confirm` already has). Returns (pairs used, their scores, number of refused merges)."""
     comp = UnionFind(len(sigs))
     for a, b, _ in confirmed:
         comp.union(a, b)
@@ -264,6 +271,9 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
                 if labels is None or labels[g[x]] != labels[g[y]]
             ]
     passes: dict[tuple[int, int], bool] = {}
+    if checked and labels is not None:
+        passes = {pair: checked[pair] for pair in todo if pair in checked}
+        todo = [pair for pair in todo if pair not in checked]
     if todo and hashes is not None:  # compare j mirrored where its mirror hash is the closer one
         h, hm = hashes
         mirror = np.array([(h[i] ^ hm[j]).bit_count() < (h[i] ^ h[j]).bit_count() for i, j in todo])
@@ -280,7 +290,7 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
             ok = (res["corr"] >= LOOSE_MIN_CORRELATION) & (res["local"] <= LOOSE_MAX_LOCAL)
         else:
             ok = (res["corr"] >= min_correlation) & (res["local"] <= max_local)
-        passes = {pair: bool(p) for pair, p in zip(todo, ok)}
+        passes.update({pair: bool(p) for pair, p in zip(todo, ok)})
     cluster_of = {i: {i} for g in members.values() for i in g}
     used, scores, refused = [], [], 0
     for a, b, s in sorted(confirmed, key=lambda t: -_strength(t[2])):
