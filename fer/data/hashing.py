@@ -143,32 +143,36 @@ def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
 
 
 def candidate_pairs(
-    hashes: np.ndarray, mirrored: np.ndarray | None, max_bits: int, block_cells: int = 2_000_000
+    hashes: np.ndarray, mirrored: np.ndarray | None, max_bits: int, block_cells: int = 500_000
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i < j) with hash(i) within `max_bits` of hash(j) or of hash(mirror(j)) (`mirrored`, or
     None: plain hashes only), as an (n, 2) array, and per pair whether the mirrored match was the closer one.
 
-    Compares every pair in row blocks of at most `block_cells` comparisons, so memory stays flat.
+    Compares every pair in row blocks of at most `block_cells` comparisons, into buffers allocated once:
+    memory stays flat, and no large temporary is allocated (and page-faulted) per block.
     """
     n = len(hashes)
     block = max(1, block_cells // max(1, n))
-    found, flips = [], []
+    xor = np.empty(block * n, dtype=np.uint64)
+    dist, dist_m = np.empty(block * n, dtype=np.uint8), np.empty(block * n, dtype=np.uint8)
+    found = []
     for start in range(0, n, block):
         stop = min(n, start + block)
+        shape = (stop - start, n - start)
+        x, d, dm = (buf[: shape[0] * shape[1]].reshape(shape) for buf in (xor, dist, dist_m))
         rows = hashes[start:stop, None]
-        dist = np.bitwise_count(rows ^ hashes[None, start:])
-        if mirrored is None:
-            r, c = _sparse_nonzero(dist <= max_bits)
-        else:
-            dist_m = np.bitwise_count(rows ^ mirrored[None, start:])
-            r, c = _sparse_nonzero(np.minimum(dist, dist_m) <= max_bits)
+        np.bitwise_count(np.bitwise_xor(rows, hashes[None, start:], out=x), out=d)
+        if mirrored is not None:
+            np.bitwise_count(np.bitwise_xor(rows, mirrored[None, start:], out=x), out=dm)
+            np.minimum(d, dm, out=d)
+        r, c = _sparse_nonzero(d <= max_bits)
         keep = c > r  # c counts from `start`: drops self-pairs and pairs already seen
-        r, c = r[keep], c[keep]
-        found.append(np.stack([start + r, start + c], axis=1))
-        flips.append(np.zeros(len(r), dtype=bool) if mirrored is None else dist_m[r, c] < dist[r, c])
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
-    return np.concatenate(found), np.concatenate(flips)
+        found.append(np.stack([start + r[keep], start + c[keep]], axis=1))
+    pairs = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+    if mirrored is None or not len(pairs):
+        return pairs, np.zeros(len(pairs), dtype=bool)
+    i, j = pairs[:, 0], pairs[:, 1]
+    return pairs, np.bitwise_count(hashes[i] ^ mirrored[j]) < np.bitwise_count(hashes[i] ^ hashes[j])
 
 
 def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
