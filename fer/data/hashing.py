@@ -187,8 +187,9 @@ def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 2048) -> np.ndarray:
-    """Per pair (i, j), the highest correlation between the centre of 32x32 thumbnail i and any window of
-    thumbnail j (already mirrored where needed) shifted by up to `max_shift` pixels: a cheap first filter
+    """Per pair (i, j), the highest correlation between the centre of square thumbnail i (32 px, or any
+    size) and any window of thumbnail j (already mirrored where needed) shifted by up to `max_shift` pixels:
+    a cheap first filter
     before `compare` (tens of microseconds per pair instead of milliseconds).
 
     Normalised cross-correlation without re-normalising every window: each image's window norms for all
@@ -198,14 +199,15 @@ def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2,
     out = np.full(len(pairs), -1.0, dtype=np.float32)
     if not len(pairs):
         return out
-    r, inner = max_shift, THUMB - 2 * max_shift
+    size = thumbs.shape[1]
+    r, inner = max_shift, size - 2 * max_shift
     used, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(pairs.shape)
     spread = _window_spreads(thumbs, used, r, inner)  # (len(used), shifts)
     shifts = [(y, x) for y in range(2 * r + 1) for x in range(2 * r + 1)]
     for start in range(0, len(pairs), block):
         a, b = local[start : start + block, 0], local[start : start + block, 1]
-        centre = thumbs[used[a], r : THUMB - r, r : THUMB - r].astype(np.float32)
+        centre = thumbs[used[a], r : size - r, r : size - r].astype(np.float32)
         centre -= centre.mean(axis=(1, 2), keepdims=True)
         norm = np.sqrt((centre * centre).sum(axis=(1, 2), keepdims=True))
         centre = np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 1e-3)  # flat: no structure
