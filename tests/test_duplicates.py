@@ -27,7 +27,7 @@ from fer.data.hashing import (
     quick_correlation,
     thumbnail,
 )
-from fer.data.registration import probe_pairs
+from fer.data.registration import margins, probe_pairs, trimmed_hashes
 from fer.machine import shared_missing, shared_path
 
 FACE = Path(__file__).parent / "data" / "astronaut_face.png"
@@ -153,6 +153,29 @@ def test_quick_correlation_any_size_matches_brute_force():
             )
             assert abs(got[k] - want) < 1e-4
         assert got[0] > 0.99 > got[1]
+
+
+def test_a_padded_border_is_trimmed_back_to_its_source(tmp_path):
+    """A frame padded around a real face and resized back shrinks the face; its margins are found and the
+    trimmed image hashes like the source again (its plain pHash does not)."""
+    img = Image.open(FACE).convert("L")
+    w, h = img.size
+    paths = [tmp_path / "source.png"]
+    img.save(paths[0])
+    for k, (tone, width) in enumerate([(0, 6), (255, 8), (128, 5)]):
+        framed = Image.new("L", (w + 2 * width, h + 2 * width), tone)
+        framed.paste(img, (width, width))
+        paths.append(tmp_path / f"framed{k}.png")
+        framed.resize((w, h), Image.BICUBIC).save(paths[-1])
+    _, ph, _, sigs = _records(paths)
+    rows = np.arange(len(paths))
+    m = margins(sigs, rows)
+    assert (m[0] == 0).all() and (m[1:] >= 2).all(), m
+    trimmed = trimmed_hashes(sigs, rows, m)
+    source = np.uint64(int(ph[0], 16))
+    assert all(int(np.bitwise_count(t ^ source)) <= 6 for t in trimmed[1:]), trimmed
+    assert trimmed[0] == source  # no margins: the trimmed hash is the pHash
+    assert max(int(np.bitwise_count(np.uint64(int(x, 16)) ^ source)) for x in ph[1:]) > 12
 
 
 def test_sparse_nonzero_matches_numpy():

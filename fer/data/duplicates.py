@@ -4,7 +4,9 @@ Exact: equal decoded pixels (a PNG and a lossless WebP of one image match though
 Near: candidates whose pHash, or the pHash of the mirror image, is within `NEAR_PHASH_BITS` of 64, or whose
 registered hashes are, or the probe hash of one and the registered hash of the other (fer/data/registration.py:
 each image shifted onto the dataset's mean face and its central 80 % hashed, plus a zoomed and a
-second-peak probe, so shifted, cropped and bordered copies become candidates too), confirmed
+second-peak probe, so shifted, cropped and bordered copies become candidates too), or, for an image with
+uniform margins (a padded border, a shifted copy's fill), whose trimmed hash is within those bits of the
+other's pHash (registration.margins, registration.trim), confirmed
 by `hashing.compare` (aligned 64x64 signatures): global correlation at least `NEAR_MIN_CORRELATION` and no
 16x16 window differing by more than `NEAR_MAX_LOCAL` (that is where another expression of the same face
 shows: mouth, eyes, brows). The thresholds were chosen from measured distributions on the calibration part
@@ -31,7 +33,17 @@ from fer.data.hashing import (
     hashes_to_array,
     quick_correlation,
 )
-from fer.data.registration import VARIANTS, probe_pairs, register, registration_template, variant_thumbs
+from fer.data.registration import (
+    MARGIN_MIN,
+    VARIANTS,
+    margins,
+    probe_pairs,
+    register,
+    registration_template,
+    trim,
+    trimmed_hashes,
+    variant_thumbs,
+)
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
@@ -110,6 +122,12 @@ def find_duplicates(
         if len(extra):
             pairs = np.concatenate([pairs, extra]) if len(pairs) else extra
             flips = np.concatenate([flips, extra_flips]) if len(flips) else extra_flips
+            quick = np.concatenate([quick, np.zeros(len(extra), dtype=np.float32)])  # no quick acceptance
+        extra = _trimmed_candidates(sigs, reps, h, max_bits, pairs)
+        if len(extra):
+            extra_flips = np.zeros(len(extra), dtype=bool)
+            pairs = np.concatenate([pairs, extra]) if len(pairs) else extra
+            flips = np.concatenate([flips, extra_flips]) if len(flips) else extra_flips
             quick = (
                 np.concatenate([quick, np.zeros(len(extra), dtype=np.float32)])
                 if len(quick)
@@ -161,6 +179,46 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> t
     else:
         checked = {}
     return out, checked
+
+
+def _trimmed_candidates(sigs, reps, h, max_bits, known) -> np.ndarray:
+    """Pairs (image indices) where one image has uniform margins (a padded border, a shifted copy's fill:
+    registration.margins) and its trimmed hash is within `max_bits` of the other's pHash, not already in
+    `known`, and whose 32 px thumbnails (the trimmed one for the image with margins) correlate at
+    PREFILTER_MIN_CORRELATION or more (shifts +-2 px). A padded copy's face is smaller by 4-14 %, which
+    neither the pHash nor the registration's single scale probe covers reliably."""
+    margin = margins(sigs, reps)
+    framed = np.flatnonzero((margin >= MARGIN_MIN).any(axis=1))
+    if not len(framed):
+        return np.zeros((0, 2), dtype=np.int64)
+    trimmed = trimmed_hashes(sigs, reps[framed], margin[framed])
+    found = [  # (framed x all) in blocks of 32 rows: memory stays flat
+        np.nonzero(np.bitwise_count(trimmed[s : s + 32, None] ^ h[None, :]) <= max_bits)
+        for s in range(0, len(framed), 32)
+    ]
+    r = np.concatenate([rr + 32 * k for k, (rr, _) in enumerate(found)])
+    c = np.concatenate([cc for _, cc in found])
+    keep = framed[r] != c
+    a, b = framed[r[keep]], c[keep]  # a: the image with margins, trimmed; b: as it is
+    pairs = np.stack([np.minimum(reps[a], reps[b]), np.maximum(reps[a], reps[b])], axis=1)
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    a, b = a[first], b[first]
+    if len(known):
+        n = len(sigs)
+        new = ~np.isin(pairs[:, 0] * n + pairs[:, 1], known[:, 0] * n + known[:, 1])
+        pairs, a, b = pairs[new], a[new], b[new]
+    if not len(pairs):
+        return pairs
+    ua, la = np.unique(a, return_inverse=True)
+    ub, lb = np.unique(b, return_inverse=True)
+    thumbs = np.concatenate(
+        [
+            _blur(halve(trim(sigs, reps[ua], margin[ua]))),
+            _blur(halve(sigs[reps[ub]].astype(np.float32))),
+        ]
+    ).astype(np.uint8)
+    quick = quick_correlation(thumbs, np.stack([la, len(ua) + lb], axis=1), max_shift=2)
+    return pairs[quick >= PREFILTER_MIN_CORRELATION]
 
 
 _NONE = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32)
