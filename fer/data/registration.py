@@ -179,12 +179,17 @@ def margins(sigs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     signature: edge lines that are nearly constant and of the outermost line's grey, as a padded border
     or the fill of a shifted copy leave them."""
     out = np.zeros((len(rows), 4), dtype=np.int64)
+    c = MARGIN_CAP
     for start in range(0, len(rows), 1024):
-        x = sigs[rows[start : start + 1024], :, :].astype(np.float32)
-        for side, lines in enumerate((x, x[:, ::-1], x.transpose(0, 2, 1), x.transpose(0, 2, 1)[:, ::-1])):
-            head = lines[:, :MARGIN_CAP]
-            level = head.mean(axis=2)
-            uniform = (head.max(axis=2) - head.min(axis=2) <= MARGIN_TOL) & (np.abs(level - level[:, :1]) <= MARGIN_TOL)
+        x = sigs[rows[start : start + 1024]]
+        cols = x.transpose(0, 2, 1)
+        sides = (x[:, :c], x[:, : -c - 1 : -1], cols[:, :c], cols[:, : -c - 1 : -1])
+        for side, lines in enumerate(sides):
+            lines = np.ascontiguousarray(lines)  # (n, c, size): the c lines nearest the edge, outermost first
+            level = lines.mean(axis=2, dtype=np.float32)
+            uniform = (lines.max(axis=2) - lines.min(axis=2) <= MARGIN_TOL) & (
+                np.abs(level - level[:, :1]) <= MARGIN_TOL
+            )
             out[start : start + len(x), side] = np.argmin(np.pad(uniform, ((0, 0), (0, 1))), axis=1)
     return out
 
