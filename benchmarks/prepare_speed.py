@@ -27,6 +27,10 @@ anonymous growth 8.2 KiB per file against 3.7.
 2026-11-30, issue 10 (probe hashes, early reject, chunked memory), load 6-9, same sitting as b3a1220: 35.8
 CPU-s (815 images per CPU-second) against 21.2 (1,378), peak PSS 342 MiB against 254, anonymous growth 7.7
 KiB per file against 3.7.
+2026-11-30, issue 10 (trimmed hashes, cheaper aligned check, signatures in a file-backed map), load 3.6-4.4,
+same sitting as b3a1220 and 20486c7, two rounds: 24.1-24.3 CPU-s (1,200-1,211 images per CPU-second)
+against 13.1-14.0 (2,086-2,230) and 26.6-27.2; anonymous growth 3.1-3.7 KiB per file against 3.7-4.4 and
+7.5-7.6; peak PSS (mapped signature pages included) 332-336 MiB against 260-272 and 345-349.
 """
 
 from __future__ import annotations

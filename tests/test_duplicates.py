@@ -18,8 +18,16 @@ from PIL import Image
 from fer.data.decode import inspect_file
 from fer.data.duplicates import UnionFind, _cluster_near, find_duplicates
 from fer.data.edits import KINDS, edit
-from fer.data.hashing import _shift_search, _sparse_nonzero, batch_phashes, phash, thumbnail
-from fer.data.registration import probe_pairs
+from fer.data.hashing import (
+    _shift_search,
+    _sparse_nonzero,
+    batch_phashes,
+    candidate_pairs,
+    phash,
+    quick_correlation,
+    thumbnail,
+)
+from fer.data.registration import margins, probe_pairs, trimmed_hashes
 from fer.machine import shared_missing, shared_path
 
 FACE = Path(__file__).parent / "data" / "astronaut_face.png"
@@ -110,6 +118,66 @@ def test_probe_pairs_match_brute_force():
     assert {(7, 30), (3, 41), (12, 50)} <= set(want)
 
 
+def test_candidate_pairs_match_brute_force():
+    rng = np.random.default_rng(5)
+    h, hm = rng.integers(0, 2**63, (2, 70), dtype=np.uint64)
+    h[9] = h[33] ^ np.uint64(0b1011)  # plain neighbours
+    h[20] = hm[50] ^ np.uint64(1 << 62)  # 20 ~ the mirror image of 50
+    bits = lambda x, y: int(x ^ y).bit_count()  # noqa: E731
+    want = {
+        (i, j): bits(h[i], hm[j]) < bits(h[i], h[j])
+        for i in range(70)
+        for j in range(i + 1, 70)
+        if min(bits(h[i], h[j]), bits(h[i], hm[j])) <= 5
+    }
+    for cells in (100, 10_000):  # several row blocks through the same buffers, and one
+        pairs, flips = candidate_pairs(h, hm, 5, block_cells=cells)
+        assert {(int(i), int(j)): bool(f) for (i, j), f in zip(pairs, flips)} == want
+    assert want[(9, 33)] is False and want[(20, 50)] is True
+    pairs, flips = candidate_pairs(h, None, 5)
+    assert {(int(i), int(j)) for i, j in pairs} == {p for p in want if bits(h[p[0]], h[p[1]]) <= 5} and not flips.any()
+
+
+def test_quick_correlation_any_size_matches_brute_force():
+    rng = np.random.default_rng(6)
+    for size, r in ((16, 1), (32, 2)):
+        t = (rng.random((3, size, size)) * 255).astype(np.float32)
+        t[1] = np.roll(t[0], (1, -1), axis=(0, 1)) + rng.random((size, size)) * 10
+        got = quick_correlation(t, np.array([[0, 1], [0, 2]]), max_shift=r)
+        for k, j in enumerate((1, 2)):
+            c = t[0, r : size - r, r : size - r].ravel()
+            want = max(
+                np.corrcoef(c, t[j, y : y + size - 2 * r, x : x + size - 2 * r].ravel())[0, 1]
+                for y in range(2 * r + 1)
+                for x in range(2 * r + 1)
+            )
+            assert abs(got[k] - want) < 1e-4
+        assert got[0] > 0.99 > got[1]
+
+
+def test_a_padded_border_is_trimmed_back_to_its_source(tmp_path):
+    """A frame padded around a real face and resized back shrinks the face; its margins are found and the
+    trimmed image hashes like the source again (its plain pHash does not)."""
+    img = Image.open(FACE).convert("L")
+    w, h = img.size
+    paths = [tmp_path / "source.png"]
+    img.save(paths[0])
+    for k, (tone, width) in enumerate([(0, 6), (255, 8), (128, 5)]):
+        framed = Image.new("L", (w + 2 * width, h + 2 * width), tone)
+        framed.paste(img, (width, width))
+        paths.append(tmp_path / f"framed{k}.png")
+        framed.resize((w, h), Image.BICUBIC).save(paths[-1])
+    _, ph, _, sigs = _records(paths)
+    rows = np.arange(len(paths))
+    m = margins(sigs, rows)
+    assert (m[0] == 0).all() and (m[1:] >= 2).all(), m
+    trimmed = trimmed_hashes(sigs, rows, m)
+    source = np.uint64(int(ph[0], 16))
+    assert all(int(np.bitwise_count(t ^ source)) <= 6 for t in trimmed[1:]), trimmed
+    assert trimmed[0] == source  # no margins: the trimmed hash is the pHash
+    assert max(int(np.bitwise_count(np.uint64(int(x, 16)) ^ source)) for x in ph[1:]) > 12
+
+
 def test_sparse_nonzero_matches_numpy():
     rng = np.random.default_rng(3)
     for shape in [(40, 1001), (3, 7), (1, 8), (5, 16)]:
@@ -148,6 +216,19 @@ def test_a_chain_does_not_join_two_expressions(tmp_path):
         sigs, [(0, 1, score), (1, 2, dict(score, corr=0.95))], uf, ["happy", "happy", "sad"], 0.90, 0.075
     )
     assert uf.find(0) == uf.find(1) and uf.find(0) != uf.find(2) and refused == 1 and used == [(0, 1)]
+    # the strict results the aligned check already has are reused, not recomputed
+    for known, joined in (({(0, 2): False}, False), ({(0, 2): True}, True)):
+        uf = UnionFind(3)
+        _, _, refused = _cluster_near(
+            sigs,
+            [(0, 1, score), (1, 2, dict(score, corr=0.95))],
+            uf,
+            ["happy", "happy", "sad"],
+            0.90,
+            0.075,
+            checked={(0, 2): known[(0, 2)], (1, 2): True},
+        )
+        assert (uf.find(0) == uf.find(2)) is joined and refused == (0 if joined else 1)
 
 
 def _jaffe_or_skip():

@@ -4,7 +4,9 @@ Exact: equal decoded pixels (a PNG and a lossless WebP of one image match though
 Near: candidates whose pHash, or the pHash of the mirror image, is within `NEAR_PHASH_BITS` of 64, or whose
 registered hashes are, or the probe hash of one and the registered hash of the other (fer/data/registration.py:
 each image shifted onto the dataset's mean face and its central 80 % hashed, plus a zoomed and a
-second-peak probe, so shifted, cropped and bordered copies become candidates too), confirmed
+second-peak probe, so shifted, cropped and bordered copies become candidates too), or, for an image with
+uniform margins (a padded border, a shifted copy's fill), whose trimmed hash is within those bits of the
+other's pHash (registration.margins, registration.trim), confirmed
 by `hashing.compare` (aligned 64x64 signatures): global correlation at least `NEAR_MIN_CORRELATION` and no
 16x16 window differing by more than `NEAR_MAX_LOCAL` (that is where another expression of the same face
 shows: mouth, eyes, brows). The thresholds were chosen from measured distributions on the calibration part
@@ -31,10 +33,22 @@ from fer.data.hashing import (
     hashes_to_array,
     quick_correlation,
 )
-from fer.data.registration import VARIANTS, probe_pairs, register, registration_template, variant_thumbs
+from fer.data.registration import (
+    MARGIN_MIN,
+    VARIANTS,
+    margins,
+    probe_pairs,
+    register,
+    registration_template,
+    trim,
+    trimmed_hashes,
+    variant_thumbs,
+)
 
 NEAR_PHASH_BITS = 12
 PREFILTER_MIN_CORRELATION = 0.85  # cheap 32 px check (hashing.quick_correlation) before anything else
+# the same at 16 px first (shifts +-1 px): calibration pairs that pass the 32 px check reach >= 0.77 there
+PREFILTER_16 = 0.75
 REGISTERED_MIN_CORR16 = 0.80  # registered-hash candidates: plain correlation of the registered 16 px thumbnails first
 REGISTERED_PREFILTER = 0.85  # then the quick check on registered thumbnails (shifts +-1 px)
 # same-label pairs this close at 32 px are copies without the aligned check (different JAFFE people, same
@@ -108,15 +122,23 @@ def find_duplicates(
         if len(extra):
             pairs = np.concatenate([pairs, extra]) if len(pairs) else extra
             flips = np.concatenate([flips, extra_flips]) if len(flips) else extra_flips
+            quick = np.concatenate([quick, np.zeros(len(extra), dtype=np.float32)])  # no quick acceptance
+        extra = _trimmed_candidates(sigs, reps, h, max_bits, pairs)
+        if len(extra):
+            extra_flips = np.zeros(len(extra), dtype=bool)
+            pairs = np.concatenate([pairs, extra]) if len(pairs) else extra
+            flips = np.concatenate([flips, extra_flips]) if len(flips) else extra_flips
             quick = (
                 np.concatenate([quick, np.zeros(len(extra), dtype=np.float32)])
                 if len(quick)
                 else np.zeros(len(extra), dtype=np.float32)
             )  # never the quick same-label acceptance
         if len(pairs):
-            confirmed = _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local)
+            confirmed, checked = _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local)
             hashes = ({int(i): int(x) for i, x in zip(reps, h)}, {int(i): int(x) for i, x in zip(reps, hm)})
-            near, scores, refused = _cluster_near(sigs, confirmed, uf, labels, min_correlation, max_local, hashes)
+            near, scores, refused = _cluster_near(
+                sigs, confirmed, uf, labels, min_correlation, max_local, hashes, checked
+            )
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
         groups[uf.find(i)].append(i)
@@ -124,8 +146,9 @@ def find_duplicates(
     return Duplicates(exact, near, scores, clusters, refused)
 
 
-def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> list:
-    """Confirmed pairs as (i, j, scores). Differently labelled pairs (or all, without labels) must pass the
+def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> tuple[list, dict]:
+    """Confirmed pairs as (i, j, scores), and whether each differently labelled pair passed the strict check
+    (the cluster check reuses it). Differently labelled pairs (or all, without labels) must pass the
     strict aligned check: they would become label conflicts, and another expression of the same person is
     exactly what must not. Same-label pairs may at worst be two takes of one expression (allowed to
     cluster): very close at 32 px is enough, otherwise the aligned check with a looser local limit."""
@@ -151,7 +174,51 @@ def _confirm(sigs, pairs, flips, quick, labels, min_correlation, max_local) -> l
         for k, (i, j) in enumerate(pairs[hard]):
             if ok[k]:
                 out.append((int(i), int(j), {**{key: _plain(v[k]) for key, v in res.items()}, "check": "aligned"}))
-    return out
+        strict = ~same[hard]
+        checked = dict(zip(map(tuple, pairs[hard][strict].tolist()), ok[strict].tolist()))
+    else:
+        checked = {}
+    return out, checked
+
+
+def _trimmed_candidates(sigs, reps, h, max_bits, known) -> np.ndarray:
+    """Pairs (image indices) where one image has uniform margins (a padded border, a shifted copy's fill:
+    registration.margins) and its trimmed hash is within `max_bits` of the other's pHash, not already in
+    `known`, and whose 32 px thumbnails (the trimmed one for the image with margins) correlate at
+    PREFILTER_MIN_CORRELATION or more (shifts +-2 px). A padded copy's face is smaller by 4-14 %, which
+    neither the pHash nor the registration's single scale probe covers reliably."""
+    margin = margins(sigs, reps)
+    framed = np.flatnonzero((margin >= MARGIN_MIN).any(axis=1))
+    if not len(framed):
+        return np.zeros((0, 2), dtype=np.int64)
+    trimmed = trimmed_hashes(sigs, reps[framed], margin[framed])
+    found = [  # (framed x all) in blocks of 32 rows: memory stays flat
+        np.nonzero(np.bitwise_count(trimmed[s : s + 32, None] ^ h[None, :]) <= max_bits)
+        for s in range(0, len(framed), 32)
+    ]
+    r = np.concatenate([rr + 32 * k for k, (rr, _) in enumerate(found)])
+    c = np.concatenate([cc for _, cc in found])
+    keep = framed[r] != c
+    a, b = framed[r[keep]], c[keep]  # a: the image with margins, trimmed; b: as it is
+    pairs = np.stack([np.minimum(reps[a], reps[b]), np.maximum(reps[a], reps[b])], axis=1)
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    a, b = a[first], b[first]
+    if len(known):
+        n = len(sigs)
+        new = ~np.isin(pairs[:, 0] * n + pairs[:, 1], known[:, 0] * n + known[:, 1])
+        pairs, a, b = pairs[new], a[new], b[new]
+    if not len(pairs):
+        return pairs
+    ua, la = np.unique(a, return_inverse=True)
+    ub, lb = np.unique(b, return_inverse=True)
+    thumbs = np.concatenate(
+        [
+            _blur(halve(trim(sigs, reps[ua], margin[ua]))),
+            _blur(halve(sigs[reps[ub]].astype(np.float32))),
+        ]
+    ).astype(np.uint8)
+    quick = quick_correlation(thumbs, np.stack([la, len(ua) + lb], axis=1), max_shift=2)
+    return pairs[quick >= PREFILTER_MIN_CORRELATION]
 
 
 _NONE = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32)
@@ -212,17 +279,24 @@ def _registered_candidates(sigs, reps, max_bits, known) -> tuple[np.ndarray, np.
 
 
 def _prefilter(sigs: np.ndarray, pairs: np.ndarray, flips: np.ndarray) -> np.ndarray:
-    """hashing.quick_correlation on 32 px thumbnails, j mirrored where its mirror hash matched."""
+    """hashing.quick_correlation on 32 px thumbnails, j mirrored where its mirror hash matched; first the same
+    at 16 px (shifts +-1 px, a sixteenth of the work): pairs below PREFILTER_16 keep that value."""
     used, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(pairs.shape)
     t = np.empty((len(used), THUMB, THUMB), dtype=np.uint8)
+    t16 = np.empty((len(used), THUMB // 2, THUMB // 2), dtype=np.float16)
     for start in range(0, len(used), 1024):  # in chunks: a float copy of every signature would be 32 KiB each
-        t[start : start + 1024] = _blur(halve(sigs[used[start : start + 1024]].astype(np.float32)))
+        x = halve(sigs[used[start : start + 1024]].astype(np.float32))
+        t[start : start + 1024], t16[start : start + 1024] = _blur(x), halve(x)
     mirrored, at = np.unique(local[flips, 1], return_inverse=True)  # mirror only the images that need it
-    thumbs = np.concatenate([t, t[mirrored, :, ::-1]])
     second = local[:, 1].copy()
     second[flips] = len(used) + at
-    return quick_correlation(thumbs, np.stack([local[:, 0], second], axis=1), max_shift=2)
+    local = np.stack([local[:, 0], second], axis=1)
+    quick = quick_correlation(np.concatenate([t16, t16[mirrored, :, ::-1]]), local, max_shift=1)
+    del t16
+    go = quick >= PREFILTER_16
+    quick[go] = quick_correlation(np.concatenate([t, t[mirrored, :, ::-1]]), local[go], max_shift=2)
+    return quick
 
 
 def _plain(x):
@@ -242,11 +316,11 @@ def _blur(t: np.ndarray) -> np.ndarray:
     return np.rint(0.25 * p[:, :, :-2] + 0.5 * p[:, :, 1:-1] + 0.25 * p[:, :, 2:])
 
 
-def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_local, hashes=None):
+def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_local, hashes=None, checked=None):
     """Merge confirmed pairs strongest first; within a connected group of 3+ images, two sub-clusters merge
     only if all their cross pairs pass the loose check (with `labels`: only the differently labelled cross
-    pairs, and they must pass the strict check, i.e. be copies of each other directly). Returns (pairs used,
-    their scores, number of refused merges)."""
+    pairs, and they must pass the strict check, i.e. be copies of each other directly; `checked`: the
+    strict results `_confirm` already has). Returns (pairs used, their scores, number of refused merges)."""
     comp = UnionFind(len(sigs))
     for a, b, _ in confirmed:
         comp.union(a, b)
@@ -264,6 +338,9 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
                 if labels is None or labels[g[x]] != labels[g[y]]
             ]
     passes: dict[tuple[int, int], bool] = {}
+    if checked and labels is not None:
+        passes = {pair: checked[pair] for pair in todo if pair in checked}
+        todo = [pair for pair in todo if pair not in checked]
     if todo and hashes is not None:  # compare j mirrored where its mirror hash is the closer one
         h, hm = hashes
         mirror = np.array([(h[i] ^ hm[j]).bit_count() < (h[i] ^ h[j]).bit_count() for i, j in todo])
@@ -280,7 +357,7 @@ def _cluster_near(sigs, confirmed, uf: UnionFind, labels, min_correlation, max_l
             ok = (res["corr"] >= LOOSE_MIN_CORRELATION) & (res["local"] <= LOOSE_MAX_LOCAL)
         else:
             ok = (res["corr"] >= min_correlation) & (res["local"] <= max_local)
-        passes = {pair: bool(p) for pair, p in zip(todo, ok)}
+        passes.update({pair: bool(p) for pair, p in zip(todo, ok)})
     cluster_of = {i: {i} for g in members.values() for i in g}
     used, scores, refused = [], [], 0
     for a, b, s in sorted(confirmed, key=lambda t: -_strength(t[2])):

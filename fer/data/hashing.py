@@ -26,6 +26,9 @@ THUMB = 32
 MARGIN = 6  # scored region: SIG - 2 * MARGIN pixels (about 10 % off each side)
 ZOOMS = (0.87, 0.93, 1.0, 1.07, 1.14)
 EARLY_REJECT = 0.88  # blurred 32 px correlation after the coarse search (calibration copies >= 0.94); below: no copy
+# 32 px correlation after the whole-pixel refinement: pairs below it skip the half-pixel stage (calibration pairs
+# that pass the check: >= 0.87; docs/duplicates.md)
+STEP_REJECT = 0.86
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -140,32 +143,36 @@ def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
 
 
 def candidate_pairs(
-    hashes: np.ndarray, mirrored: np.ndarray | None, max_bits: int, block_cells: int = 2_000_000
+    hashes: np.ndarray, mirrored: np.ndarray | None, max_bits: int, block_cells: int = 500_000
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i < j) with hash(i) within `max_bits` of hash(j) or of hash(mirror(j)) (`mirrored`, or
     None: plain hashes only), as an (n, 2) array, and per pair whether the mirrored match was the closer one.
 
-    Compares every pair in row blocks of at most `block_cells` comparisons, so memory stays flat.
+    Compares every pair in row blocks of at most `block_cells` comparisons, into buffers allocated once:
+    memory stays flat, and no large temporary is allocated (and page-faulted) per block.
     """
     n = len(hashes)
     block = max(1, block_cells // max(1, n))
-    found, flips = [], []
+    xor = np.empty(block * n, dtype=np.uint64)
+    dist, dist_m = np.empty(block * n, dtype=np.uint8), np.empty(block * n, dtype=np.uint8)
+    found = []
     for start in range(0, n, block):
         stop = min(n, start + block)
+        shape = (stop - start, n - start)
+        x, d, dm = (buf[: shape[0] * shape[1]].reshape(shape) for buf in (xor, dist, dist_m))
         rows = hashes[start:stop, None]
-        dist = np.bitwise_count(rows ^ hashes[None, start:])
-        if mirrored is None:
-            r, c = _sparse_nonzero(dist <= max_bits)
-        else:
-            dist_m = np.bitwise_count(rows ^ mirrored[None, start:])
-            r, c = _sparse_nonzero(np.minimum(dist, dist_m) <= max_bits)
+        np.bitwise_count(np.bitwise_xor(rows, hashes[None, start:], out=x), out=d)
+        if mirrored is not None:
+            np.bitwise_count(np.bitwise_xor(rows, mirrored[None, start:], out=x), out=dm)
+            np.minimum(d, dm, out=d)
+        r, c = _sparse_nonzero(d <= max_bits)
         keep = c > r  # c counts from `start`: drops self-pairs and pairs already seen
-        r, c = r[keep], c[keep]
-        found.append(np.stack([start + r, start + c], axis=1))
-        flips.append(np.zeros(len(r), dtype=bool) if mirrored is None else dist_m[r, c] < dist[r, c])
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
-    return np.concatenate(found), np.concatenate(flips)
+        found.append(np.stack([start + r[keep], start + c[keep]], axis=1))
+    pairs = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+    if mirrored is None or not len(pairs):
+        return pairs, np.zeros(len(pairs), dtype=bool)
+    i, j = pairs[:, 0], pairs[:, 1]
+    return pairs, np.bitwise_count(hashes[i] ^ mirrored[j]) < np.bitwise_count(hashes[i] ^ hashes[j])
 
 
 def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,8 +187,9 @@ def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 2048) -> np.ndarray:
-    """Per pair (i, j), the highest correlation between the centre of 32x32 thumbnail i and any window of
-    thumbnail j (already mirrored where needed) shifted by up to `max_shift` pixels: a cheap first filter
+    """Per pair (i, j), the highest correlation between the centre of square thumbnail i (32 px, or any
+    size) and any window of thumbnail j (already mirrored where needed) shifted by up to `max_shift` pixels:
+    a cheap first filter
     before `compare` (tens of microseconds per pair instead of milliseconds).
 
     Normalised cross-correlation without re-normalising every window: each image's window norms for all
@@ -191,14 +199,15 @@ def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2,
     out = np.full(len(pairs), -1.0, dtype=np.float32)
     if not len(pairs):
         return out
-    r, inner = max_shift, THUMB - 2 * max_shift
+    size = thumbs.shape[1]
+    r, inner = max_shift, size - 2 * max_shift
     used, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(pairs.shape)
     spread = _window_spreads(thumbs, used, r, inner)  # (len(used), shifts)
     shifts = [(y, x) for y in range(2 * r + 1) for x in range(2 * r + 1)]
     for start in range(0, len(pairs), block):
         a, b = local[start : start + block, 0], local[start : start + block, 1]
-        centre = thumbs[used[a], r : THUMB - r, r : THUMB - r].astype(np.float32)
+        centre = thumbs[used[a], r : size - r, r : size - r].astype(np.float32)
         centre -= centre.mean(axis=(1, 2), keepdims=True)
         norm = np.sqrt((centre * centre).sum(axis=(1, 2), keepdims=True))
         centre = np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 1e-3)  # flat: no structure
@@ -226,21 +235,24 @@ def _window_spreads(thumbs: np.ndarray, used: np.ndarray, r: int, inner: int, ch
 # --- confirmation -----------------------------------------------------------------------------------------
 
 
-def _resample(img: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
+def _resample(img: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray, crop: int = 0) -> np.ndarray:
     """Bilinear b(c + (p - c) * zoom + t) for a batch (P, N, N), per-image zoom and shift (pixels), edges
-    clamped. Separable, as two batched matrix products (an order of magnitude faster than gathering)."""
+    clamped; only the output pixels crop..N-crop of each axis. Separable, as two batched matrix products
+    (an order of magnitude faster than gathering)."""
     n = img.shape[1]
-    return _interp_weights(n, zoom, ty) @ img @ _interp_weights(n, zoom, tx).transpose(0, 2, 1)
+    return _interp_weights(n, zoom, ty, crop) @ img @ _interp_weights(n, zoom, tx, crop).transpose(0, 2, 1).copy()
 
 
-def _interp_weights(n: int, zoom: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """(P, n, n) matrices: row o holds the bilinear weights of output pixel o on the input pixels."""
+def _interp_weights(n: int, zoom: np.ndarray, t: np.ndarray, crop: int = 0) -> np.ndarray:
+    """(P, n - 2 crop, n) matrices: row o holds the bilinear weights of output pixel crop + o on the input
+    pixels."""
     c = (n - 1) / 2.0
-    pos = np.clip(c + (np.arange(n, dtype=np.float32) - c)[None, :] * zoom[:, None] + t[:, None], 0, n - 1)
+    out = np.arange(crop, n - crop, dtype=np.float32)
+    pos = np.clip(c + (out - c)[None, :] * zoom[:, None] + t[:, None], 0, n - 1)
     i0 = np.minimum(pos.astype(np.int64), n - 2)
     w = (pos - i0).astype(np.float32)
-    weights = np.zeros((len(zoom), n, n), dtype=np.float32)
-    rows, outs = np.arange(len(zoom))[:, None], np.arange(n)[None, :]
+    weights = np.zeros((len(zoom), len(out), n), dtype=np.float32)
+    rows, outs = np.arange(len(zoom))[:, None], np.arange(len(out))[None, :]
     weights[rows, outs, i0] = 1 - w
     weights[rows, outs, i0 + 1] += w
     return weights
@@ -277,15 +289,22 @@ def _shift_search(a: np.ndarray, b: np.ndarray, r: int):
 
 def _window_stats(x: np.ndarray, r: int, inner: int) -> np.ndarray:
     """(p, 2r+1, 2r+1): the sum of every inner x inner window of each image at offsets 0..2r per axis, as
-    two box sums (cumulative sums along one axis, then along the other over only 2r+1 columns)."""
-    p, n = x.shape[0], x.shape[1]
-    k = 2 * r + 1
-    cs = np.zeros((p, n, n + 1), dtype=np.float32)
-    np.cumsum(x, axis=2, out=cs[:, :, 1:])
-    rows = cs[:, :, inner : inner + k] - cs[:, :, :k]
-    cc = np.zeros((p, n + 1, k), dtype=np.float32)
-    np.cumsum(rows, axis=1, out=cc[:, 1:])
-    return cc[:, inner : inner + k] - cc[:, :k]
+    two box sums (first along the columns, then along the rows of the 2r+1 results)."""
+    m = inner + 2 * r  # the windows cover no more than this
+    rows = _offset_sums(x[:, :m, :m], 2 * r + 1)  # (p, m, k)
+    return _offset_sums(np.ascontiguousarray(rows.transpose(0, 2, 1)), 2 * r + 1).transpose(0, 2, 1)
+
+
+def _offset_sums(x: np.ndarray, k: int) -> np.ndarray:
+    """(p, a, k): along the last axis (length n), the sums of the n - k + 1 long windows starting at 0..k-1:
+    the whole line minus its first o and its last k - 1 - o values (at 32 px half the cost of a cumulative
+    sum over the whole line)."""
+    total = x.sum(axis=2, keepdims=True, dtype=np.float32)
+    head = np.zeros(x.shape[:2] + (k,), dtype=np.float32)
+    np.cumsum(x[:, :, : k - 1], axis=2, out=head[:, :, 1:])  # head[o]: the first o values
+    tail = np.zeros_like(head)
+    np.cumsum(x[:, :, :-k:-1], axis=2, out=tail[:, :, 1:])  # tail[s]: the last s values
+    return total - head - tail[:, :, ::-1]
 
 
 def _smooth(x: np.ndarray, k: int = 5) -> np.ndarray:
@@ -331,9 +350,9 @@ def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray, min_corr:
     a = a8.astype(np.float32)
     b = b8.astype(np.float32)
     b[mirror] = b[mirror][:, :, ::-1]
-    zoom, ty, tx, _ = _align32(a, b)
-    m2 = MARGIN // 2
     a32, b32 = halve(a), halve(b)
+    zoom, ty, tx, _ = _align32(a32, b32)
+    m2 = MARGIN // 2
     early = (
         _normalise(_blur121(a32)[:, m2 : THUMB - m2, m2 : THUMB - m2])
         * _normalise(_blur121(_resample(b32, zoom, ty / 2, tx / 2))[:, m2 : THUMB - m2, m2 : THUMB - m2])
@@ -348,17 +367,16 @@ def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray, min_corr:
     }
     go = np.flatnonzero(early >= EARLY_REJECT)
     if len(go):
-        res = _refine_and_score(a[go], b[go], zoom[go], ty[go], tx[go], min_corr)
+        res = _refine_and_score(a[go], b[go], a32[go], b32[go], zoom[go], ty[go], tx[go], min_corr)
         for k, v in res.items():
             out[k][go] = v
     return out
 
 
-def _align32(a: np.ndarray, b: np.ndarray):
-    """Coarse alignment of b to a: every zoom and shifts up to 12 % at 16 px, refined at 32 px. Returns
-    (zoom, ty, tx in 64 px units, the 32 px correlation)."""
-    p = len(a)
-    a32, b32 = halve(a), halve(b)
+def _align32(a32: np.ndarray, b32: np.ndarray):
+    """Coarse alignment of b to a (32 px thumbnails): every zoom and shifts up to 12 % at 16 px, refined at
+    32 px. Returns (zoom, ty, tx in 64 px units, the 32 px correlation)."""
+    p = len(a32)
     a16, b16 = halve(a32), halve(b32)
     # coarse: every zoom, shifts up to 2 px at 16 px (12 %)
     best = np.full(p, -2.0, dtype=np.float32)
@@ -383,31 +401,52 @@ def _align32(a: np.ndarray, b: np.ndarray):
     return zoom, ty, tx, best
 
 
-def _refine_and_score(a: np.ndarray, b: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray, min_corr=None):
+def _refine_and_score(a, b, a32, b32, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray, min_corr=None):
     """Sub-pixel alignment at 32 px from the coarse estimate, then the scores at 64 px."""
     p = len(a)
-    a32, b32 = halve(a), halve(b)
     # sub-pixel refinement at 32 px (shifts in 64 px units: +-1, then +-0.5 with zoom +-0.015). A parabola
     # through a 3x3 grid instead (13 resamplings, not 36) found the same calibration copies but also
     # halved the local difference of the test's same face with another expression (0.08 -> 0.04: it
-    # passed): the local-difference limit was calibrated on this grid's alignment.
+    # passed): the local-difference limit was calibrated on this grid's alignment. Each grid row is
+    # resampled vertically once and then horizontally per column (separable), on the scored region only.
     m2 = MARGIN // 2
     a32c = _normalise(a32[:, m2 : THUMB - m2, m2 : THUMB - m2])
     best_corr = np.full(p, -2.0, dtype=np.float32)
+    go = np.arange(p)
     for step, dzs in ((1.0, (0.0,)), (0.5, (-0.015, 0.0, 0.015))):
-        z0, ty0, tx0 = zoom.copy(), ty.copy(), tx.copy()
+        if step < 1.0 and min_corr is not None:  # pairs far below after whole pixels: no copy (STEP_REJECT)
+            go = np.flatnonzero(best_corr >= STEP_REJECT)
+        z0, ty0, tx0 = zoom[go], ty[go], tx[go]
+        bg, ag = b32[go], a32c[go]
         for dz in dzs:
+            wxs = [
+                _interp_weights(THUMB, z0 + dz, (tx0 + d) / 2, m2).transpose(0, 2, 1).copy() for d in (-step, 0.0, step)
+            ]
             for ddy in (-step, 0.0, step):
-                for ddx in (-step, 0.0, step):
-                    bz = _resample(b32, z0 + dz, (ty0 + ddy) / 2, (tx0 + ddx) / 2)[:, m2 : THUMB - m2, m2 : THUMB - m2]
-                    corr = (a32c * _normalise(bz)).mean(axis=(1, 2))
-                    better = corr > best_corr
-                    best_corr[better] = corr[better]
-                    zoom[better], ty[better], tx[better] = z0[better] + dz, ty0[better] + ddy, tx0[better] + ddx
-    # score at 64 px
+                rows = _interp_weights(THUMB, z0 + dz, (ty0 + ddy) / 2, m2) @ bg
+                for ddx, wx in zip((-step, 0.0, step), wxs):
+                    corr = (ag * _normalise(rows @ wx)).mean(axis=(1, 2))
+                    better = corr > best_corr[go]
+                    idx = go[better]
+                    best_corr[idx] = corr[better]
+                    zoom[idx], ty[idx], tx[idx] = z0[better] + dz, ty0[better] + ddy, tx0[better] + ddx
+    if len(go) < p:  # the rejected pairs keep their 32 px correlation (below STEP_REJECT) and no local score
+        out = {"corr": best_corr, "local": np.ones(p, dtype=np.float32), "zoom": zoom}
+        out["shift"] = np.maximum(np.abs(ty), np.abs(tx))
+        if len(go):
+            res = _score64(a[go], b[go], zoom[go], ty[go], tx[go], min_corr)
+            for k, v in res.items():
+                out[k][go] = v
+        return out
+    return _score64(a, b, zoom, ty, tx, min_corr)
+
+
+def _score64(a, b, zoom, ty, tx, min_corr):
+    """Correlation and local difference at 64 px of b aligned to a (zoom, ty, tx in 64 px units)."""
+    p = len(a)
     m = MARGIN
     ac = _normalise(a[:, m : SIG - m, m : SIG - m])
-    best_b = _normalise(_resample(b, zoom, ty, tx)[:, m : SIG - m, m : SIG - m])
+    best_b = _normalise(_resample(b, zoom, ty, tx, m))
     best_corr = (ac * best_b).mean(axis=(1, 2))
     final_ty, final_tx = ty, tx
     local = np.ones(p, dtype=np.float32)

@@ -196,7 +196,10 @@ def _prepare_into(
         ((str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
         for k, i in enumerate(readable)
     )
-    thumbs = np.zeros((len(entries), SIG, SIG), dtype=np.uint8)
+    # the signatures (4 KiB per file, docs/duplicates.md) live in a file-backed map, like the pixel rows:
+    # page cache the system can reclaim, not process memory that grows with the dataset
+    sig_file = partial / ".signatures.u8"
+    thumbs = np.memmap(sig_file, dtype=np.uint8, mode="w+", shape=(max(1, len(entries)), SIG, SIG))[: len(entries)]
     for i, rec in zip(readable, decode_into(raw, inspect_file_task, tasks, workers)):
         if rec.thumb is not None:
             thumbs[i] = rec.thumb
@@ -213,6 +216,7 @@ def _prepare_into(
     dup_report = _mark_duplicates(table, thumbs, keep_duplicates, near)
     audit_mod.write_contact_sheet(partial / DUPLICATES_SHEET, thumbs, table.path, table.label, dup_report, seed)
     del thumbs
+    sig_file.unlink()
     unmatched = _assign_groups(table, group_rx, dup_report["clusters_idx"])
     usable_labels = {label for label, split in zip(table.label, table.split) if split == ""}
     empty = [c for c in class_names if c not in usable_labels]
