@@ -188,7 +188,8 @@ def fresh_keras_state() -> None:
     trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number.
 
     A worker that keeps its model (`run_trial(reuse_model=True)`) keeps the session until it builds another
-    model (`_build_or_reuse` clears it then): `clear_session` also empties TensorFlow's kernel cache, and
+    model (`_build_or_reuse` clears it then): `clear_session` also empties TensorFlow's kernel cache
+    (docs/pitfalls.md#kernel-cache), and
     each put-back compiled stage then paid 0.4-1 s re-optimizing its program at its first step (MobileNetV2,
     96 px). One garbage collection (clear_session's own is skipped): each costs ~0.35 s with a kept model."""
     import gc
@@ -382,9 +383,9 @@ def run_trial(
                 ),
                 keras.callbacks.TerminateOnNaN(),  # a diverged trial stops instead of burning its budget
             ]
-            # shuffle=False: the batches shuffle themselves with the trial's seed every epoch. Keras's own
-            # batch-order shuffle draws from Python's global random state, which Keras's first-fit build
-            # steps consume too, so a warm worker's put-back stage (no build) would see another batch order.
+            # shuffle=False (docs/pitfalls.md#keras-shuffle): the batches shuffle themselves with the trial's
+            # seed; Keras's own batch-order shuffle draws from Python's global random state, which Keras's
+            # first-fit build steps consume too, so a put-back stage (no build) would see another order.
             fit_model.fit(batches, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
             if fit_model is model and programs is not None:
                 programs.keep(model)
