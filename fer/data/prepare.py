@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,22 @@ MANIFEST_COLUMNS = [
 FORMAT_VERSION = 1
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What `prepare_dataset` was asked for, checked once (the steps below read it)."""
+
+    image_size: int
+    workers: int | None
+    max_pixels: int
+    keep_duplicates: bool
+    near: tuple[int, float, float]
+    group_regex: str | None
+    group_rx: re.Pattern | None
+    fractions: tuple[float, float, float]
+    seed: int
+    predefined_spec: object  # parse_predefined's result, None for a seeded group split
+
+
 def inspect_file_task(path: str, image_size: int, max_pixels: int):
     return inspect_file(Path(path), image_size, max_pixels)
 
@@ -91,75 +108,48 @@ def prepare_dataset(
     if out_dir.resolve() == scan.root or scan.root in out_dir.resolve().parents:
         raise UserError(f"the output folder {out_dir} is inside DATA ({scan.root}); DATA is read only")
     with exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")):  # two prepares of one study take turns
-        audit = _prepare_locked(
-            out_dir,
-            scan,
-            image_size,
-            workers,
-            max_pixels,
-            keep_duplicates,
-            near,
-            group_rx,
-            fractions,
-            seed,
-            predefined_spec,
-            group_regex,
-            t0,
+        settings = _Settings(
+            image_size=image_size,
+            workers=workers,
+            max_pixels=max_pixels,
+            keep_duplicates=keep_duplicates,
+            near=near,
+            group_regex=group_regex,
+            group_rx=group_rx,
+            fractions=fractions,
+            seed=seed,
+            predefined_spec=predefined_spec,
         )
+        audit = _prepare_locked(out_dir, scan, settings, t0)
     if log:
         log(audit_mod.summary_text(audit, out_dir))
     return audit
 
 
-def _prepare_locked(
-    out_dir,
-    scan,
-    image_size,
-    workers,
-    max_pixels,
-    keep_duplicates,
-    near,
-    group_rx,
-    fractions,
-    seed,
-    predefined_spec,
-    group_regex,
-    t0,
-) -> dict:
+def _prepare_locked(out_dir: Path, scan, settings: _Settings, t0: float) -> dict:
+    """Prepare into `<out>.partial`, write study_data.json and the audit, then swap it in for `out_dir`."""
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "pixels").mkdir(parents=True)
     try:
-        audit = _prepare_into(
-            partial,
-            scan,
-            image_size,
-            workers,
-            max_pixels,
-            keep_duplicates,
-            near,
-            group_rx,
-            fractions,
-            seed,
-            predefined_spec,
-            t0,
-        )
+        audit = _prepare_into(partial, scan, settings, t0)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     audit["source"] = str(scan.root)
+    predefined_spec = settings.predefined_spec
     meta = {
         "format_version": FORMAT_VERSION,
         "source": str(scan.root),
         "classes": audit["classes"],
         "class_weights": audit["class_weights"],
-        "image_sizes": [image_size],
-        "seed": seed,
-        "split": list(fractions),
-        "group_regex": group_regex,
+        "image_sizes": [settings.image_size],
+        "seed": settings.seed,
+        "split": list(settings.fractions),
+        "group_regex": settings.group_regex,
         "predefined": (str(predefined_spec) if isinstance(predefined_spec, Path) else predefined_spec),
-        "keep_duplicates": keep_duplicates,
-        "max_pixels": max_pixels,
+        "keep_duplicates": settings.keep_duplicates,
+        "max_pixels": settings.max_pixels,
     }
     write_json(partial / STUDY_DATA_FILE, meta)
     seconds = time.perf_counter() - t0
@@ -170,28 +160,15 @@ def _prepare_locked(
     return audit
 
 
-def _prepare_into(
-    partial: Path,
-    scan,
-    image_size,
-    workers,
-    max_pixels,
-    keep_duplicates,
-    near,
-    group_rx,
-    fractions,
-    seed,
-    predefined_spec,
-    t0,
-) -> dict:
+def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
     """Everything between the scan and the swap: decode, duplicates, groups, split, audit, caches."""
+    image_size, max_pixels, near, seed = settings.image_size, settings.max_pixels, settings.near, settings.seed
     entries = scan.entries
     readable = [i for i, e in enumerate(entries) if not e.problem]
     records: list[FileRecord] = [FileRecord(status="quarantined", reason=e.problem) for e in entries]
     raw = partial / "pixels" / f".all_{image_size}.raw"
     allocate(raw, len(readable) * row_bytes(image_size))
-    if workers is None:
-        workers = default_workers(len(readable))
+    workers = settings.workers if settings.workers is not None else default_workers(len(readable))
     tasks = (
         ((str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
         for k, i in enumerate(readable)
@@ -213,11 +190,11 @@ def _prepare_into(
     table = _Table(entries, records)
     raw_row = {i: k for k, i in enumerate(readable)}
     class_names = sorted(scan.class_folders)
-    dup_report = _mark_duplicates(table, thumbs, keep_duplicates, near)
+    dup_report = _mark_duplicates(table, thumbs, settings.keep_duplicates, near)
     audit_mod.write_contact_sheet(partial / DUPLICATES_SHEET, thumbs, table.path, table.label, dup_report, seed)
     del thumbs
     sig_file.unlink()
-    unmatched = _assign_groups(table, group_rx, dup_report["clusters_idx"])
+    unmatched = _assign_groups(table, settings.group_rx, dup_report["clusters_idx"])
     usable_labels = {label for label, split in zip(table.label, table.split) if split == ""}
     empty = [c for c in class_names if c not in usable_labels]
     class_names = [c for c in class_names if c in usable_labels]
@@ -226,11 +203,13 @@ def _prepare_into(
             f"need at least two classes with usable images, found {len(class_names)}"
             f" ({', '.join(class_names) or 'none'}) in {scan.root}"
         )
-    predefined_report = _assign_split(table, class_names, fractions, seed, predefined_spec, dup_report["clusters_idx"])
+    predefined_report = _assign_split(
+        table, class_names, settings.fractions, seed, settings.predefined_spec, dup_report["clusters_idx"]
+    )
 
     frame = table.frame()
     audit = audit_mod.build_audit(frame, class_names, scan.unknown_folders, empty, dup_report, predefined_report, near)
-    audit["group_regex_unmatched"] = unmatched if group_rx else None
+    audit["group_regex_unmatched"] = unmatched if settings.group_rx else None
     frame.to_csv(partial / MANIFEST_FILE, index=False)
     for s in SPLITS:
         rows = [raw_row[i] for i, split in enumerate(table.split) if split == s]
