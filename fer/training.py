@@ -188,10 +188,10 @@ def fresh_keras_state() -> None:
     trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number.
 
     A worker that keeps its model (`run_trial(reuse_model=True)`) keeps the session until it builds another
-    model (`_build_or_reuse` clears it then): `clear_session` also empties TensorFlow's kernel cache
-    (docs/pitfalls.md#kernel-cache), and
-    each put-back compiled stage then paid 0.4-1 s re-optimizing its program at its first step (MobileNetV2,
-    96 px). One garbage collection (clear_session's own is skipped): each costs ~0.35 s with a kept model."""
+    model (`_build_or_reuse` clears it then): `clear_session` also empties TensorFlow's kernel cache, and each
+    put-back compiled stage then paid 0.4-1 s re-optimizing its program at its first step (MobileNetV2, 96 px;
+    docs/pitfalls.md#kernel-cache). One garbage collection (clear_session's own is skipped): each costs ~0.35 s
+    with a kept model."""
     import gc
 
     from fer.backend_setup import release_traced_graphs
