@@ -112,16 +112,19 @@ def test_trials_spread_over_two_nodes_with_half_a_gpu_each(two_node_cluster, new
 
 
 def test_a_local_study_runs_its_trials_at_the_users_priority():
-    """Ray starts workers 15 nice levels down; connect() keeps a local study's trials at the driver's level."""
+    """Ray starts workers 15 nice levels down; connect() keeps a local study's trials at the driver's level.
+    Its workers also start with 2 malloc arenas (docs/pitfalls.md#malloc-arenas)."""
     probe = (
         "import os, ray\n"
         "from study.tune.cluster import connect\n"
         "connect(None, num_cpus=1, dashboard=False)\n"
         "print('nice', os.nice(0), ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+        "print('arenas', ray.get(ray.remote(lambda: os.environ.get('MALLOC_ARENA_MAX')).remote()))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_worker_niceness", "MALLOC_ARENA_MAX")}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
     line = next((x for x in done.stdout.splitlines() if x.startswith("nice ")), None)
     assert line is not None, done.stderr[-2000:]
     driver, worker = line.split()[1:]
     assert worker == driver
+    assert "arenas 2" in done.stdout.splitlines(), done.stdout[-2000:]

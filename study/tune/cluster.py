@@ -29,9 +29,19 @@ LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # trials read pixels from files, not fro
 LOCAL_WORKER_NICENESS = "0"
 
 
+# glibc gives a process up to 8 malloc arenas per core; a warm worker's many backend threads then fragment
+# them, and under JAX its resident memory crept up ~100 MB over 20 tiny trials (flat with 2 arenas:
+# docs/pitfalls.md#malloc-arenas). A MALLOC_ARENA_MAX already set is kept.
+WORKER_MALLOC_ARENAS = "2"
+
+
 def worker_env() -> dict:
-    """Environment every trial process needs: the driver's Keras backend, quiet TensorFlow."""
-    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    """Environment every trial process needs: the driver's Keras backend, quiet TensorFlow, few malloc arenas
+    (set when Ray starts the worker process, before its first allocation)."""
+    env = {
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", WORKER_MALLOC_ARENAS),
+    }
     for var in ("KERAS_BACKEND", "FER_THREADS"):
         if os.environ.get(var):
             env[var] = os.environ[var]
