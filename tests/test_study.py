@@ -105,13 +105,14 @@ def _rows(path):
 def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_path):
     """SIGKILL the driver once two trials have finished (one of them an errored trial: its weights file
     does not exist), then --resume: finished trials are kept, the rest run, the error stays recorded, and
-    the best configuration is retrained with two more seeds (final_seeds)."""
+    the best configuration is retrained with two more seeds (final_seeds). The third trial trains longer, so
+    it is still running when the driver is killed (a warm worker runs the short ones in about a second)."""
     folder = new_study("killed")
     bad = str(tmp_path / "no-such.weights.h5")
     points = [
-        {"dropout": 0.5, "weights": bad},
-        {"dropout": 0.3, "weights": "none"},
-        {"dropout": 0.4, "weights": "none"},
+        {"dropout": 0.5, "weights": bad, "epochs_finetune": 1},
+        {"dropout": 0.3, "weights": "none", "epochs_finetune": 1},
+        {"dropout": 0.4, "weights": "none", "epochs_finetune": 40},
     ]
     space = {
         "name": "resume",
@@ -123,10 +124,14 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
             "dense_units": 16,
             "batch_size": 16,
             "epochs_head": 1,
-            "epochs_finetune": 1,
+            "patience": 40,
             "augment": 0.0,
         },
-        "space": {"dropout": {"uniform": [0.1, 0.6]}, "weights": {"choice": ["none", bad]}},
+        "space": {
+            "dropout": {"uniform": [0.1, 0.6]},
+            "weights": {"choice": ["none", bad]},
+            "epochs_finetune": {"choice": [1, 40]},
+        },
         "start_points": points,
         "final_seeds": 2,
     }
