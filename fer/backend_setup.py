@@ -151,8 +151,8 @@ def enable_compilation_cache(folder) -> str | None:
 
 
 def release_traced_graphs() -> int:
-    """Between trials in a reused worker (after `keras.backend.clear_session`): let the previous trials'
-    traced TensorFlow graphs be freed. Returns how many registrations were dropped (0 for other backends).
+    """Between trials in a reused worker (fer.training.fresh_keras_state): let the previous trials' traced
+    TensorFlow graphs be freed. Returns how many registrations were dropped (0 for other backends).
 
     Why (docs/pitfalls.md#custom-gradient-leak): every `tf.function` trace of a Keras train step runs the
     optimizer's gradient all-reduce, a graph-mode `tf.custom_gradient`, which registers a gradient function
@@ -160,8 +160,9 @@ def release_traced_graphs() -> int:
     function's closure holds the traced FuncGraph (every op and tensor of the step), so each compiled train
     step stays in memory for the life of the process: about 26 MB per smallcnn trial at 32 px
     (benchmarks/worker_memory.py). The registrations are only needed while a graph is being differentiated,
-    i.e. during a trace; between trials no traced step of an earlier trial runs again (clear_session dropped
-    its model), so they can go. Private TensorFlow API: if it moved, nothing is dropped (a warning)."""
+    i.e. during a trace; a step an earlier trial traced is either gone with its model or, put back by
+    fer/stage_programs.py, run as already traced, so they can go. Private TensorFlow API: if it moved,
+    nothing is dropped (a warning)."""
     if backend_name() != "tensorflow" or "tensorflow" not in sys.modules:
         return 0
     try:

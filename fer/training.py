@@ -184,8 +184,9 @@ def fresh_keras_state() -> None:
     benchmarks/compile_reuse.py): drop everything an earlier trial left in Keras' global state (models,
     layer-name counters, the default dtype policy, TensorFlow's registrations that keep every traced train step
     alive: `fer.backend_setup.release_traced_graphs`); the trial's seeds are set by build_model
-    (keras.utils.set_random_seed). tests/test_reuse.py checks that a trial in a reused worker, after a
-    trial that raised and one with a NaN loss, repeats a fresh process's epochs number for number.
+    (keras.utils.set_random_seed) or, for a kept model, restored by `_build_or_reuse`. tests/test_reuse.py
+    checks that a trial in a reused worker, after a trial that raised and one with a NaN loss, repeats a fresh
+    process's epochs number for number.
 
     A worker that keeps its model (`run_trial(reuse_model=True)`) keeps the session until it builds another
     model (`_build_or_reuse` clears it then): `clear_session` also empties TensorFlow's kernel cache, and each
@@ -223,8 +224,8 @@ def _model_key(config: dict, num_classes: int) -> str:
 def _build_or_reuse(config: dict, num_classes: int, reuse: bool) -> tuple[keras.Model, bool, StagePrograms | None]:
     """`build_model`, or with `reuse` the model kept from the previous trial of this process when it would be
     built the same: every variable (weights, BatchNormalization statistics, the random-seed states of the
-    dropout and augmentation layers) back to its value right after that build, the global random states
-    (Python, NumPy, Keras's seed) back to theirs, the dropout rate set, the backbone frozen again. The trial
+    dropout and augmentation layers) back to its value right after that build, Python's and NumPy's random
+    states back to theirs, the dropout rate set, the backbone frozen again. The trial
     then repeats a freshly built one number for number (tests/test_compile_reuse.py). Saves the build
     (seconds for a large backbone; loading a weights file) and, with the model's `StagePrograms` (returned
     third, None without `reuse`), the tracing of each stage whose trainable layers an earlier trial trained."""
@@ -370,7 +371,8 @@ def run_trial(
             # Changing `trainable` only takes effect after compile (docs/pitfalls.md#recompile). A warm worker's
             # kept model puts back an earlier trial's compiled stage of the same trainable layers instead
             # (fer/stage_programs.py); a feature-cache stage fits a new model each trial and compiles it.
-            if fit_model is model and programs is not None:
+            keeps_programs = fit_model is model and programs is not None
+            if keeps_programs:
                 reused_stages[stage] = programs.compile(model, lr)
             else:
                 compile_stage(fit_model, lr)
@@ -387,7 +389,7 @@ def run_trial(
             # seed; Keras's own batch-order shuffle draws from Python's global random state, which Keras's
             # first-fit build steps consume too, so a put-back stage (no build) would see another order.
             fit_model.fit(batches, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
-            if fit_model is model and programs is not None:
+            if keeps_programs:
                 programs.keep(model)
 
         if state.best_weights is None:  # no epoch ran (both stages at 0 epochs): keep the untrained model
