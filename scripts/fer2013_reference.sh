@@ -7,12 +7,16 @@
 #   bash scripts/fer2013_reference.sh [DATA] [STUDY]
 #
 # DATA: the 5-class FER2013 folders (default $FER_SHARED/datasets/fer2013-5class; research use only, never
-# commit it). FER_SHARED: the shared-data folder holding datasets/ and weights/ (default ../shared, relative
-# to the repository root). Rerunning after an interruption resumes the study. Overrides for a quick try:
+# commit it). FER_SHARED (required): the folder holding weights/ (the two offline ImageNet files the space
+# names) and, unless DATA is given, datasets/fer2013-5class. Rerunning after an interruption resumes the study. Overrides for a quick try:
 # FER_SPACE (space file), FER_RESULTS (results folder), FER_STUDY (command, default fer-study).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export FER_SHARED="${FER_SHARED:-../shared}"
+[ -n "${FER_SHARED:-}" ] || {
+    echo "set FER_SHARED to the folder holding weights/ (the offline ImageNet files) and datasets/fer2013-5class" >&2
+    exit 2
+}
+export FER_SHARED
 DATA="${1:-$FER_SHARED/datasets/fer2013-5class}"
 STUDY="${2:-fer2013-cpu}"
 SPACE="${FER_SPACE:-search_spaces/fer2013-cpu.yaml}"

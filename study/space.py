@@ -15,9 +15,9 @@ range. Start points are given once, over `space` (for each backbone they keep on
 per backbone (`per_backbone.<backbone>.start_points`, over every key it tunes) where its ranges differ.
 
 Paths: `${NAME}` and `${NAME:-default}` in a fixed value are replaced by the environment variable NAME
-(for example `weights: ${FER_SHARED:-../shared}/weights/x.h5`); a relative weights path is relative to the
-current directory and made absolute at load time, since Ray workers run elsewhere. A fixed weights file
-must exist when the space is loaded.
+(for example `weights: ${FER_SHARED}/weights/x.h5` or `${WEIGHTS:-weights}/x.h5`); a relative weights
+path is relative to the current directory and made absolute at load time, since Ray workers run elsewhere.
+A fixed weights file must exist when the space is loaded.
 """
 
 from __future__ import annotations
