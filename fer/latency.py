@@ -146,15 +146,22 @@ def _with_machine(result: dict, load_before) -> dict:
     }
 
 
-def measure_and_write(model, path: str | Path, threads: int | None = None) -> dict | None:
-    """`measure_model` written to `path` as JSON. A failure is logged, never raised: the timing is an extra,
-    and must not cost the caller (the study's best-model evaluation) its real results."""
+def measure_safely(model, threads: int | None = None) -> dict | None:
+    """`measure_model`, with a failure logged, never raised: the timing is an extra, and must not cost the
+    caller (the study's best-model evaluation) its real results."""
     try:
-        result = measure_model(model, threads)
+        return measure_model(model, threads)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.warning("latency measurement of %s failed: %s", getattr(model, "name", "model"), exc)
         return None
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def measure_and_write(model, path: str | Path, threads: int | None = None, measured: dict | None = None) -> dict | None:
+    """`measure_safely` written to `path` as JSON; `measured`: this model's figures taken earlier (the study's
+    Evaluator measures a preloaded model while the last trials run), written instead of timing again."""
+    result = measured if measured is not None else measure_safely(model, threads)
+    if result is not None:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
