@@ -31,6 +31,10 @@ KiB per file against 3.7.
 same sitting as b3a1220 and 20486c7, two rounds: 24.1-24.3 CPU-s (1,200-1,211 images per CPU-second)
 against 13.1-14.0 (2,086-2,230) and 26.6-27.2; anonymous growth 3.1-3.7 KiB per file against 3.7-4.4 and
 7.5-7.6; peak PSS (mapped signature pages included) 332-336 MiB against 260-272 and 345-349.
+2026-12-01, cheaper per-file work and aligned check with identical decisions (docs/duplicates.md), load
+0.0-1.2, same sitting as b3a1220 (two rounds, alternating) and 9dcec3e (once, 1d59cd2's detector):
+22.2-22.3 CPU-s (1,306-1,316 images per CPU-second) against 14.0-14.2 (2,060-2,078) and 28.0 (1,041);
+anonymous growth 3.8-4.7 KiB per file against 4.2-4.3 and 3.1; peak PSS 373-374 MiB against 295-296.
 """
 
 from __future__ import annotations

@@ -15,16 +15,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer.data.decode import inspect_file
+from fer.data.decode import decode_file, inspect_file, to_rgb
 from fer.data.duplicates import UnionFind, _cluster_near, find_duplicates
 from fer.data.edits import KINDS, edit
 from fer.data.hashing import (
+    _interp_weights,
+    _normalise,
+    _offset_sums,
     _shift_search,
     _sparse_nonzero,
     batch_phashes,
     candidate_pairs,
+    halve,
+    image_signature,
     phash,
     quick_correlation,
+    signature,
     thumbnail,
 )
 from fer.data.registration import margins, probe_pairs, trimmed_hashes
@@ -88,7 +94,7 @@ def test_shift_search_matches_brute_force_correlation():
     rng = np.random.default_rng(2)
     a = rng.random((4, 16, 16), dtype=np.float32) * 255
     b = np.roll(a, (1, -2), axis=(1, 2)) + rng.random((4, 16, 16), dtype=np.float32) * 20
-    corr, dy, dx = _shift_search(a, b, 2)
+    corr, dy, dx = _shift_search(_normalise(a[:, 2:14, 2:14]), b, 2)  # a's centre, normalised once
     for k in range(4):
         ac = a[k, 2:14, 2:14].ravel()
         best = max(
@@ -97,6 +103,61 @@ def test_shift_search_matches_brute_force_correlation():
             for x in range(-2, 3)
         )
         assert abs(best[0] - corr[k]) < 1e-4 and (best[1], best[2]) == (dy[k], dx[k]) == (1, -2)
+
+
+def test_interp_weights_are_bilinear_in_both_layouts():
+    rng = np.random.default_rng(5)
+    zoom = rng.uniform(0.8, 1.2, 6).astype(np.float32)
+    t = rng.uniform(-9, 9, 6).astype(np.float32)  # far enough to clamp at both edges
+    for n, crop in ((16, 0), (32, 3), (64, 6)):
+        w, wt = _interp_weights(n, zoom, t, crop), _interp_weights(n, zoom, t, crop, transposed=True)
+        assert wt.flags.c_contiguous and np.array_equal(wt, w.transpose(0, 2, 1))
+        c = (n - 1) / 2
+        for k in range(6):
+            for o in range(n - 2 * crop):
+                pos = min(max(c + (crop + o - c) * float(zoom[k]) + float(t[k]), 0), n - 1)
+                want = np.maximum(0, 1 - np.abs(np.arange(n) - pos))  # the tent: bilinear weights
+                assert np.allclose(w[k, o], want, atol=1e-5)
+
+
+def test_offset_sums_match_brute_force():
+    rng = np.random.default_rng(6)
+    x = rng.normal(0, 40, (3, 5, 20)).astype(np.float32)
+    for k in (2, 3, 5, 13):
+        got = _offset_sums(x, k)
+        want = np.stack([x[:, :, o : o + 20 - k + 1].sum(axis=2) for o in range(k)], axis=2)
+        assert got.shape == (3, 5, k) and np.allclose(got, want, atol=1e-3)
+
+
+def test_halve_is_the_2x2_mean():
+    x = np.random.default_rng(7).normal(0, 40, (3, 8, 6)).astype(np.float32)
+    got = halve(x)
+    assert got.dtype == np.float32 and np.allclose(got, x.reshape(3, 4, 2, 3, 2).mean(axis=(2, 4)), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_signature_from_the_decoded_image_equals_the_rgb_route(mode, tmp_path):
+    """inspect_file makes the signature from the decoded grey or RGB image (no RGB round trip): the same
+    pixels as `signature(rgb)`, and a grey file's RGB array is its grey level three times."""
+    files = sorted(FER.glob("*/Training_*.jpg"))[:40] if FER.is_dir() else []
+    rng = np.random.default_rng(8)
+    for k in range(10):  # also synthetic images of odd sizes, up- and downscaled
+        path = tmp_path / f"{k}.png"
+        size = (int(rng.integers(20, 200)), int(rng.integers(20, 200)))
+        Image.fromarray(rng.integers(0, 256, size[::-1] + ((3,) if mode == "RGB" else ()), dtype=np.uint8)).save(path)
+        files.append(path)
+    for path in files:
+        dec = decode_file(path)
+        if mode == "RGB" and dec.image.mode == "L":
+            dec.image = dec.image.convert("RGB")
+        assert dec.image is not None
+        assert np.array_equal(image_signature(dec.image), signature(dec.rgb)), path
+        if dec.image.mode == "L":
+            assert np.array_equal(dec.rgb, np.asarray(dec.image.convert("RGB"))), path
+    with Image.open(files[-1]) as img:
+        img.load()
+        notes: list[str] = []
+        assert np.array_equal(to_rgb(img, notes), np.asarray(img.convert("RGB")))
 
 
 def test_probe_pairs_match_brute_force():

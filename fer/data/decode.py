@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
-from fer.data.hashing import signature
+from fer.data.hashing import image_signature, signature
 
 register_heif_opener()
 
@@ -42,6 +42,9 @@ class Decoded:
     rgb: np.ndarray  # uint8 (H, W, 3), orientation applied
     format: str  # what the content is (JPEG, PNG, WEBP, HEIF, ...), not what the name says
     notes: list[str]  # conversions applied; empty when the file was plain RGB the right way up
+    # the decoded image itself where it is plain greyscale or RGB (the same pixels as `rgb`): the signature
+    # is made from it directly, without a round trip through the RGB array (`image_signature`)
+    image: Image.Image | None = None
 
     @property
     def converted(self) -> bool:
@@ -79,6 +82,7 @@ def decode_file(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = N
                     img = ImageOps.exif_transpose(img)
                     notes.append(f"EXIF orientation {orientation} applied")
                 rgb = to_rgb(img, notes)
+                plain = img if img.mode in ("L", "RGB") and "transparency" not in img.info else None
     except Quarantine:
         raise
     except UnidentifiedImageError:
@@ -90,7 +94,7 @@ def decode_file(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = N
         if "truncated" in message:
             raise Quarantine(f"truncated image: {message}") from None
         raise Quarantine(f"corrupt or unreadable image: {message}") from None
-    return Decoded(rgb=rgb, format=fmt, notes=notes)
+    return Decoded(rgb=rgb, format=fmt, notes=notes, image=plain)
 
 
 _EXTENSIONS = {
@@ -121,6 +125,8 @@ def to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8).copy()
     notes.append(f"mode {mode} -> RGB")
+    if mode == "L" and "transparency" not in img.info:  # grey: the RGB channels are copies of it
+        return np.repeat(np.asarray(img, dtype=np.uint8)[:, :, None], 3, axis=2)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         grey = np.asarray(img).astype(np.float64)
         if mode == "F" and grey.size and grey.max() <= 1.0:
@@ -194,7 +200,8 @@ def inspect_file(
     rec.height, rec.width = dec.rgb.shape[:2]
     rec.format = dec.format
     rec.pixel_hash = pixel_hash(dec.rgb)
-    rec.thumb = signature(dec.rgb)  # the hashes come from it in one vectorised pass (prepare.py)
+    # the hashes come from the signature in one vectorised pass (prepare.py)
+    rec.thumb = image_signature(dec.image) if dec.image is not None else signature(dec.rgb)
     if dec.converted:
         rec.status, rec.reason = "converted", "; ".join(dec.notes)
     small = resize_square(dec.rgb, image_size) if image_size else None

@@ -8,6 +8,7 @@ in at the end, so an interrupted prepare never leaves a half-written study folde
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -169,17 +170,19 @@ def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
     raw = partial / "pixels" / f".all_{image_size}.raw"
     allocate(raw, len(readable) * row_bytes(image_size))
     workers = settings.workers if settings.workers is not None else default_workers(len(readable))
-    tasks = (
-        ((str(scan.root / entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
+    root = str(scan.root)
+    tasks = (  # plain strings: a pathlib join per file cost more than the rest of the loop
+        ((os.path.join(root, entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
         for k, i in enumerate(readable)
     )
     # the signatures (4 KiB per file, docs/duplicates.md) live in a file-backed map, like the pixel rows:
     # page cache the system can reclaim, not process memory that grows with the dataset
     sig_file = partial / ".signatures.u8"
     thumbs = np.memmap(sig_file, dtype=np.uint8, mode="w+", shape=(max(1, len(entries)), SIG, SIG))[: len(entries)]
+    rows = thumbs.view(np.ndarray)  # the same pages, without np.memmap's per-item bookkeeping
     for i, rec in zip(readable, decode_into(raw, inspect_file_task, tasks, workers)):
         if rec.thumb is not None:
-            thumbs[i] = rec.thumb
+            rows[i] = rec.thumb
             rec.thumb = None
         records[i] = rec
     hashed = [i for i, r in enumerate(records) if r.status in ("ok", "converted")]
@@ -192,7 +195,7 @@ def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
     class_names = sorted(scan.class_folders)
     dup_report = _mark_duplicates(table, thumbs, settings.keep_duplicates, near)
     audit_mod.write_contact_sheet(partial / DUPLICATES_SHEET, thumbs, table.path, table.label, dup_report, seed)
-    del thumbs
+    del thumbs, rows
     sig_file.unlink()
     unmatched = _assign_groups(table, settings.group_rx, dup_report["clusters_idx"])
     usable_labels = {label for label, split in zip(table.label, table.split) if split == ""}
