@@ -128,3 +128,27 @@ def test_a_local_study_runs_its_trials_at_the_users_priority():
     driver, worker = line.split()[1:]
     assert worker == driver
     assert "arenas 2" in done.stdout.splitlines(), done.stdout[-2000:]
+
+
+def test_a_local_studys_first_trials_use_the_workers_ray_prestarted():
+    """A job runtime env would make every slot's first trial wait for a new worker process; connect() gives a
+    local Ray's workers their environment by inheritance instead, so Ray's prestarted workers are used
+    (the trial actor's process is older than the actor), and the driver's own environment is left as it was."""
+    probe = (
+        "import os, time, psutil, ray\n"
+        "from study.tune.cluster import connect\n"
+        "connect(None, num_cpus=1, dashboard=False)\n"
+        "time.sleep(3)\n"  # let the prestarted worker come up
+        "submitted = time.time()\n"
+        "Trial = ray.remote(num_cpus=1)(type('Trial', (), {'env': lambda self: (os.getpid(), os.environ.get("
+        "'MALLOC_ARENA_MAX'))}))\n"  # Tune runs each trial in an actor like this one
+        "pid, arenas = ray.get(Trial.remote().env.remote())\n"
+        "print('age', submitted - psutil.Process(pid).create_time(), arenas, os.environ.get('MALLOC_ARENA_MAX'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("age ")), None)
+    assert line is not None, done.stderr[-2000:]
+    age, worker_arenas, driver_arenas = line.split()[1:]
+    assert float(age) > 2  # started with Ray, not for this actor (a new process is <1 s old when it answers)
+    assert worker_arenas == "2" and driver_arenas == "None"
