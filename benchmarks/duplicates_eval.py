@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer.machine import shared_path  # noqa: E402 - after the repository is on sys.path
+from benchmarks.shared_data import shared_path  # noqa: E402 - after the repository is on sys.path
 
 SHARED = shared_path("datasets")
 

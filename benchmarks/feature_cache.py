@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sys.path line
+from benchmarks.shared_data import shared_missing, shared_path  # noqa: E402 - after the sys.path line
 
 DEFAULT_WEIGHTS = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
 

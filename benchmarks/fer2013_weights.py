@@ -28,7 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sys.path line
+from benchmarks.shared_data import shared_missing, shared_path  # noqa: E402 - after the sys.path line
 
 DEFAULT_DATA = shared_path("datasets", "fer2013-5class")
 DEFAULT_WEIGHTS = shared_path("weights", "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5")

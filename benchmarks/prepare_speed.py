@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sys.path line
+from benchmarks.shared_data import shared_missing, shared_path  # noqa: E402 - after the sys.path line
 
 DEFAULT_DATA = shared_path("datasets", "fer2013-5class")
 PREDEFINED = "train=^Training_,val=^PublicTest_,test=^PrivateTest_"

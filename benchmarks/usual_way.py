@@ -41,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from fer.machine import shared_missing, shared_path  # noqa: E402 - after the sys.path line
+from benchmarks.shared_data import shared_missing, shared_path  # noqa: E402 - after the sys.path line
 
 FER2013 = shared_path("datasets", "fer2013-5class")
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.shared_data import shared_missing, shared_path
 from fer.data.decode import decode_file, inspect_file, to_rgb
 from fer.data.duplicates import UnionFind, _cluster_near, find_duplicates
 from fer.data.edits import KINDS, edit
@@ -34,7 +35,6 @@ from fer.data.hashing import (
     thumbnail,
 )
 from fer.data.registration import margins, probe_pairs, trimmed_hashes
-from fer.machine import shared_missing, shared_path
 
 FACE = Path(__file__).parent / "data" / "astronaut_face.png"
 JAFFE = shared_path("datasets", "jaffe-5class")

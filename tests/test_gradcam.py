@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks.shared_data import shared_missing, shared_path
 from fer.config import make_config
 from fer.errors import UserError
 from fer.gradcam import (
@@ -25,7 +26,6 @@ from fer.gradcam import (
     peak_in_boxes,
     target_layer_name,
 )
-from fer.machine import shared_missing, shared_path
 from fer.model import build_model, load_trained_model
 
 WEIGHTS = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")

@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks.shared_data import shared_missing, shared_path
 from fer.backbones import BACKBONES, get_backbone
 from fer.config import make_config
 from fer.data import StudyData
 from fer.errors import UserError
-from fer.machine import shared_missing, shared_path
 from fer.names import COLLAPSE_FILE, RECORD_KEYS
 from fer.training import run_trial
 
