@@ -13,6 +13,7 @@ An epoch is collapsed when its validation outputs are nearly uniform (mean top p
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -117,3 +118,18 @@ class CollapseLog:
 
 def _num(value) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+
+
+def read_collapsed_epochs(trial_dir: Path) -> dict[tuple[str, int], str]:
+    """The collapsed epochs a trial recorded, {(stage, epoch): reason}; empty when none (no collapse.json).
+    The report's verdict reads this rather than judging histories again, so training's warning and the
+    report's flag follow one definition (`collapse_reason`)."""
+    try:
+        record = json.loads((Path(trial_dir) / COLLAPSE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for entry in record.get("collapsed_stages") or []:
+        for epoch in entry.get("collapsed_epochs") or []:
+            out[(str(entry.get("stage")), int(epoch))] = str(entry.get("reason"))
+    return out

@@ -7,11 +7,13 @@ import logging
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from fer.collapse import collapse_reason
+from fer.collapse import collapse_reason, read_collapsed_epochs
 from fer.data import StudyData
 from fer.training import run_trial
+from study.report.verdict import stage_problems
 
 
 def test_collapse_reason_on_hand_made_predictions():
@@ -59,4 +61,8 @@ def test_a_stage_wrecked_by_its_learning_rate_is_recorded_and_logged(trial_data,
     assert any(
         "finetune stage collapsed" in r.getMessage() and "lr_finetune=1.0" in r.getMessage() for r in caplog.records
     )
+    # the report's verdict flags the same stage from the same record (one definition, fer.collapse)
+    history = pd.read_csv(tmp_path / "history.csv")
+    problems = stage_problems(history, len(trial_data.classes), read_collapsed_epochs(tmp_path))
+    assert [(p["kind"], p["stage"], p["epoch"]) for p in problems] == [("collapsed", "finetune", 2)]
     # a learning trial ends with no collapsed stage: see test_trial.py::test_smallcnn_learns_from_scratch...

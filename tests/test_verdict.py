@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from fer.collapse import CollapseLog
 from study.report import BackboneResult, StudyResults
 from study.report.verdict import (
     _headline,
@@ -40,6 +41,9 @@ def _history(rows):
 
 
 def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
+    """The flags follow the trial's own collapse record (fer.collapse, what training warned about), not a
+    second reading of the losses."""
+    uniform = "uniform outputs (mean top probability 0.201, 1/K = 0.200)"
     # the known case: the head stage learns, the first fine-tune epoch collapses to uniform outputs (ln 5)
     collapsed = _history(
         [
@@ -49,12 +53,15 @@ def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
             ("finetune", LN5, LN5 + 0.001, 0.067),
         ]
     )
-    problems = stage_problems(collapsed, 5)
+    problems = stage_problems(collapsed, 5, {("finetune", 3): uniform, ("finetune", 4): uniform})
     assert [(p["kind"], p["stage"], p["epoch"]) for p in problems] == [("collapsed", "finetune", 3)]
-    # one class predicted (tiny macro F1) although the loss is not ln K: also a collapse
+    assert uniform in problems[0]["text"]
+    # a stage that collapsed for an epoch and recovered is not flagged; one collapsed at its end is
+    assert stage_problems(collapsed, 5, {("finetune", 3): uniform}) == []
     one_class = _history([("head", 1.4, 1.2, 0.5), ("finetune", 1.1, 2.4, 0.05)])
-    assert [p["kind"] for p in stage_problems(one_class, 5)] == ["collapsed"]
-    # a from-scratch head stage sitting near ln K, then learning: nothing to flag
+    reason = "one class predicted (97% of val images are 'happy')"
+    assert [p["kind"] for p in stage_problems(one_class, 5, {("finetune", 2): reason})] == ["collapsed"]
+    # losses near ln K without a collapse record (a from-scratch head stage, then learning): nothing to flag
     learning = _history(
         [
             ("head", 1.62, 1.60, 0.15),
@@ -63,11 +70,12 @@ def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
             ("finetune", 0.6, 0.4, 0.85),
         ]
     )
-    assert stage_problems(learning, 5) == []
+    assert stage_problems(learning, 5, {}) == []
     never = _history([("head", 1.61, 1.609, 0.067), ("finetune", 1.61, 1.608, 0.067)])
-    assert [p["kind"] for p in stage_problems(never, 5)] == ["never learned"]
+    record = {("head", 1): uniform, ("finetune", 2): uniform}
+    assert [p["kind"] for p in stage_problems(never, 5, record)] == ["never learned"]
     diverged = _history([("head", 1.3, 1.2, 0.5), ("finetune", float("nan"), float("nan"), 0.067)])
-    assert [p["kind"] for p in stage_problems(diverged, 5)] == ["diverged"]
+    assert [p["kind"] for p in stage_problems(diverged, 5, {})] == ["diverged"]
 
 
 def test_undertrained_only_when_the_last_epoch_is_clearly_best():
@@ -138,6 +146,10 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
     _history([("head", 1.5, 1.3, 0.4), ("finetune", LN5, LN5, 0.067)]).to_csv(
         tmp_path / "trials" / "good_2" / "history.csv", index=False
     )
+    # the record training writes (fer.collapse) when the fine-tune epoch gives every image the same outputs
+    log = CollapseLog(tmp_path / "trials" / "good_2", {"lr_finetune": 3e-4, "unfreeze_layers": 30}, 5)
+    log.check("head", {"epoch": 1, "loss": 1.5, "val_loss": 1.3}, np.eye(5)[np.arange(200) % 5] * 0.8 + 0.04)
+    log.check("finetune", {"epoch": 2, "loss": LN5, "val_loss": LN5}, np.full((200, 5), 0.2))
     trials = pd.DataFrame(
         [
             {

@@ -9,11 +9,11 @@ difference and McNemar's exact test), saying "indistinguishable on this test spl
 - undertrained: the best trial's lowest val_loss is at its very last epoch and still falling there (more than
   STILL_IMPROVING, relative, and STILL_IMPROVING_ABS below every earlier epoch): the budget, not the data,
   stopped it;
-- collapsed: in ANY trial, a stage that ends at chance level (val_loss within CHANCE_LOSS_TOL of ln K, i.e.
-  uniform outputs, or a validation macro F1 below ONE_CLASS_F1 / K, i.e. one class predicted) after the trial
-  had learned something, or that diverged (non-finite loss); named with the hyperparameters that did it,
-  because early stopping then silently keeps an earlier (e.g. head-stage) model; and trials that never left
-  chance level at all;
+- collapsed: in ANY trial, a stage that ends collapsed (fer.collapse: uniform outputs or one class predicted, as
+  the trial recorded in collapse.json, the same definition as training's warning) after an epoch that was not,
+  or that diverged (non-finite loss); named with the hyperparameters that did it, because early stopping then
+  silently keeps an earlier (e.g. head-stage) model; and trials that never left collapse at all ("never
+  learned");
 - hyperparameters at the edge of their searched range (computed by the report, passed in);
 - the spread over seeds where the space's `final_seeds` retrained the best configuration.
 """
@@ -29,33 +29,27 @@ import numpy as np
 import pandas as pd
 
 from fer import names
+from fer.collapse import read_collapsed_epochs
 from fer.compare import compare_paired
 
 ONE_CLASS_SHARE = 0.9  # a model that gives one class to >= 90% of the test images has learnt (almost) nothing
-CHANCE_LOSS_TOL = 0.02  # |val_loss - ln K| <= 2% of ln K: uniform outputs
-ONE_CLASS_F1 = 0.7  # one class predicted for everything: macro F1 = F1(that class) / K <= 2s/(1+s)/K < 0.7/K
-LEARNED_LOSS = 0.9  # val_loss <= 0.9 ln K: the trial had learned something
 STILL_IMPROVING = 0.01  # the last epoch's val_loss is >1% below every earlier one ...
 STILL_IMPROVING_ABS = 0.01  # ... and by more than 0.01 (a near-perfect model's loss shrinks forever)
 
 
 # ------------------------------------------------------------------------------------------ history flags
-def epoch_at_chance(row, k: int) -> bool:
-    """Uniform outputs (val_loss ~ ln K) or one class predicted (tiny validation macro F1)."""
-    loss, f1 = _float(row.get("val_loss")), _float(row.get("val_macro_f1"))
-    uniform = loss is not None and abs(loss - math.log(k)) <= CHANCE_LOSS_TOL * math.log(k)
-    one_class = f1 is not None and f1 < ONE_CLASS_F1 / k
-    return uniform or one_class
-
-
-def stage_problems(history: pd.DataFrame, k: int) -> list[dict]:
-    """Collapsed or diverged stages of one trial's history, and 'never learned' for a trial at chance in every
-    epoch. Each: {kind, stage, epoch, val_loss, text}."""
+def stage_problems(history: pd.DataFrame, k: int, collapsed: dict[tuple[str, int], str]) -> list[dict]:
+    """Collapsed or diverged stages of one trial's history, and 'never learned' for a trial collapsed in every
+    epoch. `collapsed`: the trial's own record, {(stage, epoch): reason} (fer.collapse.read_collapsed_epochs).
+    Each problem: {kind, stage, epoch, val_loss, text}."""
     if history is None or history.empty or "stage" not in history:
         return []
     rows = history.to_dict("records")
-    problems = []
-    if all(epoch_at_chance(r, k) for r in rows):
+
+    def reason(row) -> str | None:
+        return collapsed.get((str(row.get("stage")), int(row["epoch"]))) if "epoch" in row else None
+
+    if all(reason(r) for r in rows):
         last = rows[-1]
         return [
             {
@@ -63,10 +57,11 @@ def stage_problems(history: pd.DataFrame, k: int) -> list[dict]:
                 "stage": last.get("stage"),
                 "epoch": last.get("epoch"),
                 "val_loss": _float(last.get("val_loss")),
-                "text": f"at chance level in all {len(rows)} epochs (val_loss {_fmt(last.get('val_loss'))}, "
-                f"ln {k} = {math.log(k):.3f})",
+                "text": f"collapsed in all {len(rows)} epochs ({reason(last)}; val_loss "
+                f"{_fmt(last.get('val_loss'))}, ln {k} = {math.log(k):.3f})",
             }
         ]
+    problems = []
     for stage in dict.fromkeys(r.get("stage") for r in rows):
         idx = [i for i, r in enumerate(rows) if r.get("stage") == stage]
         last = rows[idx[-1]]
@@ -82,23 +77,16 @@ def stage_problems(history: pd.DataFrame, k: int) -> list[dict]:
                 }
             )
             continue
-        learned_before = any(
-            _float(r.get("val_loss")) is not None
-            and _float(r["val_loss"]) <= LEARNED_LOSS * math.log(k)
-            and not epoch_at_chance(r, k)
-            for r in rows[: idx[-1]]
-        )
-        if epoch_at_chance(last, k) and learned_before:
-            first = next(rows[i] for i in idx if all(epoch_at_chance(rows[j], k) for j in idx if j >= i))
+        if reason(last):  # ended collapsed, and some epoch of the trial was not (else: never learned)
+            first = next(rows[i] for i in idx if all(reason(rows[j]) for j in idx if j >= i))
             problems.append(
                 {
                     "kind": "collapsed",
                     "stage": stage,
                     "epoch": first.get("epoch"),
                     "val_loss": _float(last.get("val_loss")),
-                    "text": f"the {stage} stage collapsed to chance level from epoch {first.get('epoch')} "
-                    f"on (val_loss {_fmt(last.get('val_loss'))}, ln {k} = {math.log(k):.3f}; "
-                    f"val macro F1 {_fmt(last.get('val_macro_f1'))})",
+                    "text": f"the {stage} stage collapsed from epoch {first.get('epoch')} on ({reason(last)}; "
+                    f"val_loss {_fmt(last.get('val_loss'))}, ln {k} = {math.log(k):.3f})",
                 }
             )
     return problems
@@ -273,7 +261,8 @@ def _trial_flags(study) -> list[dict]:
     flags = []
     for row in study.trials.to_dict("records"):
         history = _trial_history(study.folder, row)
-        for problem in stage_problems(history, k):
+        collapsed = read_collapsed_epochs(Path(study.folder) / str(row["trial_dir"]))
+        for problem in stage_problems(history, k, collapsed):
             params = ", ".join(f"{key}={_fmt(row.get(key))}" for key in tuned if key in row)
             kept = ""
             if problem["kind"] != "never learned" and _float(row.get("best_epoch")) is not None:
