@@ -166,43 +166,30 @@ def main() -> None:
     import resource
 
     import pandas as pd
-    import yaml
 
-    from fer.data import prepare_dataset
-    from fer.demo_data import generate_demo_data
+    from benchmarks.demo_study import demo_study
     from fer.machine import machine_info
     from study.tune.run import run_study
 
     memory = ray_head_memory(args.concurrency)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate_demo_data(tmp / "demo", per_class=args.per_class, seed=0)
-        study = tmp / "results" / "bench"
-        prepare_dataset(
-            tmp / "demo", study / "data", group_regex=r"^(S\d+)_", image_size=args.image_size, log=lambda *a, **k: None
+        study, space = demo_study(
+            tmp,
+            "bench",
+            args.backbone,
+            args.image_size,
+            args.per_class,
+            args.trials,
+            epochs_head=args.epochs,
+            epochs_finetune=args.epochs,
+            patience=50,
         )
-        space = {
-            "name": "bench",
-            "backbones": [args.backbone],
-            "trials_per_backbone": args.trials,
-            "scheduler": {"type": "none"},
-            "fixed": {
-                "image_size": args.image_size,
-                "weights": "none",
-                "batch_size": 16,
-                "epochs_head": args.epochs,
-                "epochs_finetune": args.epochs,
-                "patience": 50,
-                "augment": 0.0,
-            },
-            "space": {"dropout": {"uniform": [0.1, 0.6]}},
-        }
-        (tmp / "space.yaml").write_text(yaml.safe_dump(space))
         with IdleSampler() as idle:
             t0, t0_unix = time.perf_counter(), time.time()
             run_study(
                 study,
-                tmp / "space.yaml",
+                space,
                 cpus_per_trial=1,
                 num_cpus=args.concurrency,
                 dashboard=True,

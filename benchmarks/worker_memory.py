@@ -28,40 +28,26 @@ def main() -> None:
     parser.add_argument("--fresh-workers", action="store_true", help="a new process per trial (for comparison)")
     args = parser.parse_args()
 
-    import yaml
-
-    from fer.data import prepare_dataset
-    from fer.demo_data import generate_demo_data
+    from benchmarks.demo_study import demo_study
     from fer.machine import machine_info
     from study.tune.run import run_study
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate_demo_data(tmp / "demo", per_class=args.per_class, seed=0)
-        study = tmp / "results" / "memory"
-        prepare_dataset(
-            tmp / "demo", study / "data", group_regex=r"^(S\d+)_", image_size=args.image_size, log=lambda *a, **k: None
+        study, space = demo_study(
+            tmp,
+            "memory",
+            args.backbone,
+            args.image_size,
+            args.per_class,
+            args.trials,
+            dense_units=16,
+            epochs_head=1,
+            epochs_finetune=1,
         )
-        space = {
-            "name": "memory",
-            "backbones": [args.backbone],
-            "trials_per_backbone": args.trials,
-            "scheduler": {"type": "none"},
-            "fixed": {
-                "image_size": args.image_size,
-                "weights": "none",
-                "batch_size": 16,
-                "dense_units": 16,
-                "epochs_head": 1,
-                "epochs_finetune": 1,
-                "augment": 0.0,
-            },
-            "space": {"dropout": {"uniform": [0.1, 0.6]}},
-        }
-        (tmp / "space.yaml").write_text(yaml.safe_dump(space))
         run_study(
             study,
-            tmp / "space.yaml",
+            space,
             cpus_per_trial=1,
             num_cpus=1,
             dashboard=False,
