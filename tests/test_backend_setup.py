@@ -1,6 +1,11 @@
 """Backend set-up decisions (fer.backend_setup): which mixed precision `auto` picks on which device, and
 where compiled programs are cached. Runs on any machine: a GPU is simulated where the rule needs one."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import pytest
 
@@ -47,3 +52,32 @@ def test_compilation_cache_only_for_jax(tmp_path):
         assert jax.config.jax_compilation_cache_dir == str(folder)
     else:  # TensorFlow compiles nothing ahead: nothing to cache, nothing written
         assert result is None and not folder.exists()
+
+
+PROBE_LEAN_IMPORT = """
+import importlib.util, json, os, sys
+from study.tune.trial import import_keras_lean, HIDDEN_AT_KERAS_IMPORT, HIDDEN_UNLESS_JAX_BACKEND
+import_keras_lean()
+import keras
+hidden = HIDDEN_AT_KERAS_IMPORT + HIDDEN_UNLESS_JAX_BACKEND
+loaded = [name for name in hidden if name in sys.modules]
+installed = [name for name in hidden if importlib.util.find_spec(name) is not None]
+for name in installed:
+    __import__(name)  # still importable afterwards
+print(json.dumps({"backend": keras.backend.backend(), "loaded": loaded, "installed": installed}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_trial_worker_imports_keras_without_the_optional_packages_it_never_uses(backend):
+    """study.tune.trial.import_keras_lean: a trial worker's Keras import leaves out scikit-learn, IPython,
+    matplotlib and (unless the backend is JAX) JAX, ~1.2 s of every worker's start, and they stay importable."""
+    if backend == "jax":
+        pytest.importorskip("jax")
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", PROBE_LEAN_IMPORT], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["backend"] == backend
+    expected_loaded = ["jax", "jaxlib"] if backend == "jax" else []
+    assert result["loaded"] == [name for name in expected_loaded if name in result["installed"]]
