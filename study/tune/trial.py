@@ -87,12 +87,13 @@ def import_keras_lean() -> None:
 
     Every trial process pays the import, so they are hidden while Keras is imported (each import raises
     ImportError and the module carries on without it) and visible again right after, so later code can still
-    import them normally. A no-op when Keras or one of them is already imported."""
+    import them normally. A no-op when Keras is already imported; one already imported stays as it is."""
+    if "keras" in sys.modules:
+        return
     hidden = HIDDEN_AT_KERAS_IMPORT
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "jax":
         hidden += HIDDEN_UNLESS_JAX_BACKEND
-    if "keras" in sys.modules or any(name in sys.modules for name in hidden):
-        return
+    hidden = tuple(name for name in hidden if name not in sys.modules)
     for name in hidden:
         sys.modules[name] = None  # `import name` raises ImportError while this is here
     try:
