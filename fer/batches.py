@@ -9,7 +9,6 @@ and `fer.feature_cache` (which computes the caches) so both can use it without i
 from __future__ import annotations
 
 import math
-import threading
 
 import keras
 import numpy as np
@@ -53,71 +52,34 @@ class PixelBatches(keras.utils.PyDataset):
         self.order = np.arange(_length(pixels))
         if self.rng is not None:
             self.rng.shuffle(self.order)
-        self._orders = [self.order]  # epoch e's order: e reshuffles of the first one, made in sequence
-        self._lock = threading.Lock()  # tf.data calls __getitem__ from its own threads
-        self.epochs_done = 0  # epochs Keras has finished with these batches (its on_epoch_end calls)
-        self._endless_from: int | None = None  # see `endless`
-
-    def endless(self) -> int:
-        """Serve the coming fit's epochs as one endless sequence and return its steps per epoch (pass both to
-        `fit`, as `steps_per_epoch`). Why: Keras makes a new input iterator every epoch of a finite dataset, and
-        under TensorFlow tearing one down waits for its prefetch thread; with two trials on two cores that
-        left ~15 % of the cores idle (measured). Batch i of the fit is batch i % n of epoch B + i // n, B being
-        `epochs_done` when the fit asks for its batch 0 (Keras calls on_epoch_end once more before its first
-        epoch): the same batches in the same order as a finite dataset served epoch by epoch."""
-        self._endless_from = self.epochs_done
-        return self.batches_per_epoch
 
     @property
-    def batches_per_epoch(self) -> int:
+    def num_batches(self) -> int:
         if self.labels is not None:  # training: drop the incomplete last batch
             return _length(self.pixels) // self.batch_size
         return math.ceil(_length(self.pixels) / self.batch_size)
 
     @property
-    def num_batches(self) -> int | None:
-        return None if self._endless_from is not None else self.batches_per_epoch
-
-    @property
     def images_per_epoch(self) -> int:
-        return min(_length(self.pixels), self.batches_per_epoch * self.batch_size)
+        return min(_length(self.pixels), self.num_batches * self.batch_size)
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.num_batches
 
     def __getitem__(self, index: int):
-        epoch = self.epochs_done
-        if self._endless_from is not None:
-            if index == 0:
-                self._endless_from = self.epochs_done
-            epoch, index = divmod(index, self.batches_per_epoch)
-            epoch += self._endless_from
-        order, pixels = self._epoch_order(epoch), self._epoch_pixels(epoch)
-        idx = np.sort(order[index * self.batch_size : (index + 1) * self.batch_size])
+        idx = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
         if self.labels is None:
             pad = self.batch_size - len(idx)
-            return (_take(pixels, np.concatenate([idx, np.repeat(idx[-1:], pad)])),)
-        images = _take(pixels, idx)
+            return (_take(self.pixels, np.concatenate([idx, np.repeat(idx[-1:], pad)])),)
+        images = _take(self.pixels, idx)
         onehot = smooth_targets(np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]], self.label_smoothing)
         if self.sample_weights is None:
             return images, onehot
         return images, onehot, self.sample_weights[idx]
 
     def on_epoch_end(self) -> None:
-        self.epochs_done += 1
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self.rng is None:
-            return self.order
-        with self._lock:
-            while len(self._orders) <= epoch:
-                order = self._orders[-1].copy()
-                self.rng.shuffle(order)
-                self._orders.append(order)
-            return self._orders[epoch]
-
-    def _epoch_pixels(self, epoch: int):
-        return self.pixels
+        if self.rng is not None:
+            self.rng.shuffle(self.order)
 
 
 def smooth_targets(onehot: np.ndarray, label_smoothing: float) -> np.ndarray:
@@ -147,8 +109,9 @@ def predict_probs(model: keras.Model, pixels, batch_size: int) -> np.ndarray:
     n = _length(pixels)
     if n == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    # batch by batch, not model.predict: under TensorFlow each predict call builds and tears down a tf.data
-    # pipeline, which waits for its prefetch thread (see PixelBatches.endless); same compiled predict step
+    # batch by batch, not model.predict: under TensorFlow every predict call builds a tf.data pipeline over
+    # these batches and tears it down, which waits for its prefetch thread (with two trials on two cores,
+    # time a core sat idle; docs/benchmarks.md); the same compiled predict step
     batches = PixelBatches(pixels, batch_size)
     probs = np.concatenate([np.asarray(model.predict_on_batch(batches[i][0])) for i in range(len(batches))])
     return np.asarray(probs[:n], dtype=np.float32)  # drop the padding of the last batch
@@ -172,10 +135,12 @@ class FeatureViews(PixelBatches):
         super().__init__(
             one_view(views, 0), batch_size, labels, num_classes, class_weights, shuffle_seed, label_smoothing
         )
-        self.views = views
+        self.views, self.view = views, 0
 
-    def _epoch_pixels(self, epoch: int):
-        return one_view(self.views, epoch % len(self.views[0]))
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        self.view = (self.view + 1) % len(self.views[0])
+        self.pixels = one_view(self.views, self.view)
 
 
 def model_input(arrays: list[np.ndarray]):

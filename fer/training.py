@@ -388,8 +388,7 @@ def run_trial(
             # shuffle=False (docs/pitfalls.md#keras-shuffle): the batches shuffle themselves with the trial's
             # seed; Keras's own batch-order shuffle draws from Python's global random state, which Keras's
             # first-fit build steps consume too, so a put-back stage (no build) would see another order.
-            steps = batches.endless()  # one input iterator for the whole stage (PixelBatches.endless)
-            fit_model.fit(batches, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
+            fit_model.fit(batches, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
             if keeps_programs:
                 programs.keep(model)
 
