@@ -120,14 +120,20 @@ def test_a_local_study_runs_its_trials_at_the_users_priority():
         "connect(None, num_cpus=1, dashboard=False)\n"
         "print('nice', os.nice(0), ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
         "print('arenas', ray.get(ray.remote(lambda: os.environ.get('MALLOC_ARENA_MAX')).remote()))\n"
+        "print('reuse wait', ray.get(ray.remote(lambda: os.environ.get('TUNE_FUNCTION_THREAD_TIMEOUT_S')).remote()))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_worker_niceness", "MALLOC_ARENA_MAX")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_worker_niceness", "MALLOC_ARENA_MAX", "TUNE_FUNCTION_THREAD_TIMEOUT_S")
+    }
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
     line = next((x for x in done.stdout.splitlines() if x.startswith("nice ")), None)
     assert line is not None, done.stderr[-2000:]
     driver, worker = line.split()[1:]
     assert worker == driver
     assert "arenas 2" in done.stdout.splitlines(), done.stdout[-2000:]
+    assert "reuse wait 120" in done.stdout.splitlines(), done.stdout[-2000:]  # Tune's default 2 s: too short
 
 
 def test_a_local_studys_first_trials_use_the_workers_ray_prestarted():

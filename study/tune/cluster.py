@@ -36,12 +36,21 @@ LOCAL_WORKER_NICENESS = "0"
 WORKER_MALLOC_ARENAS = "2"
 
 
+# A warm worker takes the next trial only once the last one's thread has ended, and Tune waits for that
+# TUNE_FUNCTION_THREAD_TIMEOUT_S (default 2 s) before failing the NEW trial with "Trainable runner reuse
+# requires reset_config() to be implemented and return True". A trial the scheduler stops unwinds out of
+# Keras's fit, and TensorFlow's tf.data teardown there can take longer than 2 s on a busy CPU (seen: a demo
+# study ended one trial short). A value already set is kept (docs/pitfalls.md#reuse-timeout).
+WORKER_THREAD_TIMEOUT_S = "120"
+
+
 def worker_env() -> dict:
     """Environment every trial process needs: the driver's Keras backend, quiet TensorFlow, few malloc arenas
-    (set when Ray starts the worker process, before its first allocation)."""
+    (set when Ray starts the worker process, before its first allocation), Tune's wait for a finished trial."""
     env = {
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", WORKER_MALLOC_ARENAS),
+        "TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", WORKER_THREAD_TIMEOUT_S),
     }
     for var in ("KERAS_BACKEND", "FER_THREADS"):
         if os.environ.get(var):
