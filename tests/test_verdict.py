@@ -61,6 +61,9 @@ def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
     one_class = _history([("head", 1.4, 1.2, 0.5), ("finetune", 1.1, 2.4, 0.05)])
     reason = "one class predicted (97% of val images are 'happy')"
     assert [p["kind"] for p in stage_problems(one_class, 5, {("finetune", 2): reason})] == ["collapsed"]
+    # a from-scratch head stage at chance (recorded as collapsed), then learning: no collapse, nothing lost
+    scratch = _history([("head", 1.61, 1.61, 0.07), ("finetune", 1.2, 0.9, 0.6), ("finetune", 0.6, 0.4, 0.85)])
+    assert stage_problems(scratch, 5, {("head", 1): uniform}) == []
     # losses near ln K without a collapse record (a from-scratch head stage, then learning): nothing to flag
     learning = _history(
         [

@@ -77,8 +77,11 @@ def stage_problems(history: pd.DataFrame, k: int, collapsed: dict[tuple[str, int
                 }
             )
             continue
-        if reason(last):  # ended collapsed, and some epoch of the trial was not (else: never learned)
-            first = next(rows[i] for i in idx if all(reason(rows[j]) for j in idx if j >= i))
+        start = next((i for i in idx if all(reason(rows[j]) for j in idx if j >= i)), None)
+        # ended collapsed after an epoch that was not: a from-scratch model's first head epoch on random
+        # frozen features is at chance by design and is no collapse (it had nothing to lose)
+        if start is not None and any(not reason(r) for r in rows[:start]):
+            first = rows[start]
             problems.append(
                 {
                     "kind": "collapsed",
