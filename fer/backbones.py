@@ -140,7 +140,8 @@ register(
 register(
     Backbone("densenet121", "DenseNet121", "torch", 224, 32, "relu", r"^(conv\d_block\d+|pool\d|conv1)_")
 )  # the final bn, relu: one top block
-# Not part of the published comparison; a small, fast model with offline ImageNet weights in shared/weights.
+# Not part of the published comparison; a small, fast model whose ImageNet file (Keras's
+# mobilenet_2_5_224_tf_no_top.h5) is small enough to pass around offline.
 register(
     Backbone(
         "mobilenet025",

@@ -1,11 +1,11 @@
 """Search-space YAML validation: the shipped spaces load, and mistakes are named in one-line errors."""
 
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from benchmarks.shared_data import shared_missing, shared_path
 from fer.errors import UserError
 from study.space import load_space, parse_space
 from study.tune.search import BackboneSearcher, optuna_distributions
@@ -35,16 +35,13 @@ def with_(**changes):
     return raw
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # the default of FER_SHARED (../shared from the repo)
-
-
 @pytest.mark.parametrize("name", ["paper", "default", "smoke", "jaffe-small", "fer2013-cpu"])
 def test_shipped_spaces_load(name, monkeypatch):
     if name == "fer2013-cpu":  # names the offline ImageNet files under $FER_SHARED/weights
-        shared = Path(os.environ.get("FER_SHARED") or SHARED)
-        if not (shared / "weights" / "mobilenet_v2_1.0_224_tf_no_top.h5").is_file():
-            pytest.skip(f"offline ImageNet weight files not found in {shared / 'weights'} (set FER_SHARED)")
-        monkeypatch.setenv("FER_SHARED", str(shared))
+        weights = shared_path("weights", "mobilenet_v2_1.0_224_tf_no_top.h5")
+        if not weights.is_file():
+            pytest.skip(shared_missing(weights))
+        monkeypatch.setenv("FER_SHARED", str(shared_path()))
     space = load_space(SPACES / f"{name}.yaml")
     assert space.trials_per_backbone >= 1 and space.backbones
     for backbone in space.backbones:  # every start point makes a valid trial config for every backbone
@@ -305,9 +302,9 @@ def test_a_backbone_may_have_its_own_start_points():
 def test_fer2013_cpu_space_gives_each_backbone_its_own_settings(monkeypatch):
     """The reference study: smallcnn from scratch at 48 px in one stage, the pretrained MobileNets at 96 px with
     their offline files, caches and lr_finetune <= 1e-4 (MobileNetV2) where 3e-4 collapsed it."""
-    shared = Path(os.environ.get("FER_SHARED") or SHARED)
+    shared = shared_path()
     if not (shared / "weights").is_dir():
-        pytest.skip(f"no weights folder in {shared} (set FER_SHARED)")
+        pytest.skip(shared_missing(shared / "weights"))
     monkeypatch.setenv("FER_SHARED", str(shared))
     space = load_space(SPACES / "fer2013-cpu.yaml")
     cnn = space.config_for("smallcnn", space.start_points_for("smallcnn")[0])

@@ -87,13 +87,13 @@ def connect(
 
     If Ray is already initialised in this process (a test's cluster, a notebook), it is used as it is.
     """
-    runtime_env = {"env_vars": worker_env()}
+    env = worker_env()
     started = False
     if ray.is_initialized():
         context = None
     elif address is None:
         os.environ.setdefault("RAY_worker_niceness", LOCAL_WORKER_NICENESS)  # read by the raylet it starts
-        with _raylet_environment(worker_env()):
+        with _raylet_environment(env):
             context = ray.init(
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
@@ -106,7 +106,9 @@ def connect(
         started = True
     else:
         try:
-            context = ray.init(address=address, log_to_driver=False, runtime_env=runtime_env, logging_level="ERROR")
+            context = ray.init(
+                address=address, log_to_driver=False, runtime_env={"env_vars": env}, logging_level="ERROR"
+            )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
         started = True
