@@ -1,7 +1,7 @@
 """Cost of the training-time augmentation: Keras's four layers vs fer's one fused affine resampling.
 
 Builds the trial model three times in one process -- augmentation as Keras's RandomFlip + RandomRotation +
-RandomTranslation + RandomZoom (the usual way), as fer.layers.RandomAffine (what trials use), and none --
+RandomTranslation + RandomZoom (the usual way), as fer.model.layers.RandomAffine (what trials use), and none --
 and times compiled training steps of both stages on random uint8 images (median of per-epoch step times,
 the variants' epochs interleaved, the compiling first epoch excluded). Prints one JSON line: seconds per step
 and the ratios.
@@ -52,12 +52,12 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from fer import layers as fer_layers
-    from fer.backbones import get_backbone
-    from fer.backend_setup import configure_backend
-    from fer.config import make_config
-    from fer.machine import machine_info
-    from fer.model import build_model, set_stage
+    from fer.core.config import make_config
+    from fer.model.backbones import get_backbone
+    from fer.model.build import build_model, set_stage
+    from fer.model.build import layers as fer_layers
+    from fer.runtime.backend import configure_backend
+    from fer.runtime.machine import machine_info
 
     configure_backend()
     rng = np.random.default_rng(0)
@@ -72,7 +72,7 @@ def main() -> None:
     }
     result, models = {}, {}
     original = fer_layers.augmentation_layers
-    import fer.model as fer_model
+    import fer.model.build as fer_model
 
     for name, make_layers in variants.items():
         fer_model.augmentation_layers = make_layers  # build_model takes its augmentation from here

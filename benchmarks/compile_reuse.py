@@ -46,13 +46,13 @@ def use_stock_layers() -> None:
     (the same substitution as tests/test_compile_reuse.py makes)."""
     import keras
 
-    import fer.batches
-    import fer.model
-    import fer.training
+    import fer.data.batches
+    import fer.model.build
+    import fer.train.trial
 
-    fer.model.HeadDropout = lambda rate, name: keras.layers.Dropout(rate, name=name)
-    fer.batches.smooth_targets = lambda onehot, smoothing: onehot
-    stock_loss, run_trial = keras.losses.CategoricalCrossentropy, fer.training.run_trial
+    fer.model.build.HeadDropout = lambda rate, name: keras.layers.Dropout(rate, name=name)
+    fer.data.batches.smooth_targets = lambda onehot, smoothing: onehot
+    stock_loss, run_trial = keras.losses.CategoricalCrossentropy, fer.train.trial.run_trial
 
     def run_with_stock_loss(config, *args, **kwargs):
         class SmoothedLoss(stock_loss):
@@ -65,7 +65,7 @@ def use_stock_layers() -> None:
         finally:
             keras.losses.CategoricalCrossentropy = stock_loss
 
-    fer.training.run_trial = run_with_stock_loss
+    fer.train.trial.run_trial = run_with_stock_loss
 
 
 def main() -> None:
@@ -94,11 +94,12 @@ def main() -> None:
     if args.stock_layers:
         use_stock_layers()
 
-    from fer.backend_setup import backend_name, configure_backend
-    from fer.data import StudyData, prepare_dataset
-    from fer.demo_data import generate_demo_data
-    from fer.machine import machine_info
-    from fer.training import fresh_keras_state, run_trial
+    from fer.data import StudyData
+    from fer.prepare import prepare_dataset
+    from fer.prepare.demo_data import generate_demo_data
+    from fer.runtime.backend import backend_name, configure_backend
+    from fer.runtime.machine import machine_info
+    from fer.train.trial import fresh_keras_state, run_trial
 
     configure_backend(threads=int(os.environ.get("FER_THREADS", "0")) or None)
     with tempfile.TemporaryDirectory() as tmp:

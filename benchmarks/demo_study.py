@@ -12,8 +12,8 @@ def demo_study(tmp: Path, name: str, backbone: str, image_size: int, per_class: 
     (weights none, batch 16, no augmentation, no scheduler, `fixed` on top). Returns (study folder, space)."""
     import yaml
 
-    from fer.data import prepare_dataset
-    from fer.demo_data import generate_demo_data
+    from fer.prepare import prepare_dataset
+    from fer.prepare.demo_data import generate_demo_data
 
     generate_demo_data(tmp / "demo", per_class=per_class, seed=0)
     study = tmp / "results" / name

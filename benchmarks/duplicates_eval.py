@@ -10,8 +10,8 @@ how many of the earlier label-conflict clusters (copies checked by eye) are stil
 
 Fixtures from real faces (docs/duplicates.md), two parts: calibration = FER2013 `Training_` sources and
 JAFFE subjects KA KM MK NM UY (sorted, every other one); held-out = `PublicTest_`/`PrivateTest_` sources
-and JAFFE KL KR NA TM YM. Thresholds in fer/data/duplicates.py were chosen on the calibration part only.
-Per FER2013 source, one copy per edit kind (fer/data/edits.py, strengths from its stated ranges), written
+and JAFFE KL KR NA TM YM. Thresholds in fer/prepare/duplicates.py were chosen on the calibration part only.
+Per FER2013 source, one copy per edit kind (benchmarks/image_edits.py, strengths from its stated ranges), written
 as files and run through the real decoder and `find_duplicates`, with all the part's sources and JAFFE
 images together (each one a distractor for the others). Reported per part: recall per edit kind (copy in
 the same final cluster as its source), false joins (pairs in a cluster from different FER sources or
@@ -39,7 +39,7 @@ SHARED = shared_path("datasets")
 
 def _records(paths):
     from fer.data.decode import decode_file
-    from fer.data.hashing import phashes, signature
+    from fer.prepare.hashing import phashes, signature
 
     sigs, h, hm = [], [], []
     for p in paths:
@@ -54,8 +54,8 @@ def _records(paths):
 def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: Path) -> dict:
     from PIL import Image
 
-    from fer.data.duplicates import find_duplicates
-    from fer.data.edits import KINDS, edit
+    from benchmarks.image_edits import KINDS, edit
+    from fer.prepare.duplicates import find_duplicates
 
     rng = np.random.default_rng([seed, part == "held_out"])
     files = sorted(p for p in fer.rglob("*.jpg"))
@@ -143,7 +143,7 @@ def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: 
 def before_after(fer: Path, before_audit: Path, tmp: Path) -> dict:
     import itertools
 
-    from fer.data import prepare_dataset
+    from fer.prepare import prepare_dataset
 
     def counts(audit):
         return {
@@ -182,9 +182,9 @@ def main() -> None:
     p.add_argument("--parts", default="calibration,held_out")
     p.add_argument("--before", type=Path, help="audit.json of FER2013 prepared by an earlier version")
     args = p.parse_args()
-    from fer.data import duplicates as d
-    from fer.data.edits import RANGES
-    from fer.machine import machine_info
+    from benchmarks.image_edits import RANGES
+    from fer.prepare import duplicates as d
+    from fer.runtime.machine import machine_info
 
     parts = []
     with tempfile.TemporaryDirectory() as tmp:

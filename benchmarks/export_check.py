@@ -5,12 +5,12 @@
 
 Two parts:
 1. Latency: each backbone built at --latency-size (weights do not change the time, so `weights=none`),
-   `fer.latency.measure_model` (Keras, one image: median/p90 of 50 calls; batch 64 images/s; CPU process
+   `fer.deploy.latency.measure_model` (Keras, one image: median/p90 of 50 calls; batch 64 images/s; CPU process
    milliseconds per image), and its float TFLite export: file size, TFLite latency, agreement with Keras on
    the first --check-images test images of FER2013.
 2. Export agreement of a trained model: MobileNetV2 at --image-size with the offline ImageNet weights, head
    stage only on a stratified --max-train subsample (a few minutes: a confident model, not a good one), then
-   `fer.export.export_best` in every format (what `fer-study export` runs): the self-check figures on the
+   `fer.deploy.export.export_best` in every format (what `fer-study export` runs): the self-check figures on the
    first 500 test images, the file size and the runtime's latency.
 
 FER2013 is prepared once into --work (the challenge's own split: Training_/PublicTest_/PrivateTest_).
@@ -61,11 +61,11 @@ def log(*args):
 
 
 def latency_part(args, data, out: dict) -> None:
-    from fer.config import make_config
-    from fer.export import ExportedModel, agreement, export_model
-    from fer.latency import measure_model, measure_predict
-    from fer.model import build_model
-    from fer.training import predict_probs
+    from fer.core.config import make_config
+    from fer.deploy.export import ExportedModel, agreement, export_model
+    from fer.deploy.latency import measure_model, measure_predict
+    from fer.model.build import build_model
+    from fer.train.trial import predict_probs
 
     for name in args.backbones.split(","):
         t = time.perf_counter()
@@ -110,10 +110,10 @@ def _resized(pixels: np.ndarray, size: int) -> np.ndarray:
 def trained_part(args, data_dir: Path, out: dict) -> None:
     from fer2013_weights import SubsampledStudyData
 
-    from fer.config import make_config
+    from fer.core.config import make_config
     from fer.data import StudyData
-    from fer.export import export_best
-    from fer.training import run_trial
+    from fer.deploy.export import export_best
+    from fer.train.trial import run_trial
 
     best = args.work / "best" / "mobilenetv2"
     if not (best / "model.keras").is_file():
@@ -168,11 +168,12 @@ def _save(args, out: dict) -> None:
 
 def main():
     args = parse_args()
-    from fer.backend_setup import configure_backend
+    from fer.runtime.backend import configure_backend
 
     configure_backend(args.threads)
-    from fer.data import StudyData, prepare_dataset
-    from fer.machine import machine_info
+    from fer.data import StudyData
+    from fer.prepare import prepare_dataset
+    from fer.runtime.machine import machine_info
 
     data_dir = args.work / "data"
     if not (data_dir / "manifest.csv").is_file():

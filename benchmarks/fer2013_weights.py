@@ -90,13 +90,14 @@ class SubsampledStudyData:
 
 def main():
     args = parse_args()
-    from fer.backend_setup import configure_backend
+    from fer.runtime.backend import configure_backend
 
     configure_backend(args.threads)
-    from fer.config import make_config
-    from fer.data import StudyData, prepare_dataset
-    from fer.machine import machine_info
-    from fer.training import run_trial
+    from fer.core.config import make_config
+    from fer.data import StudyData
+    from fer.prepare import prepare_dataset
+    from fer.runtime.machine import machine_info
+    from fer.train.trial import run_trial
 
     if not args.weights_file.is_file():
         sys.exit(shared_missing(args.weights_file))

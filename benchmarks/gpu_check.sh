@@ -51,7 +51,7 @@ if [[ -n "$WHEELS" ]]; then
     python3 -m pip install --quiet --no-deps --no-index --target "$WORK/site" $WHEELS
 fi
 export PYTHONPATH="$WORK/site:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import keras, fer.training, fer.data, fer.demo_data, fer.machine" 2>"$WORK/import.err" || {
+python3 -c "import keras, fer.train.trial, fer.data, fer.prepare.demo_data, fer.runtime.machine" 2>"$WORK/import.err" || {
     echo "gpu_check: fer's import path fails (run benchmarks/gpu_wheels.sh where there is network):" >&2
     tail -3 "$WORK/import.err" >&2; exit 2; }
 WHEELS_S=$((SECONDS - T0))
@@ -59,7 +59,7 @@ WHEELS_S=$((SECONDS - T0))
 # 2. demo data (one process per seed), merged into one class-folder tree, prepared at $SIZE
 T1=$SECONDS
 for seed in $(seq 1 "$SEEDS"); do
-    python3 -c "import sys; from fer.demo_data import generate_demo_data; \
+    python3 -c "import sys; from fer.prepare.demo_data import generate_demo_data; \
 generate_demo_data(sys.argv[1], per_class=int(sys.argv[2]), seed=int(sys.argv[3]))" \
         "$WORK/demo$seed" "$PER_CLASS" "$seed" &
 done
@@ -71,7 +71,7 @@ for seed in $(seq 1 "$SEEDS"); do
         for f in "$cls"*; do [[ -f "$f" ]] && mv "$f" "$WORK/demo/$name/s${seed}_$(basename "$f")"; done
     done
 done
-python3 -c "import sys; from fer.data import prepare_dataset; \
+python3 -c "import sys; from fer.prepare import prepare_dataset; \
 prepare_dataset(sys.argv[1], sys.argv[2], image_size=int(sys.argv[3]), log=lambda *a, **k: None)" \
     "$WORK/demo" "$WORK/study/data" "$SIZE"
 DATA_S=$((SECONDS - T1))

@@ -125,7 +125,7 @@ def subset(data: Path, fraction: float, tmp: Path) -> tuple[Path, int]:
 
 def run_once(data: Path, out: Path, image_size: int, workers: int | None) -> dict:
     """One prepare in this (fresh) process, measured."""
-    from fer.data import prepare_dataset
+    from fer.prepare import prepare_dataset
 
     sampler = MemorySampler()
     before = sampler.sample()
@@ -182,7 +182,7 @@ def main() -> None:
         sys.exit(shared_missing(args.data))
     import subprocess
 
-    from fer.machine import machine_info
+    from fer.runtime.machine import machine_info
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 Builds the report of an existing study folder twice (without and with the Grad-CAM appendix) into a
 temporary folder and prints ONE JSON line with both wall and CPU times, the Grad-CAM appendix's cost per
-backbone (logged by study.report.gradcam), the study's size and the machine.
+backbone (logged by study.report.gradcam_appendix), the study's size and the machine.
 Targets on a 2-core CPU: well under a minute for the smoke study (scripts/demo.sh makes results/demo); the
 appendix at most 60 s per backbone for MobileNetV2 at 96 px with >= 64 images in every metric (issue 14).
 On a shared machine compare the CPU seconds, not the wall times.
@@ -35,17 +35,17 @@ def main() -> None:
 
     per_backbone = {}
 
-    class Timings(logging.Handler):  # study.report.gradcam logs "gradcam appendix NAME: W s wall, C s CPU"
+    class Timings(logging.Handler):  # study.report.gradcam_appendix logs "gradcam appendix NAME: W s wall, C s CPU"
         def emit(self, record):
             if record.getMessage().startswith("gradcam appendix "):
                 name, wall, cpu = record.args
                 per_backbone[name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
 
-    logger = logging.getLogger("study.report.gradcam")
+    logger = logging.getLogger("study.report.gradcam_appendix")
     logger.setLevel(logging.INFO)
     logger.addHandler(Timings())
 
-    from fer.machine import machine_info
+    from fer.runtime.machine import machine_info
     from study.report import build_report, load_study
 
     study = load_study(args.study)

@@ -168,8 +168,8 @@ def main() -> None:
     import pandas as pd
 
     from benchmarks.demo_study import demo_study
-    from fer.machine import machine_info
-    from study.tune.run import run_study
+    from fer.runtime.machine import machine_info
+    from study.tune.driver import run_study
 
     memory = ray_head_memory(args.concurrency)
     with tempfile.TemporaryDirectory() as tmp:

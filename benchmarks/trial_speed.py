@@ -8,7 +8,7 @@ excluded). Then it times the same `fit` of the same model on in-memory arrays of
 (no pixel cache, no PyDataset), per stage. ratio = trial / bare (target >= 0.9). Also reports the fixed start-up
 seconds: imports, model build, and the first (compiling) step of each stage.
 
-Without --data it generates demo data (fer.demo_data) and prepares it at the image size in a temp folder.
+Without --data it generates demo data (fer.prepare.demo_data) and prepares it at the image size in a temp folder.
 The weights do not change the speed; `none` is used because ImageNet cannot be downloaded everywhere.
 """
 
@@ -66,8 +66,8 @@ def bare_images_per_s(model, config, stage, unfreeze, n_classes, steps, class_we
     its input path. Returns (mean over steady steps, per-step median)."""
     import keras
 
-    from fer.backbones import get_backbone
-    from fer.model import set_stage
+    from fer.model.backbones import get_backbone
+    from fer.model.build import set_stage
 
     size, batch = config["image_size"], config["batch_size"]
     rng = np.random.default_rng(0)
@@ -92,12 +92,13 @@ def main():
     args = parse_args()
     import keras  # noqa: F401
 
-    from fer.backend_setup import configure_backend
-    from fer.config import make_config
-    from fer.data import StudyData, prepare_dataset
-    from fer.machine import machine_info
-    from fer.model import build_model
-    from fer.training import run_trial
+    from fer.core.config import make_config
+    from fer.data import StudyData
+    from fer.model.build import build_model
+    from fer.prepare import prepare_dataset
+    from fer.runtime.backend import configure_backend
+    from fer.runtime.machine import machine_info
+    from fer.train.trial import run_trial
 
     applied = configure_backend(args.threads)
     import_s = time.perf_counter() - T0
@@ -108,7 +109,7 @@ def main():
             data_dir = Path(args.data)
             data = StudyData(data_dir / "data" if (data_dir / "data").is_dir() else data_dir)
         else:
-            from fer.demo_data import generate_demo_data
+            from fer.prepare.demo_data import generate_demo_data
 
             generate_demo_data(tmp / "demo", per_class=max(2, args.images // 5), seed=0)
             prepare_dataset(tmp / "demo", tmp / "data", image_size=args.image_size, log=lambda *a, **k: None)

@@ -10,7 +10,7 @@ Each side runs in a fresh process (as a trial would), timed end to end, in wall 
 (user + system; on a machine shared with other jobs the CPU seconds are the steadier comparison).
 fer-study's one-off `prepare` (once per study, not per trial) is timed separately. fer-study runs three
 trials: the exact published method (default), and two with the frozen-feature caches
-(`head_features=cached`, `finetune_features=cached`, fer/feature_cache.py): the first computes the study's
+(`head_features=cached`, `finetune_features=cached`, fer/train/feature_cache.py): the first computes the study's
 cached features (a one-off), the second (another dropout) reuses them, as every later trial of a study
 would. `speedup_fer_cached_study10` charges a tenth of the one-off to each trial (a 10-trial study).
 Prints one JSON line.
@@ -173,7 +173,7 @@ def main() -> None:
         return
     if not args.data.is_dir():
         raise SystemExit(shared_missing(args.data))
-    from fer.machine import machine_info
+    from fer.runtime.machine import machine_info
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with tempfile.TemporaryDirectory() as tmp:

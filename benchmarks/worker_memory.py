@@ -29,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.demo_study import demo_study
-    from fer.machine import machine_info
-    from study.tune.run import run_study
+    from fer.runtime.machine import machine_info
+    from study.tune.driver import run_study
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -6,7 +6,7 @@ the early-stopping scheduler. Everything is checked here, before Ray starts, so 
 `UserError` naming the key rather than a crashed study an hour later.
 
 Distributions (one key each): `uniform: [lo, hi]`, `loguniform: [lo, hi]` (lo > 0), `int: [lo, hi]`
-(inclusive), `choice: [a, b, ...]`. Ranges must lie inside the key's allowed range (fer.config.PARAMS).
+(inclusive), `choice: [a, b, ...]`. Ranges must lie inside the key's allowed range (fer.core.config.PARAMS).
 
 Per-backbone settings (`per_backbone: {backbone: {key: value}}`): a comparison of backbones often needs each
 one's own weights file, image size or learning-rate range. A plain value fixes the key for that backbone
@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from fer.config import PARAMS, check_rules, coerce, default_config, make_config
-from fer.errors import UserError
+from fer.core.config import PARAMS, check_rules, coerce, default_config, make_config
+from fer.core.errors import UserError
 
 METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "loss", "accuracy")
 """Per-epoch values a space may select the best trial by (docs/results.md, the per-epoch record)."""
@@ -121,7 +121,7 @@ class Space:
         """The full trial config for `backbone` with tuned `params` (every key: trials.csv shows them all).
 
         Not validated here: loading the space checked every range, and the trial validates its config once
-        (`fer.training.run_trial`).
+        (`fer.train.trial.run_trial`).
 
         With `finetune_features: cached` and `finetune_cache_units` left unset, every trial cuts the network
         at the largest `unfreeze_layers` the backbone's space allows, so all trials of a backbone share one
@@ -262,7 +262,7 @@ def _parse_dist(key: str, spec: Any, where: str) -> Dist:
 
 def parse_space(raw: Any, source: str = "<space>") -> Space:
     """Validate a loaded YAML document into a `Space`; every error names the offending key."""
-    from fer.backbones import BACKBONES
+    from fer.model.backbones import BACKBONES
 
     _check_known(raw, TOP_KEYS, source)
     for required in ("backbones", "trials_per_backbone"):
@@ -400,7 +400,7 @@ def _parse_fixed(values: dict, where: str) -> dict:
 
 def _parse_per_backbone(raw: Any, backbones: list, space: dict, where: str) -> dict:
     """`per_backbone: {backbone: {key: value or distribution}}` -> {backbone: {key: value or Dist}}."""
-    from fer.backbones import BACKBONES
+    from fer.model.backbones import BACKBONES
 
     if not raw:
         return {}
@@ -467,7 +467,7 @@ def _parse_points(points: Any, tuned: dict, where: str, fixed: dict, scope: str)
 def _check_each_backbone(space: Space, source: str) -> None:
     """What must hold for every backbone's own settings: start points inside its ranges, something to tune
     when it gets several trials, epochs to train, a scheduler grace period it reaches, its minimum size."""
-    from fer.backbones import get_backbone
+    from fer.model.backbones import get_backbone
 
     for backbone in space.backbones:
         tuned = space.space_for(backbone)
@@ -514,7 +514,7 @@ def _check_each_backbone(space: Space, source: str) -> None:
             if "unfreeze_layers" in tuned
             else space.fixed_for(backbone).get("unfreeze_layers", PARAMS["unfreeze_layers"].default)
         )
-        try:  # the rules between keys (fer.config.check_rules), at the backbone's smallest size and depth
+        try:  # the rules between keys (fer.core.config.check_rules), at the backbone's smallest size and depth
             check_rules(
                 {
                     **default_config(),

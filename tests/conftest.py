@@ -76,7 +76,7 @@ def study_demo_data(demo_data_dir):
 @pytest.fixture(scope="session")
 def study_base(study_demo_data, tmp_path_factory):
     """A prepared study folder (`<tmp>/results/base`, with data/) made from `study_demo_data`."""
-    from fer.data import prepare_dataset
+    from fer.prepare import prepare_dataset
 
     folder = tmp_path_factory.mktemp("study_base") / "results" / "base"
     prepare_dataset(
@@ -145,7 +145,7 @@ PREPARED_IMAGE_SIZE = 48
 
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory):
-    from fer.demo_data import generate_demo_data
+    from fer.prepare.demo_data import generate_demo_data
 
     out = tmp_path_factory.mktemp("demo_data") / "faces"
     generate_demo_data(out, per_class=DEMO_PER_CLASS, seed=0)
@@ -154,8 +154,9 @@ def demo_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prepared_data(demo_data_dir, tmp_path_factory):
-    from fer.data import StudyData, prepare_dataset
-    from fer.demo_data import GROUP_REGEX
+    from fer.data import StudyData
+    from fer.prepare import prepare_dataset
+    from fer.prepare.demo_data import GROUP_REGEX
 
     out = tmp_path_factory.mktemp("prepared") / "results" / "faces" / "data"
     prepare_dataset(demo_data_dir, out, group_regex=GROUP_REGEX, seed=0, image_size=PREPARED_IMAGE_SIZE, log=None)

@@ -1,9 +1,9 @@
-"""The fused augmentation layer (fer.layers.RandomAffine): the published draws, one resampling, identity at
+"""The fused augmentation layer (fer.model.layers.RandomAffine): the published draws, one resampling, identity at
 inference, saved with the model."""
 
 import numpy as np
 
-from fer.layers import RandomAffine, augmentation_layers
+from fer.model.layers import RandomAffine, augmentation_layers
 
 SIZE = 64
 

@@ -1,4 +1,4 @@
-"""Backend set-up decisions (fer.backend_setup): which mixed precision `auto` picks on which device, and
+"""Backend set-up decisions (fer.runtime.backend): which mixed precision `auto` picks on which device, and
 where compiled programs are cached. Runs on any machine: a GPU is simulated where the rule needs one."""
 
 import json
@@ -9,9 +9,9 @@ import sys
 import keras
 import pytest
 
-from fer import backend_setup
-from fer.config import make_config
-from fer.training import _dtype_policy
+from fer.core.config import make_config
+from fer.runtime import backend as backend_setup
+from fer.train.trial import _dtype_policy
 
 
 def test_auto_mixed_precision_is_float32_without_an_accelerator(monkeypatch):
@@ -56,7 +56,7 @@ def test_compilation_cache_only_for_jax(tmp_path):
 
 PROBE_LEAN_IMPORT = """
 import importlib.util, json, os, sys
-from study.tune.trial import import_keras_lean, HIDDEN_AT_KERAS_IMPORT, HIDDEN_UNLESS_JAX_BACKEND
+from study.tune.trainable import import_keras_lean, HIDDEN_AT_KERAS_IMPORT, HIDDEN_UNLESS_JAX_BACKEND
 import_keras_lean()
 import keras
 hidden = HIDDEN_AT_KERAS_IMPORT + HIDDEN_UNLESS_JAX_BACKEND
@@ -70,7 +70,7 @@ print(json.dumps({"backend": keras.backend.backend(), "loaded": loaded, "install
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_a_trial_worker_imports_keras_without_the_optional_packages_it_never_uses(backend):
-    """study.tune.trial.import_keras_lean: a trial worker's Keras import leaves out scikit-learn, IPython,
+    """study.tune.trainable.import_keras_lean: a trial worker's Keras import leaves out scikit-learn, IPython,
     matplotlib and (unless the backend is JAX) JAX, ~1.2 s of every worker's start, and they stay importable."""
     if backend == "jax":
         pytest.importorskip("jax")

@@ -1,4 +1,4 @@
-"""The input pipeline (fer/batches.py): batch-by-batch prediction gives model.predict's numbers. Real Keras,
+"""The input pipeline (fer/data/batches.py): batch-by-batch prediction gives model.predict's numbers. Real Keras,
 tiny model."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from fer.batches import predict_probs
+from fer.data.batches import predict_probs
 
 
 def _tiny_model() -> keras.Model:

@@ -1,4 +1,4 @@
-"""Collapsed stages (fer/collapse.py): detected from the val predictions, recorded, warned about."""
+"""Collapsed stages (fer/train/collapse.py): detected from the val predictions, recorded, warned about."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fer.collapse import collapse_reason, read_collapsed_epochs
 from fer.data import StudyData
-from fer.training import run_trial
+from fer.train.collapse import collapse_reason, read_collapsed_epochs
+from fer.train.trial import run_trial
 from study.report.verdict import stage_problems
 
 
@@ -51,7 +51,7 @@ def test_a_stage_wrecked_by_its_learning_rate_is_recorded_and_logged(trial_data,
         "lr_head": 1e-3,
         "lr_finetune": 1.0,
     }
-    with caplog.at_level(logging.WARNING, logger="fer.collapse"):
+    with caplog.at_level(logging.WARNING, logger="fer.train.collapse"):
         summary = run_trial(config, trial_data, tmp_path)
     stages = {s["stage"]: s for s in summary["collapsed_stages"]}
     assert stages["finetune"]["ended_collapsed"] and stages["finetune"]["lr_finetune"] == 1.0
@@ -61,7 +61,7 @@ def test_a_stage_wrecked_by_its_learning_rate_is_recorded_and_logged(trial_data,
     assert any(
         "finetune stage collapsed" in r.getMessage() and "lr_finetune=1.0" in r.getMessage() for r in caplog.records
     )
-    # the report's verdict flags the same stage from the same record (one definition, fer.collapse)
+    # the report's verdict flags the same stage from the same record (one definition, fer.train.collapse)
     history = pd.read_csv(tmp_path / "history.csv")
     problems = stage_problems(history, len(trial_data.classes), read_collapsed_epochs(tmp_path))
     assert [(p["kind"], p["stage"], p["epoch"]) for p in problems] == [("collapsed", "finetune", 2)]

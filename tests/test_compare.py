@@ -1,11 +1,11 @@
-"""Paired comparison of two classifiers (fer.compare): McNemar's exact test against scipy, bootstrap cases."""
+"""Paired comparison of two classifiers (fer.evaluate.compare): McNemar's exact test against scipy, bootstrap cases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fer.compare import compare_paired, mcnemar_exact, paired_bootstrap
+from fer.evaluate.compare import compare_paired, mcnemar_exact, paired_bootstrap
 
 
 @pytest.mark.parametrize("b,c", [(0, 0), (1, 0), (0, 5), (3, 3), (7, 2), (2, 9), (12, 30), (150, 190), (0, 40)])

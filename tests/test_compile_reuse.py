@@ -1,9 +1,9 @@
 """Issue 12: warm trials that stay small and share compiled steps.
 
 - memory: a process that runs trial after trial (a warm study worker) keeps no traced graph of an earlier
-  trial (`fresh_keras_state` -> `fer.backend_setup.release_traced_graphs`);
-- one program per backbone, size and unfreeze depth: the dropout rate is a variable (`fer.layers.HeadDropout`)
-  and label smoothing is in the targets (`fer.batches.smooth_targets`), with the SAME numbers as Keras's
+  trial (`fresh_keras_state` -> `fer.runtime.backend.release_traced_graphs`);
+- one program per backbone, size and unfreeze depth: the dropout rate is a variable (`fer.model.layers.HeadDropout`)
+  and label smoothing is in the targets (`fer.data.batches.smooth_targets`), with the SAME numbers as Keras's
   Dropout and CategoricalCrossentropy(label_smoothing) for the same seed (so results do not change);
 - under JAX a later trial with other dropout / label smoothing / learning rates compiles nothing new.
 """
@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fer.batches import smooth_targets
-from fer.config import make_config
-from fer.layers import HeadDropout
-from fer.training import fresh_keras_state, run_trial
+from fer.core.config import make_config
+from fer.data.batches import smooth_targets
+from fer.model.layers import HeadDropout
+from fer.train.trial import fresh_keras_state, run_trial
 
 RATES = (0.0, 0.1, 0.37, 0.53, 0.9)
 COMPARED = ["loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
@@ -53,7 +53,7 @@ def test_head_dropout_rate_is_a_variable_and_survives_saving(tmp_path):
     values = {v.name: float(keras.ops.convert_to_numpy(v)) for v in layer.non_trainable_weights}
     assert values == pytest.approx({"rate": 0.6, "keep": 0.4, "scale": 1 / 0.4}, rel=1e-7)
     model.save(tmp_path / "m.keras")
-    from fer.model import load_trained_model
+    from fer.model.build import load_trained_model
 
     loaded = load_trained_model(tmp_path / "m.keras").get_layer("head_dropout")
     assert isinstance(loaded, HeadDropout) and loaded.rate == pytest.approx(0.6)
@@ -74,12 +74,12 @@ def test_smoothed_targets_give_the_loss_of_keras_label_smoothing(smoothing):
 
 def _stock_keras(monkeypatch, smoothing: float) -> None:
     """The model and loss as before issue 12: Keras's Dropout, label smoothing inside the loss."""
-    import fer.batches
-    import fer.model
-    import fer.training
+    import fer.data.batches
+    import fer.model.build
+    import fer.train.trial
 
-    monkeypatch.setattr(fer.model, "HeadDropout", lambda rate, name: keras.layers.Dropout(rate, name=name))
-    monkeypatch.setattr(fer.batches, "smooth_targets", lambda onehot, s: onehot)
+    monkeypatch.setattr(fer.model.build, "HeadDropout", lambda rate, name: keras.layers.Dropout(rate, name=name))
+    monkeypatch.setattr(fer.data.batches, "smooth_targets", lambda onehot, s: onehot)
     stock_loss = keras.losses.CategoricalCrossentropy
 
     class SmoothedLoss(stock_loss):
@@ -87,7 +87,7 @@ def _stock_keras(monkeypatch, smoothing: float) -> None:
             kwargs["label_smoothing"] = smoothing
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(fer.training.keras.losses, "CategoricalCrossentropy", SmoothedLoss)
+    monkeypatch.setattr(fer.train.trial.keras.losses, "CategoricalCrossentropy", SmoothedLoss)
 
 
 @pytest.mark.parametrize("dropout,smoothing", [(0.4, 0.1), (0.0, 0.0)])
@@ -105,7 +105,7 @@ def test_a_trial_repeats_the_stock_keras_trial_of_the_same_seed(
         run_trial(config, prepared_data, tmp_path / "stock")
     new, stock = (pd.read_csv(tmp_path / name / "history.csv") for name in ("new", "stock"))
     pd.testing.assert_frame_equal(new[COMPARED], stock[COMPARED], check_exact=False, atol=1e-6, rtol=0)
-    from fer.model import load_trained_model
+    from fer.model.build import load_trained_model
 
     a, b = (load_trained_model(tmp_path / name / "model.keras") for name in ("new", "stock"))
     for layer in b.layers:
@@ -114,7 +114,7 @@ def test_a_trial_repeats_the_stock_keras_trial_of_the_same_seed(
 
 
 def test_frozen_layers_stay_bit_identical_through_both_stages(prepared_data, tmp_path):
-    from fer.model import backbone_layers, build_model, last_backbone_layers, load_trained_model
+    from fer.model.build import backbone_layers, build_model, last_backbone_layers, load_trained_model
 
     config = dict(TINY, epochs_head=1, epochs_finetune=2, unfreeze_layers=3, dropout=0.3, label_smoothing=0.1)
     initial = build_model(make_config(config), len(prepared_data.classes))  # same seed: the trial's start
@@ -155,7 +155,7 @@ def test_a_kept_model_repeats_a_freshly_built_one(prepared_data, tmp_path):
     again = run_trial(first, prepared_data, tmp_path / "again", reuse_model=True)
     assert again["model_reused"] and not fresh["model_reused"]
     # the same trainable layers in both stages: the earlier trial's compiled stages were put back
-    # (fer/stage_programs.py) and the numbers still match the fresh trial's
+    # (fer/train/stage_programs.py) and the numbers still match the fresh trial's
     assert again["compiled_stage_reused"] == {"head": True, "finetune": True}
     a, b = (pd.read_csv(tmp_path / name / "history.csv") for name in ("fresh", "again"))
     pd.testing.assert_frame_equal(a[COMPARED], b[COMPARED], check_exact=False, atol=1e-6, rtol=0)
@@ -197,8 +197,8 @@ import json, sys
 from pathlib import Path
 import numpy as np, keras
 from fer.data import StudyData
-from fer.layers import HeadDropout
-from fer.training import fresh_keras_state, run_trial
+from fer.model.layers import HeadDropout
+from fer.train.trial import fresh_keras_state, run_trial
 
 x = np.random.default_rng(0).normal(size=(16, 24)).astype("float32")
 same = []

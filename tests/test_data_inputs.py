@@ -15,9 +15,9 @@ import pillow_heif
 import pytest
 from PIL import Image
 
-from fer.data import prepare_dataset
+from fer.core.errors import UserError
 from fer.data.decode import Quarantine, decode_file
-from fer.errors import UserError
+from fer.prepare import prepare_dataset
 
 
 def _quiet(*_a, **_k):
@@ -195,7 +195,7 @@ def test_bad_files_in_a_folder_are_quarantined_with_reasons(tmp_path):
 
 
 def test_a_file_that_vanishes_before_it_is_read_is_quarantined(tmp_path):
-    from fer.data.decode import inspect_file
+    from fer.prepare.inspect import inspect_file
 
     rec, pixels = inspect_file(tmp_path / "gone.png", 16)
     assert rec.status == "quarantined" and rec.reason.startswith("unreadable") and pixels is None

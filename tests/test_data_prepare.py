@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fer.data import StudyData, prepare_dataset
-from fer.data.prepare import MANIFEST_COLUMNS
-from fer.demo_data import GROUP_REGEX
-from fer.errors import UserError
+from fer.core.errors import UserError
+from fer.data import StudyData
+from fer.prepare import prepare_dataset
+from fer.prepare.demo_data import GROUP_REGEX
+from fer.prepare.pipeline import MANIFEST_COLUMNS
 
 
 def _quiet(*_a, **_k):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fer import CLASSES
 from fer.data.decode import decode_file
-from fer.demo_data import REGIONS, _subject, generate_demo_data, render_face
+from fer.prepare.demo_data import REGIONS, _subject, generate_demo_data, render_face
 
 
 def test_demo_data_has_the_promised_messes(demo_data_dir):
@@ -77,7 +77,7 @@ def test_demo_boxes_contain_what_differs_between_expressions():
 def test_demo_data_refuses_a_non_empty_folder_and_is_deterministic(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x.txt").write_text("mine")
-    from fer.errors import UserError
+    from fer.core.errors import UserError
 
     with pytest.raises(UserError, match="not an empty folder"):
         generate_demo_data(tmp_path / "busy", per_class=3)

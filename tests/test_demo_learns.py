@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fer.training import run_trial
+from fer.train.trial import run_trial
 from study.space import load_space
 
 SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
@@ -21,8 +21,9 @@ SPACE = load_space(SMOKE)
 
 @pytest.fixture(scope="module")
 def demo60(tmp_path_factory):
-    from fer.data import StudyData, prepare_dataset
-    from fer.demo_data import GROUP_REGEX, generate_demo_data
+    from fer.data import StudyData
+    from fer.prepare import prepare_dataset
+    from fer.prepare.demo_data import GROUP_REGEX, generate_demo_data
 
     root = tmp_path_factory.mktemp("demo60")
     generate_demo_data(root / "faces", per_class=60, seed=1)

@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from fer.devices import check_backend_gpus
-from fer.errors import UserError
-from fer.progress import Progress
+from fer.core.errors import UserError
+from fer.core.progress import Progress
+from fer.runtime.devices import check_backend_gpus
 
 
 @pytest.mark.parametrize("backend, fix", [("tensorflow", '".[gpu]"'), ("jax", '".[jax-cuda]"')])
@@ -44,7 +44,7 @@ def test_progress_lines_give_rate_and_time_left_at_most_every_interval():
     clock, lines = _Clock(), []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("fer.progress")
+    logger = logging.getLogger("fer.core.progress")
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)  # setLevel, not `.level =`: it clears the logger's cached isEnabledFor answers
@@ -73,7 +73,7 @@ def test_a_new_pixel_cache_reports_progress(prepared_data, tmp_path):
     lines = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("fer.progress")
+    logger = logging.getLogger("fer.core.progress")
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)  # setLevel, not `.level =`: it clears the logger's cached isEnabledFor answers

@@ -1,6 +1,6 @@
 """Near-duplicate clustering on real faces (definition: docs/duplicates.md).
 
-Every edit kind of fer/data/edits.py, applied to a real face (tests/data/astronaut_face.png), must cluster
+Every edit kind of benchmarks/image_edits.py, applied to a real face (tests/data/astronaut_face.png), must cluster
 with its source; the same face with a changed expression (mouth and brows moved by a smooth local warp) must
 not; a chain of confirmed pairs must not join two differently labelled images that are not copies of each
 other. The JAFFE tests (real people, every expression) skip where $FER_SHARED (default ../shared) lacks it.
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.image_edits import KINDS, edit
 from benchmarks.shared_data import shared_missing, shared_path
-from fer.data.decode import decode_file, inspect_file, to_rgb
-from fer.data.duplicates import UnionFind, _cluster_near, find_duplicates
-from fer.data.edits import KINDS, edit
-from fer.data.hashing import (
+from fer.data.decode import decode_file, to_rgb
+from fer.prepare.duplicates import UnionFind, _cluster_near, find_duplicates
+from fer.prepare.hashing import (
     _interp_weights,
     _normalise,
     _offset_sums,
@@ -34,7 +34,8 @@ from fer.data.hashing import (
     signature,
     thumbnail,
 )
-from fer.data.registration import margins, probe_pairs, trimmed_hashes
+from fer.prepare.inspect import inspect_file
+from fer.prepare.registration import margins, probe_pairs, trimmed_hashes
 
 FACE = Path(__file__).parent / "data" / "astronaut_face.png"
 JAFFE = shared_path("datasets", "jaffe-5class")
@@ -317,7 +318,7 @@ def test_jaffe_one_persons_different_expressions_never_cluster():
 
 @pytest.mark.parametrize("regex", [None, r"^([A-Z]{2})_"])
 def test_jaffe_prepares(regex, tmp_path):
-    from fer.data import prepare_dataset
+    from fer.prepare import prepare_dataset
 
     _jaffe_or_skip()
     audit = prepare_dataset(JAFFE, tmp_path / "data", group_regex=regex, image_size=48, log=None)

@@ -1,4 +1,4 @@
-"""The study's Evaluator (study.tune.trial): what it prepares while the last trials run, and that a warm
+"""The study's Evaluator (study.tune.trainable): what it prepares while the last trials run, and that a warm
 evaluation writes the same results as a cold one. Runs the class in this process (no Ray needed: the actor
 is this class with a trial's resources)."""
 
@@ -9,8 +9,8 @@ import json
 import pandas as pd
 import pytest
 
-from fer.training import run_trial
-from study.tune.trial import Evaluator, evaluate_best
+from fer.train.trial import run_trial
+from study.tune.trainable import Evaluator, evaluate_best
 
 TINY = dict(backbone="smallcnn", image_size=48, weights="none", batch_size=16, dense_units=16, augment=0.0)
 SELECTION = {"trial_id": "t", "metric": "val_loss", "mode": "min", "metric_value": 1.0, "status": "completed"}

@@ -1,4 +1,4 @@
-"""fer.explain: faithfulness both ways, the randomisation sanity check, the same-map detector, the readable
+"""fer.explain.map_checks: faithfulness both ways, the randomisation sanity check, the same-map detector, the readable
 layer and region statistics, on tiny hand-built Keras models where the right answer is known."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from fer.explain import (
+from fer.explain.map_checks import (
     class_mean_maps,
     disagreements,
     faithfulness_curves,

@@ -1,4 +1,4 @@
-"""`fer-study export` (fer.export), the deployment figures (fer.latency) and the report's deployment view.
+"""`fer-study export` (fer.deploy.export), the deployment figures (fer.deploy.latency) and the report's deployment view.
 
 One tiny smallcnn (32 px, augmentation on, so the export must trace the `aug_affine` layer in inference mode)
 is trained once on the prepared demo study; every format is exported from its best-model folder and compared
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fer.errors import UserError
+from fer.core.errors import UserError
 
 pytest.importorskip("tensorflow", reason="the exports use TensorFlow's SavedModel / TFLite")
 
@@ -25,11 +25,11 @@ pytest.importorskip("tensorflow", reason="the exports use TensorFlow's SavedMode
 @pytest.fixture(scope="module")
 def best_dir(study_base, tmp_path_factory):
     """results/exp/best/smallcnn: a trained model with test metrics and a latency.json, like a study's."""
-    from fer.config import make_config
+    from fer.core.config import make_config
     from fer.data import StudyData
-    from fer.latency import LATENCY_FILE, measure_and_write
-    from fer.model import load_trained_model
-    from fer.training import run_trial
+    from fer.deploy.latency import LATENCY_FILE, measure_and_write
+    from fer.model.build import load_trained_model
+    from fer.train.trial import run_trial
 
     study = tmp_path_factory.mktemp("export") / "results" / "exp"
     shutil.copytree(study_base / "data", study / "data")
@@ -62,8 +62,8 @@ def best_dir(study_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def keras_reference(best_dir):
     from fer.data import StudyData
-    from fer.model import load_trained_model
-    from fer.training import predict_probs
+    from fer.data.batches import predict_probs
+    from fer.model.build import load_trained_model
 
     model = load_trained_model(best_dir / "model.keras")
     test = np.asarray(StudyData(best_dir.parent.parent / "data").pixels("test", 32))
@@ -81,7 +81,7 @@ def test_float_export_gives_the_same_probabilities(best_dir, keras_reference, fm
     if fmt == "onnx":
         pytest.importorskip("tf2onnx", reason="the optional extra 'onnx' is not installed")
         pytest.importorskip("onnxruntime", reason="the optional extra 'onnx' is not installed")
-    from fer.export import ExportedModel
+    from fer.deploy.exported import ExportedModel
 
     _, test, reference = keras_reference
     out = tmp_path / fmt
@@ -101,7 +101,8 @@ def test_float_export_gives_the_same_probabilities(best_dir, keras_reference, fm
 
 @pytest.mark.parametrize("quantize", ["float16", "int8"])
 def test_quantized_tflite_agrees_on_the_top_class(best_dir, keras_reference, quantize, tmp_path):
-    from fer.export import TOP1_AGREEMENT, ExportedModel
+    from fer.deploy.export import TOP1_AGREEMENT
+    from fer.deploy.exported import ExportedModel
 
     _, test, reference = keras_reference
     out = tmp_path / quantize
@@ -117,7 +118,7 @@ def test_quantized_tflite_agrees_on_the_top_class(best_dir, keras_reference, qua
 
 
 def test_predict_accepts_the_export(best_dir, keras_reference, tmp_path, demo_data_dir):
-    from fer.predict import predict_images
+    from fer.evaluate.predict import predict_images
 
     _cli("export", best_dir, "--format", "tflite", "--out", tmp_path / "tfl")
     images = sorted((demo_data_dir).rglob("*.png"))[:6]
@@ -128,7 +129,7 @@ def test_predict_accepts_the_export(best_dir, keras_reference, tmp_path, demo_da
         np.testing.assert_allclose(from_export["confidence"], from_keras["confidence"], atol=1e-4)
     with pytest.raises(UserError, match="--gradcam needs the model.keras"):
         predict_images(tmp_path / "tfl", images, gradcam_dir=tmp_path / "cams")
-    from fer.predict import evaluate_folder
+    from fer.evaluate.predict import evaluate_folder
 
     keras_eval = evaluate_folder(best_dir, demo_data_dir, n_boot=10)
     export_eval = evaluate_folder(tmp_path / "tfl", demo_data_dir, n_boot=10)
@@ -185,7 +186,7 @@ def test_bad_input_through_the_real_entry_point(tmp_path):
 
 
 def test_failed_quantization_is_a_user_error(tmp_path):
-    from fer.export import write_tflite
+    from fer.deploy.export import write_tflite
 
     with pytest.raises(UserError, match="int8 quantization needs calibration images"):
         write_tflite(tmp_path, tmp_path / "m.tflite", "int8", np.zeros((0, 32, 32, 3), np.uint8))
@@ -194,7 +195,7 @@ def test_failed_quantization_is_a_user_error(tmp_path):
 
 
 def test_agreement_criteria():
-    from fer.export import agreement
+    from fer.deploy.export import agreement
 
     ref = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]] * 34)
     assert agreement(ref, ref + 5e-5, None)["ok"]
@@ -208,7 +209,7 @@ def test_agreement_criteria():
 
 
 def test_latency_figures_are_sane(best_dir):
-    from fer.model import load_trained_model
+    from fer.model.build import load_trained_model
 
     stored = json.loads((best_dir / "latency.json").read_text())
     model = load_trained_model(best_dir / "model.keras")
@@ -223,7 +224,7 @@ def test_latency_figures_are_sane(best_dir):
 def test_time_predict_measures_what_it_calls():
     import time
 
-    from fer.latency import time_predict
+    from fer.deploy.latency import time_predict
 
     def slow(x):
         time.sleep(0.002 * len(x))
@@ -236,7 +237,7 @@ def test_time_predict_measures_what_it_calls():
 
 
 def test_pareto_front():
-    from study.report.deploy import pareto_front
+    from study.report.deploy_columns import pareto_front
 
     # (latency ms, accuracy): b is slower and less accurate than a; d ties a exactly; e is fastest
     points = [(10, 0.80), (20, 0.75), (40, 0.90), (10, 0.80), (5, 0.50), (40, 0.85)]
@@ -276,7 +277,7 @@ def test_export_under_the_jax_backend(best_dir, keras_reference, tmp_path):
     """The same model.keras exported by a KERAS_BACKEND=jax process (Keras's SavedModel export goes through
     jax2tf there): the TFLite file still gives the Keras probabilities; ONNX says it needs TensorFlow."""
     pytest.importorskip("jax", reason="jax is not installed (the optional extra 'jax')")
-    from fer.export import ExportedModel
+    from fer.deploy.exported import ExportedModel
 
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     base = [sys.executable, "-m", "study.cli", "export", str(best_dir)]

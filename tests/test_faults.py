@@ -15,7 +15,7 @@ def test_a_killed_worker_is_retried_and_an_error_is_not(new_study, tmp_path, run
     """Two backbones x three trials at 32 px: per backbone one trial raises (its weights file does not
     exist), one reports a NaN training loss at its first epoch (test-only hook FER_TEST_NAN_DROPOUT) and
     one trains. The first trial to finish an epoch SIGKILLs its own worker process (the test-only hook
-    FER_TEST_KILL_ONCE in study/tune/trial.py), once: Tune runs it again from scratch, and every backbone
+    FER_TEST_KILL_ONCE in study/tune/trainable.py), once: Tune runs it again from scratch, and every backbone
     still ends with its full three trials."""
     folder = new_study("faults")
     bad = str(tmp_path / "no-such.weights.h5")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fer.compute_once import create_or_wait
+from fer.core.files import create_or_wait
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 _RACER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from fer.compute_once import create_or_wait
+    from fer.core.files import create_or_wait
     folder = Path(sys.argv[1])
     while time.time() < float(sys.argv[2]):  # start together
         time.sleep(0.001)
@@ -71,7 +71,7 @@ def test_stale_lock_is_broken_and_failed_compute_releases_the_lock(tmp_path):
 
 
 def _config(**overrides):
-    from fer.config import make_config
+    from fer.core.config import make_config
 
     base = dict(
         backbone="mobilenet025",
@@ -92,11 +92,11 @@ def test_cached_head_stage_end_to_end(new_study):
     """Two trials share one feature computation; the head trained on features is the full model's head."""
     import keras
 
-    from fer.batches import predict_probs
     from fer.data import StudyData
-    from fer.feature_cache import compute_features, features_dir, head_extractor
-    from fer.model import build_model, load_trained_model
-    from fer.training import run_trial
+    from fer.data.batches import predict_probs
+    from fer.model.build import build_model, load_trained_model
+    from fer.train.feature_cache import compute_features, features_dir, head_extractor
+    from fer.train.trial import run_trial
 
     study = new_study("cached")
     data = StudyData(study / "data")
@@ -143,9 +143,9 @@ def test_cached_head_stage_end_to_end(new_study):
 
 def test_cut_inside_a_residual_block_reproduces_the_full_model():
     """The stage-2 cut: prefix then tail == the full model (inference), with two tensors crossing the cut."""
-    from fer.backbones import get_backbone
-    from fer.feature_cache import split_at_tail
-    from fer.model import build_model, set_stage
+    from fer.model.backbones import get_backbone
+    from fer.model.build import build_model, set_stage
+    from fer.train.feature_cache import split_at_tail
 
     config = _config(backbone="mobilenetv2", augment=0.0)
     model = build_model(config, 5)
@@ -166,11 +166,11 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
     before the cut never changed."""
     import keras
 
-    from fer.batches import predict_probs
+    from fer.core.errors import UserError
     from fer.data import StudyData
-    from fer.errors import UserError
-    from fer.model import build_model, load_trained_model
-    from fer.training import run_trial
+    from fer.data.batches import predict_probs
+    from fer.model.build import build_model, load_trained_model
+    from fer.train.trial import run_trial
 
     study = new_study("cached_finetune")
     data = StudyData(study / "data")
@@ -207,7 +207,7 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
 
     # with both caches, the head features come from the stage-2 cache (the frozen tail on the same views):
     # the same values as from the images
-    from fer.feature_cache import compute_features, features_dir, head_extractor
+    from fer.train.feature_cache import compute_features, features_dir, head_extractor
 
     both = _config(**{**base, "head_features": "cached", "epochs_head": 1}, unfreeze_layers=12)
     third = run_trial(both, data, study / "t3")
@@ -232,10 +232,10 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_computing(new_study, mon
     import shutil
     from collections import namedtuple
 
+    from fer.core.errors import UserError
     from fer.data import StudyData
-    from fer.errors import UserError
-    from fer.feature_cache import features_dir, stage_features
-    from fer.model import build_model
+    from fer.model.build import build_model
+    from fer.train.feature_cache import features_dir, stage_features
 
     data = StudyData(new_study("full_disk") / "data")
     config = _config(finetune_features="cached", unfreeze_layers=4, epochs_finetune=1)

@@ -1,4 +1,4 @@
-"""Grad-CAM / Grad-CAM++ (fer.gradcam, fer.backend_grad): real models, real gradients.
+"""Grad-CAM / Grad-CAM++ (fer.explain.gradcam, fer.runtime.gradients): real models, real gradients.
 
 The expensive test (`test_gradcam_heat_falls_on_the_face_features`) trains one small ImageNet-initialised
 model that clearly learns the demo faces, then checks that Grad-CAM's heat of correct predictions lies on
@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from benchmarks.shared_data import shared_missing, shared_path
-from fer.config import make_config
-from fer.errors import UserError
-from fer.gradcam import (
+from fer.core.config import make_config
+from fer.core.errors import UserError
+from fer.explain.gradcam import (
     GradCam,
     deletion_auc,
     deletion_curves,
@@ -26,7 +26,7 @@ from fer.gradcam import (
     peak_in_boxes,
     target_layer_name,
 )
-from fer.model import build_model, load_trained_model
+from fer.model.build import build_model, load_trained_model
 
 WEIGHTS = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
 
@@ -133,9 +133,10 @@ FACE_SIZE = 224  # the 7x7 grid of mobilenet025 at 224 px is fine enough to tell
 @needs_weights
 def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
     """Correct predictions of a model that learned the demo faces: heat on mouth/eyes/brows >> their area."""
-    from fer.data import StudyData, prepare_dataset
-    from fer.demo_data import GROUP_REGEX, generate_demo_data
-    from fer.training import run_trial
+    from fer.data import StudyData
+    from fer.prepare import prepare_dataset
+    from fer.prepare.demo_data import GROUP_REGEX, generate_demo_data
+    from fer.train.trial import run_trial
 
     root = tmp_path_factory.mktemp("gradcam_face")
     generate_demo_data(root / "faces", per_class=40, seed=0)

@@ -1,11 +1,11 @@
-"""fer.metrics: point estimates agree with scikit-learn, intervals behave, tables are complete."""
+"""fer.evaluate.metrics: point estimates agree with scikit-learn, intervals behave, tables are complete."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from fer.metrics import classification_metrics, macro_f1, predictions_table
+from fer.evaluate.metrics import classification_metrics, macro_f1, predictions_table
 
 CLASSES = ["angry", "fear", "happy", "sad", "surprise"]
 

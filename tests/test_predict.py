@@ -122,7 +122,7 @@ def test_evaluate_on_another_labelled_folder(best_model, classes, demo_data_dir,
 
 
 def test_file_name_filter_matches_names_not_folders():
-    from fer.predict import filter_files
+    from fer.evaluate.predict import filter_files
 
     files = [
         Path("PrivateTest/Training_1.jpg"),

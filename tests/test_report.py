@@ -38,7 +38,7 @@ def _copy_study(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def report(smoke_study, demo_data_dir, tmp_path_factory):
     """(study copy, report folder) of a full report, with an evaluation on a folder holding EVIL_FILE."""
-    from fer.predict import evaluate_folder
+    from fer.evaluate.predict import evaluate_folder
 
     root = tmp_path_factory.mktemp("report")
     study = _copy_study(smoke_study, root / "results" / "smoke")

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from benchmarks.shared_data import shared_missing, shared_path
-from fer.errors import UserError
+from fer.core.errors import UserError
 from study.space import load_space, parse_space
 from study.tune.search import BackboneSearcher, optuna_distributions
 

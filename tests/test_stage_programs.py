@@ -1,4 +1,4 @@
-"""Issue 12: a warm worker puts back an earlier trial's compiled stage (fer/stage_programs.py) instead of
+"""Issue 12: a warm worker puts back an earlier trial's compiled stage (fer/train/stage_programs.py) instead of
 compiling again, and the trial still repeats a fresh one number for number, also after a trial whose
 optimizer state went NaN, one that raised in the middle of a stage, and one of another unfreeze depth."""
 
@@ -10,8 +10,8 @@ import keras
 import pandas as pd
 import pytest
 
-import fer.training
-from fer.training import fresh_keras_state, run_trial
+import fer.train.trial
+from fer.train.trial import fresh_keras_state, run_trial
 
 COMPARED = ["loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
 TINY = dict(backbone="smallcnn", image_size=48, weights="none", batch_size=16, dense_units=16, augment=0.0)
@@ -36,7 +36,7 @@ def test_a_warm_trial_after_nan_failed_and_other_depth_trials_repeats_a_fresh_on
     first = run_trial(dict(A, lr_head=3e-3), prepared_data, tmp_path / "first", reuse_model=True)
     assert first["compiled_stage_reused"] == {"head": False, "finetune": False}
     # as a diverged trial leaves them: every kept optimizer's step count and moments NaN
-    for kept in fer.training._kept_model["programs"]._kept.values():
+    for kept in fer.train.trial._kept_model["programs"]._kept.values():
         for variable in kept["optimizer"].variables:
             variable.assign(keras.ops.full(variable.shape, float("nan"), variable.dtype))
     fresh_keras_state()  # another unfreeze depth: the head stage is put back, stage 2 compiled anew
@@ -50,7 +50,7 @@ def test_a_warm_trial_after_nan_failed_and_other_depth_trials_repeats_a_fresh_on
     again = run_trial(A, prepared_data, tmp_path / "again", reuse_model=True)
     assert again["model_reused"] and again["compiled_stage_reused"] == {"head": True, "finetune": True}
     pd.testing.assert_frame_equal(_history(tmp_path / "fresh"), _history(tmp_path / "again"), atol=1e-6, rtol=0)
-    model = fer.training._kept_model["model"]
+    model = fer.train.trial._kept_model["model"]
     assert [m.name for m in model.metrics] == ["loss", "compile_metrics"]  # no tracker added per put-back
 
 
@@ -64,7 +64,7 @@ def test_a_warm_worker_keeps_few_compiled_stages(prepared_data, tmp_path):
             tmp_path / str(depth),
             reuse_model=True,
         )
-    programs = fer.training._kept_model["programs"]
+    programs = fer.train.trial._kept_model["programs"]
     assert len(programs) == programs.limit == 3
     fresh_keras_state()
     again = run_trial(
@@ -77,7 +77,7 @@ _JAX_WARM = r"""
 import json, sys
 from pathlib import Path
 from fer.data import StudyData
-from fer.training import fresh_keras_state, run_trial
+from fer.train.trial import fresh_keras_state, run_trial
 import pandas as pd
 
 data, out, config = StudyData(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -101,7 +101,7 @@ def test_under_jax_a_put_back_stage_repeats_a_fresh_trial(prepared_data, tmp_pat
 
 def test_stage_programs_keep_only_a_plain_adam():
     """A loss-scale optimizer (mixed_float16) starts with a non-zero scale: not reset as zeros, so not kept."""
-    from fer.stage_programs import StagePrograms, compile_stage
+    from fer.train.stage_programs import StagePrograms, compile_stage
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))

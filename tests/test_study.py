@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from study.tune.trial import check_finite
+from study.tune.trainable import check_finite
 
 pytestmark = pytest.mark.slow
 
@@ -191,7 +191,7 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
 def test_progress_view_prints_one_line_per_trial_and_redraws_live():
     import io
 
-    from study.tune.progress import ProgressView, trial_line
+    from study.tune.callback import ProgressView, trial_line
 
     plain = io.StringIO()
     view = ProgressView(total=2, metric="val_loss", stream=plain, live=False)

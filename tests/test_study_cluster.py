@@ -20,7 +20,7 @@ import yaml
 from ray import tune
 from ray.cluster_utils import Cluster
 
-from study.tune.run import run_study
+from study.tune.driver import run_study
 
 pytestmark = pytest.mark.slow
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module

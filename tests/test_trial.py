@@ -1,4 +1,4 @@
-"""The trial (fer.training.run_trial, fer-study train) on real demo data, with tiny models and images.
+"""The trial (fer.train.trial.run_trial, fer-study train) on real demo data, with tiny models and images.
 
 The five-backbone test is the most expensive test of the suite: one parametrised test, tiny images
 (inceptionv3 needs 75 px), one epoch per stage. Tests that need the offline ImageNet files in
@@ -19,12 +19,12 @@ import pandas as pd
 import pytest
 
 from benchmarks.shared_data import shared_missing, shared_path
-from fer.backbones import BACKBONES, get_backbone
-from fer.config import make_config
+from fer.core.config import make_config
+from fer.core.errors import UserError
+from fer.core.names import COLLAPSE_FILE, RECORD_KEYS
 from fer.data import StudyData
-from fer.errors import UserError
-from fer.names import COLLAPSE_FILE, RECORD_KEYS
-from fer.training import run_trial
+from fer.model.backbones import BACKBONES, get_backbone
+from fer.train.trial import run_trial
 
 WEIGHTS_DIR = shared_path("weights")
 MOBILENETV2_FILE = WEIGHTS_DIR / "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5"
@@ -47,7 +47,7 @@ def _read_history(out: Path) -> pd.DataFrame:
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
-    from fer.model import backbone_layers, load_trained_model
+    from fer.model.build import backbone_layers, load_trained_model
 
     size = max(32, get_backbone(backbone).min_size)  # tiny, but at least the backbone's minimum
     records = []
@@ -84,7 +84,7 @@ def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
 @pytest.mark.parametrize("train_batchnorm", [False, True])
 def test_batchnorm_trains_only_when_training_from_scratch(train_batchnorm):
     """Pretrained backbones keep BN frozen in both stages; from-scratch ones (weights=none) train it."""
-    from fer.model import backbone_layers, build_model, set_stage
+    from fer.model.build import backbone_layers, build_model, set_stage
 
     model = build_model(make_config(backbone="mobilenetv2", image_size=32, weights="none"), 5)
     set_stage(model, "finetune", 10, train_batchnorm=train_batchnorm)
@@ -115,7 +115,7 @@ def test_smallcnn_learns_from_scratch_and_has_no_imagenet_weights(trial_data, tm
     )
     summary = run_trial(config, trial_data, tmp_path)
     assert summary["val_accuracy"] >= 0.35
-    assert not any(stage["ended_collapsed"] for stage in summary["collapsed_stages"])  # fer/collapse.py
+    assert not any(stage["ended_collapsed"] for stage in summary["collapsed_stages"])  # fer/train/collapse.py
     with pytest.raises(UserError, match="weights=none"):
         run_trial(dict(config, weights="imagenet"), trial_data, tmp_path / "imagenet")
 
@@ -125,8 +125,8 @@ def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the
     far is on disk before those (also when an earlier epoch was the best), and the overall best at the end."""
     import keras
 
-    from fer.batches import predict_probs
-    from fer.model import load_trained_model
+    from fer.data.batches import predict_probs
+    from fer.model.build import load_trained_model
 
     model_file, seen = tmp_path / "model.keras", []
     onehot = np.eye(len(trial_data.classes))[trial_data.labels("val")]
@@ -164,8 +164,8 @@ def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the
 @needs_weights
 def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, tmp_path):
     """MobileNetV2 from the offline ImageNet file learns the demo emotions; model.keras is the best model."""
-    from fer.batches import predict_probs
-    from fer.model import load_trained_model
+    from fer.data.batches import predict_probs
+    from fer.model.build import load_trained_model
 
     model_file, seen = tmp_path / "model.keras", []
 
@@ -204,7 +204,7 @@ def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, 
 def test_weights_from_file_are_really_loaded(trial_data, backbone, path):
     import keras
 
-    from fer.model import build_model
+    from fer.model.build import build_model
 
     images = trial_data.pixels("val", 32)[:6]
 
@@ -228,8 +228,8 @@ def test_weights_from_file_are_really_loaded(trial_data, backbone, path):
     ],
 )
 def test_block_aware_unfreezing_takes_whole_blocks(backbone, size, blocks, expected, inside, outside):
-    from fer.backbones import get_backbone
-    from fer.model import backbone_layers, build_model, set_stage
+    from fer.model.backbones import get_backbone
+    from fer.model.build import backbone_layers, build_model, set_stage
 
     model = build_model(make_config(backbone=backbone, image_size=size, weights="none"), 5)
     count = set_stage(model, "finetune", blocks, "blocks", get_backbone(backbone))
@@ -242,7 +242,7 @@ def test_block_aware_unfreezing_takes_whole_blocks(backbone, size, blocks, expec
 
 
 def test_imagenet_download_failure_names_the_alternatives():
-    from fer.model import build_model
+    from fer.model.build import build_model
 
     try:
         build_model(make_config(backbone="mobilenet025", image_size=32, weights="imagenet"), 5)
@@ -254,7 +254,7 @@ def test_imagenet_download_failure_names_the_alternatives():
 
 
 def test_missing_weights_file_is_a_user_error(tmp_path):
-    from fer.model import build_model
+    from fer.model.build import build_model
 
     with pytest.raises(UserError, match="weights file not found"):
         build_model(make_config(backbone="mobilenet025", image_size=32, weights=str(tmp_path / "x.h5")), 5)
@@ -365,11 +365,11 @@ def test_cli_train_prepares_a_raw_folder_and_evaluates_test_on_request(demo_data
 
 _JAX_TRIAL = """
 import json, sys
-from fer.backend_setup import configure_backend
+from fer.runtime.backend import configure_backend
 print(json.dumps(configure_backend(1)))
 import keras
 from fer.data import StudyData
-from fer.training import run_trial
+from fer.train.trial import run_trial
 summary = run_trial(dict(backbone="mobilenet025", image_size=32, weights="none", epochs_head=1,
                          epochs_finetune=1, batch_size=16, unfreeze_layers=8), StudyData(sys.argv[1]), sys.argv[2])
 print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_run"]}))
@@ -386,7 +386,7 @@ def test_trial_runs_under_jax(trial_data, tmp_path, run_under_jax):
 
 def test_configure_backend_limits_tensorflow_threads():
     code = (
-        "from fer.backend_setup import configure_backend; import tensorflow as tf; "
+        "from fer.runtime.backend import configure_backend; import tensorflow as tf; "
         "print(configure_backend()['threads'], tf.config.threading.get_intra_op_parallelism_threads(), "
         "tf.config.threading.get_inter_op_parallelism_threads())"
     )

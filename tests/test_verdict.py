@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from fer.collapse import CollapseLog
+from fer.train.collapse import CollapseLog
 from study.report import BackboneResult, StudyResults
 from study.report.verdict import (
     _headline,
@@ -41,7 +41,7 @@ def _history(rows):
 
 
 def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
-    """The flags follow the trial's own collapse record (fer.collapse, what training warned about), not a
+    """The flags follow the trial's own collapse record (fer.train.collapse, what training warned about), not a
     second reading of the losses."""
     uniform = "uniform outputs (mean top probability 0.201, 1/K = 0.200)"
     # the known case: the head stage learns, the first fine-tune epoch collapses to uniform outputs (ln 5)
@@ -149,7 +149,7 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
     _history([("head", 1.5, 1.3, 0.4), ("finetune", LN5, LN5, 0.067)]).to_csv(
         tmp_path / "trials" / "good_2" / "history.csv", index=False
     )
-    # the record training writes (fer.collapse) when the fine-tune epoch gives every image the same outputs
+    # the record training writes (fer.train.collapse) when the fine-tune epoch gives every image the same outputs
     log = CollapseLog(tmp_path / "trials" / "good_2", {"lr_finetune": 3e-4, "unfreeze_layers": 30}, 5)
     log.check("head", {"epoch": 1, "loss": 1.5, "val_loss": 1.3}, np.eye(5)[np.arange(200) % 5] * 0.8 + 0.04)
     log.check("finetune", {"epoch": 2, "loss": LN5, "val_loss": LN5}, np.full((200, 5), 0.2))

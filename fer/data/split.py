@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fer.errors import UserError
+from fer.core.errors import UserError
 
 SPLITS = ("train", "val", "test")
 

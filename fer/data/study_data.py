@@ -15,12 +15,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fer.data.cache import allocate, decode_into, default_workers, exclusive_lock, npy_header, open_pixels, row_bytes
+from fer.core.errors import UserError
+from fer.core.names import AUDIT_FILE, MANIFEST_FILE, STUDY_DATA_FILE
+from fer.core.progress import Progress
 from fer.data.decode import Quarantine, decode_file, pixel_hash, resize_square
+from fer.data.pixel_cache import (
+    allocate,
+    decode_into,
+    default_workers,
+    exclusive_lock,
+    npy_header,
+    open_pixels,
+    row_bytes,
+)
 from fer.data.split import SPLITS
-from fer.errors import UserError
-from fer.names import AUDIT_FILE, MANIFEST_FILE, STUDY_DATA_FILE
-from fer.progress import Progress
 
 
 def _cache_task(path: str, expected_hash: str, size: int, max_pixels: int):

@@ -1,6 +1,6 @@
 """The `fer-study` command line: one click group; each command lives in a small module of its own.
 
-User errors (`fer.errors.UserError`, click usage errors) end with one line on stderr and exit status 2.
+User errors (`fer.core.errors.UserError`, click usage errors) end with one line on stderr and exit status 2.
 Heavy imports (Keras, Ray) happen inside commands, so `fer-study --help` stays instant.
 """
 
@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from fer.errors import UserError
+from fer.core.errors import UserError
 
 
 class FerGroup(click.Group):
@@ -31,9 +31,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from study.cli import data, export, report, run, trial
+    from study.cli import data_cmds, export_cmd, report_cmds, run_cmd, train_cmd
 
-    for module in (data, trial, run, report, export):
+    for module in (data_cmds, train_cmd, run_cmd, report_cmds, export_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fer import names
-from study.report.deploy import add_deployment_columns, deployment_section
+from fer.core import names
+from study.report.deploy_columns import add_deployment_columns, deployment_section
 from study.report.document import Document
 from study.report.load import BackboneResult, StudyResults, load_study
 from study.report.naive import naive_split_section
@@ -56,7 +56,7 @@ def build_report(
     header_section(doc, study)
     add_verdict(doc, study, edge_warnings(study))  # before any table: what to conclude, what to fix
     audit_section(doc, study.audit)
-    sheet = study.folder / names.DATA_DIR / names.DUPLICATES_SHEET  # written by prepare (fer/data/audit.py)
+    sheet = study.folder / names.DATA_DIR / names.DUPLICATES_SHEET  # written by prepare (fer/prepare/audit.py)
     if study.audit and sheet.is_file():
         doc.figure(
             "duplicates_sheet",
@@ -73,7 +73,7 @@ def build_report(
     evaluations_section(doc, study)
     naive_split_section(doc, study.folder)
     if gradcam_per_class > 0:
-        from study.report.gradcam import gradcam_appendix
+        from study.report.gradcam_appendix import gradcam_appendix
 
         gradcam_appendix(doc, study, gradcam_per_class, n_mistakes, n_faithfulness)
     problems_section(doc, study)

@@ -1,7 +1,7 @@
 """Reading a study folder for the report: what each backbone left (tested best model, failed, missing).
 
 Missing or unreadable parts become notes, never errors, so a report of a half-finished study still says
-what is there. File names and trial statuses are the writer's (fer.names), not guesses.
+what is there. File names and trial statuses are the writer's (fer.core.names), not guesses.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fer import names
-from fer.errors import UserError
+from fer.core import names
+from fer.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _count_params(folder: Path) -> int | None:
     """Parameter count from model.keras, for trials stopped before they wrote summary.json."""
     if not (folder / names.MODEL_FILE).is_file():
         return None
-    from fer.predict import load_model_and_classes
+    from fer.evaluate.predict import load_model_and_classes
 
     try:
         return int(load_model_and_classes(folder)[0].count_params())

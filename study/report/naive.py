@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fer.names import NAIVE_SPLIT_FILE
+from fer.core.names import NAIVE_SPLIT_FILE
 
 
 def _mean_sd(stats: dict | None, signed: bool = False) -> str:

@@ -1,6 +1,6 @@
 """The report's sections, in page order: header, data audit, comparison table (95% intervals), per-backbone
 figures, search history, cross-dataset evaluations, failed or missing backbones (the Grad-CAM appendix is
-in study.report.gradcam). Each writes blocks into a `Document`.
+in study.report.gradcam_appendix). Each writes blocks into a `Document`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import math
 
 import pandas as pd
 
-from fer import names
+from fer.core import names
 from study.report import figures
-from study.report.deploy import deployment_cells
+from study.report.deploy_columns import deployment_cells
 from study.report.document import Document, format_cell, format_interval, format_number
 from study.report.load import StudyResults, trial_counts
 
@@ -68,7 +68,7 @@ def audit_section(doc: Document, audit: dict | None) -> None:
 def _tuned_keys(study: StudyResults) -> list[str]:
     keys = list((study.space.get("space") or {}).keys())
     if not keys and study.trials is not None:  # no study.json: guess from the varying trial columns
-        from fer.config import PARAMS
+        from fer.core.config import PARAMS
 
         keys = [k for k in PARAMS if k in study.trials and study.trials[k].nunique() > 1 and k != "backbone"]
     return keys

@@ -1,7 +1,7 @@
 """The report's opening verdict: what a reader can conclude and what to do next, before any table.
 
 From a loaded study (`study.report.load_study`): the ranking by test accuracy; for every pair of backbones a
-paired comparison on the same test images (`fer.compare`: paired bootstrap interval of the accuracy
+paired comparison on the same test images (`fer.evaluate.compare`: paired bootstrap interval of the accuracy
 difference and McNemar's exact test), saying "indistinguishable on this test split" where it is; and flags:
 
 - chance: a best model whose test accuracy interval covers 1/K, or that predicts one class for at least
@@ -9,7 +9,7 @@ difference and McNemar's exact test), saying "indistinguishable on this test spl
 - undertrained: the best trial's lowest val_loss is at its very last epoch and still falling there (more than
   STILL_IMPROVING, relative, and STILL_IMPROVING_ABS below every earlier epoch): the budget, not the data,
   stopped it;
-- collapsed: in ANY trial, a stage that ends collapsed (fer.collapse: uniform outputs or one class predicted, as
+- collapsed: in ANY trial, a stage that ends collapsed (fer.train.collapse: uniform outputs or one class predicted, as
   the trial recorded in collapse.json, the same definition as training's warning) after an epoch that was not,
   or that diverged (non-finite loss); named with the hyperparameters that did it, because early stopping then
   silently keeps an earlier (e.g. head-stage) model; and trials that never left collapse at all ("never
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fer import names
-from fer.collapse import read_collapsed_epochs
-from fer.compare import compare_paired
+from fer.core import names
+from fer.evaluate.compare import compare_paired
+from fer.train.collapse import read_collapsed_epochs
 
 ONE_CLASS_SHARE = 0.9  # a model that gives one class to >= 90% of the test images has learnt (almost) nothing
 STILL_IMPROVING = 0.01  # the last epoch's val_loss is >1% below every earlier one ...
@@ -40,7 +40,7 @@ STILL_IMPROVING_ABS = 0.01  # ... and by more than 0.01 (a near-perfect model's 
 # ------------------------------------------------------------------------------------------ history flags
 def stage_problems(history: pd.DataFrame, k: int, collapsed: dict[tuple[str, int], str]) -> list[dict]:
     """Collapsed or diverged stages of one trial's history, and 'never learned' for a trial collapsed in every
-    epoch. `collapsed`: the trial's own record, {(stage, epoch): reason} (fer.collapse.read_collapsed_epochs).
+    epoch. `collapsed`: the trial's own record, {(stage, epoch): reason} (fer.train.collapse.read_collapsed_epochs).
     Each problem: {kind, stage, epoch, val_loss, text}."""
     if history is None or history.empty or "stage" not in history:
         return []

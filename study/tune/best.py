@@ -19,11 +19,11 @@ from pathlib import Path
 
 import ray
 
-from fer import names
-from fer.compute_once import write_json
+from fer.core import names
+from fer.core.files import write_json
 from study.space import Space
-from study.tune.results import Ledger
-from study.tune.trial import Evaluator, evaluate_best, retrain_seed
+from study.tune.ledger import Ledger
+from study.tune.trainable import Evaluator, evaluate_best, retrain_seed
 
 SELECTION = names.SELECTION_FILE
 
@@ -33,7 +33,7 @@ def _remote(fn, cpus: float, gpus: float):
 
 
 class EvaluatorPool:
-    """Evaluator actors (study.tune.trial.Evaluator) with a trial's resources, at most `limit` (the backbones).
+    """Evaluator actors (study.tune.trainable.Evaluator) with a trial's resources, at most `limit` (the backbones).
 
     `fill(free)` starts actors on slots no trial will take any more, so their start-up overlaps the last
     trials; `evaluate_bests` tops the pool up to what it needs and hands each backbone to one actor."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fer.errors import UserError
+from fer.core.errors import UserError
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # trials read pixels from files, not from the object store
 # Ray starts its workers 15 nice levels below the raylet, so trials (the study's whole work) would yield
@@ -211,10 +211,10 @@ def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
 
 def _backend_gpus() -> tuple[str, int]:
     """In a worker holding a trial's GPU share: the Keras backend and the GPUs it can use there."""
-    from study.tune.trial import import_keras_lean
+    from study.tune.trainable import import_keras_lean
 
     import_keras_lean()
-    from fer.backend_setup import backend_gpu_count, backend_name
+    from fer.runtime.backend import backend_gpu_count, backend_name
 
     return backend_name(), backend_gpu_count()
 
@@ -224,7 +224,7 @@ def check_backend_sees_gpus(gpus: float) -> None:
     CPU-only JAX/TensorFlow on a GPU node stops the study with the fix instead of training on the CPU."""
     if not gpus:
         return
-    from fer.devices import check_backend_gpus
+    from fer.runtime.devices import check_backend_gpus
 
     probe = ray.remote(_backend_gpus).options(num_cpus=0, num_gpus=gpus, max_retries=0)
     backend, usable = ray.get(probe.remote())

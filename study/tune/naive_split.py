@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fer import names
-from fer.compute_once import write_json
-from fer.data.audit import balanced_class_weights
+from fer.core import names
+from fer.core.errors import UserError
+from fer.core.files import write_json
 from fer.data.split import SPLITS, check_every_split_has_every_class, group_split
-from fer.errors import UserError
+from fer.prepare.audit import balanced_class_weights
 
 FOLDER = "naive_split"
 KINDS = ("naive", "audited")
@@ -147,7 +147,7 @@ def run_naive_split(
     import ray
 
     from study.tune.best import _remote
-    from study.tune.trial import retrain_seed
+    from study.tune.trainable import retrain_seed
 
     if seeds < 2:
         raise UserError(f"--naive-split needs at least 2 split seeds for a spread, got {seeds}")

@@ -9,7 +9,7 @@ Why one Tuner with per-backbone searchers (and not one Tuner per backbone, run o
   ResNet trials, never because MobileNet reaches a lower loss sooner. `BackboneSearcher.suggest` hands out
   trials round-robin over the backbones that still have budget, so they also progress at the same pace.
 - resume stays simple: the state that matters (finished trials, Optuna studies) is on disk and written when
-  each trial ends (see study.tune.run), so a resumed study is just a new Tuner with smaller budgets.
+  each trial ends (see study.tune.driver), so a resumed study is just a new Tuner with smaller budgets.
 
 Optuna is told each trial's BEST value of the space's metric (the epoch whose model was kept), not the last
 epoch's, which is what Ray's OptunaSearch would report by default.
@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fer import names
+from fer.core import names
 from study.space import Dist, Space
 
 EPOCH = "epoch"  # the scheduler's time attribute: the global epoch across both training stages
@@ -116,7 +116,7 @@ class BackboneSearcher(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to snapshot: the Optuna studies (SQLite) and the trial ledger already hold the state, and
-        `fer-study run --resume` rebuilds a searcher from them (see study.tune.run)."""
+        `fer-study run --resume` rebuilds a searcher from them (see study.tune.driver)."""
 
     def restore(self, checkpoint_path: str) -> None:
         raise NotImplementedError("resume a study with `fer-study run ... --resume`, not Tuner.restore")
@@ -165,7 +165,7 @@ class BackboneSearcher(Searcher):
         if searcher is None:
             return
         best = self.best.get(trial_id)
-        error = error or bool((result or {}).get(names.TRIAL_ERROR_KEY))  # our code raised (study.tune.trial)
+        error = error or bool((result or {}).get(names.TRIAL_ERROR_KEY))  # our code raised (study.tune.trainable)
         if error or best is None:
             searcher.on_trial_complete(trial_id, None, error=True)
         else:

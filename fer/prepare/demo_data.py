@@ -1,0 +1,321 @@
+"""The synthetic demo dataset: procedural faces whose mouth, eyes and brows encode five emotions.
+
+It is fer-study's embedded default data and the test suite's data, so it must be (1) learnable by a tiny
+CNN at 48 px within a few epochs, which is why the cues are bold and consistent per emotion, and (2) as
+messy as a real folder: HEIC files (one of them named .jpg), PNG/JPEG/WebP mixed, varied sizes and aspect
+ratios, exact and near duplicates (re-encoded, resized, shifted copies), a truncated file, a hidden file,
+and subject ids in file names (`S07_happy_012.png`; group with `--group-regex '^(S\\d+)_'`).
+
+Each subject has a fixed identity (skin, face shape, eye spacing, hair); each image varies pose (rotation),
+size, position, background, lighting and noise. `demo_regions.csv` gives the mouth, eye and brow boxes as
+fractions of every saved image (duplicates included), for the Grad-CAM faithfulness test.
+
+| emotion  | mouth                   | eyes          | brows                      |
+|----------|-------------------------|---------------|----------------------------|
+| angry    | flat, tight, thick line | narrow        | low, slanted down to centre |
+| fear     | wide open, short oval   | wide          | raised, inner ends up      |
+| happy    | big smile (U)           | normal        | relaxed, level             |
+| sad      | frown (inverted U)      | half-closed   | inner ends raised          |
+| surprise | tall open O             | wide          | high, arched               |
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pillow_heif
+from PIL import Image, ImageDraw, ImageFilter
+
+from fer import CLASSES
+from fer.core.errors import UserError
+
+SUPERSAMPLE = 2
+REGIONS = ("mouth", "left_eye", "right_eye", "left_brow", "right_brow")
+GROUP_REGEX = r"^(S\d+)_"
+
+# Per emotion: eye openness (fraction of face radius), brow height and inner-end offset (+ = lower),
+# brow arch, and the mouth shape.
+_EXPRESSIONS = {
+    "angry": dict(eye_open=0.05, brow_y=-0.42, brow_inner=0.16, mouth="flat"),
+    "fear": dict(eye_open=0.20, brow_y=-0.62, brow_inner=-0.12, mouth="wide_open"),
+    "happy": dict(eye_open=0.11, brow_y=-0.52, brow_inner=0.0, mouth="smile"),
+    "sad": dict(eye_open=0.07, brow_y=-0.50, brow_inner=-0.14, mouth="frown"),
+    "surprise": dict(eye_open=0.22, brow_y=-0.70, brow_inner=0.0, mouth="o"),
+}
+
+
+# Each face shows its emotion at a random intensity in INTENSITY: eyes and brows move that far from NEUTRAL
+# towards the emotion's values and open mouths and mouth curves scale with it. Weak expressions are what
+# makes the data learnable but not trivial (a tiny CNN at 48 px needs a few hundred faces, not a few dozen).
+INTENSITY = (0.45, 1.0)
+NEUTRAL = dict(eye_open=0.11, brow_y=-0.52, brow_inner=0.0)
+
+
+def _expression(emotion: str, intensity: float) -> dict:
+    e = dict(_EXPRESSIONS[emotion])
+    for key, neutral in NEUTRAL.items():
+        e[key] = neutral + intensity * (e[key] - neutral)
+    e["mouth_open"] = 0.3 + 0.7 * intensity
+    return e
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    skin: tuple[int, int, int]
+    brow: tuple[int, int, int]
+    iris: tuple[int, int, int]
+    face_aspect: float  # face height / width
+    eye_spacing: float  # eye centre distance from the middle, as a fraction of the face radius
+
+
+def _subject(rng: np.random.Generator) -> Subject:
+    tone = rng.uniform(0.35, 1.0)
+    skin = tuple(int(c) for c in (np.array([235, 200, 170]) * tone + np.array([15, 10, 5]) * (1 - tone)))
+    brow = tuple(int(c) for c in rng.integers(10, 90, 3))
+    iris = tuple(int(c) for c in rng.integers(20, 140, 3))
+    return Subject(skin, brow, iris, float(rng.uniform(1.15, 1.35)), float(rng.uniform(0.34, 0.42)))
+
+
+@dataclasses.dataclass
+class Face:
+    image: Image.Image
+    boxes: dict[str, tuple[float, float, float, float]]  # fractions of width/height
+
+
+def _rotate_box(box, centre, angle_deg):
+    """Bounding box of `box` after Pillow's counter-clockwise `rotate(angle_deg, center=centre)`."""
+    x0, y0, x1, y1 = box
+    cx, cy = centre
+    t = math.radians(angle_deg)
+    xs, ys = [], []
+    for x, y in ((x0, y0), (x1, y0), (x0, y1), (x1, y1)):
+        dx, dy = x - cx, y - cy
+        xs.append(cx + dx * math.cos(t) + dy * math.sin(t))
+        ys.append(cy - dx * math.sin(t) + dy * math.cos(t))
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.random.Generator) -> Face:
+    """Draw one face; return the image and its feature boxes (fractions of the image)."""
+    w, h = size
+    s = SUPERSAMPLE
+    W, H = w * s, h * s
+    bg = tuple(int(c) for c in rng.integers(30, 226, 3))
+    img = Image.new("RGB", (W, H), bg)
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 5))):  # background clutter, so no two photos share a layout
+        x0, y0 = rng.uniform(-0.3, 1.0, 2) * (W, H)
+        ww, hh = rng.uniform(0.2, 0.7, 2) * (W, H)
+        shape = d.ellipse if rng.random() < 0.5 else d.rectangle
+        tint = (np.array(bg) * 0.5 + rng.integers(0, 256, 3) * 0.5).astype(int)  # muted: faces stand out
+        shape((x0, y0, x0 + ww, y0 + hh), fill=tuple(int(c) for c in tint))
+    r = min(W, H) * rng.uniform(0.38, 0.44)  # face half-width: faces fill the frame, as in cropped datasets
+    cx = W / 2 + rng.uniform(-0.06, 0.06) * W
+    cy = H / 2 + rng.uniform(-0.03, 0.06) * H
+    fh = r * subject.face_aspect
+    e = _expression(emotion, float(rng.uniform(*INTENSITY)))
+    lw = max(2, int(0.14 * r))
+
+    hair = tuple(int(c) for c in rng.integers(10, 200, 3))  # hair (style and colour change per photo)
+    hair_low = rng.uniform(-0.45, 0.05)
+    d.ellipse(
+        (
+            cx - r * rng.uniform(1.0, 1.15),
+            cy - fh * rng.uniform(1.05, 1.2),
+            cx + r * rng.uniform(1.0, 1.15),
+            cy + fh * hair_low,
+        ),
+        fill=hair,
+    )
+    d.ellipse((cx - r, cy - fh, cx + r, cy + fh), fill=subject.skin)
+    dark = (25, 15, 15)
+    boxes: dict[str, tuple[float, float, float, float]] = {}
+
+    eye_y = cy - 0.22 * r
+    for side, name in ((-1, "left"), (1, "right")):
+        ex = cx + side * subject.eye_spacing * r
+        ew, eh = 0.2 * r, e["eye_open"] * r * 1.2
+        d.ellipse((ex - ew, eye_y - eh, ex + ew, eye_y + eh), fill=(250, 250, 250), outline=dark, width=max(1, lw // 2))
+        pr = min(0.08 * r, eh * 0.9)
+        d.ellipse((ex - pr, eye_y - pr, ex + pr, eye_y + pr), fill=subject.iris)
+        boxes[f"{name}_eye"] = (ex - 0.24 * r, eye_y - 0.26 * r, ex + 0.24 * r, eye_y + 0.26 * r)
+
+        by = cy + e["brow_y"] * r
+        inner = (cx + side * 0.12 * r, by + e["brow_inner"] * r)
+        outer = (cx + side * 0.55 * r, by - 0.3 * e["brow_inner"] * r)
+        if emotion == "surprise":  # arched
+            mid = (cx + side * 0.33 * r, by - 0.08 * r)
+            d.line([inner, mid, outer], fill=subject.brow, width=lw, joint="curve")
+        else:
+            d.line([inner, outer], fill=subject.brow, width=lw)
+        xs = (inner[0], outer[0])
+        boxes[f"{name}_brow"] = (min(xs) - 0.06 * r, by - 0.2 * r, max(xs) + 0.06 * r, by + 0.24 * r)
+
+    my = cy + 0.52 * r
+    mw = 0.48 * r
+    shape = e["mouth"]
+    mouth_ink, mlw = (70, 8, 12), int(lw * 1.5)
+    k = e["mouth_open"]  # a weaker expression: a flatter smile or frown, a smaller open mouth
+    if shape == "smile":
+        d.arc(
+            (cx - mw, my - 0.06 * r - 0.26 * r * k, cx + mw, my - 0.06 * r + 0.26 * r * k),
+            10,
+            170,
+            fill=mouth_ink,
+            width=mlw,
+        )
+    elif shape == "frown":
+        d.arc(
+            (cx - mw, my + 0.2 * r - 0.22 * r * k, cx + mw, my + 0.2 * r + 0.22 * r * k),
+            195,
+            345,
+            fill=mouth_ink,
+            width=mlw,
+        )
+    elif shape == "flat":
+        d.line([(cx - mw * 0.8, my), (cx + mw * 0.8, my)], fill=mouth_ink, width=mlw)
+    elif shape == "o":
+        d.ellipse(
+            (cx - 0.2 * r, my + 0.02 * r - 0.24 * r * k, cx + 0.2 * r, my + 0.02 * r + 0.24 * r * k), fill=mouth_ink
+        )
+    else:  # wide_open
+        d.ellipse((cx - mw, my + 0.02 * r - 0.12 * r * k, cx + mw, my + 0.02 * r + 0.12 * r * k), fill=mouth_ink)
+        d.rectangle((cx - mw * 0.7, my - 0.08 * r * k, cx + mw * 0.7, my - 0.02 * r * k), fill=(245, 245, 240))
+    boxes["mouth"] = (cx - 0.5 * r, my - 0.3 * r, cx + 0.5 * r, my + 0.32 * r)
+
+    angle = float(rng.uniform(-10, 10))
+    img = img.rotate(angle, resample=Image.BICUBIC, center=(cx, cy), fillcolor=bg)
+    boxes = {k: _rotate_box(b, (cx, cy), angle) for k, b in boxes.items()}
+
+    pixels = np.asarray(img, dtype=np.float32)
+    gx, gy = rng.uniform(-0.5, 0.5, 2)  # a light gradient in a random direction
+    ramp = np.linspace(-1, 1, W)[None, :] * gx + np.linspace(-1, 1, H)[:, None] * gy
+    pixels = pixels * (rng.uniform(0.8, 1.15) + 0.3 * ramp)[:, :, None]
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((w, h), Image.LANCZOS)
+    if rng.random() < 0.2:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(2, 6), (h, w, 3))
+    img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    fractions = {k: _clip_box((b[0] / W, b[1] / H, b[2] / W, b[3] / H)) for k, b in boxes.items()}
+    return Face(img, fractions)
+
+
+def _clip_box(box):
+    return tuple(float(min(1.0, max(0.0, v))) for v in box)
+
+
+def _save(img: Image.Image, path: Path, fmt: str) -> None:
+    if fmt == "heic":
+        pillow_heif.from_pillow(img).save(path, quality=85)
+    elif fmt == "jpg":
+        img.save(path, format="JPEG", quality=92)
+    elif fmt == "webp":
+        img.save(path, format="WEBP", quality=90)
+    else:
+        img.save(path, format="PNG")
+
+
+def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+    side = int(rng.choice([64, 96, 128, 160, 200]))
+    aspect = float(rng.choice([1.0, 1.0, 0.8, 1.25]))
+    return side, int(round(side * aspect))
+
+
+def generate_demo_data(out, per_class: int = 200, seed: int = 0) -> dict:
+    """Write the demo dataset to `out` (class folders + `demo_regions.csv`); return counts of what was made.
+
+    `out` must not exist or be empty, so a typo never mixes demo faces into a real dataset.
+    """
+    out = Path(out)
+    if per_class < 3:
+        raise UserError(
+            f"--per-class must be at least 3 (got {per_class}): every class needs images for train, val and test"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder; demo-data writes only into a new folder")
+    rng = np.random.default_rng(seed)
+    n_subjects = max(8, per_class // 4)
+    subjects = [_subject(np.random.default_rng([seed, 1000 + i])) for i in range(n_subjects)]
+    formats = ["png", "jpg", "webp", "png", "jpg", "heic", "png", "jpg"]
+    regions: list[tuple[str, dict]] = []
+    made: dict[str, list[tuple[Path, Face]]] = {}
+    for emotion in CLASSES:
+        (out / emotion).mkdir(parents=True, exist_ok=True)
+        made[emotion] = []
+        for k in range(per_class):
+            sid = k % n_subjects
+            face = render_face(emotion, subjects[sid], _image_size(rng), rng)
+            fmt = formats[int(rng.integers(len(formats)))]
+            path = out / emotion / f"S{sid + 1:02d}_{emotion}_{k:03d}.{fmt}"
+            _save(face.image, path, fmt)
+            regions.append((path.relative_to(out).as_posix(), face.boxes))
+            made[emotion].append((path, face))
+        _add_messes(out, emotion, made[emotion], regions)
+    (out / "happy" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    _write_regions(out / "demo_regions.csv", regions)
+    return {
+        "classes": len(CLASSES),
+        "per_class": per_class,
+        "subjects": n_subjects,
+        "files": sum(1 for p in out.rglob("*") if p.is_file()),
+    }
+
+
+def _add_messes(out: Path, emotion: str, files: list[tuple[Path, Face]], regions) -> None:
+    """Duplicates, a HEIC named .jpg and a truncated file, spread over the classes."""
+    src, face0 = files[0]
+    i = CLASSES.index(emotion)
+    boxes = face0.boxes
+    # an exact byte copy under a scraped-looking name (no subject id: only the duplicate finder groups it)
+    copy = out / emotion / f"download_{i}{src.suffix}"
+    shutil.copyfile(src, copy)
+    regions.append((copy.relative_to(out).as_posix(), boxes))
+    if emotion in ("happy", "sad", "angry"):  # re-encoded as a lower-quality JPEG
+        p = out / emotion / f"{src.stem}_reencoded.jpg"
+        face0.image.save(p, format="JPEG", quality=55)
+        regions.append((p.relative_to(out).as_posix(), boxes))
+    if emotion in ("fear", "surprise", "happy"):  # resized to 70 %: same fractions
+        p = out / emotion / f"{src.stem}_small.png"
+        w, h = face0.image.size
+        face0.image.resize((int(w * 0.7), int(h * 0.7)), Image.LANCZOS).save(p)
+        regions.append((p.relative_to(out).as_posix(), boxes))
+    if emotion in ("sad", "angry", "surprise"):  # shifted right and down by 1 % (edges replicated)
+        p = out / emotion / f"{src.stem}_shifted.png"
+        arr = np.asarray(face0.image)
+        h, w = arr.shape[:2]
+        dx, dy = max(1, round(0.01 * w)), max(1, round(0.01 * h))
+        shifted = np.pad(arr, ((dy, 0), (dx, 0), (0, 0)), mode="edge")[:h, :w]
+        Image.fromarray(shifted).save(p)
+        regions.append(
+            (
+                p.relative_to(out).as_posix(),
+                {k: _clip_box((b[0] + dx / w, b[1] + dy / h, b[2] + dx / w, b[3] + dy / h)) for k, b in boxes.items()},
+            )
+        )
+    if emotion == "fear":  # HEIC content behind a .jpg name: content sniffing must still read it
+        path1, face1 = files[1]
+        p = out / emotion / f"{path1.stem}_heic.jpg"
+        buf = io.BytesIO()
+        pillow_heif.from_pillow(face1.image).save(buf, quality=85)
+        p.write_bytes(buf.getvalue())
+        regions.append((p.relative_to(out).as_posix(), face1.boxes))
+    if emotion == "sad":  # a truncated JPEG
+        buf = io.BytesIO()
+        face0.image.save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        (out / emotion / "S02_sad_999.jpg").write_bytes(data[: len(data) * 2 // 3])
+
+
+def _write_regions(path: Path, regions) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "region", "x0", "y0", "x1", "y1"])
+        for rel, boxes in regions:
+            for name in REGIONS:
+                w.writerow([rel, name, *(f"{v:.4f}" for v in boxes[name])])
