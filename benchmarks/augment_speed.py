@@ -1,10 +1,10 @@
 """Cost of the training-time augmentation: Keras's four layers vs fer's one fused affine resampling.
 
-Builds the trial model three times in one process -- augmentation as Keras's RandomFlip + RandomRotation +
-RandomTranslation + RandomZoom (the usual way), as fer.model.layers.RandomAffine (what trials use), and none --
-and times compiled training steps of both stages on random uint8 images (median of per-epoch step times,
-the variants' epochs interleaved, the compiling first epoch excluded). Prints one JSON line: seconds per step
-and the ratios.
+Builds the trial model three times in one process -- augmentation as Keras's RandomFlip +
+RandomRotation + RandomTranslation + RandomZoom (the usual way), as fer.model.layers.RandomAffine
+(what trials use), and none -- and times compiled training steps of both stages on random uint8
+images (median of per-epoch step times, the variants' epochs interleaved, the compiling first epoch
+excluded). Prints one JSON line: seconds per step and the ratios.
 
     python3 benchmarks/augment_speed.py --backbone mobilenetv2 --image-size 96
 """
@@ -29,7 +29,9 @@ def keras_layers(seed: int) -> list:
     return [
         keras.layers.RandomFlip("horizontal", seed=seed, name="aug_flip"),
         keras.layers.RandomRotation(0.05, fill_mode="nearest", seed=seed + 1, name="aug_rotate"),
-        keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed + 2, name="aug_shift"),
+        keras.layers.RandomTranslation(
+            0.1, 0.1, fill_mode="nearest", seed=seed + 2, name="aug_shift"
+        ),
         keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 3, name="aug_zoom"),
     ]
 

@@ -1,13 +1,14 @@
-"""Do later trials of one backbone reuse the first trial's compiled steps? Runs N trials of the same backbone,
-image size, batch size and unfreeze depth, with DIFFERENT dropout, label smoothing and learning rates, one
-after another in ONE warm process (as a warm study worker does), with the study's JAX compilation cache
-(`<study>/compile_cache`, empty at the start). Prints ONE JSON line: the machine (CPU model, cores, load
-average), the backend, and per trial each stage's compile seconds = its first step minus its median step
-(summary.json `first_step_s` - `median_step_s`), plus the later/first ratios. Target (issue 12, JAX on a CPU):
-a later trial compiles in <= 20% of the first one's time.
+"""Do later trials of one backbone reuse the first trial's compiled steps? Runs N trials of the same
+backbone, image size, batch size and unfreeze depth, with DIFFERENT dropout, label smoothing and
+learning rates, one after another in ONE warm process (as a warm study worker does), with the
+study's JAX compilation cache (`<study>/compile_cache`, empty at the start). Prints ONE JSON line:
+the machine (CPU model, cores, load average), the backend, and per trial each stage's compile
+seconds = its first step minus its median step (summary.json `first_step_s` - `median_step_s`), plus
+the later/first ratios. Target (issue 12, JAX on a CPU): a later trial compiles in <= 20% of the
+first one's time.
 
-    KERAS_BACKEND=jax python3 benchmarks/compile_reuse.py      # 3 trials, smallcnn at 48 px (~1-2 min)
-    python3 benchmarks/compile_reuse.py --trials 2 --backbone mobilenet025 --image-size 64
+    KERAS_BACKEND=jax python3 benchmarks/compile_reuse.py      # 3 trials, smallcnn at 48 px (~1-2
+    min) python3 benchmarks/compile_reuse.py --trials 2 --backbone mobilenet025 --image-size 64
 
 Needs no Ray (it runs on the GPU check machine, which has JAX but no TensorFlow): fer/ only.
 """
@@ -25,7 +26,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# what differs between the trials: none of it may change the compiled program (docs/pitfalls.md#baked-constants)
+# what differs between the trials: none of it may change the compiled program
+# (docs/pitfalls.md#baked-constants)
 VARIED = (
     {"dropout": 0.2, "label_smoothing": 0.0, "lr_head": 1e-3, "lr_finetune": 1e-4},
     {"dropout": 0.5, "label_smoothing": 0.1, "lr_head": 3e-3, "lr_finetune": 3e-5},
@@ -35,15 +37,15 @@ VARIED = (
 
 
 def compile_seconds(summary: dict) -> dict[str, float]:
-    """Per stage: the first step's seconds beyond a steady step (tracing + compiling, or loading a cached
-    program)."""
+    """Per stage: the first step's seconds beyond a steady step (tracing + compiling, or loading a
+    cached program)."""
     first, median = summary.get("first_step_s") or {}, summary.get("median_step_s") or {}
     return {stage: round(first[stage] - median.get(stage, 0.0), 3) for stage in first}
 
 
 def use_stock_layers() -> None:
-    """Keras's Dropout(rate) and CategoricalCrossentropy(label_smoothing) in the train step, as before issue 12
-    (the same substitution as tests/test_compile_reuse.py makes)."""
+    """Keras's Dropout(rate) and CategoricalCrossentropy(label_smoothing) in the train step, as
+    before issue 12 (the same substitution as tests/test_compile_reuse.py makes)."""
     import keras
 
     import fer.data.batches
@@ -77,7 +79,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="epochs per stage")
     parser.add_argument("--unfreeze-layers", type=int, default=4)
     parser.add_argument("--per-class", type=int, default=24, help="demo images per class")
-    parser.add_argument("--data", help="a prepared study folder (with data/) to use instead of demo data")
+    parser.add_argument(
+        "--data", help="a prepared study folder (with data/) to use instead of demo data"
+    )
     parser.add_argument(
         "--stock-layers",
         action="store_true",
@@ -111,7 +115,13 @@ def main() -> None:
             shutil.copytree(Path(args.data) / "data", study / "data")
         else:
             generate_demo_data(tmp / "demo", per_class=args.per_class, seed=0)
-            prepare_dataset(tmp / "demo", study / "data", group_regex=r"^(S\d+)_", image_size=args.image_size, log=None)
+            prepare_dataset(
+                tmp / "demo",
+                study / "data",
+                group_regex=r"^(S\d+)_",
+                image_size=args.image_size,
+                log=None,
+            )
         data = StudyData(study / "data")
         trials = []
         for i in range(args.trials):
@@ -128,7 +138,8 @@ def main() -> None:
                 "epochs_finetune": args.epochs,
                 "patience": 10,
                 "unfreeze_layers": args.unfreeze_layers,
-                "seed": 0,  # a study's trials share its space's seed (and so a warm worker's kept model)
+                # a study's trials share its space's seed (and so a warm worker's kept model)
+                "seed": 0,
                 **VARIED[i % len(VARIED)],
             }
             started = time.perf_counter()
@@ -151,11 +162,16 @@ def main() -> None:
 
     first = trials[0]["compile_s"]
     ratios = [
-        {stage: round(t["compile_s"][stage] / first[stage], 3) if first.get(stage) else None for stage in first}
+        {
+            stage: round(t["compile_s"][stage] / first[stage], 3) if first.get(stage) else None
+            for stage in first
+        }
         for t in trials[1:]
     ]
     total_ratios = [
-        round(t["compile_total_s"] / trials[0]["compile_total_s"], 3) if trials[0]["compile_total_s"] else None
+        round(t["compile_total_s"] / trials[0]["compile_total_s"], 3)
+        if trials[0]["compile_total_s"]
+        else None
         for t in trials[1:]
     ]
     machine = machine_info()
@@ -171,7 +187,8 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "unfreeze_layers": args.unfreeze_layers,
                 "trials": trials,
-                "later_vs_first": ratios,  # per later trial and stage: its compile seconds / the first trial's
+                # per later trial and stage: its compile seconds / the first trial's
+                "later_vs_first": ratios,
                 "later_vs_first_total": total_ratios,
                 "target_ratio": 0.2,
                 "compile_cache_files": cache_files,

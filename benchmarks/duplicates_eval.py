@@ -1,22 +1,25 @@
-"""Does near-duplicate clustering find edited copies of real faces, and never join one person's expressions?
+"""Does near-duplicate clustering find edited copies of real faces, and never join one person's
+expressions?
 
     python3 benchmarks/duplicates_eval.py [--fer $FER_SHARED/datasets/fer2013-5class]
-                                          [--jaffe $FER_SHARED/datasets/jaffe-5class] [--sources 300]
-                                          [--before OLD_AUDIT_JSON]
+                                          [--jaffe $FER_SHARED/datasets/jaffe-5class] [--sources
+                                          300] [--before OLD_AUDIT_JSON]
 
-With --before (an audit.json of FER2013 prepared by an earlier version, 48 px, its own split), it also
-prepares FER2013 with this version and reports both exclusion counts (total, label conflicts, per class) and
-how many of the earlier label-conflict clusters (copies checked by eye) are still clustered whole.
+With --before (an audit.json of FER2013 prepared by an earlier version, 48 px, its own split), it
+also prepares FER2013 with this version and reports both exclusion counts (total, label conflicts,
+per class) and how many of the earlier label-conflict clusters (copies checked by eye) are still
+clustered whole.
 
-Fixtures from real faces (docs/duplicates.md), two parts: calibration = FER2013 `Training_` sources and
-JAFFE subjects KA KM MK NM UY (sorted, every other one); held-out = `PublicTest_`/`PrivateTest_` sources
-and JAFFE KL KR NA TM YM. Thresholds in fer/prepare/duplicates.py were chosen on the calibration part only.
-Per FER2013 source, one copy per edit kind (benchmarks/image_edits.py, strengths from its stated ranges), written
-as files and run through the real decoder and `find_duplicates`, with all the part's sources and JAFFE
-images together (each one a distractor for the others). Reported per part: recall per edit kind (copy in
-the same final cluster as its source), false joins (pairs in a cluster from different FER sources or
-different JAFFE people), JAFFE same-person different-expression pairs in clusters (target 0) and
-same-expression takes clustered (allowed). One JSON line with the machine, then a table.
+Fixtures from real faces (docs/duplicates.md), two parts: calibration = FER2013 `Training_` sources
+and JAFFE subjects KA KM MK NM UY (sorted, every other one); held-out = `PublicTest_`/`PrivateTest_`
+sources and JAFFE KL KR NA TM YM. Thresholds in fer/prepare/duplicates.py were chosen on the
+calibration part only. Per FER2013 source, one copy per edit kind (benchmarks/image_edits.py,
+strengths from its stated ranges), written as files and run through the real decoder and
+`find_duplicates`, with all the part's sources and JAFFE images together (each one a distractor for
+the others). Reported per part: recall per edit kind (copy in the same final cluster as its source),
+false joins (pairs in a cluster from different FER sources or different JAFFE people), JAFFE
+same-person different-expression pairs in clusters (target 0) and same-expression takes clustered
+(allowed). One JSON line with the machine, then a table.
 """
 
 from __future__ import annotations
@@ -95,7 +98,14 @@ def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: 
             if m[0] == "fer" and m[2] == kind
         ]
         recall[kind] = round(float(np.mean(hits)), 4)
-    false_fer, diff_expr, same_expr, diff_people, diff_examples, false_examples = 0, 0, 0, 0, [], set()
+    false_fer, diff_expr, same_expr, diff_people, diff_examples, false_examples = (
+        0,
+        0,
+        0,
+        0,
+        [],
+        set(),
+    )
     for members in dups.clusters:
         for x in range(len(members)):
             for y in range(x + 1, len(members)):
@@ -162,8 +172,13 @@ def before_after(fer: Path, before_audit: Path, tmp: Path) -> dict:
         predefined="train=^Training_,val=^PublicTest_,test=^PrivateTest_",
     )
     cluster = {p: k for k, c in enumerate(new["duplicates"]["clusters"]) for p in c["paths"]}
-    whole = sum(len({cluster.get(p, -1 - n) for n, p in enumerate(c["paths"])}) == 1 for c in old["label_conflicts"])
-    pairs = [(a, b) for c in old["label_conflicts"] for a, b in itertools.combinations(c["paths"], 2)]
+    whole = sum(
+        len({cluster.get(p, -1 - n) for n, p in enumerate(c["paths"])}) == 1
+        for c in old["label_conflicts"]
+    )
+    pairs = [
+        (a, b) for c in old["label_conflicts"] for a, b in itertools.combinations(c["paths"], 2)
+    ]
     kept = sum(a in cluster and cluster.get(a) == cluster.get(b) for a, b in pairs)
     return {
         "before": counts(old),
@@ -180,7 +195,9 @@ def main() -> None:
     p.add_argument("--sources", type=int, default=300, help="FER2013 sources per part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default="calibration,held_out")
-    p.add_argument("--before", type=Path, help="audit.json of FER2013 prepared by an earlier version")
+    p.add_argument(
+        "--before", type=Path, help="audit.json of FER2013 prepared by an earlier version"
+    )
     args = p.parse_args()
     from benchmarks.image_edits import RANGES
     from fer.prepare import duplicates as d

@@ -1,21 +1,24 @@
 """Deployment figures and export agreement on FER2013: one JSON line with the machine description.
 
     python3 benchmarks/export_check.py                    # about 35 min on a shared 2-core CPU
-    python3 benchmarks/export_check.py --backbones mobilenetv2 --max-train 300 --skip-latency   # smoke
+    python3 benchmarks/export_check.py --backbones mobilenetv2 --max-train 300 --skip-latency   #
+    smoke
 
 Two parts:
-1. Latency: each backbone built at --latency-size (weights do not change the time, so `weights=none`),
-   `fer.deploy.latency.measure_model` (Keras, one image: median/p90 of 50 calls; batch 64 images/s; CPU process
-   milliseconds per image), and its float TFLite export: file size, TFLite latency, agreement with Keras on
-   the first --check-images test images of FER2013.
-2. Export agreement of a trained model: MobileNetV2 at --image-size with the offline ImageNet weights, head
-   stage only on a stratified --max-train subsample (a few minutes: a confident model, not a good one), then
-   `fer.deploy.export.export_best` in every format (what `fer-study export` runs): the self-check figures on the
-   first 500 test images, the file size and the runtime's latency.
+1. Latency: each backbone built at --latency-size (weights do not change the time, so
+   `weights=none`), `fer.deploy.latency.measure_model` (Keras, one image: median/p90 of 50 calls;
+   batch 64 images/s; CPU process milliseconds per image), and its float TFLite export: file size,
+   TFLite latency, agreement with Keras on the first --check-images test images of FER2013.
+2. Export agreement of a trained model: MobileNetV2 at --image-size with the offline ImageNet
+   weights, head stage only on a stratified --max-train subsample (a few minutes: a confident model,
+   not a good one), then `fer.deploy.export.export_best` in every format (what `fer-study export`
+   runs): the self-check figures on the first 500 test images, the file size and the runtime's
+   latency.
 
-FER2013 is prepared once into --work (the challenge's own split: Training_/PublicTest_/PrivateTest_).
-Wall-clock figures on a shared machine are noisy: the load average is stored with each, and the CPU
-milliseconds per image are less affected by neighbours than the wall time.
+FER2013 is prepared once into --work (the challenge's own split:
+Training_/PublicTest_/PrivateTest_). Wall-clock figures on a shared machine are noisy: the load
+average is stored with each, and the CPU milliseconds per image are less affected by neighbours than
+the wall time.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ def parse_args():
     p.add_argument("--max-train", type=int, default=3000)
     p.add_argument("--max-val", type=int, default=1000)
     p.add_argument("--epochs-head", type=int, default=3)
-    p.add_argument("--check-images", type=int, default=100, help="agreement images of the latency part")
+    p.add_argument(
+        "--check-images", type=int, default=100, help="agreement images of the latency part"
+    )
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-trained", action="store_true")
     p.add_argument("--threads", type=int, default=None)
@@ -70,15 +75,20 @@ def latency_part(args, data, out: dict) -> None:
     for name in args.backbones.split(","):
         t = time.perf_counter()
         model = build_model(
-            make_config(backbone=name, image_size=args.latency_size, weights="none", augment=1.0), len(data.classes)
+            make_config(backbone=name, image_size=args.latency_size, weights="none", augment=1.0),
+            len(data.classes),
         )
         keras_figures = measure_model(model, args.threads)
         folder = args.work / "latency" / name
         export_model(model, data.classes, folder, "tflite")
         exported = ExportedModel(folder / "export.json")
-        images = _resized(np.asarray(data.pixels("test", args.image_size)[: args.check_images]), args.latency_size)
+        images = _resized(
+            np.asarray(data.pixels("test", args.image_size)[: args.check_images]), args.latency_size
+        )
         check = agreement(predict_probs(model, images, 64), exported.predict(images), None)
-        tflite = measure_predict(exported.predict_batch, args.latency_size, exported.info["size_bytes"], "tflite")
+        tflite = measure_predict(
+            exported.predict_batch, args.latency_size, exported.info["size_bytes"], "tflite"
+        )
         out["latency"][name] = {
             "params": keras_figures["params"],
             "variables_mb": round(keras_figures["size_bytes"] / 1e6, 2),
@@ -101,10 +111,13 @@ def latency_part(args, data, out: dict) -> None:
 
 
 def _resized(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Test images enlarged to the latency size (no pixel cache of all 29k images at 224 px for 100 of them)."""
+    """Test images enlarged to the latency size (no pixel cache of all 29k images at 224 px for 100
+    of them)."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in pixels])
+    return np.stack(
+        [np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in pixels]
+    )
 
 
 def trained_part(args, data_dir: Path, out: dict) -> None:
@@ -117,7 +130,9 @@ def trained_part(args, data_dir: Path, out: dict) -> None:
 
     best = args.work / "best" / "mobilenetv2"
     if not (best / "model.keras").is_file():
-        data = SubsampledStudyData(StudyData(data_dir), {"train": args.max_train, "val": args.max_val}, 0)
+        data = SubsampledStudyData(
+            StudyData(data_dir), {"train": args.max_train, "val": args.max_val}, 0
+        )
         config = make_config(
             backbone="mobilenetv2",
             image_size=args.image_size,
@@ -131,7 +146,9 @@ def trained_part(args, data_dir: Path, out: dict) -> None:
             config,
             data,
             best,
-            on_epoch=lambda r: log(f"epoch {r['epoch']}: val_acc {r['val_accuracy']:.3f} ({r['epoch_s']:.0f} s)"),
+            on_epoch=lambda r: log(
+                f"epoch {r['epoch']}: val_acc {r['val_accuracy']:.3f} ({r['epoch_s']:.0f} s)"
+            ),
         )
     out["trained"] = {
         "backbone": "mobilenetv2",
@@ -158,7 +175,9 @@ def trained_part(args, data_dir: Path, out: dict) -> None:
             "cpu": cpu,
             "seconds": round(time.perf_counter() - t, 1),
         }
-        log(f"{key}: {result['check']}, {result['size_bytes'] / 1e6:.2f} MB, {cpu['latency_ms_median']:.2f} ms")
+        log(
+            f"{key}: {result['check']}, {result['size_bytes'] / 1e6:.2f} MB, {cpu['latency_ms_median']:.2f} ms"
+        )
         _save(args, out)
 
 
@@ -178,10 +197,20 @@ def main():
     data_dir = args.work / "data"
     if not (data_dir / "manifest.csv").is_file():
         prepare_dataset(
-            args.data, data_dir, image_size=args.image_size, predefined=PREDEFINED, seed=0, log=lambda *a, **k: log(*a)
+            args.data,
+            data_dir,
+            image_size=args.image_size,
+            predefined=PREDEFINED,
+            seed=0,
+            log=lambda *a, **k: log(*a),
         )
     data = StudyData(data_dir)
-    out = {"benchmark": "export_check", "latency_size": args.latency_size, "latency": {}, "machine": machine_info()}
+    out = {
+        "benchmark": "export_check",
+        "latency_size": args.latency_size,
+        "latency": {},
+        "machine": machine_info(),
+    }
     if not args.skip_trained:
         trained_part(args, data_dir, out)
     if not args.skip_latency:

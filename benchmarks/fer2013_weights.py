@@ -1,19 +1,22 @@
-"""Does ImageNet initialisation help? MobileNetV2 with the offline ImageNet weights file vs `weights=none`
-on FER2013 (5 classes, the challenge's own split), trained by the real trial code. One JSON line.
+"""Does ImageNet initialisation help? MobileNetV2 with the offline ImageNet weights file vs
+`weights=none` on FER2013 (5 classes, the challenge's own split), trained by the real trial code.
+One JSON line.
 
-    python3 benchmarks/fer2013_weights.py                       # sized for under 40 min on 2 CPU cores
-    python3 benchmarks/fer2013_weights.py --max-train 200 --epochs 1 --max-eval 200   # smoke test
+    python3 benchmarks/fer2013_weights.py                       # sized for under 40 min on 2 CPU
+    cores python3 benchmarks/fer2013_weights.py --max-train 200 --epochs 1 --max-eval 200   # smoke
+    test
 
-The first run prepares the 29k images once into --work (reused by later runs, e.g. after a smoke test).
-The training-speed assumption behind the defaults (10k images x 10 epochs at 96 px): see
+The first run prepares the 29k images once into --work (reused by later runs, e.g. after a smoke
+test). The training-speed assumption behind the defaults (10k images x 10 epochs at 96 px): see
 benchmarks/trial_speed.py for mobilenetv2 at 96 px on the same machine.
 
 Split: Training_* train, PublicTest_* val, PrivateTest_* test (`prepare --predefined`). A stratified
-subsample of the training split (--max-train) keeps the run inside the CPU budget; val and test are used
-whole unless --max-eval caps them (smoke tests only: the reported intervals are then meaningless).
-The ported MobileNetV2 file was made from torchvision weights, whose BatchNormalization epsilon is 1e-5, so
-its run sets `bn_epsilon=1e-5` (with Keras's 1e-3 its features are nearly constant across images). Both
-runs use the published head and two-stage schedule otherwise (config defaults), the same seed and data.
+subsample of the training split (--max-train) keeps the run inside the CPU budget; val and test are
+used whole unless --max-eval caps them (smoke tests only: the reported intervals are then
+meaningless). The ported MobileNetV2 file was made from torchvision weights, whose
+BatchNormalization epsilon is 1e-5, so its run sets `bn_epsilon=1e-5` (with Keras's 1e-3 its
+features are nearly constant across images). Both runs use the published head and two-stage schedule
+otherwise (config defaults), the same seed and data.
 """
 
 from __future__ import annotations
@@ -46,8 +49,12 @@ def parse_args():
         help="prepared data (reused by later runs) and the two trial folders",
     )
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--max-train", type=int, default=10000, help="stratified training subsample; 0 = all")
-    p.add_argument("--max-eval", type=int, default=0, help="cap val and test (smoke tests only); 0 = all")
+    p.add_argument(
+        "--max-train", type=int, default=10000, help="stratified training subsample; 0 = all"
+    )
+    p.add_argument(
+        "--max-eval", type=int, default=0, help="cap val and test (smoke tests only); 0 = all"
+    )
     p.add_argument("--epochs", type=int, default=None, help="set both stages' epochs")
     p.add_argument("--epochs-head", type=int, default=6)
     p.add_argument("--epochs-finetune", type=int, default=4)
@@ -59,7 +66,8 @@ def parse_args():
 
 
 class SubsampledStudyData:
-    """A `StudyData` whose splits are stratified subsamples (same class proportions), held in memory."""
+    """A `StudyData` whose splits are stratified subsamples (same class proportions), held in
+    memory."""
 
     def __init__(self, data, caps: dict[str, int], seed: int):
         self.data, self.classes, self.class_weights = data, data.classes, data.class_weights
@@ -70,7 +78,9 @@ class SubsampledStudyData:
             labels = data.labels(split)
             if cap and cap < len(labels):
                 keep = [
-                    rng.permutation(np.flatnonzero(labels == c))[: max(1, round(cap * np.mean(labels == c)))]
+                    rng.permutation(np.flatnonzero(labels == c))[
+                        : max(1, round(cap * np.mean(labels == c)))
+                    ]
                     for c in range(len(self.classes))
                 ]
                 self.index[split] = np.sort(np.concatenate(keep))
@@ -116,13 +126,18 @@ def main():
         )  # stdout holds only the JSON line
     prepare_s = time.perf_counter() - t0
     full = StudyData(data_dir)
-    data = SubsampledStudyData(full, {"train": args.max_train, "val": args.max_eval, "test": args.max_eval}, args.seed)
+    data = SubsampledStudyData(
+        full, {"train": args.max_train, "val": args.max_eval, "test": args.max_eval}, args.seed
+    )
     counts = {s: len(data.labels(s)) for s in ("train", "val", "test")}
     print(f"images per split: {counts} (prepare/open {prepare_s:.0f} s)", file=sys.stderr)
 
     epochs_head = args.epochs if args.epochs is not None else args.epochs_head
     epochs_finetune = args.epochs if args.epochs is not None else args.epochs_finetune
-    runs = {"imagenet_file": {"weights": str(args.weights_file), "bn_epsilon": 1e-5}, "none": {"weights": "none"}}
+    runs = {
+        "imagenet_file": {"weights": str(args.weights_file), "bn_epsilon": 1e-5},
+        "none": {"weights": "none"},
+    }
     runs = {name: runs[name] for name in args.runs.split(",")}
     results = {}
     for name, overrides in runs.items():

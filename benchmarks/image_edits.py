@@ -1,9 +1,11 @@
-"""The edits a dataset really contains, applied to one image with strengths drawn from stated ranges.
+"""The edits a dataset really contains, applied to one image with strengths drawn from stated
+ranges.
 
-They define what a near-duplicate is (docs/duplicates.md) and are how the detector is measured: an edited
-copy of a face must be clustered with its source (benchmarks/duplicates_eval.py, tests/test_duplicates.py).
-Each edit returns the bytes of a file, so the copy goes through the same decoder as a user's files (EXIF
-orientation included). The ranges (the `RANGES` text is printed by the benchmark):
+They define what a near-duplicate is (docs/duplicates.md) and are how the detector is measured: an
+edited copy of a face must be clustered with its source (benchmarks/duplicates_eval.py,
+tests/test_duplicates.py). Each edit returns the bytes of a file, so the copy goes through the same
+decoder as a user's files (EXIF orientation included). The ranges (the `RANGES` text is printed by
+the benchmark):
 """
 
 from __future__ import annotations
@@ -56,12 +58,20 @@ def edit(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, 
     if kind == "resize":
         f = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
         filt = [Image.BILINEAR, Image.BICUBIC, Image.LANCZOS, Image.BOX][int(rng.integers(4))]
-        return _png(img.resize((max(8, round(w * f)), max(8, round(h * f))), filt)), "png", {"factor": round(f, 3)}
+        return (
+            _png(img.resize((max(8, round(w * f)), max(8, round(h * f))), filt)),
+            "png",
+            {"factor": round(f, 3)},
+        )
     if kind == "grey":
         if img.mode == "L":
             gains = rng.uniform(0.8, 1.2, 3)
             a = np.asarray(img, np.float32)[:, :, None] * gains
-            return _png(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))), "png", {"gains": gains.round(3).tolist()}
+            return (
+                _png(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))),
+                "png",
+                {"gains": gains.round(3).tolist()},
+            )
         return _png(img.convert("L")), "png", {"to": "grey"}
     if kind == "brightness_contrast":
         b, c, g = rng.uniform(-40, 40), rng.uniform(0.6, 1.5), rng.uniform(0.7, 1.4)
@@ -76,7 +86,12 @@ def edit(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, 
     if kind == "crop":
         fx, fy = rng.uniform(0.02, 0.10, 2)
         sx, sy = rng.uniform(0, 1, 2)
-        box = (round(w * fx * sx), round(h * fy * sy), w - round(w * fx * (1 - sx)), h - round(h * fy * (1 - sy)))
+        box = (
+            round(w * fx * sx),
+            round(h * fy * sy),
+            w - round(w * fx * (1 - sx)),
+            h - round(h * fy * (1 - sy)),
+        )
         return _png(img.crop(box).resize((w, h), Image.BICUBIC)), "png", {"box": box}
     if kind == "shift":
         d = rng.uniform(-0.10, 0.10, 2)
@@ -91,7 +106,11 @@ def edit(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, 
         else:
             padded = np.pad(a, pad, mode="constant", constant_values=0 if fill == "black" else 128)
         y0, x0 = abs(dy) - dy, abs(dx) - dx
-        return _png(Image.fromarray(padded[y0 : y0 + h, x0 : x0 + w])), "png", {"dx": dx, "dy": dy, "fill": fill}
+        return (
+            _png(Image.fromarray(padded[y0 : y0 + h, x0 : x0 + w])),
+            "png",
+            {"dx": dx, "dy": dy, "fill": fill},
+        )
     if kind == "mirror":
         return _png(ImageOps.mirror(img)), "png", {}
     if kind == "watermark":
@@ -108,7 +127,11 @@ def edit(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, 
         tone = 255 if rng.uniform() < 0.6 else 0
         draw.text((x, y - y0), text, font=font, fill=(tone, tone, tone, round(255 * alpha)))
         out = Image.alpha_composite(out, layer).convert(img.mode)
-        return _png(out), "png", {"text": text, "size": size, "opacity": round(alpha, 2), "at": (x, y)}
+        return (
+            _png(out),
+            "png",
+            {"text": text, "size": size, "opacity": round(alpha, 2), "at": (x, y)},
+        )
     if kind == "border":
         f = rng.uniform(0.02, 0.08)
         tone = int(rng.choice([0, 255, int(rng.integers(0, 256))]))
@@ -134,7 +157,8 @@ def edit(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, 
 
 
 def _inverse(orientation: int) -> Image.Transpose:
-    """The transpose that, undone by EXIF `orientation` (ImageOps.exif_transpose), gives the original back."""
+    """The transpose that, undone by EXIF `orientation` (ImageOps.exif_transpose), gives the
+    original back."""
     undo = _EXIF_UNDO[orientation]
     return {
         Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,

@@ -1,11 +1,12 @@
-"""How long `fer-study report` takes on a finished study, and how much of it is the Grad-CAM appendix.
+"""How long `fer-study report` takes on a finished study, and how much of it is the Grad-CAM
+appendix.
 
 Builds the report of an existing study folder twice (without and with the Grad-CAM appendix) into a
-temporary folder and prints ONE JSON line with both wall and CPU times, the Grad-CAM appendix's cost per
-backbone (logged by study.report.gradcam_appendix), the study's size and the machine.
-Targets on a 2-core CPU: well under a minute for the smoke study (scripts/demo.sh makes results/demo); the
-appendix at most 60 s per backbone for MobileNetV2 at 96 px with >= 64 images in every metric (issue 14).
-On a shared machine compare the CPU seconds, not the wall times.
+temporary folder and prints ONE JSON line with both wall and CPU times, the Grad-CAM appendix's cost
+per backbone (logged by study.report.gradcam_appendix), the study's size and the machine. Targets on
+a 2-core CPU: well under a minute for the smoke study (scripts/demo.sh makes results/demo); the
+appendix at most 60 s per backbone for MobileNetV2 at 96 px with >= 64 images in every metric (issue
+14). On a shared machine compare the CPU seconds, not the wall times.
 
     python3 benchmarks/report_speed.py results/demo
 """
@@ -28,14 +29,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, help="a finished study folder, e.g. results/demo")
     parser.add_argument("--gradcam-per-class", type=int, default=2)
-    parser.add_argument("--n-faithfulness", type=int, default=128, help="faithfulness sample (images)")
+    parser.add_argument(
+        "--n-faithfulness", type=int, default=128, help="faithfulness sample (images)"
+    )
     args = parser.parse_args()
 
     import logging
 
     per_backbone = {}
 
-    class Timings(logging.Handler):  # study.report.gradcam_appendix logs "gradcam appendix NAME: W s wall, C s CPU"
+    class Timings(
+        logging.Handler
+    ):  # study.report.gradcam_appendix logs "gradcam appendix NAME: W s wall, C s CPU"
         def emit(self, record):
             if record.getMessage().startswith("gradcam appendix "):
                 name, wall, cpu = record.args
@@ -51,10 +56,16 @@ def main() -> None:
     study = load_study(args.study)
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, per_class in (("without_gradcam_s", 0), ("with_gradcam_s", args.gradcam_per_class)):
+        for label, per_class in (
+            ("without_gradcam_s", 0),
+            ("with_gradcam_s", args.gradcam_per_class),
+        ):
             start, cpu_start = time.perf_counter(), time.process_time()
             out = build_report(
-                args.study, Path(tmp) / label, gradcam_per_class=per_class, n_faithfulness=args.n_faithfulness
+                args.study,
+                Path(tmp) / label,
+                gradcam_per_class=per_class,
+                n_faithfulness=args.n_faithfulness,
             )
             timings[label] = round(time.perf_counter() - start, 2)
             # CPU seconds of this process: comparable even on a machine shared with other jobs

@@ -1,18 +1,21 @@
-"""How much of a study's wall time is NOT trial training: Ray start, worker start-up, bookkeeping, tests.
+"""How much of a study's wall time is NOT trial training: Ray start, worker start-up, bookkeeping,
+tests.
 
-Runs a small study on demo data (local Ray, `--concurrency` trials at once with one CPU each; by default 4
-MobileNetV2@96 trials of 2 x 8 epochs on 130 images per class, about a minute of epochs each on a quiet
-2-core machine) and prints ONE JSON line: study wall time, the sum of the trials' training times (their
-epochs, as reported), the overhead fraction = 1 - sum(train) / (wall x concurrency), the same with each
-trial's whole worker time, the memory of an idle local Ray head (the processes `fer-study run` starts,
-before any trial), and `breakdown`: the driver's phases (study.json "timings"), each trial's steps
-(outcome.json "timing": slot hand-over gap, worker set-up before the first epoch, time between epochs,
-wrap-up after the last report), each slot's idle tail at the end of the search, and the machine's idle
-core-seconds per phase (what overlapping could still fill; counts every process on the machine, so run it
-on a quiet one). Target: overhead < 15% for ~1-minute trials.
+Runs a small study on demo data (local Ray, `--concurrency` trials at once with one CPU each; by
+default 4 MobileNetV2@96 trials of 2 x 8 epochs on 130 images per class, about a minute of epochs
+each on a quiet 2-core machine) and prints ONE JSON line: study wall time, the sum of the trials'
+training times (their epochs, as reported), the overhead fraction = 1 - sum(train) / (wall x
+concurrency), the same with each trial's whole worker time, the memory of an idle local Ray head
+(the processes `fer-study run` starts, before any trial), and `breakdown`: the driver's phases
+(study.json "timings"), each trial's steps (outcome.json "timing": slot hand-over gap, worker set-up
+before the first epoch, time between epochs, wrap-up after the last report), each slot's idle tail
+at the end of the search, and the machine's idle core-seconds per phase (what overlapping could
+still fill; counts every process on the machine, so run it on a quiet one). Target: overhead < 15%
+for ~1-minute trials.
 
-    python3 benchmarks/study_overhead.py                   # ~4 minutes on 2 cores (+ ~30 s data, Ray memory)
-    python3 benchmarks/study_overhead.py --epochs 1 --image-size 32 --trials 2 --per-class 20   # quick check
+    python3 benchmarks/study_overhead.py                   # ~4 minutes on 2 cores (+ ~30 s data,
+    Ray memory) python3 benchmarks/study_overhead.py --epochs 1 --image-size 32 --trials 2
+    --per-class 20   # quick check
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def ray_head_memory(num_cpus: int) -> dict:
-    """RSS and PSS (MB) of the processes a local Ray head started by `fer-study run` runs, when idle."""
+    """RSS and PSS (MB) of the processes a local Ray head started by `fer-study run` runs, when
+    idle."""
     import psutil
     import ray
 
@@ -52,9 +56,10 @@ def ray_head_memory(num_cpus: int) -> dict:
 
 
 class IdleSampler:
-    """Samples the machine's idle CPU time (all cores, idle + iowait) every `period` seconds in a thread, so
-    the breakdown can say how much of a phase's CPU capacity nobody used: time that overlapping could fill,
-    as opposed to time that only less work can save. Counts every process on the machine."""
+    """Samples the machine's idle CPU time (all cores, idle + iowait) every `period` seconds in a
+    thread, so the breakdown can say how much of a phase's CPU capacity nobody used: time that
+    overlapping could fill, as opposed to time that only less work can save. Counts every process on
+    the machine."""
 
     def __init__(self, period: float = 0.25):
         import threading
@@ -95,12 +100,19 @@ def _mean(values) -> float | None:
     return round(sum(values) / len(values), 2) if values else None
 
 
-def time_breakdown(timings: dict, outcomes: list[dict], wall: float, start_unix: float, slots: int) -> dict:
-    """Where the study's wall time went: the driver's phases (study.json "timings") and, per trial, its
-    steps (outcome.json "timing"), with each concurrency slot's hand-over from one trial to the next."""
-    phases = {key: timings.get(key) for key in ("connect_s", "search_s", "evaluate_s", "final_seeds_s")}
+def time_breakdown(
+    timings: dict, outcomes: list[dict], wall: float, start_unix: float, slots: int
+) -> dict:
+    """Where the study's wall time went: the driver's phases (study.json "timings") and, per trial,
+    its steps (outcome.json "timing"), with each concurrency slot's hand-over from one trial to the
+    next."""
+    phases = {
+        key: timings.get(key) for key in ("connect_s", "search_s", "evaluate_s", "final_seeds_s")
+    }
     known = sum(v for v in phases.values() if v)
-    phases["other_in_run_study_s"] = round(timings.get("total_s", wall) - known, 1)  # study.json, Tuner set-up
+    phases["other_in_run_study_s"] = round(
+        timings.get("total_s", wall) - known, 1
+    )  # study.json, Tuner set-up
     phases["after_run_study_s"] = round(wall - timings.get("total_s", wall), 1)  # Ray shutdown
     rows = sorted(
         (o["timing"] | {"trial_id": o["trial_id"]} for o in outcomes if o.get("timing")),
@@ -111,7 +123,9 @@ def time_breakdown(timings: dict, outcomes: list[dict], wall: float, start_unix:
     for row in rows:
         slot = min(range(slots), key=lambda i: free[i])
         row["slot"] = slot
-        row["gap_before_s"] = round(row["started_at"] - free[slot], 3) if row["started_at"] else None
+        row["gap_before_s"] = (
+            round(row["started_at"] - free[slot], 3) if row["started_at"] else None
+        )
         free[slot] = row["finished_at"]
     end = timings.get("search_ended_at")
     keys = (
@@ -127,17 +141,21 @@ def time_breakdown(timings: dict, outcomes: list[dict], wall: float, start_unix:
     return {
         "phases": phases,
         "per_trial_mean_s": {key: _mean(r.get(key) for r in rows) for key in keys},
-        "slot_tail_idle_s": [round(end - t, 1) for t in free] if end else None,  # last trial end -> search end
+        "slot_tail_idle_s": [round(end - t, 1) for t in free]
+        if end
+        else None,  # last trial end -> search end
         "trials": [{key: r.get(key) for key in ("trial_id", "slot") + keys} for r in rows],
     }
 
 
 def fixed_costs(trials: list[dict], summaries: dict) -> float:
-    """Adds each trial's fixed cost to its breakdown row and returns the study's compile excess (seconds).
+    """Adds each trial's fixed cost to its breakdown row and returns the study's compile excess
+    (seconds).
 
-    Fixed cost (issue 12): from its slot becoming free to the end of its first stage-1 step (hand-over gap,
-    worker start, set-up, that first step), plus stage 2's first step above that stage's median step (its
-    compilation). Compile excess: every stage's first step above its median step, summed over trials."""
+    Fixed cost (issue 12): from its slot becoming free to the end of its first stage-1 step
+    (hand-over gap, worker start, set-up, that first step), plus stage 2's first step above that
+    stage's median step (its compilation). Compile excess: every stage's first step above its median
+    step, summed over trials."""
     excess_total = 0.0
     for row in trials:
         summary = summaries.get(row["trial_id"], {})
@@ -148,7 +166,12 @@ def fixed_costs(trials: list[dict], summaries: dict) -> float:
         if not stages or row.get("setup_s") is None:
             continue
         later = sum(excess[stage] for stage in stages[1:])
-        parts = (row.get("gap_before_s") or 0.0, row.get("worker_start_s") or 0.0, row["setup_s"], first[stages[0]])
+        parts = (
+            row.get("gap_before_s") or 0.0,
+            row.get("worker_start_s") or 0.0,
+            row["setup_s"],
+            first[stages[0]],
+        )
         row["fixed_cost_s"] = round(sum(parts) + later, 2)
     return round(excess_total, 2)
 
@@ -161,7 +184,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--per-class", type=int, default=130, help="demo images per class")
-    parser.add_argument("--fresh-workers", action="store_true", help="run --fresh-workers (a process per trial)")
+    parser.add_argument(
+        "--fresh-workers", action="store_true", help="run --fresh-workers (a process per trial)"
+    )
     args = parser.parse_args()
     import resource
 
@@ -202,9 +227,13 @@ def main() -> None:
         trials = pd.read_csv(study / "trials.csv")
         study_json = json.loads((study / "study.json").read_text())
         search_s = study_json.get("search_s")
-        outcomes = [json.loads(path.read_text()) for path in sorted((study / "trials").glob("*/outcome.json"))]
+        outcomes = [
+            json.loads(path.read_text())
+            for path in sorted((study / "trials").glob("*/outcome.json"))
+        ]
         summaries = {
-            path.parent.name: json.loads(path.read_text()) for path in (study / "trials").glob("*/summary.json")
+            path.parent.name: json.loads(path.read_text())
+            for path in (study / "trials").glob("*/summary.json")
         }
         timings = study_json.get("timings", {})
         breakdown = time_breakdown(timings, outcomes, wall, t0_unix, args.concurrency)
@@ -241,10 +270,17 @@ def main() -> None:
                 "trial_train_s_mean": round(train / len(trials), 1),
                 "trial_wall_s_sum": round(trial_wall, 1),
                 "overhead_fraction": round(1 - train / (wall * args.concurrency), 3),
-                "orchestration_overhead_fraction": round(1 - trial_wall / (wall * args.concurrency), 3),
-                "search_overhead_fraction": round(1 - train / (search_s * args.concurrency), 3) if search_s else None,
-                # the issue-12 definition: first steps' excess over the median step (compilation) is overhead too
-                "overhead_fraction_with_compile": round(1 - (train - compile_excess) / (wall * args.concurrency), 3),
+                "orchestration_overhead_fraction": round(
+                    1 - trial_wall / (wall * args.concurrency), 3
+                ),
+                "search_overhead_fraction": round(1 - train / (search_s * args.concurrency), 3)
+                if search_s
+                else None,
+                # the issue-12 definition: first steps' excess over the median step (compilation) is
+                # overhead too
+                "overhead_fraction_with_compile": round(
+                    1 - (train - compile_excess) / (wall * args.concurrency), 3
+                ),
                 "search_overhead_fraction_with_compile": round(
                     1 - (train - compile_excess) / (search_s * args.concurrency), 3
                 )

@@ -1,9 +1,11 @@
-"""Does a warm (reused) trial worker's memory stay flat? Runs N tiny trials one after another in ONE reused
-worker (`run --reuse-workers`, one CPU) and prints ONE JSON line: the worker's resident memory after each
-trial (worker_times.json `rss_mb`), the growth from the end of the second trial to the last, and whether
-every trial ran in the same process. Target (issue 12): growth <= 50 MB over 20 trials.
+"""Does a warm (reused) trial worker's memory stay flat? Runs N tiny trials one after another in ONE
+reused worker (`run --reuse-workers`, one CPU) and prints ONE JSON line: the worker's resident
+memory after each trial (worker_times.json `rss_mb`), the growth from the end of the second trial to
+the last, and whether every trial ran in the same process. Target (issue 12): growth <= 50 MB over
+20 trials.
 
-    python3 benchmarks/worker_memory.py                 # 20 trials, smallcnn at 32 px, 1+1 epochs (~3-4 min)
+    python3 benchmarks/worker_memory.py                 # 20 trials, smallcnn at 32 px, 1+1 epochs
+    (~3-4 min)
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--per-class", type=int, default=30)
-    parser.add_argument("--fresh-workers", action="store_true", help="a new process per trial (for comparison)")
+    parser.add_argument(
+        "--fresh-workers", action="store_true", help="a new process per trial (for comparison)"
+    )
     args = parser.parse_args()
 
     from benchmarks.demo_study import demo_study
@@ -73,7 +77,9 @@ def main() -> None:
                 "reuse_workers": not args.fresh_workers,
                 "worker_pids": len({o.get("worker_pid") for o in outcomes}),
                 "rss_mb": rss,
-                "growth_after_second_mb": round(rss[-1] - rss[1], 1) if len(rss) > 1 and None not in rss else None,
+                "growth_after_second_mb": round(rss[-1] - rss[1], 1)
+                if len(rss) > 1 and None not in rss
+                else None,
                 "statuses": sorted({o["status"] for o in outcomes}),
                 "load_average": os.getloadavg(),
                 "machine": machine_info(),

@@ -1,23 +1,25 @@
 """Search-space YAML: loading and validation (format: docs/commands.md, "Search space YAML").
 
-A space file says which backbones to compare, how many trials each one gets, which trial-config keys are
-fixed and which are tuned (with their distributions), the points evaluated first, the selection metric and
-the early-stopping scheduler. Everything is checked here, before Ray starts, so a typo costs a one-line
-`UserError` naming the key rather than a crashed study an hour later.
+A space file says which backbones to compare, how many trials each one gets, which trial-config keys
+are fixed and which are tuned (with their distributions), the points evaluated first, the selection
+metric and the early-stopping scheduler. Everything is checked here, before Ray starts, so a typo
+costs a one-line `UserError` naming the key rather than a crashed study an hour later.
 
 Distributions (one key each): `uniform: [lo, hi]`, `loguniform: [lo, hi]` (lo > 0), `int: [lo, hi]`
-(inclusive), `choice: [a, b, ...]`. Ranges must lie inside the key's allowed range (fer.core.config.PARAMS).
+(inclusive), `choice: [a, b, ...]`. Ranges must lie inside the key's allowed range
+(fer.core.config.PARAMS).
 
-Per-backbone settings (`per_backbone: {backbone: {key: value}}`): a comparison of backbones often needs each
-one's own weights file, image size or learning-rate range. A plain value fixes the key for that backbone
-(over `fixed`, or instead of tuning it); a distribution gives a key tuned in `space` that backbone's own
-range. Start points are given once, over `space` (for each backbone they keep only the keys it tunes), or
-per backbone (`per_backbone.<backbone>.start_points`, over every key it tunes) where its ranges differ.
+Per-backbone settings (`per_backbone: {backbone: {key: value}}`): a comparison of backbones often
+needs each one's own weights file, image size or learning-rate range. A plain value fixes the key
+for that backbone (over `fixed`, or instead of tuning it); a distribution gives a key tuned in
+`space` that backbone's own range. Start points are given once, over `space` (for each backbone they
+keep only the keys it tunes), or per backbone (`per_backbone.<backbone>.start_points`, over every
+key it tunes) where its ranges differ.
 
-Paths: `${NAME}` and `${NAME:-default}` in a fixed value are replaced by the environment variable NAME
-(for example `weights: ${FER_SHARED}/weights/x.h5` or `${WEIGHTS:-weights}/x.h5`); a relative weights
-path is relative to the current directory and made absolute at load time, since Ray workers run elsewhere.
-A fixed weights file must exist when the space is loaded.
+Paths: `${NAME}` and `${NAME:-default}` in a fixed value are replaced by the environment variable
+NAME (for example `weights: ${FER_SHARED}/weights/x.h5` or `${WEIGHTS:-weights}/x.h5`); a relative
+weights path is relative to the current directory and made absolute at load time, since Ray workers
+run elsewhere. A fixed weights file must exist when the space is loaded.
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ class Space:
     def fixed_for(self, backbone: str) -> dict:
         """The keys fixed for `backbone`: `fixed` updated by its per-backbone values."""
         own = self.per_backbone.get(backbone, {})
-        return {**self.fixed, **{k: v for k, v in own.items() if k != START_POINTS and not isinstance(v, Dist)}}
+        return {
+            **self.fixed,
+            **{k: v for k, v in own.items() if k != START_POINTS and not isinstance(v, Dist)},
+        }
 
     def space_for(self, backbone: str) -> dict:
         """The keys tuned for `backbone` and their distributions (its own range where it has one)."""
@@ -110,7 +115,8 @@ class Space:
         }
 
     def start_points_for(self, backbone: str) -> tuple:
-        """The start points over the keys `backbone` tunes: its own (per_backbone start_points) if given."""
+        """The start points over the keys `backbone` tunes: its own (per_backbone start_points) if
+        given."""
         own = self.per_backbone.get(backbone, {})
         if START_POINTS in own:
             return tuple(dict(p) for p in own[START_POINTS])
@@ -118,14 +124,15 @@ class Space:
         return tuple({k: v for k, v in point.items() if k in keys} for point in self.start_points)
 
     def config_for(self, backbone: str, params: dict) -> dict:
-        """The full trial config for `backbone` with tuned `params` (every key: trials.csv shows them all).
+        """The full trial config for `backbone` with tuned `params` (every key: trials.csv shows
+        them all).
 
-        Not validated here: loading the space checked every range, and the trial validates its config once
-        (`fer.train.trial.run_trial`).
+        Not validated here: loading the space checked every range, and the trial validates its
+        config once (`fer.train.trial.run_trial`).
 
-        With `finetune_features: cached` and `finetune_cache_units` left unset, every trial cuts the network
-        at the largest `unfreeze_layers` the backbone's space allows, so all trials of a backbone share one
-        stage-2 cache."""
+        With `finetune_features: cached` and `finetune_cache_units` left unset, every trial cuts the
+        network at the largest `unfreeze_layers` the backbone's space allows, so all trials of a
+        backbone share one stage-2 cache."""
         config = {**self.fixed_for(backbone), **params, "backbone": backbone}
         if config.get("finetune_features") == "cached" and "finetune_cache_units" not in config:
             config["finetune_cache_units"] = self.largest("unfreeze_layers", backbone)
@@ -140,22 +147,30 @@ class Space:
         return self.fixed_for(backbone).get(key, PARAMS[key].default)
 
     def max_epochs(self, backbone: str | None = None) -> int:
-        """The most epochs a trial of `backbone` (default: of any backbone) can run, for the scheduler's max_t."""
+        """The most epochs a trial of `backbone` (default: of any backbone) can run, for the
+        scheduler's max_t."""
         if backbone is None:
             return max(self.max_epochs(b) for b in self.backbones)
-        return int(self.largest("epochs_head", backbone)) + int(self.largest("epochs_finetune", backbone))
+        return int(self.largest("epochs_head", backbone)) + int(
+            self.largest("epochs_finetune", backbone)
+        )
 
     def warnings(self) -> list[str]:
-        """Settings that are valid but likely to mislead, one sentence each (`run` prints them at start).
+        """Settings that are valid but likely to mislead, one sentence each (`run` prints them at
+        start).
 
-        ASHA's first rung inside a backbone's head stage: in README's FER2013 reference study, 5 of the 10
-        trials of the two ImageNet backbones were stopped at epoch 4 on head-only accuracy (6 head epochs),
-        which says little about how a trial fine-tunes."""
+        ASHA's first rung inside a backbone's head stage: in README's FER2013 reference study, 5 of
+        the 10 trials of the two ImageNet backbones were stopped at epoch 4 on head-only accuracy (6
+        head epochs), which says little about how a trial fine-tunes."""
         if self.scheduler.get("type") != "asha":
             return []
         grace = int(self.scheduler["grace_period"])
         heads = {b: int(self.largest("epochs_head", b)) for b in self.backbones}
-        inside = [b for b, head in heads.items() if grace <= head and int(self.largest("epochs_finetune", b)) > 0]
+        inside = [
+            b
+            for b, head in heads.items()
+            if grace <= head and int(self.largest("epochs_finetune", b)) > 0
+        ]
         if not inside:
             return []
         named = ", ".join(f"{b} ({heads[b]})" for b in inside)
@@ -166,7 +181,8 @@ class Space:
         ]
 
     def image_sizes(self, backbone: str) -> list[int]:
-        """The image sizes a trial of `backbone` may use (empty when image_size is tuned over a range)."""
+        """The image sizes a trial of `backbone` may use (empty when image_size is tuned over a
+        range)."""
         dist = self.space_for(backbone).get("image_size")
         if dist is None:
             return [int(self.fixed_for(backbone).get("image_size", PARAMS["image_size"].default))]
@@ -187,10 +203,16 @@ class Space:
             "final_seeds": self.final_seeds,
             "seed": self.seed,
         }
-        if self.per_backbone:  # only when used: study.json of earlier studies stays comparable on --resume
+        if (
+            self.per_backbone
+        ):  # only when used: study.json of earlier studies stays comparable on --resume
             out["per_backbone"] = {
                 b: {
-                    k: v.as_dict() if isinstance(v, Dist) else [dict(p) for p in v] if k == START_POINTS else v
+                    k: v.as_dict()
+                    if isinstance(v, Dist)
+                    else [dict(p) for p in v]
+                    if k == START_POINTS
+                    else v
                     for k, v in own.items()
                 }
                 for b, own in self.per_backbone.items()
@@ -221,7 +243,9 @@ def _check_param_key(key: Any, where: str) -> None:
 def _parse_dist(key: str, spec: Any, where: str) -> Dist:
     where = f"{where}.{key}"
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise _fail(where, f"expected one of {', '.join(DISTRIBUTIONS)} with its arguments, got {spec!r}")
+        raise _fail(
+            where, f"expected one of {', '.join(DISTRIBUTIONS)} with its arguments, got {spec!r}"
+        )
     ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:
         raise _fail(where, f"unknown distribution '{kind}' (known: {', '.join(DISTRIBUTIONS)})")
@@ -244,7 +268,9 @@ def _parse_dist(key: str, spec: Any, where: str) -> Dist:
         raise _fail(where, f"'{key}' is a float: use 'uniform' or 'loguniform', not 'int'")
     if kind in ("uniform", "loguniform") and param.type is int:
         raise _fail(where, f"'{key}' is an integer: use 'int' or 'choice', not '{kind}'")
-    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+    if len(args) != 2 or not all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
+    ):
         raise _fail(where, f"'{kind}' needs [low, high] numbers, got {args!r}")
     lo, hi = args
     if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
@@ -254,7 +280,9 @@ def _parse_dist(key: str, spec: Any, where: str) -> Dist:
     if kind == "loguniform" and lo <= 0:
         raise _fail(where, f"bad range [{lo}, {hi}]: loguniform needs low > 0")
     if param.low is not None and (lo < param.low or hi > param.high):
-        raise _fail(where, f"bad range [{lo}, {hi}]: '{key}' must stay within [{param.low}, {param.high}]")
+        raise _fail(
+            where, f"bad range [{lo}, {hi}]: '{key}' must stay within [{param.low}, {param.high}]"
+        )
     if kind == "int":
         return Dist("int", (int(lo), int(hi)))
     return Dist(kind, (float(lo), float(hi)))
@@ -284,7 +312,10 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         raise _fail(f"{source}: backbones", "expected a non-empty list of backbone names")
     for backbone in backbones:
         if backbone not in BACKBONES:
-            raise _fail(f"{source}: backbones", f"unknown backbone '{backbone}' (known: {', '.join(BACKBONES)})")
+            raise _fail(
+                f"{source}: backbones",
+                f"unknown backbone '{backbone}' (known: {', '.join(BACKBONES)})",
+            )
     if len(set(backbones)) != len(backbones):
         raise _fail(f"{source}: backbones", "a backbone is listed twice")
 
@@ -306,13 +337,17 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     scheduler.setdefault("type", "asha")
     if scheduler["type"] not in SCHEDULERS:
         raise _fail(
-            f"{source}: scheduler.type", f"unknown scheduler '{scheduler['type']}' (known: {', '.join(SCHEDULERS)})"
+            f"{source}: scheduler.type",
+            f"unknown scheduler '{scheduler['type']}' (known: {', '.join(SCHEDULERS)})",
         )
     if scheduler["type"] == "asha":
         for key, default, minimum in (("grace_period", 1, 1), ("reduction_factor", 3, 2)):
             value = scheduler.setdefault(key, default)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise _fail(f"{source}: scheduler.{key}", f"expected a whole number >= {minimum}, got {value!r}")
+                raise _fail(
+                    f"{source}: scheduler.{key}",
+                    f"expected a whole number >= {minimum}, got {value!r}",
+                )
 
     fixed_raw = raw.get("fixed") or {}
     _check_known(fixed_raw, tuple(PARAMS), f"{source}: fixed")
@@ -329,13 +364,27 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         space[key] = _parse_dist(key, spec, f"{source}: space")
 
     start_points = list(
-        _parse_points(raw.get("start_points") or [], space, f"{source}: start_points", fixed, "every key of 'space'")
+        _parse_points(
+            raw.get("start_points") or [],
+            space,
+            f"{source}: start_points",
+            fixed,
+            "every key of 'space'",
+        )
     )
     if not space and trials > 1:
-        raise _fail(f"{source}: trials_per_backbone", f"{trials} trials but nothing to tune ('space' is empty)")
+        raise _fail(
+            f"{source}: trials_per_backbone",
+            f"{trials} trials but nothing to tune ('space' is empty)",
+        )
     if len(start_points) > trials:
-        raise _fail(f"{source}: start_points", f"{len(start_points)} start points exceed trials_per_backbone={trials}")
-    per_backbone = _parse_per_backbone(raw.get("per_backbone"), backbones, space, f"{source}: per_backbone")
+        raise _fail(
+            f"{source}: start_points",
+            f"{len(start_points)} start points exceed trials_per_backbone={trials}",
+        )
+    per_backbone = _parse_per_backbone(
+        raw.get("per_backbone"), backbones, space, f"{source}: per_backbone"
+    )
     out = Space(
         name=name,
         metric=metric,
@@ -356,7 +405,8 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
 
 
 def _expand_env(value: Any, where: str) -> Any:
-    """`${NAME}` / `${NAME:-default}` in a text value -> the environment variable NAME (or the default)."""
+    """`${NAME}` / `${NAME:-default}` in a text value -> the environment variable NAME (or the
+    default)."""
     if not isinstance(value, str):
         return value
 
@@ -367,7 +417,8 @@ def _expand_env(value: Any, where: str) -> Any:
         if default is not None:
             return default
         raise _fail(
-            where, f"environment variable {name} is not set (used in {value!r}; set it, or write ${{{name}:-default}})"
+            where,
+            f"environment variable {name} is not set (used in {value!r}; set it, or write ${{{name}:-default}})",
         )
 
     return _ENV_VAR.sub(substitute, value)
@@ -411,10 +462,14 @@ def _parse_per_backbone(raw: Any, backbones: list, space: dict, where: str) -> d
         if backbone not in BACKBONES:
             raise _fail(where, f"unknown backbone '{backbone}' (known: {', '.join(BACKBONES)})")
         if backbone not in backbones:
-            raise _fail(where, f"'{backbone}' is not one of the study's backbones ({', '.join(backbones)})")
+            raise _fail(
+                where, f"'{backbone}' is not one of the study's backbones ({', '.join(backbones)})"
+            )
         here = f"{where}.{backbone}"
         if not isinstance(settings, dict) or not settings:
-            raise _fail(here, f"expected a mapping of config key -> value or distribution, got {settings!r}")
+            raise _fail(
+                here, f"expected a mapping of config key -> value or distribution, got {settings!r}"
+            )
         points = settings.get(START_POINTS)
         settings = {k: v for k, v in settings.items() if k != START_POINTS}
         own = _parse_fixed({k: v for k, v in settings.items() if not isinstance(v, dict)}, here)
@@ -435,14 +490,17 @@ def _parse_per_backbone(raw: Any, backbones: list, space: dict, where: str) -> d
 
 
 def _parse_own_points(points: Any, own: dict, space: dict, where: str) -> tuple:
-    """A backbone's own start points: each sets every key it tunes (they replace the shared ones for it)."""
-    tuned = {k: own.get(k, dist) for k, dist in space.items() if k not in own or isinstance(own[k], Dist)}
+    """A backbone's own start points: each sets every key it tunes (they replace the shared ones for
+    it)."""
+    tuned = {
+        k: own.get(k, dist) for k, dist in space.items() if k not in own or isinstance(own[k], Dist)
+    }
     return _parse_points(points, tuned, where, {}, "every key this backbone tunes")
 
 
 def _parse_points(points: Any, tuned: dict, where: str, fixed: dict, scope: str) -> tuple:
-    """Start points: each sets every key of `tuned` (named by `scope` in the error), coerced in the context of
-    `fixed`, and lies inside its distribution."""
+    """Start points: each sets every key of `tuned` (named by `scope` in the error), coerced in the
+    context of `fixed`, and lies inside its distribution."""
     if not isinstance(points, list):
         raise _fail(where, "expected a list of mappings")
     out = []
@@ -459,14 +517,17 @@ def _parse_points(points: Any, tuned: dict, where: str, fixed: dict, scope: str)
         point = {key: coerced[key] for key in tuned}
         for key, value in point.items():
             if not tuned[key].contains(value):
-                raise _fail(here, f"'{key}': {value!r} lies outside its distribution {tuned[key].as_dict()}")
+                raise _fail(
+                    here, f"'{key}': {value!r} lies outside its distribution {tuned[key].as_dict()}"
+                )
         out.append(point)
     return tuple(out)
 
 
 def _check_each_backbone(space: Space, source: str) -> None:
-    """What must hold for every backbone's own settings: start points inside its ranges, something to tune
-    when it gets several trials, epochs to train, a scheduler grace period it reaches, its minimum size."""
+    """What must hold for every backbone's own settings: start points inside its ranges, something
+    to tune when it gets several trials, epochs to train, a scheduler grace period it reaches, its
+    minimum size."""
     from fer.model.backbones import get_backbone
 
     for backbone in space.backbones:
@@ -474,7 +535,9 @@ def _check_each_backbone(space: Space, source: str) -> None:
         where = f"{source}: per_backbone.{backbone}" if backbone in space.per_backbone else source
         if len(space.start_points_for(backbone)) > space.trials_per_backbone:
             raise _fail(
-                f"{where}.{START_POINTS}" if backbone in space.per_backbone else f"{source}: {START_POINTS}",
+                f"{where}.{START_POINTS}"
+                if backbone in space.per_backbone
+                else f"{source}: {START_POINTS}",
                 f"{len(space.start_points_for(backbone))} start points exceed "
                 f"trials_per_backbone={space.trials_per_backbone}",
             )
@@ -492,7 +555,9 @@ def _check_each_backbone(space: Space, source: str) -> None:
             )
         epochs = space.max_epochs(backbone)
         if epochs < 1:
-            raise _fail(where, f"epochs_head + epochs_finetune is 0 for {backbone}: trials would not train")
+            raise _fail(
+                where, f"epochs_head + epochs_finetune is 0 for {backbone}: trials would not train"
+            )
         if space.scheduler["type"] == "asha" and space.scheduler["grace_period"] > epochs:
             raise _fail(
                 f"{source}: scheduler.grace_period",
@@ -508,13 +573,18 @@ def _check_each_backbone(space: Space, source: str) -> None:
                 if "image_size" in space.per_backbone.get(backbone, {})
                 else "image_size"
             )
-            raise _fail(f"{source}: {key}", f"{low} is below {backbone}'s minimum of {get_backbone(backbone).min_size}")
+            raise _fail(
+                f"{source}: {key}",
+                f"{low} is below {backbone}'s minimum of {get_backbone(backbone).min_size}",
+            )
         unfreeze = (
             tuned["unfreeze_layers"].args[0]
             if "unfreeze_layers" in tuned
             else space.fixed_for(backbone).get("unfreeze_layers", PARAMS["unfreeze_layers"].default)
         )
-        try:  # the rules between keys (fer.core.config.check_rules), at the backbone's smallest size and depth
+        try:
+            # the rules between keys (fer.core.config.check_rules), at the backbone's smallest size
+            # and depth
             check_rules(
                 {
                     **default_config(),

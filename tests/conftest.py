@@ -4,17 +4,18 @@ import pytest
 
 
 def pytest_collection_modifyitems(items):
-    """A test that needs a whole study (`smoke_study`, minutes) is end-to-end: marked `slow`, so the fast
-    target `pytest -m "not slow"` leaves it out."""
+    """A test that needs a whole study (`smoke_study`, minutes) is end-to-end: marked `slow`, so the
+    fast target `pytest -m "not slow"` leaves it out."""
     for item in items:
         if "smoke_study" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
 
 
-# ---- study fixtures (owner: study) -------------------------------------------------------------------
-# A prepared study folder (tiny demo data, 32 px cache) shared by every study test, and `smoke_study`: one
-# real `fer-study run` of a smoke-like space (two backbones, two trials each, ASHA), whose complete results
-# folder (trials.csv, best/<backbone>/ with test metrics) the study and report tests both read.
+# ---- study fixtures (owner: study)
+# ------------------------------------------------------------------- A prepared study folder (tiny
+# demo data, 32 px cache) shared by every study test, and `smoke_study`: one real `fer-study run` of
+# a smoke-like space (two backbones, two trials each, ASHA), whose complete results folder
+# (trials.csv, best/<backbone>/ with test metrics) the study and report tests both read.
 
 STUDY_SMOKE_TRIALS = 2
 
@@ -25,14 +26,23 @@ def _fer_study_cmd() -> list[str]:
     return [sys.executable, "-m", "study.cli"]
 
 
-def _run_study(folder, space_file, *extra, num_cpus: int = 2, env: dict | None = None, timeout: float = 900):
-    """`fer-study run FOLDER --space SPACE --num-cpus N --no-dashboard EXTRA...` in a subprocess: the real
-    command with its own local Ray. `env`: extra environment variables (the test hooks). Returns the
-    CompletedProcess (text output captured)."""
+def _run_study(
+    folder, space_file, *extra, num_cpus: int = 2, env: dict | None = None, timeout: float = 900
+):
+    """`fer-study run FOLDER --space SPACE --num-cpus N --no-dashboard EXTRA...` in a subprocess:
+    the real command with its own local Ray. `env`: extra environment variables (the test hooks).
+    Returns the CompletedProcess (text output captured)."""
     import os
     import subprocess
 
-    command = _fer_study_cmd() + ["run", str(folder), "--space", str(space_file), "--num-cpus", str(num_cpus)]
+    command = _fer_study_cmd() + [
+        "run",
+        str(folder),
+        "--space",
+        str(space_file),
+        "--num-cpus",
+        str(num_cpus),
+    ]
     command += ["--no-dashboard", *map(str, extra)]
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
@@ -45,8 +55,9 @@ def run_study_cli():
 
 
 def _run_under_jax(script: str, *args, timeout: float = 600, **env) -> list[dict]:
-    """Runs `python -c script args...` with KERAS_BACKEND=jax (the backend is chosen at import, so it needs a
-    process of its own) and returns the JSON lines it printed; fails the test with its stderr if it failed."""
+    """Runs `python -c script args...` with KERAS_BACKEND=jax (the backend is chosen at import, so
+    it needs a process of its own) and returns the JSON lines it printed; fails the test with its
+    stderr if it failed."""
     import json
     import os
     import subprocess
@@ -54,7 +65,11 @@ def _run_under_jax(script: str, *args, timeout: float = 600, **env) -> list[dict
 
     full_env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", **env)
     proc = subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -80,7 +95,12 @@ def study_base(study_demo_data, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("study_base") / "results" / "base"
     prepare_dataset(
-        study_demo_data, folder / "data", group_regex=r"^(S\d+)_", seed=0, image_size=32, log=lambda *a, **k: None
+        study_demo_data,
+        folder / "data",
+        group_regex=r"^(S\d+)_",
+        seed=0,
+        image_size=32,
+        log=lambda *a, **k: None,
     )
     return folder
 
@@ -105,7 +125,9 @@ def smoke_space_file(tmp_path_factory):
 
     import yaml
 
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text())
+    raw = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text()
+    )
     raw["trials_per_backbone"] = STUDY_SMOKE_TRIALS
     path = tmp_path_factory.mktemp("spaces") / "smoke_test.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -114,8 +136,9 @@ def smoke_space_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_study(study_demo_data, smoke_space_file, tmp_path_factory):
-    """Run the real `fer-study run` on the raw demo class folders (prepared by the command itself, as in the
-    README); return the study folder, with complete best/<backbone>/ folders and run_output.txt."""
+    """Run the real `fer-study run` on the raw demo class folders (prepared by the command itself,
+    as in the README); return the study folder, with complete best/<backbone>/ folders and
+    run_output.txt."""
     results = tmp_path_factory.mktemp("smoke") / "results"
     proc = _run_study(
         study_demo_data,
@@ -134,10 +157,11 @@ def smoke_study(study_demo_data, smoke_space_file, tmp_path_factory):
     return folder
 
 
-# ---- data fixtures (owner: data) ---------------------------------------------------------------------
-# `demo_data_dir`: the demo dataset (30 faces per class + its messes), generated once per session. READ
-# ONLY: a test that needs to change files copies it first. `prepared_data`: a StudyData prepared from it at
-# 48 px with subject groups (`^(S\d+)_`), seed 0.
+# ---- data fixtures (owner: data)
+# --------------------------------------------------------------------- `demo_data_dir`: the demo
+# dataset (30 faces per class + its messes), generated once per session. READ ONLY: a test that
+# needs to change files copies it first. `prepared_data`: a StudyData prepared from it at 48 px with
+# subject groups (`^(S\d+)_`), seed 0.
 
 DEMO_PER_CLASS = 30
 PREPARED_IMAGE_SIZE = 48
@@ -159,5 +183,12 @@ def prepared_data(demo_data_dir, tmp_path_factory):
     from fer.prepare.demo_data import GROUP_REGEX
 
     out = tmp_path_factory.mktemp("prepared") / "results" / "faces" / "data"
-    prepare_dataset(demo_data_dir, out, group_regex=GROUP_REGEX, seed=0, image_size=PREPARED_IMAGE_SIZE, log=None)
+    prepare_dataset(
+        demo_data_dir,
+        out,
+        group_regex=GROUP_REGEX,
+        seed=0,
+        image_size=PREPARED_IMAGE_SIZE,
+        log=None,
+    )
     return StudyData(out)

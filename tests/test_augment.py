@@ -1,5 +1,5 @@
-"""The fused augmentation layer (fer.model.layers.RandomAffine): the published draws, one resampling, identity at
-inference, saved with the model."""
+"""The fused augmentation layer (fer.model.layers.RandomAffine): the published draws, one
+resampling, identity at inference, saved with the model."""
 
 import numpy as np
 
@@ -40,11 +40,15 @@ def test_flip_alone_mirrors_about_half_the_images_exactly():
 def test_shift_zoom_and_rotation_stay_within_the_published_ranges():
     img = bar_image()
     # shifts: the bar's left edge moves by at most 10% of the width, and does move
-    lefts = [np.where(o[32] > 127)[0].min() for o in draws(RandomAffine(0.0, 0.1, 0.0, flip=False, seed=2), img)]
+    lefts = [
+        np.where(o[32] > 127)[0].min()
+        for o in draws(RandomAffine(0.0, 0.1, 0.0, flip=False, seed=2), img)
+    ]
     assert max(abs(x - 40) for x in lefts) <= 0.1 * SIZE + 1 and len(set(lefts)) > 4
     # zoom about the centre: the bar's height (40 px) scales by 1/(1 +- 0.1)
     heights = [
-        np.ptp(np.where(o[:, 42] > 127)[0]) + 1 for o in draws(RandomAffine(0.0, 0.0, 0.1, flip=False, seed=3), img)
+        np.ptp(np.where(o[:, 42] > 127)[0]) + 1
+        for o in draws(RandomAffine(0.0, 0.0, 0.1, flip=False, seed=3), img)
     ]
     assert all(40 / 1.1 - 1.5 <= h <= 40 / 0.9 + 1.5 for h in heights) and len(set(heights)) > 2
     # rotation by at most 18 degrees: the bar never lies down (its height stays >= 40 cos 18 - 4 px)
@@ -67,7 +71,9 @@ def test_one_resampling_keeps_images_sharper_than_three():
         keras.layers.RandomZoom(0.02, seed=7, **small),
     ):
         chain = layer(chain, training=True)
-    assert np.asarray(chain).std() < fused.std()  # interpolation averages neighbours: variance drops
+    assert (
+        np.asarray(chain).std() < fused.std()
+    )  # interpolation averages neighbours: variance drops
 
 
 def test_config_round_trip():

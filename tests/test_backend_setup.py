@@ -1,5 +1,6 @@
-"""Backend set-up decisions (fer.runtime.backend): which mixed precision `auto` picks on which device, and
-where compiled programs are cached. Runs on any machine: a GPU is simulated where the rule needs one."""
+"""Backend set-up decisions (fer.runtime.backend): which mixed precision `auto` picks on which
+device, and where compiled programs are cached. Runs on any machine: a GPU is simulated where the
+rule needs one."""
 
 import json
 import os
@@ -32,7 +33,8 @@ def test_auto_mixed_precision_matches_this_machine():
 
 
 @pytest.mark.parametrize(
-    "capability, expected", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16"), (None, "bfloat16")]
+    "capability, expected",
+    [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16"), (None, "bfloat16")],
 )
 def test_auto_mixed_precision_by_gpu_generation(monkeypatch, capability, expected):
     # what a GPU would report: only the device query is replaced, the rule is the real one
@@ -70,12 +72,15 @@ print(json.dumps({"backend": keras.backend.backend(), "loaded": loaded, "install
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_a_trial_worker_imports_keras_without_the_optional_packages_it_never_uses(backend):
-    """study.tune.trainable.import_keras_lean: a trial worker's Keras import leaves out scikit-learn, IPython,
-    matplotlib and (unless the backend is JAX) JAX, ~1.2 s of every worker's start, and they stay importable."""
+    """study.tune.trainable.import_keras_lean: a trial worker's Keras import leaves out
+    scikit-learn, IPython, matplotlib and (unless the backend is JAX) JAX, ~1.2 s of every worker's
+    start, and they stay importable."""
     if backend == "jax":
         pytest.importorskip("jax")
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-c", PROBE_LEAN_IMPORT], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE_LEAN_IMPORT], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["backend"] == backend

@@ -1,5 +1,5 @@
-"""The input pipeline (fer/data/batches.py): batch-by-batch prediction gives model.predict's numbers. Real Keras,
-tiny model."""
+"""The input pipeline (fer/data/batches.py): batch-by-batch prediction gives model.predict's
+numbers. Real Keras, tiny model."""
 
 from __future__ import annotations
 

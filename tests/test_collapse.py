@@ -1,4 +1,5 @@
-"""Collapsed stages (fer/train/collapse.py): detected from the val predictions, recorded, warned about."""
+"""Collapsed stages (fer/train/collapse.py): detected from the val predictions, recorded, warned
+about."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def trial_data(prepared_data) -> StudyData:
 
 
 def test_a_stage_wrecked_by_its_learning_rate_is_recorded_and_logged(trial_data, tmp_path, caplog):
-    """lr_finetune 1.0 wrecks smallcnn in its first fine-tune epoch (97% of val faces called one class; with
-    BatchNormalization it partly recovers in a second epoch, so the stage runs one): the trial says so
-    (summary.json, collapse.json, a warning naming the learning rate) instead of silently keeping the
-    head-stage model."""
+    """lr_finetune 1.0 wrecks smallcnn in its first fine-tune epoch (97% of val faces called one
+    class; with BatchNormalization it partly recovers in a second epoch, so the stage runs one): the
+    trial says so (summary.json, collapse.json, a warning naming the learning rate) instead of
+    silently keeping the head-stage model."""
     config = {
         "backbone": "smallcnn",
         "image_size": 32,
@@ -57,12 +58,18 @@ def test_a_stage_wrecked_by_its_learning_rate_is_recorded_and_logged(trial_data,
     assert stages["finetune"]["ended_collapsed"] and stages["finetune"]["lr_finetune"] == 1.0
     assert stages["finetune"]["collapsed_epochs"] == [2]
     assert math.isclose(stages["finetune"]["ln_k"], math.log(len(trial_data.classes)))
-    assert json.loads((tmp_path / "collapse.json").read_text())["collapsed_stages"] == summary["collapsed_stages"]
-    assert any(
-        "finetune stage collapsed" in r.getMessage() and "lr_finetune=1.0" in r.getMessage() for r in caplog.records
+    assert (
+        json.loads((tmp_path / "collapse.json").read_text())["collapsed_stages"]
+        == summary["collapsed_stages"]
     )
-    # the report's verdict flags the same stage from the same record (one definition, fer.train.collapse)
+    assert any(
+        "finetune stage collapsed" in r.getMessage() and "lr_finetune=1.0" in r.getMessage()
+        for r in caplog.records
+    )
+    # the report's verdict flags the same stage from the same record (one definition,
+    # fer.train.collapse)
     history = pd.read_csv(tmp_path / "history.csv")
     problems = stage_problems(history, len(trial_data.classes), read_collapsed_epochs(tmp_path))
     assert [(p["kind"], p["stage"], p["epoch"]) for p in problems] == [("collapsed", "finetune", 2)]
-    # a learning trial ends with no collapsed stage: see test_trial.py::test_smallcnn_learns_from_scratch...
+    # a learning trial ends with no collapsed stage: see
+    # test_trial.py::test_smallcnn_learns_from_scratch...

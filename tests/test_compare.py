@@ -1,4 +1,5 @@
-"""Paired comparison of two classifiers (fer.evaluate.compare): McNemar's exact test against scipy, bootstrap cases."""
+"""Paired comparison of two classifiers (fer.evaluate.compare): McNemar's exact test against scipy,
+bootstrap cases."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 from fer.evaluate.compare import compare_paired, mcnemar_exact, paired_bootstrap
 
 
-@pytest.mark.parametrize("b,c", [(0, 0), (1, 0), (0, 5), (3, 3), (7, 2), (2, 9), (12, 30), (150, 190), (0, 40)])
+@pytest.mark.parametrize(
+    "b,c", [(0, 0), (1, 0), (0, 5), (3, 3), (7, 2), (2, 9), (12, 30), (150, 190), (0, 40)]
+)
 def test_mcnemar_exact_matches_scipy_binomtest(b, c):
     stats = pytest.importorskip("scipy.stats")
     expected = 1.0 if b + c == 0 else stats.binomtest(b, b + c, 0.5).pvalue
@@ -32,7 +35,9 @@ def test_paired_bootstrap_degenerate_and_known_cases():
     diff, lo, hi = paired_bootstrap(a, b, seed=3)
     assert diff == pytest.approx(0.1)
     # only discordant images vary: sd of the mean = sqrt(p(1-p)/n) with p = 0.1, n = 400 -> 0.015
-    assert lo == pytest.approx(0.1 - 1.96 * 0.015, abs=0.008) and hi == pytest.approx(0.1 + 1.96 * 0.015, abs=0.008)
+    assert lo == pytest.approx(0.1 - 1.96 * 0.015, abs=0.008) and hi == pytest.approx(
+        0.1 + 1.96 * 0.015, abs=0.008
+    )
     with pytest.raises(ValueError):
         paired_bootstrap(a, b[:-1])
 

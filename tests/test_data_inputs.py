@@ -1,5 +1,6 @@
-"""Bad and unusual input files: each is converted correctly, quarantined with the right reason, or refused
-with a clear error. Datasets here are tiny folders of smooth random images (distinct unless copied)."""
+"""Bad and unusual input files: each is converted correctly, quarantined with the right reason, or
+refused with a clear error. Datasets here are tiny folders of smooth random images (distinct unless
+copied)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ def _quiet(*_a, **_k):
 
 
 def smooth_image(seed: int, size=(64, 64)) -> Image.Image:
-    """A distinct, smooth colour image (random 6x6 colours, upsampled): survives resizing like a photo."""
+    """A distinct, smooth colour image (random 6x6 colours, upsampled): survives resizing like a
+    photo."""
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
+        size, Image.BICUBIC
+    )
 
 
 def make_dataset(root: Path, classes=("a", "b", "c"), per_class=8, seed=0) -> Path:
@@ -48,7 +52,8 @@ def prepare(data: Path, out: Path, **kw) -> tuple[pd.DataFrame, dict]:
     return manifest, json.loads((out / "audit.json").read_text())
 
 
-# ---- decoding single files ----------------------------------------------------------------------------------
+# ---- decoding single files
+# ----------------------------------------------------------------------------------
 
 
 def test_heic_is_decoded_even_behind_a_jpg_name(tmp_path):
@@ -108,23 +113,35 @@ def test_modes_are_converted_to_rgb(tmp_path, mode):
         visible = np.asarray(img.convert("RGB"))[:, 16:]
         assert np.abs(dec.rgb[:, 16:].astype(int) - visible).max() <= 1
     elif mode == "CMYK":
-        assert np.abs(dec.rgb.astype(int) - np.asarray(Image.open(path).convert("RGB"), dtype=int)).max() <= 1
+        assert (
+            np.abs(
+                dec.rgb.astype(int) - np.asarray(Image.open(path).convert("RGB"), dtype=int)
+            ).max()
+            <= 1
+        )
         assert np.abs(dec.rgb.astype(int) - base.astype(int)).mean() < 10
     else:
         assert np.abs(dec.rgb.astype(int) - expected.astype(int)).max() <= 1
     if mode == "I;16":
-        assert dec.rgb.max() > 128  # scaled down from 16 bits, not clipped to white or crushed to black
+        assert (
+            dec.rgb.max() > 128
+        )  # scaled down from 16 bits, not clipped to white or crushed to black
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A tiny PNG file that declares width x height pixels (a decompression-bomb shape)."""
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
     )
 
 
@@ -147,7 +164,8 @@ def test_empty_and_truncated_files(tmp_path):
         decode_file(tmp_path / "cut.jpg")
 
 
-# ---- a whole folder -----------------------------------------------------------------------------------------
+# ---- a whole folder
+# -----------------------------------------------------------------------------------------
 
 
 def test_bad_files_in_a_folder_are_quarantined_with_reasons(tmp_path):
@@ -183,12 +201,21 @@ def test_bad_files_in_a_folder_are_quarantined_with_reasons(tmp_path):
     assert reasons["a/dir_link/"] == "symlinked folder, not followed"
     assert reasons["c/pipe.png"] == "not a regular file"
     assert reasons["loose.png"] == "not inside a class folder"
-    for p in ("a/empty.png", "a/notes.png", "b/.hidden.png", "c/bomb.png", "c/cut.jpg", "a/link_out.png"):
+    for p in (
+        "a/empty.png",
+        "a/notes.png",
+        "b/.hidden.png",
+        "c/bomb.png",
+        "c/cut.jpg",
+        "a/link_out.png",
+    ):
         assert m.loc[p, "status"] == "quarantined" and m.loc[p, "split"] == "excluded"
     # a symlink inside DATA is read, and is the same picture as its target under another label
     assert "label conflict" in m.loc["a/link_in.png", "reason"]
     assert "label conflict" in m.loc["b/img_01.png", "reason"]
-    assert m.loc["a/sub/deep.png", "label"] == "a" and m.loc["a/sub/deep.png", "split"] != "excluded"
+    assert (
+        m.loc["a/sub/deep.png", "label"] == "a" and m.loc["a/sub/deep.png", "split"] != "excluded"
+    )
     assert not any("outside.png" in p for p in m.index)
     assert {q["path"] for q in audit["quarantined"]} >= {"a/empty.png", "c/bomb.png", "c/pipe.png"}
     assert audit["totals"]["quarantined"] == (m.status == "quarantined").sum()
@@ -217,7 +244,9 @@ def test_unreadable_file_is_quarantined(tmp_path):
 def test_duplicates_label_conflicts_and_keep_duplicates(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=8)
     src = Image.open(data / "a" / "img_00.png")
-    src.save(data / "a" / "z_copy.webp", lossless=True)  # same pixels, other bytes (sorts after: not kept)
+    src.save(
+        data / "a" / "z_copy.webp", lossless=True
+    )  # same pixels, other bytes (sorts after: not kept)
     src.resize((48, 48), Image.LANCZOS).save(data / "a" / "small.jpg", quality=80)  # near
     src.save(data / "b" / "stolen.png")  # the same picture labelled b: a conflict
     m, audit = prepare(data, tmp_path / "out")
@@ -241,7 +270,11 @@ def test_duplicates_label_conflicts_and_keep_duplicates(tmp_path):
 
     m, _ = prepare(data, tmp_path / "out3", keep_duplicates=True)
     kept = m.loc[["a/img_00.png", "a/z_copy.webp", "a/small.jpg"]]
-    assert (kept.status != "duplicate").all() and kept.split.nunique() == 1 and kept.group.nunique() == 1
+    assert (
+        (kept.status != "duplicate").all()
+        and kept.split.nunique() == 1
+        and kept.group.nunique() == 1
+    )
 
 
 def test_distinct_images_are_not_called_duplicates(tmp_path):
@@ -257,12 +290,20 @@ def test_predefined_split_by_name_and_by_csv_with_crossing_clusters_excluded(tmp
         for k in range(9):
             prefix = ("Training", "PublicTest", "PrivateTest")[k % 3]
             smooth_image(c * 100 + k).save(data / name / f"{prefix}_{k}.png")
-    Image.open(data / "x" / "Training_0.png").save(data / "x" / "PrivateTest_copy.png")  # leaks train -> test
+    Image.open(data / "x" / "Training_0.png").save(
+        data / "x" / "PrivateTest_copy.png"
+    )  # leaks train -> test
     spec = "train=^Training_,val=^PublicTest_,test=^PrivateTest_"
     m, audit = prepare(data, tmp_path / "out", predefined=spec)
-    assert m.loc["y/Training_0.png", "split"] == "train" and m.loc["y/PublicTest_1.png", "split"] == "val"
+    assert (
+        m.loc["y/Training_0.png", "split"] == "train"
+        and m.loc["y/PublicTest_1.png", "split"] == "val"
+    )
     assert m.loc["y/PrivateTest_2.png", "split"] == "test"
-    assert m.loc["x/Training_0.png", "split"] == "excluded" and m.loc["x/PrivateTest_copy.png", "split"] == "excluded"
+    assert (
+        m.loc["x/Training_0.png", "split"] == "excluded"
+        and m.loc["x/PrivateTest_copy.png", "split"] == "excluded"
+    )
     assert "crosses the predefined splits" in m.loc["x/Training_0.png", "reason"]
     crossing = audit["predefined_split"]["crossing_clusters"]
     assert len(crossing) == 1 and crossing[0]["splits"] == ["test", "train"]
@@ -276,7 +317,10 @@ def test_predefined_split_by_name_and_by_csv_with_crossing_clusters_excluded(tmp
     ]
     table.write_text("path,split\n" + "\n".join(rows) + "\n")
     m2, _ = prepare(data, tmp_path / "out2", predefined=str(table))
-    assert m2.loc["y/PublicTest_1.png", "split"] == "test" and m2.loc["y/PrivateTest_2.png", "split"] == "val"
+    assert (
+        m2.loc["y/PublicTest_1.png", "split"] == "test"
+        and m2.loc["y/PrivateTest_2.png", "split"] == "val"
+    )
 
 
 def test_unknown_class_folders_are_reported(tmp_path):

@@ -1,4 +1,5 @@
-"""`prepare` on the demo data: the study-data files, the duplicate and group rules, the split, StudyData."""
+"""`prepare` on the demo data: the study-data files, the duplicate and group rules, the split,
+StudyData."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def _manifest(sd: StudyData) -> pd.DataFrame:
 def test_manifest_columns_and_one_row_per_file(prepared_data, demo_data_dir):
     m = _manifest(prepared_data)
     assert list(m.columns) == MANIFEST_COLUMNS
-    files = {p.relative_to(demo_data_dir).as_posix() for p in demo_data_dir.rglob("*") if p.is_file()}
+    files = {
+        p.relative_to(demo_data_dir).as_posix() for p in demo_data_dir.rglob("*") if p.is_file()
+    }
     assert set(m.path) == files and len(m) == len(files)
     assert set(m.split) <= {"train", "val", "test", "excluded"}
     assert set(m.status) <= {"ok", "converted", "quarantined", "duplicate"}
@@ -49,10 +52,16 @@ def test_demo_messes_are_found(prepared_data):
     copies = [
         p
         for p in m.index
-        if "download_" in p or "_shifted" in p or "_small" in p or "_reencoded" in p or p.endswith("_heic.jpg")
+        if "download_" in p
+        or "_shifted" in p
+        or "_small" in p
+        or "_reencoded" in p
+        or p.endswith("_heic.jpg")
     ]
     assert len(copies) == 15
-    for p in copies:  # each planted copy is grouped with its original, and the cluster keeps exactly one
+    for p in (
+        copies
+    ):  # each planted copy is grouped with its original, and the cluster keeps exactly one
         label = p.split("/")[0]
         stem = f"{label}/S01_{label}_000" if "download_" in p else re.sub(r"_[a-z]+\.\w+$", "", p)
         original = next(q for q in m.index if q.startswith(stem + ".") and q != p)
@@ -85,7 +94,11 @@ def test_studydata_interface(prepared_data, demo_data_dir):
         labels = sd.labels(s)
         assert labels.dtype == np.int64 and set(labels) == set(range(5))
         px = sd.pixels(s, 48)
-        assert isinstance(px, np.memmap) and px.dtype == np.uint8 and px.shape == (len(labels), 48, 48, 3)
+        assert (
+            isinstance(px, np.memmap)
+            and px.dtype == np.uint8
+            and px.shape == (len(labels), 48, 48, 3)
+        )
         assert len(sd.paths(s)) == len(labels)
     train = sd.labels("train")
     counts = np.bincount(train, minlength=5)
@@ -114,7 +127,10 @@ def test_a_new_size_is_built_once_even_when_processes_race(prepared_data, tmp_pa
         "print(px.shape[0], int(px[-1].sum()))"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True) for _ in range(2)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
     ]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
@@ -129,15 +145,30 @@ def test_the_test_split_is_never_opened_by_a_train_val_reader(prepared_data):
         "a = sd.pixels('train', 48); b = sd.pixels('val', 48); print(open('/proc/self/maps').read())"
     )
     maps = subprocess.run(
-        [sys.executable, "-c", code, str(prepared_data.dir)], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", code, str(prepared_data.dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     assert "pixels/train_48.npy" in maps and "pixels/val_48.npy" in maps
     assert "pixels/test_48.npy" not in maps and prepared_data.pixel_file("test", 48).exists()
 
 
-def test_split_is_deterministic_per_seed_and_changes_with_it(demo_data_dir, prepared_data, tmp_path):
-    prepare_dataset(demo_data_dir, tmp_path / "same", group_regex=GROUP_REGEX, seed=0, image_size=32, log=_quiet)
-    prepare_dataset(demo_data_dir, tmp_path / "other", group_regex=GROUP_REGEX, seed=1, image_size=32, log=_quiet)
+def test_split_is_deterministic_per_seed_and_changes_with_it(
+    demo_data_dir, prepared_data, tmp_path
+):
+    prepare_dataset(
+        demo_data_dir, tmp_path / "same", group_regex=GROUP_REGEX, seed=0, image_size=32, log=_quiet
+    )
+    prepare_dataset(
+        demo_data_dir,
+        tmp_path / "other",
+        group_regex=GROUP_REGEX,
+        seed=1,
+        image_size=32,
+        log=_quiet,
+    )
     base = _manifest(prepared_data)
     same = pd.read_csv(tmp_path / "same" / "manifest.csv", keep_default_na=False)
     other = pd.read_csv(tmp_path / "other" / "manifest.csv", keep_default_na=False)
@@ -147,7 +178,13 @@ def test_split_is_deterministic_per_seed_and_changes_with_it(demo_data_dir, prep
 
 def test_worker_pool_gives_the_same_result_as_in_process(demo_data_dir, prepared_data, tmp_path):
     prepare_dataset(
-        demo_data_dir, tmp_path / "pool", group_regex=GROUP_REGEX, seed=0, image_size=48, workers=2, log=_quiet
+        demo_data_dir,
+        tmp_path / "pool",
+        group_regex=GROUP_REGEX,
+        seed=0,
+        image_size=48,
+        workers=2,
+        log=_quiet,
     )
     pooled = StudyData(tmp_path / "pool")
     assert _manifest(pooled).equals(_manifest(prepared_data))
@@ -158,14 +195,19 @@ def test_worker_pool_gives_the_same_result_as_in_process(demo_data_dir, prepared
 def test_data_folder_is_byte_for_byte_unchanged(demo_data_dir, prepared_data, tmp_path):
     def snapshot():
         return {
-            p.relative_to(demo_data_dir).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            p.relative_to(demo_data_dir).as_posix(): (
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+                p.stat().st_mtime_ns,
+            )
             for p in demo_data_dir.rglob("*")
             if p.is_file()
         }
 
     before = snapshot()
     folders = sorted(p for p in demo_data_dir.rglob("*") if p.is_dir())
-    prepare_dataset(demo_data_dir, tmp_path / "again", group_regex=GROUP_REGEX, image_size=32, log=_quiet)
+    prepare_dataset(
+        demo_data_dir, tmp_path / "again", group_regex=GROUP_REGEX, image_size=32, log=_quiet
+    )
     StudyData(tmp_path / "again").pixels("val", 20)  # a new size reads DATA again
     assert snapshot() == before
     assert sorted(p for p in demo_data_dir.rglob("*") if p.is_dir()) == folders

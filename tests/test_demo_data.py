@@ -39,7 +39,10 @@ def test_demo_regions_cover_every_decodable_image_with_sane_boxes(demo_data_dir)
     images = [
         p.relative_to(demo_data_dir).as_posix()
         for p in demo_data_dir.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.suffix != ".csv" and "_999" not in p.name
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix != ".csv"
+        and "_999" not in p.name
     ]
     assert set(boxes) == set(images)
     for path, regions in boxes.items():
@@ -47,18 +50,27 @@ def test_demo_regions_cover_every_decodable_image_with_sane_boxes(demo_data_dir)
         for x0, y0, x1, y1 in regions.values():
             assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
         mouth, left_eye, left_brow = regions["mouth"], regions["left_eye"], regions["left_brow"]
-        assert (mouth[1] + mouth[3]) > (left_eye[1] + left_eye[3]) > (left_brow[1] + left_brow[3]) - 0.05
+        assert (
+            (mouth[1] + mouth[3])
+            > (left_eye[1] + left_eye[3])
+            > (left_brow[1] + left_brow[3]) - 0.05
+        )
 
 
 def test_demo_boxes_contain_what_differs_between_expressions():
-    """Two renders from the same random state differ only in the expression: mouth, eyes and brows. Every
-    changed pixel must lie in a box, and every changed pixel below the eyes in the mouth box."""
+    """Two renders from the same random state differ only in the expression: mouth, eyes and brows.
+    Every changed pixel must lie in a box, and every changed pixel below the eyes in the mouth box.
+    """
     subject = _subject(np.random.default_rng(0))
     for seed in range(3):
         a = render_face("surprise", subject, (160, 128), np.random.default_rng(seed))
         b = render_face("angry", subject, (160, 128), np.random.default_rng(seed))
-        assert a.boxes["mouth"] == b.boxes["mouth"]  # brows move with the expression, the mouth box does not
-        changed = np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max(axis=2) > 40
+        assert (
+            a.boxes["mouth"] == b.boxes["mouth"]
+        )  # brows move with the expression, the mouth box does not
+        changed = (
+            np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max(axis=2) > 40
+        )
         ys, xs = np.nonzero(changed)
         fx, fy = (xs + 0.5) / 160, (ys + 0.5) / 128
 
@@ -108,20 +120,27 @@ def test_cli_demo_data(tmp_path):
     assert "fer-study prepare" in proc.stdout
     assert (out / "demo_regions.csv").is_file()
     proc = subprocess.run(
-        [sys.executable, "-m", "study.cli", "demo-data", str(out)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "study.cli", "demo-data", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
 
 
 def test_demo_faces_are_learnable_by_a_tiny_cnn(prepared_data):
-    """A small CNN trained from scratch at 48 px for a few epochs clearly beats chance (0.2) on held-out data."""
+    """A small CNN trained from scratch at 48 px for a few epochs clearly beats chance (0.2) on
+    held-out data."""
     import keras
 
     keras.utils.set_random_seed(0)
     x = prepared_data.pixels("train", 48).astype("float32") / 255.0
     y = prepared_data.labels("train")
-    xv = np.concatenate([prepared_data.pixels(s, 48) for s in ("val", "test")]).astype("float32") / 255.0
+    xv = (
+        np.concatenate([prepared_data.pixels(s, 48) for s in ("val", "test")]).astype("float32")
+        / 255.0
+    )
     yv = np.concatenate([prepared_data.labels(s) for s in ("val", "test")])
     model = keras.Sequential(
         [
@@ -137,7 +156,9 @@ def test_demo_faces_are_learnable_by_a_tiny_cnn(prepared_data):
             keras.layers.Dense(5, activation="softmax"),
         ]
     )
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(x, y, epochs=10, batch_size=16, verbose=0)
     accuracy = model.evaluate(xv, yv, verbose=0)[1]
     print(f"held-out accuracy {accuracy:.3f}")

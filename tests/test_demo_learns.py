@@ -1,10 +1,10 @@
-"""The demo's settings learn the demo faces: each backbone of search_spaces/smoke.yaml, with the space's fixed
-settings and its start point, trained for 10 epochs on a smaller demo dataset (60 faces per class, 48 px),
-clearly beats chance (0.2) on validation faces of subjects it never saw. A small version of
-`bash scripts/demo.sh` (about 45 CPU-seconds; measured: smallcnn 0.93, minixception 0.67), so a change to
-the generator, the backbones or the smoke space that stops the demo from learning fails here. Not the shared
-30-per-class data: with 6 steps per epoch the BatchNormalization statistics of minixception do not settle
-within 10 epochs (it stays at 0.2 there)."""
+"""The demo's settings learn the demo faces: each backbone of search_spaces/smoke.yaml, with the
+space's fixed settings and its start point, trained for 10 epochs on a smaller demo dataset (60
+faces per class, 48 px), clearly beats chance (0.2) on validation faces of subjects it never saw. A
+small version of `bash scripts/demo.sh` (about 45 CPU-seconds; measured: smallcnn 0.93, minixception
+0.67), so a change to the generator, the backbones or the smoke space that stops the demo from
+learning fails here. Not the shared 30-per-class data: with 6 steps per epoch the BatchNormalization
+statistics of minixception do not settle within 10 epochs (it stays at 0.2 there)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def demo60(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo60")
     generate_demo_data(root / "faces", per_class=60, seed=1)
-    prepare_dataset(root / "faces", root / "data", group_regex=GROUP_REGEX, seed=0, image_size=48, log=None)
+    prepare_dataset(
+        root / "faces", root / "data", group_regex=GROUP_REGEX, seed=0, image_size=48, log=None
+    )
     return StudyData(root / "data")
 
 

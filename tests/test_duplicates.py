@@ -1,9 +1,10 @@
 """Near-duplicate clustering on real faces (definition: docs/duplicates.md).
 
-Every edit kind of benchmarks/image_edits.py, applied to a real face (tests/data/astronaut_face.png), must cluster
-with its source; the same face with a changed expression (mouth and brows moved by a smooth local warp) must
-not; a chain of confirmed pairs must not join two differently labelled images that are not copies of each
-other. The JAFFE tests (real people, every expression) skip where $FER_SHARED (default ../shared) lacks it.
+Every edit kind of benchmarks/image_edits.py, applied to a real face
+(tests/data/astronaut_face.png), must cluster with its source; the same face with a changed
+expression (mouth and brows moved by a smooth local warp) must not; a chain of confirmed pairs must
+not join two differently labelled images that are not copies of each other. The JAFFE tests (real
+people, every expression) skip where $FER_SHARED (default ../shared) lacks it.
 """
 
 from __future__ import annotations
@@ -49,13 +50,23 @@ def _records(paths):
 
 
 def _other_expression(img: Image.Image, strength: float = 3.0) -> Image.Image:
-    """The same face with another expression: mouth corners pulled up and brows raised by a smooth warp of
-    a few pixels (at 96 px), everything else untouched."""
+    """The same face with another expression: mouth corners pulled up and brows raised by a smooth
+    warp of a few pixels (at 96 px), everything else untouched."""
     a = np.asarray(img, dtype=np.float32)
     h, w = a.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    mouth = np.exp(-(((yy - 0.72 * h) / (0.07 * h)) ** 2 + ((np.abs(xx - 0.5 * w) - 0.12 * w) / (0.08 * w)) ** 2))
-    brows = np.exp(-(((yy - 0.38 * h) / (0.06 * h)) ** 2 + ((np.abs(xx - 0.5 * w) - 0.17 * w) / (0.1 * w)) ** 2))
+    mouth = np.exp(
+        -(
+            ((yy - 0.72 * h) / (0.07 * h)) ** 2
+            + ((np.abs(xx - 0.5 * w) - 0.12 * w) / (0.08 * w)) ** 2
+        )
+    )
+    brows = np.exp(
+        -(
+            ((yy - 0.38 * h) / (0.06 * h)) ** 2
+            + ((np.abs(xx - 0.5 * w) - 0.17 * w) / (0.1 * w)) ** 2
+        )
+    )
     sy = yy + strength * mouth + strength * brows  # sample from below: features move up
     y0 = np.clip(np.floor(sy).astype(int), 0, h - 2)
     f = np.clip(sy - y0, 0, 1)[..., None]
@@ -111,7 +122,10 @@ def test_interp_weights_are_bilinear_in_both_layouts():
     zoom = rng.uniform(0.8, 1.2, 6).astype(np.float32)
     t = rng.uniform(-9, 9, 6).astype(np.float32)  # far enough to clamp at both edges
     for n, crop in ((16, 0), (32, 3), (64, 6)):
-        w, wt = _interp_weights(n, zoom, t, crop), _interp_weights(n, zoom, t, crop, transposed=True)
+        w, wt = (
+            _interp_weights(n, zoom, t, crop),
+            _interp_weights(n, zoom, t, crop, transposed=True),
+        )
         assert wt.flags.c_contiguous and np.array_equal(wt, w.transpose(0, 2, 1))
         c = (n - 1) / 2
         for k in range(6):
@@ -133,19 +147,23 @@ def test_offset_sums_match_brute_force():
 def test_halve_is_the_2x2_mean():
     x = np.random.default_rng(7).normal(0, 40, (3, 8, 6)).astype(np.float32)
     got = halve(x)
-    assert got.dtype == np.float32 and np.allclose(got, x.reshape(3, 4, 2, 3, 2).mean(axis=(2, 4)), atol=1e-5)
+    assert got.dtype == np.float32 and np.allclose(
+        got, x.reshape(3, 4, 2, 3, 2).mean(axis=(2, 4)), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_signature_from_the_decoded_image_equals_the_rgb_route(mode, tmp_path):
-    """inspect_file makes the signature from the decoded grey or RGB image (no RGB round trip): the same
-    pixels as `signature(rgb)`, and a grey file's RGB array is its grey level three times."""
+    """inspect_file makes the signature from the decoded grey or RGB image (no RGB round trip): the
+    same pixels as `signature(rgb)`, and a grey file's RGB array is its grey level three times."""
     files = sorted(FER.glob("*/Training_*.jpg"))[:40] if FER.is_dir() else []
     rng = np.random.default_rng(8)
     for k in range(10):  # also synthetic images of odd sizes, up- and downscaled
         path = tmp_path / f"{k}.png"
         size = (int(rng.integers(20, 200)), int(rng.integers(20, 200)))
-        Image.fromarray(rng.integers(0, 256, size[::-1] + ((3,) if mode == "RGB" else ()), dtype=np.uint8)).save(path)
+        Image.fromarray(
+            rng.integers(0, 256, size[::-1] + ((3,) if mode == "RGB" else ()), dtype=np.uint8)
+        ).save(path)
         files.append(path)
     for path in files:
         dec = decode_file(path)
@@ -197,7 +215,9 @@ def test_candidate_pairs_match_brute_force():
         assert {(int(i), int(j)): bool(f) for (i, j), f in zip(pairs, flips)} == want
     assert want[(9, 33)] is False and want[(20, 50)] is True
     pairs, flips = candidate_pairs(h, None, 5)
-    assert {(int(i), int(j)) for i, j in pairs} == {p for p in want if bits(h[p[0]], h[p[1]]) <= 5} and not flips.any()
+    assert {(int(i), int(j)) for i, j in pairs} == {
+        p for p in want if bits(h[p[0]], h[p[1]]) <= 5
+    } and not flips.any()
 
 
 def test_quick_correlation_any_size_matches_brute_force():
@@ -218,8 +238,8 @@ def test_quick_correlation_any_size_matches_brute_force():
 
 
 def test_a_padded_border_is_trimmed_back_to_its_source(tmp_path):
-    """A frame padded around a real face and resized back shrinks the face; its margins are found and the
-    trimmed image hashes like the source again (its plain pHash does not)."""
+    """A frame padded around a real face and resized back shrinks the face; its margins are found
+    and the trimmed image hashes like the source again (its plain pHash does not)."""
     img = Image.open(FACE).convert("L")
     w, h = img.size
     paths = [tmp_path / "source.png"]
@@ -263,8 +283,8 @@ def test_same_face_other_expression_does_not_cluster(tmp_path):
 
 
 def test_a_chain_does_not_join_two_expressions(tmp_path):
-    """a ~ b (a copy) and b ~ c (say a borderline match) must not put a and c, labelled differently and not
-    copies of each other, into one cluster."""
+    """a ~ b (a copy) and b ~ c (say a borderline match) must not put a and c, labelled differently
+    and not copies of each other, into one cluster."""
     img = Image.open(FACE)
     img.load()
     data, _, _ = edit(img, "jpeg", np.random.default_rng(0))
@@ -275,9 +295,16 @@ def test_a_chain_does_not_join_two_expressions(tmp_path):
     score = {"corr": 0.99, "local": 0.01, "mirror": False, "zoom": 1.0, "shift": 0.0}
     uf = UnionFind(3)
     used, _, refused = _cluster_near(
-        sigs, [(0, 1, score), (1, 2, dict(score, corr=0.95))], uf, ["happy", "happy", "sad"], 0.90, 0.075
+        sigs,
+        [(0, 1, score), (1, 2, dict(score, corr=0.95))],
+        uf,
+        ["happy", "happy", "sad"],
+        0.90,
+        0.075,
     )
-    assert uf.find(0) == uf.find(1) and uf.find(0) != uf.find(2) and refused == 1 and used == [(0, 1)]
+    assert (
+        uf.find(0) == uf.find(1) and uf.find(0) != uf.find(2) and refused == 1 and used == [(0, 1)]
+    )
     # the strict results the aligned check already has are reused, not recomputed
     for known, joined in (({(0, 2): False}, False), ({(0, 2): True}, True)):
         uf = UnionFind(3)
@@ -323,14 +350,17 @@ def test_jaffe_prepares(regex, tmp_path):
     _jaffe_or_skip()
     audit = prepare_dataset(JAFFE, tmp_path / "data", group_regex=regex, image_size=48, log=None)
     assert audit["leakage"]["ok"] and not audit["label_conflicts"]
-    assert all(audit["counts"][c][s] > 0 for c in audit["classes"] for s in ("train", "val", "test"))
+    assert all(
+        audit["counts"][c][s] > 0 for c in audit["classes"] for s in ("train", "val", "test")
+    )
     assert (tmp_path / "data" / "duplicates_sheet.png").is_file()
 
 
 def test_fer2013_faces_each_edit_kind_and_jaffe_expressions(tmp_path):
-    """Real FER2013 faces (48 px), one copy per edit kind each, with one JAFFE person's every expression
-    as distractors: a regression check of benchmarks/duplicates_eval.py at small scale (its calibration
-    part: Training_ files, JAFFE KA). Measured there on 300 sources per part: docs/duplicates.md."""
+    """Real FER2013 faces (48 px), one copy per edit kind each, with one JAFFE person's every
+    expression as distractors: a regression check of benchmarks/duplicates_eval.py at small scale
+    (its calibration part: Training_ files, JAFFE KA). Measured there on 300 sources per part:
+    docs/duplicates.md."""
     if not FER.is_dir() or not JAFFE.is_dir():
         pytest.skip(shared_missing(FER if not FER.is_dir() else JAFFE))
     files = sorted(FER.glob("*/Training_*.jpg"))
@@ -360,11 +390,14 @@ def test_fer2013_faces_each_edit_kind_and_jaffe_expressions(tmp_path):
         for j, kind in enumerate(KINDS)
         if cluster.get(k * n) is None or cluster.get(k * n + 1 + j) != cluster[k * n]
     ]
-    # calibration recall over 300 sources (docs/duplicates.md): shift 0.92, border 0.89, crop 0.98, others >= 0.997
+    # calibration recall over 300 sources (docs/duplicates.md): shift 0.92, border 0.89, crop 0.98,
+    # others >= 0.997
     hard = ("shift", "border", "crop")
     assert [m for m in missed if m[1] not in hard] == [], missed
     assert all(sum(m[1] == kind for m in missed) <= 2 for kind in hard), missed
     first = len(sources) * n
     for c in dups.clusters:
-        assert len({labels[i] for i in c if i >= first}) <= 1  # one person's expressions never together
+        assert (
+            len({labels[i] for i in c if i >= first}) <= 1
+        )  # one person's expressions never together
         assert len({i // n for i in c if i < first}) <= 1  # never two FER2013 sources

@@ -1,5 +1,6 @@
-"""fer.explain.map_checks: faithfulness both ways, the randomisation sanity check, the same-map detector, the readable
-layer and region statistics, on tiny hand-built Keras models where the right answer is known."""
+"""fer.explain.map_checks: faithfulness both ways, the randomisation sanity check, the same-map
+detector, the readable layer and region statistics, on tiny hand-built Keras models where the right
+answer is known."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ SIZE = 16
 
 
 def _region_model() -> keras.Model:
-    """Class 0's logit grows with the brightness of the top-left 8x8 corner; nothing else is looked at."""
+    """Class 0's logit grows with the brightness of the top-left 8x8 corner; nothing else is looked
+    at."""
     inputs = keras.Input((SIZE, SIZE, 3), name="image")
     x = keras.layers.Cropping2D(((0, SIZE // 2), (0, SIZE // 2)), name="corner")(inputs)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
@@ -48,10 +50,20 @@ def test_the_map_of_the_region_the_model_reads_beats_random_both_ways():
     right = np.zeros((24, SIZE, SIZE))
     right[:, : SIZE // 2, : SIZE // 2] = 1.0  # the true explanation
     wrong = 1.0 - right  # everything except what the model reads
-    curves = faithfulness_curves(model, images, {"right": right, "wrong": wrong}, np.zeros(24, int), steps=8)
+    curves = faithfulness_curves(
+        model, images, {"right": right, "wrong": wrong}, np.zeros(24, int), steps=8
+    )
     rows = {(r["metric"], r["method"]): r for r in faithfulness_table(curves, n_boot=500)}
-    assert rows[("deletion", "right")]["vs random"] == "better" == rows[("insertion", "right")]["vs random"]
-    assert rows[("deletion", "wrong")]["vs random"] == "worse" == rows[("insertion", "wrong")]["vs random"]
+    assert (
+        rows[("deletion", "right")]["vs random"]
+        == "better"
+        == rows[("insertion", "right")]["vs random"]
+    )
+    assert (
+        rows[("deletion", "wrong")]["vs random"]
+        == "worse"
+        == rows[("insertion", "wrong")]["vs random"]
+    )
     assert all(r["images"] == 24 for r in rows.values())
     # the curves start (deletion) and end (insertion) at the prediction
     p0 = model.predict(images, verbose=0)[:, 0]
@@ -62,7 +74,9 @@ def test_the_map_of_the_region_the_model_reads_beats_random_both_ways():
         {"metric": "deletion", "method": "m", "vs random": "better"},
         {"metric": "insertion", "method": "m", "vs random": "not distinguishable"},
     ]
-    expected = "m: against random order deletion says 'better', insertion says 'not distinguishable'"
+    expected = (
+        "m: against random order deletion says 'better', insertion says 'not distinguishable'"
+    )
     assert disagreements(fake) == [expected]
 
 
@@ -91,7 +105,9 @@ def trained_cnn():
         r, c = rng.integers(0, 4, 2) + (0 if y == 0 else SIZE // 2)
         images[i, r : r + 4, c : c + 4] += 125
     model = _small_cnn()
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(images, labels, epochs=15, batch_size=32, verbose=0)
     accuracy = float((model.predict(images, verbose=0).argmax(1) == labels).mean())
     assert accuracy > 0.9, accuracy
@@ -120,7 +136,9 @@ def test_the_sanity_check_flags_an_edge_detector_and_passes_gradcam(trained_cnn)
     assert result["median_rho"]["Sobel"] == pytest.approx([1.0, 1.0, 1.0])
     print(result["median_rho"])
     assert result["fails"]["Sobel"] and not result["fails"]["Grad-CAM"], result["median_rho"]
-    assert result["median_rho"]["Grad-CAM"][-1] < 0.5 and len(result["median_rho"]["Grad-CAM++"]) == 3
+    assert (
+        result["median_rho"]["Grad-CAM"][-1] < 0.5 and len(result["median_rho"]["Grad-CAM++"]) == 3
+    )
     for a, b in zip(before, model.get_weights()):  # weights restored
         np.testing.assert_array_equal(a, b)
 
@@ -135,9 +153,14 @@ def test_readable_layer_picks_the_deepest_layer_with_enough_cells(trained_cnn):
     x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(i)
     y = keras.layers.Conv2D(4, 3, padding="same", name="c2")(x)
     z = keras.layers.Add(name="add")(
-        [keras.layers.MaxPooling2D(name="pool")(x), keras.layers.Conv2D(4, 3, strides=2, padding="same", name="c3")(y)]
+        [
+            keras.layers.MaxPooling2D(name="pool")(x),
+            keras.layers.Conv2D(4, 3, strides=2, padding="same", name="c3")(y),
+        ]
     )
-    out = keras.layers.Dense(2, name="head_out")(keras.layers.GlobalAveragePooling2D(name="head_pool")(z))
+    out = keras.layers.Dense(2, name="head_out")(
+        keras.layers.GlobalAveragePooling2D(name="head_pool")(z)
+    )
     assert readable_layer(keras.Model(i, out), min_cells=9) == ("c1", (SIZE, SIZE))
 
 
@@ -148,8 +171,12 @@ def test_same_map_detector_and_spearman():
     result = map_similarity(varied)
     assert not result["same_map"] and abs(result["median_rho"]) < 0.3 and result["images"] == 10
     a = np.array([[1.0, 2.0, 3.0, 4.0]])
-    assert spearman_rows(a, a**3)[0] == pytest.approx(1.0) and spearman_rows(a, -a)[0] == pytest.approx(-1.0)
-    assert spearman_rows(np.array([[1.0, 1.0, 2.0]]), np.array([[1.0, 2.0, 3.0]]))[0] == pytest.approx(0.8660254)
+    assert spearman_rows(a, a**3)[0] == pytest.approx(1.0) and spearman_rows(a, -a)[
+        0
+    ] == pytest.approx(-1.0)
+    assert spearman_rows(np.array([[1.0, 1.0, 2.0]]), np.array([[1.0, 2.0, 3.0]]))[
+        0
+    ] == pytest.approx(0.8660254)
 
 
 def test_region_stats_and_class_means_on_a_hand_made_case():
@@ -159,12 +186,21 @@ def test_region_stats_and_class_means_on_a_hand_made_case():
     maps[1, 9, 9] = 2.0  # its hottest pixel: outside the mouth box
     maps[2] = 1.0
     regions = [{"eyes": [(0.0, 0.0, 0.5, 0.5)], "mouth": [(0.0, 0.5, 0.5, 1.0)]}] * 3
-    rows = {r["class"]: r for r in region_stats(maps, regions, ["happy", "sad", "sad"], ["happy", "sad", "fear"])}
+    rows = {
+        r["class"]: r
+        for r in region_stats(maps, regions, ["happy", "sad", "sad"], ["happy", "sad", "fear"])
+    }
     assert set(rows) == {"happy", "sad"}  # no 'fear' image
     assert rows["happy"]["heat in eyes"] == 1.0 and rows["happy"]["heat in mouth"] == 0.0
     assert rows["happy"]["pointing hit rate"] == 1.0 and rows["happy"]["images"] == 1
     # sad: image 1 has 26/51 of its heat in the mouth box, image 2 (even heat) a quarter in each box
     assert rows["sad"]["heat in mouth"] == pytest.approx((25 / 51 + 0.25) / 2)
-    assert rows["sad"]["pointing hit rate"] == pytest.approx(0.5)  # image 2's argmax is (0, 0): in the eyes
-    means = class_mean_maps(maps, ["happy", "sad", "sad"], ["happy", "sad", "happy"], ["happy", "sad"])
-    assert means["sad"][1] == 1 and np.array_equal(means["sad"][0], maps[1]) and means["happy"][1] == 1
+    assert rows["sad"]["pointing hit rate"] == pytest.approx(
+        0.5
+    )  # image 2's argmax is (0, 0): in the eyes
+    means = class_mean_maps(
+        maps, ["happy", "sad", "sad"], ["happy", "sad", "happy"], ["happy", "sad"]
+    )
+    assert (
+        means["sad"][1] == 1 and np.array_equal(means["sad"][0], maps[1]) and means["happy"][1] == 1
+    )

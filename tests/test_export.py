@@ -1,8 +1,9 @@
-"""`fer-study export` (fer.deploy.export), the deployment figures (fer.deploy.latency) and the report's deployment view.
+"""`fer-study export` (fer.deploy.export), the deployment figures (fer.deploy.latency) and the
+report's deployment view.
 
-One tiny smallcnn (32 px, augmentation on, so the export must trace the `aug_affine` layer in inference mode)
-is trained once on the prepared demo study; every format is exported from its best-model folder and compared
-with the Keras model here, independently of the export's own check.
+One tiny smallcnn (32 px, augmentation on, so the export must trace the `aug_affine` layer in
+inference mode) is trained once on the prepared demo study; every format is exported from its
+best-model folder and compared with the Keras model here, independently of the export's own check.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ pytest.importorskip("tensorflow", reason="the exports use TensorFlow's SavedMode
 
 @pytest.fixture(scope="module")
 def best_dir(study_base, tmp_path_factory):
-    """results/exp/best/smallcnn: a trained model with test metrics and a latency.json, like a study's."""
+    """results/exp/best/smallcnn: a trained model with test metrics and a latency.json, like a
+    study's."""
     from fer.core.config import make_config
     from fer.data import StudyData
     from fer.deploy.latency import LATENCY_FILE, measure_and_write
@@ -33,8 +35,9 @@ def best_dir(study_base, tmp_path_factory):
 
     study = tmp_path_factory.mktemp("export") / "results" / "exp"
     shutil.copytree(study_base / "data", study / "data")
-    # learns the demo faces in about 20 s (test accuracy 0.55 on 20 images, every class predicted): a model
-    # with a constant answer would make the top-1 agreement of the quantized exports trivially perfect
+    # learns the demo faces in about 20 s (test accuracy 0.55 on 20 images, every class predicted):
+    # a model with a constant answer would make the top-1 agreement of the quantized exports
+    # trivially perfect
     config = make_config(
         backbone="smallcnn",
         image_size=32,
@@ -90,13 +93,18 @@ def test_float_export_gives_the_same_probabilities(best_dir, keras_reference, fm
     info = json.loads((out / "export.json").read_text())
     assert info["classes"] == json.loads((best_dir / "test_metrics.json").read_text())["classes"]
     assert info["input_size"] == 32 and info["check"]["ok"] and info["check"]["n"] == len(test)
-    assert info["backbone"] == "smallcnn" and info["check"]["accuracy_export"] == info["check"]["accuracy_keras"]
+    assert (
+        info["backbone"] == "smallcnn"
+        and info["check"]["accuracy_export"] == info["check"]["accuracy_keras"]
+    )
     assert info["size_bytes"] > 0 and info["latency"]["devices"]["cpu"]["latency_ms_median"] > 0
     exported = ExportedModel(out / "export.json")  # independently of the export's own check
     probs = exported.predict(test, batch_size=7)  # uneven batches: resizing the TFLite input works
     np.testing.assert_allclose(probs, reference, atol=1e-4)
     assert probs.shape == (len(test), len(info["classes"]))
-    assert exported._run is not None and exported.path.name == {"saved_model": "saved_model"}.get(fmt, f"model.{fmt}")
+    assert exported._run is not None and exported.path.name == {"saved_model": "saved_model"}.get(
+        fmt, f"model.{fmt}"
+    )
 
 
 @pytest.mark.parametrize("quantize", ["float16", "int8"])
@@ -142,25 +150,44 @@ def test_bad_input_is_one_line_and_exit_2(best_dir, tmp_path):
     not_a_model.mkdir()
     (not_a_model / "model.keras").write_text("not a model")
     cases = [
-        (["--format", "saved_model", "--quantize", "int8"], best_dir, "--quantize is not available for saved_model"),
-        (["--format", "onnx", "--quantize", "float16"], best_dir, "--quantize is not available for onnx"),
+        (
+            ["--format", "saved_model", "--quantize", "int8"],
+            best_dir,
+            "--quantize is not available for saved_model",
+        ),
+        (
+            ["--format", "onnx", "--quantize", "float16"],
+            best_dir,
+            "--quantize is not available for onnx",
+        ),
         (["--format", "tflite", "--quantize", "int4"], best_dir, "unknown quantization 'int4'"),
         (["--format", "coreml"], best_dir, "unknown export format 'coreml'"),
-        (["--format", "saved_model", "--out", not_a_model], best_dir, "exists and is not an earlier export"),
+        (
+            ["--format", "saved_model", "--out", not_a_model],
+            best_dir,
+            "exists and is not an earlier export",
+        ),
         (["--format", "tflite"], tmp_path / "missing", "no model found"),
         (["--format", "tflite"], tmp_path, "no model found"),
-        (["--format", "tflite", "--data", best_dir.parent.parent / "data"], not_a_model, "could not load model"),
+        (
+            ["--format", "tflite", "--data", best_dir.parent.parent / "data"],
+            not_a_model,
+            "could not load model",
+        ),
     ]
     for options, target, message in cases:
         result = _cli("export", target, *options)
         assert result.exit_code == 2, (options, result.output)
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0], (options, result.output)
-    assert (not_a_model / "model.keras").read_text() == "not a model"  # a user's folder is never replaced
+    assert (
+        not_a_model / "model.keras"
+    ).read_text() == "not a model"  # a user's folder is never replaced
 
 
 def test_bad_input_through_the_real_entry_point(tmp_path):
-    """The same error path in a fresh process (no test runner around it): one line on stderr, exit 2."""
+    """The same error path in a fresh process (no test runner around it): one line on stderr, exit
+    2."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
         [
@@ -214,10 +241,14 @@ def test_latency_figures_are_sane(best_dir):
     stored = json.loads((best_dir / "latency.json").read_text())
     model = load_trained_model(best_dir / "model.keras")
     assert stored["params"] == model.count_params() and stored["image_size"] == 32
-    assert 4 * stored["params"] <= stored["size_bytes"] < 4 * stored["params"] + 1024  # float32 (+ RNG state)
+    assert (
+        4 * stored["params"] <= stored["size_bytes"] < 4 * stored["params"] + 1024
+    )  # float32 (+ RNG state)
     cpu = stored["devices"]["cpu"]
     assert 0 < cpu["latency_ms_median"] <= cpu["latency_ms_p90"] < 1000 and cpu["runs"] >= 50
-    assert cpu["images_per_s"] > 1000 / cpu["latency_ms_p90"] / 4  # batching is not much slower per image
+    assert (
+        cpu["images_per_s"] > 1000 / cpu["latency_ms_p90"] / 4
+    )  # batching is not much slower per image
     assert stored["machine"]["cores"] and len(stored["load_average_before"]) == 3
 
 
@@ -233,7 +264,9 @@ def test_time_predict_measures_what_it_calls():
     t = time_predict(slow, 8, runs=50, warmup=1, batch=8, batch_runs=2)
     assert 2.0 <= t["latency_ms_median"] < 20 and t["latency_ms_p90"] >= t["latency_ms_median"]
     assert 8 / 0.1 < t["images_per_s"] <= 8 / 0.016
-    assert t["cpu_ms_per_image"] < 2.0 and t["batch_cpu_ms_per_image"] < 2.0  # sleeping costs no CPU
+    assert (
+        t["cpu_ms_per_image"] < 2.0 and t["batch_cpu_ms_per_image"] < 2.0
+    )  # sleeping costs no CPU
 
 
 def test_pareto_front():
@@ -260,10 +293,14 @@ def test_report_shows_latency_columns_and_the_pareto_plot(best_dir, tmp_path):
     stored["devices"]["cpu"]["latency_ms_median"] *= 10
     stored["devices"]["cpu"]["latency_ms_p90"] *= 10
     (other / "latency.json").write_text(json.dumps(stored))
-    (study / "study.json").write_text(json.dumps({"name": "deploy", "status": "completed"}))  # what `run` writes
+    (study / "study.json").write_text(
+        json.dumps({"name": "deploy", "status": "completed"})
+    )  # what `run` writes
     out = build_report(study, tmp_path / "report", gradcam_per_class=0)
     rows = pd.read_csv(out / "comparison.csv").set_index("backbone")
-    assert rows.loc["slowcnn", "cpu_latency_ms"] == pytest.approx(10 * rows.loc["smallcnn", "cpu_latency_ms"])
+    assert rows.loc["slowcnn", "cpu_latency_ms"] == pytest.approx(
+        10 * rows.loc["smallcnn", "cpu_latency_ms"]
+    )
     assert {"size_mb", "cpu_latency_p90_ms", "cpu_images_per_s_b64"} <= set(rows.columns)
     assert (out / "figures" / "accuracy_latency.png").stat().st_size > 1000
     md = (out / "report.md").read_text()
@@ -274,8 +311,9 @@ def test_report_shows_latency_columns_and_the_pareto_plot(best_dir, tmp_path):
 
 
 def test_export_under_the_jax_backend(best_dir, keras_reference, tmp_path):
-    """The same model.keras exported by a KERAS_BACKEND=jax process (Keras's SavedModel export goes through
-    jax2tf there): the TFLite file still gives the Keras probabilities; ONNX says it needs TensorFlow."""
+    """The same model.keras exported by a KERAS_BACKEND=jax process (Keras's SavedModel export goes
+    through jax2tf there): the TFLite file still gives the Keras probabilities; ONNX says it needs
+    TensorFlow."""
     pytest.importorskip("jax", reason="jax is not installed (the optional extra 'jax')")
     from fer.deploy.exported import ExportedModel
 
@@ -291,7 +329,9 @@ def test_export_under_the_jax_backend(best_dir, keras_reference, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     _, test, reference = keras_reference
-    np.testing.assert_allclose(ExportedModel(tmp_path / "t" / "export.json").predict(test), reference, atol=1e-4)
+    np.testing.assert_allclose(
+        ExportedModel(tmp_path / "t" / "export.json").predict(test), reference, atol=1e-4
+    )
     proc = subprocess.run(
         base + ["--format", "onnx", "--out", str(tmp_path / "o")],
         capture_output=True,
@@ -300,5 +340,9 @@ def test_export_under_the_jax_backend(best_dir, keras_reference, tmp_path):
         timeout=300,
         check=False,
     )
-    assert proc.returncode == 2 and "KERAS_BACKEND=tensorflow" in proc.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()  # nothing half-written
+    assert (
+        proc.returncode == 2 and "KERAS_BACKEND=tensorflow" in proc.stderr.strip().splitlines()[-1]
+    )
+    assert (
+        not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    )  # nothing half-written

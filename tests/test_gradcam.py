@@ -1,9 +1,10 @@
 """Grad-CAM / Grad-CAM++ (fer.explain.gradcam, fer.runtime.gradients): real models, real gradients.
 
-The expensive test (`test_gradcam_heat_falls_on_the_face_features`) trains one small ImageNet-initialised
-model that clearly learns the demo faces, then checks that Grad-CAM's heat of correct predictions lies on
-the mouth, eyes and brows (the generator's `demo_regions.csv` says where) far more than their area would
-explain (and that the hottest pixel falls inside them far more often than chance: the "pointing game").
+The expensive test (`test_gradcam_heat_falls_on_the_face_features`) trains one small
+ImageNet-initialised model that clearly learns the demo faces, then checks that Grad-CAM's heat of
+correct predictions lies on the mouth, eyes and brows (the generator's `demo_regions.csv` says
+where) far more than their area would explain (and that the hottest pixel falls inside them far more
+often than chance: the "pointing game").
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=shared_missing(
 def tiny_model():
     """mobilenet025 at 64 px (2x2 Grad-CAM grid): ImageNet backbone, untrained head.
 
-    Not random backbone weights: through 80 freshly initialised layers the activations vanish (~1e-17)
-    and every gradient would be zero, which would make these tests pass for the wrong reason.
+    Not random backbone weights: through 80 freshly initialised layers the activations vanish
+    (~1e-17) and every gradient would be zero, which would make these tests pass for the wrong
+    reason.
     """
     if not WEIGHTS.is_file():
         pytest.skip(shared_missing(WEIGHTS))
     return build_model(
-        make_config(backbone="mobilenet025", image_size=64, weights=str(WEIGHTS), dense_units=8, seed=3), 5
+        make_config(
+            backbone="mobilenet025", image_size=64, weights=str(WEIGHTS), dense_units=8, seed=3
+        ),
+        5,
     )
 
 
@@ -55,11 +60,17 @@ def images():
 
 def test_explanation_shapes_ranges_and_probabilities(tiny_model, images):
     cam = GradCam(tiny_model)
-    assert np.abs(cam.features.predict_on_batch(images.astype("float32"))).mean() > 1e-3  # live activations
-    assert cam.layer_name == "conv_pw_13_relu" == target_layer_name(tiny_model)  # the registry's choice
+    assert (
+        np.abs(cam.features.predict_on_batch(images.astype("float32"))).mean() > 1e-3
+    )  # live activations
+    assert (
+        cam.layer_name == "conv_pw_13_relu" == target_layer_name(tiny_model)
+    )  # the registry's choice
     e = cam.explain(images, batch_size=2)  # several batches, concatenated in order
     assert e.probs.shape == (5, 5) and e.gradcam.shape == e.gradcam_pp.shape == (5, 64, 64)
-    np.testing.assert_allclose(e.probs, tiny_model.predict(images.astype("float32"), verbose=0), atol=1e-5)
+    np.testing.assert_allclose(
+        e.probs, tiny_model.predict(images.astype("float32"), verbose=0), atol=1e-5
+    )
     np.testing.assert_array_equal(e.class_ids, e.probs.argmax(axis=1))
     for heat in (e.gradcam, e.gradcam_pp):
         assert heat.min() >= 0.0 and heat.max() <= 1.0
@@ -105,10 +116,14 @@ def test_deletion_curves_start_at_the_prediction_and_end_at_the_blank_image(tiny
     # all pixels removed: both orderings end on the same mean-colour image
     assert curves["gradcam"][-1] == pytest.approx(curves["random"][-1], abs=1e-5)
     assert deletion_auc(np.array([1.0, 1.0, 0.0])) == pytest.approx(0.75)
-    per_image = deletion_curves(tiny_model, images, {"gradcam": e.gradcam}, e.class_ids, steps=4, per_image=True)
+    per_image = deletion_curves(
+        tiny_model, images, {"gradcam": e.gradcam}, e.class_ids, steps=4, per_image=True
+    )
     assert per_image["gradcam"].shape == (5, 5)
     np.testing.assert_allclose(per_image["gradcam"].mean(axis=0), curves["gradcam"], atol=1e-6)
-    np.testing.assert_allclose(deletion_auc(np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])), [0.75, 0.25])
+    np.testing.assert_allclose(
+        deletion_auc(np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])), [0.75, 0.25]
+    )
 
 
 def test_heat_share_in_boxes_and_overlay():
@@ -117,22 +132,31 @@ def test_heat_share_in_boxes_and_overlay():
     share, area = heat_share_in_boxes(heat, [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)])
     assert share == pytest.approx(1.0) and area == pytest.approx(0.5)
     assert heat_share_in_boxes(np.zeros((4, 4)), [(0, 0, 1, 1)]) == (0.0, 1.0)
-    assert peak_in_boxes(heat, [(0.0, 0.0, 0.5, 0.5)]) and not peak_in_boxes(heat, [(0.5, 0.5, 1.0, 1.0)])
-    both = heat_in_regions(np.stack([heat, np.ones((10, 10))]), [[(0.0, 0.0, 0.5, 0.5)], [(0.0, 0.0, 0.5, 0.5)]])
-    assert both["heat_share"] == pytest.approx((1.0 + 0.25) / 2) and both["area_share"] == pytest.approx(0.25)
+    assert peak_in_boxes(heat, [(0.0, 0.0, 0.5, 0.5)]) and not peak_in_boxes(
+        heat, [(0.5, 0.5, 1.0, 1.0)]
+    )
+    both = heat_in_regions(
+        np.stack([heat, np.ones((10, 10))]), [[(0.0, 0.0, 0.5, 0.5)], [(0.0, 0.0, 0.5, 0.5)]]
+    )
+    assert both["heat_share"] == pytest.approx((1.0 + 0.25) / 2) and both[
+        "area_share"
+    ] == pytest.approx(0.25)
     assert both["ratio"] == pytest.approx(2.5) and both["images"] == 2  # even heat would give 1
     out = overlay(np.full((10, 10, 3), 128, np.uint8), heat)
     assert out.shape == (10, 10, 3) and out.dtype == np.uint8
     assert not np.array_equal(out[0, 0], out[9, 9])  # hot and cold pixels differ
 
 
-FACE_SIZE = 224  # the 7x7 grid of mobilenet025 at 224 px is fine enough to tell the mouth from the eyes
+FACE_SIZE = (
+    224  # the 7x7 grid of mobilenet025 at 224 px is fine enough to tell the mouth from the eyes
+)
 
 
 @pytest.mark.slow
 @needs_weights
 def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
-    """Correct predictions of a model that learned the demo faces: heat on mouth/eyes/brows >> their area."""
+    """Correct predictions of a model that learned the demo faces: heat on mouth/eyes/brows >> their
+    area."""
     from fer.data import StudyData
     from fer.prepare import prepare_dataset
     from fer.prepare.demo_data import GROUP_REGEX, generate_demo_data
@@ -140,7 +164,14 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gradcam_face")
     generate_demo_data(root / "faces", per_class=40, seed=0)
-    prepare_dataset(root / "faces", root / "data", group_regex=GROUP_REGEX, seed=0, image_size=FACE_SIZE, log=None)
+    prepare_dataset(
+        root / "faces",
+        root / "data",
+        group_regex=GROUP_REGEX,
+        seed=0,
+        image_size=FACE_SIZE,
+        log=None,
+    )
     data = StudyData(root / "data")
     config = make_config(
         backbone="mobilenet025",
@@ -180,7 +211,9 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
                 shares[name].append(share)
                 peaks[name].append(peak_in_boxes(getattr(e, name)[i], boxes[paths[i]]))
             areas.append(area)
-    assert correct / total >= 0.6, f"the model did not learn the faces: accuracy {correct / total:.2f}"
+    assert correct / total >= 0.6, (
+        f"the model did not learn the faces: accuracy {correct / total:.2f}"
+    )
     area = float(np.mean(areas))
     gradcam_share = float(np.mean(shares["gradcam"]))
     print(
@@ -188,13 +221,14 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
         f"Grad-CAM++ {np.mean(shares['gradcam_pp']):.3f}; boxes' area share {area:.3f}; peak in boxes: "
         f"Grad-CAM {np.mean(peaks['gradcam']):.3f}, Grad-CAM++ {np.mean(peaks['gradcam_pp']):.3f}"
     )
-    # measured here (2-core CPU, seed 0): 75/80 correct; heat share 0.41 (Grad-CAM) and 0.35 (Grad-CAM++) vs
-    # area 0.27; hottest pixel inside the boxes for 64% and 51% of the images (a blind guess: 27%). With the
-    # demo faces at a random expression intensity (0.45-1, since the demo must not be trivial): 70/80
-    # correct; heat share 0.39 / 0.34 vs area 0.265; hottest pixel inside for 59% / 37%, so Grad-CAM++'s peak
-    # check was 1.3x the area. Another batch order (fit(shuffle=False), the same seed) gave 62/80 correct; heat
-    # share 0.40 / 0.34 vs area 0.26; hottest pixel inside for 57% / 29%: Grad-CAM++'s peak is the least stable
-    # figure (its map spreads over the face), so it is only required to beat a blind guess
+    # measured here (2-core CPU, seed 0): 75/80 correct; heat share 0.41 (Grad-CAM) and 0.35
+    # (Grad-CAM++) vs area 0.27; hottest pixel inside the boxes for 64% and 51% of the images (a
+    # blind guess: 27%). With the demo faces at a random expression intensity (0.45-1, since the
+    # demo must not be trivial): 70/80 correct; heat share 0.39 / 0.34 vs area 0.265; hottest pixel
+    # inside for 59% / 37%, so Grad-CAM++'s peak check was 1.3x the area. Another batch order
+    # (fit(shuffle=False), the same seed) gave 62/80 correct; heat share 0.40 / 0.34 vs area 0.26;
+    # hottest pixel inside for 57% / 29%: Grad-CAM++'s peak is the least stable figure (its map
+    # spreads over the face), so it is only required to beat a blind guess
     assert gradcam_share >= 1.35 * area, (gradcam_share, area)
     assert np.mean(peaks["gradcam"]) >= 2.0 * area, (np.mean(peaks["gradcam"]), area)
     assert np.mean(shares["gradcam_pp"]) >= 1.15 * area, (np.mean(shares["gradcam_pp"]), area)

@@ -1,4 +1,5 @@
-"""fer.evaluate.metrics: point estimates agree with scikit-learn, intervals behave, tables are complete."""
+"""fer.evaluate.metrics: point estimates agree with scikit-learn, intervals behave, tables are
+complete."""
 
 import numpy as np
 import pytest
@@ -31,7 +32,9 @@ def test_point_estimates_match_sklearn():
         assert m[f"{avg}_f1"]["value"] == pytest.approx(f)
     p, r, f, s = precision_recall_fscore_support(y, pred, zero_division=0)
     for i, name in enumerate(CLASSES):
-        assert m["per_class"][name] == pytest.approx({"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]})
+        assert m["per_class"][name] == pytest.approx(
+            {"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]}
+        )
     assert m["confusion_matrix"] == sk_confusion(y, pred).tolist()
     assert macro_f1(y, pred, 5) == pytest.approx(m["macro_f1"]["value"])
 

@@ -1,5 +1,5 @@
-"""`run --naive-split`: the notebook's split leaks subjects and duplicates, the audited one does not; the
-retraining runs end to end on the demo data and its result reaches the report."""
+"""`run --naive-split`: the notebook's split leaks subjects and duplicates, the audited one does
+not; the retraining runs end to end on the demo data and its result reaches the report."""
 
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ def test_naive_split_leaks_and_audited_split_does_not(study_base):
     meta = json.loads((data / "study_data.json").read_text())
     manifest, classes = read_manifest(data), meta["classes"]
     audited = resplit(manifest, classes, "audited", meta["seed"], meta["split"])
-    assert (audited.split != "excluded").sum() == (manifest.split != "excluded").sum()  # the usable files
+    assert (audited.split != "excluded").sum() == (
+        manifest.split != "excluded"
+    ).sum()  # the usable files
     assert leaked_share(audited) == 0.0
     naive_shares = []
     for seed in range(3):
         naive = resplit(manifest, classes, "naive", seed, meta["split"])
         used = naive[naive.split != "excluded"]
-        assert (used.status == "duplicate").any()  # duplicates prepare set aside are back, as in a notebook
+        assert (
+            used.status == "duplicate"
+        ).any()  # duplicates prepare set aside are back, as in a notebook
         assert len(used) > (manifest.split != "excluded").sum()
         assert set(used.label) == set(classes) and set(used.split) == {"train", "val", "test"}
         naive_shares.append(leaked_share(naive))
@@ -31,12 +35,26 @@ def test_naive_split_leaks_and_audited_split_does_not(study_base):
         assert leaked_share(other) == 0.0  # whatever the seed
     assert min(naive_shares) > 0.5  # with 6 subjects, most test faces have their subject in train
     tests = {
-        tuple(sorted(set(resplit(manifest, classes, "audited", s, meta["split"]).query("split == 'test'").group)))
+        tuple(
+            sorted(
+                set(
+                    resplit(manifest, classes, "audited", s, meta["split"])
+                    .query("split == 'test'")
+                    .group
+                )
+            )
+        )
         for s in range(5)
     }
     assert len(tests) >= 3  # the seeds draw different people for test
     with pytest.raises(Exception, match="every class needs images"):
-        resplit(manifest[manifest.label != classes[0]].assign(split="excluded"), classes, "naive", 0, meta["split"])
+        resplit(
+            manifest[manifest.label != classes[0]].assign(split="excluded"),
+            classes,
+            "naive",
+            0,
+            meta["split"],
+        )
 
 
 @pytest.mark.slow
@@ -68,9 +86,14 @@ def test_run_naive_split_end_to_end(new_study, tmp_path, run_study_cli):
         assert stats[kind]["n"] == 2 and 0.0 <= stats[kind]["mean"] <= 1.0
         for run in stats["runs"][kind].values():
             assert run["n"]["test"] > 0
-    assert stats["naive"]["test_groups_in_train"] > 0.5 and stats["audited"]["test_groups_in_train"] == 0.0
+    assert (
+        stats["naive"]["test_groups_in_train"] > 0.5
+        and stats["audited"]["test_groups_in_train"] == 0.0
+    )
     seeds = stats["runs"]["naive"]
-    expected = [seeds[s]["test_accuracy"] - stats["runs"]["audited"][s]["test_accuracy"] for s in seeds]
+    expected = [
+        seeds[s]["test_accuracy"] - stats["runs"]["audited"][s]["test_accuracy"] for s in seeds
+    ]
     assert stats["gap"]["n"] == 2 and stats["gap"]["mean"] == pytest.approx(sum(expected) / 2)
     assert "naive split: smallcnn: test accuracy naive" in proc.stdout
     study = json.loads((folder / "study.json").read_text())

@@ -1,7 +1,8 @@
-"""`fer-study predict` and `fer-study evaluate` on the smoke study's best model (shared `smoke_study`).
+"""`fer-study predict` and `fer-study evaluate` on the smoke study's best model (shared
+`smoke_study`).
 
-Commands run in-process through click's runner (a new process would spend ~10 s importing TensorFlow per
-call); the one-line error of a bad path is checked in a real process too.
+Commands run in-process through click's runner (a new process would spend ~10 s importing TensorFlow
+per call); the one-line error of a bad path is checked in a real process too.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ from PIL import Image
 def fer_study_process(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
-        [sys.executable, "-m", "study.cli", *map(str, args)], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "study.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
 def fer_study(*args: str):
-    """Run a command in-process; the result has returncode, stdout and stderr like a finished process."""
+    """Run a command in-process; the result has returncode, stdout and stderr like a finished
+    process."""
     from click.testing import CliRunner
 
     from study.cli import main
@@ -137,37 +143,59 @@ def test_file_name_filter_matches_names_not_folders():
     assert filter_files(files, [0, 0, 1, 1]) == (files, [0, 0, 1, 1], 0)
 
 
-def test_evaluate_only_the_files_a_name_filter_keeps(best_model, classes, demo_data_dir, smoke_study, tmp_path):
-    """--include/--exclude: a regex on file names (FER2013's class folders hold all three of its splits)."""
+def test_evaluate_only_the_files_a_name_filter_keeps(
+    best_model, classes, demo_data_dir, smoke_study, tmp_path
+):
+    """--include/--exclude: a regex on file names (FER2013's class folders hold all three of its
+    splits)."""
     data = tmp_path / "mixed"
     for cls in classes:
         (data / cls).mkdir(parents=True)
         for path in sorted((demo_data_dir / cls).glob("S0[1-4]_*.png"))[:4]:
             shutil.copy(path, data / cls / path.name)
     wanted = [
-        p for p in data.rglob("*") if p.is_file() and p.name.startswith(("S01_", "S02_")) and "shifted" not in p.name
+        p
+        for p in data.rglob("*")
+        if p.is_file() and p.name.startswith(("S01_", "S02_")) and "shifted" not in p.name
     ]
     proc = fer_study("evaluate", best_model, data, "--include", "^S0[12]_", "--exclude", "shifted")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = smoke_study / "evaluations" / f"{best_model.name}__mixed__include-S0-12-exclude-shifted.json"
+    out = (
+        smoke_study
+        / "evaluations"
+        / f"{best_model.name}__mixed__include-S0-12-exclude-shifted.json"
+    )
     result = json.loads(out.read_text())  # the study's evaluations/, named after the filter
     assert result["metrics"]["n"] == len(wanted) > 0
-    assert result["filtered_out"] == sum(len(list((data / c).iterdir())) for c in classes) - len(wanted)
+    assert result["filtered_out"] == sum(len(list((data / c).iterdir())) for c in classes) - len(
+        wanted
+    )
     assert (result["include"], result["exclude"]) == ("^S0[12]_", "shifted")
-    assert "include ^S0[12]_" in result["dataset"] and "left out by the file-name filter" in proc.stdout
+    assert (
+        "include ^S0[12]_" in result["dataset"]
+        and "left out by the file-name filter" in proc.stdout
+    )
     out.unlink()  # the shared study's report tests should not see it
     if not any(out.parent.iterdir()):
         out.parent.rmdir()
 
     proc = fer_study("evaluate", best_model, data, "--include", "^Nobody_")
-    assert proc.returncode == 2 and "no file under" in proc.stderr and "include ^Nobody_" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "no file under" in proc.stderr
+        and "include ^Nobody_" in proc.stderr
+    )
     proc = fer_study("evaluate", best_model, data, "--include", "([")
-    assert proc.returncode == 2 and "--include '([' is not a valid regular expression" in proc.stderr
+    assert (
+        proc.returncode == 2 and "--include '([' is not a valid regular expression" in proc.stderr
+    )
 
 
 def test_evaluate_missing_data_is_exit_2(best_model, tmp_path):
     proc = fer_study("evaluate", best_model, tmp_path / "nothing")
-    assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = fer_study("evaluate", best_model, empty)

@@ -1,7 +1,8 @@
-"""`fer-study report` on the shared smoke study: files, table rows, embedded figures, escaping, rendering.
+"""`fer-study report` on the shared smoke study: files, table rows, embedded figures, escaping,
+rendering.
 
-The report is built once per module (from a copy of the smoke study, to which a cross-dataset evaluation
-is added whose data holds a file named with `<script>`), then inspected by several tests.
+The report is built once per module (from a copy of the smoke study, to which a cross-dataset
+evaluation is added whose data holds a file named with `<script>`), then inspected by several tests.
 """
 
 from __future__ import annotations
@@ -26,23 +27,32 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def fer_study(*args) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
-        [sys.executable, "-m", "study.cli", *map(str, args)], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, "-m", "study.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
 def _copy_study(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tune"))  # trials/: per-trial histories (verdict)
+    shutil.copytree(
+        src, dst, ignore=shutil.ignore_patterns("tune")
+    )  # trials/: per-trial histories (verdict)
     return dst
 
 
 @pytest.fixture(scope="module")
 def report(smoke_study, demo_data_dir, tmp_path_factory):
-    """(study copy, report folder) of a full report, with an evaluation on a folder holding EVIL_FILE."""
+    """(study copy, report folder) of a full report, with an evaluation on a folder holding
+    EVIL_FILE."""
     from fer.evaluate.predict import evaluate_folder
 
     root = tmp_path_factory.mktemp("report")
     study = _copy_study(smoke_study, root / "results" / "smoke")
-    backbone = next(p.name for p in sorted((study / "best").iterdir()) if (p / "model.keras").is_file())
+    backbone = next(
+        p.name for p in sorted((study / "best").iterdir()) if (p / "model.keras").is_file()
+    )
     classes = json.loads((study / "best" / backbone / "test_metrics.json").read_text())["classes"]
     other = root / "other-data"
     for cls in classes:
@@ -76,15 +86,24 @@ def test_report_files_and_comparison_rows(report):
         assert (out / name).stat().st_size > 0
     space = json.loads((study / "study.json").read_text())["space"]
     table = pd.read_csv(out / "comparison.csv")
-    assert sorted(table["backbone"]) == sorted(space["backbones"])  # one row per backbone of the study
+    assert sorted(table["backbone"]) == sorted(
+        space["backbones"]
+    )  # one row per backbone of the study
     ok = table[table["status"] == "ok"]
     assert len(ok) >= 1
     for key in ("accuracy", "macro_f1", "weighted_f1"):
         assert ((ok[f"{key}_lo"] <= ok[key]) & (ok[key] <= ok[f"{key}_hi"])).all()
     assert {"params", "trials", "stopped_early", "errored"} <= set(table.columns)
-    assert any(c.startswith("hp_") for c in table.columns) and any(c.startswith("f1_") for c in table.columns)
+    assert any(c.startswith("hp_") for c in table.columns) and any(
+        c.startswith("f1_") for c in table.columns
+    )
     markdown = (out / "report.md").read_text()
-    for section in ("Data audit", "Comparison of backbones", "Appendix: Grad-CAM", "Cross-dataset evaluation"):
+    for section in (
+        "Data audit",
+        "Comparison of backbones",
+        "Appendix: Grad-CAM",
+        "Cross-dataset evaluation",
+    ):
         assert section in markdown
     for backbone in ok["backbone"]:
         assert f"| {backbone} |" in markdown  # its row in the comparison table
@@ -102,7 +121,9 @@ def test_every_html_image_is_embedded(report):
     for src in parser.sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "script" not in parser.tags and "link" not in parser.tags  # nothing to fetch, nothing to run
+    assert (
+        "script" not in parser.tags and "link" not in parser.tags
+    )  # nothing to fetch, nothing to run
 
 
 def test_user_file_names_are_escaped(report):
@@ -128,10 +149,16 @@ def test_missing_backbone_and_not_a_study(report, tmp_path):
     assert "## Failed or missing backbones" in markdown and f"| {gone} |" in markdown
 
     proc = fer_study("report", tmp_path / "no-such-study")
-    assert proc.returncode == 2 and "no such study folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "no such study folder" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs it with apt-get)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs it with apt-get)"
+)
 def test_report_renders_in_headless_chromium_without_broken_images(report):
     """Every <img> decoded (naturalWidth > 0), checked by the browser itself, offline."""
     _, out = report
@@ -188,7 +215,13 @@ def test_edge_of_range_warnings():
     }
     config = {"lr_head": 1.2e-4, "dropout": 0.41, "unfreeze_layers": 97, "dense_units": 64}
     study = StudyResults(
-        Path("."), "s", {"space": space}, None, None, [BackboneResult("resnet50", "ok", config=config, test={})], []
+        Path("."),
+        "s",
+        {"space": space},
+        None,
+        None,
+        [BackboneResult("resnet50", "ok", config=config, test={})],
+        [],
     )
     warnings = edge_warnings(study)
     assert len(warnings) == 2
@@ -202,7 +235,9 @@ def test_edge_warnings_use_each_backbones_own_range():
 
     space = {
         "space": {"lr_finetune": {"loguniform": [1e-5, 1e-2]}, "dropout": {"uniform": [0.2, 0.6]}},
-        "per_backbone": {"mobilenetv2": {"lr_finetune": {"loguniform": [1e-5, 1e-4]}, "dropout": 0.21}},
+        "per_backbone": {
+            "mobilenetv2": {"lr_finetune": {"loguniform": [1e-5, 1e-4]}, "dropout": 0.21}
+        },
     }
     config = {"lr_finetune": 9.5e-5, "dropout": 0.21}
     study = StudyResults(
@@ -219,32 +254,40 @@ def test_edge_warnings_use_each_backbones_own_range():
     )
     warnings = edge_warnings(study)
     assert len(warnings) == 2, warnings
-    assert warnings[0].startswith("mobilenetv2: the best lr_finetune") and "upper edge" in warnings[0]
+    assert (
+        warnings[0].startswith("mobilenetv2: the best lr_finetune") and "upper edge" in warnings[0]
+    )
     assert warnings[1].startswith("smallcnn: the best dropout") and "lower edge" in warnings[1]
 
 
 def test_report_opens_with_the_verdict(report):
-    """The verdict comes before any table: ranking, a paired comparison for the pair of backbones, and the
-    flags section's outcome; the comparison table wraps instead of running off the page."""
+    """The verdict comes before any table: ranking, a paired comparison for the pair of backbones,
+    and the flags section's outcome; the comparison table wraps instead of running off the page."""
     study, out = report
     markdown = (out / "report.md").read_text()
     verdict_at, audit_at = markdown.index("## Verdict"), markdown.index("## Data audit")
-    assert verdict_at < audit_at and "\n| " not in markdown[:audit_at]  # no table before the audit's
+    assert (
+        verdict_at < audit_at and "\n| " not in markdown[:audit_at]
+    )  # no table before the audit's
     verdict = markdown[verdict_at:audit_at]
     assert "Ranking by test accuracy" in verdict
     ok = [p.name for p in sorted((study / "best").iterdir()) if (p / "test_metrics.json").is_file()]
     if len(ok) == 2:
         assert f"{ok[0]} vs {ok[1]}" in verdict or f"{ok[1]} vs {ok[0]}" in verdict
         assert ("McNemar p = " in verdict or "McNemar p &lt; 0.001" in verdict) and (
-            "indistinguishable on this test split" in verdict or "more accurate on this test split" in verdict
+            "indistinguishable on this test split" in verdict
+            or "more accurate on this test split" in verdict
         )
     page = (out / "report.html").read_text()
     assert page.index("<h2>Verdict</h2>") < page.index("<table")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs it with apt-get)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs it with apt-get)"
+)
 def test_comparison_tables_fit_a_1280_px_page(report):
-    """No table is wider than the page column (none cut at the right edge, none needing a scrollbar)."""
+    """No table is wider than the page column (none cut at the right edge, none needing a
+    scrollbar)."""
     _, out = report
     page = (out / "report.html").read_text()
     check = (

@@ -44,7 +44,9 @@ def test_shipped_spaces_load(name, monkeypatch):
         monkeypatch.setenv("FER_SHARED", str(shared_path()))
     space = load_space(SPACES / f"{name}.yaml")
     assert space.trials_per_backbone >= 1 and space.backbones
-    for backbone in space.backbones:  # every start point makes a valid trial config for every backbone
+    for (
+        backbone
+    ) in space.backbones:  # every start point makes a valid trial config for every backbone
         for point in space.start_points:
             assert space.config_for(backbone, point)["backbone"] == backbone
 
@@ -52,9 +54,20 @@ def test_shipped_spaces_load(name, monkeypatch):
 def test_paper_space_is_the_published_setting_once_per_backbone():
     space = load_space(SPACES / "paper.yaml")
     assert space.trials_per_backbone == 1 and not space.space
-    assert set(space.backbones) == {"efficientnetb1", "resnet50", "inceptionv3", "mobilenetv2", "densenet121"}
+    assert set(space.backbones) == {
+        "efficientnetb1",
+        "resnet50",
+        "inceptionv3",
+        "mobilenetv2",
+        "densenet121",
+    }
     config = space.config_for("resnet50", {})
-    assert (config["dropout"], config["unfreeze_layers"], config["lr_head"], config["lr_finetune"]) == (
+    assert (
+        config["dropout"],
+        config["unfreeze_layers"],
+        config["lr_head"],
+        config["lr_finetune"],
+    ) == (
         0.53,
         30,
         1e-3,
@@ -74,7 +87,12 @@ def test_cached_finetune_trials_cut_at_the_largest_unfreeze_of_the_space():
     fixed = {**BASE["fixed"], "finetune_features": "cached"}
     space = parse_space(with_(fixed=fixed))
     assert space.config_for("mobilenetv2", {"unfreeze_layers": 7})["finetune_cache_units"] == 30
-    assert parse_space(with_()).config_for("mobilenetv2", {"unfreeze_layers": 7})["finetune_cache_units"] == 0
+    assert (
+        parse_space(with_()).config_for("mobilenetv2", {"unfreeze_layers": 7})[
+            "finetune_cache_units"
+        ]
+        == 0
+    )
     pinned = parse_space(with_(fixed={**fixed, "finetune_cache_units": 40}))
     assert pinned.config_for("mobilenetv2", {"unfreeze_layers": 7})["finetune_cache_units"] == 40
 
@@ -85,22 +103,46 @@ def test_cached_finetune_trials_cut_at_the_largest_unfreeze_of_the_space():
         (with_(colour="red"), ["unknown key 'colour'"]),
         (with_(backbones=["mobilenet025", "vgg99"]), ["unknown backbone 'vgg99'"]),
         (with_(fixed={"image_size": 32, "learning_rate": 0.1}), ["fixed", "'learning_rate'"]),
-        (with_(space={"dropout": {"uniform": [0.6, 0.1]}}), ["space.dropout", "bad range [0.6, 0.1]"]),
-        (with_(space={"dropout": {"uniform": [0.1, 1.5]}}), ["space.dropout", "within [0.0, 0.95]"]),
+        (
+            with_(space={"dropout": {"uniform": [0.6, 0.1]}}),
+            ["space.dropout", "bad range [0.6, 0.1]"],
+        ),
+        (
+            with_(space={"dropout": {"uniform": [0.1, 1.5]}}),
+            ["space.dropout", "within [0.0, 0.95]"],
+        ),
         (with_(space={"lr_head": {"loguniform": [0.0, 0.1]}}), ["space.lr_head", "low > 0"]),
-        (with_(space={"unfreeze_layers": {"uniform": [0, 10]}}), ["space.unfreeze_layers", "integer"]),
-        (with_(space={"dropout": {"normal": [0.1, 0.2]}}), ["space.dropout", "unknown distribution 'normal'"]),
-        (with_(space={"backbone": {"choice": ["resnet50"]}}), ["'backbone' is set by 'backbones:'"]),
+        (
+            with_(space={"unfreeze_layers": {"uniform": [0, 10]}}),
+            ["space.unfreeze_layers", "integer"],
+        ),
+        (
+            with_(space={"dropout": {"normal": [0.1, 0.2]}}),
+            ["space.dropout", "unknown distribution 'normal'"],
+        ),
+        (
+            with_(space={"backbone": {"choice": ["resnet50"]}}),
+            ["'backbone' is set by 'backbones:'"],
+        ),
         (with_(space={"speed": {"uniform": [0, 1]}}), ["unknown config key 'speed'"]),
-        (with_(space={"dropout": {"uniform": [0.1, 0.6]}}, fixed={"dropout": 0.5}), ["'dropout' is both fixed"]),
+        (
+            with_(space={"dropout": {"uniform": [0.1, 0.6]}}, fixed={"dropout": 0.5}),
+            ["'dropout' is both fixed"],
+        ),
         (
             with_(start_points=[{"dropout": 0.9, "unfreeze_layers": 3, "lr_head": 1e-3}]),
             ["start_points[0]", "'dropout'", "outside"],
         ),
-        (with_(start_points=[{"dropout": 0.3}]), ["start_points[0]", "missing tuned key 'unfreeze_layers'"]),
+        (
+            with_(start_points=[{"dropout": 0.3}]),
+            ["start_points[0]", "missing tuned key 'unfreeze_layers'"],
+        ),
         (with_(metric="val_auc"), ["metric", "unknown metric 'val_auc'"]),
         (with_(scheduler={"type": "hyperband"}), ["scheduler.type", "'hyperband'"]),
-        (with_(scheduler={"type": "asha", "grace_period": 5}), ["scheduler.grace_period", "exceeds"]),
+        (
+            with_(scheduler={"type": "asha", "grace_period": 5}),
+            ["scheduler.grace_period", "exceeds"],
+        ),
         (with_(trials_per_backbone=0), ["trials_per_backbone"]),
         (with_(fixed={"image_size": 16}), ["image_size", "16"]),
     ],
@@ -149,7 +191,9 @@ def test_searcher_gives_every_backbone_the_same_budget_start_points_first(tmp_pa
     assert set(firsts) == {"mobilenet025", "mobilenetv2"}
     for config in firsts.values():  # the start point is evaluated first, for each backbone
         assert (config["dropout"], config["unfreeze_layers"], config["lr_head"]) == (0.53, 30, 1e-3)
-        assert config["image_size"] == 32 and config["weights"] == "none"  # fixed keys are in every config
+        assert (
+            config["image_size"] == 32 and config["weights"] == "none"
+        )  # fixed keys are in every config
     assert set(optuna_distributions(space)) == {"dropout", "unfreeze_layers", "lr_head"}
 
 
@@ -158,7 +202,8 @@ def per_backbone(**settings):
 
 
 def test_per_backbone_settings_override_fixed_and_space(tmp_path):
-    """Each backbone its own image size, weights file and learning-rate range; the rest stays shared."""
+    """Each backbone its own image size, weights file and learning-rate range; the rest stays
+    shared."""
     weights = tmp_path / "mnv2.h5"
     weights.write_bytes(b"x")
     space = parse_space(
@@ -172,20 +217,30 @@ def test_per_backbone_settings_override_fixed_and_space(tmp_path):
         )
     )
     assert parse_space(space.to_dict()) == space  # study.json round trip (resume compares it)
-    small = space.config_for("mobilenet025", {"dropout": 0.3, "unfreeze_layers": 7, "lr_head": 2e-3})
+    small = space.config_for(
+        "mobilenet025", {"dropout": 0.3, "unfreeze_layers": 7, "lr_head": 2e-3}
+    )
     assert (small["image_size"], small["weights"]) == (32, "none")
     assert set(space.space_for("mobilenet025")) == {"dropout", "unfreeze_layers", "lr_head"}
-    assert set(space.space_for("mobilenetv2")) == {"dropout", "lr_head"}  # unfreeze_layers fixed for it
+    assert set(space.space_for("mobilenetv2")) == {
+        "dropout",
+        "lr_head",
+    }  # unfreeze_layers fixed for it
     assert space.space_for("mobilenetv2")["lr_head"].args == (1e-4, 1e-3)
     assert space.start_points_for("mobilenetv2") == ({"dropout": 0.53, "lr_head": 1e-3},)
     big = space.config_for("mobilenetv2", space.start_points_for("mobilenetv2")[0])
-    assert (big["image_size"], big["weights"], big["unfreeze_layers"]) == (64, str(weights.resolve()), 12)
+    assert (big["image_size"], big["weights"], big["unfreeze_layers"]) == (
+        64,
+        str(weights.resolve()),
+        12,
+    )
     assert space.image_sizes("mobilenetv2") == [64] and space.image_sizes("mobilenet025") == [32]
     assert set(optuna_distributions(space, "mobilenetv2")) == {"dropout", "lr_head"}
 
 
 def test_per_backbone_cache_cut_and_epochs_are_each_backbones_own():
-    """finetune_cache_units = the largest unfreeze_layers THIS backbone's trials can use; ASHA's max_t per backbone."""
+    """finetune_cache_units = the largest unfreeze_layers THIS backbone's trials can use; ASHA's
+    max_t per backbone."""
     fixed = {**BASE["fixed"], "finetune_features": "cached"}
     space = parse_space(
         with_(
@@ -199,11 +254,18 @@ def test_per_backbone_cache_cut_and_epochs_are_each_backbones_own():
     )
     assert space.config_for("mobilenetv2", {"unfreeze_layers": 3})["finetune_cache_units"] == 8
     assert space.config_for("mobilenet025", {})["finetune_cache_units"] == 4
-    assert (space.max_epochs("mobilenetv2"), space.max_epochs("mobilenet025"), space.max_epochs()) == (6, 2, 6)
+    assert (
+        space.max_epochs("mobilenetv2"),
+        space.max_epochs("mobilenet025"),
+        space.max_epochs(),
+    ) == (6, 2, 6)
     from study.tune.search import PerBackboneScheduler
 
     scheduler = PerBackboneScheduler(space)
-    assert scheduler.schedulers["mobilenetv2"]._max_t == 7 and scheduler.schedulers["mobilenet025"]._max_t == 3
+    assert (
+        scheduler.schedulers["mobilenetv2"]._max_t == 7
+        and scheduler.schedulers["mobilenet025"]._max_t == 3
+    )
 
 
 def test_searcher_draws_each_backbone_from_its_own_range(tmp_path):
@@ -213,7 +275,9 @@ def test_searcher_draws_each_backbone_from_its_own_range(tmp_path):
         with_(
             trials_per_backbone=4,
             start_points=[],
-            per_backbone={"mobilenetv2": {"lr_head": {"loguniform": [1e-6, 1e-5]}, "image_size": 48}},
+            per_backbone={
+                "mobilenetv2": {"lr_head": {"loguniform": [1e-6, 1e-5]}, "image_size": 48}
+            },
         )
     )
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.sqlite3'}")
@@ -242,22 +306,43 @@ def test_weights_path_from_an_environment_variable(tmp_path, monkeypatch):
     "settings, words",
     [
         ({"vgg99": {"image_size": 64}}, ["per_backbone", "unknown backbone 'vgg99'"]),
-        ({"resnet50": {"image_size": 64}}, ["per_backbone", "'resnet50' is not one of the study's backbones"]),
-        ({"mobilenetv2": {"colour": 1}}, ["per_backbone.mobilenetv2", "unknown config key 'colour'"]),
-        ({"mobilenetv2": {"image_size": "big"}}, ["per_backbone.mobilenetv2", "'image_size'", "'big'"]),
+        (
+            {"resnet50": {"image_size": 64}},
+            ["per_backbone", "'resnet50' is not one of the study's backbones"],
+        ),
+        (
+            {"mobilenetv2": {"colour": 1}},
+            ["per_backbone.mobilenetv2", "unknown config key 'colour'"],
+        ),
+        (
+            {"mobilenetv2": {"image_size": "big"}},
+            ["per_backbone.mobilenetv2", "'image_size'", "'big'"],
+        ),
         ({"mobilenetv2": {"image_size": 16}}, ["per_backbone.mobilenetv2", "'image_size'", "16"]),
-        ({"mobilenetv2": {"weights": "/no/such/file.h5"}}, ["per_backbone.mobilenetv2.weights", "not found"]),
+        (
+            {"mobilenetv2": {"weights": "/no/such/file.h5"}},
+            ["per_backbone.mobilenetv2.weights", "not found"],
+        ),
         (
             {"mobilenetv2": {"weights": "${FER_NO_SUCH_VAR}/x.h5"}},
             ["per_backbone.mobilenetv2.weights", "FER_NO_SUCH_VAR is not set"],
         ),
-        ({"mobilenetv2": {"epochs_head": {"int": [1, 3]}}}, ["per_backbone.mobilenetv2.epochs_head", "not tuned"]),
-        ({"mobilenetv2": {"dropout": {"uniform": [0.6, 0.7]}}}, ["start_points[0]", "mobilenetv2's distribution"]),
+        (
+            {"mobilenetv2": {"epochs_head": {"int": [1, 3]}}},
+            ["per_backbone.mobilenetv2.epochs_head", "not tuned"],
+        ),
+        (
+            {"mobilenetv2": {"dropout": {"uniform": [0.6, 0.7]}}},
+            ["start_points[0]", "mobilenetv2's distribution"],
+        ),
         (
             {"mobilenetv2": {"dropout": 0.5, "unfreeze_layers": 3, "lr_head": 1e-3}},
             ["per_backbone.mobilenetv2", "nothing to tune"],
         ),
-        ({"mobilenetv2": {"epochs_head": 0, "epochs_finetune": 0}}, ["per_backbone.mobilenetv2", "is 0"]),
+        (
+            {"mobilenetv2": {"epochs_head": 0, "epochs_finetune": 0}},
+            ["per_backbone.mobilenetv2", "is 0"],
+        ),
         ({"mobilenetv2": []}, ["per_backbone.mobilenetv2", "expected a mapping"]),
         ({"mobilenetv2": {"backbone": "resnet50"}}, ["'backbone' is set by 'backbones:'"]),
     ],
@@ -272,21 +357,30 @@ def test_bad_per_backbone_settings_are_rejected_naming_the_key(settings, words):
 
 
 def test_each_backbone_checked_against_its_own_minimum_size():
-    raw = with_(backbones=["mobilenet025", "inceptionv3"], per_backbone={"inceptionv3": {"image_size": 64}})
-    with pytest.raises(UserError, match=r"per_backbone.inceptionv3.image_size: 64 is below inceptionv3's minimum"):
+    raw = with_(
+        backbones=["mobilenet025", "inceptionv3"], per_backbone={"inceptionv3": {"image_size": 64}}
+    )
+    with pytest.raises(
+        UserError, match=r"per_backbone.inceptionv3.image_size: 64 is below inceptionv3's minimum"
+    ):
         parse_space(raw)
     raw["per_backbone"]["inceptionv3"]["image_size"] = 80
-    assert parse_space(raw).image_sizes("inceptionv3") == [80]  # the fixed 32 applies to mobilenet025 only
+    assert parse_space(raw).image_sizes("inceptionv3") == [
+        80
+    ]  # the fixed 32 applies to mobilenet025 only
 
 
 def test_a_backbone_may_have_its_own_start_points():
-    """Where its range excludes the shared start point (a from-scratch CNN's learning rate vs a pretrained one)."""
+    """Where its range excludes the shared start point (a from-scratch CNN's learning rate vs a
+    pretrained one)."""
     own = {
         "lr_head": {"loguniform": [1e-2, 1e-1]},
         "start_points": [{"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 0.05}],
     }
     space = parse_space(per_backbone(mobilenetv2=own))
-    assert space.start_points_for("mobilenetv2") == ({"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 0.05},)
+    assert space.start_points_for("mobilenetv2") == (
+        {"dropout": 0.2, "unfreeze_layers": 3, "lr_head": 0.05},
+    )
     assert space.start_points_for("mobilenet025") == space.start_points
     assert parse_space(space.to_dict()) == space
     for points, words in (
@@ -300,21 +394,30 @@ def test_a_backbone_may_have_its_own_start_points():
 
 
 def test_fer2013_cpu_space_gives_each_backbone_its_own_settings(monkeypatch):
-    """The reference study: smallcnn from scratch at 48 px in one stage, the pretrained MobileNets at 96 px with
-    their offline files, caches and lr_finetune <= 1e-4 (MobileNetV2) where 3e-4 collapsed it."""
+    """The reference study: smallcnn from scratch at 48 px in one stage, the pretrained MobileNets
+    at 96 px with their offline files, caches and lr_finetune <= 1e-4 (MobileNetV2) where 3e-4
+    collapsed it."""
     shared = shared_path()
     if not (shared / "weights").is_dir():
         pytest.skip(shared_missing(shared / "weights"))
     monkeypatch.setenv("FER_SHARED", str(shared))
     space = load_space(SPACES / "fer2013-cpu.yaml")
     cnn = space.config_for("smallcnn", space.start_points_for("smallcnn")[0])
-    assert (cnn["image_size"], cnn["weights"], cnn["epochs_head"], cnn["finetune_features"]) == (48, "none", 0, "exact")
+    assert (cnn["image_size"], cnn["weights"], cnn["epochs_head"], cnn["finetune_features"]) == (
+        48,
+        "none",
+        0,
+        "exact",
+    )
     for backbone, name in (
         ("mobilenetv2", "mobilenet_v2_1.0_224_tf_no_top.h5"),
         ("mobilenet025", "mobilenet_2_5_224_tf_no_top.h5"),
     ):
         config = space.config_for(backbone, space.start_points_for(backbone)[0])
-        assert config["weights"] == str((shared / "weights" / name).resolve()) and config["image_size"] == 96
+        assert (
+            config["weights"] == str((shared / "weights" / name).resolve())
+            and config["image_size"] == 96
+        )
         assert config["finetune_cache_units"] == 8 and config["head_features"] == "cached"
     assert space.space_for("mobilenetv2")["lr_finetune"].args[1] <= 1e-4
 
@@ -322,12 +425,23 @@ def test_fer2013_cpu_space_gives_each_backbone_its_own_settings(monkeypatch):
 def test_an_asha_rung_inside_a_head_stage_is_warned_about_naming_the_backbones():
     """grace_period <= a backbone's head epochs: ASHA would stop trials before they fine-tune."""
     fixed = {**BASE["fixed"], "epochs_head": 4, "epochs_finetune": 3}
-    own = {"mobilenet025": {"epochs_head": 0, "epochs_finetune": 7}}  # one stage: nothing to warn about
-    warned = parse_space(with_(fixed=fixed, per_backbone=own, scheduler={"type": "asha", "grace_period": 4}))
+    own = {
+        "mobilenet025": {"epochs_head": 0, "epochs_finetune": 7}
+    }  # one stage: nothing to warn about
+    warned = parse_space(
+        with_(fixed=fixed, per_backbone=own, scheduler={"type": "asha", "grace_period": 4})
+    )
     (warning,) = warned.warnings()
-    assert "mobilenetv2 (4)" in warning and "mobilenet025" not in warning and "grace_period" in warning
+    assert (
+        "mobilenetv2 (4)" in warning and "mobilenet025" not in warning and "grace_period" in warning
+    )
     after_head = with_(fixed=fixed, scheduler={"type": "asha", "grace_period": 5})
     assert parse_space(after_head).warnings() == []
     assert parse_space(with_(fixed=fixed, scheduler={"type": "none"})).warnings() == []
     head_only = {**fixed, "epochs_finetune": 0}  # no fine-tuning to protect
-    assert parse_space(with_(fixed=head_only, scheduler={"type": "asha", "grace_period": 1})).warnings() == []
+    assert (
+        parse_space(
+            with_(fixed=head_only, scheduler={"type": "asha", "grace_period": 1})
+        ).warnings()
+        == []
+    )

@@ -1,6 +1,7 @@
-"""Issue 12: a warm worker puts back an earlier trial's compiled stage (fer/train/stage_programs.py) instead of
-compiling again, and the trial still repeats a fresh one number for number, also after a trial whose
-optimizer state went NaN, one that raised in the middle of a stage, and one of another unfreeze depth."""
+"""Issue 12: a warm worker puts back an earlier trial's compiled stage (fer/train/stage_programs.py)
+instead of compiling again, and the trial still repeats a fresh one number for number, also after a
+trial whose optimizer state went NaN, one that raised in the middle of a stage, and one of another
+unfreeze depth."""
 
 from __future__ import annotations
 
@@ -14,8 +15,18 @@ import fer.train.trial
 from fer.train.trial import fresh_keras_state, run_trial
 
 COMPARED = ["loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
-TINY = dict(backbone="smallcnn", image_size=48, weights="none", batch_size=16, dense_units=16, augment=0.0)
-A = dict(TINY, epochs_head=2, epochs_finetune=2, unfreeze_layers=4, dropout=0.3, label_smoothing=0.1, patience=5)
+TINY = dict(
+    backbone="smallcnn", image_size=48, weights="none", batch_size=16, dense_units=16, augment=0.0
+)
+A = dict(
+    TINY,
+    epochs_head=2,
+    epochs_finetune=2,
+    unfreeze_layers=4,
+    dropout=0.3,
+    label_smoothing=0.1,
+    patience=5,
+)
 
 
 def _history(folder) -> pd.DataFrame:
@@ -27,7 +38,9 @@ def _raise_in_finetune(record: dict) -> None:
         raise RuntimeError("a failure in the middle of stage 2")
 
 
-def test_a_warm_trial_after_nan_failed_and_other_depth_trials_repeats_a_fresh_one(prepared_data, tmp_path):
+def test_a_warm_trial_after_nan_failed_and_other_depth_trials_repeats_a_fresh_one(
+    prepared_data, tmp_path
+):
     fresh_keras_state()
     fresh = run_trial(A, prepared_data, tmp_path / "fresh")  # a fresh process's trial: nothing kept
     assert fresh["compiled_stage_reused"] == {}
@@ -40,22 +53,35 @@ def test_a_warm_trial_after_nan_failed_and_other_depth_trials_repeats_a_fresh_on
         for variable in kept["optimizer"].variables:
             variable.assign(keras.ops.full(variable.shape, float("nan"), variable.dtype))
     fresh_keras_state()  # another unfreeze depth: the head stage is put back, stage 2 compiled anew
-    other = run_trial(dict(A, unfreeze_layers=2, dropout=0.6), prepared_data, tmp_path / "other", reuse_model=True)
+    other = run_trial(
+        dict(A, unfreeze_layers=2, dropout=0.6), prepared_data, tmp_path / "other", reuse_model=True
+    )
     assert other["compiled_stage_reused"] == {"head": True, "finetune": False}
     fresh_keras_state()
     with pytest.raises(RuntimeError, match="middle of stage 2"):
-        run_trial(A, prepared_data, tmp_path / "raised", on_epoch=_raise_in_finetune, reuse_model=True)
+        run_trial(
+            A, prepared_data, tmp_path / "raised", on_epoch=_raise_in_finetune, reuse_model=True
+        )
 
     fresh_keras_state()
     again = run_trial(A, prepared_data, tmp_path / "again", reuse_model=True)
-    assert again["model_reused"] and again["compiled_stage_reused"] == {"head": True, "finetune": True}
-    pd.testing.assert_frame_equal(_history(tmp_path / "fresh"), _history(tmp_path / "again"), atol=1e-6, rtol=0)
+    assert again["model_reused"] and again["compiled_stage_reused"] == {
+        "head": True,
+        "finetune": True,
+    }
+    pd.testing.assert_frame_equal(
+        _history(tmp_path / "fresh"), _history(tmp_path / "again"), atol=1e-6, rtol=0
+    )
     model = fer.train.trial._kept_model["model"]
-    assert [m.name for m in model.metrics] == ["loss", "compile_metrics"]  # no tracker added per put-back
+    assert [m.name for m in model.metrics] == [
+        "loss",
+        "compile_metrics",
+    ]  # no tracker added per put-back
 
 
 def test_a_warm_worker_keeps_few_compiled_stages(prepared_data, tmp_path):
-    """Each kept stage holds its traced graphs: a search over unfreeze depths must not keep one per trial."""
+    """Each kept stage holds its traced graphs: a search over unfreeze depths must not keep one per
+    trial."""
     for depth in (1, 2, 3, 4, 5):
         fresh_keras_state()
         run_trial(
@@ -68,9 +94,15 @@ def test_a_warm_worker_keeps_few_compiled_stages(prepared_data, tmp_path):
     assert len(programs) == programs.limit == 3
     fresh_keras_state()
     again = run_trial(
-        dict(A, epochs_head=1, epochs_finetune=1, unfreeze_layers=5), prepared_data, tmp_path / "5b", reuse_model=True
+        dict(A, epochs_head=1, epochs_finetune=1, unfreeze_layers=5),
+        prepared_data,
+        tmp_path / "5b",
+        reuse_model=True,
     )
-    assert again["compiled_stage_reused"] == {"head": True, "finetune": True}  # the latest ones stay
+    assert again["compiled_stage_reused"] == {
+        "head": True,
+        "finetune": True,
+    }  # the latest ones stay
 
 
 _JAX_WARM = r"""
@@ -94,13 +126,16 @@ print(json.dumps({"reused": again["compiled_stage_reused"], "max_diff": float((a
 
 @pytest.mark.slow
 def test_under_jax_a_put_back_stage_repeats_a_fresh_trial(prepared_data, tmp_path, run_under_jax):
-    lines = run_under_jax(_JAX_WARM, prepared_data.dir, tmp_path, json.dumps(A), JAX_PLATFORMS="cpu")
+    lines = run_under_jax(
+        _JAX_WARM, prepared_data.dir, tmp_path, json.dumps(A), JAX_PLATFORMS="cpu"
+    )
     assert lines[-1]["reused"] == {"head": True, "finetune": True}, lines
     assert lines[-1]["max_diff"] <= 1e-6, lines
 
 
 def test_stage_programs_keep_only_a_plain_adam():
-    """A loss-scale optimizer (mixed_float16) starts with a non-zero scale: not reset as zeros, so not kept."""
+    """A loss-scale optimizer (mixed_float16) starts with a non-zero scale: not reset as zeros, so
+    not kept."""
     from fer.train.stage_programs import StagePrograms, compile_stage
 
     inputs = keras.Input((4,))

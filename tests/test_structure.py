@@ -1,5 +1,6 @@
-"""The architecture, checked: no import cycle among our modules (imports inside functions count), `fer/`
-never imports Ray, and INTERNALS.md's module map names every module. Reads the source with `ast` only."""
+"""The architecture, checked: no import cycle among our modules (imports inside functions count),
+`fer/` never imports Ray, and INTERNALS.md's module map names every module. Reads the source with
+`ast` only."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+    return {
+        _module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))
+    }
 
 
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """Every module of ours that `path` imports, at any depth (function bodies included). `from a import b`
-    counts as importing `a.b` when that is a module, else `a`; a package import also imports its parents."""
+    """Every module of ours that `path` imports, at any depth (function bodies included). `from a
+    import b` counts as importing `a.b` when that is a module, else `a`; a package import also
+    imports its parents."""
     is_package = path.name == "__init__.py"
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -38,10 +42,15 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
                 anchor = name.split(".") if is_package else name.split(".")[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                for alias in node.names
+            ]
         for target in targets:
             parts = target.split(".")
-            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            for i in range(
+                1, len(parts) + 1
+            ):  # importing a.b.c runs a/__init__ and a/b/__init__ first
                 candidate = ".".join(parts[:i])
                 if candidate in known and candidate != name:
                     out.add(candidate)
@@ -52,8 +61,9 @@ def _graph() -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)
     graph = {name: _imports(path, name, known) for name, path in modules.items()}
-    # a package's own __init__ importing its submodules is not a cycle with them (Python runs __init__ first
-    # and the submodule does not need the package's names), so parents are ignored in submodule edges
+    # a package's own __init__ importing its submodules is not a cycle with them (Python runs
+    # __init__ first and the submodule does not need the package's names), so parents are ignored in
+    # submodule edges
     for name, edges in graph.items():
         graph[name] = {e for e in edges if not name.startswith(e + ".")}
     return graph
@@ -88,7 +98,9 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_sees_imports_inside_functions():
     graph = _graph()
     assert "fer.explain.gradcam" in graph["fer.evaluate.predict"]  # imported inside a function only
-    assert "study.tune.cluster" in graph["study.tune.driver"]  # `from study.tune import cluster as ...`
+    assert (
+        "study.tune.cluster" in graph["study.tune.driver"]
+    )  # `from study.tune import cluster as ...`
 
 
 def test_no_import_cycle():
@@ -101,7 +113,9 @@ def test_cycle_finder_finds_one():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "fer").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "fer").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_fer_never_imports_ray(path):
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         names = (
@@ -111,7 +125,9 @@ def test_fer_never_imports_ray(path):
             if isinstance(node, ast.ImportFrom)
             else []
         )
-        assert not any(n == "ray" or n.startswith("ray.") for n in names), f"{path} imports Ray (line {node.lineno})"
+        assert not any(n == "ray" or n.startswith("ray.") for n in names), (
+            f"{path} imports Ray (line {node.lineno})"
+        )
 
 
 def test_internals_module_map_names_every_module():

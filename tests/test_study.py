@@ -22,7 +22,9 @@ def test_smoke_study_end_to_end(smoke_study, smoke_space_file):
     backbones = space["backbones"]
     # every backbone got the same budget; every trial finished (completed or stopped early by ASHA)
     assert sorted(trials.backbone) == sorted(backbones * space["trials_per_backbone"])
-    assert set(trials.status) <= {"completed", "stopped"}, trials[trials.status == "errored"].error.tolist()
+    assert set(trials.status) <= {"completed", "stopped"}, trials[
+        trials.status == "errored"
+    ].error.tolist()
     for key in (
         "dropout",
         "unfreeze_layers",
@@ -39,7 +41,9 @@ def test_smoke_study_end_to_end(smoke_study, smoke_space_file):
     assert trials.trial_id.is_unique
     # the start point ran first for each backbone
     first = trials.sort_values("finished_at").groupby("backbone").head(space["trials_per_backbone"])
-    assert (first.dropout == space["start_points"][0]["dropout"]).groupby(first.backbone).any().all()
+    assert (
+        (first.dropout == space["start_points"][0]["dropout"]).groupby(first.backbone).any().all()
+    )
 
     test_count = None
     for backbone in backbones:
@@ -56,7 +60,9 @@ def test_smoke_study_end_to_end(smoke_study, smoke_space_file):
             assert (best_dir / name).is_file(), f"{backbone}: {name} missing"
         selection = json.loads((best_dir / "selection.json").read_text())
         rows = trials[trials.backbone == backbone]
-        assert selection["trial_id"] == rows.loc[rows.metric_value.idxmin(), "trial_id"]  # best by val_loss
+        assert (
+            selection["trial_id"] == rows.loc[rows.metric_value.idxmin(), "trial_id"]
+        )  # best by val_loss
         assert json.loads((best_dir / "config.json").read_text())["backbone"] == backbone
         metrics = json.loads((best_dir / "test_metrics.json").read_text())
         assert 0.0 <= metrics["accuracy"]["value"] <= 1.0
@@ -78,7 +84,9 @@ def test_smoke_study_end_to_end(smoke_study, smoke_space_file):
     assert names == {f"smoke-{b}": space["trials_per_backbone"] for b in backbones}
     output = (smoke_study / "run_output.txt").read_text()
     assert "Traceback" not in output
-    assert sum(line.split()[0] in set(trials.trial_id) for line in output.splitlines() if line.strip()) >= len(trials)
+    assert sum(
+        line.split()[0] in set(trials.trial_id) for line in output.splitlines() if line.strip()
+    ) >= len(trials)
 
 
 def test_a_finished_study_is_not_overwritten_without_resume(smoke_study, smoke_space_file):
@@ -103,10 +111,11 @@ def _rows(path):
 
 
 def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_path):
-    """SIGKILL the driver once two trials have finished (one of them an errored trial: its weights file
-    does not exist), then --resume: finished trials are kept, the rest run, the error stays recorded, and
-    the best configuration is retrained with two more seeds (final_seeds). The third trial trains longer, so
-    it is still running when the driver is killed (a warm worker runs the short ones in about a second)."""
+    """SIGKILL the driver once two trials have finished (one of them an errored trial: its weights
+    file does not exist), then --resume: finished trials are kept, the rest run, the error stays
+    recorded, and the best configuration is retrained with two more seeds (final_seeds). The third
+    trial trains longer, so it is still running when the driver is killed (a warm worker runs the
+    short ones in about a second)."""
     folder = new_study("killed")
     bad = str(tmp_path / "no-such.weights.h5")
     points = [
@@ -150,7 +159,9 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
         "--no-dashboard",
     ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
     try:
         deadline = time.time() + 300
         while len(_rows(folder / "trials.csv")) < 2:
@@ -167,21 +178,33 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
     before = _rows(folder / "trials.csv")
     assert len(before) == 2
 
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
+    resumed = subprocess.run(
+        cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = pd.read_csv(folder / "trials.csv")
     assert len(after) == 3 and after.trial_id.is_unique
     kept = after.set_index("trial_id").loc[before.trial_id]
     assert list(kept.finished_at) == list(before.finished_at)  # finished trials kept as they were
-    assert sorted(after.dropout) == sorted(p["dropout"] for p in points)  # every start point exactly once
+    assert sorted(after.dropout) == sorted(
+        p["dropout"] for p in points
+    )  # every start point exactly once
     errored = after[after.status == "errored"]
     assert len(errored) == 1 and "weights file not found" in errored.error.iloc[0]
     assert (after[after.status != "errored"].weights == "none").all()
     best = folder / "best" / "mobilenet025"
     assert (best / "test_metrics.json").is_file()
-    seeds = json.loads((best / "seeds.json").read_text())  # final_seeds: 2 other seeds, mean and spread
+    seeds = json.loads(
+        (best / "seeds.json").read_text()
+    )  # final_seeds: 2 other seeds, mean and spread
     assert seeds["test_accuracy"]["n"] == 2 and seeds["test_accuracy"]["std"] >= 0
-    assert 0 <= seeds["test_accuracy"]["min"] <= seeds["test_accuracy"]["mean"] <= seeds["test_accuracy"]["max"] <= 1
+    assert (
+        0
+        <= seeds["test_accuracy"]["min"]
+        <= seeds["test_accuracy"]["mean"]
+        <= seeds["test_accuracy"]["max"]
+        <= 1
+    )
     assert len(list((best / "seeds").glob("seed-*/test_metrics.json"))) == 2
     study = json.loads((folder / "study.json").read_text())
     assert study["status"] == "completed" and [r["resume"] for r in study["runs"]] == [False, True]
@@ -196,8 +219,12 @@ def test_progress_view_prints_one_line_per_trial_and_redraws_live():
     plain = io.StringIO()
     view = ProgressView(total=2, metric="val_loss", stream=plain, live=False)
     view.started("t1", trial_line("t1", "resnet50", "running", None, "val_loss", {"dropout": 0.5}))
-    view.update("t1", trial_line("t1", "resnet50", "running", {"epoch": 1, "val_loss": 1.2}, "val_loss", {}))
-    view.finished("t1", "errored", trial_line("t1", "resnet50", "errored", None, "val_loss", {}, "OOM"))
+    view.update(
+        "t1", trial_line("t1", "resnet50", "running", {"epoch": 1, "val_loss": 1.2}, "val_loss", {})
+    )
+    view.finished(
+        "t1", "errored", trial_line("t1", "resnet50", "errored", None, "val_loss", {}, "OOM")
+    )
     lines = plain.getvalue().splitlines()
     assert lines[0].startswith("t1") and "dropout=0.5" in lines[0]
     assert "ERROR: OOM" in lines[1] and "errored 1" in lines[2] and len(lines) == 3

@@ -1,8 +1,10 @@
-"""Placement on a multi-node cluster: two simulated Ray nodes with logical GPUs, fractional GPU trials.
+"""Placement on a multi-node cluster: two simulated Ray nodes with logical GPUs, fractional GPU
+trials.
 
-The trials are a trivial function trainable (a Keras trial per simulated node would take minutes), but
-everything around it is the real `run_study` path: the per-backbone searcher and scheduler, the per-trial
-resource request, joining a running cluster by address, the shared-storage check across nodes, the ledger.
+The trials are a trivial function trainable (a Keras trial per simulated node would take minutes),
+but everything around it is the real `run_study` path: the per-backbone searcher and scheduler, the
+per-trial resource request, joining a running cluster by address, the shared-storage check across
+nodes, the ledger.
 """
 
 import json
@@ -23,16 +25,18 @@ from ray.cluster_utils import Cluster
 from study.tune.driver import run_study
 
 pytestmark = pytest.mark.slow
-cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+cloudpickle.register_pickle_by_value(
+    sys.modules[__name__]
+)  # workers cannot import this test module
 
 
 TRIALS = 4
 
 
 def placement_probe(config, context):
-    """Record where the trial ran and with which resources, wait (holding them) until all TRIALS trials are
-    running at once (a barrier, so slow worker start-up on a busy machine cannot fake or hide concurrency),
-    then report two epochs like a real trial."""
+    """Record where the trial ran and with which resources, wait (holding them) until all TRIALS
+    trials are running at once (a barrier, so slow worker start-up on a busy machine cannot fake or
+    hide concurrency), then report two epochs like a real trial."""
     runtime = ray.get_runtime_context()
     trial_id = tune.get_context().get_trial_id()
     barrier = Path(context["trials_dir"]).parent / "barrier"
@@ -61,7 +65,12 @@ def placement_probe(config, context):
 def two_node_cluster():
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 1,
+            "num_gpus": 1,
+            "object_store_memory": 80 * 2**20,
+            "include_dashboard": False,
+        },
     )
     cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)
     cluster.wait_for_nodes()
@@ -99,7 +108,9 @@ def test_trials_spread_over_two_nodes_with_half_a_gpu_each(two_node_cluster, new
 
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == TRIALS and set(trials.status) == {"completed"}
-    probes = [json.loads((folder / "trials" / t / "probe.json").read_text()) for t in trials.trial_id]
+    probes = [
+        json.loads((folder / "trials" / t / "probe.json").read_text()) for t in trials.trial_id
+    ]
     assert len({p["node"] for p in probes}) == 2  # both nodes ran trials
     for probe in probes:
         assert probe["resources"]["GPU"] == pytest.approx(0.5)
@@ -112,8 +123,8 @@ def test_trials_spread_over_two_nodes_with_half_a_gpu_each(two_node_cluster, new
 
 
 def test_a_local_study_runs_its_trials_at_the_users_priority():
-    """Ray starts workers 15 nice levels down; connect() keeps a local study's trials at the driver's level.
-    Its workers also start with 2 malloc arenas (docs/pitfalls.md#malloc-arenas)."""
+    """Ray starts workers 15 nice levels down; connect() keeps a local study's trials at the
+    driver's level. Its workers also start with 2 malloc arenas (docs/pitfalls.md#malloc-arenas)."""
     probe = (
         "import os, ray\n"
         "from study.tune.cluster import connect\n"
@@ -127,19 +138,24 @@ def test_a_local_study_runs_its_trials_at_the_users_priority():
         for k, v in os.environ.items()
         if k not in ("RAY_worker_niceness", "MALLOC_ARENA_MAX", "TUNE_FUNCTION_THREAD_TIMEOUT_S")
     }
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
+    )
     line = next((x for x in done.stdout.splitlines() if x.startswith("nice ")), None)
     assert line is not None, done.stderr[-2000:]
     driver, worker = line.split()[1:]
     assert worker == driver
     assert "arenas 2" in done.stdout.splitlines(), done.stdout[-2000:]
-    assert "reuse wait 120" in done.stdout.splitlines(), done.stdout[-2000:]  # Tune's default 2 s: too short
+    assert "reuse wait 120" in done.stdout.splitlines(), done.stdout[
+        -2000:
+    ]  # Tune's default 2 s: too short
 
 
 def test_a_local_studys_first_trials_use_the_workers_ray_prestarted():
-    """A job runtime env would make every slot's first trial wait for a new worker process; connect() gives a
-    local Ray's workers their environment by inheritance instead, so Ray's prestarted workers are used
-    (the trial actor's process is older than the actor), and the driver's own environment is left as it was."""
+    """A job runtime env would make every slot's first trial wait for a new worker process;
+    connect() gives a local Ray's workers their environment by inheritance instead, so Ray's
+    prestarted workers are used (the trial actor's process is older than the actor), and the
+    driver's own environment is left as it was."""
     probe = (
         "import os, time, psutil, ray\n"
         "from study.tune.cluster import connect\n"
@@ -152,9 +168,13 @@ def test_a_local_studys_first_trials_use_the_workers_ray_prestarted():
         "print('age', submitted - psutil.Process(pid).create_time(), arenas, os.environ.get('MALLOC_ARENA_MAX'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
+    )
     line = next((x for x in done.stdout.splitlines() if x.startswith("age ")), None)
     assert line is not None, done.stderr[-2000:]
     age, worker_arenas, driver_arenas = line.split()[1:]
-    assert float(age) > 2  # started with Ray, not for this actor (a new process is <1 s old when it answers)
+    assert (
+        float(age) > 2
+    )  # started with Ray, not for this actor (a new process is <1 s old when it answers)
     assert worker_arenas == "2" and driver_arenas == "None"

@@ -1,4 +1,5 @@
-"""The trial (fer.train.trial.run_trial, fer-study train) on real demo data, with tiny models and images.
+"""The trial (fer.train.trial.run_trial, fer-study train) on real demo data, with tiny models and
+images.
 
 The five-backbone test is the most expensive test of the suite: one parametrised test, tiny images
 (inceptionv3 needs 75 px), one epoch per stage. Tests that need the offline ImageNet files in
@@ -30,7 +31,8 @@ WEIGHTS_DIR = shared_path("weights")
 MOBILENETV2_FILE = WEIGHTS_DIR / "mobilenet_v2_1.0_torchvision_port_no_top.weights.h5"
 MOBILENET025_FILE = WEIGHTS_DIR / "mobilenet_2_5_224_tf_no_top.h5"
 needs_weights = pytest.mark.skipif(
-    not MOBILENETV2_FILE.is_file() or not MOBILENET025_FILE.is_file(), reason=shared_missing(MOBILENETV2_FILE)
+    not MOBILENETV2_FILE.is_file() or not MOBILENET025_FILE.is_file(),
+    reason=shared_missing(MOBILENETV2_FILE),
 )
 TINY = dict(epochs_head=1, epochs_finetune=1, batch_size=16, unfreeze_layers=8, patience=2)
 
@@ -52,7 +54,10 @@ def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
     size = max(32, get_backbone(backbone).min_size)  # tiny, but at least the backbone's minimum
     records = []
     summary = run_trial(
-        dict(backbone=backbone, image_size=size, weights="none", **TINY), trial_data, tmp_path, on_epoch=records.append
+        dict(backbone=backbone, image_size=size, weights="none", **TINY),
+        trial_data,
+        tmp_path,
+        on_epoch=records.append,
     )
     assert [r["stage"] for r in records] == ["head", "finetune"]
     assert [r["epoch"] for r in records] == [1, 2]
@@ -61,10 +66,23 @@ def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
         assert 0.0 <= r["val_accuracy"] <= 1.0 and 0.0 <= r["val_macro_f1"] <= 1.0
         assert np.isfinite(r["loss"]) and np.isfinite(r["val_loss"]) and r["images_per_s"] > 0
     assert records[1]["lr"] == pytest.approx(1e-4)  # stage 2 starts at lr_finetune
-    assert summary["trainable_layers"]["head"] == 0 and 0 < summary["trainable_layers"]["finetune"] <= 8
-    written = sorted(p.name for p in tmp_path.iterdir() if p.name != COLLAPSE_FILE)  # one epoch per stage
-    assert written == ["config.json", "history.csv", "model.keras", "summary.json", "val_metrics.json"]
-    assert (tmp_path / COLLAPSE_FILE).is_file() == bool(summary["collapsed_stages"])  # only when one collapsed
+    assert (
+        summary["trainable_layers"]["head"] == 0
+        and 0 < summary["trainable_layers"]["finetune"] <= 8
+    )
+    written = sorted(
+        p.name for p in tmp_path.iterdir() if p.name != COLLAPSE_FILE
+    )  # one epoch per stage
+    assert written == [
+        "config.json",
+        "history.csv",
+        "model.keras",
+        "summary.json",
+        "val_metrics.json",
+    ]
+    assert (tmp_path / COLLAPSE_FILE).is_file() == bool(
+        summary["collapsed_stages"]
+    )  # only when one collapsed
     assert _read_history(tmp_path).columns.tolist() == list(RECORD_KEYS)
     assert json.loads((tmp_path / "config.json").read_text())["backbone"] == backbone
     val = json.loads((tmp_path / "val_metrics.json").read_text())
@@ -83,14 +101,17 @@ def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
 
 @pytest.mark.parametrize("train_batchnorm", [False, True])
 def test_batchnorm_trains_only_when_training_from_scratch(train_batchnorm):
-    """Pretrained backbones keep BN frozen in both stages; from-scratch ones (weights=none) train it."""
+    """Pretrained backbones keep BN frozen in both stages; from-scratch ones (weights=none) train
+    it."""
     from fer.model.build import backbone_layers, build_model, set_stage
 
     model = build_model(make_config(backbone="mobilenetv2", image_size=32, weights="none"), 5)
     set_stage(model, "finetune", 10, train_batchnorm=train_batchnorm)
     layers = backbone_layers(model)
     trainable_bn = {
-        layer.name for layer in layers if layer.__class__.__name__ == "BatchNormalization" and layer.trainable
+        layer.name
+        for layer in layers
+        if layer.__class__.__name__ == "BatchNormalization" and layer.trainable
     }
     if train_batchnorm:
         assert trainable_bn and trainable_bn <= {layer.name for layer in layers[-10:]}
@@ -115,14 +136,19 @@ def test_smallcnn_learns_from_scratch_and_has_no_imagenet_weights(trial_data, tm
     )
     summary = run_trial(config, trial_data, tmp_path)
     assert summary["val_accuracy"] >= 0.35
-    assert not any(stage["ended_collapsed"] for stage in summary["collapsed_stages"])  # fer/train/collapse.py
+    assert not any(
+        stage["ended_collapsed"] for stage in summary["collapsed_stages"]
+    )  # fer/train/collapse.py
     with pytest.raises(UserError, match="weights=none"):
         run_trial(dict(config, weights="imagenet"), trial_data, tmp_path / "imagenet")
 
 
-def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the_end(trial_data, tmp_path):
-    """In a study the scheduler can stop a trial only after its decision epochs' reports: the best model so
-    far is on disk before those (also when an earlier epoch was the best), and the overall best at the end."""
+def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the_end(
+    trial_data, tmp_path
+):
+    """In a study the scheduler can stop a trial only after its decision epochs' reports: the best
+    model so far is on disk before those (also when an earlier epoch was the best), and the overall
+    best at the end."""
     import keras
 
     from fer.data.batches import predict_probs
@@ -157,20 +183,25 @@ def test_best_model_saved_only_before_reports_that_may_stop_the_trial_and_at_the
     run_trial(config, trial_data, tmp_path, on_epoch=on_epoch, report_can_stop={3}.__contains__)
     assert len(seen) == 6
     assert saved_val_loss() == pytest.approx(min(seen), rel=1e-4)
-    val = json.loads((tmp_path / "val_metrics.json").read_text())  # reused from the best epoch's predictions
+    val = json.loads(
+        (tmp_path / "val_metrics.json").read_text()
+    )  # reused from the best epoch's predictions
     assert val["val_loss"] == pytest.approx(min(seen), rel=1e-4)
 
 
 @needs_weights
 def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, tmp_path):
-    """MobileNetV2 from the offline ImageNet file learns the demo emotions; model.keras is the best model."""
+    """MobileNetV2 from the offline ImageNet file learns the demo emotions; model.keras is the best
+    model."""
     from fer.data.batches import predict_probs
     from fer.model.build import load_trained_model
 
     model_file, seen = tmp_path / "model.keras", []
 
     def on_epoch(record):  # what a scheduler would see if it stopped the trial right now
-        seen.append((record["val_loss"], model_file.stat().st_mtime_ns if model_file.exists() else None))
+        seen.append(
+            (record["val_loss"], model_file.stat().st_mtime_ns if model_file.exists() else None)
+        )
 
     config = dict(
         backbone="mobilenetv2",
@@ -196,11 +227,15 @@ def test_trial_beats_chance_and_saves_best_model_before_each_report(trial_data, 
     assert val["val_loss"] == pytest.approx(best, rel=1e-4)
     # the saved file is exactly the model that was evaluated
     probs = predict_probs(load_trained_model(model_file), trial_data.pixels("val", 48), 16)
-    assert np.mean(probs.argmax(axis=1) == trial_data.labels("val")) == pytest.approx(val["accuracy"]["value"])
+    assert np.mean(probs.argmax(axis=1) == trial_data.labels("val")) == pytest.approx(
+        val["accuracy"]["value"]
+    )
 
 
 @needs_weights
-@pytest.mark.parametrize("backbone,path", [("mobilenetv2", MOBILENETV2_FILE), ("mobilenet025", MOBILENET025_FILE)])
+@pytest.mark.parametrize(
+    "backbone,path", [("mobilenetv2", MOBILENETV2_FILE), ("mobilenet025", MOBILENET025_FILE)]
+)
 def test_weights_from_file_are_really_loaded(trial_data, backbone, path):
     import keras
 
@@ -215,19 +250,36 @@ def test_weights_from_file_are_really_loaded(trial_data, backbone, path):
 
     from_file, random_init = features(str(path)), features("none")
     assert not np.allclose(from_file, random_init, atol=1e-3)
-    # informative: they differ between images (random-init MobileNets give ~1e-12 everywhere, BN frozen)
+    # informative: they differ between images (random-init MobileNets give ~1e-12 everywhere, BN
+    # frozen)
     assert from_file.std(axis=0).mean() > 1e-3 > random_init.std(axis=0).mean()
 
 
 @pytest.mark.parametrize(
     "backbone,size,blocks,expected,inside,outside",
     [
-        ("inceptionv3", 75, 1, 22, ["mixed10", "mixed9_1"], ["mixed9"]),  # mixed9_1 is inside module mixed10
+        (
+            "inceptionv3",
+            75,
+            1,
+            22,
+            ["mixed10", "mixed9_1"],
+            ["mixed9"],
+        ),  # mixed9_1 is inside module mixed10
         ("mobilenetv2", 32, 2, 7, ["block_16_project", "Conv_1", "out_relu"], ["block_15_project"]),
-        ("densenet121", 32, 1, 1, ["relu"], ["conv5_block16_concat"]),  # top block: bn (frozen) + relu
+        (
+            "densenet121",
+            32,
+            1,
+            1,
+            ["relu"],
+            ["conv5_block16_concat"],
+        ),  # top block: bn (frozen) + relu
     ],
 )
-def test_block_aware_unfreezing_takes_whole_blocks(backbone, size, blocks, expected, inside, outside):
+def test_block_aware_unfreezing_takes_whole_blocks(
+    backbone, size, blocks, expected, inside, outside
+):
     from fer.model.backbones import get_backbone
     from fer.model.build import backbone_layers, build_model, set_stage
 
@@ -236,7 +288,9 @@ def test_block_aware_unfreezing_takes_whole_blocks(backbone, size, blocks, expec
     trainable = {layer.name for layer in backbone_layers(model) if layer.trainable}
     assert count == len(trainable) == expected
     assert set(inside) <= trainable and not set(outside) & trainable
-    assert not any(model.get_layer(name).__class__.__name__ == "BatchNormalization" for name in trainable)
+    assert not any(
+        model.get_layer(name).__class__.__name__ == "BatchNormalization" for name in trainable
+    )
     assert set_stage(model, "head", blocks, "blocks", get_backbone(backbone)) == 0
     assert not any(layer.trainable for layer in backbone_layers(model))
 
@@ -249,7 +303,9 @@ def test_imagenet_download_failure_names_the_alternatives():
     except UserError as exc:
         message = str(exc)
     else:
-        pytest.skip("ImageNet weights could be fetched here (online or cached): no failure to check")
+        pytest.skip(
+            "ImageNet weights could be fetched here (online or cached): no failure to check"
+        )
     assert "--weights PATH" in message and "weights=none" in message and "\n" not in message
 
 
@@ -257,7 +313,9 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
     from fer.model.build import build_model
 
     with pytest.raises(UserError, match="weights file not found"):
-        build_model(make_config(backbone="mobilenet025", image_size=32, weights=str(tmp_path / "x.h5")), 5)
+        build_model(
+            make_config(backbone="mobilenet025", image_size=32, weights=str(tmp_path / "x.h5")), 5
+        )
     bad = tmp_path / "bad.weights.h5"
     bad.write_bytes(b"not hdf5")
     with pytest.raises(UserError, match="could not load weights file"):
@@ -274,10 +332,18 @@ def test_test_split_untouched_and_runs_repeatable(trial_data, tmp_path):
         path.write_bytes(b"garbage")
         garbage[path.name] = b"garbage"
     assert garbage  # the prepared test cache exists, so it is really made unreadable
-    weights = dict(weights=str(MOBILENET025_FILE)) if MOBILENET025_FILE.is_file() else dict(weights="none")
-    config = dict(backbone="mobilenet025", image_size=48, **weights, **TINY)  # the prepared size: no rebuild
+    weights = (
+        dict(weights=str(MOBILENET025_FILE))
+        if MOBILENET025_FILE.is_file()
+        else dict(weights="none")
+    )
+    config = dict(
+        backbone="mobilenet025", image_size=48, **weights, **TINY
+    )  # the prepared size: no rebuild
     run_trial(config, StudyData(data_dir), tmp_path / "a")
-    assert {p.name: p.read_bytes() for p in pixel_dir.glob("test_*.npy")} == garbage  # none built, none read
+    assert {
+        p.name: p.read_bytes() for p in pixel_dir.glob("test_*.npy")
+    } == garbage  # none built, none read
     assert not list((tmp_path / "a").glob("test_*"))
     # same config, same seed, untouched copy of the data: the same run, number for number
     run_trial(config, trial_data, tmp_path / "b")
@@ -287,7 +353,8 @@ def test_test_split_untouched_and_runs_repeatable(trial_data, tmp_path):
     )
 
 
-# ---- the command line -----------------------------------------------------------------------------------
+# ---- the command line
+# -----------------------------------------------------------------------------------
 
 
 def _cli(args, cwd=None):
@@ -361,7 +428,8 @@ def test_cli_train_prepares_a_raw_folder_and_evaluates_test_on_request(demo_data
     assert {"path", "label", "predicted", "p_happy"} <= set(predictions.columns)
 
 
-# ---- other backends and process setup (subprocesses: a fresh interpreter each) -----------------------------
+# ---- other backends and process setup (subprocesses: a fresh interpreter each)
+# -----------------------------
 
 _JAX_TRIAL = """
 import json, sys
@@ -391,6 +459,8 @@ def test_configure_backend_limits_tensorflow_threads():
         "tf.config.threading.get_inter_op_parallelism_threads())"
     )
     env = dict(os.environ, KERAS_BACKEND="tensorflow", FER_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["1", "1", "1"]

@@ -1,5 +1,5 @@
-"""The report's verdict (study.report.verdict): chance, undertrained and collapse flags on hand-made histories and
-predictions, and the paired comparisons of a small hand-made study."""
+"""The report's verdict (study.report.verdict): chance, undertrained and collapse flags on hand-made
+histories and predictions, and the paired comparisons of a small hand-made study."""
 
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ def _history(rows):
 
 
 def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
-    """The flags follow the trial's own collapse record (fer.train.collapse, what training warned about), not a
-    second reading of the losses."""
+    """The flags follow the trial's own collapse record (fer.train.collapse, what training warned
+    about), not a second reading of the losses."""
     uniform = "uniform outputs (mean top probability 0.201, 1/K = 0.200)"
-    # the known case: the head stage learns, the first fine-tune epoch collapses to uniform outputs (ln 5)
+    # the known case: the head stage learns, the first fine-tune epoch collapses to uniform outputs
+    # (ln 5)
     collapsed = _history(
         [
             ("head", 1.5, 1.40, 0.35),
@@ -60,11 +61,17 @@ def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
     assert stage_problems(collapsed, 5, {("finetune", 3): uniform}) == []
     one_class = _history([("head", 1.4, 1.2, 0.5), ("finetune", 1.1, 2.4, 0.05)])
     reason = "one class predicted (97% of val images are 'happy')"
-    assert [p["kind"] for p in stage_problems(one_class, 5, {("finetune", 2): reason})] == ["collapsed"]
-    # a from-scratch head stage at chance (recorded as collapsed), then learning: no collapse, nothing lost
-    scratch = _history([("head", 1.61, 1.61, 0.07), ("finetune", 1.2, 0.9, 0.6), ("finetune", 0.6, 0.4, 0.85)])
+    assert [p["kind"] for p in stage_problems(one_class, 5, {("finetune", 2): reason})] == [
+        "collapsed"
+    ]
+    # a from-scratch head stage at chance (recorded as collapsed), then learning: no collapse,
+    # nothing lost
+    scratch = _history(
+        [("head", 1.61, 1.61, 0.07), ("finetune", 1.2, 0.9, 0.6), ("finetune", 0.6, 0.4, 0.85)]
+    )
     assert stage_problems(scratch, 5, {("head", 1): uniform}) == []
-    # losses near ln K without a collapse record (a from-scratch head stage, then learning): nothing to flag
+    # losses near ln K without a collapse record (a from-scratch head stage, then learning): nothing
+    # to flag
     learning = _history(
         [
             ("head", 1.62, 1.60, 0.15),
@@ -82,12 +89,18 @@ def test_collapsed_finetune_stage_is_flagged_learning_stages_are_not():
 
 
 def test_undertrained_only_when_the_last_epoch_is_clearly_best():
-    still_falling = _history([("head", 1.5, 1.4, 0.3), ("finetune", 1.0, 0.9, 0.6), ("finetune", 0.7, 0.6, 0.8)])
+    still_falling = _history(
+        [("head", 1.5, 1.4, 0.3), ("finetune", 1.0, 0.9, 0.6), ("finetune", 0.7, 0.6, 0.8)]
+    )
     text = undertrained(still_falling)
     assert text.startswith("undertrained: raise epochs_finetune") and "epoch 3" in text
-    plateau = _history([("head", 1.5, 1.4, 0.3), ("finetune", 1.0, 0.50, 0.8), ("finetune", 0.7, 0.499, 0.8)])
+    plateau = _history(
+        [("head", 1.5, 1.4, 0.3), ("finetune", 1.0, 0.50, 0.8), ("finetune", 0.7, 0.499, 0.8)]
+    )
     assert undertrained(plateau) is None  # 0.2% better: converged, not undertrained
-    stopped_early = _history([("head", 1.5, 1.4, 0.3), ("finetune", 1.0, 0.5, 0.8), ("finetune", 0.7, 0.6, 0.8)])
+    stopped_early = _history(
+        [("head", 1.5, 1.4, 0.3), ("finetune", 1.0, 0.5, 0.8), ("finetune", 0.7, 0.6, 0.8)]
+    )
     assert undertrained(stopped_early) is None
 
 
@@ -108,7 +121,9 @@ def test_chance_flags_interval_and_one_class():
     one_class[:, 2] = 30
     flags = chance_flags("flat", _test_metrics(0.2, [0.14, 0.26], one_class.tolist()))
     assert len(flags) == 2 and "covers 1/5" in flags[0] and "predicts 'c' for 100%" in flags[1]
-    spread = (np.full((5, 5), 6)).tolist()  # random guessing over all classes: the interval covers 0.2
+    spread = (
+        np.full((5, 5), 6)
+    ).tolist()  # random guessing over all classes: the interval covers 0.2
     flags = chance_flags("guess", _test_metrics(0.2, [0.15, 0.26], spread))
     assert len(flags) == 1 and "covers" in flags[0]
 
@@ -132,7 +147,11 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
         (folder / "selection.json").write_text(json.dumps({"trial_id": f"{name}_1"}))
         accuracy = float(np.mean(pred == labels))
         cm = (
-            pd.crosstab(pd.Categorical(labels, list("abcde")), pd.Categorical(pred, list("abcde")), dropna=False)
+            pd.crosstab(
+                pd.Categorical(labels, list("abcde")),
+                pd.Categorical(pred, list("abcde")),
+                dropna=False,
+            )
             .to_numpy()
             .tolist()
         )
@@ -142,16 +161,29 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
                 "ok",
                 folder=folder,
                 test=_test_metrics(accuracy, [accuracy - 0.05, accuracy + 0.05], cm),
-                history=_history([("head", 1.2, 1.0, 0.5), ("finetune", 0.6, 0.5, 0.8), ("finetune", 0.5, 0.52, 0.8)]),
+                history=_history(
+                    [
+                        ("head", 1.2, 1.0, 0.5),
+                        ("finetune", 0.6, 0.5, 0.8),
+                        ("finetune", 0.5, 0.52, 0.8),
+                    ]
+                ),
             )
         )
     (tmp_path / "trials" / "good_2").mkdir(parents=True)
     _history([("head", 1.5, 1.3, 0.4), ("finetune", LN5, LN5, 0.067)]).to_csv(
         tmp_path / "trials" / "good_2" / "history.csv", index=False
     )
-    # the record training writes (fer.train.collapse) when the fine-tune epoch gives every image the same outputs
-    log = CollapseLog(tmp_path / "trials" / "good_2", {"lr_finetune": 3e-4, "unfreeze_layers": 30}, 5)
-    log.check("head", {"epoch": 1, "loss": 1.5, "val_loss": 1.3}, np.eye(5)[np.arange(200) % 5] * 0.8 + 0.04)
+    # the record training writes (fer.train.collapse) when the fine-tune epoch gives every image the
+    # same outputs
+    log = CollapseLog(
+        tmp_path / "trials" / "good_2", {"lr_finetune": 3e-4, "unfreeze_layers": 30}, 5
+    )
+    log.check(
+        "head",
+        {"epoch": 1, "loss": 1.5, "val_loss": 1.3},
+        np.eye(5)[np.arange(200) % 5] * 0.8 + 0.04,
+    )
     log.check("finetune", {"epoch": 2, "loss": LN5, "val_loss": LN5}, np.full((200, 5), 0.2))
     trials = pd.DataFrame(
         [
@@ -165,7 +197,9 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
             }
         ]
     )
-    space = {"space": {"lr_finetune": {"loguniform": [1e-5, 1e-3]}, "dropout": {"uniform": [0.1, 0.6]}}}
+    space = {
+        "space": {"lr_finetune": {"loguniform": [1e-5, 1e-3]}, "dropout": {"uniform": [0.1, 0.6]}}
+    }
     study = StudyResults(tmp_path, "s", {"space": space}, None, trials, backbones, [])
     verdict = build_verdict(study, ["good: the best dropout = 0.6 sits at the upper edge"])
     assert _headline(verdict).startswith(
@@ -184,5 +218,9 @@ def test_build_verdict_pairs_and_trial_flags(tmp_path):
 
 
 def test_undertrained_ignores_a_near_perfect_models_shrinking_loss():
-    tiny = _history([("head", 1.5, 1.4, 0.3), ("finetune", 0.1, 0.012, 1.0), ("finetune", 0.05, 0.006, 1.0)])
-    assert undertrained(tiny) is None  # 50% lower, but by 0.006: accuracy cannot improve, confidence does
+    tiny = _history(
+        [("head", 1.5, 1.4, 0.3), ("finetune", 0.1, 0.012, 1.0), ("finetune", 0.05, 0.006, 1.0)]
+    )
+    assert (
+        undertrained(tiny) is None
+    )  # 50% lower, but by 0.006: accuracy cannot improve, confidence does

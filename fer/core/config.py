@@ -1,10 +1,10 @@
 """Trial configuration: one flat dict of named hyperparameters, validated in one place.
 
-The same keys are used by `fer-study train --set key=value`, by search-space YAML (`fixed:` and `space:`)
-and by `config.json` in every trial folder. Defaults reproduce the published method. `PARAMS` holds each
-key's one default and range (docs/config.md is generated from it: `markdown_table`); `make_config` checks
-every key and every rule between keys (`check_rules`). A trial validates its config once, in
-`fer.train.trial.run_trial`.
+The same keys are used by `fer-study train --set key=value`, by search-space YAML (`fixed:` and
+`space:`) and by `config.json` in every trial folder. Defaults reproduce the published method.
+`PARAMS` holds each key's one default and range (docs/config.md is generated from it:
+`markdown_table`); `make_config` checks every key and every rule between keys (`check_rules`). A
+trial validates its config once, in `fer.train.trial.run_trial`.
 """
 
 from __future__ import annotations
@@ -47,21 +47,31 @@ PARAMS: dict[str, Param] = {
     "weights": Param(str, "imagenet", help="'imagenet', 'none', or a path to a weights file"),
     "dense_units": Param(int, 256, 1, 8192, help="units of the head's hidden Dense layer"),
     "dropout": Param(float, 0.53, 0.0, 0.95, help="dropout rate before the softmax layer"),
-    "unfreeze_layers": Param(int, 30, 0, 10000, help="backbone layers (or blocks) trainable in stage 2"),
+    "unfreeze_layers": Param(
+        int, 30, 0, 10000, help="backbone layers (or blocks) trainable in stage 2"
+    ),
     "unfreeze_unit": Param(
         str,
         "layers",
         choices=("layers", "blocks"),
         help="count unfrozen 'layers' (published) or whole 'blocks' of the backbone",
     ),
-    "lr_head": Param(float, 1e-3, 1e-7, 1.0, help="Adam learning rate of stage 1 (frozen backbone)"),
-    "lr_finetune": Param(float, 1e-4, 1e-9, 1.0, help="Adam learning rate of stage 2 (fine-tuning)"),
-    "batch_size": Param(int, 32, 1, 4096, help="images per training step (and per prediction batch)"),
+    "lr_head": Param(
+        float, 1e-3, 1e-7, 1.0, help="Adam learning rate of stage 1 (frozen backbone)"
+    ),
+    "lr_finetune": Param(
+        float, 1e-4, 1e-9, 1.0, help="Adam learning rate of stage 2 (fine-tuning)"
+    ),
+    "batch_size": Param(
+        int, 32, 1, 4096, help="images per training step (and per prediction batch)"
+    ),
     "epochs_head": Param(int, 20, 0, 10000, help="maximum epochs of stage 1"),
     "epochs_finetune": Param(int, 20, 0, 10000, help="maximum epochs of stage 2"),
     "patience": Param(int, 5, 1, 1000, help="early-stopping patience (reduce-LR uses half of it)"),
     "augment": Param(float, 1.0, 0.0, 5.0, help="augmentation strength; 0 disables, 1 = published"),
-    "label_smoothing": Param(float, 0.0, 0.0, 0.5, help="label smoothing of the cross-entropy loss"),
+    "label_smoothing": Param(
+        float, 0.0, 0.0, 0.5, help="label smoothing of the cross-entropy loss"
+    ),
     "bn_epsilon": Param(
         float,
         0.0,
@@ -71,7 +81,11 @@ PARAMS: dict[str, Param] = {
         "(1e-3 in keras.applications); weights ported from PyTorch need 1e-5",
     ),
     "seed": Param(
-        int, 0, 0, 2**31 - 1, help="seed of the weight initialisation, shuffling, augmentation and bootstrap intervals"
+        int,
+        0,
+        0,
+        2**31 - 1,
+        help="seed of the weight initialisation, shuffling, augmentation and bootstrap intervals",
     ),
     "head_features": Param(
         str,
@@ -130,7 +144,9 @@ def coerce(key: str, value: Any) -> Any:
         else:
             out = str(value)
     except (TypeError, ValueError):
-        raise UserError(f"config key '{key}': expected {spec.type.__name__}, got {value!r}") from None
+        raise UserError(
+            f"config key '{key}': expected {spec.type.__name__}, got {value!r}"
+        ) from None
     if spec.low is not None and not (spec.low <= out <= spec.high):
         raise UserError(f"config key '{key}': {out!r} is outside [{spec.low}, {spec.high}]")
     if spec.choices is not None and out not in spec.choices:
@@ -167,7 +183,9 @@ def check_rules(config: dict[str, Any]) -> None:
     if backbone is None:
         raise UserError(f"unknown backbone '{config['backbone']}' (known: {', '.join(BACKBONES)})")
     if config["image_size"] < backbone.min_size:
-        raise UserError(f"image_size {config['image_size']} is below {backbone.name}'s minimum of {backbone.min_size}")
+        raise UserError(
+            f"image_size {config['image_size']} is below {backbone.name}'s minimum of {backbone.min_size}"
+        )
     if 0 < config["finetune_cache_units"] < config["unfreeze_layers"]:
         raise UserError(
             f"finetune_cache_units {config['finetune_cache_units']} is below unfreeze_layers "
@@ -176,7 +194,8 @@ def check_rules(config: dict[str, Any]) -> None:
 
 
 def markdown_table() -> str:
-    """The Markdown table of every key (docs/config.md holds it; tests/test_docs.py checks it is current)."""
+    """The Markdown table of every key (docs/config.md holds it; tests/test_docs.py checks it is
+    current)."""
 
     def show(value: Any) -> str:
         return "`none`" if value is None else f"`{value}`"
@@ -190,7 +209,9 @@ def markdown_table() -> str:
         else:
             allowed = "see meaning"
         meaning = spec.help.replace("|", "\\|")
-        lines.append(f"| `{key}` | {spec.type.__name__} | {show(spec.default)} | {allowed} | {meaning} |")
+        lines.append(
+            f"| `{key}` | {spec.type.__name__} | {show(spec.default)} | {allowed} | {meaning} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,14 +1,15 @@
-"""Compute something once across processes and nodes that share a folder (create-or-wait on a lock file).
+"""Compute something once across processes and nodes that share a folder (create-or-wait on a lock
+file).
 
-Used for results that many trials of a study need and that are expensive (the head-stage feature cache):
-the first process to create `<name>.lock` with O_CREAT|O_EXCL (atomic on local file systems and NFS v3+)
-computes, writing its files under temporary names and moving them into place with `os.replace`, a marker
-file last; the others poll until the marker appears. The owner touches its lock often (`beat`), so a lock
-left untouched for `stale_s` seconds is taken to belong to a dead process and is broken. No Ray, no fcntl
-(advisory locks are not reliable across NFS clients).
+Used for results that many trials of a study need and that are expensive (the head-stage feature
+cache): the first process to create `<name>.lock` with O_CREAT|O_EXCL (atomic on local file systems
+and NFS v3+) computes, writing its files under temporary names and moving them into place with
+`os.replace`, a marker file last; the others poll until the marker appears. The owner touches its
+lock often (`beat`), so a lock left untouched for `stale_s` seconds is taken to belong to a dead
+process and is broken. No Ray, no fcntl (advisory locks are not reliable across NFS clients).
 
-Also the project's atomic file writes (`atomic_write_text`, `write_json`): a reader on any node sees the
-old file or the whole new one.
+Also the project's atomic file writes (`atomic_write_text`, `write_json`): a reader on any node sees
+the old file or the whole new one.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data, *, sort_keys: bool = False) -> None:
-    """The project's one JSON writer: atomic (`atomic_write_text`), indented, newline-terminated; numpy
-    scalars become numbers and anything else JSON cannot hold becomes its string."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys, default=_jsonable) + "\n")
+    """The project's one JSON writer: atomic (`atomic_write_text`), indented, newline-terminated;
+    numpy scalars become numbers and anything else JSON cannot hold becomes its string."""
+    atomic_write_text(
+        path, json.dumps(data, indent=2, sort_keys=sort_keys, default=_jsonable) + "\n"
+    )
 
 
 def _jsonable(value):
@@ -62,9 +65,9 @@ def create_or_wait(
 ) -> bool:
     """Make sure `compute` has run once, across processes and nodes: `marker` existing means done.
 
-    Returns True when this process ran `compute(beat)`; `beat()` refreshes the lock (call it often). A lock
-    whose mtime is older than `stale_s` is broken (its owner died). If `compute` raises, the lock is
-    removed and the error propagates; a waiting process then tries itself.
+    Returns True when this process ran `compute(beat)`; `beat()` refreshes the lock (call it often).
+    A lock whose mtime is older than `stale_s` is broken (its owner died). If `compute` raises, the
+    lock is removed and the error propagates; a waiting process then tries itself.
     """
     announced = False
     while True:
@@ -81,7 +84,9 @@ def create_or_wait(
             time.sleep(poll_s)
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+            f.write(
+                json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+            )
         try:
             if marker.exists():  # finished by another process between our check and our lock
                 return False
@@ -90,7 +95,9 @@ def create_or_wait(
         finally:
             try:
                 os.unlink(lock)
-            except FileNotFoundError:  # broken as stale by another process (we were too slow to beat)
+            except (
+                FileNotFoundError
+            ):  # broken as stale by another process (we were too slow to beat)
                 pass
 
 
@@ -110,11 +117,12 @@ def _read_owner(lock: Path) -> str:
 
 
 def _break_if_stale(lock: Path, stale_s: float) -> bool:
-    """Remove `lock` if it was not touched for `stale_s` seconds. Returns True if the caller should retry now.
+    """Remove `lock` if it was not touched for `stale_s` seconds. Returns True if the caller should
+    retry now.
 
-    The stale file is first renamed to a name of our own, so of several waiters only one removes it; if what
-    we renamed turns out to be a fresh lock (replaced in between), it is put back (link fails if a newer one
-    exists, which then wins).
+    The stale file is first renamed to a name of our own, so of several waiters only one removes it;
+    if what we renamed turns out to be a fresh lock (replaced in between), it is put back (link
+    fails if a newer one exists, which then wins).
     """
     try:
         st = lock.stat()

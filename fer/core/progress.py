@@ -1,8 +1,9 @@
-"""Progress lines for long one-off steps (feature caches, pixel caches): done/total, rate, time left.
+"""Progress lines for long one-off steps (feature caches, pixel caches): done/total, rate, time
+left.
 
-A cache for a large dataset can take minutes; without a line every few seconds a user cannot tell a slow
-step from a hung one. Lines go to the `fer.core.progress` logger: `fer-study train` shows them on the terminal,
-a study's trials append them to the study's `study.log` (see `log_to_file`).
+A cache for a large dataset can take minutes; without a line every few seconds a user cannot tell a
+slow step from a hung one. Lines go to the `fer.core.progress` logger: `fer-study train` shows them
+on the terminal, a study's trials append them to the study's `study.log` (see `log_to_file`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,24 @@ log = logging.getLogger("fer.core.progress")
 
 
 class Progress:
-    """`advance(n)` after each chunk of work; a line at most every `every_s` seconds, and one at the end."""
+    """`advance(n)` after each chunk of work; a line at most every `every_s` seconds, and one at the
+    end."""
 
-    def __init__(self, what: str, total: int, unit: str = "images", every_s: float = 10.0, clock=time.perf_counter):
-        self.what, self.total, self.unit, self.every_s, self.clock = what, max(0, int(total)), unit, every_s, clock
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        unit: str = "images",
+        every_s: float = 10.0,
+        clock=time.perf_counter,
+    ):
+        self.what, self.total, self.unit, self.every_s, self.clock = (
+            what,
+            max(0, int(total)),
+            unit,
+            every_s,
+            clock,
+        )
         self.done = 0
         self.started = self.last = clock()
 
@@ -55,7 +70,10 @@ def log_to_file(path: str | Path) -> None:
     """Progress lines appended to `path` (a study's study.log), once per process whatever the calls."""
     path = Path(path)
     for handler in log.handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.absolute():
+        if (
+            isinstance(handler, logging.FileHandler)
+            and Path(handler.baseFilename) == path.absolute()
+        ):
             return
     path.parent.mkdir(parents=True, exist_ok=True)
     _attach(logging.FileHandler(path))

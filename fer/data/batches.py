@@ -1,9 +1,10 @@
 """The input pipeline of training and prediction: fixed-shape batches from memory-mapped arrays.
 
-`PixelBatches` serves uint8 images from the study's pixel cache (the exact path) or, as `FeatureViews`,
-the cached frozen-part activations of `fer.train.feature_cache` (one augmented view per image per epoch).
-`predict_probs` runs a model over such batches. Kept apart from `fer.train.trial` (which drives the stages)
-and `fer.train.feature_cache` (which computes the caches) so both can use it without importing each other.
+`PixelBatches` serves uint8 images from the study's pixel cache (the exact path) or, as
+`FeatureViews`, the cached frozen-part activations of `fer.train.feature_cache` (one augmented view
+per image per epoch). `predict_probs` runs a model over such batches. Kept apart from
+`fer.train.trial` (which drives the stages) and `fer.train.feature_cache` (which computes the
+caches) so both can use it without importing each other.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ import numpy as np
 class PixelBatches(keras.utils.PyDataset):
     """Batches from a (memory-mapped) uint8 pixel array: (images, one-hot labels, class weights).
 
-    With `label_smoothing` the one-hot targets come already smoothed (`smooth_targets`), so the smoothing is
-    data, not a constant compiled into the train step (docs/pitfalls.md#baked-constants).
+    With `label_smoothing` the one-hot targets come already smoothed (`smooth_targets`), so the
+    smoothing is data, not a constant compiled into the train step
+    (docs/pitfalls.md#baked-constants).
 
     `pixels` may also be a tuple of arrays of equal length (a model with several inputs: the cached
     activations of fer.train.feature_cache); each batch then holds a tuple of arrays in their place.
 
-    Every batch has the same shape, because a new shape means a new trace/compile of the train or predict
-    step (tens of seconds for a large backbone on a CPU): for training the incomplete last batch is
-    dropped (the order is reshuffled every epoch, so a different few images sit out each time); for
-    prediction (no labels) the last batch is padded by repeating its last image, and the caller trims.
-    The shuffle is seeded, so a run is repeatable; indices are sorted inside a batch for locality.
+    Every batch has the same shape, because a new shape means a new trace/compile of the train or
+    predict step (tens of seconds for a large backbone on a CPU): for training the incomplete last
+    batch is dropped (the order is reshuffled every epoch, so a different few images sit out each
+    time); for prediction (no labels) the last batch is padded by repeating its last image, and the
+    caller trims. The shuffle is seeded, so a run is repeatable; indices are sorted inside a batch
+    for locality.
     """
 
     def __init__(
@@ -46,7 +49,9 @@ class PixelBatches(keras.utils.PyDataset):
         self.batch_size = min(batch_size, _length(pixels))
         self.sample_weights = None
         if labels is not None and class_weights:
-            table = np.array([class_weights.get(i, 1.0) for i in range(num_classes)], dtype=np.float32)
+            table = np.array(
+                [class_weights.get(i, 1.0) for i in range(num_classes)], dtype=np.float32
+            )
             self.sample_weights = table[labels]
         self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
         self.order = np.arange(_length(pixels))
@@ -72,7 +77,9 @@ class PixelBatches(keras.utils.PyDataset):
             pad = self.batch_size - len(idx)
             return (_take(self.pixels, np.concatenate([idx, np.repeat(idx[-1:], pad)])),)
         images = _take(self.pixels, idx)
-        onehot = smooth_targets(np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]], self.label_smoothing)
+        onehot = smooth_targets(
+            np.eye(self.num_classes, dtype=np.float32)[self.labels[idx]], self.label_smoothing
+        )
         if self.sample_weights is None:
             return images, onehot
         return images, onehot, self.sample_weights[idx]
@@ -83,9 +90,10 @@ class PixelBatches(keras.utils.PyDataset):
 
 
 def smooth_targets(onehot: np.ndarray, label_smoothing: float) -> np.ndarray:
-    """Label-smoothed float32 targets, the same numbers Keras's `CategoricalCrossentropy(label_smoothing=s)`
-    computes inside the step: y * float32(1 - s) + float32(s) / float32(K) (1 - s rounded from double, as
-    from a Python float), each operation rounded to float32. s = 0 leaves the targets as they are."""
+    """Label-smoothed float32 targets, the same numbers Keras's
+    `CategoricalCrossentropy(label_smoothing=s)` computes inside the step: y * float32(1 - s) +
+    float32(s) / float32(K) (1 - s rounded from double, as from a Python float), each operation
+    rounded to float32. s = 0 leaves the targets as they are."""
     if not label_smoothing:
         return onehot
     onehot = onehot.astype(np.float32, copy=False)
@@ -104,21 +112,24 @@ def _take(pixels, idx: np.ndarray):
 
 
 def predict_probs(model: keras.Model, pixels, batch_size: int) -> np.ndarray:
-    """Softmax probabilities for uint8 images (or a tuple of a model's input arrays), in order (inference
-    mode: no augmentation, no dropout)."""
+    """Softmax probabilities for uint8 images (or a tuple of a model's input arrays), in order
+    (inference mode: no augmentation, no dropout)."""
     n = _length(pixels)
     if n == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    # batch by batch, not model.predict: under TensorFlow every predict call builds a tf.data pipeline over
-    # these batches and tears it down, which waits for its prefetch thread (with two trials on two cores,
-    # time a core sat idle; docs/benchmarks.md); the same compiled predict step
+    # batch by batch, not model.predict: under TensorFlow every predict call builds a tf.data
+    # pipeline over these batches and tears it down, which waits for its prefetch thread (with two
+    # trials on two cores, time a core sat idle; docs/benchmarks.md); the same compiled predict step
     batches = PixelBatches(pixels, batch_size)
-    probs = np.concatenate([np.asarray(model.predict_on_batch(batches[i][0])) for i in range(len(batches))])
+    probs = np.concatenate(
+        [np.asarray(model.predict_on_batch(batches[i][0])) for i in range(len(batches))]
+    )
     return np.asarray(probs[:n], dtype=np.float32)  # drop the padding of the last batch
 
 
 class FeatureViews(PixelBatches):
-    """Training batches from cached features: one view per image per epoch, cycling through the views.
+    """Training batches from cached features: one view per image per epoch, cycling through the
+    views.
 
     Same shuffling, one-hot labels and class weights as the pixel batches of the exact path."""
 
@@ -133,7 +144,13 @@ class FeatureViews(PixelBatches):
         label_smoothing: float = 0.0,
     ):
         super().__init__(
-            one_view(views, 0), batch_size, labels, num_classes, class_weights, shuffle_seed, label_smoothing
+            one_view(views, 0),
+            batch_size,
+            labels,
+            num_classes,
+            class_weights,
+            shuffle_seed,
+            label_smoothing,
         )
         self.views, self.view = views, 0
 
@@ -144,8 +161,8 @@ class FeatureViews(PixelBatches):
 
 
 def model_input(arrays: list[np.ndarray]):
-    """What a model with these inputs takes: the array itself for one input, else a tuple (PixelBatches
-    takes both)."""
+    """What a model with these inputs takes: the array itself for one input, else a tuple
+    (PixelBatches takes both)."""
     return arrays[0] if len(arrays) == 1 else tuple(arrays)
 
 

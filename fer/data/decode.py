@@ -1,9 +1,10 @@
 """Decoding one image file into RGB pixels, whatever its extension, mode or orientation says.
 
-Pillow identifies a file by its content (magic bytes), not its name, and after `register_heif_opener()` that
-includes HEIC/HEIF; so a HEIC named `.jpg` is read and a text file named `.png` is refused. Everything a
-dataset throws at us ends in one of two outcomes: an RGB uint8 array (with a note when it had to be
-converted), or a `Quarantine` with a human-readable reason. Nothing here writes to the file.
+Pillow identifies a file by its content (magic bytes), not its name, and after
+`register_heif_opener()` that includes HEIC/HEIF; so a HEIC named `.jpg` is read and a text file
+named `.png` is refused. Everything a dataset throws at us ends in one of two outcomes: an RGB uint8
+array (with a note when it had to be converted), or a `Quarantine` with a human-readable reason.
+Nothing here writes to the file.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pillow_heif import register_heif_opener
 
 register_heif_opener()
 
-# Larger images are refused before their pixels are decoded: a 100 MB PNG can declare 40000 x 40000 pixels
-# and ask for gigabytes of memory. 100 megapixels is above any phone or DSLR photo.
+# Larger images are refused before their pixels are decoded: a 100 MB PNG can declare 40000 x 40000
+# pixels and ask for gigabytes of memory. 100 megapixels is above any phone or DSLR photo.
 MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None  # we enforce MAX_PIXELS ourselves, with our own message
 
@@ -40,8 +41,9 @@ class Decoded:
     rgb: np.ndarray  # uint8 (H, W, 3), orientation applied
     format: str  # what the content is (JPEG, PNG, WEBP, HEIF, ...), not what the name says
     notes: list[str]  # conversions applied; empty when the file was plain RGB the right way up
-    # the decoded image itself where it is plain greyscale or RGB (the same pixels as `rgb`): the signature
-    # is made from it directly, without a round trip through the RGB array (`image_signature`)
+    # the decoded image itself where it is plain greyscale or RGB (the same pixels as `rgb`): the
+    # signature is made from it directly, without a round trip through the RGB array
+    # (`image_signature`)
     image: Image.Image | None = None
 
     @property
@@ -50,7 +52,8 @@ class Decoded:
 
 
 def decode_file(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> Decoded:
-    """Read `path` (or its already-read bytes `data`) into RGB pixels, or raise `Quarantine` with the reason."""
+    """Read `path` (or its already-read bytes `data`) into RGB pixels, or raise `Quarantine` with
+    the reason."""
     if data is None:
         try:
             size = path.stat().st_size
@@ -67,7 +70,9 @@ def decode_file(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = N
                 fmt = img.format or "unknown"
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise Quarantine(f"decompression bomb: {width}x{height} pixels is over the limit of {max_pixels:,}")
+                    raise Quarantine(
+                        f"decompression bomb: {width}x{height} pixels is over the limit of {max_pixels:,}"
+                    )
                 img.load()
                 notes: list[str] = []
                 if fmt == "HEIF" or fmt == "AVIF":
@@ -148,7 +153,8 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def pixel_hash(rgb: np.ndarray) -> str:
-    """sha256 of the decoded pixels and their shape: equal for byte-different files of the same image."""
+    """sha256 of the decoded pixels and their shape: equal for byte-different files of the same
+    image."""
     h = hashlib.sha256(f"{rgb.shape}".encode())
     h.update(np.ascontiguousarray(rgb).tobytes())
     return h.hexdigest()

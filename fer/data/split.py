@@ -1,9 +1,10 @@
-"""Assigning images to train/val/test: stratified by class, groups kept whole, deterministic per seed.
+"""Assigning images to train/val/test: stratified by class, groups kept whole, deterministic per
+seed.
 
-A group is everything that must not straddle splits: one subject (from `--group-regex`) and every duplicate
-cluster. Groups are placed largest first (ties in seeded random order) into the split whose per-class
-targets they fill best, which keeps each class close to the requested fractions even when a subject holds
-images of several classes.
+A group is everything that must not straddle splits: one subject (from `--group-regex`) and every
+duplicate cluster. Groups are placed largest first (ties in seeded random order) into the split
+whose per-class targets they fill best, which keeps each class close to the requested fractions even
+when a subject holds images of several classes.
 """
 
 from __future__ import annotations
@@ -24,22 +25,31 @@ def parse_fractions(text_or_tuple) -> tuple[float, float, float]:
         try:
             parts = tuple(float(x) for x in text_or_tuple.split(","))
         except ValueError:
-            raise UserError(f"--split must be three numbers like 0.7,0.15,0.15, got {text_or_tuple!r}") from None
+            raise UserError(
+                f"--split must be three numbers like 0.7,0.15,0.15, got {text_or_tuple!r}"
+            ) from None
     else:
         parts = tuple(float(x) for x in text_or_tuple)
     if len(parts) != 3 or any(p <= 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
-        raise UserError(f"--split needs three positive fractions summing to 1 (train,val,test), got {parts}")
+        raise UserError(
+            f"--split needs three positive fractions summing to 1 (train,val,test), got {parts}"
+        )
     return parts  # type: ignore[return-value]
 
 
 def group_split(
-    labels: np.ndarray, groups: list[str], n_classes: int, fractions, seed: int, largest_first: bool = True
+    labels: np.ndarray,
+    groups: list[str],
+    n_classes: int,
+    fractions,
+    seed: int,
+    largest_first: bool = True,
 ) -> np.ndarray:
     """Return a split index (0 train, 1 val, 2 test) per image; images of one group share it.
 
-    `largest_first=False` places the groups in a purely seeded random order: the fractions are kept less
-    tightly, but with few groups (10 people) different seeds then give different splits, where largest-first
-    mostly puts the same big groups in the same place whatever the seed."""
+    `largest_first=False` places the groups in a purely seeded random order: the fractions are kept
+    less tightly, but with few groups (10 people) different seeds then give different splits, where
+    largest-first mostly puts the same big groups in the same place whatever the seed."""
     fractions = np.asarray(fractions, dtype=float)
     names, group_idx = np.unique(np.asarray(groups, dtype=object), return_inverse=True)
     counts = np.zeros((len(names), n_classes))
@@ -53,7 +63,9 @@ def group_split(
         order = order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
     assignment = np.empty(len(names), dtype=np.int64)
     for g in order:
-        need = (targets - filled) / np.maximum(targets, 1e-9)  # relative deficit per split and class
+        need = (targets - filled) / np.maximum(
+            targets, 1e-9
+        )  # relative deficit per split and class
         score = (need * counts[g][None, :]).sum(axis=1) / counts[g].sum()
         s = int(np.argmax(score))
         assignment[g] = s
@@ -61,7 +73,9 @@ def group_split(
     return assignment[group_idx]
 
 
-def check_every_split_has_every_class(labels: np.ndarray, split_idx: np.ndarray, classes: list[str], how: str) -> None:
+def check_every_split_has_every_class(
+    labels: np.ndarray, split_idx: np.ndarray, classes: list[str], how: str
+) -> None:
     for c, name in enumerate(classes):
         mine = split_idx[labels == c]
         missing = [SPLITS[s] for s in range(3) if not np.any(mine == s)]
@@ -74,7 +88,8 @@ def check_every_split_has_every_class(labels: np.ndarray, split_idx: np.ndarray,
 
 
 def parse_predefined(spec) -> dict[str, str] | Path:
-    """`train=^Training_,val=^PublicTest_,test=^PrivateTest_` -> patterns; an existing .csv -> its Path."""
+    """`train=^Training_,val=^PublicTest_,test=^PrivateTest_` -> patterns; an existing .csv -> its
+    Path."""
     if isinstance(spec, dict):
         patterns = dict(spec)
     else:
@@ -87,15 +102,21 @@ def parse_predefined(spec) -> dict[str, str] | Path:
         for part in text.split(","):
             key, sep, value = part.partition("=")
             if not sep:
-                raise UserError(f"--predefined expects split=REGEX pairs or a CSV file, got {part!r}")
+                raise UserError(
+                    f"--predefined expects split=REGEX pairs or a CSV file, got {part!r}"
+                )
             patterns[key.strip()] = value.strip()
     if set(patterns) != set(SPLITS):
-        raise UserError(f"--predefined must give a pattern for each of train, val, test; got {sorted(patterns)}")
+        raise UserError(
+            f"--predefined must give a pattern for each of train, val, test; got {sorted(patterns)}"
+        )
     for key, value in patterns.items():
         try:
             re.compile(value)
         except re.error as exc:
-            raise UserError(f"--predefined {key} pattern {value!r} is not a valid regex: {exc}") from None
+            raise UserError(
+                f"--predefined {key} pattern {value!r} is not a valid regex: {exc}"
+            ) from None
     return patterns
 
 
@@ -109,7 +130,9 @@ def predefined_split(paths: list[str], spec: dict[str, str] | Path) -> list[str 
                     raise UserError(f"{spec} must have the columns path,split")
                 split = row["split"].strip()
                 if split not in SPLITS:
-                    raise UserError(f"{spec}: split {split!r} for {row['path']} is not train, val or test")
+                    raise UserError(
+                        f"{spec}: split {split!r} for {row['path']} is not train, val or test"
+                    )
                 table[row["path"].strip().replace("\\", "/")] = split
         return [table.get(p) for p in paths]
     compiled = [(s, re.compile(spec[s])) for s in SPLITS]

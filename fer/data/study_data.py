@@ -1,9 +1,9 @@
 """`StudyData`: a prepared study-data folder as every trial reads it.
 
-Labels and paths come from `manifest.csv`, pixels from one memory-mapped `.npy` per split and image size,
-so a trial that never asks for the test split never opens it. A size that was not prepared is built on
-first use from DATA (decoded once more, checked against the manifest's pixel hash), under a lock, so many
-trial processes asking at once build it once and all read the same finished file.
+Labels and paths come from `manifest.csv`, pixels from one memory-mapped `.npy` per split and image
+size, so a trial that never asks for the test split never opens it. A size that was not prepared is
+built on first use from DATA (decoded once more, checked against the manifest's pixel hash), under a
+lock, so many trial processes asking at once build it once and all read the same finished file.
 """
 
 from __future__ import annotations
@@ -48,20 +48,26 @@ class StudyData:
         self.dir = Path(data_dir)
         meta_path = self.dir / STUDY_DATA_FILE
         if not meta_path.is_file() or not (self.dir / MANIFEST_FILE).is_file():
-            raise UserError(f"{self.dir} is not a prepared study-data folder (run `fer-study prepare` first)")
+            raise UserError(
+                f"{self.dir} is not a prepared study-data folder (run `fer-study prepare` first)"
+            )
         try:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{meta_path} is not valid JSON: {exc}") from None
         self.classes: list[str] = list(self.meta["classes"])
         weights = json.loads((self.dir / AUDIT_FILE).read_text())["class_weights"]
-        self.class_weights: dict[int, float] = {i: float(weights[c]) for i, c in enumerate(self.classes)}
+        self.class_weights: dict[int, float] = {
+            i: float(weights[c]) for i, c in enumerate(self.classes)
+        }
         self.source = Path(self.meta["source"])
 
     @cached_property
     def _manifest(self) -> pd.DataFrame:
         return pd.read_csv(
-            self.dir / MANIFEST_FILE, dtype={"path": str, "label": str, "split": str}, keep_default_na=False
+            self.dir / MANIFEST_FILE,
+            dtype={"path": str, "label": str, "split": str},
+            keep_default_na=False,
         )
 
     def _rows(self, split: str) -> pd.DataFrame:
@@ -81,7 +87,8 @@ class StudyData:
         return self.dir / "pixels" / f"{split}_{int(image_size)}.npy"
 
     def pixels(self, split: str, image_size: int) -> np.ndarray:
-        """uint8 (N, S, S, 3), memory-mapped, in manifest order; built from DATA if this size is new."""
+        """uint8 (N, S, S, 3), memory-mapped, in manifest order; built from DATA if this size is
+        new."""
         path = self.pixel_file(split, image_size)
         if not path.exists():
             self._build(split, int(image_size), path)

@@ -1,2 +1,2 @@
-"""Deployment: exports (SavedModel, TFLite, ONNX) that check themselves (`export`), running an export
-(`exported`), and size and latency figures (`latency`)."""
+"""Deployment: exports (SavedModel, TFLite, ONNX) that check themselves (`export`), running an
+export (`exported`), and size and latency figures (`latency`)."""

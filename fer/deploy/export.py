@@ -1,19 +1,22 @@
-"""Export a trained model for deployment (SavedModel, TFLite, ONNX) and check that it gives the same answers.
+"""Export a trained model for deployment (SavedModel, TFLite, ONNX) and check that it gives the same
+answers.
 
-The exported graph takes what a camera gives -- raw RGB uint8 images (batch, S, S, 3) -- and returns class
-probabilities: the model's `Preprocess` layer is inside it, and the augmentation layers (`aug_*`) are traced
-in inference mode, where they are identity (fer/model/layers.py). Next to the model, `export.json` names the
-classes, the input size and the check's results, so `fer-study predict` can use the export like a
-`model.keras`.
+The exported graph takes what a camera gives -- raw RGB uint8 images (batch, S, S, 3) -- and returns
+class probabilities: the model's `Preprocess` layer is inside it, and the augmentation layers
+(`aug_*`) are traced in inference mode, where they are identity (fer/model/layers.py). Next to the
+model, `export.json` names the classes, the input size and the check's results, so `fer-study
+predict` can use the export like a `model.keras`.
 
-How: Keras 3's own `model.export` writes the SavedModel and the ONNX file (the latter through tf2onnx, the
-optional `onnx` extra) with a uint8 input signature; TFLite is `tf.lite.TFLiteConverter.from_saved_model`
-on that SavedModel, where float16 and int8 quantization are converter options (int8 calibrates on train
-images of the study). TensorFlow and ONNX Runtime are imported lazily, only here.
+How: Keras 3's own `model.export` writes the SavedModel and the ONNX file (the latter through
+tf2onnx, the optional `onnx` extra) with a uint8 input signature; TFLite is
+`tf.lite.TFLiteConverter.from_saved_model` on that SavedModel, where float16 and int8 quantization
+are converter options (int8 calibrates on train images of the study). TensorFlow and ONNX Runtime
+are imported lazily, only here.
 
-The check: the export is reloaded with its own runtime and run on up to 500 test images of the study (an
-agreement check, not a tuning step, so the test split may be used); float exports must agree with the Keras
-model to 1e-4 in probability, quantized ones on the top-1 class for 99% (float16) / 97% (int8) of images.
+The check: the export is reloaded with its own runtime and run on up to 500 test images of the study
+(an agreement check, not a tuning step, so the test split may be used); float exports must agree
+with the Keras model to 1e-4 in probability, quantized ones on the top-1 class for 99% (float16) /
+97% (int8) of images.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def validate_request(fmt: str, quantize: str | None) -> None:
                 + ", ".join(f"{f} ({'/'.join(q)})" for f, q in QUANTIZATIONS.items())
             )
         if quantize not in allowed:
-            raise UserError(f"unknown quantization {quantize!r} for {fmt}; choose one of {', '.join(allowed)}")
+            raise UserError(
+                f"unknown quantization {quantize!r} for {fmt}; choose one of {', '.join(allowed)}"
+            )
 
 
 def _input_spec(size: int):
@@ -61,10 +66,12 @@ def _input_spec(size: int):
 
 
 def inference_copy(model):
-    """The model with its augmentation (`aug_*`) and Dropout layers replaced by identities, same weights.
+    """The model with its augmentation (`aug_*`) and Dropout layers replaced by identities, same
+    weights.
 
-    Both are identity at inference anyway; removing them also removes their random-seed state variables
-    (uint32), which a JAX-backend SavedModel reads and writes on every call and the TFLite converter rejects."""
+    Both are identity at inference anyway; removing them also removes their random-seed state
+    variables (uint32), which a JAX-backend SavedModel reads and writes on every call and the TFLite
+    converter rejects."""
     import keras
 
     from fer.model.build import AUG_PREFIX
@@ -83,14 +90,19 @@ def inference_copy(model):
 
 def write_saved_model(model, path: Path) -> None:
     model.export(
-        str(path), format="tf_saved_model", input_signature=[_input_spec(int(model.input_shape[1]))], verbose=False
+        str(path),
+        format="tf_saved_model",
+        input_signature=[_input_spec(int(model.input_shape[1]))],
+        verbose=False,
     )
 
 
 def write_onnx(model, path: Path) -> None:
     import keras
 
-    if keras.backend.backend() != "tensorflow":  # Keras's ONNX export under JAX needs jax2onnx (not a dependency)
+    if (
+        keras.backend.backend() != "tensorflow"
+    ):  # Keras's ONNX export under JAX needs jax2onnx (not a dependency)
         raise UserError(
             "ONNX export runs on the TensorFlow backend: rerun with KERAS_BACKEND=tensorflow "
             "(model.keras files are backend-independent)"
@@ -99,19 +111,31 @@ def write_onnx(model, path: Path) -> None:
         import onnxruntime  # noqa: F401  (checked here so the error names the extra, not a deep import)
         import tf2onnx  # noqa: F401
     except ImportError:
-        raise UserError("ONNX export needs the optional packages: pip install 'fer-study[onnx]'") from None
+        raise UserError(
+            "ONNX export needs the optional packages: pip install 'fer-study[onnx]'"
+        ) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.export(str(path), format="onnx", input_signature=[_input_spec(int(model.input_shape[1]))], verbose=False)
+        model.export(
+            str(path),
+            format="onnx",
+            input_signature=[_input_spec(int(model.input_shape[1]))],
+            verbose=False,
+        )
 
 
-def write_tflite(saved_model: Path, path: Path, quantize: str | None, calibration: np.ndarray | None) -> None:
+def write_tflite(
+    saved_model: Path, path: Path, quantize: str | None, calibration: np.ndarray | None
+) -> None:
     """TFLite from a SavedModel; float16 stores the weights as float16, int8 quantizes weights and
-    activations (calibrated on `calibration` uint8 images, float fallback where an op has no int8 kernel)."""
+    activations (calibrated on `calibration` uint8 images, float fallback where an op has no int8
+    kernel)."""
     import tensorflow as tf
 
     if quantize == "int8" and (calibration is None or not len(calibration)):
-        raise UserError("int8 quantization needs calibration images (the study's train and val splits are empty)")
+        raise UserError(
+            "int8 quantization needs calibration images (the study's train and val splits are empty)"
+        )
     try:
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
         if quantize == "float16":
@@ -119,7 +143,9 @@ def write_tflite(saved_model: Path, path: Path, quantize: str | None, calibratio
             converter.target_spec.supported_types = [tf.float16]
         elif quantize == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: ([calibration[i : i + 1]] for i in range(len(calibration)))
+            converter.representative_dataset = lambda: (
+                [calibration[i : i + 1]] for i in range(len(calibration))
+            )
         path.write_bytes(converter.convert())
     except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; one line for the user
         what = f"{quantize} quantization" if quantize else "TFLite conversion"
@@ -135,11 +161,13 @@ def export_model(
     calibration: np.ndarray | None = None,
     source: str | None = None,
 ) -> Path:
-    """Write the export of a Keras model (uint8 images in, probabilities out) and its export.json into
-    `out_dir` (replaced); return the path of the model file or folder."""
+    """Write the export of a Keras model (uint8 images in, probabilities out) and its export.json
+    into `out_dir` (replaced); return the path of the model file or folder."""
     validate_request(fmt, quantize)
     if len(classes) != int(model.output_shape[-1]):
-        raise UserError(f"{len(classes)} class names for a model with {model.output_shape[-1]} outputs")
+        raise UserError(
+            f"{len(classes)} class names for a model with {model.output_shape[-1]} outputs"
+        )
     out_dir = _replaceable(Path(out_dir))
     model = inference_copy(model)
     partial = out_dir.with_name(out_dir.name + ".partial")
@@ -179,9 +207,16 @@ def export_model(
 
 
 def _replaceable(out_dir: Path) -> Path:
-    """`out_dir` if it is new, empty or an earlier export (which is replaced); never someone else's folder."""
-    if out_dir.exists() and not (out_dir / EXPORT_JSON).is_file() and (out_dir.is_file() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} exists and is not an earlier export; choose another --out (nothing was changed)")
+    """`out_dir` if it is new, empty or an earlier export (which is replaced); never someone else's
+    folder."""
+    if (
+        out_dir.exists()
+        and not (out_dir / EXPORT_JSON).is_file()
+        and (out_dir.is_file() or any(out_dir.iterdir()))
+    ):
+        raise UserError(
+            f"{out_dir} exists and is not an earlier export; choose another --out (nothing was changed)"
+        )
     return out_dir
 
 
@@ -193,8 +228,9 @@ def _size(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------ the check
 def agreement(reference: np.ndarray, probs: np.ndarray, quantize: str | None) -> dict:
-    """Compare an export's probabilities with the Keras model's: max abs difference, top-1 agreement, and
-    whether the export passes (float: every probability within 1e-4; quantized: top-1 agreement)."""
+    """Compare an export's probabilities with the Keras model's: max abs difference, top-1
+    agreement, and whether the export passes (float: every probability within 1e-4; quantized: top-1
+    agreement)."""
     reference, probs = np.asarray(reference, np.float64), np.asarray(probs, np.float64)
     if reference.shape != probs.shape:
         raise ValueError(f"shapes differ: {reference.shape} vs {probs.shape}")
@@ -202,7 +238,9 @@ def agreement(reference: np.ndarray, probs: np.ndarray, quantize: str | None) ->
     top1 = float((reference.argmax(1) == probs.argmax(1)).mean()) if len(reference) else 1.0
     result = {"n": len(reference), "max_abs_diff": diff, "top1_agreement": top1}
     if quantize is None:
-        result.update(criterion=f"max_abs_diff <= {FLOAT_TOLERANCE:g}", ok=bool(diff <= FLOAT_TOLERANCE))
+        result.update(
+            criterion=f"max_abs_diff <= {FLOAT_TOLERANCE:g}", ok=bool(diff <= FLOAT_TOLERANCE)
+        )
     else:
         need = TOP1_AGREEMENT[quantize]
         result.update(criterion=f"top1_agreement >= {need:g}", ok=bool(top1 >= need))
@@ -210,22 +248,25 @@ def agreement(reference: np.ndarray, probs: np.ndarray, quantize: str | None) ->
 
 
 def study_data_for(model_dir: Path, data_dir: str | Path | None = None):
-    """The StudyData a best-model or trial folder came from (results/<study>/{best,trials}/<x>/ -> data/)."""
+    """The StudyData a best-model or trial folder came from (results/<study>/{best,trials}/<x>/ ->
+    data/)."""
+    from fer.core.study_folder import find_study
     from fer.data import StudyData
 
     if data_dir is None:
-        candidate = model_dir.resolve().parent.parent / "data"
-        if not (candidate / "manifest.csv").is_file():
+        study = find_study(model_dir)
+        if study is None:
             raise UserError(
-                f"no study data next to {model_dir} (looked for {candidate}); pass --data results/<study>/data"
+                f"{model_dir} is not in a study folder; pass --data results/<study>/data"
             )
-        data_dir = candidate
+        data_dir = study.data_dir
     return StudyData(data_dir)
 
 
 def _sample_index(total: int, n: int, seed: int = 0) -> np.ndarray:
-    """`n` of `total` indices, drawn the same way every time (all where fewer), in order. Not the first `n`:
-    the manifest lists images class by class, so the first 500 could all be one emotion."""
+    """`n` of `total` indices, drawn the same way every time (all where fewer), in order. Not the
+    first `n`: the manifest lists images class by class, so the first 500 could all be one emotion.
+    """
     if total <= n:
         return np.arange(total)
     return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
@@ -239,17 +280,22 @@ def export_best(
     data_dir: str | Path | None = None,
     measure: bool = True,
 ) -> dict:
-    """Export a study's trained model (a `model.keras` or the folder holding it, e.g. results/<s>/best/<b>),
-    check it on the study's test images and time its runtime; returns (and stores in export.json) the
-    summary. `ok` is False when the export disagrees with the Keras model beyond the criterion."""
+    """Export a study's trained model (a `model.keras` or the folder holding it, e.g.
+    results/<s>/best/<b>), check it on the study's test images and time its runtime; returns (and
+    stores in export.json) the summary. `ok` is False when the export disagrees with the Keras model
+    beyond the criterion."""
     validate_request(fmt, quantize)  # before any slow load
     path = Path(model_path)
     if path.is_dir():
         path = path / "model.keras"
     if not path.is_file():
-        raise UserError(f"no model found at {model_path} (expected a model.keras file or a folder holding one)")
+        raise UserError(
+            f"no model found at {model_path} (expected a model.keras file or a folder holding one)"
+        )
     out_dir = _replaceable(
-        Path(out) if out is not None else path.parent / "export" / (fmt + (f"-{quantize}" if quantize else ""))
+        Path(out)
+        if out is not None
+        else path.parent / "export" / (fmt + (f"-{quantize}" if quantize else ""))
     )
     data = study_data_for(path.parent, data_dir)
     from fer.data.batches import predict_probs
@@ -280,7 +326,9 @@ def export_best(
     check["images"] = "test split" + (
         f", {len(index)} of {len(test)} drawn with seed 0" if len(test) > len(index) else ""
     )
-    labels = data.labels("test")[index]  # what a disagreement costs: accuracy of each on these images
+    labels = data.labels("test")[
+        index
+    ]  # what a disagreement costs: accuracy of each on these images
     check["accuracy_keras"] = float((reference.argmax(1) == labels).mean())
     check["accuracy_export"] = float((probs.argmax(1) == labels).mean())
     info = json.loads((out_dir / EXPORT_JSON).read_text())

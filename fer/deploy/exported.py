@@ -1,6 +1,7 @@
-"""Running an exported model with its own runtime (TensorFlow for SavedModel and TFLite, ONNX Runtime for
-ONNX), so `predict` and `evaluate` take an export as they take a `model.keras`. Kept apart from
-`fer.deploy.export` so loading an export does not import the exporters; runtimes are imported lazily."""
+"""Running an exported model with its own runtime (TensorFlow for SavedModel and TFLite, ONNX
+Runtime for ONNX), so `predict` and `evaluate` take an export as they take a `model.keras`. Kept
+apart from `fer.deploy.export` so loading an export does not import the exporters; runtimes are
+imported lazily."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def first_line(exc: Exception) -> str:
 
 
 def find_export(path: str | Path) -> Path | None:
-    """The export.json of an exported model given as its folder or its model file/folder; None otherwise."""
+    """The export.json of an exported model given as its folder or its model file/folder; None
+    otherwise."""
     path = Path(path)
     for candidate in (path / EXPORT_JSON, path.parent / EXPORT_JSON):
         if candidate.is_file():
@@ -54,7 +56,9 @@ class ExportedModel:
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"could not open the exported model {self.path}: {first_line(exc)}") from None
+            raise UserError(
+                f"could not open the exported model {self.path}: {first_line(exc)}"
+            ) from None
 
     def _open_saved_model(self):
         import tensorflow as tf
@@ -66,7 +70,9 @@ class ExportedModel:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise UserError("running an ONNX export needs onnxruntime: pip install 'fer-study[onnx]'") from None
+            raise UserError(
+                "running an ONNX export needs onnxruntime: pip install 'fer-study[onnx]'"
+            ) from None
         session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
@@ -77,7 +83,10 @@ class ExportedModel:
         with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice (ai_edge_litert)
             warnings.simplefilter("ignore")
             interpreter = tf.lite.Interpreter(model_path=str(self.path))
-        inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+        inp, out = (
+            interpreter.get_input_details()[0]["index"],
+            interpreter.get_output_details()[0]["index"],
+        )
         shape = [None]
 
         def run(x):
@@ -99,5 +108,8 @@ class ExportedModel:
         if len(pixels) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         return np.concatenate(
-            [self.predict_batch(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+            [
+                self.predict_batch(pixels[i : i + batch_size])
+                for i in range(0, len(pixels), batch_size)
+            ]
         )

@@ -1,10 +1,12 @@
-"""The deployment figures of a trained model: size, parameters, one-image latency and batch throughput.
+"""The deployment figures of a trained model: size, parameters, one-image latency and batch
+throughput.
 
-Measured once (at the end of a study, for each backbone's best model, or at export) and stored as JSON with
-the machine description and the load average, so the report shows stored figures instead of re-timing on
-whatever else the machine is doing then. Backend-neutral (`keras` only): the CPU figures come from a copy of
-the model built under `keras.device("cpu:0")` (its variables live on the CPU, so nothing is copied per call),
-the GPU ones from the model itself where the backend sees an accelerator.
+Measured once (at the end of a study, for each backbone's best model, or at export) and stored as
+JSON with the machine description and the load average, so the report shows stored figures instead
+of re-timing on whatever else the machine is doing then. Backend-neutral (`keras` only): the CPU
+figures come from a copy of the model built under `keras.device("cpu:0")` (its variables live on the
+CPU, so nothing is copied per call), the GPU ones from the model itself where the backend sees an
+accelerator.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ BATCH_RUNS = 3
 
 
 def _timed(predict, x, runs: int) -> tuple[list[float], float]:
-    """Wall seconds of each of `runs` calls of predict(x), and the process CPU-seconds they took in all."""
+    """Wall seconds of each of `runs` calls of predict(x), and the process CPU-seconds they took in
+    all."""
     times = []
     cpu0 = _cpu_seconds()
     for _ in range(runs):
@@ -63,10 +66,11 @@ def time_predict(
 ) -> dict:
     """Time `predict` (uint8 images (n, S, S, 3) -> probabilities) on random images.
 
-    One image: median and 90th percentile wall milliseconds over `runs` calls after `warmup` calls, and the
-    process CPU milliseconds per call (tells a busy machine from a slow model). Batch: images/s of the best
-    of `batch_runs` timed calls of `batch` images after one warm-up call (best, not mean: on a shared machine
-    the slower runs measure the neighbours), and the CPU milliseconds per image of those calls."""
+    One image: median and 90th percentile wall milliseconds over `runs` calls after `warmup` calls,
+    and the process CPU milliseconds per call (tells a busy machine from a slow model). Batch:
+    images/s of the best of `batch_runs` timed calls of `batch` images after one warm-up call (best,
+    not mean: on a shared machine the slower runs measure the neighbours), and the CPU milliseconds
+    per image of those calls."""
     rng = np.random.default_rng(seed)
     one = rng.integers(0, 256, (1, image_size, image_size, 3), dtype=np.uint8)
     many = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
@@ -91,8 +95,9 @@ def time_predict(
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's variables (trainable and not) as stored: what a float export holds, give or take
-    the graph; the `.keras` file adds the optimizer's state (twice as much again for Adam)."""
+    """Bytes of the model's variables (trainable and not) as stored: what a float export holds, give
+    or take the graph; the `.keras` file adds the optimizer's state (twice as much again for Adam).
+    """
     return int(sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights))
 
 
@@ -128,7 +133,9 @@ def measure_model(model, threads: int | None = None, runs: int = RUNS, batch: in
         "devices": {},
     }
     load_before = load_average()
-    result["devices"]["cpu"] = time_predict(_keras_predict(_cpu_copy(model)), size, runs=runs, batch=batch)
+    result["devices"]["cpu"] = time_predict(
+        _keras_predict(_cpu_copy(model)), size, runs=runs, batch=batch
+    )
     if accelerator_available():
         result["devices"]["gpu"] = time_predict(_keras_predict(model), size, runs=runs, batch=batch)
     return _with_machine(result, load_before)
@@ -147,8 +154,8 @@ def _with_machine(result: dict, load_before) -> dict:
 
 
 def measure_safely(model, threads: int | None = None) -> dict | None:
-    """`measure_model`, with a failure logged, never raised: the timing is an extra, and must not cost the
-    caller (the study's best-model evaluation) its real results."""
+    """`measure_model`, with a failure logged, never raised: the timing is an extra, and must not
+    cost the caller (the study's best-model evaluation) its real results."""
     try:
         return measure_model(model, threads)
     except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -156,9 +163,12 @@ def measure_safely(model, threads: int | None = None) -> dict | None:
         return None
 
 
-def measure_and_write(model, path: str | Path, threads: int | None = None, measured: dict | None = None) -> dict | None:
-    """`measure_safely` written to `path` as JSON; `measured`: this model's figures taken earlier (the study's
-    Evaluator measures a preloaded model while the last trials run), written instead of timing again."""
+def measure_and_write(
+    model, path: str | Path, threads: int | None = None, measured: dict | None = None
+) -> dict | None:
+    """`measure_safely` written to `path` as JSON; `measured`: this model's figures taken earlier
+    (the study's Evaluator measures a preloaded model while the last trials run), written instead of
+    timing again."""
     result = measured if measured is not None else measure_safely(model, threads)
     if result is not None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
@@ -168,10 +178,16 @@ def measure_and_write(model, path: str | Path, threads: int | None = None, measu
 def measure_predict(
     predict: Callable[[np.ndarray], np.ndarray], image_size: int, size_bytes: int, runtime: str
 ) -> dict:
-    """The same figures for an exported model's runtime (CPU only: TFLite, ONNX Runtime, SavedModel)."""
+    """The same figures for an exported model's runtime (CPU only: TFLite, ONNX Runtime,
+    SavedModel)."""
     load_before = load_average()
     timing = time_predict(predict, image_size)
     return _with_machine(
-        {"runtime": runtime, "image_size": image_size, "size_bytes": int(size_bytes), "devices": {"cpu": timing}},
+        {
+            "runtime": runtime,
+            "image_size": image_size,
+            "size_bytes": int(size_bytes),
+            "devices": {"cpu": timing},
+        },
         load_before,
     )

@@ -1,15 +1,16 @@
 """Paired comparison of two classifiers on the same test images: is the accuracy difference real?
 
-Two models tested on the same images make correlated errors, so comparing their two separate accuracy
-intervals is too conservative (and overlapping intervals say little). The paired view uses, per image,
-whether each model was right:
+Two models tested on the same images make correlated errors, so comparing their two separate
+accuracy intervals is too conservative (and overlapping intervals say little). The paired view uses,
+per image, whether each model was right:
 
-- paired bootstrap: resample images with replacement, recompute the accuracy difference (A - B) on each
-  resample; the 2.5th and 97.5th percentiles give its 95% interval;
-- McNemar's exact test: only the discordant images carry information (A right and B wrong: b; A wrong and B
-  right: c); under "equally accurate" b ~ Binomial(b + c, 1/2). The two-sided exact p-value is the
-  binomial test's (identical to `scipy.stats.binomtest(b, b + c, 0.5).pvalue`, checked in
-  tests/test_compare.py), computed here with exact integer arithmetic so fer/ needs no scipy.
+- paired bootstrap: resample images with replacement, recompute the accuracy difference (A - B) on
+  each resample; the 2.5th and 97.5th percentiles give its 95% interval;
+- McNemar's exact test: only the discordant images carry information (A right and B wrong: b; A
+  wrong and B right: c); under "equally accurate" b ~ Binomial(b + c, 1/2). The two-sided exact
+  p-value is the binomial test's (identical to `scipy.stats.binomtest(b, b + c, 0.5).pvalue`,
+  checked in tests/test_compare.py), computed here with exact integer arithmetic so fer/ needs no
+  scipy.
 
 Plain NumPy, no Keras, no Ray.
 """
@@ -34,26 +35,32 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(min(1.0, 2 * tail / 2**n))
 
 
-def paired_bootstrap(correct_a, correct_b, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    correct_a, correct_b, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(accuracy of A - accuracy of B, 2.5th percentile, 97.5th percentile) over image resamples."""
     a = np.asarray(correct_a, dtype=np.float64)
     b = np.asarray(correct_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"paired_bootstrap needs two equal, non-empty 1-D arrays, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"paired_bootstrap needs two equal, non-empty 1-D arrays, got {a.shape} and {b.shape}"
+        )
     diff = a - b
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
     for start in range(0, n_boot, 200):  # chunks bound the memory on large test splits
         size = min(200, n_boot - start)
-        means[start : start + size] = diff[rng.integers(0, len(diff), size=(size, len(diff)))].mean(axis=1)
+        means[start : start + size] = diff[rng.integers(0, len(diff), size=(size, len(diff)))].mean(
+            axis=1
+        )
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(diff.mean()), float(lo), float(hi)
 
 
 def compare_paired(y_true, pred_a, pred_b, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Everything the report says about one pair: accuracies, the difference with its paired 95% interval,
-    the discordant counts, McNemar's exact p and whether the two are distinguishable at ALPHA (both the
-    interval excludes 0 and p < ALPHA)."""
+    """Everything the report says about one pair: accuracies, the difference with its paired 95%
+    interval, the discordant counts, McNemar's exact p and whether the two are distinguishable at
+    ALPHA (both the interval excludes 0 and p < ALPHA)."""
     y = np.asarray(y_true)
     right_a, right_b = np.asarray(pred_a) == y, np.asarray(pred_b) == y
     diff, lo, hi = paired_bootstrap(right_a, right_b, n_boot=n_boot, seed=seed)
@@ -73,7 +80,8 @@ def compare_paired(y_true, pred_a, pred_b, n_boot: int = 2000, seed: int = 0) ->
 
 
 def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, 2.5th, 97.5th percentile) of the mean of `values` over resamples (e.g. per-image deletion AUCs)."""
+    """(mean, 2.5th, 97.5th percentile) of the mean of `values` over resamples (e.g. per-image
+    deletion AUCs)."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0:
         raise ValueError(f"bootstrap_mean needs a non-empty 1-D array, got shape {values.shape}")

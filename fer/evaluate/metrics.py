@@ -1,8 +1,9 @@
 """Classification metrics with 95% bootstrap intervals, and the per-image predictions table.
 
-Plain NumPy (no Keras), so the study and the report can use it without a backend. Point estimates match
-scikit-learn's (`zero_division=0`); the intervals resample images with replacement (percentile bootstrap),
-which is what "how sure are we about this test accuracy" needs on a few hundred test images.
+Plain NumPy (no Keras), so the study and the report can use it without a backend. Point estimates
+match scikit-learn's (`zero_division=0`); the intervals resample images with replacement (percentile
+bootstrap), which is what "how sure are we about this test accuracy" needs on a few hundred test
+images.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
 
 
 def _scores(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy and per-class/macro/weighted precision, recall, F1 from confusion matrices (..., K, K)."""
+    """Accuracy and per-class/macro/weighted precision, recall, F1 from confusion matrices (..., K,
+    K)."""
     cm = cm.astype(np.float64)
     tp = np.diagonal(cm, axis1=-2, axis2=-1)
     support = cm.sum(axis=-1)
@@ -33,8 +35,8 @@ def _scores(cm: np.ndarray) -> dict[str, np.ndarray]:
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
         weights = support / np.maximum(total, 1)[..., None]
-    # Macro averages run over the classes that occur (as truth or prediction), like scikit-learn's default;
-    # otherwise a bootstrap resample that happens to miss a class would score it 0.
+    # Macro averages run over the classes that occur (as truth or prediction), like scikit-learn's
+    # default; otherwise a bootstrap resample that happens to miss a class would score it 0.
     present = (support + predicted) > 0
     n_present = np.maximum(present.sum(axis=-1), 1)
     out = {"accuracy": tp.sum(axis=-1) / np.maximum(total, 1)}
@@ -59,10 +61,14 @@ def _bootstrap_confusions(
         size = min(_BOOT_CHUNK, n_boot - start)
         picks = codes[rng.integers(0, n, size=(size, n))]
         offsets = (np.arange(size) * kk)[:, None]
-        yield np.bincount((picks + offsets).ravel(), minlength=size * kk).reshape(size, num_classes, num_classes)
+        yield np.bincount((picks + offsets).ravel(), minlength=size * kk).reshape(
+            size, num_classes, num_classes
+        )
 
 
-def classification_metrics(y_true, probs, classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict:
+def classification_metrics(
+    y_true, probs, classes: Sequence[str], n_boot: int = 1000, seed: int = 0
+) -> dict:
     """JSON-ready metrics of predicted probabilities against integer labels.
 
     Returns accuracy and macro/weighted precision/recall/F1, each as {"value", "ci95": [low, high]};
@@ -78,7 +84,9 @@ def classification_metrics(y_true, probs, classes: Sequence[str], n_boot: int = 
     y_pred = probs.argmax(axis=1)
     cm = confusion_matrix(y_true, y_pred, k)
     point = _scores(cm)
-    summary_keys = ["accuracy"] + [f"{avg}_{m}" for avg in ("macro", "weighted") for m in ("precision", "recall", "f1")]
+    summary_keys = ["accuracy"] + [
+        f"{avg}_{m}" for avg in ("macro", "weighted") for m in ("precision", "recall", "f1")
+    ]
     boots = {key: [] for key in summary_keys}
     if n_boot > 0:
         rng = np.random.default_rng(seed)
@@ -113,9 +121,13 @@ def predictions_table(paths: Sequence[str], y_true, probs, classes: Sequence[str
     probs = np.asarray(probs, dtype=np.float64)
     y_true = np.asarray(y_true, dtype=np.int64)
     if not (len(paths) == len(y_true) == len(probs)):
-        raise ValueError(f"paths ({len(paths)}), labels ({len(y_true)}) and probs ({len(probs)}) differ in length")
+        raise ValueError(
+            f"paths ({len(paths)}), labels ({len(y_true)}) and probs ({len(probs)}) differ in length"
+        )
     names = np.asarray(classes, dtype=object)
-    table = pd.DataFrame({"path": list(paths), "label": names[y_true], "predicted": names[probs.argmax(axis=1)]})
+    table = pd.DataFrame(
+        {"path": list(paths), "label": names[y_true], "predicted": names[probs.argmax(axis=1)]}
+    )
     for i, name in enumerate(classes):
         table[f"p_{name}"] = probs[:, i]
     return table

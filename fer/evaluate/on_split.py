@@ -1,5 +1,6 @@
-"""Evaluating a trained model on one split of the study's data: the test evaluation of a best trial, or a
-trial's own with `evaluate_test`. Here, not in training, so the evaluator needs no training code."""
+"""Evaluating a trained model on one split of the study's data: the test evaluation of a best trial,
+or a trial's own with `evaluate_test`. Here, not in training, so the evaluator needs no training
+code."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from fer.evaluate.metrics import classification_metrics, predictions_table
 
 
 def evaluate_split(model: keras.Model, study_data, split: str, config: dict, out_dir: Path) -> dict:
-    """Metrics and per-image predictions of `model` on one split; writes <split>_metrics.json/_predictions.csv."""
+    """Metrics and per-image predictions of `model` on one split; writes
+    <split>_metrics.json/_predictions.csv."""
     pixels, labels = study_data.pixels(split, config["image_size"]), study_data.labels(split)
     if len(labels) == 0:
         raise UserError(f"the {split} split is empty: nothing to evaluate")
@@ -26,4 +28,7 @@ def evaluate_split(model: keras.Model, study_data, split: str, config: dict, out
     predictions_table(study_data.paths(split), labels, probs, classes).to_csv(
         out_dir / predictions_file(split), index=False
     )
-    return {f"{split}_accuracy": metrics["accuracy"]["value"], f"{split}_macro_f1": metrics["macro_f1"]["value"]}
+    return {
+        f"{split}_accuracy": metrics["accuracy"]["value"],
+        f"{split}_macro_f1": metrics["macro_f1"]["value"],
+    }

@@ -1,8 +1,10 @@
-"""Inference without Ray: a trained model applied to new images (behind `fer-study predict` and `evaluate`).
+"""Inference without Ray: a trained model applied to new images (behind `fer-study predict` and
+`evaluate`).
 
 Images are decoded exactly as `prepare` decodes them (`fer.data.decode`: content-sniffed, HEIC/HEIF
-included, EXIF orientation applied, squashed to the model's input size), so a prediction here matches what
-the model saw in training. Files that cannot be decoded are skipped, counted and named, never silently.
+included, EXIF orientation applied, squashed to the model's input size), so a prediction here
+matches what the model saw in training. Files that cannot be decoded are skipped, counted and named,
+never silently.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ CLASSES_SOURCES = ("classes.json", names.metrics_file("val"), names.TEST_METRICS
 def load_model_and_classes(model_path: str | Path):
     """Load `model.keras` (or a trial folder holding one) and its class names.
 
-    Loading is `fer.model.build.load_trained_model`; class names come from the folder's metrics files
-    (`classes`), which every trial writes. Returns (model, classes, folder).
+    Loading is `fer.model.build.load_trained_model`; class names come from the folder's metrics
+    files (`classes`), which every trial writes. Returns (model, classes, folder).
     """
     path = Path(model_path)
     if path.is_dir():
         path = path / names.MODEL_FILE
     if not path.is_file():
-        raise UserError(f"no model found at {model_path} (expected a model.keras file or a trial folder)")
+        raise UserError(
+            f"no model found at {model_path} (expected a model.keras file or a trial folder)"
+        )
     from fer.model.build import load_trained_model
 
     model = load_trained_model(path)
@@ -61,14 +65,19 @@ def _image_files(inputs: list[str | Path]) -> list[Path]:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+            files.extend(
+                sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            )
         else:
             raise UserError(f"no such file or folder: {item}")
     return files
 
 
-def decode_images(files: list[Path], size: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
-    """Decode files like `prepare` does; returns (uint8 pixels, decoded files, [(skipped file, reason)])."""
+def decode_images(
+    files: list[Path], size: int
+) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
+    """Decode files like `prepare` does; returns (uint8 pixels, decoded files, [(skipped file,
+    reason)])."""
     from fer.data.decode import Quarantine, decode_file, resize_square
 
     pixels, kept, skipped = [], [], []
@@ -89,14 +98,21 @@ def _input_size(model) -> int:
 
 
 def load_for_prediction(model_path: str | Path):
-    """(predict(uint8 pixels, batch_size) -> probs, classes, input size, backbone, Keras model or None) for a
-    model.keras / trial folder, or for a `fer-study export` (recognised by the export.json next to it)."""
+    """(predict(uint8 pixels, batch_size) -> probs, classes, input size, backbone, Keras model or
+    None) for a model.keras / trial folder, or for a `fer-study export` (recognised by the
+    export.json next to it)."""
     from fer.deploy.exported import ExportedModel, find_export
 
     export_json = find_export(model_path)
     if export_json is not None:
         exported = ExportedModel(export_json)
-        return exported.predict, exported.classes, exported.input_size, exported.info.get("backbone"), None
+        return (
+            exported.predict,
+            exported.classes,
+            exported.input_size,
+            exported.info.get("backbone"),
+            None,
+        )
     model, classes, _ = load_model_and_classes(model_path)
     from fer.data.batches import predict_probs
 
@@ -110,7 +126,10 @@ def load_for_prediction(model_path: str | Path):
 
 
 def predict_images(
-    model_path: str | Path, inputs: list[str | Path], gradcam_dir: str | Path | None = None, batch_size: int = 32
+    model_path: str | Path,
+    inputs: list[str | Path],
+    gradcam_dir: str | Path | None = None,
+    batch_size: int = 32,
 ) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """Predicted emotion and every class probability per image; optional Grad-CAM overlays.
 
@@ -121,7 +140,9 @@ def predict_images(
         raise UserError("no files to predict in " + ", ".join(map(str, inputs)))
     predict, classes, size, _, model = load_for_prediction(model_path)
     if gradcam_dir is not None and model is None:
-        raise UserError("--gradcam needs the model.keras (an exported model has no gradients to explain)")
+        raise UserError(
+            "--gradcam needs the model.keras (an exported model has no gradients to explain)"
+        )
     pixels, kept, skipped = decode_images(files, size)
     if not kept:
         raise UserError(
@@ -149,7 +170,8 @@ def _safe_stem(path: Path) -> str:
 def save_gradcam_overlays(
     model, pixels: np.ndarray, files: list[Path], classes: list[str], out_dir: Path
 ) -> list[Path]:
-    """One PNG per image: the image, its Grad-CAM and its Grad-CAM++ for the predicted class, side by side."""
+    """One PNG per image: the image, its Grad-CAM and its Grad-CAM++ for the predicted class, side
+    by side."""
     from PIL import Image
 
     from fer.explain.gradcam import GradCam, overlay
@@ -159,7 +181,11 @@ def save_gradcam_overlays(
     written = []
     scale = max(1, 224 // pixels.shape[1])  # small models: enlarge so the heatmap can be seen
     for i, path in enumerate(files):
-        panels = [pixels[i], overlay(pixels[i], explanation.gradcam[i]), overlay(pixels[i], explanation.gradcam_pp[i])]
+        panels = [
+            pixels[i],
+            overlay(pixels[i], explanation.gradcam[i]),
+            overlay(pixels[i], explanation.gradcam_pp[i]),
+        ]
         strip = Image.fromarray(np.concatenate(panels, axis=1))
         if scale > 1:
             strip = strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)
@@ -179,7 +205,9 @@ def _class_folders(data_dir: Path) -> list[Path]:
     return folders
 
 
-def _labelled_files(data_dir: Path, folders: list[Path], classes: list[str]) -> tuple[list[Path], list[int], list[str]]:
+def _labelled_files(
+    data_dir: Path, folders: list[Path], classes: list[str]
+) -> tuple[list[Path], list[int], list[str]]:
     """Files of the class folders that name a model class; returns also the other folders' names."""
     index = {name: i for i, name in enumerate(classes)}
     files, labels, unknown = [], [], []
@@ -187,7 +215,9 @@ def _labelled_files(data_dir: Path, folders: list[Path], classes: list[str]) -> 
         if folder.name not in index:
             unknown.append(folder.name)
             continue
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in sorted(
+            p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+        ):
             files.append(path)
             labels.append(index[folder.name])
     if not files:
@@ -212,9 +242,10 @@ def _compile_filter(pattern: str | None, option: str) -> re.Pattern | None:
 def filter_files(
     files: list[Path], labels: list[int], include: str | None = None, exclude: str | None = None
 ) -> tuple[list[Path], list[int], int]:
-    """Keep the files whose NAME matches `include` (re.search) and not `exclude`; returns (files, labels,
-    how many were filtered out). Why: one class folder may hold several splits told apart by file name
-    (FER2013: Training_, PublicTest_, PrivateTest_), and a published figure is on one of them."""
+    """Keep the files whose NAME matches `include` (re.search) and not `exclude`; returns (files,
+    labels, how many were filtered out). Why: one class folder may hold several splits told apart by
+    file name (FER2013: Training_, PublicTest_, PrivateTest_), and a published figure is on one of
+    them."""
     inc, exc = _compile_filter(include, "--include"), _compile_filter(exclude, "--exclude")
     kept = [
         (f, y)
@@ -226,7 +257,9 @@ def filter_files(
 
 def filter_label(include: str | None, exclude: str | None) -> str:
     """How the filter is shown next to the dataset's name ('' without one)."""
-    parts = ([f"include {include}"] if include else []) + ([f"exclude {exclude}"] if exclude else [])
+    parts = ([f"include {include}"] if include else []) + (
+        [f"exclude {exclude}"] if exclude else []
+    )
     return ", ".join(parts)
 
 
@@ -238,10 +271,12 @@ def evaluate_folder(
     include: str | None = None,
     exclude: str | None = None,
 ) -> dict:
-    """The full metric set (`fer.evaluate.metrics`) of a trained model on another labelled class-folder dataset.
+    """The full metric set (`fer.evaluate.metrics`) of a trained model on another labelled
+    class-folder dataset.
 
     Folders that are not model classes and undecodable files are skipped and listed in the result.
-    `include` / `exclude`: regular expressions on file names (searched, so anchor with ^ where meant).
+    `include` / `exclude`: regular expressions on file names (searched, so anchor with ^ where
+    meant).
     """
     data_dir = Path(data_dir)
     folders = _class_folders(data_dir)  # bad data fails before the (slow) model load
@@ -252,10 +287,14 @@ def evaluate_folder(
     files, labels, unknown = _labelled_files(data_dir, folders, classes)
     files, labels, filtered_out = filter_files(files, labels, include, exclude)
     if not files:
-        raise UserError(f"no file under {data_dir} passes the file-name filter ({filter_label(include, exclude)})")
+        raise UserError(
+            f"no file under {data_dir} passes the file-name filter ({filter_label(include, exclude)})"
+        )
     pixels, kept, skipped = decode_images(files, size)
     if not kept:
-        raise UserError(f"none of the {len(files)} files under {data_dir} could be decoded as an image")
+        raise UserError(
+            f"none of the {len(files)} files under {data_dir} could be decoded as an image"
+        )
     label_of = dict(zip(files, labels))
     y_true = np.array([label_of[p] for p in kept])
     probs = predict(pixels, batch_size)
@@ -277,17 +316,24 @@ def evaluate_folder(
 
 
 def default_evaluation_path(
-    model_path: str | Path, data_dir: str | Path, include: str | None = None, exclude: str | None = None
+    model_path: str | Path,
+    data_dir: str | Path,
+    include: str | None = None,
+    exclude: str | None = None,
 ) -> Path | None:
-    """results/<study>/evaluations/<backbone>__<dataset>[__<filter>].json when the model is a study's best
-    model. The report picks up every JSON in results/<study>/evaluations/.
+    """results/<study>/evaluations/<backbone>__<dataset>[__<filter>].json when the model is a
+    study's best model. The report picks up every JSON in results/<study>/evaluations/.
     """
+    from fer.core.study_folder import find_study
+
     path = Path(model_path).resolve()
     folder = path if path.is_dir() else path.parent
-    study = folder.parent.parent
-    if folder.parent.name == names.BEST_DIR and names.has_study_results(study):
+    study = find_study(folder)
+    if folder.parent.name == names.BEST_DIR and study is not None and study.has_results:
         name = f"{folder.name}__{_safe_stem(Path(Path(data_dir).resolve().name))}"
         if include or exclude:
-            name += "__" + re.sub(r"[^A-Za-z0-9]+", "-", filter_label(include, exclude)).strip("-")[:80]
-        return study / names.EVALUATIONS_DIR / f"{name}.json"
+            name += (
+                "__" + re.sub(r"[^A-Za-z0-9]+", "-", filter_label(include, exclude)).strip("-")[:80]
+            )
+        return study.root / names.EVALUATIONS_DIR / f"{name}.json"
     return None

@@ -1,2 +1,3 @@
-"""Explanations: Grad-CAM and Grad-CAM++ (`gradcam`) and the checks that say whether its maps explain
-anything (`map_checks`: deletion/insertion, model randomisation, same-map test, readable layer)."""
+"""Explanations: Grad-CAM and Grad-CAM++ (`gradcam`) and the checks that say whether its maps
+explain anything (`map_checks`: deletion/insertion, model randomisation, same-map test, readable
+layer)."""

@@ -1,18 +1,21 @@
-"""Statistics that say whether Grad-CAM maps explain the model: faithfulness both ways, a sanity check, a
-"same map for every image" detector, a readable target layer, and where each class is read.
+"""Statistics that say whether Grad-CAM maps explain the model: faithfulness both ways, a sanity
+check, a "same map for every image" detector, a readable target layer, and where each class is read.
 
 Why each (docs/results.md, the Grad-CAM appendix):
-- deletion alone is fooled by out-of-distribution masking and can rank methods differently from insertion
-  (Petsiuk et al. 2018), so both are computed with the SAME baseline (every removed / not yet inserted pixel
-  takes the image's mean colour) and compared per image against random order (paired bootstrap: the same
-  images are scored by every order);
-- maps that barely change when the weights are randomised do not explain the model (Adebayo et al. 2018):
-  `randomisation_check` re-draws the head, then deeper and deeper backbone layers (cascading, from the top),
-  and measures the Spearman rank correlation of each randomised model's maps with the trained model's;
-- a target layer with 3x3 cells gives the same few bands on every image: `readable_layer` picks the deepest
-  layer with at least 7x7 cells, and `map_similarity` detects maps that hardly differ between images.
+- deletion alone is fooled by out-of-distribution masking and can rank methods differently from
+  insertion (Petsiuk et al. 2018), so both are computed with the SAME baseline (every removed / not
+  yet inserted pixel takes the image's mean colour) and compared per image against random order
+  (paired bootstrap: the same images are scored by every order);
+- maps that barely change when the weights are randomised do not explain the model (Adebayo et al.
+  2018): `randomisation_check` re-draws the head, then deeper and deeper backbone layers (cascading,
+  from the top), and measures the Spearman rank correlation of each randomised model's maps with the
+  trained model's;
+- a target layer with 3x3 cells gives the same few bands on every image: `readable_layer` picks the
+  deepest layer with at least 7x7 cells, and `map_similarity` detects maps that hardly differ
+  between images.
 
-Plain NumPy on top of `fer.explain.gradcam` (Keras only to predict and to read/assign weights); no Ray.
+Plain NumPy on top of `fer.explain.gradcam` (Keras only to predict and to read/assign weights); no
+Ray.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ from fer.evaluate.compare import bootstrap_mean, paired_bootstrap
 from fer.explain.gradcam import GradCam, _box_mask, target_layer_name
 from fer.model.build import is_backbone_layer
 
-BASELINE = "the image's mean colour"  # stated in the report: what removed / not yet inserted pixels become
-SAME_MAP_RHO = 0.8  # median rank correlation between different images' maps above this: "the same map"
+BASELINE = (
+    "the image's mean colour"  # stated in the report: what removed / not yet inserted pixels become
+)
+SAME_MAP_RHO = (
+    0.8  # median rank correlation between different images' maps above this: "the same map"
+)
 SANITY_RHO = 0.5  # median rank correlation with the fully randomised model's maps above this: fails
 
 
-# ---------------------------------------------------------------- faithfulness: deletion and insertion
+# ---------------------------------------------------------------- faithfulness: deletion and
+# insertion
 def faithfulness_curves(
     model: keras.Model,
     images: np.ndarray,
@@ -41,12 +49,13 @@ def faithfulness_curves(
     seed: int = 0,
     batch_size: int = 64,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per-image deletion AND insertion curves of the explained class's probability, for every ordering in
-    `heats` (name -> (N, H, W)) plus 'random'. Returns {'deletion': {name: (N, steps+1)}, 'insertion': ...}.
+    """Per-image deletion AND insertion curves of the explained class's probability, for every
+    ordering in `heats` (name -> (N, H, W)) plus 'random'. Returns {'deletion': {name: (N,
+    steps+1)}, 'insertion': ...}.
 
-    Deletion: the top 0, 1/steps, ..., 100% pixels of the ordering take the baseline colour. Insertion:
-    start from the all-baseline image and restore the top fraction of pixels. One predict call per image
-    chunk for every variant (one compiled function)."""
+    Deletion: the top 0, 1/steps, ..., 100% pixels of the ordering take the baseline colour.
+    Insertion: start from the all-baseline image and restore the top fraction of pixels. One predict
+    call per image chunk for every variant (one compiled function)."""
     rng = np.random.default_rng(seed)
     images = np.asarray(images)
     n, h, w = images.shape[:3]
@@ -73,11 +82,15 @@ def faithfulness_curves(
                     variants[0, k, i_local, j, order[i][:c]] = base
                     variants[1, k, i_local, j] = base
                     variants[1, k, i_local, j, order[i][:c]] = flat[order[i][:c]]
-        probs = np.asarray(model.predict(variants.reshape(-1, h, w, 3), batch_size=batch_size, verbose=0))
+        probs = np.asarray(
+            model.predict(variants.reshape(-1, h, w, 3), batch_size=batch_size, verbose=0)
+        )
         probs = probs.reshape(2, len(orders), len(chunk), steps + 1, -1)
         for m, mode in enumerate(("deletion", "insertion")):
             for k, name in enumerate(orders):
-                out[mode][name][list(chunk)] = probs[m, k, np.arange(len(chunk)), :, class_ids[list(chunk)]]
+                out[mode][name][list(chunk)] = probs[
+                    m, k, np.arange(len(chunk)), :, class_ids[list(chunk)]
+                ]
     return out
 
 
@@ -88,15 +101,22 @@ def curve_area(curves: np.ndarray) -> np.ndarray:
 
 
 def faithfulness_table(curves: dict[str, dict[str, np.ndarray]], n_boot: int = 2000) -> list[dict]:
-    """One row per (metric, method): mean AUC with its 95% bootstrap interval over images, and for the
-    heatmap methods the paired difference to random order (per image, same images) with its interval and a
-    verdict. Deletion: lower is better; insertion: higher is better."""
+    """One row per (metric, method): mean AUC with its 95% bootstrap interval over images, and for
+    the heatmap methods the paired difference to random order (per image, same images) with its
+    interval and a verdict. Deletion: lower is better; insertion: higher is better."""
     rows = []
     for mode, by_name in curves.items():
         areas = {name: curve_area(c) for name, c in by_name.items()}
         for name, a in areas.items():
             mean, lo, hi = bootstrap_mean(a, n_boot=n_boot)
-            row = {"metric": mode, "method": name, "images": len(a), "AUC": mean, "AUC lo": lo, "AUC hi": hi}
+            row = {
+                "metric": mode,
+                "method": name,
+                "images": len(a),
+                "AUC": mean,
+                "AUC lo": lo,
+                "AUC hi": hi,
+            }
             if name != "random":
                 d, dlo, dhi = paired_bootstrap(a, areas["random"], n_boot=n_boot)
                 better = dhi < 0 if mode == "deletion" else dlo > 0
@@ -106,7 +126,11 @@ def faithfulness_table(curves: dict[str, dict[str, np.ndarray]], n_boot: int = 2
                         "minus random": d,
                         "diff lo": dlo,
                         "diff hi": dhi,
-                        "vs random": "better" if better else "worse" if worse else "not distinguishable",
+                        "vs random": "better"
+                        if better
+                        else "worse"
+                        if worse
+                        else "not distinguishable",
                     }
                 )
             rows.append(row)
@@ -114,8 +138,11 @@ def faithfulness_table(curves: dict[str, dict[str, np.ndarray]], n_boot: int = 2
 
 
 def disagreements(rows: list[dict]) -> list[str]:
-    """Methods for which deletion and insertion reach different verdicts against random (plain sentences)."""
-    verdict = {(r["metric"], r["method"]): r.get("vs random") for r in rows if r["method"] != "random"}
+    """Methods for which deletion and insertion reach different verdicts against random (plain
+    sentences)."""
+    verdict = {
+        (r["metric"], r["method"]): r.get("vs random") for r in rows if r["method"] != "random"
+    }
     out = []
     for method in sorted({m for _, m in verdict}):
         d, i = verdict.get(("deletion", method)), verdict.get(("insertion", method))
@@ -126,8 +153,8 @@ def disagreements(rows: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------- rank correlations between maps
 def _cells(maps: np.ndarray, cells: int = 14) -> np.ndarray:
-    """(N, H, W) maps averaged into (N, cells*cells) blocks: the rank correlation of upsampled maps is
-    dominated by interpolation, and blocks make it cheap."""
+    """(N, H, W) maps averaged into (N, cells*cells) blocks: the rank correlation of upsampled maps
+    is dominated by interpolation, and blocks make it cheap."""
     maps = np.asarray(maps, np.float64)
     n, h, w = maps.shape
     ys = np.linspace(0, h, min(cells, h) + 1).astype(int)
@@ -135,7 +162,10 @@ def _cells(maps: np.ndarray, cells: int = 14) -> np.ndarray:
     return (
         np.stack(
             [
-                [maps[:, ys[a] : ys[a + 1], xs[b] : xs[b + 1]].mean(axis=(1, 2)) for b in range(len(xs) - 1)]
+                [
+                    maps[:, ys[a] : ys[a + 1], xs[b] : xs[b + 1]].mean(axis=(1, 2))
+                    for b in range(len(xs) - 1)
+                ]
                 for a in range(len(ys) - 1)
             ]
         )
@@ -155,8 +185,8 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman rho between matching rows of a and b (N, D). Two constant rows count as identical (1.0),
-    one constant row as unrelated (0.0)."""
+    """Spearman rho between matching rows of a and b (N, D). Two constant rows count as identical
+    (1.0), one constant row as unrelated (0.0)."""
     ra, rb = _ranks(np.atleast_2d(a)), _ranks(np.atleast_2d(b))
     ra, rb = ra - ra.mean(axis=1, keepdims=True), rb - rb.mean(axis=1, keepdims=True)
     na, nb = np.sqrt((ra**2).sum(axis=1)), np.sqrt((rb**2).sum(axis=1))
@@ -165,8 +195,8 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def map_similarity(maps: np.ndarray, pairs: int = 200, seed: int = 0) -> dict:
-    """Median Spearman rho between the maps of different images (random pairs); above SAME_MAP_RHO the
-    method shows (nearly) the same map whatever the image."""
+    """Median Spearman rho between the maps of different images (random pairs); above SAME_MAP_RHO
+    the method shows (nearly) the same map whatever the image."""
     cells = _cells(maps)
     n = len(cells)
     if n < 2:
@@ -181,9 +211,9 @@ def map_similarity(maps: np.ndarray, pairs: int = 200, seed: int = 0) -> dict:
 # ---------------------------------------------------------------- readable target layer
 def readable_layer(model: keras.Model, min_cells: int = 7) -> tuple[str, tuple[int, int]]:
     """(layer name, (h, w)): the deepest backbone layer (not a padding layer) whose map has at least
-    `min_cells` x `min_cells` cells at this input size and that cuts the model in two (the head depends on it
-    alone, so Grad-CAM can split there), or the registry's layer when it already has enough cells or none
-    does."""
+    `min_cells` x `min_cells` cells at this input size and that cuts the model in two (the head
+    depends on it alone, so Grad-CAM can split there), or the registry's layer when it already has
+    enough cells or none does."""
     default = target_layer_name(model)
 
     def size(layer) -> tuple[int, int]:
@@ -191,7 +221,11 @@ def readable_layer(model: keras.Model, min_cells: int = 7) -> tuple[str, tuple[i
 
     if min(size(model.get_layer(default))) >= min_cells:
         return default, size(model.get_layer(default))
-    layers = [la for la in model.layers if is_backbone_layer(la) and len(getattr(la.output, "shape", ())) == 4]
+    layers = [
+        la
+        for la in model.layers
+        if is_backbone_layer(la) and len(getattr(la.output, "shape", ())) == 4
+    ]
     for layer in reversed(layers):
         if min(size(layer)) < min_cells or isinstance(layer, keras.layers.ZeroPadding2D):
             continue  # a padding layer's extra cells are zeros, not evidence
@@ -205,11 +239,14 @@ def readable_layer(model: keras.Model, min_cells: int = 7) -> tuple[str, tuple[i
 
 # ---------------------------------------------------------------- model-randomisation sanity check
 def randomisation_steps(model: keras.Model, n_backbone_steps: int = 3) -> list[tuple[str, list]]:
-    """Cascading randomisation plan (Adebayo et al. 2018): [(label, layers randomised so far)], first the
-    head (the weighted layers outside the backbone), then the backbone's weighted layers from the top, in
-    `n_backbone_steps` equal cumulative chunks (the last step: every weighted layer)."""
+    """Cascading randomisation plan (Adebayo et al. 2018): [(label, layers randomised so far)],
+    first the head (the weighted layers outside the backbone), then the backbone's weighted layers
+    from the top, in `n_backbone_steps` equal cumulative chunks (the last step: every weighted
+    layer)."""
     # a HeadDropout's weights are its rate (fer.model.layers), not something learned: never re-drawn
-    weighted = [la for la in model.layers if la.weights and not isinstance(la, keras.layers.Dropout)]
+    weighted = [
+        la for la in model.layers if la.weights and not isinstance(la, keras.layers.Dropout)
+    ]
     head = [la for la in weighted if not is_backbone_layer(la)]
     backbone = [la for la in weighted if is_backbone_layer(la)][::-1]
     steps, done = [("head", list(head))], list(head)
@@ -220,10 +257,10 @@ def randomisation_steps(model: keras.Model, n_backbone_steps: int = 3) -> list[t
 
 
 def _scramble(layers, rng: np.random.Generator) -> None:
-    """Re-draw the weights: every kernel from a zero-mean normal with the trained kernel's spread (a learned
-    mean would survive a mere shuffle: a net whose filters all respond to brightness still does), every other
-    tensor (biases, BatchNormalization's scales and positive variances) shuffled, so activations neither
-    vanish nor explode."""
+    """Re-draw the weights: every kernel from a zero-mean normal with the trained kernel's spread (a
+    learned mean would survive a mere shuffle: a net whose filters all respond to brightness still
+    does), every other tensor (biases, BatchNormalization's scales and positive variances) shuffled,
+    so activations neither vanish nor explode."""
     for layer in layers:
         for v in layer.weights:
             value = np.asarray(keras.ops.convert_to_numpy(v))
@@ -238,8 +275,8 @@ MapFn = Callable[[keras.Model, np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
 def gradcam_maps(layer_name: str | None = None) -> MapFn:
-    """A MapFn (model, images, class_ids) -> {'Grad-CAM': (N, H, W), 'Grad-CAM++': (N, H, W)}; builds a fresh
-    GradCam each call (jax.jit bakes the weights into the compiled function)."""
+    """A MapFn (model, images, class_ids) -> {'Grad-CAM': (N, H, W), 'Grad-CAM++': (N, H, W)};
+    builds a fresh GradCam each call (jax.jit bakes the weights into the compiled function)."""
 
     def maps(model, images, class_ids):
         e = GradCam(model, layer_name).explain(images, class_ids)
@@ -249,11 +286,17 @@ def gradcam_maps(layer_name: str | None = None) -> MapFn:
 
 
 def randomisation_check(
-    model: keras.Model, images: np.ndarray, class_ids, map_fn: MapFn, n_backbone_steps: int = 3, seed: int = 0
+    model: keras.Model,
+    images: np.ndarray,
+    class_ids,
+    map_fn: MapFn,
+    n_backbone_steps: int = 3,
+    seed: int = 0,
 ) -> dict:
     """Spearman rho (median over images) between each method's maps on the trained model and on each
-    cascading-randomised model, for the SAME images and classes. A method fails when the median rho with the
-    fully randomised model stays above SANITY_RHO. The model's weights are restored afterwards."""
+    cascading-randomised model, for the SAME images and classes. A method fails when the median rho
+    with the fully randomised model stays above SANITY_RHO. The model's weights are restored
+    afterwards."""
     images, class_ids = np.asarray(images), np.asarray(class_ids)
     original = [np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights]
     trained = {name: _cells(m) for name, m in map_fn(model, images, class_ids).items()}
@@ -280,7 +323,9 @@ def randomisation_check(
 
 
 # ---------------------------------------------------------------- where each class is read
-def class_mean_maps(maps: np.ndarray, labels, predicted, classes: list[str]) -> dict[str, tuple[np.ndarray, int]]:
+def class_mean_maps(
+    maps: np.ndarray, labels, predicted, classes: list[str]
+) -> dict[str, tuple[np.ndarray, int]]:
     """class -> (mean map over its correctly classified images, how many), for classes with any."""
     labels, predicted = np.asarray(labels), np.asarray(predicted)
     out = {}
@@ -291,10 +336,12 @@ def class_mean_maps(maps: np.ndarray, labels, predicted, classes: list[str]) -> 
     return out
 
 
-def region_stats(maps: np.ndarray, regions: list[dict[str, list]], labels, classes: list[str]) -> list[dict]:
-    """Per class: the mean share of the heat inside each named region (regions[i]: name -> boxes as fractions
-    x0, y0, x1, y1, as in demo_regions.csv, docs/results.md) and the pointing-game hit rate (the hottest pixel
-    inside any region), over the images of that class that have regions."""
+def region_stats(
+    maps: np.ndarray, regions: list[dict[str, list]], labels, classes: list[str]
+) -> list[dict]:
+    """Per class: the mean share of the heat inside each named region (regions[i]: name -> boxes as
+    fractions x0, y0, x1, y1, as in demo_regions.csv, docs/results.md) and the pointing-game hit
+    rate (the hottest pixel inside any region), over the images of that class that have regions."""
     labels = np.asarray(labels)
     names = sorted({r for reg in regions for r in reg})
     rows = []

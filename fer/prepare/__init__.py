@@ -1,8 +1,10 @@
-"""`prepare`: from a messy class-folder dataset to an audited, leak-free split (results/<study>/data).
+"""`prepare`: from a messy class-folder dataset to an audited, leak-free split
+(results/<study>/data).
 
-The flow is `pipeline.prepare_dataset`: scan (`scan`) -> decode and hash each file (`inspect`) -> duplicates
-(`hashing`, `registration`, `duplicates`) -> split (`fer.data.split`) -> audit (`audit`) -> pixel cache.
-Trials never import this package: they read the result through `fer.data.StudyData`."""
+The flow is `pipeline.prepare_dataset`: scan (`scan`) -> decode and hash each file (`inspect`) ->
+duplicates (`hashing`, `registration`, `duplicates`) -> split (`fer.data.split`) -> audit (`audit`)
+-> pixel cache. Trials never import this package: they read the result through `fer.data.StudyData`.
+"""
 
 from fer.prepare.pipeline import prepare_dataset
 

@@ -1,7 +1,8 @@
 """The audit (`audit.json`): counts, class weights, duplicates, quarantine, and the leakage check.
 
-The leakage check does not trust the splitter: it re-reads the final split column and counts every exact
-or near-duplicate pair, and every group, that ends up in two different splits. Anything but 0 is a bug.
+The leakage check does not trust the splitter: it re-reads the final split column and counts every
+exact or near-duplicate pair, and every group, that ends up in two different splits. Anything but 0
+is a bug.
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ def balanced_class_weights(train_labels: pd.Series, classes: list[str]) -> dict[
     """sklearn's "balanced": n_samples / (n_classes * n_samples_of_class), from the train split."""
     counts = train_labels.value_counts()
     n = len(train_labels)
-    return {c: round(n / (len(classes) * int(counts.get(c, 0))), 6) if counts.get(c, 0) else 0.0 for c in classes}
+    return {
+        c: round(n / (len(classes) * int(counts.get(c, 0))), 6) if counts.get(c, 0) else 0.0
+        for c in classes
+    }
 
 
 def leakage(table: pd.DataFrame, pairs: list[tuple[int, int]]) -> dict:
     split, path = table["split"].tolist(), table["path"].tolist()
-    crossing = [(i, j) for i, j in pairs if split[i] in SPLITS and split[j] in SPLITS and split[i] != split[j]]
+    crossing = [
+        (i, j)
+        for i, j in pairs
+        if split[i] in SPLITS and split[j] in SPLITS and split[i] != split[j]
+    ]
     used = table[table.split.isin(SPLITS)]
     groups_across = int((used.groupby("group")["split"].nunique() > 1).sum())
     return {
@@ -45,7 +53,9 @@ def build_audit(
     counts = table[table.label.isin(classes)].groupby(["label", "split"]).size()
     counts = {c: {s: int(counts.get((c, s), 0)) for s in (*SPLITS, "excluded")} for c in classes}
     status_counts = table.status.value_counts()
-    path, label, split, pixel_hash = (table[c].tolist() for c in ("path", "label", "split", "pixel_hash"))
+    path, label, split, pixel_hash = (
+        table[c].tolist() for c in ("path", "label", "split", "pixel_hash")
+    )
     clusters = []
     why_of = _pair_reasons(dup_report)
     cluster_of = {i: k for k, members in enumerate(dup_report["clusters_idx"]) for i in members}
@@ -70,7 +80,10 @@ def build_audit(
         "totals": {
             "files": len(table),
             **{s: int((table.split == s).sum()) for s in (*SPLITS, "excluded")},
-            **{s: int(status_counts.get(s, 0)) for s in ("ok", "converted", "quarantined", "duplicate")},
+            **{
+                s: int(status_counts.get(s, 0))
+                for s in ("ok", "converted", "quarantined", "duplicate")
+            },
         },
         "class_weights": balanced_class_weights(table.label[table.split == "train"], classes),
         "groups": int(table.group[table.split.isin(SPLITS)].nunique()),
@@ -89,7 +102,9 @@ def build_audit(
             "clusters": clusters,
         },
         "label_conflicts": dup_report["label_conflicts"],
-        "quarantined": [{"path": p, "reason": r} for p, r in zip(quarantined.path, quarantined.reason)],
+        "quarantined": [
+            {"path": p, "reason": r} for p, r in zip(quarantined.path, quarantined.reason)
+        ],
         "converted": int(status_counts.get("converted", 0)),
         "unknown_class_folders": unknown_folders,
         "empty_classes": empty_classes,
@@ -109,7 +124,9 @@ def edit_guess(score: dict) -> str:
         parts.append("shifted")
     if not parts:
         close = score.get("corr", 0) >= 0.985
-        parts.append("re-encoded, resized or re-lit" if close else "edited or a near-identical frame")
+        parts.append(
+            "re-encoded, resized or re-lit" if close else "edited or a near-identical frame"
+        )
     return ", ".join(parts)
 
 
@@ -118,7 +135,11 @@ def _pair_reasons(dup_report: dict) -> dict:
     for i, j in dup_report["exact_pairs"]:
         out[(i, j)] = {"why": "exact (same pixels)", "similarity": 1.0}
     for (i, j), s in zip(dup_report["near_pairs"], dup_report.get("near_scores", [])):
-        out[(i, j)] = {"why": edit_guess(s), "similarity": s["corr"], "local_difference": s["local"]}
+        out[(i, j)] = {
+            "why": edit_guess(s),
+            "similarity": s["corr"],
+            "local_difference": s["local"],
+        }
     return out
 
 
@@ -132,8 +153,8 @@ def write_contact_sheet(
     n_pairs: int = 12,
     n_conflicts: int = 6,
 ) -> Path | None:
-    """A PNG of a random sample of excluded pairs and of label-conflict clusters, side by side with captions,
-    so a user can see what `prepare` dropped. None when there is nothing to show."""
+    """A PNG of a random sample of excluded pairs and of label-conflict clusters, side by side with
+    captions, so a user can see what `prepare` dropped. None when there is nothing to show."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -195,9 +216,13 @@ def summary_text(audit: dict, out_dir: Path) -> str:
             "(each of them is its own group)"
         )
     if audit["unknown_class_folders"]:
-        lines.append(f"  unknown class folders (not used): {', '.join(audit['unknown_class_folders'])}")
+        lines.append(
+            f"  unknown class folders (not used): {', '.join(audit['unknown_class_folders'])}"
+        )
     if audit["empty_classes"]:
-        lines.append(f"  class folders without usable images (dropped): {', '.join(audit['empty_classes'])}")
+        lines.append(
+            f"  class folders without usable images (dropped): {', '.join(audit['empty_classes'])}"
+        )
     if audit["predefined_split"] and audit["predefined_split"]["crossing_clusters"]:
         lines.append(
             f"  predefined split leaks: {len(audit['predefined_split']['crossing_clusters'])} duplicate "
@@ -213,5 +238,7 @@ def summary_text(audit: dict, out_dir: Path) -> str:
         key = q["reason"].split(":")[0]
         reasons[key] = reasons.get(key, 0) + 1
     if reasons:
-        lines.append("  quarantine reasons: " + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())))
+        lines.append(
+            "  quarantine reasons: " + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items()))
+        )
     return "\n".join(lines)

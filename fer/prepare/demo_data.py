@@ -1,14 +1,16 @@
 """The synthetic demo dataset: procedural faces whose mouth, eyes and brows encode five emotions.
 
-It is fer-study's embedded default data and the test suite's data, so it must be (1) learnable by a tiny
-CNN at 48 px within a few epochs, which is why the cues are bold and consistent per emotion, and (2) as
-messy as a real folder: HEIC files (one of them named .jpg), PNG/JPEG/WebP mixed, varied sizes and aspect
-ratios, exact and near duplicates (re-encoded, resized, shifted copies), a truncated file, a hidden file,
-and subject ids in file names (`S07_happy_012.png`; group with `--group-regex '^(S\\d+)_'`).
+It is fer-study's embedded default data and the test suite's data, so it must be (1) learnable by a
+tiny CNN at 48 px within a few epochs, which is why the cues are bold and consistent per emotion,
+and (2) as messy as a real folder: HEIC files (one of them named .jpg), PNG/JPEG/WebP mixed, varied
+sizes and aspect ratios, exact and near duplicates (re-encoded, resized, shifted copies), a
+truncated file, a hidden file, and subject ids in file names (`S07_happy_012.png`; group with
+`--group-regex '^(S\\d+)_'`).
 
-Each subject has a fixed identity (skin, face shape, eye spacing, hair); each image varies pose (rotation),
-size, position, background, lighting and noise. `demo_regions.csv` gives the mouth, eye and brow boxes as
-fractions of every saved image (duplicates included), for the Grad-CAM faithfulness test.
+Each subject has a fixed identity (skin, face shape, eye spacing, hair); each image varies pose
+(rotation), size, position, background, lighting and noise. `demo_regions.csv` gives the mouth, eye
+and brow boxes as fractions of every saved image (duplicates included), for the Grad-CAM
+faithfulness test.
 
 | emotion  | mouth                   | eyes          | brows                      |
 |----------|-------------------------|---------------|----------------------------|
@@ -50,9 +52,10 @@ _EXPRESSIONS = {
 }
 
 
-# Each face shows its emotion at a random intensity in INTENSITY: eyes and brows move that far from NEUTRAL
-# towards the emotion's values and open mouths and mouth curves scale with it. Weak expressions are what
-# makes the data learnable but not trivial (a tiny CNN at 48 px needs a few hundred faces, not a few dozen).
+# Each face shows its emotion at a random intensity in INTENSITY: eyes and brows move that far from
+# NEUTRAL towards the emotion's values and open mouths and mouth curves scale with it. Weak
+# expressions are what makes the data learnable but not trivial (a tiny CNN at 48 px needs a few
+# hundred faces, not a few dozen).
 INTENSITY = (0.45, 1.0)
 NEUTRAL = dict(eye_open=0.11, brow_y=-0.52, brow_inner=0.0)
 
@@ -76,7 +79,9 @@ class Subject:
 
 def _subject(rng: np.random.Generator) -> Subject:
     tone = rng.uniform(0.35, 1.0)
-    skin = tuple(int(c) for c in (np.array([235, 200, 170]) * tone + np.array([15, 10, 5]) * (1 - tone)))
+    skin = tuple(
+        int(c) for c in (np.array([235, 200, 170]) * tone + np.array([15, 10, 5]) * (1 - tone))
+    )
     brow = tuple(int(c) for c in rng.integers(10, 90, 3))
     iris = tuple(int(c) for c in rng.integers(20, 140, 3))
     return Subject(skin, brow, iris, float(rng.uniform(1.15, 1.35)), float(rng.uniform(0.34, 0.42)))
@@ -101,7 +106,9 @@ def _rotate_box(box, centre, angle_deg):
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.random.Generator) -> Face:
+def render_face(
+    emotion: str, subject: Subject, size: tuple[int, int], rng: np.random.Generator
+) -> Face:
     """Draw one face; return the image and its feature boxes (fractions of the image)."""
     w, h = size
     s = SUPERSAMPLE
@@ -113,16 +120,22 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
         x0, y0 = rng.uniform(-0.3, 1.0, 2) * (W, H)
         ww, hh = rng.uniform(0.2, 0.7, 2) * (W, H)
         shape = d.ellipse if rng.random() < 0.5 else d.rectangle
-        tint = (np.array(bg) * 0.5 + rng.integers(0, 256, 3) * 0.5).astype(int)  # muted: faces stand out
+        tint = (np.array(bg) * 0.5 + rng.integers(0, 256, 3) * 0.5).astype(
+            int
+        )  # muted: faces stand out
         shape((x0, y0, x0 + ww, y0 + hh), fill=tuple(int(c) for c in tint))
-    r = min(W, H) * rng.uniform(0.38, 0.44)  # face half-width: faces fill the frame, as in cropped datasets
+    r = min(W, H) * rng.uniform(
+        0.38, 0.44
+    )  # face half-width: faces fill the frame, as in cropped datasets
     cx = W / 2 + rng.uniform(-0.06, 0.06) * W
     cy = H / 2 + rng.uniform(-0.03, 0.06) * H
     fh = r * subject.face_aspect
     e = _expression(emotion, float(rng.uniform(*INTENSITY)))
     lw = max(2, int(0.14 * r))
 
-    hair = tuple(int(c) for c in rng.integers(10, 200, 3))  # hair (style and colour change per photo)
+    hair = tuple(
+        int(c) for c in rng.integers(10, 200, 3)
+    )  # hair (style and colour change per photo)
     hair_low = rng.uniform(-0.45, 0.05)
     d.ellipse(
         (
@@ -141,7 +154,12 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
     for side, name in ((-1, "left"), (1, "right")):
         ex = cx + side * subject.eye_spacing * r
         ew, eh = 0.2 * r, e["eye_open"] * r * 1.2
-        d.ellipse((ex - ew, eye_y - eh, ex + ew, eye_y + eh), fill=(250, 250, 250), outline=dark, width=max(1, lw // 2))
+        d.ellipse(
+            (ex - ew, eye_y - eh, ex + ew, eye_y + eh),
+            fill=(250, 250, 250),
+            outline=dark,
+            width=max(1, lw // 2),
+        )
         pr = min(0.08 * r, eh * 0.9)
         d.ellipse((ex - pr, eye_y - pr, ex + pr, eye_y + pr), fill=subject.iris)
         boxes[f"{name}_eye"] = (ex - 0.24 * r, eye_y - 0.26 * r, ex + 0.24 * r, eye_y + 0.26 * r)
@@ -155,7 +173,12 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
         else:
             d.line([inner, outer], fill=subject.brow, width=lw)
         xs = (inner[0], outer[0])
-        boxes[f"{name}_brow"] = (min(xs) - 0.06 * r, by - 0.2 * r, max(xs) + 0.06 * r, by + 0.24 * r)
+        boxes[f"{name}_brow"] = (
+            min(xs) - 0.06 * r,
+            by - 0.2 * r,
+            max(xs) + 0.06 * r,
+            by + 0.24 * r,
+        )
 
     my = cy + 0.52 * r
     mw = 0.48 * r
@@ -182,11 +205,23 @@ def render_face(emotion: str, subject: Subject, size: tuple[int, int], rng: np.r
         d.line([(cx - mw * 0.8, my), (cx + mw * 0.8, my)], fill=mouth_ink, width=mlw)
     elif shape == "o":
         d.ellipse(
-            (cx - 0.2 * r, my + 0.02 * r - 0.24 * r * k, cx + 0.2 * r, my + 0.02 * r + 0.24 * r * k), fill=mouth_ink
+            (
+                cx - 0.2 * r,
+                my + 0.02 * r - 0.24 * r * k,
+                cx + 0.2 * r,
+                my + 0.02 * r + 0.24 * r * k,
+            ),
+            fill=mouth_ink,
         )
     else:  # wide_open
-        d.ellipse((cx - mw, my + 0.02 * r - 0.12 * r * k, cx + mw, my + 0.02 * r + 0.12 * r * k), fill=mouth_ink)
-        d.rectangle((cx - mw * 0.7, my - 0.08 * r * k, cx + mw * 0.7, my - 0.02 * r * k), fill=(245, 245, 240))
+        d.ellipse(
+            (cx - mw, my + 0.02 * r - 0.12 * r * k, cx + mw, my + 0.02 * r + 0.12 * r * k),
+            fill=mouth_ink,
+        )
+        d.rectangle(
+            (cx - mw * 0.7, my - 0.08 * r * k, cx + mw * 0.7, my - 0.02 * r * k),
+            fill=(245, 245, 240),
+        )
     boxes["mouth"] = (cx - 0.5 * r, my - 0.3 * r, cx + 0.5 * r, my + 0.32 * r)
 
     angle = float(rng.uniform(-10, 10))
@@ -228,7 +263,8 @@ def _image_size(rng: np.random.Generator) -> tuple[int, int]:
 
 
 def generate_demo_data(out, per_class: int = 200, seed: int = 0) -> dict:
-    """Write the demo dataset to `out` (class folders + `demo_regions.csv`); return counts of what was made.
+    """Write the demo dataset to `out` (class folders + `demo_regions.csv`); return counts of what
+    was made.
 
     `out` must not exist or be empty, so a typo never mixes demo faces into a real dataset.
     """
@@ -238,7 +274,9 @@ def generate_demo_data(out, per_class: int = 200, seed: int = 0) -> dict:
             f"--per-class must be at least 3 (got {per_class}): every class needs images for train, val and test"
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an empty folder; demo-data writes only into a new folder")
+        raise UserError(
+            f"{out} exists and is not an empty folder; demo-data writes only into a new folder"
+        )
     rng = np.random.default_rng(seed)
     n_subjects = max(8, per_class // 4)
     subjects = [_subject(np.random.default_rng([seed, 1000 + i])) for i in range(n_subjects)]
@@ -272,7 +310,8 @@ def _add_messes(out: Path, emotion: str, files: list[tuple[Path, Face]], regions
     src, face0 = files[0]
     i = CLASSES.index(emotion)
     boxes = face0.boxes
-    # an exact byte copy under a scraped-looking name (no subject id: only the duplicate finder groups it)
+    # an exact byte copy under a scraped-looking name (no subject id: only the duplicate finder
+    # groups it)
     copy = out / emotion / f"download_{i}{src.suffix}"
     shutil.copyfile(src, copy)
     regions.append((copy.relative_to(out).as_posix(), boxes))
@@ -295,7 +334,10 @@ def _add_messes(out: Path, emotion: str, files: list[tuple[Path, Face]], regions
         regions.append(
             (
                 p.relative_to(out).as_posix(),
-                {k: _clip_box((b[0] + dx / w, b[1] + dy / h, b[2] + dx / w, b[3] + dy / h)) for k, b in boxes.items()},
+                {
+                    k: _clip_box((b[0] + dx / w, b[1] + dy / h, b[2] + dx / w, b[3] + dy / h))
+                    for k, b in boxes.items()
+                },
             )
         )
     if emotion == "fear":  # HEIC content behind a .jpg name: content sniffing must still read it

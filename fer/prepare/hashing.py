@@ -1,19 +1,20 @@
 """Near-duplicate signals in plain NumPy: per file a 64x64 grey signature and two perceptual hashes.
 
-What counts as a near-duplicate is defined in docs/duplicates.md: the same shot after edits, never the same
-person with another expression. Per file (computed once, in the decoding workers):
+What counts as a near-duplicate is defined in docs/duplicates.md: the same shot after edits, never
+the same person with another expression. Per file (computed once, in the decoding workers):
 - `signature`: the image as 64x64 grey uint8 (4 KiB), what pairs are confirmed on;
-- `phash` of the signature's 32x32 blurred thumbnail, and of its mirror image, so that a mirrored copy is
-  found as a hash neighbour of the original (hash(a) close to hash(mirror(b))).
+- `phash` of the signature's 32x32 blurred thumbnail, and of its mirror image, so that a mirrored
+  copy is found as a hash neighbour of the original (hash(a) close to hash(mirror(b))).
 
-Pairs are confirmed by `compare`: b is aligned to a (mirror, zoom 0.87-1.14, shifts up to ~12 %: coarse
-search at 16 px, refined at 32 px, then to half a pixel), then scored on the central
-52x52 pixels (borders and the gap a shift leaves are outside it) by their global correlation and by the
-largest local difference: the residual after alignment, smoothed, measured in 16x16 windows. Edits change
-every window a little; another expression of the same face changes the mouth, eye or brow windows a lot.
-Most candidates are no copies: a blurred 32 px correlation after the coarse search rejects them before the
-sub-pixel stage (`EARLY_REJECT`), and the local difference is only computed where the correlation passes.
-Thresholds: duplicates.py; registration (shift-tolerant hashes): registration.py.
+Pairs are confirmed by `compare`: b is aligned to a (mirror, zoom 0.87-1.14, shifts up to ~12 %:
+coarse search at 16 px, refined at 32 px, then to half a pixel), then scored on the central 52x52
+pixels (borders and the gap a shift leaves are outside it) by their global correlation and by the
+largest local difference: the residual after alignment, smoothed, measured in 16x16 windows. Edits
+change every window a little; another expression of the same face changes the mouth, eye or brow
+windows a lot. Most candidates are no copies: a blurred 32 px correlation after the coarse search
+rejects them before the sub-pixel stage (`EARLY_REJECT`), and the local difference is only computed
+where the correlation passes. Thresholds: duplicates.py; registration (shift-tolerant hashes):
+registration.py.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ SIG = 64
 THUMB = 32
 MARGIN = 6  # scored region: SIG - 2 * MARGIN pixels (about 10 % off each side)
 ZOOMS = (0.87, 0.93, 1.0, 1.07, 1.14)
-EARLY_REJECT = 0.88  # blurred 32 px correlation after the coarse search (calibration copies >= 0.94); below: no copy
-# 32 px correlation after the whole-pixel refinement: pairs below it skip the half-pixel stage (calibration pairs
-# that pass the check: >= 0.87; docs/duplicates.md)
+# blurred 32 px correlation after the coarse search (calibration copies >= 0.94); below: no copy
+EARLY_REJECT = 0.88
+# 32 px correlation after the whole-pixel refinement: pairs below it skip the half-pixel stage
+# (calibration pairs that pass the check: >= 0.87; docs/duplicates.md)
 STEP_REJECT = 0.86
 
 
@@ -50,9 +52,9 @@ def signature(rgb: np.ndarray) -> np.ndarray:
 
 
 def image_signature(img: Image.Image) -> np.ndarray:
-    """`signature` of a decoded greyscale or RGB Pillow image, without the RGB array: the same pixels (an L
-    image's RGB copy converts back to exactly its grey levels; test_duplicates checks both paths), at a
-    third less work per file."""
+    """`signature` of a decoded greyscale or RGB Pillow image, without the RGB array: the same
+    pixels (an L image's RGB copy converts back to exactly its grey levels; test_duplicates checks
+    both paths), at a third less work per file."""
     grey = img if img.mode == "L" else img.convert("L")
     return np.asarray(grey.resize((SIG, SIG), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
 
@@ -91,7 +93,9 @@ def _bits(low: np.ndarray) -> int:
     return _pack(low > median)
 
 
-_MIRROR_SIGNS = (-1.0) ** np.arange(8)  # DCT of a left-right mirrored image: odd columns change sign
+_MIRROR_SIGNS = (-1.0) ** np.arange(
+    8
+)  # DCT of a left-right mirrored image: odd columns change sign
 
 
 def phashes(sig: np.ndarray) -> tuple[str, str]:
@@ -109,14 +113,16 @@ def _blur_matrix(n: int) -> np.ndarray:
     return m
 
 
-_DCT8_BLUR = _DCT8 @ _blur_matrix(THUMB)  # blur and the 8 lowest DCT frequencies in one product per axis
+_DCT8_BLUR = _DCT8 @ _blur_matrix(
+    THUMB
+)  # blur and the 8 lowest DCT frequencies in one product per axis
 
 
 def batch_phashes(sigs: np.ndarray, chunk: int = 1024) -> tuple[list[str], list[str]]:
-    """pHash and mirror pHash of every signature (n, 64, 64), vectorised (a few microseconds per image, where
-    one call per image costs ~100). The mirror's DCT is the image's with the odd horizontal frequencies
-    negated, so one transform serves both; the blur is folded into the DCT matrix. Same bits as
-    `phash(thumbnail(sig))` (up to float rounding at exact ties)."""
+    """pHash and mirror pHash of every signature (n, 64, 64), vectorised (a few microseconds per
+    image, where one call per image costs ~100). The mirror's DCT is the image's with the odd
+    horizontal frequencies negated, so one transform serves both; the blur is folded into the DCT
+    matrix. Same bits as `phash(thumbnail(sig))` (up to float rounding at exact ties)."""
     out_h, out_m = [], []
     for start in range(0, len(sigs), chunk):
         h, hm = _phash_pair(halve(sigs[start : start + chunk].astype(np.float32)))
@@ -157,11 +163,12 @@ def hashes_to_array(hex_hashes: list[str]) -> np.ndarray:
 def candidate_pairs(
     hashes: np.ndarray, mirrored: np.ndarray | None, max_bits: int, block_cells: int = 500_000
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) with hash(i) within `max_bits` of hash(j) or of hash(mirror(j)) (`mirrored`, or
-    None: plain hashes only), as an (n, 2) array, and per pair whether the mirrored match was the closer one.
+    """Index pairs (i < j) with hash(i) within `max_bits` of hash(j) or of hash(mirror(j))
+    (`mirrored`, or None: plain hashes only), as an (n, 2) array, and per pair whether the mirrored
+    match was the closer one.
 
-    Compares every pair in row blocks of at most `block_cells` comparisons, into buffers allocated once:
-    memory stays flat, and no large temporary is allocated (and page-faulted) per block.
+    Compares every pair in row blocks of at most `block_cells` comparisons, into buffers allocated
+    once: memory stays flat, and no large temporary is allocated (and page-faulted) per block.
     """
     n = len(hashes)
     block = max(1, block_cells // max(1, n))
@@ -184,12 +191,14 @@ def candidate_pairs(
     if mirrored is None or not len(pairs):
         return pairs, np.zeros(len(pairs), dtype=bool)
     i, j = pairs[:, 0], pairs[:, 1]
-    return pairs, np.bitwise_count(hashes[i] ^ mirrored[j]) < np.bitwise_count(hashes[i] ^ hashes[j])
+    return pairs, np.bitwise_count(hashes[i] ^ mirrored[j]) < np.bitwise_count(
+        hashes[i] ^ hashes[j]
+    )
 
 
 def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.nonzero of a 2-D boolean array that is almost all False, 5-8x faster: the bytes are scanned as
-    64-bit words first, and only the few non-zero words are looked at byte by byte."""
+    """np.nonzero of a 2-D boolean array that is almost all False, 5-8x faster: the bytes are
+    scanned as 64-bit words first, and only the few non-zero words are looked at byte by byte."""
     flat = np.ascontiguousarray(mask).reshape(-1)
     n8 = len(flat) // 8 * 8
     words = np.flatnonzero(flat[:n8].view(np.uint64))
@@ -198,15 +207,18 @@ def _sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(idx, mask.shape[1])
 
 
-def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 2048) -> np.ndarray:
-    """Per pair (i, j), the highest correlation between the centre of square thumbnail i (32 px, or any
-    size) and any window of thumbnail j (already mirrored where needed) shifted by up to `max_shift` pixels:
-    a cheap first filter
-    before `compare` (tens of microseconds per pair instead of milliseconds).
+def quick_correlation(
+    thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2, block: int = 2048
+) -> np.ndarray:
+    """Per pair (i, j), the highest correlation between the centre of square thumbnail i (32 px, or
+    any size) and any window of thumbnail j (already mirrored where needed) shifted by up to
+    `max_shift` pixels: a cheap first filter before `compare` (tens of microseconds per pair instead
+    of milliseconds).
 
-    Normalised cross-correlation without re-normalising every window: each image's window norms for all
-    shifts come once from a summed-area table, i's centre is normalised once per block of pairs, and a
-    shift then costs one dot product. Memory is bounded by `block` pairs, whatever the number of pairs.
+    Normalised cross-correlation without re-normalising every window: each image's window norms for
+    all shifts come once from a summed-area table, i's centre is normalised once per block of pairs,
+    and a shift then costs one dot product. Memory is bounded by `block` pairs, whatever the number
+    of pairs.
     """
     out = np.full(len(pairs), -1.0, dtype=np.float32)
     if not len(pairs):
@@ -222,7 +234,9 @@ def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2,
         centre = thumbs[used[a], r : size - r, r : size - r].astype(np.float32)
         centre -= centre.mean(axis=(1, 2), keepdims=True)
         norm = np.sqrt((centre * centre).sum(axis=(1, 2), keepdims=True))
-        centre = np.divide(centre, norm, out=np.zeros_like(centre), where=norm > 1e-3)  # flat: no structure
+        centre = np.divide(
+            centre, norm, out=np.zeros_like(centre), where=norm > 1e-3
+        )  # flat: no structure
         other = thumbs[used[b]].astype(np.float32)
         best = out[start : start + block]
         for k, (y, x) in enumerate(shifts):
@@ -232,39 +246,56 @@ def quick_correlation(thumbs: np.ndarray, pairs: np.ndarray, max_shift: int = 2,
     return out
 
 
-def _window_spreads(thumbs: np.ndarray, used: np.ndarray, r: int, inner: int, chunk: int = 2048) -> np.ndarray:
-    """sqrt(sum of squared deviations from the mean) of every (2r+1)^2 shifted window of each used image."""
+def _window_spreads(
+    thumbs: np.ndarray, used: np.ndarray, r: int, inner: int, chunk: int = 2048
+) -> np.ndarray:
+    """sqrt(sum of squared deviations from the mean) of every (2r+1)^2 shifted window of each used
+    image."""
     n = inner * inner
     out = np.empty((len(used), (2 * r + 1) ** 2), dtype=np.float32)
     for start in range(0, len(used), chunk):
         t = thumbs[used[start : start + chunk]].astype(np.float32)
         t -= t.mean(axis=(1, 2), keepdims=True)
         total, squares = _window_stats(t, r, inner), _window_stats(t * t, r, inner)
-        out[start : start + len(t)] = np.sqrt(np.maximum(squares - total * total / n, 0.0)).reshape(len(t), -1)
+        out[start : start + len(t)] = np.sqrt(np.maximum(squares - total * total / n, 0.0)).reshape(
+            len(t), -1
+        )
     return out
 
 
-# --- confirmation -----------------------------------------------------------------------------------------
+# --- confirmation
+# -----------------------------------------------------------------------------------------
 
 
-def _resample(img: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray, crop: int = 0) -> np.ndarray:
-    """Bilinear b(c + (p - c) * zoom + t) for a batch (P, N, N), per-image zoom and shift (pixels), edges
-    clamped; only the output pixels crop..N-crop of each axis. Separable, as two batched matrix products
-    (an order of magnitude faster than gathering)."""
+def _resample(
+    img: np.ndarray, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray, crop: int = 0
+) -> np.ndarray:
+    """Bilinear b(c + (p - c) * zoom + t) for a batch (P, N, N), per-image zoom and shift (pixels),
+    edges clamped; only the output pixels crop..N-crop of each axis. Separable, as two batched
+    matrix products (an order of magnitude faster than gathering)."""
     n = img.shape[1]
-    return _interp_weights(n, zoom, ty, crop) @ img @ _interp_weights(n, zoom, tx, crop, transposed=True)
+    return (
+        _interp_weights(n, zoom, ty, crop)
+        @ img
+        @ _interp_weights(n, zoom, tx, crop, transposed=True)
+    )
 
 
-def _interp_weights(n: int, zoom: np.ndarray, t: np.ndarray, crop: int = 0, transposed: bool = False) -> np.ndarray:
-    """(P, n - 2 crop, n) matrices: row o holds the bilinear weights of output pixel crop + o on the input
-    pixels; `transposed`: (P, n, n - 2 crop), contiguous (what the right-hand product needs, without a copy)."""
+def _interp_weights(
+    n: int, zoom: np.ndarray, t: np.ndarray, crop: int = 0, transposed: bool = False
+) -> np.ndarray:
+    """(P, n - 2 crop, n) matrices: row o holds the bilinear weights of output pixel crop + o on the
+    input pixels; `transposed`: (P, n, n - 2 crop), contiguous (what the right-hand product needs,
+    without a copy)."""
     c = (n - 1) / 2.0
     out = np.arange(crop, n - crop, dtype=np.float32)
     pos = np.clip(c + (out - c)[None, :] * zoom[:, None] + t[:, None], 0, n - 1)
     i0 = np.minimum(pos.astype(np.int64), n - 2)
     w = (pos - i0).astype(np.float32)
     p, o = len(zoom), len(out)
-    weights = np.zeros(p * o * n, dtype=np.float32)  # filled through flat indices (cheaper than 3 index arrays)
+    weights = np.zeros(
+        p * o * n, dtype=np.float32
+    )  # filled through flat indices (cheaper than 3 index arrays)
     if transposed:  # element (k, i, o) at (k * n + i) * o_count + o
         at = (np.arange(p)[:, None] * n + i0) * o + np.arange(o)[None, :]
         weights[at], weights[at + o] = 1 - w, w
@@ -281,11 +312,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def _shift_search(ac: np.ndarray, b: np.ndarray, r: int):
-    """Best normalised correlation of a's centre (margin r; `ac`: `_normalise`d, computed once per batch for
-    all the zooms searched) with b's windows shifted by up to r pixels. Returns (corr, dy, dx). a's centre
-    has zero mean, so each window only needs its spread (`_window_stats`)."""
+    """Best normalised correlation of a's centre (margin r; `ac`: `_normalise`d, computed once per
+    batch for all the zooms searched) with b's windows shifted by up to r pixels. Returns (corr, dy,
+    dx). a's centre has zero mean, so each window only needs its spread (`_window_stats`)."""
     p, inner = ac.shape[0], ac.shape[1]
-    b = b - b.mean(axis=(1, 2), keepdims=True)  # same correlations; small sums keep float32 exact enough
+    b = b - b.mean(
+        axis=(1, 2), keepdims=True
+    )  # same correlations; small sums keep float32 exact enough
     count = inner * inner
     total, squares = _window_stats(b, r, inner), _window_stats(b * b, r, inner)
     spread = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0))
@@ -303,29 +336,32 @@ def _shift_search(ac: np.ndarray, b: np.ndarray, r: int):
 
 
 def _window_stats(x: np.ndarray, r: int, inner: int) -> np.ndarray:
-    """(p, 2r+1, 2r+1): the sum of every inner x inner window of each image at offsets 0..2r per axis, as
-    two box sums (first along the columns, then along the rows of the 2r+1 results)."""
+    """(p, 2r+1, 2r+1): the sum of every inner x inner window of each image at offsets 0..2r per
+    axis, as two box sums (first along the columns, then along the rows of the 2r+1 results)."""
     m = inner + 2 * r  # the windows cover no more than this
     rows = _offset_sums(x[:, :m, :m], 2 * r + 1)  # (p, m, k)
     return _offset_sums(np.ascontiguousarray(rows.transpose(0, 2, 1)), 2 * r + 1).transpose(0, 2, 1)
 
 
 def _offset_sums(x: np.ndarray, k: int) -> np.ndarray:
-    """(p, a, k): along the last axis (length n), the sums of the n - k + 1 long windows starting at 0..k-1:
-    the whole line minus its first o and its last k - 1 - o values (at 32 px half the cost of a cumulative
-    sum over the whole line)."""
+    """(p, a, k): along the last axis (length n), the sums of the n - k + 1 long windows starting at
+    0..k-1: the whole line minus its first o and its last k - 1 - o values (at 32 px half the cost
+    of a cumulative sum over the whole line)."""
     total = x.sum(axis=2, keepdims=True, dtype=np.float32)
     head = np.zeros(x.shape[:2] + (k,), dtype=np.float32)  # head[o]: the first o values
     tail = np.zeros_like(head)  # tail[s]: the last s values
     head[:, :, 1], tail[:, :, 1] = x[:, :, 0], x[:, :, -1]
-    for o in range(2, k):  # running sums in a cumsum's order (the same float32 values, 3x faster on short lines)
+    for o in range(
+        2, k
+    ):  # running sums in a cumsum's order (the same float32 values, 3x faster on short lines)
         np.add(head[:, :, o - 1], x[:, :, o - 1], out=head[:, :, o])
         np.add(tail[:, :, o - 1], x[:, :, -o], out=tail[:, :, o])
     return total - head - tail[:, :, ::-1]
 
 
 def _smooth(x: np.ndarray, k: int = 5) -> np.ndarray:
-    """Box blur k x k (valid part) via cumulative sums: JPEG noise, resampling and thin strokes average out."""
+    """Box blur k x k (valid part) via cumulative sums: JPEG noise, resampling and thin strokes
+    average out."""
     c = np.cumsum(np.cumsum(np.pad(x, ((0, 0), (1, 0), (1, 0))), axis=1), axis=2)
     return (c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]) / (k * k)
 
@@ -337,9 +373,10 @@ def compare(
     block: int = 256,
     min_corr: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Align and score each pair (i, j) of 64x64 signatures. Returns per pair: `corr` (global correlation
-    of the aligned central regions), `local` (largest RMS of the smoothed residual in a 16x16 window, in
-    units of the image's contrast), `mirror`, `zoom`, `shift` (pixels at 64 px, the larger axis).
+    """Align and score each pair (i, j) of 64x64 signatures. Returns per pair: `corr` (global
+    correlation of the aligned central regions), `local` (largest RMS of the smoothed residual in a
+    16x16 window, in units of the image's contrast), `mirror`, `zoom`, `shift` (pixels at 64 px, the
+    larger axis).
 
     `mirror`: per pair whether to compare with j mirrored; None tries both (twice the work)."""
     n = len(pairs)
@@ -358,12 +395,15 @@ def compare(
     return out
 
 
-def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray, min_corr: float | None) -> dict[str, np.ndarray]:
-    """Align b to a (coarse search, then sub-pixel) and score. Pairs whose blurred 32 px correlation after
-    the coarse search (on the scored region) is below EARLY_REJECT skip the sub-pixel stage and the local
-    difference (their `local` is 1.0): blurring makes that correlation nearly insensitive to the coarse
-    stage's half-pixel error (calibration copies: >= 0.90; it was no safe bound unblurred on a wider region).
-    With `min_corr`, the local difference is computed only where the final correlation reaches it."""
+def _compare_block(
+    a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray, min_corr: float | None
+) -> dict[str, np.ndarray]:
+    """Align b to a (coarse search, then sub-pixel) and score. Pairs whose blurred 32 px correlation
+    after the coarse search (on the scored region) is below EARLY_REJECT skip the sub-pixel stage
+    and the local difference (their `local` is 1.0): blurring makes that correlation nearly
+    insensitive to the coarse stage's half-pixel error (calibration copies: >= 0.90; it was no safe
+    bound unblurred on a wider region). With `min_corr`, the local difference is computed only where
+    the final correlation reaches it."""
     a = a8.astype(np.float32)
     b = b8.astype(np.float32)
     b[mirror] = b[mirror][:, :, ::-1]
@@ -372,7 +412,9 @@ def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray, min_corr:
     m2 = MARGIN // 2
     early = (
         _normalise(_blur121(a32)[:, m2 : THUMB - m2, m2 : THUMB - m2])
-        * _normalise(_blur121(_resample(b32, zoom, ty / 2, tx / 2))[:, m2 : THUMB - m2, m2 : THUMB - m2])
+        * _normalise(
+            _blur121(_resample(b32, zoom, ty / 2, tx / 2))[:, m2 : THUMB - m2, m2 : THUMB - m2]
+        )
     ).mean(axis=(1, 2))
     p = len(a)
     out = {
@@ -391,8 +433,8 @@ def _compare_block(a8: np.ndarray, b8: np.ndarray, mirror: np.ndarray, min_corr:
 
 
 def _align32(a32: np.ndarray, b32: np.ndarray):
-    """Coarse alignment of b to a (32 px thumbnails): every zoom and shifts up to 12 % at 16 px, refined at
-    32 px. Returns (zoom, ty, tx in 64 px units, the 32 px correlation)."""
+    """Coarse alignment of b to a (32 px thumbnails): every zoom and shifts up to 12 % at 16 px,
+    refined at 32 px. Returns (zoom, ty, tx in 64 px units, the 32 px correlation)."""
     p = len(a32)
     a16, b16 = halve(a32), halve(b32)
     # coarse: every zoom, shifts up to 2 px at 16 px (12 %)
@@ -420,25 +462,33 @@ def _align32(a32: np.ndarray, b32: np.ndarray):
     return zoom, ty, tx, best
 
 
-def _refine_and_score(a, b, a32, b32, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray, min_corr=None):
+def _refine_and_score(
+    a, b, a32, b32, zoom: np.ndarray, ty: np.ndarray, tx: np.ndarray, min_corr=None
+):
     """Sub-pixel alignment at 32 px from the coarse estimate, then the scores at 64 px."""
     p = len(a)
-    # sub-pixel refinement at 32 px (shifts in 64 px units: +-1, then +-0.5 with zoom +-0.015). A parabola
-    # through a 3x3 grid instead (13 resamplings, not 36) found the same calibration copies but also
-    # halved the local difference of the test's same face with another expression (0.08 -> 0.04: it
-    # passed): the local-difference limit was calibrated on this grid's alignment. Each grid row is
-    # resampled vertically once and then horizontally per column (separable), on the scored region only.
+    # sub-pixel refinement at 32 px (shifts in 64 px units: +-1, then +-0.5 with zoom +-0.015). A
+    # parabola through a 3x3 grid instead (13 resamplings, not 36) found the same calibration copies
+    # but also halved the local difference of the test's same face with another expression (0.08 ->
+    # 0.04: it passed): the local-difference limit was calibrated on this grid's alignment. Each
+    # grid row is resampled vertically once and then horizontally per column (separable), on the
+    # scored region only.
     m2 = MARGIN // 2
     a32c = _normalise(a32[:, m2 : THUMB - m2, m2 : THUMB - m2])
     best_corr = np.full(p, -2.0, dtype=np.float32)
     go = np.arange(p)
     for step, dzs in ((1.0, (0.0,)), (0.5, (-0.015, 0.0, 0.015))):
-        if step < 1.0 and min_corr is not None:  # pairs far below after whole pixels: no copy (STEP_REJECT)
+        if (
+            step < 1.0 and min_corr is not None
+        ):  # pairs far below after whole pixels: no copy (STEP_REJECT)
             go = np.flatnonzero(best_corr >= STEP_REJECT)
         z0, ty0, tx0 = zoom[go], ty[go], tx[go]
         bg, ag = b32[go], a32c[go]
         for dz in dzs:
-            wxs = [_interp_weights(THUMB, z0 + dz, (tx0 + d) / 2, m2, transposed=True) for d in (-step, 0.0, step)]
+            wxs = [
+                _interp_weights(THUMB, z0 + dz, (tx0 + d) / 2, m2, transposed=True)
+                for d in (-step, 0.0, step)
+            ]
             for ddy in (-step, 0.0, step):
                 rows = _interp_weights(THUMB, z0 + dz, (ty0 + ddy) / 2, m2) @ bg
                 for ddx, wx in zip((-step, 0.0, step), wxs):
@@ -446,8 +496,14 @@ def _refine_and_score(a, b, a32, b32, zoom: np.ndarray, ty: np.ndarray, tx: np.n
                     better = corr > best_corr[go]
                     idx = go[better]
                     best_corr[idx] = corr[better]
-                    zoom[idx], ty[idx], tx[idx] = z0[better] + dz, ty0[better] + ddy, tx0[better] + ddx
-    if len(go) < p:  # the rejected pairs keep their 32 px correlation (below STEP_REJECT) and no local score
+                    zoom[idx], ty[idx], tx[idx] = (
+                        z0[better] + dz,
+                        ty0[better] + ddy,
+                        tx0[better] + ddx,
+                    )
+    if (
+        len(go) < p
+    ):  # the rejected pairs keep their 32 px correlation (below STEP_REJECT) and no local score
         out = {"corr": best_corr, "local": np.ones(p, dtype=np.float32), "zoom": zoom}
         out["shift"] = np.maximum(np.abs(ty), np.abs(tx))
         if len(go):
@@ -470,14 +526,20 @@ def _score64(a, b, zoom, ty, tx, min_corr):
     go = np.arange(p) if min_corr is None else np.flatnonzero(best_corr >= min_corr)
     if len(go):
         local[go] = local_difference(ac[go], best_b[go])
-    return {"corr": best_corr, "local": local, "zoom": zoom, "shift": np.maximum(np.abs(final_ty), np.abs(final_tx))}
+    return {
+        "corr": best_corr,
+        "local": local,
+        "zoom": zoom,
+        "shift": np.maximum(np.abs(final_ty), np.abs(final_tx)),
+    }
 
 
 def local_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Largest median, over 16x16 windows (stride 8), of the smoothed absolute difference of two aligned
-    images after a rank transform. Ranks make any brightness, contrast or gamma change vanish; the 5x5
-    smoothing averages out JPEG noise and resampling; the median ignores thin watermark strokes that cover
-    part of a window, while a changed mouth, eye or brow fills it (measured choice: docs/duplicates.md)."""
+    """Largest median, over 16x16 windows (stride 8), of the smoothed absolute difference of two
+    aligned images after a rank transform. Ranks make any brightness, contrast or gamma change
+    vanish; the 5x5 smoothing averages out JPEG noise and resampling; the median ignores thin
+    watermark strokes that cover part of a window, while a changed mouth, eye or brow fills it
+    (measured choice: docs/duplicates.md)."""
     d = np.abs(_smooth(_rank(a) - _rank(b), 5))
     n, size, stride = d.shape[1], 16, 8
     worst = np.zeros(len(d), dtype=np.float32)
@@ -489,15 +551,17 @@ def local_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
-    """Rank transform of each image, normalised. Values are quantised to 16 bits first so that a stable
-    radix sort can rank them (3x faster than sorting floats; only values closer than 1/65535 of the
-    image's range can swap order)."""
+    """Rank transform of each image, normalised. Values are quantised to 16 bits first so that a
+    stable radix sort can rank them (3x faster than sorting floats; only values closer than 1/65535
+    of the image's range can swap order)."""
     p = x.shape[0]
     flat = x.reshape(p, -1)
     lo, hi = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
     q = ((flat - lo) * (65535.0 / np.maximum(hi - lo, 1e-6))).astype(np.uint16)
     ranks = np.empty(flat.shape, dtype=np.float32)
-    ranks[np.arange(p)[:, None], np.argsort(q, axis=1, kind="stable")] = np.arange(flat.shape[1], dtype=np.float32)
+    ranks[np.arange(p)[:, None], np.argsort(q, axis=1, kind="stable")] = np.arange(
+        flat.shape[1], dtype=np.float32
+    )
     return _normalise(ranks.reshape(x.shape))
 
 

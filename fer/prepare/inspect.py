@@ -1,6 +1,6 @@
-"""What `prepare` learns about one file: its hashes, size, format and the 64x64 grey signature that confirms
-near duplicates, decoded exactly as every later reader decodes it (`fer.data.decode`). Never raises for a
-bad file: the record says why it was quarantined."""
+"""What `prepare` learns about one file: its hashes, size, format and the 64x64 grey signature that
+confirms near duplicates, decoded exactly as every later reader decodes it (`fer.data.decode`).
+Never raises for a bad file: the record says why it was quarantined."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fer.data.decode import MAX_PIXELS, READ_ONCE_BYTES, Quarantine, decode_file, file_sha256, pixel_hash, resize_square
+from fer.data.decode import (
+    MAX_PIXELS,
+    READ_ONCE_BYTES,
+    Quarantine,
+    decode_file,
+    file_sha256,
+    pixel_hash,
+    resize_square,
+)
 from fer.prepare.hashing import image_signature, signature
 
 
@@ -22,7 +30,9 @@ class FileRecord:
     pixel_hash: str = ""
     phash: str = ""  # filled by prepare from `thumb` (hashing.batch_phashes)
     phash_mirror: str = ""  # pHash of the mirror image (finds mirrored copies; not in the manifest)
-    thumb: np.ndarray | None = None  # 64x64 grey signature, confirms near duplicates (not in the manifest)
+    thumb: np.ndarray | None = (
+        None  # 64x64 grey signature, confirms near duplicates (not in the manifest)
+    )
     width: int = 0
     height: int = 0
     format: str = ""
@@ -33,11 +43,14 @@ class FileRecord:
 def inspect_file(
     path: Path, image_size: int | None, max_pixels: int = MAX_PIXELS
 ) -> tuple[FileRecord, np.ndarray | None]:
-    """Decode, hash and (optionally) resize one file. Never raises for a bad file: it is quarantined."""
+    """Decode, hash and (optionally) resize one file. Never raises for a bad file: it is
+    quarantined."""
     rec = FileRecord()
     try:
         size = path.stat().st_size
-        data = path.read_bytes() if size <= READ_ONCE_BYTES else None  # one read for hash and decode
+        data = (
+            path.read_bytes() if size <= READ_ONCE_BYTES else None
+        )  # one read for hash and decode
         rec.sha256 = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(path)
     except OSError as exc:
         rec.status, rec.reason = "quarantined", f"unreadable: {exc.strerror or exc}"

@@ -1,9 +1,10 @@
 """`prepare`: from a class-folder dataset to `results/<study>/data/` (manifest, audit, pixel cache).
 
-Steps: scan (scan.py) -> decode, hash and resize every readable file once, in a worker pool (decode.py,
-cache.py) -> duplicates and label conflicts (duplicates.py) -> groups -> split (split.py) -> audit and
-leakage check (audit.py) -> per-split pixel caches. Everything is written into `<out>.partial` and swapped
-in at the end, so an interrupted prepare never leaves a half-written study folder; DATA is only read.
+Steps: scan (scan.py) -> decode, hash and resize every readable file once, in a worker pool
+(decode.py, cache.py) -> duplicates and label conflicts (duplicates.py) -> groups -> split
+(split.py) -> audit and leakage check (audit.py) -> per-split pixel caches. Everything is written
+into `<out>.partial` and swapped in at the end, so an interrupted prepare never leaves a
+half-written study folder; DATA is only read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from fer.core.errors import UserError
 from fer.core.files import write_json
 from fer.core.names import AUDIT_FILE, DUPLICATES_SHEET, MANIFEST_FILE, STUDY_DATA_FILE
 from fer.data.decode import MAX_PIXELS
-from fer.data.pixel_cache import allocate, decode_into, default_workers, exclusive_lock, row_bytes, write_npy_from_rows
+from fer.data.pixel_cache import (
+    allocate,
+    decode_into,
+    default_workers,
+    exclusive_lock,
+    row_bytes,
+    write_npy_from_rows,
+)
 from fer.data.split import (
     SPLITS,
     check_every_split_has_every_class,
@@ -33,7 +41,13 @@ from fer.data.split import (
     predefined_split,
 )
 from fer.prepare import audit as audit_mod
-from fer.prepare.duplicates import NEAR_MAX_LOCAL, NEAR_MIN_CORRELATION, NEAR_PHASH_BITS, UnionFind, find_duplicates
+from fer.prepare.duplicates import (
+    NEAR_MAX_LOCAL,
+    NEAR_MIN_CORRELATION,
+    NEAR_PHASH_BITS,
+    UnionFind,
+    find_duplicates,
+)
 from fer.prepare.hashing import SIG, batch_phashes
 from fer.prepare.inspect import FileRecord, inspect_file
 from fer.prepare.scan import scan_dataset
@@ -95,7 +109,9 @@ def prepare_dataset(
     fractions = parse_fractions(split)
     size = PARAMS["image_size"]
     if not size.low <= int(image_size) <= size.high:
-        raise UserError(f"--image-size must be between {size.low} and {size.high}, got {image_size}")
+        raise UserError(
+            f"--image-size must be between {size.low} and {size.high}, got {image_size}"
+        )
     image_size = int(image_size)
     try:
         group_rx = re.compile(group_regex) if group_regex else None
@@ -108,8 +124,12 @@ def prepare_dataset(
     scan = scan_dataset(data_dir, classes)
     out_dir = Path(out_dir).absolute()
     if out_dir.resolve() == scan.root or scan.root in out_dir.resolve().parents:
-        raise UserError(f"the output folder {out_dir} is inside DATA ({scan.root}); DATA is read only")
-    with exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")):  # two prepares of one study take turns
+        raise UserError(
+            f"the output folder {out_dir} is inside DATA ({scan.root}); DATA is read only"
+        )
+    with exclusive_lock(
+        out_dir.with_name(f".{out_dir.name}.lock")
+    ):  # two prepares of one study take turns
         settings = _Settings(
             image_size=image_size,
             workers=workers,
@@ -129,7 +149,8 @@ def prepare_dataset(
 
 
 def _prepare_locked(out_dir: Path, scan, settings: _Settings, t0: float) -> dict:
-    """Prepare into `<out>.partial`, write study_data.json and the audit, then swap it in for `out_dir`."""
+    """Prepare into `<out>.partial`, write study_data.json and the audit, then swap it in for
+    `out_dir`."""
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "pixels").mkdir(parents=True)
@@ -149,14 +170,18 @@ def _prepare_locked(out_dir: Path, scan, settings: _Settings, t0: float) -> dict
         "seed": settings.seed,
         "split": list(settings.fractions),
         "group_regex": settings.group_regex,
-        "predefined": (str(predefined_spec) if isinstance(predefined_spec, Path) else predefined_spec),
+        "predefined": (
+            str(predefined_spec) if isinstance(predefined_spec, Path) else predefined_spec
+        ),
         "keep_duplicates": settings.keep_duplicates,
         "max_pixels": settings.max_pixels,
     }
     write_json(partial / STUDY_DATA_FILE, meta)
     seconds = time.perf_counter() - t0
     audit["timing"]["seconds"] = round(seconds, 2)
-    audit["timing"]["images_per_s"] = round(audit["timing"]["decoded"] / seconds, 1) if seconds else None
+    audit["timing"]["images_per_s"] = (
+        round(audit["timing"]["decoded"] / seconds, 1) if seconds else None
+    )
     write_json(partial / AUDIT_FILE, audit)
     _swap_in(partial, out_dir)
     return audit
@@ -164,10 +189,17 @@ def _prepare_locked(out_dir: Path, scan, settings: _Settings, t0: float) -> dict
 
 def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
     """Everything between the scan and the swap: decode, duplicates, groups, split, audit, caches."""
-    image_size, max_pixels, near, seed = settings.image_size, settings.max_pixels, settings.near, settings.seed
+    image_size, max_pixels, near, seed = (
+        settings.image_size,
+        settings.max_pixels,
+        settings.near,
+        settings.seed,
+    )
     entries = scan.entries
     readable = [i for i, e in enumerate(entries) if not e.problem]
-    records: list[FileRecord] = [FileRecord(status="quarantined", reason=e.problem) for e in entries]
+    records: list[FileRecord] = [
+        FileRecord(status="quarantined", reason=e.problem) for e in entries
+    ]
     raw = partial / "pixels" / f".all_{image_size}.raw"
     allocate(raw, len(readable) * row_bytes(image_size))
     workers = settings.workers if settings.workers is not None else default_workers(len(readable))
@@ -176,10 +208,12 @@ def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
         ((os.path.join(root, entries[i].path), image_size, max_pixels), k * row_bytes(image_size))
         for k, i in enumerate(readable)
     )
-    # the signatures (4 KiB per file, docs/duplicates.md) live in a file-backed map, like the pixel rows:
-    # page cache the system can reclaim, not process memory that grows with the dataset
+    # the signatures (4 KiB per file, docs/duplicates.md) live in a file-backed map, like the pixel
+    # rows: page cache the system can reclaim, not process memory that grows with the dataset
     sig_file = partial / ".signatures.u8"
-    thumbs = np.memmap(sig_file, dtype=np.uint8, mode="w+", shape=(max(1, len(entries)), SIG, SIG))[: len(entries)]
+    thumbs = np.memmap(sig_file, dtype=np.uint8, mode="w+", shape=(max(1, len(entries)), SIG, SIG))[
+        : len(entries)
+    ]
     rows = thumbs.view(np.ndarray)  # the same pages, without np.memmap's per-item bookkeeping
     for i, rec in zip(readable, decode_into(raw, inspect_file_task, tasks, workers)):
         if rec.thumb is not None:
@@ -187,7 +221,9 @@ def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
             rec.thumb = None
         records[i] = rec
     hashed = [i for i, r in enumerate(records) if r.status in ("ok", "converted")]
-    for i, h, hm in zip(hashed, *batch_phashes(thumbs[hashed] if len(hashed) < len(thumbs) else thumbs)):
+    for i, h, hm in zip(
+        hashed, *batch_phashes(thumbs[hashed] if len(hashed) < len(thumbs) else thumbs)
+    ):
         records[i].phash, records[i].phash_mirror = h, hm
     decode_s = time.perf_counter() - t0
 
@@ -195,7 +231,9 @@ def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
     raw_row = {i: k for k, i in enumerate(readable)}
     class_names = sorted(scan.class_folders)
     dup_report = _mark_duplicates(table, thumbs, settings.keep_duplicates, near)
-    audit_mod.write_contact_sheet(partial / DUPLICATES_SHEET, thumbs, table.path, table.label, dup_report, seed)
+    audit_mod.write_contact_sheet(
+        partial / DUPLICATES_SHEET, thumbs, table.path, table.label, dup_report, seed
+    )
     del thumbs, rows
     sig_file.unlink()
     unmatched = _assign_groups(table, settings.group_rx, dup_report["clusters_idx"])
@@ -208,11 +246,18 @@ def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
             f" ({', '.join(class_names) or 'none'}) in {scan.root}"
         )
     predefined_report = _assign_split(
-        table, class_names, settings.fractions, seed, settings.predefined_spec, dup_report["clusters_idx"]
+        table,
+        class_names,
+        settings.fractions,
+        seed,
+        settings.predefined_spec,
+        dup_report["clusters_idx"],
     )
 
     frame = table.frame()
-    audit = audit_mod.build_audit(frame, class_names, scan.unknown_folders, empty, dup_report, predefined_report, near)
+    audit = audit_mod.build_audit(
+        frame, class_names, scan.unknown_folders, empty, dup_report, predefined_report, near
+    )
     audit["group_regex_unmatched"] = unmatched if settings.group_rx else None
     frame.to_csv(partial / MANIFEST_FILE, index=False)
     for s in SPLITS:
@@ -229,8 +274,9 @@ def _prepare_into(partial: Path, scan, settings: _Settings, t0: float) -> dict:
 
 
 class _Table:
-    """The manifest as plain column lists while rows are being decided (pandas per-cell access is ~100x
-    slower, which matters at 30k files); `frame()` gives the DataFrame in MANIFEST_COLUMNS order."""
+    """The manifest as plain column lists while rows are being decided (pandas per-cell access is
+    ~100x slower, which matters at 30k files); `frame()` gives the DataFrame in MANIFEST_COLUMNS
+    order."""
 
     def __init__(self, entries, records):
         self.path = [e.path for e in entries]
@@ -275,7 +321,11 @@ def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, n
         if len(labels) > 1:
             conflicts.append({"labels": labels, "paths": [table.path[i] for i in members]})
             for i in members:
-                table.note(i, "duplicate", f"label conflict: the same image is labelled {' and '.join(labels)}")
+                table.note(
+                    i,
+                    "duplicate",
+                    f"label conflict: the same image is labelled {' and '.join(labels)}",
+                )
             continue
         if keep_duplicates:
             continue
@@ -296,13 +346,16 @@ def _mark_duplicates(table: _Table, thumbs: np.ndarray, keep_duplicates: bool, n
 
 def _keeper(table: _Table, members: list[int]) -> int:
     """The copy to keep: the largest, then one needing no conversion, then the first path."""
-    return min(members, key=lambda i: (-table.width[i] * table.height[i], table.status[i] != "ok", table.path[i]))
+    return min(
+        members,
+        key=lambda i: (-table.width[i] * table.height[i], table.status[i] != "ok", table.path[i]),
+    )
 
 
 def _assign_groups(table: _Table, group_rx, clusters_idx: list[list[int]]) -> int:
-    r"""group = subject id or the file itself, merged across duplicate clusters. The regex is searched in the
-    file name, then in the path below the class folder (so `^(S\d+)/` finds subject sub-folders). Returns
-    how many usable files the regex did not match."""
+    r"""group = subject id or the file itself, merged across duplicate clusters. The regex is
+    searched in the file name, then in the path below the class folder (so `^(S\d+)/` finds subject
+    sub-folders). Returns how many usable files the regex did not match."""
     keys, unmatched = [], 0
     for p, split in zip(table.path, table.split):
         m = None
@@ -322,14 +375,21 @@ def _assign_groups(table: _Table, group_rx, clusters_idx: list[list[int]]) -> in
     return unmatched
 
 
-def _assign_split(table: _Table, class_names, fractions, seed, predefined_spec, clusters) -> dict | None:
+def _assign_split(
+    table: _Table, class_names, fractions, seed, predefined_spec, clusters
+) -> dict | None:
     label_idx = {c: n for n, c in enumerate(class_names)}
     if predefined_spec is None:
         usable = [i for i, s in enumerate(table.split) if s == ""]
         labels = np.array([label_idx[table.label[i]] for i in usable], dtype=np.int64)
-        split_idx = group_split(labels, [table.group[i] for i in usable], len(class_names), fractions, seed)
+        split_idx = group_split(
+            labels, [table.group[i] for i in usable], len(class_names), fractions, seed
+        )
         check_every_split_has_every_class(
-            labels, split_idx, class_names, f"a {'/'.join(f'{f:g}' for f in fractions)} split keeping groups whole"
+            labels,
+            split_idx,
+            class_names,
+            f"a {'/'.join(f'{f:g}' for f in fractions)} split keeping groups whole",
         )
         for i, s in zip(usable, split_idx):
             table.split[i] = SPLITS[s]
@@ -342,7 +402,11 @@ def _assign_split(table: _Table, class_names, fractions, seed, predefined_spec, 
         if len(splits) > 1:
             crossing.append({"splits": splits, "paths": [table.path[i] for i in members]})
             for i in members:
-                table.note(i, "duplicate", f"duplicate cluster crosses the predefined splits {', '.join(splits)}")
+                table.note(
+                    i,
+                    "duplicate",
+                    f"duplicate cluster crosses the predefined splits {', '.join(splits)}",
+                )
     unplaced = 0
     for i, split in enumerate(table.split):
         if split != "":
@@ -350,7 +414,9 @@ def _assign_split(table: _Table, class_names, fractions, seed, predefined_spec, 
         if declared[i] is None:
             unplaced += 1
             table.split[i] = "excluded"
-            table.reason[i] = "; ".join(x for x in ("not placed by the predefined split", table.reason[i]) if x)
+            table.reason[i] = "; ".join(
+                x for x in ("not placed by the predefined split", table.reason[i]) if x
+            )
         else:
             table.split[i] = declared[i]
     used = [i for i, s in enumerate(table.split) if s in SPLITS]

@@ -1,25 +1,28 @@
 """Registered hashes: shift- and scale-tolerant candidates for near duplicates (docs/duplicates.md).
 
-pHash is not shift-invariant: a copy shifted by 5-10 %, cropped or padded with a border differs from its
-source in most bits. Each image is therefore registered to the dataset's mean face (the shift where its
-blurred 32 px thumbnail correlates best with the mean face's centre) and its central 80 % around that shift
-is hashed again: a shifted copy registers onto the same content, so its registered hash is close to its
-source's. The registration is shift-only and the mean face is a weak template for faces that are not
-frontal, so each image also gets two **probe** hashes, compared with the others' registered hashes:
-- the central 72 % (zoom 0.9) at the same shift: a padded border shrinks the face by 4-14 % and a crop
-  enlarges it by 2-11 %, which a shift cannot undo (the probe of the bordered copy, or of the cropped
-  copy's source, matches the other's registered hash);
-- the central 80 % at the second-best correlation peak (at least 3 px from the best): where a shifted copy
-  makes the registration pick another peak, one image's second peak is usually the other's first.
-Measured on the calibration fixtures only (benchmarks/duplicates_eval.py): registered hashes alone find
-82 % of shifted and 68 % of bordered copies; with the probes 90 % and 88 %.
+pHash is not shift-invariant: a copy shifted by 5-10 %, cropped or padded with a border differs from
+its source in most bits. Each image is therefore registered to the dataset's mean face (the shift
+where its blurred 32 px thumbnail correlates best with the mean face's centre) and its central 80 %
+around that shift is hashed again: a shifted copy registers onto the same content, so its registered
+hash is close to its source's. The registration is shift-only and the mean face is a weak template
+for faces that are not frontal, so each image also gets two **probe** hashes, compared with the
+others' registered hashes:
+- the central 72 % (zoom 0.9) at the same shift: a padded border shrinks the face by 4-14 % and a
+  crop enlarges it by 2-11 %, which a shift cannot undo (the probe of the bordered copy, or of the
+  cropped copy's source, matches the other's registered hash);
+- the central 80 % at the second-best correlation peak (at least 3 px from the best): where a
+  shifted copy makes the registration pick another peak, one image's second peak is usually the
+  other's first.
+Measured on the calibration fixtures only (benchmarks/duplicates_eval.py): registered hashes alone
+find 82 % of shifted and 68 % of bordered copies; with the probes 90 % and 88 %.
 
-Borders and fills defeat the registration most often (a black or white frame moves the correlation peak),
-so images with **uniform margins** (`margins`: edge lines that are nearly constant, as a padded border or
-a shifted copy's fill leave them) also get a **trimmed hash**: the pHash of the image with its margins cut
-off and the rest stretched back (`trim`), compared with every image's plain pHash. A padded copy trimmed
-is its source again (up to resampling). On the calibration fixtures this lifts bordered copies from 89-90 %
-to 97-99 % and shifted ones from 92-95 % to 95-98 % (docs/duplicates.md).
+Borders and fills defeat the registration most often (a black or white frame moves the correlation
+peak), so images with **uniform margins** (`margins`: edge lines that are nearly constant, as a
+padded border or a shifted copy's fill leave them) also get a **trimmed hash**: the pHash of the
+image with its margins cut off and the rest stretched back (`trim`), compared with every image's
+plain pHash. A padded copy trimmed is its source again (up to resampling). On the calibration
+fixtures this lifts bordered copies from 89-90 % to 97-99 % and shifted ones from 92-95 % to 95-98 %
+(docs/duplicates.md).
 """
 
 from __future__ import annotations
@@ -39,20 +42,26 @@ from fer.prepare.hashing import (
 )
 
 REG_WINDOW = 16  # template: the central 16x16 of the 32 px mean face
-REG_RADIUS = 6  # shifts searched: +-6 px at 32 px (19 %; +-8 registers FER2013 calibration copies less often)
-REG_CENTRAL = 0.8  # the registered hash covers the central 80 % (fill, borders and watermarks at the edges drop out)
+# shifts searched: +-6 px at 32 px (19 %; +-8 registers FER2013 calibration copies less often)
+REG_RADIUS = 6
+# the registered hash covers the central 80 % (fill, borders and watermarks at the edges drop out)
+REG_CENTRAL = 0.8
 PROBE_ZOOM = 0.9  # the scale probe: central 72 %
-SECOND_PEAK_GAP = 3  # the second peak is the best one at least this many pixels (32 px) from the first
+SECOND_PEAK_GAP = (
+    3  # the second peak is the best one at least this many pixels (32 px) from the first
+)
 VARIANTS = 3  # 0: registered, 1: scale probe, 2: second-peak probe
 
 
 def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096) -> np.ndarray:
-    """The central REG_WINDOW pixels of the mean (normalised, blurred) 32 px image of up to `sample` evenly
-    spaced images, zero mean and unit norm."""
+    """The central REG_WINDOW pixels of the mean (normalised, blurred) 32 px image of up to `sample`
+    evenly spaced images, zero mean and unit norm."""
     pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
     mean = np.zeros((THUMB, THUMB))
     for start in range(0, len(pick), 1024):  # in chunks: a float copy of a signature is 16 KiB
-        mean += _normalise(_blur121(halve(sigs[pick[start : start + 1024]].astype(np.float32)))).sum(axis=0)
+        mean += _normalise(
+            _blur121(halve(sigs[pick[start : start + 1024]].astype(np.float32)))
+        ).sum(axis=0)
     m = (THUMB - REG_WINDOW) // 2
     t = mean[m : m + REG_WINDOW, m : m + REG_WINDOW]
     t = t - t.mean()
@@ -62,13 +71,18 @@ def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096
 def register(
     sigs: np.ndarray, rows: np.ndarray, template: np.ndarray, chunk: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, hashes). offsets: float32 (len(rows), 4), per image the shift (dy, dx, 32 px units) where
-    its blurred 32 px thumbnail correlates best with `template` (normalised cross-correlation over
-    +-REG_RADIUS px, by FFT, parabolic sub-pixel peak), then the same for the second-best peak (16 bytes per
-    image). hashes: uint64 (VARIANTS, len(rows)), the pHash of each variant (`variant_thumbs`)."""
+    """(offsets, hashes). offsets: float32 (len(rows), 4), per image the shift (dy, dx, 32 px units)
+    where its blurred 32 px thumbnail correlates best with `template` (normalised cross-correlation
+    over +-REG_RADIUS px, by FFT, parabolic sub-pixel peak), then the same for the second-best peak
+    (16 bytes per image). hashes: uint64 (VARIANTS, len(rows)), the pHash of each variant
+    (`variant_thumbs`)."""
     out = np.empty((len(rows), 4), dtype=np.float32)
     hashes = np.empty((VARIANTS, len(rows)), dtype=np.uint64)
-    size, r, m = THUMB, REG_RADIUS, (THUMB - REG_WINDOW) // 2  # no wrap-around: m + r + REG_WINDOW <= THUMB
+    size, r, m = (
+        THUMB,
+        REG_RADIUS,
+        (THUMB - REG_WINDOW) // 2,
+    )  # no wrap-around: m + r + REG_WINDOW <= THUMB
     ft = np.conj(np.fft.rfft2(template, s=(size, size)))
     span = 2 * r + 1
     grid_y, grid_x = np.divmod(np.arange(span * span), span)
@@ -81,7 +95,9 @@ def register(
         ]
         w = REG_WINDOW
         region = x[:, m - r : m + r + w, m - r : m + r + w]  # every window the search looks at
-        region = region - region.mean(axis=(1, 2), keepdims=True)  # small sums: float32 stays exact enough
+        region = region - region.mean(
+            axis=(1, 2), keepdims=True
+        )  # small sums: float32 stays exact enough
         total, squares = _window_stats(region, r, w), _window_stats(region * region, r, w)
         spread = np.sqrt(np.maximum(squares - total * total / (w * w), 1e-6))
         corr = (num / spread).reshape(n, -1)
@@ -102,8 +118,11 @@ def register(
     return out, hashes
 
 
-def variant_thumbs(sigs: np.ndarray, rows: np.ndarray, offsets: np.ndarray, variant: np.ndarray) -> np.ndarray:
-    """uint8 (len(rows), 32, 32): image rows[k] resampled as its `variant[k]` from `offsets[k]` (`register`)."""
+def variant_thumbs(
+    sigs: np.ndarray, rows: np.ndarray, offsets: np.ndarray, variant: np.ndarray
+) -> np.ndarray:
+    """uint8 (len(rows), 32, 32): image rows[k] resampled as its `variant[k]` from `offsets[k]`
+    (`register`)."""
     out = np.empty((len(rows), THUMB, THUMB), dtype=np.uint8)
     for start in range(0, len(rows), 1024):
         sl = slice(start, start + 1024)
@@ -113,8 +132,9 @@ def variant_thumbs(sigs: np.ndarray, rows: np.ndarray, offsets: np.ndarray, vari
 
 
 def _variants(x32: np.ndarray, offsets: np.ndarray, variant) -> np.ndarray:
-    """Float 32 px thumbnails resampled as `variant` (VARIANTS; one for all, or one per image): the central
-    80 % at the registered shift, the central 72 % there, or the central 80 % at the second peak."""
+    """Float 32 px thumbnails resampled as `variant` (VARIANTS; one for all, or one per image): the
+    central 80 % at the registered shift, the central 72 % there, or the central 80 % at the second
+    peak."""
     variant = np.broadcast_to(variant, (len(x32),))
     zoom = np.where(variant == 1, REG_CENTRAL * PROBE_ZOOM, REG_CENTRAL).astype(np.float32)
     dy = np.where(variant == 2, offsets[:, 2], offsets[:, 0]).astype(np.float32)
@@ -122,7 +142,9 @@ def _variants(x32: np.ndarray, offsets: np.ndarray, variant) -> np.ndarray:
     return _resample(x32, zoom, dy, dx)
 
 
-def _parabola(corr: np.ndarray, rows: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int) -> np.ndarray:
+def _parabola(
+    corr: np.ndarray, rows: np.ndarray, iy: np.ndarray, ix: np.ndarray, axis: int
+) -> np.ndarray:
     """Sub-pixel offset of the peak along one axis (0 at the search border)."""
     last = corr.shape[1] - 1
     i = iy if axis == 0 else ix
@@ -136,12 +158,15 @@ def _parabola(corr: np.ndarray, rows: np.ndarray, iy: np.ndarray, ix: np.ndarray
     return np.where(inner, np.clip(off, -0.5, 0.5), 0.0)
 
 
-def probe_pairs(h: np.ndarray, max_bits: int, block_cells: int = 500_000) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) and which hashes matched (0: registered ~ registered, 1 + 2 (v - 1): i's probe v
-    ~ j's registered, 2 + 2 (v - 1): i's registered ~ j's probe v), where the registered hashes `h[0]` or a
-    probe `h[v]` of one image and the registered hash of the other are within `max_bits`. The first
-    matching variant is reported. Row blocks of at most `block_cells` comparisons into buffers allocated
-    once: memory stays flat, and no large temporary is allocated (and page-faulted) per comparison."""
+def probe_pairs(
+    h: np.ndarray, max_bits: int, block_cells: int = 500_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) and which hashes matched (0: registered ~ registered, 1 + 2 (v - 1): i's
+    probe v ~ j's registered, 2 + 2 (v - 1): i's registered ~ j's probe v), where the registered
+    hashes `h[0]` or a probe `h[v]` of one image and the registered hash of the other are within
+    `max_bits`. The first matching variant is reported. Row blocks of at most `block_cells`
+    comparisons into buffers allocated once: memory stays flat, and no large temporary is allocated
+    (and page-faulted) per comparison."""
     n = h.shape[1]
     block = max(1, block_cells // max(1, n))
     xor = np.empty(block * n, dtype=np.uint64)
@@ -165,19 +190,25 @@ def probe_pairs(h: np.ndarray, max_bits: int, block_cells: int = 500_000) -> tup
     dists = [np.bitwise_count(h[0, i] ^ h[0, j])]
     for v in range(1, len(h)):
         dists += [np.bitwise_count(h[v, i] ^ h[0, j]), np.bitwise_count(h[0, i] ^ h[v, j])]
-    how = np.argmax(np.stack(dists) <= max_bits, axis=0) if len(pairs) else np.zeros(0, dtype=np.int64)
+    how = (
+        np.argmax(np.stack(dists) <= max_bits, axis=0)
+        if len(pairs)
+        else np.zeros(0, dtype=np.int64)
+    )
     return pairs, how
 
 
-MARGIN_TOL = 10  # grey levels: a uniform margin line varies less than this and matches the outermost line
+MARGIN_TOL = (
+    10  # grey levels: a uniform margin line varies less than this and matches the outermost line
+)
 MARGIN_MIN = 1  # pixels at 64 px (1: better border and shift recall on calibration than 2 or 3)
 MARGIN_CAP = 16  # at most a quarter of the size per side
 
 
 def margins(sigs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """int (len(rows), 4): per image the uniform margin (top, bottom, left, right) in pixels of its 64 px
-    signature: edge lines that are nearly constant and of the outermost line's grey, as a padded border
-    or the fill of a shifted copy leave them."""
+    """int (len(rows), 4): per image the uniform margin (top, bottom, left, right) in pixels of its
+    64 px signature: edge lines that are nearly constant and of the outermost line's grey, as a
+    padded border or the fill of a shifted copy leave them."""
     out = np.zeros((len(rows), 4), dtype=np.int64)
     c = MARGIN_CAP
     for start in range(0, len(rows), 1024):
@@ -185,7 +216,9 @@ def margins(sigs: np.ndarray, rows: np.ndarray) -> np.ndarray:
         cols = x.transpose(0, 2, 1)
         sides = (x[:, :c], x[:, : -c - 1 : -1], cols[:, :c], cols[:, : -c - 1 : -1])
         for side, lines in enumerate(sides):
-            lines = np.ascontiguousarray(lines)  # (n, c, size): the c lines nearest the edge, outermost first
+            lines = np.ascontiguousarray(
+                lines
+            )  # (n, c, size): the c lines nearest the edge, outermost first
             level = lines.mean(axis=2, dtype=np.float32)
             uniform = (lines.max(axis=2) - lines.min(axis=2) <= MARGIN_TOL) & (
                 np.abs(level - level[:, :1]) <= MARGIN_TOL
@@ -195,8 +228,8 @@ def margins(sigs: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def trim(sigs: np.ndarray, rows: np.ndarray, margin: np.ndarray) -> np.ndarray:
-    """float32 (len(rows), 64, 64): each image with its margins (`margins`) cut off and the rest stretched
-    back to the full size."""
+    """float32 (len(rows), 64, 64): each image with its margins (`margins`) cut off and the rest
+    stretched back to the full size."""
     n = sigs.shape[1]
     top, bottom, left, right = margin.astype(np.float32).T
     wy = _interp_weights(n, (n - 1 - top - bottom) / (n - 1), (top - bottom) / 2)
@@ -205,8 +238,8 @@ def trim(sigs: np.ndarray, rows: np.ndarray, margin: np.ndarray) -> np.ndarray:
 
 
 def trimmed_hashes(sigs: np.ndarray, rows: np.ndarray, margin: np.ndarray) -> np.ndarray:
-    """uint64 pHash of each image trimmed (`trim`): a copy padded with a border then hashes like its source
-    (docs/duplicates.md)."""
+    """uint64 pHash of each image trimmed (`trim`): a copy padded with a border then hashes like its
+    source (docs/duplicates.md)."""
     out = np.empty(len(rows), dtype=np.uint64)
     for start in range(0, len(rows), 1024):
         sl = slice(start, start + 1024)

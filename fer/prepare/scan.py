@@ -1,10 +1,12 @@
-"""Finding the files of a class-folder dataset (DATA/<class>/.../<image>) without trusting or changing it.
+"""Finding the files of a class-folder dataset (DATA/<class>/.../<image>) without trusting or
+changing it.
 
 Rules, each ending in a manifest row with a reason rather than a silent skip:
-- a class is a non-hidden folder directly under DATA; files deeper down belong to their top folder's class;
+- a class is a non-hidden folder directly under DATA; files deeper down belong to their top folder's
+  class;
 - hidden files and folders (`.DS_Store`, `.git`, `__MACOSX`) are not read;
-- symlinked folders are never followed (no loops, no walking out of DATA); a symlinked file is read only if
-  it resolves to a regular file inside DATA;
+- symlinked folders are never followed (no loops, no walking out of DATA); a symlinked file is read
+  only if it resolves to a regular file inside DATA;
 - with an expected class list, other folders are reported as unknown classes and not used;
 - files directly in DATA belong to no class and are reported.
 """
@@ -82,7 +84,9 @@ def scan_dataset(data_dir, classes: list[str] | None = None) -> ScanResult:
             problem = "hidden file" if _hidden(item.name) else "not inside a class folder"
             entries.append(ScanEntry(item.name, "", problem))
     if not class_folders:
-        raise UserError(f"no class folders in {data_dir} (expected {data_dir}/<class>/<image files>)")
+        raise UserError(
+            f"no class folders in {data_dir} (expected {data_dir}/<class>/<image files>)"
+        )
     if {c.lower() for c in class_folders} <= _SPLIT_FOLDER_NAMES and all(
         any(e.is_dir() for e in os.scandir(root / c)) for c in class_folders
     ):

@@ -1,11 +1,12 @@
 """Process-level backend setup: CPU thread counts, GPU memory growth, accelerator detection.
 
-This is the ONE place in `fer/` that talks to a specific Keras backend (TensorFlow or JAX). Everything else
-uses `keras` / `keras.ops` only, so the same trial runs under `KERAS_BACKEND=jax`.
+This is the ONE place in `fer/` that talks to a specific Keras backend (TensorFlow or JAX).
+Everything else uses `keras` / `keras.ops` only, so the same trial runs under `KERAS_BACKEND=jax`.
 
-Why threads matter: Ray sets OMP_NUM_THREADS for each trial, but TensorFlow ignores it and every trial then
-uses every core (docs/pitfalls.md#threads: 1 thread x 2 trials beat 2 threads x 1 trial, 99 s vs
-200 s). Call `configure_backend(threads=n)` at the start of a trial, before the first Keras operation runs.
+Why threads matter: Ray sets OMP_NUM_THREADS for each trial, but TensorFlow ignores it and every
+trial then uses every core (docs/pitfalls.md#threads: 1 thread x 2 trials beat 2 threads x 1 trial,
+99 s vs 200 s). Call `configure_backend(threads=n)` at the start of a trial, before the first Keras
+operation runs.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def _threads_from_env() -> int | None:
 
 
 def configure_backend(threads: int | None = None) -> dict:
-    """Limit CPU threads (argument, else $FER_THREADS, else $OMP_NUM_THREADS) and let GPU memory grow.
+    """Limit CPU threads (argument, else $FER_THREADS, else $OMP_NUM_THREADS) and let GPU memory
+    grow.
 
-    Safe to call more than once; settings that can no longer change (the runtime already started) are
-    logged and skipped, never fatal. Returns what was applied, for the trial's record.
+    Safe to call more than once; settings that can no longer change (the runtime already started)
+    are logged and skipped, never fatal. Returns what was applied, for the trial's record.
     """
     threads = threads or _threads_from_env()
     name = backend_name()
@@ -59,7 +61,9 @@ def configure_backend(threads: int | None = None) -> dict:
                 current = tf.config.threading.get_intra_op_parallelism_threads()
                 if current != threads:
                     log.warning(
-                        "TensorFlow already started with %s threads; cannot change to %s", current or "all", threads
+                        "TensorFlow already started with %s threads; cannot change to %s",
+                        current or "all",
+                        threads,
                     )
                 applied["threads"] = current or None
     elif name == "jax":
@@ -88,10 +92,11 @@ def _jax_initialised() -> bool:
 
 
 def mixed_precision_dtype() -> str | None:
-    """The mixed-precision compute dtype `mixed_precision=auto` uses: 'bfloat16' on GPUs of compute capability
-    8.0 or more (Ampere and later: as fast as float16, with float32's range, so no loss scaling) and TPUs,
-    'float16' on older GPUs, None (float32) without an accelerator. On CPUs mixed precision did not help
-    (a MobileNetV2 train step was 20% slower in bfloat16 on an AMX-capable Xeon with TensorFlow 2.21)."""
+    """The mixed-precision compute dtype `mixed_precision=auto` uses: 'bfloat16' on GPUs of compute
+    capability 8.0 or more (Ampere and later: as fast as float16, with float32's range, so no loss
+    scaling) and TPUs, 'float16' on older GPUs, None (float32) without an accelerator. On CPUs mixed
+    precision did not help (a MobileNetV2 train step was 20% slower in bfloat16 on an AMX-capable
+    Xeon with TensorFlow 2.21)."""
     if not accelerator_available():
         return None
     capability = _gpu_compute_capability()
@@ -110,25 +115,32 @@ def _gpu_compute_capability() -> tuple[int, int] | None:
         if name == "tensorflow":
             import tensorflow as tf
 
-            details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
-            return tuple(details["compute_capability"]) if details.get("compute_capability") else None
+            details = tf.config.experimental.get_device_details(
+                tf.config.list_physical_devices("GPU")[0]
+            )
+            return (
+                tuple(details["compute_capability"]) if details.get("compute_capability") else None
+            )
         if name == "torch":
             import torch
 
             return tuple(torch.cuda.get_device_capability())
-    except Exception as exc:  # unusual device: fall back to bfloat16's rule of thumb, never fail a trial
+    except (
+        Exception
+    ) as exc:  # unusual device: fall back to bfloat16's rule of thumb, never fail a trial
         log.warning("could not read the GPU's compute capability (%s); assuming 8.0+", exc)
     return None
 
 
 def enable_compilation_cache(folder) -> str | None:
-    """JAX: keep compiled XLA programs in `folder` (the study's `compile_cache/`, shared by all its workers), so a
-    later trial whose steps lower to the same program loads it instead of compiling (about 100 s for
-    EfficientNetB1 on a GPU). Trials of one backbone, image size, batch size and unfreeze depth do: learning
-    rates are optimizer variables, the dropout rate a `fer.model.layers.HeadDropout` variable and label smoothing is
-    in the targets (docs/pitfalls.md#baked-constants; benchmarks/compile_reuse.py). Every program is cached,
-    however fast it compiled (minimum compile time and entry size 0). A no-op for TensorFlow, whose graphs are
-    not compiled ahead. Safe to call again; returns the folder used, or None."""
+    """JAX: keep compiled XLA programs in `folder` (the study's `compile_cache/`, shared by all its
+    workers), so a later trial whose steps lower to the same program loads it instead of compiling
+    (about 100 s for EfficientNetB1 on a GPU). Trials of one backbone, image size, batch size and
+    unfreeze depth do: learning rates are optimizer variables, the dropout rate a
+    `fer.model.layers.HeadDropout` variable and label smoothing is in the targets
+    (docs/pitfalls.md#baked-constants; benchmarks/compile_reuse.py). Every program is cached,
+    however fast it compiled (minimum compile time and entry size 0). A no-op for TensorFlow, whose
+    graphs are not compiled ahead. Safe to call again; returns the folder used, or None."""
     if backend_name() != "jax":
         return None
     import jax
@@ -137,7 +149,11 @@ def enable_compilation_cache(folder) -> str | None:
     os.makedirs(folder, exist_ok=True)
     if jax.config.jax_compilation_cache_dir != folder:
         if jax.config.jax_compilation_cache_dir:
-            log.info("JAX compilation cache moves from %s to %s", jax.config.jax_compilation_cache_dir, folder)
+            log.info(
+                "JAX compilation cache moves from %s to %s",
+                jax.config.jax_compilation_cache_dir,
+                folder,
+            )
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -151,18 +167,19 @@ def enable_compilation_cache(folder) -> str | None:
 
 
 def release_traced_graphs() -> int:
-    """Between trials in a reused worker (fer.train.trial.fresh_keras_state): let the previous trials' traced
-    TensorFlow graphs be freed. Returns how many registrations were dropped (0 for other backends).
+    """Between trials in a reused worker (fer.train.trial.fresh_keras_state): let the previous
+    trials' traced TensorFlow graphs be freed. Returns how many registrations were dropped (0 for
+    other backends).
 
-    Why (docs/pitfalls.md#custom-gradient-leak): every `tf.function` trace of a Keras train step runs the
-    optimizer's gradient all-reduce, a graph-mode `tf.custom_gradient`, which registers a gradient function
-    named `CustomGradient-<uid>` in TensorFlow's process-wide gradient registry and never removes it. That
-    function's closure holds the traced FuncGraph (every op and tensor of the step), so each compiled train
-    step stays in memory for the life of the process: about 26 MB per smallcnn trial at 32 px
-    (benchmarks/worker_memory.py). The registrations are only needed while a graph is being differentiated,
-    i.e. during a trace; a step an earlier trial traced is either gone with its model or, put back by
-    fer/train/stage_programs.py, run as already traced, so they can go. Private TensorFlow API: if it moved,
-    nothing is dropped (a warning)."""
+    Why (docs/pitfalls.md#custom-gradient-leak): every `tf.function` trace of a Keras train step
+    runs the optimizer's gradient all-reduce, a graph-mode `tf.custom_gradient`, which registers a
+    gradient function named `CustomGradient-<uid>` in TensorFlow's process-wide gradient registry
+    and never removes it. That function's closure holds the traced FuncGraph (every op and tensor of
+    the step), so each compiled train step stays in memory for the life of the process: about 26 MB
+    per smallcnn trial at 32 px (benchmarks/worker_memory.py). The registrations are only needed
+    while a graph is being differentiated, i.e. during a trace; a step an earlier trial traced is
+    either gone with its model or, put back by fer/train/stage_programs.py, run as already traced,
+    so they can go. Private TensorFlow API: if it moved, nothing is dropped (a warning)."""
     if backend_name() != "tensorflow" or "tensorflow" not in sys.modules:
         return 0
     try:
@@ -173,7 +190,10 @@ def release_traced_graphs() -> int:
         for name in stale:
             del registry[name]
     except Exception as exc:  # noqa: BLE001 - a memory optimisation, never fatal
-        log.warning("could not release traced TensorFlow graphs (%s); a reused worker's memory will grow", exc)
+        log.warning(
+            "could not release traced TensorFlow graphs (%s); a reused worker's memory will grow",
+            exc,
+        )
         return 0
     return len(stale)
 

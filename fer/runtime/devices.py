@@ -1,10 +1,11 @@
-"""Refuse a silent CPU fallback: GPUs that a trial asks for (or the machine has) but the backend cannot use.
+"""Refuse a silent CPU fallback: GPUs that a trial asks for (or the machine has) but the backend
+cannot use.
 
-`pip install -e ".[jax]"` installs a CPU-only JAX and `.[cpu]` a CPU-only TensorFlow; on a GPU workstation
-either trains for hours on the CPU without a word. `fer-study run` asks one Ray task holding the trial's GPU
-share what the backend sees there (so the check is made where trials run, also on a cluster);
-`fer-study train` compares the machine's NVIDIA GPUs with the backend's devices. Both stop with one line
-that names the fix.
+`pip install -e ".[jax]"` installs a CPU-only JAX and `.[cpu]` a CPU-only TensorFlow; on a GPU
+workstation either trains for hours on the CPU without a word. `fer-study run` asks one Ray task
+holding the trial's GPU share what the backend sees there (so the check is made where trials run,
+also on a cluster); `fer-study train` compares the machine's NVIDIA GPUs with the backend's devices.
+Both stop with one line that names the fix.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ FIXES = {
 
 
 def system_gpu_count() -> int:
-    """NVIDIA GPUs this process may use according to the driver (and CUDA_VISIBLE_DEVICES), 0 without one."""
+    """NVIDIA GPUs this process may use according to the driver (and CUDA_VISIBLE_DEVICES), 0
+    without one."""
     root = Path("/proc/driver/nvidia/gpus")
     count = len(list(root.iterdir())) if root.is_dir() else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

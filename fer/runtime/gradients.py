@@ -1,9 +1,9 @@
 """The one place with backend-specific code: gradients of class scores w.r.t. an inner activation.
 
-Keras 3 has no backend-neutral "gradient of this w.r.t. that", so Grad-CAM needs a few lines per backend.
-Everything else (`fer.explain.gradcam`) is written with NumPy and `keras.ops`. The returned function is compiled
-(`tf.function` / `jax.jit`): eager Grad-CAM costs ~1.4 s per 224 px image, compiled ~0.06 s
-(docs/pitfalls.md#flat-backbone).
+Keras 3 has no backend-neutral "gradient of this w.r.t. that", so Grad-CAM needs a few lines per
+backend. Everything else (`fer.explain.gradcam`) is written with NumPy and `keras.ops`. The returned
+function is compiled (`tf.function` / `jax.jit`): eager Grad-CAM costs ~1.4 s per 224 px image,
+compiled ~0.06 s (docs/pitfalls.md#flat-backbone).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ GradFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def class_score_gradients(head_logits: Callable) -> GradFn:
-    """Compile d logit[class_i] / d activation_i for `head_logits`, a function activations -> logits.
+    """Compile d logit[class_i] / d activation_i for `head_logits`, a function activations ->
+    logits.
 
     Images in a batch are independent (inference mode), so the gradient of the summed chosen logits
     gives every image its own gradient in one pass.
@@ -46,7 +47,9 @@ def class_score_gradients(head_logits: Callable) -> GradFn:
             return tape.gradient(score, activations), logits
 
         def run(activations, class_ids):
-            grads, logits = grads_tf(tf.constant(activations, tf.float32), tf.constant(class_ids, tf.int32))
+            grads, logits = grads_tf(
+                tf.constant(activations, tf.float32), tf.constant(class_ids, tf.int32)
+            )
             return grads.numpy(), logits.numpy()
 
         return run
@@ -56,7 +59,9 @@ def class_score_gradients(head_logits: Callable) -> GradFn:
         grads_jax = jax.jit(jax.grad(total_score, argnums=0, has_aux=True))
 
         def run(activations, class_ids):
-            grads, logits = grads_jax(np.asarray(activations, np.float32), np.asarray(class_ids, np.int32))
+            grads, logits = grads_jax(
+                np.asarray(activations, np.float32), np.asarray(class_ids, np.int32)
+            )
             return np.asarray(grads), np.asarray(logits)
 
         return run

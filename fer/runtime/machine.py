@@ -1,7 +1,7 @@
 """A description of the machine and software versions, for study.json and benchmark JSON lines.
 
-Numbers without the machine they were measured on are not worth much; every benchmark and every study
-records this.
+Numbers without the machine they were measured on are not worth much; every benchmark and every
+study records this.
 """
 
 from __future__ import annotations
@@ -58,7 +58,11 @@ def _gpus() -> list[str]:
         )
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+    return (
+        [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        if out.returncode == 0
+        else []
+    )
 
 
 def package_versions() -> dict[str, str]:

@@ -1,14 +1,16 @@
-"""Collapsed training stages: a stage whose model ends up giving (nearly) the same answer for every image.
+"""Collapsed training stages: a stage whose model ends up giving (nearly) the same answer for every
+image.
 
-Why: a too-high fine-tuning learning rate can wreck a pretrained network in one epoch (measured: MobileNetV2
-at 96 px on FER2013 with lr_finetune 3e-4 gives uniform outputs, loss ln K). Early stopping then keeps the
-head stage's model, so the trial looks merely mediocre and nothing says why. Every epoch's validation
-predictions are checked here; a collapsed epoch is written at once to the trial folder's `collapse.json`
-(so a trial a scheduler stops is recorded too), a stage that ENDS collapsed is logged as a warning, and the
-trial's summary.json lists the stages under `collapsed_stages`.
+Why: a too-high fine-tuning learning rate can wreck a pretrained network in one epoch (measured:
+MobileNetV2 at 96 px on FER2013 with lr_finetune 3e-4 gives uniform outputs, loss ln K). Early
+stopping then keeps the head stage's model, so the trial looks merely mediocre and nothing says why.
+Every epoch's validation predictions are checked here; a collapsed epoch is written at once to the
+trial folder's `collapse.json` (so a trial a scheduler stops is recorded too), a stage that ENDS
+collapsed is logged as a warning, and the trial's summary.json lists the stages under
+`collapsed_stages`.
 
-An epoch is collapsed when its validation outputs are nearly uniform (mean top probability below
-1/K + UNIFORM_MARGIN) or one class takes at least ONE_CLASS_SHARE of the predictions.
+An epoch is collapsed when its validation outputs are nearly uniform (mean top probability below 1/K
++ UNIFORM_MARGIN) or one class takes at least ONE_CLASS_SHARE of the predictions.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ UNIFORM_MARGIN = 0.02
 ONE_CLASS_SHARE = 0.95
 
 
-def collapse_reason(probs: np.ndarray, num_classes: int, classes: list[str] | None = None) -> str | None:
+def collapse_reason(
+    probs: np.ndarray, num_classes: int, classes: list[str] | None = None
+) -> str | None:
     """Why these predictions (N x K probabilities) are collapsed, or None when they are not."""
     if len(probs) == 0 or num_classes < 2:
         return None
@@ -45,7 +49,8 @@ def collapse_reason(probs: np.ndarray, num_classes: int, classes: list[str] | No
 
 
 class CollapseLog:
-    """The collapsed epochs of one trial, per stage; written to `out_dir/collapse.json` when there are any."""
+    """The collapsed epochs of one trial, per stage; written to `out_dir/collapse.json` when there
+    are any."""
 
     def __init__(self, out_dir: Path, config: dict, num_classes: int):
         self.path = Path(out_dir) / COLLAPSE_FILE
@@ -53,8 +58,11 @@ class CollapseLog:
         self.epochs: dict[str, list[dict]] = {}  # stage -> collapsed epoch records
         self.path.unlink(missing_ok=True)  # a rerun in the same folder starts clean
 
-    def check(self, stage: str, record: dict, probs: np.ndarray, classes: list[str] | None = None) -> None:
-        """Check one epoch's validation predictions; record and write the file if they are collapsed."""
+    def check(
+        self, stage: str, record: dict, probs: np.ndarray, classes: list[str] | None = None
+    ) -> None:
+        """Check one epoch's validation predictions; record and write the file if they are
+        collapsed."""
         reason = collapse_reason(probs, self.num_classes, classes)
         if reason is None:
             return
@@ -70,7 +78,8 @@ class CollapseLog:
         self.write(last_epoch={stage: record["epoch"]})
 
     def stages(self, last_epoch: dict[str, int]) -> list[dict]:
-        """One entry per stage with collapsed epochs; `ended_collapsed`: its last epoch (so far) was one."""
+        """One entry per stage with collapsed epochs; `ended_collapsed`: its last epoch (so far) was
+        one."""
         out = []
         lr_key = {"head": "lr_head", "finetune": "lr_finetune"}
         for stage, epochs in self.epochs.items():
@@ -121,9 +130,9 @@ def _num(value) -> str:
 
 
 def read_collapsed_epochs(trial_dir: Path) -> dict[tuple[str, int], str]:
-    """The collapsed epochs a trial recorded, {(stage, epoch): reason}; empty when none (no collapse.json).
-    The report's verdict reads this rather than judging histories again, so training's warning and the
-    report's flag follow one definition (`collapse_reason`)."""
+    """The collapsed epochs a trial recorded, {(stage, epoch): reason}; empty when none (no
+    collapse.json). The report's verdict reads this rather than judging histories again, so
+    training's warning and the report's flag follow one definition (`collapse_reason`)."""
     try:
         record = json.loads((Path(trial_dir) / COLLAPSE_FILE).read_text())
     except (OSError, ValueError):

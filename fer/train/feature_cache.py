@@ -1,32 +1,39 @@
-"""Frozen-feature caches (`head_features: cached`, `finetune_features: cached`): computed once per study.
+"""Frozen-feature caches (`head_features: cached`, `finetune_features: cached`): computed once per
+study.
 
-Why: whatever part of the network is frozen computes, for a given augmented image, an output that does not
-depend on the trial's hyperparameters. Recomputing it every epoch of every trial is most of a study's cost.
-- Stage 1 (head): the whole backbone is frozen, so the head only ever sees GlobalAveragePooling of the
-  backbone's output. `head_features: cached` stores those pooled features; the trial trains a head-only model.
-- Stage 2 (fine-tune): only the last `unfreeze_layers` backbone layers train; everything before them (the
-  frozen *prefix*: augmentation, preprocessing, the early layers) still maps an augmented image to the same
-  activations. `finetune_features: cached` stores the activations entering the trainable *tail* (one array
-  per tensor crossing the cut: a residual block cut in the middle has two) and the trial fits a tail model
-  from them. On a CPU at 96 px this cuts a MobileNetV2 fine-tune step about 2.4x (30 layers unfrozen).
+Why: whatever part of the network is frozen computes, for a given augmented image, an output that
+does not depend on the trial's hyperparameters. Recomputing it every epoch of every trial is most of
+a study's cost.
+- Stage 1 (head): the whole backbone is frozen, so the head only ever sees GlobalAveragePooling of
+  the backbone's output. `head_features: cached` stores those pooled features; the trial trains a
+  head-only model.
+- Stage 2 (fine-tune): only the last `unfreeze_layers` backbone layers train; everything before them
+  (the frozen *prefix*: augmentation, preprocessing, the early layers) still maps an augmented image
+  to the same activations. `finetune_features: cached` stores the activations entering the trainable
+  *tail* (one array per tensor crossing the cut: a residual block cut in the middle has two) and the
+  trial fits a tail model from them. On a CPU at 96 px this cuts a MobileNetV2 fine-tune step about
+  2.4x (30 layers unfrozen).
 
-Both are computed once per *feature key* (kind, backbone, image size, weights, augmentation strength, views,
-view seed, BN epsilon, dtype policy, backend, the prepared split, and for stage 2 the cut): `views` augmented
-passes over the train split and one clean pass over val, with the model's own layers (augmentation in
-training mode, frozen layers in inference mode). Trials cycle through the views, one per image per epoch.
-Every trial of a study must cut at the same place to share a stage-2 cache, so the cut is
-`finetune_cache_units` backbone layers (or blocks) from the end; a study sets it to the largest
-`unfreeze_layers` of its space, and a trial that unfreezes fewer keeps the rest of the tail frozen.
+Both are computed once per *feature key* (kind, backbone, image size, weights, augmentation
+strength, views, view seed, BN epsilon, dtype policy, backend, the prepared split, and for stage 2
+the cut): `views` augmented passes over the train split and one clean pass over val, with the
+model's own layers (augmentation in training mode, frozen layers in inference mode). Trials cycle
+through the views, one per image per epoch. Every trial of a study must cut at the same place to
+share a stage-2 cache, so the cut is `finetune_cache_units` backbone layers (or blocks) from the
+end; a study sets it to the largest `unfreeze_layers` of its space, and a trial that unfreezes fewer
+keeps the rest of the tail frozen.
 
-This approximates the published method, hence opt-in: the network sees `views` fixed augmentations instead
-of a fresh one every epoch, and dropout inside the frozen part (EfficientNet's stochastic depth) is off.
-`benchmarks/feature_cache_speed.py` and `benchmarks/usual_way.py` measure cost and accuracy against the exact path.
+This approximates the published method, hence opt-in: the network sees `views` fixed augmentations
+instead of a fresh one every epoch, and dropout inside the frozen part (EfficientNet's stochastic
+depth) is off. `benchmarks/feature_cache_speed.py` and `benchmarks/usual_way.py` measure cost and
+accuracy against the exact path.
 
-Concurrency: trials of one study may run at the same time on several nodes sharing the study folder; the
-first to take the key's lock computes, the others wait (`fer.core.files`).
+Concurrency: trials of one study may run at the same time on several nodes sharing the study folder;
+the first to take the key's lock computes, the others wait (`fer.core.files`).
 
 Files: `<study>/data/features/<key>.train.<i>.npy` (float32, views x N x ...), `<key>.val.<i>.npy`
-(N x ...), one pair per input tensor i, and `<key>.json` (what the key stands for, how long it took).
+(N x ...), one pair per input tensor i, and `<key>.json` (what the key stands for, how long it
+took).
 """
 
 from __future__ import annotations
@@ -57,15 +64,17 @@ FEATURES_DIR = "features"
 
 @dataclasses.dataclass
 class CachedFeatures:
-    """The cached inputs of one key, memory-mapped float32: `train[i]` (views, N, ...), `val[i]` (N, ...)
-    for each input tensor i of the model that trains on them."""
+    """The cached inputs of one key, memory-mapped float32: `train[i]` (views, N, ...), `val[i]` (N,
+    ...) for each input tensor i of the model that trains on them."""
 
     key: str
     train: list[np.ndarray]
     val: list[np.ndarray]
-    computed: bool  # True when this process computed them (False: loaded or waited for another process)
-    # time this process spent getting them (computing, waiting or loading); with both caches on, the head
-    # stage's figures include getting the stage-2 cache its features are computed from
+    computed: (
+        bool  # True when this process computed them (False: loaded or waited for another process)
+    )
+    # time this process spent getting them (computing, waiting or loading); with both caches on, the
+    # head stage's figures include getting the stage-2 cache its features are computed from
     seconds: float
 
     def info(self) -> dict:
@@ -84,8 +93,11 @@ def effective_views(config: dict) -> int:
     return int(config["feature_views"]) if config["augment"] > 0 else 1
 
 
-def feature_spec(config: dict, study_data, dtype_policy: str, kind: str = "head", cut: str | None = None) -> dict:
-    """Everything the cached features depend on (and nothing the trainable part's hyperparameters change)."""
+def feature_spec(
+    config: dict, study_data, dtype_policy: str, kind: str = "head", cut: str | None = None
+) -> dict:
+    """Everything the cached features depend on (and nothing the trainable part's hyperparameters
+    change)."""
     weights = config["weights"]
     if weights not in ("imagenet", "none"):
         weights = f"file:{file_sha256(Path(weights).expanduser())}"
@@ -117,17 +129,23 @@ def features_dir(study_data) -> Path:
     return Path(study_data.dir) / FEATURES_DIR
 
 
-# ---------------------------------------------------------------------------------------------- the models
+# ---------------------------------------------------------------------------------------------- the
+# models
 
 
 def head_extractor(model: keras.Model) -> keras.Model:
-    """The trial model's own layers from the (augmented) image to `head_pool`: preprocess -> backbone -> GAP."""
-    return keras.Model(model.get_layer("preprocess").input, model.get_layer("head_pool").output, name="head_features")
+    """The trial model's own layers from the (augmented) image to `head_pool`: preprocess ->
+    backbone -> GAP."""
+    return keras.Model(
+        model.get_layer("preprocess").input,
+        model.get_layer("head_pool").output,
+        name="head_features",
+    )
 
 
 def head_model(model: keras.Model) -> keras.Model:
-    """A model from pooled features to class probabilities made of the SAME head layer objects as `model`,
-    so training it trains the full model's head."""
+    """A model from pooled features to class probabilities made of the SAME head layer objects as
+    `model`, so training it trains the full model's head."""
     channels = model.get_layer("head_pool").output.shape[-1]
     inputs = keras.Input((channels,), name="features")
     x = model.get_layer("head_dense")(inputs)
@@ -138,8 +156,9 @@ def head_model(model: keras.Model) -> keras.Model:
 def split_at_tail(model: keras.Model, tail_layers: int) -> tuple[keras.Model, keras.Model, str]:
     """Cut `model` before its last `tail_layers` backbone layers: (prefix, tail, cut name).
 
-    `prefix` maps the (augmented) image to the tensors that cross the cut; `tail` maps those tensors to the
-    class probabilities with the SAME layer objects as `model` (training it trains the full model).
+    `prefix` maps the (augmented) image to the tensors that cross the cut; `tail` maps those tensors
+    to the class probabilities with the SAME layer objects as `model` (training it trains the full
+    model).
     """
     crossing, cut = crossing_tensors(model, tail_layers)
     prefix = keras.Model(model.get_layer("preprocess").input, crossing, name="frozen_prefix")
@@ -147,12 +166,15 @@ def split_at_tail(model: keras.Model, tail_layers: int) -> tuple[keras.Model, ke
 
 
 def crossing_tensors(model: keras.Model, tail_layers: int) -> tuple[list, str]:
-    """The tensors entering the last `tail_layers` backbone layers (and the head) from before them, and the
-    name of the first tail layer. Found by walking back from the output through the graph until a layer
-    outside the tail and the head: more than one when the cut falls inside a residual block."""
+    """The tensors entering the last `tail_layers` backbone layers (and the head) from before them,
+    and the name of the first tail layer. Found by walking back from the output through the graph
+    until a layer outside the tail and the head: more than one when the cut falls inside a residual
+    block."""
     layers = backbone_layers(model)
     tail = layers[len(layers) - tail_layers :] if tail_layers > 0 else []
-    inside = {id(layer) for layer in tail} | {id(layer) for layer in model.layers if layer.name.startswith(HEAD_PREFIX)}
+    inside = {id(layer) for layer in tail} | {
+        id(layer) for layer in model.layers if layer.name.startswith(HEAD_PREFIX)
+    }
     crossing, stack, seen = [], [model.output], set()
     while stack:
         tensor = stack.pop()
@@ -189,7 +211,8 @@ class _Heartbeat(keras.callbacks.Callback):
         self.beat()
 
 
-# ------------------------------------------------------------------------------------- computing, caching
+# ------------------------------------------------------------------------------------- computing,
+# caching
 
 
 def compute_features(
@@ -203,12 +226,13 @@ def compute_features(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(train arrays (views, N, ...), val arrays (N, ...)), one per output of `extractor`.
 
-    From images (`source` None): fresh augmentation layers with the trial seed make the views (so computing
-    them does not advance the RNG state of the model's own augmentation layers). From `source`, another
-    cache whose arrays are `extractor`'s inputs: view by view (the head features from the stage-2 cache:
-    the same augmented images, without running the frozen prefix again). `out(split, i, shape)` allocates
-    the result arrays (the cache passes memory-mapped files, so only one view is held in memory); `beat`
-    runs every batch; progress lines (rate, time left) name the cache by `label`.
+    From images (`source` None): fresh augmentation layers with the trial seed make the views (so
+    computing them does not advance the RNG state of the model's own augmentation layers). From
+    `source`, another cache whose arrays are `extractor`'s inputs: view by view (the head features
+    from the stage-2 cache: the same augmented images, without running the frozen prefix again).
+    `out(split, i, shape)` allocates the result arrays (the cache passes memory-mapped files, so
+    only one view is held in memory); `beat` runs every batch; progress lines (rate, time left) name
+    the cache by `label`.
     """
     from fer.core.progress import Progress
     from fer.model.layers import augmentation_layers
@@ -217,12 +241,16 @@ def compute_features(
     size, batch = config["image_size"], config["batch_size"]
     shapes = [tuple(t.shape[1:]) for t in extractor.outputs]
     if source is None:
-        views_model = _Augmented(augmentation_layers(config["augment"], config["seed"]), extractor, name="views")
+        views_model = _Augmented(
+            augmentation_layers(config["augment"], config["seed"]), extractor, name="views"
+        )
         train_pixels = study_data.pixels("train", size)
         view_inputs = [(views_model, train_pixels)] * effective_views(config)
         val_inputs_ = study_data.pixels("val", size)
     else:
-        view_inputs = [(extractor, one_view(source.train, view)) for view in range(len(source.train[0]))]
+        view_inputs = [
+            (extractor, one_view(source.train, view)) for view in range(len(source.train[0]))
+        ]
         val_inputs_ = model_input(source.val)
     n_train, n_val = len(study_data.labels("train")), len(study_data.labels("val"))
     progress = Progress(f"{label} cache", len(view_inputs) * n_train + n_val)
@@ -259,8 +287,8 @@ def cached_features(
     poll_s: float = POLL_S,
     source: CachedFeatures | None = None,
 ) -> CachedFeatures:
-    """The features of `spec`'s key: loaded, waited for, or computed here with `extractor` (once per study),
-    from images or from `source` (see compute_features)."""
+    """The features of `spec`'s key: loaded, waited for, or computed here with `extractor` (once per
+    study), from images or from `source` (see compute_features)."""
     t0 = time.perf_counter()
     key = feature_key(spec)
     folder = features_dir(study_data)
@@ -278,11 +306,19 @@ def cached_features(
 
         def allocate(split: str, i: int, shape: tuple) -> np.ndarray:
             partials[(split, i)] = partial_path(path(split, i))
-            return np.lib.format.open_memmap(partials[(split, i)], mode="w+", dtype=np.float32, shape=shape)
+            return np.lib.format.open_memmap(
+                partials[(split, i)], mode="w+", dtype=np.float32, shape=shape
+            )
 
         try:
             train, val = compute_features(
-                extractor, config, study_data, beat, out=allocate, source=source, label=f"{spec['kind']} feature"
+                extractor,
+                config,
+                study_data,
+                beat,
+                out=allocate,
+                source=source,
+                label=f"{spec['kind']} feature",
             )
             for array in train + val:
                 array.flush()
@@ -303,7 +339,9 @@ def cached_features(
         write_json(marker, info)
         log.info("computed %s features %s in %.1f s", spec["kind"], key, info["compute_s"])
 
-    computed = create_or_wait(marker, folder / f"{key}.lock", compute, stale_s=stale_s, poll_s=poll_s)
+    computed = create_or_wait(
+        marker, folder / f"{key}.lock", compute, stale_s=stale_s, poll_s=poll_s
+    )
     return CachedFeatures(
         key,
         [np.load(path("train", i), mmap_mode="r") for i in range(n_inputs)],
@@ -314,8 +352,9 @@ def cached_features(
 
 
 def _check_room(extractor: keras.Model, config: dict, study_data, folder: Path, kind: str) -> None:
-    """Refuse, before computing, a cache the study folder's disk cannot hold (stage-2 caches of early cuts at
-    large sizes are big: views x images x activation size), with the options that shrink it."""
+    """Refuse, before computing, a cache the study folder's disk cannot hold (stage-2 caches of
+    early cuts at large sizes are big: views x images x activation size), with the options that
+    shrink it."""
     import shutil
 
     per_image = sum(int(np.prod(t.shape[1:])) for t in extractor.outputs) * 4
@@ -337,21 +376,27 @@ def stage_features(
 ) -> tuple[CachedFeatures, keras.Model]:
     """A stage's cache and the model (of the same trainable layers as `model`) that trains on it.
 
-    'head': pooled backbone features and the head-only model; 'finetune': the activations entering the
-    tail (the last `finetune_cache_units`, or `unfreeze_layers`, backbone layers or blocks) and the tail
-    model. With both caches on, the head features are computed from the stage-2 cache (the frozen tail
-    run on the same augmented views): the prefix runs once for both, and the head key stays the same
-    (the values are the same function of the same images).
+    'head': pooled backbone features and the head-only model; 'finetune': the activations entering
+    the tail (the last `finetune_cache_units`, or `unfreeze_layers`, backbone layers or blocks) and
+    the tail model. With both caches on, the head features are computed from the stage-2 cache (the
+    frozen tail run on the same augmented views): the prefix runs once for both, and the head key
+    stays the same (the values are the same function of the same images).
     """
     if stage == "head":
         spec = feature_spec(config, study_data, dtype_policy, kind="head")
         extractor, source = head_extractor(model), None
         if config["finetune_features"] == "cached" and config["epochs_finetune"] > 0:
-            source, _ = stage_features(model, "finetune", config, study_data, dtype_policy, **kwargs)
+            source, _ = stage_features(
+                model, "finetune", config, study_data, dtype_policy, **kwargs
+            )
             crossing, _ = crossing_tensors(model, _tail_layers(model, config))
-            extractor = keras.Model(crossing, model.get_layer("head_pool").output, name="tail_features")
+            extractor = keras.Model(
+                crossing, model.get_layer("head_pool").output, name="tail_features"
+            )
         features = cached_features(extractor, spec, config, study_data, source=source, **kwargs)
-        if source is not None:  # the stage-2 cache was got for the head stage: its time is the head stage's
+        if (
+            source is not None
+        ):  # the stage-2 cache was got for the head stage: its time is the head stage's
             features.seconds += source.seconds
             features.computed = features.computed or source.computed
         return features, head_model(model)
@@ -361,9 +406,14 @@ def stage_features(
 
 
 def _tail_layers(model: keras.Model, config: dict) -> int:
-    """Backbone layers after the stage-2 cut: the last `finetune_cache_units` (or `unfreeze_layers`) units."""
+    """Backbone layers after the stage-2 cut: the last `finetune_cache_units` (or `unfreeze_layers`)
+    units."""
     from fer.model.backbones import get_backbone
     from fer.model.build import last_backbone_layers
 
     units = config["finetune_cache_units"] or config["unfreeze_layers"]
-    return len(last_backbone_layers(model, units, config["unfreeze_unit"], get_backbone(config["backbone"])))
+    return len(
+        last_backbone_layers(
+            model, units, config["unfreeze_unit"], get_backbone(config["backbone"])
+        )
+    )

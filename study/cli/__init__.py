@@ -1,7 +1,7 @@
 """The `fer-study` command line: one click group; each command lives in a small module of its own.
 
-User errors (`fer.core.errors.UserError`, click usage errors) end with one line on stderr and exit status 2.
-Heavy imports (Keras, Ray) happen inside commands, so `fer-study --help` stays instant.
+User errors (`fer.core.errors.UserError`, click usage errors) end with one line on stderr and exit
+status 2. Heavy imports (Keras, Ray) happen inside commands, so `fer-study --help` stays instant.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from fer.core.errors import UserError
 
 
 class FerGroup(click.Group):
-    """A click group that reports `UserError` as one clear line and exit status 2, never a traceback."""
+    """A click group that reports `UserError` as one clear line and exit status 2, never a
+    traceback."""
 
     def invoke(self, ctx):
         try:

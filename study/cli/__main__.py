@@ -2,5 +2,7 @@
 
 from study.cli import main
 
-if __name__ == "__main__":  # spawned worker processes re-import this module; only the parent runs the CLI
+if (
+    __name__ == "__main__"
+):  # spawned worker processes re-import this module; only the parent runs the CLI
     main()

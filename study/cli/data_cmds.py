@@ -13,7 +13,9 @@ COMMANDS: list[click.Command] = []
 
 @click.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--per-class", default=200, show_default=True, help="clean images per class (messes are added)")
+@click.option(
+    "--per-class", default=200, show_default=True, help="clean images per class (messes are added)"
+)
 @click.option("--seed", default=0, show_default=True)
 def demo_data(out: Path, per_class: int, seed: int) -> None:
     """Generate a small, learnable synthetic 5-class face dataset (with real-world messes) in OUT."""
@@ -44,7 +46,9 @@ def demo_data(out: Path, per_class: int, seed: int) -> None:
     help=r"regex whose first group is a subject id kept in one split, searched in the file name, "
     r"then in the path below the class folder, e.g. '^(S\d+)_'",
 )
-@click.option("--split", "split", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions")
+@click.option(
+    "--split", "split", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions"
+)
 @click.option(
     "--predefined",
     default=None,
@@ -57,9 +61,18 @@ def demo_data(out: Path, per_class: int, seed: int) -> None:
     show_default=True,
     help="size of the decoded-pixel cache (the trial config's image_size range)",
 )
-@click.option("--classes", default=None, help="expected class folders, comma-separated (others are reported)")
-@click.option("--keep-duplicates", is_flag=True, help="keep every copy in a duplicate cluster (same split)")
-@click.option("--workers", default=None, type=int, help="decoding processes (default: up to 2; 0 = in-process)")
+@click.option(
+    "--classes", default=None, help="expected class folders, comma-separated (others are reported)"
+)
+@click.option(
+    "--keep-duplicates", is_flag=True, help="keep every copy in a duplicate cluster (same split)"
+)
+@click.option(
+    "--workers",
+    default=None,
+    type=int,
+    help="decoding processes (default: up to 2; 0 = in-process)",
+)
 def prepare(
     data: Path,
     study: str | None,
@@ -73,7 +86,8 @@ def prepare(
     keep_duplicates: bool,
     workers: int | None,
 ) -> None:
-    """Scan, decode, de-duplicate and split DATA (class folders) into RESULTS/<study>/data. DATA is read only."""
+    """Scan, decode, de-duplicate and split DATA (class folders) into RESULTS/<study>/data. DATA is
+    read only."""
     from fer.prepare import prepare_dataset
 
     name = study or data.absolute().name

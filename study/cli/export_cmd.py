@@ -1,7 +1,8 @@
 """`fer-study export`: a best model as SavedModel, TFLite or ONNX, checked against the Keras model.
 
-Thin: parse options, call `fer.deploy.export.export_best`, print. Exit 0 when the export agrees with the Keras model,
-1 when it does not (the files stay, for a look), 2 for bad input (one line, `UserError`).
+Thin: parse options, call `fer.deploy.export.export_best`, print. Exit 0 when the export agrees with
+the Keras model, 1 when it does not (the files stay, for a look), 2 for bad input (one line,
+`UserError`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import click
 
 @click.command("export")
 @click.argument("best_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", required=True, metavar="FORMAT", help="saved_model, tflite or onnx")
+@click.option(
+    "--format", "fmt", required=True, metavar="FORMAT", help="saved_model, tflite or onnx"
+)
 @click.option("--quantize", default=None, metavar="KIND", help="tflite only: float16 or int8")
 @click.option(
     "--out",
@@ -29,12 +32,15 @@ import click
     default=None,
     help="the study's data folder [default: BEST_DIR/../../data]",
 )
-def export_command(best_dir: Path, fmt: str, quantize: str | None, out: Path | None, data_dir: Path | None) -> None:
+def export_command(
+    best_dir: Path, fmt: str, quantize: str | None, out: Path | None, data_dir: Path | None
+) -> None:
     """Export BEST_DIR's model (e.g. results/<study>/best/<backbone>) with its preprocessing inside:
     uint8 RGB images in, class probabilities out, export.json (classes, input size) next to it.
 
-    The export is checked on up to 500 test images of the study: float exports must agree with the Keras
-    model to 1e-4 in probability, float16 / int8 ones on the top-1 class for 99% / 97% of the images.
+    The export is checked on up to 500 test images of the study: float exports must agree with the
+    Keras model to 1e-4 in probability, float16 / int8 ones on the top-1 class for 99% / 97% of the
+    images.
     """
     from study.cli.report_cmds import _quiet_backend
 
@@ -60,7 +66,10 @@ def export_command(best_dir: Path, fmt: str, quantize: str | None, out: Path | N
             f"p90 {cpu['latency_ms_p90']:.2f} ms; batch {cpu['batch']}: {cpu['images_per_s']:.0f} images/s"
         )
     if not result["ok"]:
-        click.echo(f"Error: the export does NOT agree with the Keras model ({check['criterion']} failed)", err=True)
+        click.echo(
+            f"Error: the export does NOT agree with the Keras model ({check['criterion']} failed)",
+            err=True,
+        )
         sys.exit(1)
 
 

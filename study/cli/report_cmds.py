@@ -1,6 +1,7 @@
 """`fer-study` commands: report, predict, evaluate (contract: docs/commands.md).
 
-Thin wrappers: parse options, call `study.report` / `fer.evaluate.predict`, print. Heavy imports stay inside.
+Thin wrappers: parse options, call `study.report` / `fer.evaluate.predict`, print. Heavy imports
+stay inside.
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ def _quiet_backend() -> None:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    # TensorFlow's Python logger warns about "retracing" when several models (one per backbone, Grad-CAM)
-    # predict in one process: expected here, and it floods the terminal
+    # TensorFlow's Python logger warns about "retracing" when several models (one per backbone,
+    # Grad-CAM) predict in one process: expected here, and it floods the terminal
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 @click.command("report")
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="output folder (default: reports/<study>/)")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="output folder (default: reports/<study>/)",
+)
 @click.option(
     "--gradcam-per-class",
     type=int,
@@ -33,7 +39,8 @@ def _quiet_backend() -> None:
     help="correct and incorrect test images per class in the Grad-CAM appendix (0: no appendix)",
 )
 def report_command(results: Path, out: Path | None, gradcam_per_class: int) -> None:
-    """Build the report of a finished study in results/<study>/: report.html, report.md, comparison.csv."""
+    """Build the report of a finished study in results/<study>/: report.html, report.md,
+    comparison.csv."""
     _quiet_backend()
     from study.report import build_report
 
@@ -58,8 +65,11 @@ def report_command(results: Path, out: Path | None, gradcam_per_class: int) -> N
     default=None,
     help="save image | Grad-CAM | Grad-CAM++ overlays (predicted class) in this folder",
 )
-def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None, gradcam_dir: Path | None) -> None:
-    """Predicted emotion and class probabilities for images (files or folders), decoded like `prepare`.
+def predict_command(
+    model: Path, images: tuple[Path, ...], csv_path: Path | None, gradcam_dir: Path | None
+) -> None:
+    """Predicted emotion and class probabilities for images (files or folders), decoded like
+    `prepare`.
 
     MODEL is a model.keras file, a trial folder (e.g. results/<study>/best/<backbone>) or an export
     (`fer-study export`: its folder or model file).
@@ -98,11 +108,17 @@ def predict_command(model: Path, images: tuple[Path, ...], csv_path: Path | None
     metavar="REGEX",
     help="evaluate only files whose name matches REGEX (e.g. '^PrivateTest_' for FER2013's test images)",
 )
-@click.option("--exclude", default=None, metavar="REGEX", help="skip files whose name matches REGEX")
-def evaluate_command(model: Path, data: Path, out: Path | None, include: str | None, exclude: str | None) -> None:
-    """Full metric set (95% intervals, per class, confusion matrix) of MODEL on another labelled DATA folder.
+@click.option(
+    "--exclude", default=None, metavar="REGEX", help="skip files whose name matches REGEX"
+)
+def evaluate_command(
+    model: Path, data: Path, out: Path | None, include: str | None, exclude: str | None
+) -> None:
+    """Full metric set (95% intervals, per class, confusion matrix) of MODEL on another labelled
+    DATA folder.
 
-    DATA holds one folder per class, named like the model's classes; other folders are skipped and listed.
+    DATA holds one folder per class, named like the model's classes; other folders are skipped and
+    listed.
     """
     _quiet_backend()
     from fer.evaluate.predict import default_evaluation_path, evaluate_folder

@@ -16,7 +16,9 @@ import click
     type=click.Path(dir_okay=False, path_type=str),
     help="search-space YAML (see search_spaces/)",
 )
-@click.option("--name", default=None, help="study name: results/NAME/ (default: the DATA folder's name)")
+@click.option(
+    "--name", default=None, help="study name: results/NAME/ (default: the DATA folder's name)"
+)
 @click.option(
     "--address",
     default=None,
@@ -40,10 +42,21 @@ import click
     default=None,
     help="when DATA is prepared here: regex whose first group names the subject (kept in one split)",
 )
-@click.option("--resume", is_flag=True, help="continue an interrupted study: finished trials are kept")
-@click.option("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
-@click.option("--num-gpus", type=int, default=None, help="GPUs the local Ray may use (default: all it finds)")
-@click.option("--dashboard/--no-dashboard", default=True, show_default=True, help="local Ray dashboard (127.0.0.1)")
+@click.option(
+    "--resume", is_flag=True, help="continue an interrupted study: finished trials are kept"
+)
+@click.option(
+    "--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)"
+)
+@click.option(
+    "--num-gpus", type=int, default=None, help="GPUs the local Ray may use (default: all it finds)"
+)
+@click.option(
+    "--dashboard/--no-dashboard",
+    default=True,
+    show_default=True,
+    help="local Ray dashboard (127.0.0.1)",
+)
 @click.option(
     "--results",
     "results_root",
@@ -96,9 +109,9 @@ def run(
     max_retries,
     reuse_workers,
 ):
-    """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's best
-    trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared first) or a
-    study folder made by `fer-study prepare`."""
+    """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's
+    best trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared
+    first) or a study folder made by `fer-study prepare`."""
     from study.tune.driver import StudyIncomplete, StudyOptions, run_study
 
     options = StudyOptions(

@@ -1,4 +1,5 @@
-"""`fer-study train`: one trial end to end, outside Ray, for debugging and timing (docs/commands.md)."""
+"""`fer-study train`: one trial end to end, outside Ray, for debugging and timing
+(docs/commands.md)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from fer.core.errors import UserError
 from fer.model.backbones import BACKBONES
 
 
-def open_or_prepare(data_or_study: str | Path, image_size: int, results_root: str | Path = "results"):
-    """A `StudyData` for a study folder (`results/<study>`), its `data/` folder, or a raw class folder.
+def open_or_prepare(
+    data_or_study: str | Path, image_size: int, results_root: str | Path = "results"
+):
+    """A `StudyData` for a study folder (`results/<study>`), its `data/` folder, or a raw class
+    folder.
 
-    A raw class folder is prepared once into `<results_root>/<folder name>/data` (DATA itself is only read);
-    a later call with the same folder reuses that preparation.
+    A raw class folder is prepared once into `<results_root>/<folder name>/data` (DATA itself is
+    only read); a later call with the same folder reuses that preparation.
     """
     from fer.data import StudyData
     from fer.prepare import prepare_dataset
@@ -70,10 +74,17 @@ def open_or_prepare(data_or_study: str | Path, image_size: int, results_root: st
     is_flag=True,
     help="also evaluate on the test split (writes test_metrics.json, test_predictions.csv)",
 )
-@click.option("--threads", type=int, default=None, help="CPU threads for the backend [default: all]")
-@click.option("--cpu", is_flag=True, help="train on the CPU even where the machine has a GPU the backend cannot use")
+@click.option(
+    "--threads", type=int, default=None, help="CPU threads for the backend [default: all]"
+)
+@click.option(
+    "--cpu",
+    is_flag=True,
+    help="train on the CPU even where the machine has a GPU the backend cannot use",
+)
 def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads, cpu):
-    """Train one trial (two stages) on DATA_OR_STUDY: a study folder or a raw class folder (prepared first)."""
+    """Train one trial (two stages) on DATA_OR_STUDY: a study folder or a raw class folder (prepared
+    first)."""
     from fer.core.config import make_config, parse_set_options
 
     overrides = parse_set_options(sets)
@@ -119,7 +130,9 @@ def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads, c
         f"val_accuracy {summary['val_accuracy']:.3f} val_macro_f1 {summary['val_macro_f1']:.3f}"
     )
     if evaluate_test:
-        click.echo(f"test accuracy {summary['test_accuracy']:.3f} test_macro_f1 {summary['test_macro_f1']:.3f}")
+        click.echo(
+            f"test accuracy {summary['test_accuracy']:.3f} test_macro_f1 {summary['test_macro_f1']:.3f}"
+        )
     click.echo(f"trial folder: {out}")
 
 

@@ -1,10 +1,11 @@
-"""`fer-study report`: from `results/<study>/` to `reports/<study>/` (report.html, report.md, comparison.csv,
-figures/).
+"""`fer-study report`: from `results/<study>/` to `reports/<study>/` (report.html, report.md,
+comparison.csv, figures/).
 
-Reading the study folder is `load`, the document and its two renderings `document`, the sections `sections`
-(the Grad-CAM appendix `gradcam`, the charts `figures`). Order of the page: the data audit first (the
-numbers depend on it), then the comparison table with 95% intervals, per-backbone figures, search history,
-cross-dataset evaluations, the Grad-CAM appendix, and the backbones that failed or are missing.
+Reading the study folder is `load`, the document and its two renderings `document`, the sections
+`sections` (the Grad-CAM appendix `gradcam`, the charts `figures`). Order of the page: the data
+audit first (the numbers depend on it), then the comparison table with 95% intervals, per-backbone
+figures, search history, cross-dataset evaluations, the Grad-CAM appendix, and the backbones that
+failed or are missing.
 """
 
 from __future__ import annotations
@@ -49,14 +50,17 @@ def build_report(
     n_mistakes: int = 6,
     n_faithfulness: int = 128,
 ) -> Path:
-    """Write report.html, report.md, comparison.csv and figures/ for a study folder; return the output folder."""
+    """Write report.html, report.md, comparison.csv and figures/ for a study folder; return the
+    output folder."""
     study = load_study(Path(results))
     out_dir = Path(out) if out is not None else Path("reports") / study.name
     doc = Document(f"fer-study report: {study.name}")
     header_section(doc, study)
     add_verdict(doc, study, edge_warnings(study))  # before any table: what to conclude, what to fix
     audit_section(doc, study.audit)
-    sheet = study.folder / names.DATA_DIR / names.DUPLICATES_SHEET  # written by prepare (fer/prepare/audit.py)
+    sheet = (
+        study.folder / names.DATA_DIR / names.DUPLICATES_SHEET
+    )  # written by prepare (fer/prepare/audit.py)
     if study.audit and sheet.is_file():
         doc.figure(
             "duplicates_sheet",

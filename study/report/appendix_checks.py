@@ -1,11 +1,12 @@
-"""The Grad-CAM appendix's checks, per backbone: are these maps explanations? (statistics in fer.explain.map_checks)
+"""The Grad-CAM appendix's checks, per backbone: are these maps explanations? (statistics in
+fer.explain.map_checks)
 
 Computed before the heatmaps are drawn so that a method that does not beat random order (deletion or
-insertion, paired over the same images), fails the model-randomisation sanity check, or gives nearly the
-same map for every image gets its warning ABOVE the heatmaps. Then: the faithfulness table and curves, the
-sanity-check curve, the mean Grad-CAM per class over correctly classified images (FER faces are roughly
-aligned), and with a regions file (demo_regions.csv format, docs/results.md) the heat per region and the
-pointing-game hit rate per class. Every number carries its sample size.
+insertion, paired over the same images), fails the model-randomisation sanity check, or gives nearly
+the same map for every image gets its warning ABOVE the heatmaps. Then: the faithfulness table and
+curves, the sanity-check curve, the mean Grad-CAM per class over correctly classified images (FER
+faces are roughly aligned), and with a regions file (demo_regions.csv format, docs/results.md) the
+heat per region and the pointing-game hit rate per class. Every number carries its sample size.
 """
 
 from __future__ import annotations
@@ -34,11 +35,19 @@ class Checks:
 
 
 def run_checks(
-    model, cam, images, explanation, labels, classes, val_images=None, regions=None, n_sanity: int = 64
+    model,
+    cam,
+    images,
+    explanation,
+    labels,
+    classes,
+    val_images=None,
+    regions=None,
+    n_sanity: int = 64,
 ) -> Checks:
-    """`images`/`explanation`: the test sample (explained with `cam`); `labels`: their true classes (names);
-    `val_images`: validation images that top up the faithfulness sample; `regions`: per sample image a
-    dict region -> boxes (may be empty)."""
+    """`images`/`explanation`: the test sample (explained with `cam`); `labels`: their true classes
+    (names); `val_images`: validation images that top up the faithfulness sample; `regions`: per
+    sample image a dict region -> boxes (may be empty)."""
     from fer.explain.gradcam import overlay
     from fer.explain.map_checks import (
         class_mean_maps,
@@ -53,7 +62,9 @@ def run_checks(
     maps = {"Grad-CAM": explanation.gradcam, "Grad-CAM++": explanation.gradcam_pp}
     curves = _faithfulness(model, images, maps, explanation.class_ids, faithfulness_curves)
     where = f"{len(images)} test images"
-    if val_images is not None and len(val_images):  # a small test split: validation images (selects nothing)
+    if val_images is not None and len(
+        val_images
+    ):  # a small test split: validation images (selects nothing)
         e_val = cam.explain(val_images)
         more = _faithfulness(
             model,
@@ -63,25 +74,41 @@ def run_checks(
             faithfulness_curves,
             seed=1000,
         )
-        curves = {mode: {k: np.concatenate([c, more[mode][k]]) for k, c in by.items()} for mode, by in curves.items()}
+        curves = {
+            mode: {k: np.concatenate([c, more[mode][k]]) for k, c in by.items()}
+            for mode, by in curves.items()
+        }
         where += f" and {len(val_images)} validation images"
     k = min(n_sanity, len(images))
     sanity = randomisation_check(
-        model, images[:k], explanation.class_ids[:k], gradcam_maps(cam.layer_name), n_backbone_steps=3
+        model,
+        images[:k],
+        explanation.class_ids[:k],
+        gradcam_maps(cam.layer_name),
+        n_backbone_steps=3,
     )
     predicted = np.asarray(classes)[explanation.predicted]
     means = class_mean_maps(explanation.gradcam, labels, predicted, classes)
     class_means = {}
     for c, (heat, n) in means.items():
         keep = (np.asarray(labels) == c) & (predicted == c)
-        class_means[c] = (overlay(images[keep].mean(axis=0), heat / heat.max() if heat.max() > 0 else heat), n)
-    region_rows = region_stats(explanation.gradcam, regions, labels, classes) if regions and any(regions) else []
+        class_means[c] = (
+            overlay(images[keep].mean(axis=0), heat / heat.max() if heat.max() > 0 else heat),
+            n,
+        )
+    region_rows = (
+        region_stats(explanation.gradcam, regions, labels, classes)
+        if regions and any(regions)
+        else []
+    )
     return Checks(
         layer=cam.layer_name,
         cells=tuple(cam.features.output.shape[1:3]),
         where=where,
         faith_rows=faithfulness_table(curves),
-        mean_curves={mode: {k: c.mean(axis=0) for k, c in by.items()} for mode, by in curves.items()},
+        mean_curves={
+            mode: {k: c.mean(axis=0) for k, c in by.items()} for mode, by in curves.items()
+        },
         similarity={m: map_similarity(v) for m, v in maps.items()},
         sanity=sanity,
         class_means=class_means,
@@ -118,7 +145,11 @@ def warnings(name: str, checks: Checks) -> list[str]:
                 f"{SANITY_RHO} with the fully randomised model's maps, n = {checks.sanity['images']})"
             )
         if why:
-            out.append(f"{name}: do not read the {method} maps below as explanations: " + "; ".join(why) + ".")
+            out.append(
+                f"{name}: do not read the {method} maps below as explanations: "
+                + "; ".join(why)
+                + "."
+            )
     return out
 
 
@@ -225,8 +256,12 @@ def summary_rows(checks: Checks) -> list[dict]:
         for mode in ("deletion", "insertion"):
             r = verdicts[(mode, m)]
             row[f"{mode} vs random"] = f"{r['vs random']} ({r['minus random']:+.3f})"
-        row["same-map rho"] = f"{checks.similarity[m]['median_rho']:.2f} (n={checks.similarity[m]['images']})"
-        row["sanity rho"] = f"{checks.sanity['median_rho'][m][-1]:.2f} (n={checks.sanity['images']})"
+        row["same-map rho"] = (
+            f"{checks.similarity[m]['median_rho']:.2f} (n={checks.similarity[m]['images']})"
+        )
+        row["sanity rho"] = (
+            f"{checks.sanity['median_rho'][m][-1]:.2f} (n={checks.sanity['images']})"
+        )
         rows.append(row)
     return rows
 
@@ -241,5 +276,7 @@ def region_names(sd) -> dict:
         return {}
     out: dict = {}
     for (path, region), g in table.groupby(["path", "region"]):
-        out.setdefault(path, {})[region] = list(g[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None))
+        out.setdefault(path, {})[region] = list(
+            g[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None)
+        )
     return out

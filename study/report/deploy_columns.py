@@ -1,9 +1,10 @@
-"""The report's deployment view: size, latency and throughput per backbone, and accuracy against latency.
+"""The report's deployment view: size, latency and throughput per backbone, and accuracy against
+latency.
 
 The figures are the ones stored at the end of the study (`best/<backbone>/latency.json`, written by
-`fer.deploy.latency` where the best model was evaluated), never re-timed while the report is built: the report
-often runs on a different or busier machine. The plot marks the Pareto front: the backbones no other
-backbone beats on both test accuracy and one-image CPU latency.
+`fer.deploy.latency` where the best model was evaluated), never re-timed while the report is built:
+the report often runs on a different or busier machine. The plot marks the Pareto front: the
+backbones no other backbone beats on both test accuracy and one-image CPU latency.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from study.report import figures
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
-    """For (latency, accuracy) points, whether each is Pareto-optimal: no other point is at least as fast
-    and at least as accurate and strictly better in one of the two. Ties (equal points) all stay on it."""
+    """For (latency, accuracy) points, whether each is Pareto-optimal: no other point is at least as
+    fast and at least as accurate and strictly better in one of the two. Ties (equal points) all
+    stay on it."""
     front = []
     for i, (lat, acc) in enumerate(points):
         dominated = any(
-            l2 <= lat and a2 >= acc and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points) if j != i
+            l2 <= lat and a2 >= acc and (l2 < lat or a2 > acc)
+            for j, (l2, a2) in enumerate(points)
+            if j != i
         )
         front.append(not dominated)
     return front
@@ -61,7 +65,8 @@ def _machine_line(stored: dict) -> str:
         f"{machine.get('cpu', '?')} ({machine.get('cores', '?')} cores"
         + (f", {threads} thread(s) used" if threads else "")
         + f"), {gpus}; "
-        f"{stored.get('backend', '?')} backend" + (f"; load average {load[0]:.2f} before" if load else "")
+        f"{stored.get('backend', '?')} backend"
+        + (f"; load average {load[0]:.2f} before" if load else "")
     )
 
 
@@ -77,12 +82,15 @@ def deployment_cells(row: dict) -> dict:
                 f"{row[f'{device}_latency_ms']:.1f}, {row[f'{device}_latency_p90_ms']:.1f}"
             )
             if batch:
-                cells[f"{device.upper()} images/s (batch {batch.rsplit('_b', 1)[1]})"] = f"{row[batch]:.0f}"
+                cells[f"{device.upper()} images/s (batch {batch.rsplit('_b', 1)[1]})"] = (
+                    f"{row[batch]:.0f}"
+                )
     return cells
 
 
 def accuracy_latency_chart(rows: list[dict], front: list[bool]) -> bytes:
-    """Test accuracy (95% interval) against median one-image CPU latency; the Pareto front joined and filled."""
+    """Test accuracy (95% interval) against median one-image CPU latency; the Pareto front joined
+    and filled."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -96,7 +104,11 @@ def accuracy_latency_chart(rows: list[dict], front: list[bool]) -> bytes:
             capsize=4,
         )
         ax.annotate(
-            r["backbone"], (r["cpu_latency_ms"], r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8
+            r["backbone"],
+            (r["cpu_latency_ms"], r["accuracy"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
         )
     best = sorted((r["cpu_latency_ms"], r["accuracy"]) for r, f in zip(rows, front) if f)
     if best:
@@ -118,7 +130,8 @@ def accuracy_latency_chart(rows: list[dict], front: list[bool]) -> bytes:
 
 
 def deployment_section(doc, rows: list[dict]) -> None:
-    """The accuracy-vs-latency figure under the comparison table (nothing when no figures were stored)."""
+    """The accuracy-vs-latency figure under the comparison table (nothing when no figures were
+    stored)."""
     timed = [r for r in rows if r.get("status") == "ok" and r.get("cpu_latency_ms") is not None]
     if not timed:
         return

@@ -1,7 +1,8 @@
-"""The report as a document: a list of blocks (headings, paragraphs, warnings, tables, figures) rendered
-twice, to Markdown (figures linked from figures/) and to one self-contained HTML page (figures embedded as
-data URIs, so it opens offline and can be mailed). Every text that can come from the user's data (file
-names, class names, error messages) is escaped here, never by the callers.
+"""The report as a document: a list of blocks (headings, paragraphs, warnings, tables, figures)
+rendered twice, to Markdown (figures linked from figures/) and to one self-contained HTML page
+(figures embedded as data URIs, so it opens offline and can be mailed). Every text that can come
+from the user's data (file names, class names, error messages) is escaped here, never by the
+callers.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class Document:
                 out.append("| " + " | ".join(_md(c) for c in frame.columns) + " |")
                 out.append("|" + "---|" * len(frame.columns))
                 out += [
-                    "| " + " | ".join(_md(format_cell(v)) for v in row) + " |" for row in frame.itertuples(index=False)
+                    "| " + " | ".join(_md(format_cell(v)) for v in row) + " |"
+                    for row in frame.itertuples(index=False)
                 ]
                 out.append("")
             elif kind == "figure":
@@ -119,7 +121,8 @@ h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }}
 
 
 def _md(text) -> str:
-    """Markdown-safe: HTML-escaped (viewers render raw HTML) and no table-breaking pipes or newlines."""
+    """Markdown-safe: HTML-escaped (viewers render raw HTML) and no table-breaking pipes or
+    newlines."""
     return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
 

@@ -1,7 +1,7 @@
 """The report's figures: each function takes plain data and returns PNG bytes.
 
-PNG bytes (not files) so the report can both write `figures/<name>.png` and embed the same bytes in the
-self-contained HTML. Matplotlib's Agg backend: no display needed.
+PNG bytes (not files) so the report can both write `figures/<name>.png` and embed the same bytes in
+the self-contained HTML. Matplotlib's Agg backend: no display needed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def comparison_chart(rows: list[dict]) -> bytes:
     x = np.arange(len(rows))
     for offset, key, label in ((-0.18, "accuracy", "accuracy"), (0.18, "macro_f1", "macro F1")):
         values = np.array([r[key] for r in rows], float)
-        errors = np.array([[r[key] - r[f"{key}_lo"], r[f"{key}_hi"] - r[key]] for r in rows], float).T
+        errors = np.array(
+            [[r[key] - r[f"{key}_lo"], r[f"{key}_hi"] - r[key]] for r in rows], float
+        ).T
         ax.bar(x + offset, values, width=0.36, yerr=errors, capsize=4, label=label)
     ax.set_xticks(x, [r["backbone"] for r in rows])
     ax.set_ylim(0, 1)
@@ -50,7 +52,14 @@ def confusion_matrices(cm: list[list[int]], classes: list[str], title: str) -> b
     size = 2.2 + 0.55 * len(classes)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
     sns.heatmap(
-        counts, annot=True, fmt=".0f", cmap="Blues", cbar=False, ax=axes[0], xticklabels=classes, yticklabels=classes
+        counts,
+        annot=True,
+        fmt=".0f",
+        cmap="Blues",
+        cbar=False,
+        ax=axes[0],
+        xticklabels=classes,
+        yticklabels=classes,
     )
     sns.heatmap(
         normalised,
@@ -77,7 +86,9 @@ def per_class_bars(per_class: dict[str, dict], title: str) -> bytes:
     x = np.arange(len(classes))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(classes) + 1.5), 3.0))
     for i, metric in enumerate(("precision", "recall", "f1")):
-        ax.bar(x + (i - 1) * 0.27, [per_class[c][metric] for c in classes], width=0.27, label=metric)
+        ax.bar(
+            x + (i - 1) * 0.27, [per_class[c][metric] for c in classes], width=0.27, label=metric
+        )
     ax.set_xticks(x, classes, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_title(title, fontsize=9)
@@ -86,16 +97,24 @@ def per_class_bars(per_class: dict[str, dict], title: str) -> bytes:
 
 
 def learning_curves(history: pd.DataFrame, title: str) -> bytes:
-    """Loss and accuracy/F1 per global epoch across both stages, with the head -> finetune boundary marked."""
+    """Loss and accuracy/F1 per global epoch across both stages, with the head -> finetune boundary
+    marked."""
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.0))
     epoch = history["epoch"]
-    for ax, keys in ((axes[0], ("loss", "val_loss")), (axes[1], ("accuracy", "val_accuracy", "val_macro_f1"))):
+    for ax, keys in (
+        (axes[0], ("loss", "val_loss")),
+        (axes[1], ("accuracy", "val_accuracy", "val_macro_f1")),
+    ):
         for key in keys:
             if key in history:
                 ax.plot(epoch, history[key], marker="o", ms=3, label=key)
         ax.set_xlabel("epoch (both stages)")
         ax.legend(fontsize=7)
-    if "stage" in history and (history["stage"] == "finetune").any() and (history["stage"] == "head").any():
+    if (
+        "stage" in history
+        and (history["stage"] == "finetune").any()
+        and (history["stage"] == "head").any()
+    ):
         boundary = history.loc[history["stage"] == "finetune", "epoch"].min() - 0.5
         for ax in axes:
             ax.axvline(boundary, color="grey", ls="--", lw=1)
@@ -105,7 +124,9 @@ def learning_curves(history: pd.DataFrame, title: str) -> bytes:
     return _png(fig)
 
 
-def search_history(numbers: list[int], values: list[float], minimize: bool, metric: str, title: str) -> bytes:
+def search_history(
+    numbers: list[int], values: list[float], minimize: bool, metric: str, title: str
+) -> bytes:
     """Each trial's value in order, with the best so far."""
     fig, ax = plt.subplots(figsize=(4.6, 3.0))
     ax.plot(numbers, values, "o", ms=4, label="trial")
@@ -131,7 +152,14 @@ def deletion_curves(curves: dict[str, np.ndarray], title: str) -> bytes:
     """Probability of the explained class as the top-ranked pixels are removed, per ranking."""
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     for name, curve in curves.items():
-        ax.plot(np.linspace(0, 1, len(curve)), curve, marker="o", ms=3, label=name, ls=":" if name == "random" else "-")
+        ax.plot(
+            np.linspace(0, 1, len(curve)),
+            curve,
+            marker="o",
+            ms=3,
+            label=name,
+            ls=":" if name == "random" else "-",
+        )
     ax.set_xlabel("fraction of pixels removed")
     ax.set_ylabel("probability of explained class")
     ax.set_ylim(0, 1)
@@ -146,7 +174,12 @@ def faithfulness_curves(curves: dict[str, dict[str, np.ndarray]], title: str) ->
     for ax, (mode, by_name) in zip(axes[0], curves.items()):
         for name, curve in by_name.items():
             ax.plot(
-                np.linspace(0, 1, len(curve)), curve, marker="o", ms=3, label=name, ls=":" if name == "random" else "-"
+                np.linspace(0, 1, len(curve)),
+                curve,
+                marker="o",
+                ms=3,
+                label=name,
+                ls=":" if name == "random" else "-",
             )
         ax.set_xlabel(f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'}")
         ax.set_ylabel("probability of explained class")
@@ -157,7 +190,8 @@ def faithfulness_curves(curves: dict[str, dict[str, np.ndarray]], title: str) ->
 
 
 def sanity_curves(steps: list[str], median_rho: dict[str, list[float]], title: str) -> bytes:
-    """Median rank correlation with the trained model's maps after each cascading randomisation step."""
+    """Median rank correlation with the trained model's maps after each cascading randomisation
+    step."""
     fig, ax = plt.subplots(figsize=(4.6, 3.0))
     x = np.arange(len(steps))
     for name, values in median_rho.items():
@@ -171,10 +205,14 @@ def sanity_curves(steps: list[str], median_rho: dict[str, list[float]], title: s
     return _png(fig)
 
 
-def image_grid(panels: list[list[tuple[np.ndarray, str]]], title: str, column_titles: list[str] | None = None) -> bytes:
+def image_grid(
+    panels: list[list[tuple[np.ndarray, str]]], title: str, column_titles: list[str] | None = None
+) -> bytes:
     """Rows of (image, caption) panels; empty slots are left blank."""
     n_rows, n_cols = len(panels), max(len(r) for r in panels)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.75 * n_rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(1.6 * n_cols, 1.75 * n_rows + 0.4), squeeze=False
+    )
     for r, row in enumerate(panels):
         for c in range(n_cols):
             ax = axes[r][c]
@@ -185,6 +223,13 @@ def image_grid(panels: list[list[tuple[np.ndarray, str]]], title: str, column_ti
                 ax.set_title(caption, fontsize=6.5)
     if column_titles:
         for c, text in enumerate(column_titles[:n_cols]):
-            axes[0][c].annotate(text, (0.5, 1.32), xycoords="axes fraction", ha="center", fontsize=7.5, weight="bold")
+            axes[0][c].annotate(
+                text,
+                (0.5, 1.32),
+                xycoords="axes fraction",
+                ha="center",
+                fontsize=7.5,
+                weight="bold",
+            )
     fig.suptitle(title, fontsize=10)
     return _png(fig)

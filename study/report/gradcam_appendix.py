@@ -1,14 +1,16 @@
-"""The report's Grad-CAM appendix: what each backbone's best model looks at, and whether that is faithful.
+"""The report's Grad-CAM appendix: what each backbone's best model looks at, and whether that is
+faithful.
 
-Per backbone: for every class a few correctly and a few incorrectly classified test images (Grad-CAM and
-Grad-CAM++ of the predicted class side by side) at a target layer with >= 7x7 cells where the backbone allows
-(fer.explain.map_checks.readable_layer), the most confident mistakes, and the checks of study.report.appendix_checks (deletion
-and insertion against random order, paired; the model-randomisation sanity check; the same-map test; the
-mean map per class; heat per expression region), whose warnings come above the heatmaps. The faithfulness
-sample is up to 128 test images, topped up with validation images when the test split is smaller (the checks
-select nothing; on a 160-image test split random order's interval was too wide to separate from Grad-CAM's).
-Bounded cost (benchmarks/report_speed.py): target at most 60 s per backbone for MobileNetV2 at 96 px on a
-2-core CPU.
+Per backbone: for every class a few correctly and a few incorrectly classified test images (Grad-CAM
+and Grad-CAM++ of the predicted class side by side) at a target layer with >= 7x7 cells where the
+backbone allows (fer.explain.map_checks.readable_layer), the most confident mistakes, and the checks
+of study.report.appendix_checks (deletion and insertion against random order, paired; the
+model-randomisation sanity check; the same-map test; the mean map per class; heat per expression
+region), whose warnings come above the heatmaps. The faithfulness sample is up to 128 test images,
+topped up with validation images when the test split is smaller (the checks select nothing; on a
+160-image test split random order's interval was too wide to separate from Grad-CAM's). Bounded cost
+(benchmarks/report_speed.py): target at most 60 s per backbone for MobileNetV2 at 96 px on a 2-core
+CPU.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from study.report import appendix_checks, figures
 log = logging.getLogger(__name__)
 
 
-def _select(pred: pd.DataFrame, classes: list[str], per_class: int, n_mistakes: int) -> tuple[dict, list[int]]:
-    """Row indices: per class the most confident correct and incorrect ones; the most confident mistakes."""
+def _select(
+    pred: pd.DataFrame, classes: list[str], per_class: int, n_mistakes: int
+) -> tuple[dict, list[int]]:
+    """Row indices: per class the most confident correct and incorrect ones; the most confident
+    mistakes."""
     confidence = pred[[f"p_{c}" for c in classes]].max(axis=1)
     correct = pred["label"] == pred["predicted"]
     chosen = {}
@@ -77,17 +82,27 @@ def _backbone_appendix(
     pixels = sd.pixels("test", size)
     chosen, mistakes = _select(pred, classes, per_class, n_mistakes)
     rng = np.random.default_rng(0)
-    sample = sorted(rng.choice(len(pred), size=min(n_faithfulness, len(pred)), replace=False).tolist())
-    rows = sorted({r for pair in chosen.values() for side in pair for r in side} | set(mistakes) | set(sample))
+    sample = sorted(
+        rng.choice(len(pred), size=min(n_faithfulness, len(pred)), replace=False).tolist()
+    )
+    rows = sorted(
+        {r for pair in chosen.values() for side in pair for r in side} | set(mistakes) | set(sample)
+    )
     position = {r: i for i, r in enumerate(rows)}
     images = np.asarray(pixels[[index_of[pred.at[r, "path"]] for r in rows]])
-    layer, cells = readable_layer(model)  # >= 7x7 cells where the backbone allows (fer.explain.map_checks)
+    layer, cells = readable_layer(
+        model
+    )  # >= 7x7 cells where the backbone allows (fer.explain.map_checks)
     cam = GradCam(model, layer)
     explanation = cam.explain(images)
     idx = [position[r] for r in sample]
     val = None
-    if n_faithfulness > len(idx) and len(sd.labels("val")):  # a small test split: add validation images (the
-        val = np.asarray(sd.pixels("val", size)[: n_faithfulness - len(idx)])  # checks select nothing)
+    if n_faithfulness > len(idx) and len(
+        sd.labels("val")
+    ):  # a small test split: add validation images (the
+        val = np.asarray(
+            sd.pixels("val", size)[: n_faithfulness - len(idx)]
+        )  # checks select nothing)
     sub = Explanation(*(getattr(explanation, f.name)[idx] for f in dataclasses.fields(Explanation)))
     checks = appendix_checks.run_checks(
         model,
@@ -107,7 +122,10 @@ def _backbone_appendix(
         i = position[row]
         return [
             (overlay(images[i], explanation.gradcam[i]), _caption(pred, row, classes, "Grad-CAM")),
-            (overlay(images[i], explanation.gradcam_pp[i]), _caption(pred, row, classes, "Grad-CAM++")),
+            (
+                overlay(images[i], explanation.gradcam_pp[i]),
+                _caption(pred, row, classes, "Grad-CAM++"),
+            ),
         ]
 
     def slots(row_ids: list[int]):
@@ -117,9 +135,9 @@ def _backbone_appendix(
         return out
 
     grid = [slots(chosen[c][0]) + slots(chosen[c][1]) for c in classes]
-    column_titles = [f"correct #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)] + [
-        f"incorrect #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)
-    ]
+    column_titles = [
+        f"correct #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)
+    ] + [f"incorrect #{k + 1}" if j == 0 else "" for k in range(per_class) for j in range(2)]
     doc.figure(
         f"gradcam_{b.name}",
         figures.image_grid(grid, f"{b.name}: per class, correct vs incorrect", column_titles),
@@ -129,7 +147,9 @@ def _backbone_appendix(
     if mistakes:
         doc.figure(
             f"mistakes_{b.name}",
-            figures.image_grid([[p for r in mistakes for p in panels(r)[:1]]], f"{b.name}: most confident mistakes"),
+            figures.image_grid(
+                [[p for r in mistakes for p in panels(r)[:1]]], f"{b.name}: most confident mistakes"
+            ),
             f"{b.name}: the {len(mistakes)} most confident mistakes (Grad-CAM of the wrongly predicted class)",
         )
         table = pred.loc[mistakes, ["path", "label", "predicted"]].copy()
@@ -146,19 +166,23 @@ def _backbone_appendix(
 
 
 def region_boxes(sd) -> dict:
-    """path -> region boxes from DATA/demo_regions.csv (written by fer.prepare.demo_data), or {} without one."""
+    """path -> region boxes from DATA/demo_regions.csv (written by fer.prepare.demo_data), or {}
+    without one."""
     try:
         table = pd.read_csv(sd.source / "demo_regions.csv")
     except (OSError, ValueError):
         return {}
     return {
-        path: list(g[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None)) for path, g in table.groupby("path")
+        path: list(g[["x0", "y0", "x1", "y1"]].itertuples(index=False, name=None))
+        for path, g in table.groupby("path")
     }
 
 
-def region_heat(cam, pred: pd.DataFrame, index_of: dict, pixels, regions: dict, limit: int = 400) -> dict:
-    """Share of Grad-CAM's heat (predicted class) inside the known expression regions vs their share of the
-    image, over the test images that have regions (up to `limit`)."""
+def region_heat(
+    cam, pred: pd.DataFrame, index_of: dict, pixels, regions: dict, limit: int = 400
+) -> dict:
+    """Share of Grad-CAM's heat (predicted class) inside the known expression regions vs their share
+    of the image, over the test images that have regions (up to `limit`)."""
     from fer.explain.gradcam import heat_in_regions
 
     paths = [p for p in pred["path"] if p in regions][:limit]
@@ -175,7 +199,9 @@ def region_heat(cam, pred: pd.DataFrame, index_of: dict, pixels, regions: dict, 
     }
 
 
-def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness: int) -> list[dict]:
+def gradcam_appendix(
+    doc, study, per_class: int, n_mistakes: int, n_faithfulness: int
+) -> list[dict]:
     """Add the appendix to `doc`; returns the faithfulness rows (one per backbone explained)."""
     doc.heading("Appendix: Grad-CAM")
     from fer.explain.map_checks import BASELINE, SAME_MAP_RHO, SANITY_RHO
@@ -210,14 +236,19 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
         return []
     rows, regions, named = [], region_boxes(sd), appendix_checks.region_names(sd)
     for b in study.ok:
-        if not (b.folder / names.MODEL_FILE).is_file() or not (b.folder / names.TEST_PREDICTIONS_FILE).is_file():
+        if (
+            not (b.folder / names.MODEL_FILE).is_file()
+            or not (b.folder / names.TEST_PREDICTIONS_FILE).is_file()
+        ):
             doc.warn(
                 f"{b.name}: no {names.MODEL_FILE} or {names.TEST_PREDICTIONS_FILE} in its best folder; Grad-CAM skipped"
             )
             continue
         start, cpu = time.perf_counter(), time.process_time()
         try:
-            row = _backbone_appendix(doc, study, b, sd, per_class, n_mistakes, n_faithfulness, regions, named)
+            row = _backbone_appendix(
+                doc, study, b, sd, per_class, n_mistakes, n_faithfulness, regions, named
+            )
         except UserError as exc:
             doc.warn(f"{b.name}: Grad-CAM skipped: {exc}")
             continue
@@ -237,7 +268,9 @@ def gradcam_appendix(doc, study, per_class: int, n_mistakes: int, n_faithfulness
             "brackets), the median rank correlation between different images' maps (same-map test) and with "
             "the fully randomised model's maps (sanity check); sample sizes in the 'images' column."
         )
-        doc.table(pd.DataFrame([{"backbone": r["backbone"], **m} for r in rows for m in r["methods"]]))
+        doc.table(
+            pd.DataFrame([{"backbone": r["backbone"], **m} for r in rows for m in r["methods"]])
+        )
         region_rows = [{k: v for k, v in r.items() if k != "methods"} for r in rows if len(r) > 2]
         if region_rows:
             doc.para(

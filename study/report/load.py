@@ -1,7 +1,8 @@
-"""Reading a study folder for the report: what each backbone left (tested best model, failed, missing).
+"""Reading a study folder for the report: what each backbone left (tested best model, failed,
+missing).
 
-Missing or unreadable parts become notes, never errors, so a report of a half-finished study still says
-what is there. File names and trial statuses are the writer's (fer.core.names), not guesses.
+Missing or unreadable parts become notes, never errors, so a report of a half-finished study still
+says what is there. File names and trial statuses are the writer's (fer.core.names), not guesses.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class BackboneResult:
     summary: dict = dataclasses.field(default_factory=dict)
     history: pd.DataFrame | None = None
     trials: pd.DataFrame | None = None
-    seeds: dict = dataclasses.field(default_factory=dict)  # best/<backbone>/seeds.json (final_seeds)
+    seeds: dict = dataclasses.field(
+        default_factory=dict
+    )  # best/<backbone>/seeds.json (final_seeds)
 
 
 @dataclasses.dataclass
@@ -90,13 +93,16 @@ def _error_message(trials: pd.DataFrame | None) -> str:
     if trials is None or trials.empty or "error" not in trials or "status" not in trials:
         return ""
     errors = [
-        str(v) for v in trials.loc[trials["status"].astype(str) == names.ERRORED, "error"].dropna() if str(v).strip()
+        str(v)
+        for v in trials.loc[trials["status"].astype(str) == names.ERRORED, "error"].dropna()
+        if str(v).strip()
     ]
     return errors[0] if errors else ""
 
 
 def _selected_trial(folder: Path, trials: pd.DataFrame | None) -> dict:
-    """The trials.csv row of the trial the study picked (best/<backbone>/selection.json), if recorded."""
+    """The trials.csv row of the trial the study picked (best/<backbone>/selection.json), if
+    recorded."""
     selection = _read_json(folder / names.SELECTION_FILE) or {}
     if trials is None or "trial_id" not in trials or "trial_id" not in selection:
         return {}
@@ -140,14 +146,19 @@ def load_study(results: Path) -> StudyResults:
     backbones = []
     for name in expected:
         own_trials = (
-            trials[trials["backbone"].astype(str) == name] if trials is not None and "backbone" in trials else None
+            trials[trials["backbone"].astype(str) == name]
+            if trials is not None and "backbone" in trials
+            else None
         )
         folder = best_dir / name
         test = _read_json(folder / names.TEST_METRICS_FILE)
         if test is None:
             counts = trial_counts(own_trials)
             if counts["trials"] and counts["errored"] == counts["trials"]:
-                status, note = "failed", f"all {counts['trials']} trials errored: {_error_message(own_trials)}"
+                status, note = (
+                    "failed",
+                    f"all {counts['trials']} trials errored: {_error_message(own_trials)}",
+                )
             elif folder.is_dir():
                 status = "failed"
                 note = f"the best model was not evaluated on the test split (no {names.TEST_METRICS_FILE})"
@@ -160,9 +171,16 @@ def load_study(results: Path) -> StudyResults:
                         else "no trials and no best model in the results"
                     ),
                 )
-            backbones.append(BackboneResult(name, status, note, folder if folder.is_dir() else None, trials=own_trials))
+            backbones.append(
+                BackboneResult(
+                    name, status, note, folder if folder.is_dir() else None, trials=own_trials
+                )
+            )
             continue
-        summary = {**_selected_trial(folder, own_trials), **(_read_json(folder / names.SUMMARY_FILE) or {})}
+        summary = {
+            **_selected_trial(folder, own_trials),
+            **(_read_json(folder / names.SUMMARY_FILE) or {}),
+        }
         if summary.get("params") is None:
             summary["params"] = _count_params(folder)
         backbones.append(

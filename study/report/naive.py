@@ -1,4 +1,5 @@
-"""The report's "Naive vs audited split" section: what `fer-study run --naive-split` measured, if it ran.
+"""The report's "Naive vs audited split" section: what `fer-study run --naive-split` measured, if it
+ran.
 
 It only shows `results/<study>/naive_split.json` (study/naive_split.py); nothing is computed here.
 """
@@ -20,8 +21,9 @@ def _mean_sd(stats: dict | None, signed: bool = False) -> str:
 
 
 def naive_split_section(doc, study_dir: Path) -> None:
-    """One table: per backbone, test accuracy on the naive and the audited split (mean ± sd over split seeds),
-    the paired gap, and how many test images share a subject or duplicate cluster with train."""
+    """One table: per backbone, test accuracy on the naive and the audited split (mean ± sd over
+    split seeds), the paired gap, and how many test images share a subject or duplicate cluster with
+    train."""
     path = Path(study_dir) / NAIVE_SPLIT_FILE
     if not path.is_file():
         return

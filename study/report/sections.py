@@ -1,6 +1,6 @@
-"""The report's sections, in page order: header, data audit, comparison table (95% intervals), per-backbone
-figures, search history, cross-dataset evaluations, failed or missing backbones (the Grad-CAM appendix is
-in study.report.gradcam_appendix). Each writes blocks into a `Document`.
+"""The report's sections, in page order: header, data audit, comparison table (95% intervals),
+per-backbone figures, search history, cross-dataset evaluations, failed or missing backbones (the
+Grad-CAM appendix is in study.report.gradcam_appendix). Each writes blocks into a `Document`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from study.report.load import StudyResults, trial_counts
 
 MIN_TRIALS_FOR_IMPORTANCE = 4  # fANOVA on fewer completed trials says nothing
 EDGE_FRACTION = 0.05  # a best value within 5% of its range's end is "at the edge"
-SUMMARY_METRICS = (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1"))
+SUMMARY_METRICS = (
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro F1"),
+    ("weighted_f1", "weighted F1"),
+)
 
 
 def audit_section(doc: Document, audit: dict | None) -> None:
@@ -30,11 +34,19 @@ def audit_section(doc: Document, audit: dict | None) -> None:
     counts = audit.get("counts", {})
     splits = ("train", "val", "test", "excluded")
     rows = [
-        {"class": c, **{s: counts[c].get(s, 0) for s in splits}, "class weight": audit.get("class_weights", {}).get(c)}
+        {
+            "class": c,
+            **{s: counts[c].get(s, 0) for s in splits},
+            "class weight": audit.get("class_weights", {}).get(c),
+        }
         for c in counts
     ]
     if rows:
-        total = {"class": "total", **{s: sum(r[s] for r in rows) for s in splits}, "class weight": None}
+        total = {
+            "class": "total",
+            **{s: sum(r[s] for r in rows) for s in splits},
+            "class weight": None,
+        }
         doc.table(pd.DataFrame(rows + [total]))
     t, d = audit.get("totals", {}), audit.get("duplicates", {})
     doc.para(
@@ -70,12 +82,17 @@ def _tuned_keys(study: StudyResults) -> list[str]:
     if not keys and study.trials is not None:  # no study.json: guess from the varying trial columns
         from fer.core.config import PARAMS
 
-        keys = [k for k in PARAMS if k in study.trials and study.trials[k].nunique() > 1 and k != "backbone"]
+        keys = [
+            k
+            for k in PARAMS
+            if k in study.trials and study.trials[k].nunique() > 1 and k != "backbone"
+        ]
     return keys
 
 
 def comparison_rows(study: StudyResults) -> list[dict]:
-    """One row per backbone (failed and missing ones included, with their note): the comparison table."""
+    """One row per backbone (failed and missing ones included, with their note): the comparison
+    table."""
     rows = []
     tuned = _tuned_keys(study)
     for b in study.backbones:
@@ -96,7 +113,10 @@ def comparison_rows(study: StudyResults) -> list[dict]:
                 stats = b.seeds.get(f"test_{key}")
                 if stats:
                     row["seeds"] = stats.get("n")
-                    row[f"seed_{key}_mean"], row[f"seed_{key}_sd"] = stats.get("mean"), stats.get("std")
+                    row[f"seed_{key}_mean"], row[f"seed_{key}_sd"] = (
+                        stats.get("mean"),
+                        stats.get("std"),
+                    )
         row.update(trial_counts(b.trials))
         row["note"] = b.note
         rows.append(row)
@@ -119,17 +139,23 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
         for r in ok:
             line = {"backbone": r["backbone"]}
             for key, label in SUMMARY_METRICS:
-                line[f"{label} [95% CI]"] = f"{r[key]:.3f} [{r[f'{key}_lo']:.3f}, {r[f'{key}_hi']:.3f}]"
+                line[f"{label} [95% CI]"] = (
+                    f"{r[key]:.3f} [{r[f'{key}_lo']:.3f}, {r[f'{key}_hi']:.3f}]"
+                )
             if r.get("seeds"):
                 for key, label in SUMMARY_METRICS[:2]:
                     if r.get(f"seed_{key}_mean") is not None:
                         line[f"{label}, retrained with {r['seeds']} other seeds (mean ± sd)"] = (
                             f"{r[f'seed_{key}_mean']:.3f} ± {r[f'seed_{key}_sd']:.3f}"
                         )
-            line.update({k.removeprefix("f1_") + " F1": v for k, v in r.items() if k.startswith("f1_")})
+            line.update(
+                {k.removeprefix("f1_") + " F1": v for k, v in r.items() if k.startswith("f1_")}
+            )
             line["params"] = f"{r['params'] / 1e6:.2f} M" if r.get("params") else None
             line["best hyperparameters"] = ", ".join(
-                f"{k.removeprefix('hp_')}={format_cell(v)}" for k, v in r.items() if k.startswith("hp_")
+                f"{k.removeprefix('hp_')}={format_cell(v)}"
+                for k, v in r.items()
+                if k.startswith("hp_")
             )
             line.update(
                 {
@@ -143,23 +169,42 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
             )
             shown.append(line)
             if deployment_cells(r):
-                deployment.append({"backbone": r["backbone"], "params": line["params"], **deployment_cells(r)})
+                deployment.append(
+                    {"backbone": r["backbone"], "params": line["params"], **deployment_cells(r)}
+                )
         frame, training = (
             pd.DataFrame(shown),
-            ["params", "best hyperparameters", "trials", "stopped early", "errored", "train s", "images/s"],
+            [
+                "params",
+                "best hyperparameters",
+                "trials",
+                "stopped early",
+                "errored",
+                "train s",
+                "images/s",
+            ],
         )
-        doc.table(frame.drop(columns=training))  # tables of scores, training and deployment, so each fits the page
+        doc.table(
+            frame.drop(columns=training)
+        )  # tables of scores, training and deployment, so each fits the page
         doc.table(frame[["backbone"] + training])
         if deployment:
             doc.table(pd.DataFrame(deployment))
-        doc.figure("comparison", figures.comparison_chart(ok), "Test accuracy and macro F1 with 95% intervals")
+        doc.figure(
+            "comparison",
+            figures.comparison_chart(ok),
+            "Test accuracy and macro F1 with 95% intervals",
+        )
 
 
 def edge_warnings(study: StudyResults) -> list[str]:
-    """A best value within EDGE_FRACTION of its searched range's end hints the optimum lies outside it."""
+    """A best value within EDGE_FRACTION of its searched range's end hints the optimum lies outside
+    it."""
     out = []
     for b in study.ok:
-        own = (study.space.get("per_backbone") or {}).get(b.name, {})  # its own ranges; fixed keys: not searched
+        own = (study.space.get("per_backbone") or {}).get(
+            b.name, {}
+        )  # its own ranges; fixed keys: not searched
         for key, spec in (study.space.get("space") or {}).items():
             spec = own.get(key, spec)
             if not isinstance(spec, dict):
@@ -215,7 +260,9 @@ def search_section(doc: Document, study: StudyResults) -> None:
     doc.heading("Hyperparameter search")
     storage_path = study.folder / names.OPTUNA_FILE
     if not storage_path.is_file():
-        doc.para(f"No Optuna storage ({names.OPTUNA_FILE}) in the study folder: search history not shown.")
+        doc.para(
+            f"No Optuna storage ({names.OPTUNA_FILE}) in the study folder: search history not shown."
+        )
         return
     import optuna
 
@@ -233,7 +280,11 @@ def search_section(doc: Document, study: StudyResults) -> None:
             doc.para(f"{b.name}: no Optuna study in the storage.")
             continue
         search = optuna.load_study(study_name=matches[0], storage=storage)
-        done = [t for t in search.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+        done = [
+            t
+            for t in search.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE
+        ]
         metric = study.space.get("metric", "objective")
         if not done:
             doc.para(f"{b.name}: no completed trial in the search.")
@@ -241,7 +292,9 @@ def search_section(doc: Document, study: StudyResults) -> None:
         minimize = search.direction == optuna.study.StudyDirection.MINIMIZE
         doc.figure(
             f"search_{b.name}",
-            figures.search_history([t.number for t in done], [t.value for t in done], minimize, metric, b.name),
+            figures.search_history(
+                [t.number for t in done], [t.value for t in done], minimize, metric, b.name
+            ),
             f"{b.name}: {metric} of each completed trial and the best so far",
         )
         if len(done) < MIN_TRIALS_FOR_IMPORTANCE:
@@ -305,7 +358,9 @@ def problems_section(doc: Document, study: StudyResults) -> None:
         "These backbones were part of the study but have no tested best model, so they are not in the "
         "comparison. The comparison is incomplete until they are rerun (`fer-study run ... --resume`)."
     )
-    doc.table(pd.DataFrame([{"backbone": b.name, "status": b.status, "detail": b.note} for b in bad]))
+    doc.table(
+        pd.DataFrame([{"backbone": b.name, "status": b.status, "detail": b.note} for b in bad])
+    )
 
 
 def header_section(doc: Document, study: StudyResults) -> None:
@@ -323,10 +378,13 @@ def header_section(doc: Document, study: StudyResults) -> None:
     machine = info.get("machine") or info.get("hardware")
     if isinstance(machine, dict):
         facts.append(
-            "Machine: " + ", ".join(f"{k}: {v}" for k, v in machine.items() if not isinstance(v, (dict, list)))
+            "Machine: "
+            + ", ".join(f"{k}: {v}" for k, v in machine.items() if not isinstance(v, (dict, list)))
         )
         if isinstance(machine.get("packages"), dict):
-            facts.append("Versions: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items()))
+            facts.append(
+                "Versions: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items())
+            )
     for fact in facts:
         doc.para(fact)
     if info and info.get("status") not in (None, "completed"):

@@ -1,19 +1,20 @@
 """The report's opening verdict: what a reader can conclude and what to do next, before any table.
 
-From a loaded study (`study.report.load_study`): the ranking by test accuracy; for every pair of backbones a
-paired comparison on the same test images (`fer.evaluate.compare`: paired bootstrap interval of the accuracy
-difference and McNemar's exact test), saying "indistinguishable on this test split" where it is; and flags:
+From a loaded study (`study.report.load_study`): the ranking by test accuracy; for every pair of
+backbones a paired comparison on the same test images (`fer.evaluate.compare`: paired bootstrap
+interval of the accuracy difference and McNemar's exact test), saying "indistinguishable on this
+test split" where it is; and flags:
 
-- chance: a best model whose test accuracy interval covers 1/K, or that predicts one class for at least
-  ONE_CLASS_SHARE of the test images;
-- undertrained: the best trial's lowest val_loss is at its very last epoch and still falling there (more than
-  STILL_IMPROVING, relative, and STILL_IMPROVING_ABS below every earlier epoch): the budget, not the data,
-  stopped it;
-- collapsed: in ANY trial, a stage that ends collapsed (fer.train.collapse: uniform outputs or one class predicted, as
-  the trial recorded in collapse.json, the same definition as training's warning) after an epoch that was not,
-  or that diverged (non-finite loss); named with the hyperparameters that did it, because early stopping then
-  silently keeps an earlier (e.g. head-stage) model; and trials that never left collapse at all ("never
-  learned");
+- chance: a best model whose test accuracy interval covers 1/K, or that predicts one class for at
+  least ONE_CLASS_SHARE of the test images;
+- undertrained: the best trial's lowest val_loss is at its very last epoch and still falling there
+  (more than STILL_IMPROVING, relative, and STILL_IMPROVING_ABS below every earlier epoch): the
+  budget, not the data, stopped it;
+- collapsed: in ANY trial, a stage that ends collapsed (fer.train.collapse: uniform outputs or one
+  class predicted, as the trial recorded in collapse.json, the same definition as training's
+  warning) after an epoch that was not, or that diverged (non-finite loss); named with the
+  hyperparameters that did it, because early stopping then silently keeps an earlier (e.g.
+  head-stage) model; and trials that never left collapse at all ("never learned");
 - hyperparameters at the edge of their searched range (computed by the report, passed in);
 - the spread over seeds where the space's `final_seeds` retrained the best configuration.
 """
@@ -32,16 +33,24 @@ from fer.core import names
 from fer.evaluate.compare import compare_paired
 from fer.train.collapse import read_collapsed_epochs
 
-ONE_CLASS_SHARE = 0.9  # a model that gives one class to >= 90% of the test images has learnt (almost) nothing
+ONE_CLASS_SHARE = (
+    0.9  # a model that gives one class to >= 90% of the test images has learnt (almost) nothing
+)
 STILL_IMPROVING = 0.01  # the last epoch's val_loss is >1% below every earlier one ...
-STILL_IMPROVING_ABS = 0.01  # ... and by more than 0.01 (a near-perfect model's loss shrinks forever)
+STILL_IMPROVING_ABS = (
+    0.01  # ... and by more than 0.01 (a near-perfect model's loss shrinks forever)
+)
 
 
-# ------------------------------------------------------------------------------------------ history flags
-def stage_problems(history: pd.DataFrame, k: int, collapsed: dict[tuple[str, int], str]) -> list[dict]:
-    """Collapsed or diverged stages of one trial's history, and 'never learned' for a trial collapsed in every
-    epoch. `collapsed`: the trial's own record, {(stage, epoch): reason} (fer.train.collapse.read_collapsed_epochs).
-    Each problem: {kind, stage, epoch, val_loss, text}."""
+# ------------------------------------------------------------------------------------------ history
+# flags
+def stage_problems(
+    history: pd.DataFrame, k: int, collapsed: dict[tuple[str, int], str]
+) -> list[dict]:
+    """Collapsed or diverged stages of one trial's history, and 'never learned' for a trial
+    collapsed in every epoch. `collapsed`: the trial's own record, {(stage, epoch): reason}
+    (fer.train.collapse.read_collapsed_epochs). Each problem: {kind, stage, epoch, val_loss, text}.
+    """
     if history is None or history.empty or "stage" not in history:
         return []
     rows = history.to_dict("records")
@@ -65,7 +74,9 @@ def stage_problems(history: pd.DataFrame, k: int, collapsed: dict[tuple[str, int
     for stage in dict.fromkeys(r.get("stage") for r in rows):
         idx = [i for i, r in enumerate(rows) if r.get("stage") == stage]
         last = rows[idx[-1]]
-        losses = [_float(rows[i].get("loss")) for i in idx] + [_float(rows[i].get("val_loss")) for i in idx]
+        losses = [_float(rows[i].get("loss")) for i in idx] + [
+            _float(rows[i].get("val_loss")) for i in idx
+        ]
         if any(v is None for v in losses):
             problems.append(
                 {
@@ -78,8 +89,8 @@ def stage_problems(history: pd.DataFrame, k: int, collapsed: dict[tuple[str, int
             )
             continue
         start = next((i for i in idx if all(reason(rows[j]) for j in idx if j >= i)), None)
-        # ended collapsed after an epoch that was not: a from-scratch model's first head epoch on random
-        # frozen features is at chance by design and is no collapse (it had nothing to lose)
+        # ended collapsed after an epoch that was not: a from-scratch model's first head epoch on
+        # random frozen features is at chance by design and is no collapse (it had nothing to lose)
         if start is not None and any(not reason(r) for r in rows[:start]):
             first = rows[start]
             problems.append(
@@ -96,7 +107,8 @@ def stage_problems(history: pd.DataFrame, k: int, collapsed: dict[tuple[str, int
 
 
 def undertrained(history: pd.DataFrame) -> str | None:
-    """A sentence if the trial's lowest val_loss is at its last epoch and still clearly falling, else None."""
+    """A sentence if the trial's lowest val_loss is at its last epoch and still clearly falling,
+    else None."""
     if history is None or history.empty or "val_loss" not in history:
         return None
     losses = pd.to_numeric(history["val_loss"], errors="coerce").to_numpy()
@@ -115,7 +127,8 @@ def undertrained(history: pd.DataFrame) -> str | None:
 
 
 def chance_flags(name: str, test: dict) -> list[str]:
-    """A best model at chance level: its accuracy interval covers 1/K, or one class gets most predictions."""
+    """A best model at chance level: its accuracy interval covers 1/K, or one class gets most
+    predictions."""
     classes = test.get("classes") or list(test.get("per_class", {}))
     k = len(classes)
     out = []
@@ -138,10 +151,14 @@ def chance_flags(name: str, test: dict) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- the verdict
+# ---------------------------------------------------------------------------------------------- the
+# verdict
 def build_verdict(study, edge_flags: list[str] = ()) -> dict:
     """{'ranking', 'pairs', 'flags', 'seeds'} for a loaded study; JSON-ready."""
-    ok = sorted(study.ok, key=lambda b: (-b.test["accuracy"]["value"], -b.test.get("macro_f1", {}).get("value", 0)))
+    ok = sorted(
+        study.ok,
+        key=lambda b: (-b.test["accuracy"]["value"], -b.test.get("macro_f1", {}).get("value", 0)),
+    )
     ranking = [
         {
             "backbone": b.name,
@@ -165,17 +182,32 @@ def build_verdict(study, edge_flags: list[str] = ()) -> dict:
         pairs.append({"a": a.name, "b": b.name, **result})
     flags = []
     for b in ok:
-        flags += [{"kind": "chance", "backbone": b.name, "text": t} for t in chance_flags(b.name, b.test)]
+        flags += [
+            {"kind": "chance", "backbone": b.name, "text": t} for t in chance_flags(b.name, b.test)
+        ]
         text = undertrained(b.history)
         if text:
-            flags.append({"kind": "undertrained", "backbone": b.name, "text": f"{b.name}'s best trial is {text}"})
+            flags.append(
+                {
+                    "kind": "undertrained",
+                    "backbone": b.name,
+                    "text": f"{b.name}'s best trial is {text}",
+                }
+            )
     flags += _trial_flags(study)
-    flags += [{"kind": "edge", "backbone": text.split(":", 1)[0], "text": text} for text in edge_flags]
+    flags += [
+        {"kind": "edge", "backbone": text.split(":", 1)[0], "text": text} for text in edge_flags
+    ]
     seeds = []
     for b in ok:
         stats = (b.seeds or {}).get("test_accuracy")
         if stats and stats.get("n"):
-            seeds.append({"backbone": b.name, **{k: stats.get(k) for k in ("n", "mean", "std", "min", "max")}})
+            seeds.append(
+                {
+                    "backbone": b.name,
+                    **{k: stats.get(k) for k in ("n", "mean", "std", "min", "max")},
+                }
+            )
     return {"ranking": ranking, "pairs": pairs, "flags": flags, "seeds": seeds}
 
 
@@ -185,7 +217,9 @@ def add_verdict(doc, study, edge_flags: list[str] = ()) -> dict:
     doc.heading("Verdict")
     ranking = verdict["ranking"]
     if not ranking:
-        doc.warn("no backbone has a tested best model: there is no verdict (see 'Failed or missing backbones')")
+        doc.warn(
+            "no backbone has a tested best model: there is no verdict (see 'Failed or missing backbones')"
+        )
     else:
         doc.para(_headline(verdict))
         doc.para(
@@ -234,7 +268,8 @@ def add_verdict(doc, study, edge_flags: list[str] = ()) -> dict:
     return verdict
 
 
-# ------------------------------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------------------------------
+# helpers
 def _headline(verdict: dict) -> str:
     """One sentence: the best backbone and which others the test split cannot tell apart from it."""
     best = verdict["ranking"][0]
@@ -244,9 +279,16 @@ def _headline(verdict: dict) -> str:
         return text + " It is the only backbone with a tested model."
     if not against:
         return text + " No paired comparison was possible."
-    tied = [p["b"] if p["a"] == best["backbone"] else p["a"] for p in against if not p["distinguishable"]]
+    tied = [
+        p["b"] if p["a"] == best["backbone"] else p["a"]
+        for p in against
+        if not p["distinguishable"]
+    ]
     if not tied:
-        return text + " It is more accurate than every other backbone (paired tests on the same test images)."
+        return (
+            text
+            + " It is more accurate than every other backbone (paired tests on the same test images)."
+        )
     return text + f" Indistinguishable from it on this test split: {', '.join(tied)}."
 
 
@@ -270,7 +312,9 @@ def _trial_flags(study) -> list[dict]:
             kept = ""
             if problem["kind"] != "never learned" and _float(row.get("best_epoch")) is not None:
                 epoch = int(row["best_epoch"])
-                stage = history.loc[history["epoch"] == epoch, "stage"] if "epoch" in history else []
+                stage = (
+                    history.loc[history["epoch"] == epoch, "stage"] if "epoch" in history else []
+                )
                 kept = f"; the trial kept its epoch {epoch}{f' ({stage.iloc[0]} stage)' if len(stage) else ''} model"
             mark = (
                 f" (the selected model of {selected[str(row['trial_id'])]})"
@@ -313,7 +357,9 @@ def _num_classes(study) -> int | None:
 
 def _predictions(folder: Path | None) -> pd.DataFrame | None:
     try:
-        frame = pd.read_csv(Path(folder) / "test_predictions.csv", usecols=["path", "label", "predicted"])
+        frame = pd.read_csv(
+            Path(folder) / "test_predictions.csv", usecols=["path", "label", "predicted"]
+        )
     except (OSError, ValueError, TypeError):
         return None
     return frame.astype(str)

@@ -1,13 +1,14 @@
-"""After the searches: each backbone's best trial evaluated once on the test split, and optional reseeding.
+"""After the searches: each backbone's best trial evaluated once on the test split, and optional
+reseeding.
 
-The best trial is picked from the finished trials by the space's validation metric only. Its model (the
-trial's best epoch, saved before the report that could have stopped it) is reloaded from `model.keras` and
-evaluated on the test split exactly once: `best/<backbone>/selection.json` records which trial was
-evaluated, and a later `--resume` does not evaluate the same selection again.
+The best trial is picked from the finished trials by the space's validation metric only. Its model
+(the trial's best epoch, saved before the report that could have stopped it) is reloaded from
+`model.keras` and evaluated on the test split exactly once: `best/<backbone>/selection.json` records
+which trial was evaluated, and a later `--resume` does not evaluate the same selection again.
 
-`final_seeds: N` retrains the chosen configuration with N other seeds (test split evaluated for each) and
-writes `best/<backbone>/seeds.json` with the mean and spread, so a reader can tell a backbone's advantage
-from seed noise.
+`final_seeds: N` retrains the chosen configuration with N other seeds (test split evaluated for
+each) and writes `best/<backbone>/seeds.json` with the mean and spread, so a reader can tell a
+backbone's advantage from seed noise.
 """
 
 from __future__ import annotations
@@ -33,19 +34,24 @@ def _remote(fn, cpus: float, gpus: float):
 
 
 class EvaluatorPool:
-    """Evaluator actors (study.tune.trainable.Evaluator) with a trial's resources, at most `limit` (the backbones).
+    """Evaluator actors (study.tune.trainable.Evaluator) with a trial's resources, at most `limit`
+    (the backbones).
 
-    `fill(free)` starts actors on slots no trial will take any more, so their start-up overlaps the last
-    trials; `evaluate_bests` tops the pool up to what it needs and hands each backbone to one actor."""
+    `fill(free)` starts actors on slots no trial will take any more, so their start-up overlaps the
+    last trials; `evaluate_bests` tops the pool up to what it needs and hands each backbone to one
+    actor."""
 
     def __init__(self, cpus: float, gpus: float, threads: int, limit: int):
         self.cpus, self.gpus, self.threads, self.limit = cpus, gpus, threads, limit
         self.actors: list = []
         self.assigned: dict[str, int] = {}  # backbone -> index of the actor that evaluates it
-        self.preloaded: dict[str, str] = {}  # backbone -> trial folder its actor was asked to preload
+        self.preloaded: dict[
+            str, str
+        ] = {}  # backbone -> trial folder its actor was asked to preload
 
     def actor_for(self, backbone: str):
-        """The actor that evaluates `backbone` (the least busy one on first use); None without actors."""
+        """The actor that evaluates `backbone` (the least busy one on first use); None without
+        actors."""
         if not self.actors:
             return None
         if backbone not in self.assigned:
@@ -54,17 +60,21 @@ class EvaluatorPool:
         return self.actors[self.assigned[backbone]]
 
     def preload(self, backbone: str, trial_dir: str) -> None:
-        """Let the backbone's actor (if one runs) load the best finished trial so far (no test data)."""
+        """Let the backbone's actor (if one runs) load the best finished trial so far (no test
+        data)."""
         actor = self.actor_for(backbone)
         if actor is not None and self.preloaded.get(backbone) != trial_dir:
             self.preloaded[backbone] = trial_dir
             actor.preload.remote(trial_dir)
 
     def fill(self, free_slots: int) -> int:
-        """Start actors on up to `free_slots` slots (never more than `limit` in all); return how many started."""
+        """Start actors on up to `free_slots` slots (never more than `limit` in all); return how
+        many started."""
         started = 0
         while started < free_slots and len(self.actors) < self.limit:
-            actor_cls = ray.remote(Evaluator).options(num_cpus=self.cpus, num_gpus=self.gpus or 0, max_restarts=0)
+            actor_cls = ray.remote(Evaluator).options(
+                num_cpus=self.cpus, num_gpus=self.gpus or 0, max_restarts=0
+            )
             self.actors.append(actor_cls.remote(self.threads))
             started += 1
         return started
@@ -96,12 +106,14 @@ def evaluate_bests(
     pool: EvaluatorPool | None = None,
     slots: int = 1,
 ) -> dict[str, dict]:
-    """Evaluate every backbone's best trial on the test split, on up to `slots` Evaluator actors in parallel
-    (those `pool` already started first; the pool is closed afterwards)."""
+    """Evaluate every backbone's best trial on the test split, on up to `slots` Evaluator actors in
+    parallel (those `pool` already started first; the pool is closed afterwards)."""
     study_dir = Path(study_dir)
     pool = pool or EvaluatorPool(cpus, gpus, threads, limit=len(space.backbones))
     try:
-        return _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log, pool, slots)
+        return _evaluate_bests(
+            space, ledger, study_dir, data_dir, cpus, gpus, threads, log, pool, slots
+        )
     finally:
         pool.close()
 
@@ -125,7 +137,13 @@ def _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log
         if _already_evaluated(best_dir, best["trial_id"]):
             summary[backbone] = json.loads((best_dir / SELECTION).read_text())
             continue
-        jobs[backbone] = (str(study_dir / best["trial_dir"]), str(best_dir), str(data_dir), threads, selection)
+        jobs[backbone] = (
+            str(study_dir / best["trial_dir"]),
+            str(best_dir),
+            str(data_dir),
+            threads,
+            selection,
+        )
     if jobs:
         pool.fill(max(0, min(len(jobs), slots) - len(pool.actors)))
     for backbone, args in jobs.items():
@@ -134,7 +152,9 @@ def _evaluate_bests(space, ledger, study_dir, data_dir, cpus, gpus, threads, log
         try:
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayActorError:  # the actor died (not the evaluation): once more in a task
+            except (
+                ray.exceptions.RayActorError
+            ):  # the actor died (not the evaluation): once more in a task
                 result = ray.get(_remote(evaluate_best, cpus, gpus).remote(*jobs[backbone]))
         except Exception as exc:  # noqa: BLE001 - report and go on with the other backbones
             log(f"{backbone}: test evaluation of trial {selection['trial_id']} failed: {exc}")
@@ -205,5 +225,7 @@ def retrain_seeds(
         out[backbone] = stats
         acc = stats.get("test_accuracy")
         if acc:
-            log(f"{backbone}: {acc['n']} seeds, test accuracy {acc['mean']:.3f} +/- {acc['std']:.3f}")
+            log(
+                f"{backbone}: {acc['n']} seeds, test accuracy {acc['mean']:.3f} +/- {acc['std']:.3f}"
+            )
     return out

@@ -1,9 +1,9 @@
 """The driver side of a running study: record each trial as it ends, and show one line per trial.
 
-`StudyCallback` is a Ray Tune callback (it runs in the driver process): it keeps each trial's per-epoch
-results, writes the trial's outcome (trials/<id>/outcome.json, trials.csv) the moment it ends, and feeds
-`ProgressView`. On a terminal the view redraws one live line per running trial under the finished ones;
-elsewhere (CI logs, files) it prints a line when a trial starts and when it ends.
+`StudyCallback` is a Ray Tune callback (it runs in the driver process): it keeps each trial's
+per-epoch results, writes the trial's outcome (trials/<id>/outcome.json, trials.csv) the moment it
+ends, and feeds `ProgressView`. On a terminal the view redraws one live line per running trial under
+the finished ones; elsewhere (CI logs, files) it prints a line when a trial starts and when it ends.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ def _fmt(value) -> str:
 
 
 def trial_line(
-    tid: str, backbone: str, state: str, record: dict | None, metric: str, params: dict, error: str | None = None
+    tid: str,
+    backbone: str,
+    state: str,
+    record: dict | None,
+    metric: str,
+    params: dict,
+    error: str | None = None,
 ) -> str:
     record = record or {}
     value = clean_float(record.get(metric))
@@ -49,9 +55,12 @@ def trial_line(
 
 
 class ProgressView:
-    """One line per trial: finished trials scroll up, running ones are redrawn in place on a terminal."""
+    """One line per trial: finished trials scroll up, running ones are redrawn in place on a
+    terminal."""
 
-    def __init__(self, total: int, metric: str, stream: TextIO | None = None, live: bool | None = None):
+    def __init__(
+        self, total: int, metric: str, stream: TextIO | None = None, live: bool | None = None
+    ):
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
         self.total, self.metric = total, metric
@@ -60,7 +69,9 @@ class ProgressView:
         self._drawn = 0
         self._last_draw = 0.0
 
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment; a stream cannot be pickled
+    def __getstate__(
+        self,
+    ):  # Tune pickles its callbacks with the experiment; a stream cannot be pickled
         return {**self.__dict__, "stream": None}
 
     def __setstate__(self, state):
@@ -126,24 +137,34 @@ def error_message(trial) -> str:
     text = str(cause) if cause is not None else ""
     if not text and trial.error_file and Path(trial.error_file).exists():
         text = Path(trial.error_file).read_text()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Failure #")]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Failure #")
+    ]
     return (lines[-1] if lines else "unknown error (see the trial's error.txt)")[:500]
 
 
 def trial_timing(
-    records: list[dict], started_at: float | None, worker_started_at: float | None, trial_dir: Path, finished_at: float
+    records: list[dict],
+    started_at: float | None,
+    worker_started_at: float | None,
+    trial_dir: Path,
+    finished_at: float,
 ) -> dict:
-    """Where a trial's wall time went, as unix times and the seconds between them (outcome.json "timing").
+    """Where a trial's wall time went, as unix times and the seconds between them (outcome.json
+    "timing").
 
-    started_at (driver: Tune started the trial's actor) -> worker_started_at (the trial function's first line)
-    -> first_epoch_at (the first epoch began) -> last_report_at -> worker_finished_at (the trial function
-    returned; missing if a scheduler stopped it at its last report) -> finished_at (driver: outcome written).
+    started_at (driver: Tune started the trial's actor) -> worker_started_at (the trial function's
+    first line) -> first_epoch_at (the first epoch began) -> last_report_at -> worker_finished_at
+    (the trial function returned; missing if a scheduler stopped it at its last report) ->
+    finished_at (driver: outcome written).
     """
 
     reported = [r for r in records if clean_float(r.get("reported_at")) is not None]
     first_epoch_at = last_report_at = None
     if reported:
-        first_epoch_at = reported[0]["reported_at"] - (clean_float(reported[0].get("epoch_s")) or 0.0)
+        first_epoch_at = reported[0]["reported_at"] - (
+            clean_float(reported[0].get("epoch_s")) or 0.0
+        )
         last_report_at = reported[-1]["reported_at"]
     worker = {}
     try:
@@ -161,21 +182,29 @@ def trial_timing(
     }
 
     def between(a, b):
-        return round(times[b] - times[a], 3) if times[a] is not None and times[b] is not None else None
+        return (
+            round(times[b] - times[a], 3) if times[a] is not None and times[b] is not None else None
+        )
 
     epochs_s = sum(clean_float(r.get("epoch_s")) or 0.0 for r in records)
     span = between("first_epoch_at", "last_report_at")
     out = {key: (round(value, 3) if value is not None else None) for key, value in times.items()}
     out.update(
         {
-            # the worker process and the Tune actor already exist at started_at (on_trial_start comes when the
-            # actor is ready): their start-up is in the slot's gap before started_at
+            # the worker process and the Tune actor already exist at started_at (on_trial_start
+            # comes when the actor is ready): their start-up is in the slot's gap before started_at
             "worker_start_s": between("started_at", "worker_started_at"),
             "setup_s": between("worker_started_at", "first_epoch_at"),  # imports, data, model build
             "epochs_s": round(epochs_s, 3),
-            "between_epochs_s": round(span - epochs_s, 3) if span is not None else None,  # saves, reports
-            "report_wait_s": worker.get("report_wait_s"),  # of which blocked in tune.report (driver round trips)
-            "wrap_up_s": between("last_report_at", "worker_finished_at"),  # final val metrics, summary
+            "between_epochs_s": round(span - epochs_s, 3)
+            if span is not None
+            else None,  # saves, reports
+            "report_wait_s": worker.get(
+                "report_wait_s"
+            ),  # of which blocked in tune.report (driver round trips)
+            "wrap_up_s": between(
+                "last_report_at", "worker_finished_at"
+            ),  # final val metrics, summary
             "end_s": between("worker_finished_at", "finished_at")
             if worker_finished_at is not None
             else between("last_report_at", "finished_at"),  # the driver learns the trial ended
@@ -199,16 +228,24 @@ class StudyCallback(Callback):
         on_change: Callable[[], None] = lambda: None,
         on_retry: Callable[[str], None] = lambda tid: None,
     ):
-        """`on_retry(trial_id)`: a trial's worker died and Tune runs it again from scratch (the searcher
-        forgets that attempt's results: study.tune.search.BackboneSearcher.forget)."""
-        self.ledger, self.metric, self.mode, self.view, self.shown = ledger, metric, mode, view, shown
+        """`on_retry(trial_id)`: a trial's worker died and Tune runs it again from scratch (the
+        searcher forgets that attempt's results: study.tune.search.BackboneSearcher.forget)."""
+        self.ledger, self.metric, self.mode, self.view, self.shown = (
+            ledger,
+            metric,
+            mode,
+            view,
+            shown,
+        )
         self.stopped, self.optuna_number, self.on_change = stopped, optuna_number, on_change
         self.on_retry = on_retry
         self.errors: dict[str, str] = {}  # trials whose code raised (their last report says it)
         self.retries: dict[str, list[str]] = {}  # why each retried trial's earlier attempts died
         self.records: dict[str, list[dict]] = {}
         self.nodes: dict[str, str] = {}
-        self.pids: dict[str, int] = {}  # each trial's worker process (reused workers run several trials)
+        self.pids: dict[
+            str, int
+        ] = {}  # each trial's worker process (reused workers run several trials)
         self.started_at: dict[str, float] = {}  # driver time Tune started each trial's actor
         self.worker_started_at: dict[str, float] = {}
 
@@ -222,7 +259,12 @@ class StudyCallback(Callback):
         self.view.started(
             trial.trial_id,
             trial_line(
-                trial.trial_id, trial.config.get("backbone", "?"), "running", None, self.metric, self._params(trial)
+                trial.trial_id,
+                trial.config.get("backbone", "?"),
+                "running",
+                None,
+                self.metric,
+                self._params(trial),
             ),
         )
 
@@ -239,7 +281,12 @@ class StudyCallback(Callback):
         self.view.update(
             trial.trial_id,
             trial_line(
-                trial.trial_id, trial.config.get("backbone", "?"), "running", record, self.metric, self._params(trial)
+                trial.trial_id,
+                trial.config.get("backbone", "?"),
+                "running",
+                record,
+                self.metric,
+                self._params(trial),
             ),
         )
 
@@ -252,8 +299,9 @@ class StudyCallback(Callback):
         self._finish(trial, status, None)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        """The trial's worker (or node) died and Tune queued the trial again (FailureConfig.max_failures):
-        forget the dead attempt's epochs, so the outcome holds the new attempt's only."""
+        """The trial's worker (or node) died and Tune queued the trial again
+        (FailureConfig.max_failures): forget the dead attempt's epochs, so the outcome holds the new
+        attempt's only."""
         tid = trial.trial_id
         cause = error_message(trial)
         self.retries.setdefault(tid, []).append(cause)
@@ -296,7 +344,9 @@ class StudyCallback(Callback):
                 "optuna_trial": self.optuna_number(trial.trial_id),
                 "node_ip": self.nodes.pop(trial.trial_id, None),
                 "worker_pid": self.pids.pop(trial.trial_id, None),
-                "retries": len(self.retries.get(trial.trial_id, [])),  # attempts lost to dead workers
+                "retries": len(
+                    self.retries.get(trial.trial_id, [])
+                ),  # attempts lost to dead workers
                 "retry_errors": self.retries.pop(trial.trial_id, []),
                 "finished_at": round(time.time(), 3),
                 "trial_dir": f"trials/{trial.trial_id}",
@@ -312,11 +362,23 @@ class StudyCallback(Callback):
             )
             self.ledger.record(outcome)
             last = records[-1] if records else None
-            best = {**(last or {}), self.metric: summary["metric_value"], "epoch": summary["epochs_run"]}
+            best = {
+                **(last or {}),
+                self.metric: summary["metric_value"],
+                "epoch": summary["epochs_run"],
+            }
             self.view.finished(
                 trial.trial_id,
                 status,
-                trial_line(trial.trial_id, outcome["backbone"], status, best, self.metric, self._params(trial), error),
+                trial_line(
+                    trial.trial_id,
+                    outcome["backbone"],
+                    status,
+                    best,
+                    self.metric,
+                    self._params(trial),
+                    error,
+                ),
             )
             self.on_change()
         except Exception:  # never let bookkeeping kill the study; say what went wrong

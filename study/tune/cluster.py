@@ -1,14 +1,15 @@
 """Where the study runs: an embedded local Ray, or an existing cluster (`--address auto|ray://...`).
 
-Authentication: Ray 2.60 turns token authentication on for a new local Ray (docs/pitfalls.md#ray-auth).
-We keep it (anyone who can reach an unauthenticated Ray can run code on it) and bind the dashboard to 127.0.0.1
-only; `describe_dashboard` tells the user how to open it (the page asks for the token that
-`ray get-auth-token` prints; from another machine, tunnel the port with ssh). RAY_AUTH_MODE=disabled in the
-environment opts out, as Ray documents.
+Authentication: Ray 2.60 turns token authentication on for a new local Ray
+(docs/pitfalls.md#ray-auth). We keep it (anyone who can reach an unauthenticated Ray can run code on
+it) and bind the dashboard to 127.0.0.1 only; `describe_dashboard` tells the user how to open it
+(the page asks for the token that `ray get-auth-token` prints; from another machine, tunnel the port
+with ssh). RAY_AUTH_MODE=disabled in the environment opts out, as Ray documents.
 
-On a multi-node cluster every node writes trial folders into the study folder and reads the pixel cache
-from it, so the study folder must be on a filesystem all nodes share; `check_shared_storage` proves it with
-a marker file read back on every node, and refuses the study with a clear message otherwise.
+On a multi-node cluster every node writes trial folders into the study folder and reads the pixel
+cache from it, so the study folder must be on a filesystem all nodes share; `check_shared_storage`
+proves it with a marker file read back on every node, and refuses the study with a clear message
+otherwise.
 """
 
 from __future__ import annotations
@@ -24,33 +25,37 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fer.core.errors import UserError
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # trials read pixels from files, not from the object store
-# Ray starts its workers 15 nice levels below the raylet, so trials (the study's whole work) would yield
-# the CPU to any other process on the machine; a local study's trials run at the user's own priority
-# (`nice fer-study run ...` still lowers them). An RAY_worker_niceness already set is kept.
+# Ray starts its workers 15 nice levels below the raylet, so trials (the study's whole work) would
+# yield the CPU to any other process on the machine; a local study's trials run at the user's own
+# priority (`nice fer-study run ...` still lowers them). An RAY_worker_niceness already set is kept.
 LOCAL_WORKER_NICENESS = "0"
 
 
-# glibc gives a process up to 8 malloc arenas per core; a warm worker's many backend threads then fragment
-# them, and under JAX its resident memory crept up ~100 MB over 20 tiny trials (flat with 2 arenas:
-# docs/pitfalls.md#malloc-arenas). A MALLOC_ARENA_MAX already set is kept.
+# glibc gives a process up to 8 malloc arenas per core; a warm worker's many backend threads then
+# fragment them, and under JAX its resident memory crept up ~100 MB over 20 tiny trials (flat with 2
+# arenas: docs/pitfalls.md#malloc-arenas). A MALLOC_ARENA_MAX already set is kept.
 WORKER_MALLOC_ARENAS = "2"
 
 
-# A warm worker takes the next trial only once the last one's thread has ended, and Tune waits for that
-# TUNE_FUNCTION_THREAD_TIMEOUT_S (default 2 s) before failing the NEW trial with "Trainable runner reuse
-# requires reset_config() to be implemented and return True". A trial the scheduler stops unwinds out of
-# Keras's fit, and TensorFlow's tf.data teardown there can take longer than 2 s on a busy CPU (seen: a demo
-# study ended one trial short). A value already set is kept (docs/pitfalls.md#reuse-timeout).
+# A warm worker takes the next trial only once the last one's thread has ended, and Tune waits for
+# that TUNE_FUNCTION_THREAD_TIMEOUT_S (default 2 s) before failing the NEW trial with "Trainable
+# runner reuse requires reset_config() to be implemented and return True". A trial the scheduler
+# stops unwinds out of Keras's fit, and TensorFlow's tf.data teardown there can take longer than 2 s
+# on a busy CPU (seen: a demo study ended one trial short). A value already set is kept
+# (docs/pitfalls.md#reuse-timeout).
 WORKER_THREAD_TIMEOUT_S = "120"
 
 
 def worker_env() -> dict:
-    """Environment every trial process needs: the driver's Keras backend, quiet TensorFlow, few malloc arenas
-    (set when Ray starts the worker process, before its first allocation), Tune's wait for a finished trial."""
+    """Environment every trial process needs: the driver's Keras backend, quiet TensorFlow, few
+    malloc arenas (set when Ray starts the worker process, before its first allocation), Tune's wait
+    for a finished trial."""
     env = {
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", WORKER_MALLOC_ARENAS),
-        "TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", WORKER_THREAD_TIMEOUT_S),
+        "TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get(
+            "TUNE_FUNCTION_THREAD_TIMEOUT_S", WORKER_THREAD_TIMEOUT_S
+        ),
     }
     for var in ("KERAS_BACKEND", "FER_THREADS"):
         if os.environ.get(var):
@@ -62,11 +67,12 @@ def worker_env() -> dict:
 def _raylet_environment(env: dict):
     """Give a local Ray's processes `env` by inheritance instead of a job runtime env.
 
-    Ray prestarts one idle worker process per CPU when it starts, but only a job without a runtime env can
-    use them: with `runtime_env.env_vars` every slot's first trial waited for a new process (a bare actor was
-    ready in 1.24 s, on a prestarted worker in 0.35 s). The raylet (and so every worker it starts) inherits
-    the environment ray.init runs in; the driver's own is restored afterwards. A cluster joined with --address
-    keeps the runtime env, since its raylets were started elsewhere.
+    Ray prestarts one idle worker process per CPU when it starts, but only a job without a runtime
+    env can use them: with `runtime_env.env_vars` every slot's first trial waited for a new process
+    (a bare actor was ready in 1.24 s, on a prestarted worker in 0.35 s). The raylet (and so every
+    worker it starts) inherits the environment ray.init runs in; the driver's own is restored
+    afterwards. A cluster joined with --address keeps the runtime env, since its raylets were
+    started elsewhere.
     """
     saved = {var: os.environ.get(var) for var in env}
     os.environ.update(env)
@@ -81,18 +87,24 @@ def _raylet_environment(env: dict):
 
 
 def connect(
-    address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = True
+    address: str | None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    dashboard: bool = True,
 ) -> dict:
     """Start a local Ray (address None) or join a cluster; return what study.json should record.
 
-    If Ray is already initialised in this process (a test's cluster, a notebook), it is used as it is.
+    If Ray is already initialised in this process (a test's cluster, a notebook), it is used as it
+    is.
     """
     env = worker_env()
     started = False
     if ray.is_initialized():
         context = None
     elif address is None:
-        os.environ.setdefault("RAY_worker_niceness", LOCAL_WORKER_NICENESS)  # read by the raylet it starts
+        os.environ.setdefault(
+            "RAY_worker_niceness", LOCAL_WORKER_NICENESS
+        )  # read by the raylet it starts
         with _raylet_environment(env):
             context = ray.init(
                 num_cpus=num_cpus,
@@ -107,20 +119,29 @@ def connect(
     else:
         try:
             context = ray.init(
-                address=address, log_to_driver=False, runtime_env={"env_vars": env}, logging_level="ERROR"
+                address=address,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+                logging_level="ERROR",
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+            raise UserError(
+                f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0]}"
+            ) from None
         started = True
     dashboard_url = getattr(context, "dashboard_url", None) if context is not None else None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     return {
         "address": address or "local",
         "started_here": started,
-        "dashboard_url": f"http://{dashboard_url}" if dashboard_url and "://" not in dashboard_url else dashboard_url,
+        "dashboard_url": f"http://{dashboard_url}"
+        if dashboard_url and "://" not in dashboard_url
+        else dashboard_url,
         "auth_mode": os.environ.get("RAY_AUTH_MODE", "unset"),
         "nodes": len(nodes),
-        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+        "resources": {
+            k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")
+        },
     }
 
 
@@ -130,7 +151,9 @@ def describe_dashboard(info: dict) -> str:
         return "Ray dashboard: off"
     lines = [f"Ray dashboard: {url}"]
     if info.get("auth_mode", "").lower() == "token":
-        lines.append("  token authentication is on: the page asks for the token that `ray get-auth-token` prints")
+        lines.append(
+            "  token authentication is on: the page asks for the token that `ray get-auth-token` prints"
+        )
     port = url.rsplit(":", 1)[-1].strip("/")
     if "127.0.0.1" in url or "localhost" in url:
         lines.append(
@@ -152,7 +175,10 @@ def check_trial_fits(cpus: float, gpus: float) -> None:
         res = node.get("Resources", {})
         if res.get("CPU", 0) >= cpus and res.get("GPU", 0) >= gpus:
             return
-    biggest = max(((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes), default=(0, 0))
+    biggest = max(
+        ((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes),
+        default=(0, 0),
+    )
     raise UserError(
         f"a trial asks for {cpus:g} CPU and {gpus:g} GPU but the largest node has "
         f"{biggest[0]:g} CPU and {biggest[1]:g} GPU (lower --cpus-per-trial / --gpus-per-trial)"
@@ -182,7 +208,8 @@ def _read_marker(path: str) -> str | None:
 
 
 def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
-    """On a multi-node cluster, prove every node sees the study folder; else refuse with a clear message."""
+    """On a multi-node cluster, prove every node sees the study folder; else refuse with a clear
+    message."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
         return
@@ -220,12 +247,15 @@ def _backend_gpus() -> tuple[str, int]:
 
 
 def check_backend_sees_gpus(gpus: float) -> None:
-    """Before any trial: a task with one trial's GPU share checks that the backend can use a GPU there, so a
-    CPU-only JAX/TensorFlow on a GPU node stops the study with the fix instead of training on the CPU."""
+    """Before any trial: a task with one trial's GPU share checks that the backend can use a GPU
+    there, so a CPU-only JAX/TensorFlow on a GPU node stops the study with the fix instead of
+    training on the CPU."""
     if not gpus:
         return
     from fer.runtime.devices import check_backend_gpus
 
     probe = ray.remote(_backend_gpus).options(num_cpus=0, num_gpus=gpus, max_retries=0)
     backend, usable = ray.get(probe.remote())
-    check_backend_gpus(gpus, usable, backend, f"trials ask for {gpus:g} GPU each", "pass --gpus-per-trial 0")
+    check_backend_gpus(
+        gpus, usable, backend, f"trials ask for {gpus:g} GPU each", "pass --gpus-per-trial 0"
+    )

@@ -1,17 +1,20 @@
-"""`fer-study run`: a whole study, from data (or a prepared study folder) to best/<backbone>/ test metrics.
+"""`fer-study run`: a whole study, from data (or a prepared study folder) to best/<backbone>/ test
+metrics.
 
-Layout of `results/<study>/` (docs/results.md): study.json, data/, tune/ (Ray Tune's storage, one folder per
-run attempt), optuna.sqlite3 (one Optuna study per backbone: `optuna-dashboard sqlite:///.../optuna.sqlite3`),
-trials/<trial_id>/ (each trial's folder + outcome.json), trials.csv, best/<backbone>/.
+Layout of `results/<study>/` (docs/results.md): study.json, data/, tune/ (Ray Tune's storage, one
+folder per run attempt), optuna.sqlite3 (one Optuna study per backbone: `optuna-dashboard
+sqlite:///.../optuna.sqlite3`), trials/<trial_id>/ (each trial's folder + outcome.json), trials.csv,
+best/<backbone>/.
 
-Resume (why not `Tuner.restore`): Tune snapshots its experiment state periodically (every 10 s or more),
-so a driver killed between a trial's end and the next snapshot would run that trial again. Instead, the
-facts a study needs are written the moment they happen: each trial's outcome (study.tune.ledger.Ledger) and
-each Optuna ask/tell (SQLite). `--resume` reads them, marks trials that were running at the kill as
-interrupted (their start points are queued again, their partial folders removed), and starts a new Tuner
-whose per-backbone budgets are what is left. Completed trials are neither repeated nor lost; the only work
-redone is the trials that were running at the moment of the kill. Each backbone's ASHA rungs restart empty
-after a resume (a resumed trial is compared only with trials that run after the resume).
+Resume (why not `Tuner.restore`): Tune snapshots its experiment state periodically (every 10 s or
+more), so a driver killed between a trial's end and the next snapshot would run that trial again.
+Instead, the facts a study needs are written the moment they happen: each trial's outcome
+(study.tune.ledger.Ledger) and each Optuna ask/tell (SQLite). `--resume` reads them, marks trials
+that were running at the kill as interrupted (their start points are queued again, their partial
+folders removed), and starts a new Tuner whose per-backbone budgets are what is left. Completed
+trials are neither repeated nor lost; the only work redone is the trials that were running at the
+moment of the kill. Each backbone's ASHA rungs restart empty after a resume (a resumed trial is
+compared only with trials that run after the resume).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def resolve_study(
     log: Callable[[str], None],
     group_regex: str | None = None,
 ) -> tuple[Path, Path]:
-    """Return (study_dir, data_dir): use a prepared study folder as is, or prepare DATA into a new one."""
+    """Return (study_dir, data_dir): use a prepared study folder as is, or prepare DATA into a new
+    one."""
     from fer.data import StudyData
     from fer.prepare import prepare_dataset
 
@@ -76,19 +80,26 @@ def resolve_study(
         raise UserError(f"{source} is not a study folder")
     else:
         log(f"preparing {source} -> {data_dir}")
-        size = min(space.image_sizes(space.backbones[0]) or [PARAMS["image_size"].default])  # others: on first use
-        prepare_dataset(source, data_dir, group_regex=group_regex, seed=space.seed, image_size=size, log=log)
+        size = min(
+            space.image_sizes(space.backbones[0]) or [PARAMS["image_size"].default]
+        )  # others: on first use
+        prepare_dataset(
+            source, data_dir, group_regex=group_regex, seed=space.seed, image_size=size, log=log
+        )
     return study_dir.resolve(), data_dir.resolve()
 
 
 def build_pixel_caches(space: Space, data_dir: Path, log: Callable[[str], None]) -> None:
-    """Decode the train/val pixel caches of every image size the backbones use (per_backbone sizes) here,
-    with a decoding pool, before trials start: a trial would otherwise build its size itself, in one
-    process, inside its own timings (the test split's cache is built when the best models are evaluated)."""
+    """Decode the train/val pixel caches of every image size the backbones use (per_backbone sizes)
+    here, with a decoding pool, before trials start: a trial would otherwise build its size itself,
+    in one process, inside its own timings (the test split's cache is built when the best models are
+    evaluated)."""
     from fer.data import StudyData
 
     study_data = StudyData(data_dir)
-    for size in sorted({size for backbone in space.backbones for size in space.image_sizes(backbone)}):
+    for size in sorted(
+        {size for backbone in space.backbones for size in space.image_sizes(backbone)}
+    ):
         for split in ("train", "val"):
             if not study_data.pixel_file(split, size).exists():
                 log(f"building the {size}px pixel cache of the {split} split")
@@ -99,7 +110,9 @@ def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
     study_json = study_dir / names.STUDY_FILE
     if not names.has_study_results(study_dir):
         if resume:
-            raise UserError(f"--resume: {study_dir} holds no study to resume (no {names.STUDY_FILE})")
+            raise UserError(
+                f"--resume: {study_dir} holds no study to resume (no {names.STUDY_FILE})"
+            )
         return None
     previous = json.loads(study_json.read_text()) if study_json.is_file() else {}
     if not resume:
@@ -119,8 +132,8 @@ def _check_resume(study_dir: Path, space: Space, resume: bool) -> dict | None:
 
 @dataclasses.dataclass(frozen=True)
 class StudyOptions:
-    """How a study runs: `fer-study run`'s options. `trainable` replaces the Keras trial (tests of placement
-    use a trivial one); everything else is the code path real studies take."""
+    """How a study runs: `fer-study run`'s options. `trainable` replaces the Keras trial (tests of
+    placement use a trivial one); everything else is the code path real studies take."""
 
     name: str | None = None  # results/NAME/ (default: DATA's folder name)
     results_root: str | Path = "results"
@@ -137,11 +150,17 @@ class StudyOptions:
     command: str | None = None  # recorded in study.json (default: this process's argv)
     trainable: Callable | None = None
     naive_split: int = 0  # split seeds of study.naive_split after the study (0: none)
-    max_retries: int = 2  # times a trial whose worker or node died is run again (our own errors: never)
-    reuse_workers: bool = True  # a trial slot keeps its worker process (imported Keras, its model, compiled stages)
+    max_retries: int = (
+        2  # times a trial whose worker or node died is run again (our own errors: never)
+    )
+    reuse_workers: bool = (
+        True  # a trial slot keeps its worker process (imported Keras, its model, compiled stages)
+    )
 
 
-def run_study(source: str | Path, space_path: str | Path, options: StudyOptions | None = None, **overrides) -> Path:
+def run_study(
+    source: str | Path, space_path: str | Path, options: StudyOptions | None = None, **overrides
+) -> Path:
     """Run (or resume) a study; return its folder. See the module docstring for what it writes.
 
     `options` (a `StudyOptions`), with keyword `overrides` of its fields, e.g.
@@ -159,11 +178,19 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
         raise UserError(f"--cpus-per-trial must be > 0, got {opts.cpus_per_trial}")
     if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be >= 0, got {opts.gpus_per_trial}")
-    if isinstance(opts.max_retries, bool) or not isinstance(opts.max_retries, int) or opts.max_retries < 0:
+    if (
+        isinstance(opts.max_retries, bool)
+        or not isinstance(opts.max_retries, int)
+        or opts.max_retries < 0
+    ):
         raise UserError(f"--max-retries must be a whole number >= 0, got {opts.max_retries!r}")
     if opts.naive_split and opts.naive_split < 2:
-        raise UserError(f"--naive-split needs at least 2 split seeds for a spread, got {opts.naive_split}")
-    study_dir, data_dir = resolve_study(source, opts.name, space, Path(opts.results_root), log, opts.group_regex)
+        raise UserError(
+            f"--naive-split needs at least 2 split seeds for a spread, got {opts.naive_split}"
+        )
+    study_dir, data_dir = resolve_study(
+        source, opts.name, space, Path(opts.results_root), log, opts.group_regex
+    )
     previous = _check_resume(study_dir, space, opts.resume)
     build_pixel_caches(space, data_dir, log)
 
@@ -174,13 +201,19 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
     ray_was_running = ray.is_initialized()
     run_started = time.perf_counter()
     preload = _preload_modules()  # while Ray starts (mostly waiting on its processes), in a thread
-    info = tune_cluster.connect(opts.address, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, dashboard=opts.dashboard)
+    info = tune_cluster.connect(
+        opts.address, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, dashboard=opts.dashboard
+    )
     preload.join()
     timings = {"connect_s": round(time.perf_counter() - run_started, 1)}
     try:
         log(tune_cluster.describe_dashboard(info))
         tune_cluster.check_shared_storage(study_dir)
-        gpus = tune_cluster.default_gpus_per_trial() if opts.gpus_per_trial is None else float(opts.gpus_per_trial)
+        gpus = (
+            tune_cluster.default_gpus_per_trial()
+            if opts.gpus_per_trial is None
+            else float(opts.gpus_per_trial)
+        )
         tune_cluster.check_trial_fits(opts.cpus_per_trial, gpus)
         if opts.trainable is None:
             tune_cluster.check_backend_sees_gpus(gpus)
@@ -213,7 +246,10 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
             from study.tune.trainable import trial_threads
 
             pool = EvaluatorPool(
-                opts.cpus_per_trial, gpus, trial_threads(opts.cpus_per_trial), limit=len(space.backbones)
+                opts.cpus_per_trial,
+                gpus,
+                trial_threads(opts.cpus_per_trial),
+                limit=len(space.backbones),
             )
         try:
             _search(
@@ -273,12 +309,16 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
                 from study.tune.naive_split import run_naive_split
 
                 t0 = time.perf_counter()
-                run_naive_split(study_dir, data_dir, opts.naive_split, opts.cpus_per_trial, gpus, threads, log)
+                run_naive_split(
+                    study_dir, data_dir, opts.naive_split, opts.cpus_per_trial, gpus, threads, log
+                )
                 timings["naive_split_s"] = round(time.perf_counter() - t0, 1)
         study["status"] = names.STUDY_COMPLETED
         study["finished_at"] = _now()
         study["trials"] = _counts(ledger)
-        timings["total_s"] = round(time.perf_counter() - run_started, 1)  # connect to here (Ray shutdown not in)
+        timings["total_s"] = round(
+            time.perf_counter() - run_started, 1
+        )  # connect to here (Ray shutdown not in)
         write_json(study_dir / names.STUDY_FILE, study)
         log(f"study finished: {study_dir} ({names.TRIALS_CSV}, {names.BEST_DIR}/)")
         log(f"search history: optuna-dashboard sqlite:///{study_dir / names.OPTUNA_FILE}")
@@ -289,8 +329,9 @@ def run_study(source: str | Path, space_path: str | Path, options: StudyOptions 
 
 
 def _preload_modules():
-    """Import what the search needs (Ray Tune, Optuna, our Tune glue: about a second) in a thread, so it
-    overlaps `ray.init`, which spends most of its seconds waiting for the processes it starts."""
+    """Import what the search needs (Ray Tune, Optuna, our Tune glue: about a second) in a thread,
+    so it overlaps `ray.init`, which spends most of its seconds waiting for the processes it starts.
+    """
     import importlib
     import threading
 
@@ -315,7 +356,8 @@ def _preload_modules():
 
 @contextlib.contextmanager
 def _quiet_tune():
-    """Tune logs every trial error with its traceback; our progress view and trials.csv already say it."""
+    """Tune logs every trial error with its traceback; our progress view and trials.csv already say
+    it."""
     logger = logging.getLogger("ray.tune")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -350,13 +392,15 @@ def _search(
 ) -> None:
     """Run the Tune searches for whatever budget is left; raise StudyIncomplete if they stop early.
 
-    `max_retries`: Tune runs a trial again (from scratch, same config) when its worker or node died, up to
-    that many times; our own errors end the trial normally and are never retried (study.tune.trainable).
-    `reuse_workers`: Tune's actor reuse: a slot's worker runs one trial after another, with Keras' state
-    cleared in between (fer.train.trial.fresh_keras_state), instead of a new process per trial.
+    `max_retries`: Tune runs a trial again (from scratch, same config) when its worker or node died,
+    up to that many times; our own errors end the trial normally and are never retried
+    (study.tune.trainable). `reuse_workers`: Tune's actor reuse: a slot's worker runs one trial
+    after another, with Keras' state cleared in between (fer.train.trial.fresh_keras_state), instead
+    of a new process per trial.
 
-    `pool` (a study.tune.best.EvaluatorPool): once every trial has been handed out, each slot a finishing
-    trial frees for good starts an evaluator, whose start-up then overlaps the trials still running."""
+    `pool` (a study.tune.best.EvaluatorPool): once every trial has been handed out, each slot a
+    finishing trial frees for good starts an evaluator, whose start-up then overlaps the trials
+    still running."""
     import optuna
     from ray import tune
 
@@ -374,13 +418,19 @@ def _search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     removed = ledger.discard_unfinished_folders()
     if removed:
-        log(f"discarded {len(removed)} trial(s) interrupted by the previous run: {', '.join(removed)}")
+        log(
+            f"discarded {len(removed)} trial(s) interrupted by the previous run: {', '.join(removed)}"
+        )
     storage = optuna_storage(study_dir)
-    requeue = {b: discard_interrupted(storage, optuna_study_name(space, b)) for b in space.backbones}
+    requeue = {
+        b: discard_interrupted(storage, optuna_study_name(space, b)) for b in space.backbones
+    }
     done = ledger.finished_per_backbone()
     budgets = {b: max(0, space.trials_per_backbone - done.get(b, 0)) for b in space.backbones}
     existing = set(optuna.get_all_study_names(storage))
-    fresh = {b: optuna_study_name(space, b) not in existing for b in space.backbones}  # start points queued once
+    fresh = {
+        b: optuna_study_name(space, b) not in existing for b in space.backbones
+    }  # start points queued once
     searcher = BackboneSearcher(space, budgets, storage, requeue=requeue, fresh=fresh)
     total = searcher.total()
     already = sum(done.values())
@@ -395,9 +445,14 @@ def _search(
     for warning in space.warnings():
         log(f"warning: {warning}")
     scheduler = make_scheduler(space)
-    stopped = (lambda tid: tid in scheduler.stopped) if scheduler is not None else (lambda tid: False)
+    stopped = (
+        (lambda tid: tid in scheduler.stopped) if scheduler is not None else (lambda tid: False)
+    )
     view = ProgressView(
-        total=space.trials_per_backbone * len(space.backbones), metric=space.metric, stream=stream, live=live
+        total=space.trials_per_backbone * len(space.backbones),
+        metric=space.metric,
+        stream=stream,
+        live=live,
     )
     for status, count in _counts(ledger).items():
         view.done[status] = count
@@ -431,22 +486,32 @@ def _search(
     context = {
         "data_dir": str(data_dir),
         "trials_dir": str(ledger.trials_dir.resolve()),
-        "study_log": str((study_dir / names.STUDY_LOG).resolve()),  # progress of one-off steps (caches)
+        "study_log": str(
+            (study_dir / names.STUDY_LOG).resolve()
+        ),  # progress of one-off steps (caches)
         "threads": trial_threads(cpus),
         "metric": space.metric,  # an error's last report carries it
-        # the reports after which a trial may be stopped (none without a scheduler): it saves its best
-        # model before those only, and at its end
+        # the reports after which a trial may be stopped (none without a scheduler): it saves its
+        # best model before those only, and at its end
         "decision_epochs": scheduler.decision_epochs() if scheduler is not None else [],
-        "reuse_workers": bool(reuse_workers),  # a warm worker also keeps its model (fer.train.trial reuse_model)
+        "reuse_workers": bool(
+            reuse_workers
+        ),  # a warm worker also keeps its model (fer.train.trial reuse_model)
     }
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # our ledger replaces Tune's CSV/JSON
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our view instead
+    os.environ.setdefault(
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"
+    )  # our ledger replaces Tune's CSV/JSON
+    os.environ.setdefault(
+        "RAY_AIR_NEW_OUTPUT", "0"
+    )  # with verbose=0: no Tune tables, our view instead
     fn = tune.with_parameters(trainable or train_trial, context=context)
-    run_index = len(list((study_dir / "tune").glob("run-*"))) + 1 if (study_dir / "tune").exists() else 1
+    run_index = (
+        len(list((study_dir / "tune").glob("run-*"))) + 1 if (study_dir / "tune").exists() else 1
+    )
     tuner = tune.Tuner(
         tune.with_resources(fn, trial_resources(cpus, gpus)),
-        # max_concurrent_trials: Tune starts one trial at a time with a custom searcher unless told how many
-        # may be pending, which serialises short trials behind each worker's start-up.
+        # max_concurrent_trials: Tune starts one trial at a time with a custom searcher unless told
+        # how many may be pending, which serialises short trials behind each worker's start-up.
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
@@ -470,7 +535,8 @@ def _search(
     try:
         with _quiet_tune():
             tuner.fit()
-    finally:  # Tune leaves its own SIGINT handler behind, which would make Ctrl-C in the evaluations,
+    finally:
+        # Tune leaves its own SIGINT handler behind, which would make Ctrl-C in the evaluations,
         # final_seeds or --naive-split after the search print a warning instead of stopping
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
@@ -481,9 +547,14 @@ def _search(
         search_started_at=round(t0, 3),
         search_ended_at=round(time.time(), 3),
     )
-    left = {b: space.trials_per_backbone - n for b, n in Ledger(study_dir).finished_per_backbone().items()}
+    left = {
+        b: space.trials_per_backbone - n
+        for b, n in Ledger(study_dir).finished_per_backbone().items()
+    }
     missing = sum(max(0, left.get(b, space.trials_per_backbone)) for b in space.backbones)
     if missing:
         study["status"] = names.STUDY_INTERRUPTED
         write_json(study_dir / names.STUDY_FILE, study)
-        raise StudyIncomplete(f"{missing} trial(s) did not finish; continue with the same command plus --resume")
+        raise StudyIncomplete(
+            f"{missing} trial(s) did not finish; continue with the same command plus --resume"
+        )

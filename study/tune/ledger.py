@@ -1,13 +1,15 @@
-"""The study folder's bookkeeping: one `outcome.json` per finished trial, `trials.csv`, `study.json`.
+"""The study folder's bookkeeping: one `outcome.json` per finished trial, `trials.csv`,
+`study.json`.
 
-`trials/<trial_id>/outcome.json` is written by the driver the moment a trial ends (completed, stopped
-early by the scheduler, or errored with its message); `trials.csv` is rebuilt from all outcomes right after.
-Times per trial: `train_s` is the sum of its epoch times (first-step graph compilation included), `trial_s`
-its wall time in the worker up to its last report (process start-up, imports, model build included).
+`trials/<trial_id>/outcome.json` is written by the driver the moment a trial ends (completed,
+stopped early by the scheduler, or errored with its message); `trials.csv` is rebuilt from all
+outcomes right after. Times per trial: `train_s` is the sum of its epoch times (first-step graph
+compilation included), `trial_s` its wall time in the worker up to its last report (process
+start-up, imports, model build included).
 
-These files are the study's memory: a resumed study counts what is already done from them, so no finished
-trial is repeated or lost, whatever moment the driver was killed at. Writes are atomic (temp file + rename),
-so a kill never leaves half a file.
+These files are the study's memory: a resumed study counts what is already done from them, so no
+finished trial is repeated or lost, whatever moment the driver was killed at. Writes are atomic
+(temp file + rename), so a kill never leaves half a file.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class Ledger:
         return counts
 
     def discard_unfinished_folders(self) -> list[str]:
-        """Remove trial folders a killed run left without an outcome (partial outputs we wrote ourselves)."""
+        """Remove trial folders a killed run left without an outcome (partial outputs we wrote
+        ourselves)."""
         removed = []
         if self.trials_dir.is_dir():
             for folder in sorted(p for p in self.trials_dir.iterdir() if p.is_dir()):
@@ -90,9 +93,13 @@ class Ledger:
 
     def table(self) -> pd.DataFrame:
         rows = []
-        for outcome in sorted(self.outcomes.values(), key=lambda o: (o.get("finished_at") or 0, o["trial_id"])):
+        for outcome in sorted(
+            self.outcomes.values(), key=lambda o: (o.get("finished_at") or 0, o["trial_id"])
+        ):
             row = {key: outcome.get(key) for key in LEAD_COLUMNS}
-            row["retries"] = outcome.get("retries", 0)  # outcomes written before retries existed: none
+            row["retries"] = outcome.get(
+                "retries", 0
+            )  # outcomes written before retries existed: none
             for key in PARAMS:
                 if key != "backbone":
                     row[key] = (outcome.get("config") or {}).get(key)
@@ -104,7 +111,8 @@ class Ledger:
         atomic_write_text(self.study_dir / names.TRIALS_CSV, self.table().to_csv(index=False))
 
     def best(self, backbone: str, metric: str, mode: str) -> dict | None:
-        """The backbone's best finished trial by `metric` (completed or stopped early, finite value)."""
+        """The backbone's best finished trial by `metric` (completed or stopped early, finite
+        value)."""
         candidates = [
             o
             for o in self.outcomes.values()

@@ -1,26 +1,30 @@
-"""`fer-study run ... --naive-split N`: how much a notebook's random split flatters the test accuracy.
+"""`fer-study run ... --naive-split N`: how much a notebook's random split flatters the test
+accuracy.
 
-Why: a published FER figure usually comes from a random split over files, so a subject's other photos and
-duplicates of a test image sit in train. On a small posed dataset (JAFFE: 10 people) the model can then
-recognise the person rather than the expression. This retrains each backbone's selected configuration (its
-best trial's config.json, unchanged, same training seed) on two kinds of split, for N split seeds each:
-- `naive`: what a notebook does: every decodable file (duplicates that prepare set aside included, subjects
-  ignored), split 70/15/15 at random per class;
-- `audited`: what prepare does: the usable files only, duplicate clusters and subjects (the manifest's
-  `group`) kept whole, the same fractions.
-Both are stratified by class the same way, so the gap between them is the leakage, not class balance. Groups
-are placed in a seeded random order (not prepare's largest-first, which with 10 people gives the same split
-for most seeds), so each seed is another draw of people; a seed whose split leaves a class out of a split is
-skipped for the next one. Kinds are paired by seed.
+Why: a published FER figure usually comes from a random split over files, so a subject's other
+photos and duplicates of a test image sit in train. On a small posed dataset (JAFFE: 10 people) the
+model can then recognise the person rather than the expression. This retrains each backbone's
+selected configuration (its best trial's config.json, unchanged, same training seed) on two kinds of
+split, for N split seeds each:
+- `naive`: what a notebook does: every decodable file (duplicates that prepare set aside included,
+  subjects ignored), split 70/15/15 at random per class;
+- `audited`: what prepare does: the usable files only, duplicate clusters and subjects (the
+  manifest's `group`) kept whole, the same fractions.
+Both are stratified by class the same way, so the gap between them is the leakage, not class
+balance. Groups are placed in a seeded random order (not prepare's largest-first, which with 10
+people gives the same split for most seeds), so each seed is another draw of people; a seed whose
+split leaves a class out of a split is skipped for the next one. Kinds are paired by seed.
 
-Each split is a study-data folder of its own under `results/<study>/naive_split/data/<kind>-<seed>/` (a
-manifest over the same DATA; its pixel caches are decoded from DATA here, before training). Trainings run
-as Ray tasks, like `final_seeds` (study.tune_best), and finished ones are reused on a rerun. Results:
-`results/<study>/naive_split.json` (per backbone, kind and seed: test accuracy and macro F1, and the share
-of test images whose subject or duplicate cluster also has images in train; per backbone the mean, sd and
-the paired gap naive - audited) and the report's "Naive vs audited split" section (study/report_naive.py).
+Each split is a study-data folder of its own under `results/<study>/naive_split/data/<kind>-<seed>/`
+(a manifest over the same DATA; its pixel caches are decoded from DATA here, before training).
+Trainings run as Ray tasks, like `final_seeds` (study.tune_best), and finished ones are reused on a
+rerun. Results: `results/<study>/naive_split.json` (per backbone, kind and seed: test accuracy and
+macro F1, and the share of test images whose subject or duplicate cluster also has images in train;
+per backbone the mean, sd and the paired gap naive - audited) and the report's "Naive vs audited
+split" section (study/report_naive.py).
 
-The test split of each of these folders is used once per training, to measure; nothing is chosen on it.
+The test split of each of these folders is used once per training, to measure; nothing is chosen on
+it.
 """
 
 from __future__ import annotations
@@ -41,14 +45,20 @@ from fer.prepare.audit import balanced_class_weights
 
 FOLDER = "naive_split"
 KINDS = ("naive", "audited")
-DECODABLE = ("ok", "converted", "duplicate")  # every file a notebook could read (quarantined ones: not)
+DECODABLE = (
+    "ok",
+    "converted",
+    "duplicate",
+)  # every file a notebook could read (quarantined ones: not)
 
 
 def read_manifest(data_dir: Path) -> pd.DataFrame:
     return pd.read_csv(Path(data_dir) / "manifest.csv", dtype=str, keep_default_na=False)
 
 
-def resplit(manifest: pd.DataFrame, classes: list[str], kind: str, seed: int, fractions) -> pd.DataFrame:
+def resplit(
+    manifest: pd.DataFrame, classes: list[str], kind: str, seed: int, fractions
+) -> pd.DataFrame:
     """The manifest with its `split` column redone for `kind` (naive or audited) and `seed`."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -62,21 +72,27 @@ def resplit(manifest: pd.DataFrame, classes: list[str], kind: str, seed: int, fr
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c in m.label[use]], dtype=np.int64)
     split_idx = group_split(labels, groups, len(classes), fractions, seed, largest_first=False)
-    check_every_split_has_every_class(labels, split_idx, classes, f"the {kind} split with seed {seed}")
+    check_every_split_has_every_class(
+        labels, split_idx, classes, f"the {kind} split with seed {seed}"
+    )
     m["split"] = "excluded"
     m.loc[use, "split"] = [SPLITS[s] for s in split_idx]
     return m
 
 
 def leaked_share(manifest: pd.DataFrame) -> float:
-    """Share of test images whose group (subject / duplicate cluster, as prepare found it) has train images."""
+    """Share of test images whose group (subject / duplicate cluster, as prepare found it) has train
+    images."""
     train_groups = set(manifest.group[manifest.split == "train"])
     test = manifest.group[manifest.split == "test"]
     return float(test.isin(train_groups).mean()) if len(test) else 0.0
 
 
-def write_split_data(source_dir: Path, dest: Path, manifest: pd.DataFrame, kind: str, seed: int) -> Path:
-    """A study-data folder over the same DATA with `manifest`'s split (no pixels yet: built on first use)."""
+def write_split_data(
+    source_dir: Path, dest: Path, manifest: pd.DataFrame, kind: str, seed: int
+) -> Path:
+    """A study-data folder over the same DATA with `manifest`'s split (no pixels yet: built on first
+    use)."""
     if (dest / names.STUDY_DATA_FILE).is_file():
         return dest
     meta = json.loads((Path(source_dir) / names.STUDY_DATA_FILE).read_text())
@@ -106,7 +122,8 @@ def write_split_data(source_dir: Path, dest: Path, manifest: pd.DataFrame, kind:
 def prepare_splits(
     study_dir: Path, data_dir: Path, seeds: int, sizes: set[int], log: Callable[[str], None] = print
 ) -> dict[tuple[str, int], Path]:
-    """Write the 2 x `seeds` split folders and decode their pixel caches at `sizes`; {(kind, seed): folder}."""
+    """Write the 2 x `seeds` split folders and decode their pixel caches at `sizes`; {(kind, seed):
+    folder}."""
     from fer.data import StudyData
 
     meta = json.loads((Path(data_dir) / names.STUDY_DATA_FILE).read_text())
@@ -143,7 +160,8 @@ def run_naive_split(
     threads: int,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Retrain every backbone's selected config on each split folder (Ray tasks); write naive_split.json."""
+    """Retrain every backbone's selected config on each split folder (Ray tasks); write
+    naive_split.json."""
     import ray
 
     from study.tune.best import _remote
@@ -156,8 +174,12 @@ def run_naive_split(
     for best in sorted((study_dir / names.BEST_DIR).glob(f"*/{names.SELECTION_FILE}")):
         configs[best.parent.name] = json.loads((best.parent / names.CONFIG_FILE).read_text())
     if not configs:
-        raise UserError(f"--naive-split: {study_dir} has no selected configuration (best/<backbone>/) to retrain")
-    folders = prepare_splits(study_dir, data_dir, seeds, {c["image_size"] for c in configs.values()}, log)
+        raise UserError(
+            f"--naive-split: {study_dir} has no selected configuration (best/<backbone>/) to retrain"
+        )
+    folders = prepare_splits(
+        study_dir, data_dir, seeds, {c["image_size"] for c in configs.values()}, log
+    )
     jobs = {}
     for backbone, config in configs.items():
         for (kind, seed), data in folders.items():
@@ -185,7 +207,11 @@ def run_naive_split(
             "n": audit["split_counts"],
             "test_groups_in_train": audit["test_groups_in_train"],
         }
-    result = {"seeds": seeds, "kinds": list(KINDS), "backbones": {b: summarize(r) for b, r in runs.items()}}
+    result = {
+        "seeds": seeds,
+        "kinds": list(KINDS),
+        "backbones": {b: summarize(r) for b, r in runs.items()},
+    }
     write_json(study_dir / names.NAIVE_SPLIT_FILE, result)
     for backbone, stats in result["backbones"].items():
         gap = stats.get("gap")
@@ -212,7 +238,11 @@ def summarize(per_kind: dict) -> dict:
     """Mean/sd of test accuracy per kind, and the paired per-seed gap naive - audited."""
     out = {"runs": per_kind}
     for kind in KINDS:
-        values = [r["test_accuracy"] for r in per_kind.get(kind, {}).values() if r.get("test_accuracy") is not None]
+        values = [
+            r["test_accuracy"]
+            for r in per_kind.get(kind, {}).values()
+            if r.get("test_accuracy") is not None
+        ]
         if values:
             out[kind] = _stats(values)
             out[kind]["test_groups_in_train"] = statistics.fmean(
@@ -222,7 +252,9 @@ def summarize(per_kind: dict) -> dict:
     gaps = [
         naive[s]["test_accuracy"] - audited[s]["test_accuracy"]
         for s in naive
-        if s in audited and naive[s].get("test_accuracy") is not None and audited[s].get("test_accuracy") is not None
+        if s in audited
+        and naive[s].get("test_accuracy") is not None
+        and audited[s].get("test_accuracy") is not None
     ]
     if gaps:
         out["gap"] = _stats(gaps)

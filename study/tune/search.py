@@ -1,18 +1,20 @@
 """One Optuna (TPE) search and one ASHA scheduler per backbone, inside ONE Ray Tune run.
 
 Why one Tuner with per-backbone searchers (and not one Tuner per backbone, run one after another):
-- concurrency: a single Tuner keeps every GPU busy across backbones (the published setting has just one
-  trial per backbone; five sequential Tuners would use one GPU at a time, and each Tuner's tail would idle
-  the cluster while its last trials finish);
-- fairness: each backbone still has its own TPE model (its own Optuna study, in SQLite) with exactly the
-  same trial budget, and its own ASHA rungs, so a ResNet trial is only ever stopped for trailing other
-  ResNet trials, never because MobileNet reaches a lower loss sooner. `BackboneSearcher.suggest` hands out
-  trials round-robin over the backbones that still have budget, so they also progress at the same pace.
-- resume stays simple: the state that matters (finished trials, Optuna studies) is on disk and written when
-  each trial ends (see study.tune.driver), so a resumed study is just a new Tuner with smaller budgets.
+- concurrency: a single Tuner keeps every GPU busy across backbones (the published setting has just
+  one trial per backbone; five sequential Tuners would use one GPU at a time, and each Tuner's tail
+  would idle the cluster while its last trials finish);
+- fairness: each backbone still has its own TPE model (its own Optuna study, in SQLite) with exactly
+  the same trial budget, and its own ASHA rungs, so a ResNet trial is only ever stopped for trailing
+  other ResNet trials, never because MobileNet reaches a lower loss sooner.
+  `BackboneSearcher.suggest` hands out trials round-robin over the backbones that still have budget,
+  so they also progress at the same pace.
+- resume stays simple: the state that matters (finished trials, Optuna studies) is on disk and
+  written when each trial ends (see study.tune.driver), so a resumed study is just a new Tuner with
+  smaller budgets.
 
-Optuna is told each trial's BEST value of the space's metric (the epoch whose model was kept), not the last
-epoch's, which is what Ray's OptunaSearch would report by default.
+Optuna is told each trial's BEST value of the space's metric (the epoch whose model was kept), not
+the last epoch's, which is what Ray's OptunaSearch would report by default.
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ def _to_optuna(dist: Dist) -> optuna.distributions.BaseDistribution:
 
 
 def optuna_storage(study_dir: Path) -> optuna.storages.RDBStorage:
-    """The SQLite file holding every backbone's Optuna study (`optuna-dashboard sqlite:///...` opens it)."""
+    """The SQLite file holding every backbone's Optuna study (`optuna-dashboard sqlite:///...` opens
+    it)."""
     path = Path(study_dir).resolve() / names.OPTUNA_FILE
-    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(
+        f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}}
+    )
 
 
 def optuna_study_name(space: Space, backbone: str) -> str:
@@ -58,7 +63,8 @@ def optuna_study_name(space: Space, backbone: str) -> str:
 
 
 def discard_interrupted(storage: optuna.storages.RDBStorage, study_name: str) -> list[dict]:
-    """Mark trials left RUNNING by a killed driver as FAIL; return the start points they were evaluating.
+    """Mark trials left RUNNING by a killed driver as FAIL; return the start points they were
+    evaluating.
 
     Those start points are queued again, so a kill never loses one. TPE ignores failed trials.
     """
@@ -96,13 +102,22 @@ class BackboneSearcher(Searcher):
         self.best: dict[str, float] = {}
         self.searchers: dict[str, OptunaSearch] = {}
         for i, backbone in enumerate(space.backbones):
-            distributions = optuna_distributions(space, backbone)  # each backbone's own ranges (per_backbone)
-            if not distributions:  # nothing to tune (e.g. paper.yaml): every trial is the fixed config
+            distributions = optuna_distributions(
+                space, backbone
+            )  # each backbone's own ranges (per_backbone)
+            if (
+                not distributions
+            ):  # nothing to tune (e.g. paper.yaml): every trial is the fixed config
                 continue
             is_fresh = True if fresh is None else fresh.get(backbone, True)
-            points = list(space.start_points_for(backbone)) if is_fresh else list((requeue or {}).get(backbone, []))
+            points = (
+                list(space.start_points_for(backbone))
+                if is_fresh
+                else list((requeue or {}).get(backbone, []))
+            )
             sampler = optuna.samplers.TPESampler(
-                seed=space.seed + i, n_startup_trials=min(10, max(1, space.trials_per_backbone // 3))
+                seed=space.seed + i,
+                n_startup_trials=min(10, max(1, space.trials_per_backbone // 3)),
             )
             self.searchers[backbone] = OptunaSearch(
                 space=distributions,
@@ -115,17 +130,22 @@ class BackboneSearcher(Searcher):
             )
 
     def save(self, checkpoint_path: str) -> None:
-        """Nothing to snapshot: the Optuna studies (SQLite) and the trial ledger already hold the state, and
-        `fer-study run --resume` rebuilds a searcher from them (see study.tune.driver)."""
+        """Nothing to snapshot: the Optuna studies (SQLite) and the trial ledger already hold the
+        state, and `fer-study run --resume` rebuilds a searcher from them (see study.tune.driver).
+        """
 
     def restore(self, checkpoint_path: str) -> None:
-        raise NotImplementedError("resume a study with `fer-study run ... --resume`, not Tuner.restore")
+        raise NotImplementedError(
+            "resume a study with `fer-study run ... --resume`, not Tuner.restore"
+        )
 
     def total(self) -> int:
         return sum(self.budgets.values())
 
     def _next_backbone(self) -> str | None:
-        open_ = [b for b in self.space.backbones if self.suggested.get(b, 0) < self.budgets.get(b, 0)]
+        open_ = [
+            b for b in self.space.backbones if self.suggested.get(b, 0) < self.budgets.get(b, 0)
+        ]
         if not open_:
             return None
         return min(open_, key=lambda b: (self.suggested[b], self.space.backbones.index(b)))
@@ -155,17 +175,22 @@ class BackboneSearcher(Searcher):
             searcher.on_trial_result(trial_id, result)
 
     def forget(self, trial_id: str) -> None:
-        """The trial's worker died and Tune runs it again (same trial, same Optuna params): drop the dead
-        attempt's best value, so Optuna is told the new attempt's only. Optuna keeps the first attempt's
-        intermediate values of steps reported twice (they only feed pruning, which is not used)."""
+        """The trial's worker died and Tune runs it again (same trial, same Optuna params): drop the
+        dead attempt's best value, so Optuna is told the new attempt's only. Optuna keeps the first
+        attempt's intermediate values of steps reported twice (they only feed pruning, which is not
+        used)."""
         self.best.pop(trial_id, None)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         searcher = self.searchers.get(self.backbone_of.get(trial_id, ""))
         if searcher is None:
             return
         best = self.best.get(trial_id)
-        error = error or bool((result or {}).get(names.TRIAL_ERROR_KEY))  # our code raised (study.tune.trainable)
+        error = error or bool(
+            (result or {}).get(names.TRIAL_ERROR_KEY)
+        )  # our code raised (study.tune.trainable)
         if error or best is None:
             searcher.on_trial_complete(trial_id, None, error=True)
         else:
@@ -175,8 +200,8 @@ class BackboneSearcher(Searcher):
 class PerBackboneScheduler(FIFOScheduler):
     """Routes every trial to its own backbone's ASHA scheduler (ASHA on the global `epoch`).
 
-    `max_t` is set one epoch above the most a trial can run, so ASHA never cuts a trial at max_t, where
-    code after the trial's last report would not run (docs/pitfalls.md#last-report).
+    `max_t` is set one epoch above the most a trial can run, so ASHA never cuts a trial at max_t,
+    where code after the trial's last report would not run (docs/pitfalls.md#last-report).
     """
 
     def __init__(self, space: Space):
@@ -200,8 +225,9 @@ class PerBackboneScheduler(FIFOScheduler):
         return not (metric or mode)  # metric and mode come from the space only
 
     def decision_epochs(self) -> list[int]:
-        """The epochs after whose report ASHA may stop a trial (its rungs' milestones): a trial saves its
-        best model before those reports only (and at its end), not after every improving epoch."""
+        """The epochs after whose report ASHA may stop a trial (its rungs' milestones): a trial
+        saves its best model before those reports only (and at its end), not after every improving
+        epoch."""
         epochs = set()
         for scheduler in self.schedulers.values():
             for bracket in scheduler._brackets:
@@ -235,8 +261,9 @@ class PerBackboneScheduler(FIFOScheduler):
         self._for(trial)._trial_info.pop(trial.trial_id, None)
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        """A dead worker (our own errors end trials normally): Tune re-adds the trial if it retries it, so
-        its rung values from the dead attempt are dropped and the new attempt is judged on its own."""
+        """A dead worker (our own errors end trials normally): Tune re-adds the trial if it retries
+        it, so its rung values from the dead attempt are dropped and the new attempt is judged on
+        its own."""
         self.on_trial_remove(tune_controller, trial)
         for bracket in self._for(trial)._brackets:
             for _, recorded in bracket._rungs:
