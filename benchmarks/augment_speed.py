@@ -55,9 +55,9 @@ def main() -> None:
     import numpy as np
 
     from fer.core.config import make_config
+    from fer.model import layers as fer_layers
     from fer.model.backbones import get_backbone
     from fer.model.build import build_model, set_stage
-    from fer.model.build import layers as fer_layers
     from fer.runtime.backend import configure_backend
     from fer.runtime.machine import machine_info
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 SHARED_ENV = "FER_SHARED"
 SHARED_DOWNLOADS = {
-    "datasets/fer2013-5class": "FER2013 (research use only) as 48x48 JPEGs in five class folders angry, fear, "
-    "happy, sad, surprise, file names keeping the official split prefixes Training_, "
-    "PublicTest_, PrivateTest_",
-    "datasets/jaffe-5class": "JAFFE (non-commercial research only) as PNGs in the same five class folders, "
-    "file names <SUBJECT>_<EXPR><take>_<n>.png",
-    "weights": "the offline ImageNet weight file (docs/benchmarks.md names each file and where it comes from)",
+    "datasets/fer2013-5class": "FER2013 (research use only) as 48x48 JPEGs in five class folders "
+    "angry, fear, happy, sad, surprise, file names keeping the official split prefixes "
+    "Training_, PublicTest_, PrivateTest_",
+    "datasets/jaffe-5class": "JAFFE (non-commercial research only) as PNGs in the same five class "
+    "folders, file names <SUBJECT>_<EXPR><take>_<n>.png",
+    "weights": "the offline ImageNet weight file (docs/benchmarks.md names each file and where it "
+    "comes from)",
 }
 
 
@@ -43,6 +44,6 @@ def shared_missing(path) -> str:
         "a shared data file",
     )
     return (
-        f"{path} not found: put {what} there, or set {SHARED_ENV} to the folder that holds datasets/ and "
-        f"weights/ (docs/benchmarks.md)"
+        f"{path} not found: put {what} there, or set {SHARED_ENV} to the folder that holds "
+        "datasets/ and weights/ (docs/benchmarks.md)"
     )

@@ -107,7 +107,7 @@ def study_base(study_demo_data, tmp_path_factory):
 
 @pytest.fixture
 def new_study(study_base, tmp_path):
-    """A fresh study folder holding a copy of the prepared data (so each test has its own results)."""
+    """A fresh study folder holding a copy of the prepared data (each test has its own results)."""
     import shutil
 
     def make(name: str):

@@ -1,10 +1,14 @@
 """The architecture, checked: no import cycle among our modules (imports inside functions count),
-`fer/` never imports Ray, and INTERNALS.md's module map names every module. Reads the source with
-`ast` only."""
+the layers of `fer/` (INTERNALS.md), `fer/` never imports Ray or `study`, inference never loads
+training, data preparation or Ray, unique module names, and INTERNALS.md's module map names every
+module. Reads the source with `ast`, except the import closure of a real `fer-study predict`."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,9 +102,8 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_sees_imports_inside_functions():
     graph = _graph()
     assert "fer.explain.gradcam" in graph["fer.evaluate.predict"]  # imported inside a function only
-    assert (
-        "study.tune.cluster" in graph["study.tune.driver"]
-    )  # `from study.tune import cluster as ...`
+    # `from study.tune import cluster as ...`
+    assert "study.tune.cluster" in graph["study.tune.driver"]
 
 
 def test_no_import_cycle():
@@ -144,3 +147,134 @@ def test_internals_module_map_names_every_module():
         if p.name != "__main__.py" and not named(p)
     ]
     assert not missing, f"modules not named in INTERNALS.md's module map: {', '.join(missing)}"
+
+
+# The layers of fer/, bottom up (INTERNALS.md): a module imports its own package or a LOWER layer.
+# The three inference packages form one layer and may use each other (predict draws Grad-CAM and
+# runs exports); import cycles between their modules are still refused above.
+LAYERS = {
+    "fer.core": 0,
+    "fer.runtime": 1,
+    "fer.data": 1,
+    "fer.model": 1,
+    "fer.prepare": 2,
+    "fer.evaluate": 2,
+    "fer.explain": 2,
+    "fer.deploy": 2,
+    "fer.train": 3,
+    "study": 4,
+}
+INFERENCE = {"fer.evaluate", "fer.explain", "fer.deploy"}
+# the trial config checks a backbone name against the registry (a late import, no Keras)
+# (importing fer.model.backbones runs fer/model/__init__ too)
+ALLOWED_UPWARD = {("fer.core.config", "fer.model.backbones"), ("fer.core.config", "fer.model")}
+
+
+def _package(module: str) -> str | None:
+    return next((p for p in LAYERS if module == p or module.startswith(p + ".")), None)
+
+
+def _layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, targets in graph.items():
+        own = _package(module)
+        for target in targets:
+            theirs = _package(target)
+            if own is None or theirs is None or own == theirs:
+                continue
+            if LAYERS[theirs] < LAYERS[own] or {own, theirs} <= INFERENCE:
+                continue
+            if (module, target) not in ALLOWED_UPWARD:
+                bad.append(f"{module} imports {target}")
+    return sorted(bad)
+
+
+def test_layers_hold():
+    bad = _layer_violations(_graph())
+    assert not bad, "imports against the layers (INTERNALS.md): " + "; ".join(bad)
+
+
+def test_layer_check_finds_an_upward_import():
+    graph = {"fer.data.study_data": {"fer.train.trial"}, "fer.evaluate.predict": {"fer.explain.x"}}
+    assert _layer_violations(graph) == ["fer.data.study_data imports fer.train.trial"]
+
+
+def test_fer_never_imports_study():
+    bad = [
+        f"{m} imports {t}"
+        for m, ts in _graph().items()
+        if m.startswith("fer")
+        for t in ts
+        if t == "study" or t.startswith("study.")
+    ]
+    assert not bad, "; ".join(bad)
+
+
+def test_module_basenames_are_unique():
+    seen: dict[str, list[str]] = {}
+    for folder in ("fer", "study", "benchmarks", "scripts", "tests"):
+        for p in sorted((ROOT / folder).rglob("*.py")):
+            if p.name not in ("__init__.py", "__main__.py", "conftest.py"):
+                seen.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    repeated = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not repeated, f"module names used twice: {repeated}"
+
+
+# What running inference must never load: training, data preparation (the duplicate detector
+# among it), the study layer, Ray and Optuna.
+INFERENCE_FORBIDDEN = (
+    "fer.train",
+    "fer.prepare",
+    "study.tune",
+    "study.report",
+    "study.space",
+    "ray",
+    "optuna",
+)
+
+
+def _forbidden(modules: list[str]) -> list[str]:
+    return sorted(
+        m for m in modules for f in INFERENCE_FORBIDDEN if m == f or m.startswith(f + ".")
+    )
+
+
+def test_trial_data_does_not_import_the_duplicate_detector():
+    code = "import sys, fer.data; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert not _forbidden(out.stdout.split())
+
+
+@pytest.mark.slow
+def test_predict_import_closure(tmp_path):
+    """A real `fer-study predict` of a saved model on an image; every module it loaded is read at
+    exit."""
+    import numpy as np
+    from PIL import Image
+
+    from fer.core.config import make_config
+    from fer.model.build import build_model
+
+    config = make_config({"backbone": "smallcnn", "image_size": 32, "weights": "none"})
+    build_model(config, 5).save(tmp_path / "model.keras")
+    (tmp_path / "classes.json").write_text('["angry", "fear", "happy", "sad", "surprise"]')
+    image = tmp_path / "face.png"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(image)
+    loaded = tmp_path / "modules.txt"
+    dump = f"open({str(loaded)!r}, 'w').write(' '.join(sorted(sys.modules)))"
+    code = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: {dump})\n"
+        "from study.cli import main\n"
+        f"main(['predict', {str(tmp_path / 'model.keras')!r}, {str(image)!r}])\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "face.png" in out.stdout
+    modules = loaded.read_text().split()
+    assert "fer.evaluate.predict" in modules and "keras" in modules  # it did run the model
+    assert not _forbidden(modules), f"predict loaded {_forbidden(modules)}"
