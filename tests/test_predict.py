@@ -103,6 +103,25 @@ def test_predict_bad_path_is_one_line_exit_2(best_model, demo_data_dir, args, me
     assert "Traceback" not in proc.stderr
 
 
+def test_using_a_model_never_loads_the_report_code():
+    """predict and evaluate live apart from the report (study/cli/inference_cmds.py): running them
+    imports nothing of study.report."""
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from study.cli import main\n"
+        "for args in (['predict', 'no/model', 'x.png'], ['evaluate', 'no/model', 'no/data']):\n"
+        "    assert CliRunner().invoke(main, args).exit_code == 2\n"
+        "print(sorted(m for m in sys.modules if m.startswith('study.report')))\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 def test_evaluate_on_another_labelled_folder(best_model, classes, demo_data_dir, tmp_path):
     data = tmp_path / "other"
     for cls in classes:

@@ -6,6 +6,8 @@ status 2. Heavy imports (Keras, Ray) happen inside commands, so `fer-study --hel
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import click
@@ -31,10 +33,21 @@ def main() -> None:
     """Honest, distributed model-comparison studies for facial emotion recognition."""
 
 
-def _register() -> None:
-    from study.cli import data_cmds, export_cmd, report_cmds, run_cmd, train_cmd
+def quiet_backend() -> None:
+    """Keep TensorFlow's start-up chatter and repeated warnings off the terminal of commands that
+    load models (report, predict, evaluate, export)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # TensorFlow's Python logger warns about "retracing" when several models (one per backbone,
+    # Grad-CAM) predict in one process: expected here, and it floods the terminal
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
-    for module in (data_cmds, train_cmd, run_cmd, report_cmds, export_cmd):
+
+def _register() -> None:
+    # last in this module: the command modules import `quiet_backend` from it
+    from study.cli import data_cmds, export_cmd, inference_cmds, report_cmds, run_cmd, train_cmd
+
+    for module in (data_cmds, train_cmd, run_cmd, report_cmds, inference_cmds, export_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

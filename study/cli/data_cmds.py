@@ -18,7 +18,8 @@ COMMANDS: list[click.Command] = []
 )
 @click.option("--seed", default=0, show_default=True)
 def demo_data(out: Path, per_class: int, seed: int) -> None:
-    """Generate a small, learnable synthetic 5-class face dataset (with real-world messes) in OUT."""
+    """Generate a small, learnable synthetic 5-class face dataset (with real-world messes) in
+    OUT."""
     from fer.prepare.demo_data import GROUP_REGEX, generate_demo_data
 
     info = generate_demo_data(out, per_class=per_class, seed=seed)
@@ -52,7 +53,8 @@ def demo_data(out: Path, per_class: int, seed: int) -> None:
 @click.option(
     "--predefined",
     default=None,
-    help="use the dataset's own split: 'train=RE,val=RE,test=RE' on file names, or a CSV of path,split",
+    help="use the dataset's own split: 'train=RE,val=RE,test=RE' on file names, "
+    "or a CSV of path,split",
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option(

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from study.cli import quiet_backend
+
 
 @click.command("export")
 @click.argument("best_dir", type=click.Path(path_type=Path))
@@ -42,9 +44,7 @@ def export_command(
     Keras model to 1e-4 in probability, float16 / int8 ones on the top-1 class for 99% / 97% of the
     images.
     """
-    from study.cli.report_cmds import _quiet_backend
-
-    _quiet_backend()
+    quiet_backend()
     from fer.deploy.export import export_best, validate_request
 
     validate_request(fmt, quantize)
@@ -55,7 +55,8 @@ def export_command(
         f"{result['folder']} ({result['size_bytes'] / 1e6:.2f} MB)"
     )
     click.echo(
-        f"check on {check['n']} images ({check['images']}): max |p - p_keras| {check['max_abs_diff']:.2e}, "
+        f"check on {check['n']} images ({check['images']}): "
+        f"max |p - p_keras| {check['max_abs_diff']:.2e}, "
         f"top-1 agreement {check['top1_agreement']:.4f} (needs {check['criterion']}); accuracy "
         f"{check['accuracy_export']:.3f} exported vs {check['accuracy_keras']:.3f} Keras"
     )
@@ -63,7 +64,8 @@ def export_command(
     if cpu:
         click.echo(
             f"latency (CPU, one image): median {cpu['latency_ms_median']:.2f} ms, "
-            f"p90 {cpu['latency_ms_p90']:.2f} ms; batch {cpu['batch']}: {cpu['images_per_s']:.0f} images/s"
+            f"p90 {cpu['latency_ms_p90']:.2f} ms; "
+            f"batch {cpu['batch']}: {cpu['images_per_s']:.0f} images/s"
         )
     if not result["ok"]:
         click.echo(

@@ -1,26 +1,15 @@
-"""`fer-study` commands: report, predict, evaluate (contract: docs/commands.md).
+"""`fer-study report` (contract: docs/commands.md): the report of a finished study.
 
-Thin wrappers: parse options, call `study.report` / `fer.evaluate.predict`, print. Heavy imports
-stay inside.
+Thin wrapper: parse options, call `study.report.build_report`, print. Heavy imports stay inside.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import click
 
-
-def _quiet_backend() -> None:
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    # TensorFlow's Python logger warns about "retracing" when several models (one per backbone,
-    # Grad-CAM) predict in one process: expected here, and it floods the terminal
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+from study.cli import quiet_backend
 
 
 @click.command("report")
@@ -41,113 +30,11 @@ def _quiet_backend() -> None:
 def report_command(results: Path, out: Path | None, gradcam_per_class: int) -> None:
     """Build the report of a finished study in results/<study>/: report.html, report.md,
     comparison.csv."""
-    _quiet_backend()
+    quiet_backend()
     from study.report import build_report
 
     out_dir = build_report(results, out, gradcam_per_class=gradcam_per_class)
     click.echo(f"Report: {out_dir / 'report.html'}")
 
 
-@click.command("predict")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--csv",
-    "csv_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="write the table as CSV here instead of printing it",
-)
-@click.option(
-    "--gradcam",
-    "gradcam_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="save image | Grad-CAM | Grad-CAM++ overlays (predicted class) in this folder",
-)
-def predict_command(
-    model: Path, images: tuple[Path, ...], csv_path: Path | None, gradcam_dir: Path | None
-) -> None:
-    """Predicted emotion and class probabilities for images (files or folders), decoded like
-    `prepare`.
-
-    MODEL is a model.keras file, a trial folder (e.g. results/<study>/best/<backbone>) or an export
-    (`fer-study export`: its folder or model file).
-    """
-    _quiet_backend()
-    from fer.evaluate.predict import predict_images
-
-    table, skipped = predict_images(model, list(images), gradcam_dir=gradcam_dir)
-    if csv_path is not None:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(csv_path, index=False)
-        click.echo(f"{len(table)} predictions written to {csv_path}")
-    else:
-        click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if skipped:
-        click.echo(f"skipped {len(skipped)} file(s) that are not readable images:", err=True)
-        for path, reason in skipped:
-            click.echo(f"  {path}: {reason}", err=True)
-    if gradcam_dir is not None:
-        click.echo(f"Grad-CAM overlays: {gradcam_dir}")
-
-
-@click.command("evaluate")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("data", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="metrics JSON (default: results/<study>/evaluations/<backbone>__<data>.json when MODEL "
-    "is a study's best model, where the report finds it; otherwise printed)",
-)
-@click.option(
-    "--include",
-    default=None,
-    metavar="REGEX",
-    help="evaluate only files whose name matches REGEX (e.g. '^PrivateTest_' for FER2013's test images)",
-)
-@click.option(
-    "--exclude", default=None, metavar="REGEX", help="skip files whose name matches REGEX"
-)
-def evaluate_command(
-    model: Path, data: Path, out: Path | None, include: str | None, exclude: str | None
-) -> None:
-    """Full metric set (95% intervals, per class, confusion matrix) of MODEL on another labelled
-    DATA folder.
-
-    DATA holds one folder per class, named like the model's classes; other folders are skipped and
-    listed.
-    """
-    _quiet_backend()
-    from fer.evaluate.predict import default_evaluation_path, evaluate_folder
-
-    result = evaluate_folder(model, data, include=include, exclude=exclude)
-    out = out or default_evaluation_path(model, data, include, exclude)
-    metrics = result["metrics"]
-    summary = (
-        f"{result['backbone']} on {result['dataset']}: n={metrics['n']}, "
-        f"accuracy {metrics['accuracy']['value']:.3f} "
-        f"[{metrics['accuracy']['ci95'][0]:.3f}, {metrics['accuracy']['ci95'][1]:.3f}], "
-        f"macro F1 {metrics['macro_f1']['value']:.3f}"
-    )
-    if result["filtered_out"]:
-        summary += f" ({result['filtered_out']} file(s) left out by the file-name filter)"
-    if result["skipped_files"] or result["skipped_folders"]:
-        summary += (
-            f" (skipped {len(result['skipped_files'])} unreadable file(s), "
-            f"{len(result['skipped_folders'])} folder(s) not in the model's classes)"
-        )
-    if out is None:
-        click.echo(json.dumps(result, indent=2))
-        click.echo(summary, err=True)
-        return
-    from fer.core.files import write_json
-
-    write_json(out, result)
-    click.echo(summary)
-    click.echo(f"Written: {out}")
-
-
-COMMANDS: list[click.Command] = [report_command, predict_command, evaluate_command]
+COMMANDS: list[click.Command] = [report_command]
