@@ -200,6 +200,7 @@ def main() -> None:
     )
     args = p.parse_args()
     from benchmarks.image_edits import RANGES
+    from fer.prepare import candidates as c
     from fer.prepare import duplicates as d
     from fer.runtime.machine import machine_info
 
@@ -210,13 +211,13 @@ def main() -> None:
         fer2013 = before_after(args.fer, args.before, Path(tmp)) if args.before else None
     rule = {
         "phash_max_bits": d.NEAR_PHASH_BITS,
-        "prefilter": d.PREFILTER_MIN_CORRELATION,
+        "prefilter": c.PREFILTER_MIN_CORRELATION,
         "min_correlation": d.NEAR_MIN_CORRELATION,
         "max_local": d.NEAR_MAX_LOCAL,
         "loose_min_correlation": d.LOOSE_MIN_CORRELATION,
         "loose_max_local": d.LOOSE_MAX_LOCAL,
-        "registered_min_corr16": d.REGISTERED_MIN_CORR16,
-        "registered_prefilter": d.REGISTERED_PREFILTER,
+        "registered_min_corr16": c.REGISTERED_MIN_CORR16,
+        "registered_prefilter": c.REGISTERED_PREFILTER,
     }
     print(
         json.dumps(

@@ -3,6 +3,7 @@ StudyData."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -18,7 +19,7 @@ from fer.core.errors import UserError
 from fer.data import StudyData
 from fer.prepare import prepare_dataset
 from fer.prepare.demo_data import GROUP_REGEX
-from fer.prepare.pipeline import MANIFEST_COLUMNS
+from fer.prepare.pipeline import MANIFEST_COLUMNS, PrepareSettings
 
 
 def _quiet(*_a, **_k):
@@ -123,8 +124,8 @@ def test_a_new_size_is_built_once_even_when_processes_race(prepared_data, tmp_pa
     folder = tmp_path / "data"
     shutil.copytree(prepared_data.dir, folder)
     code = (
-        "import sys; from fer.data import StudyData; px = StudyData(sys.argv[1]).pixels('train', 40); "
-        "print(px.shape[0], int(px[-1].sum()))"
+        "import sys; from fer.data import StudyData; "
+        "px = StudyData(sys.argv[1]).pixels('train', 40); print(px.shape[0], int(px[-1].sum()))"
     )
     procs = [
         subprocess.Popen(
@@ -142,7 +143,8 @@ def test_a_new_size_is_built_once_even_when_processes_race(prepared_data, tmp_pa
 def test_the_test_split_is_never_opened_by_a_train_val_reader(prepared_data):
     code = (
         "import sys; from fer.data import StudyData; sd = StudyData(sys.argv[1]); "
-        "a = sd.pixels('train', 48); b = sd.pixels('val', 48); print(open('/proc/self/maps').read())"
+        "a = sd.pixels('train', 48); b = sd.pixels('val', 48); "
+        "print(open('/proc/self/maps').read())"
     )
     maps = subprocess.run(
         [sys.executable, "-c", code, str(prepared_data.dir)],
@@ -273,3 +275,20 @@ def test_output_inside_data_is_refused(demo_data_dir):
 def test_not_a_prepared_folder(tmp_path):
     with pytest.raises(UserError, match="not a prepared study-data folder"):
         StudyData(tmp_path)
+
+
+def test_settings_come_as_a_dataclass_or_as_keywords(demo_data_dir, prepared_data, tmp_path):
+    """`prepare_dataset(data, out, **options)` builds a PrepareSettings: the same folder as passing
+    one; a misspelt option is an error naming the settings, never silently ignored."""
+    settings = PrepareSettings(group_regex=GROUP_REGEX, seed=0, image_size=48)
+    prepare_dataset(demo_data_dir, tmp_path / "typed", settings=settings, log=_quiet)
+    assert _manifest(prepared_data).equals(
+        pd.read_csv(tmp_path / "typed" / "manifest.csv", keep_default_na=False)
+    )
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) 'group_regx'.*group_regex"):
+        prepare_dataset(demo_data_dir, tmp_path / "typo", group_regx=GROUP_REGEX, log=_quiet)
+    with pytest.raises(TypeError, match="not both"):
+        prepare_dataset(demo_data_dir, tmp_path / "x", settings=settings, seed=1, log=_quiet)
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "x").exists()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 1  # type: ignore[misc]

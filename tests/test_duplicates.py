@@ -19,22 +19,19 @@ from PIL import Image
 from benchmarks.image_edits import KINDS, edit
 from benchmarks.shared_data import shared_missing, shared_path
 from fer.data.decode import decode_file, to_rgb
-from fer.prepare.duplicates import UnionFind, _cluster_near, find_duplicates
+from fer.prepare.alignment import _shift_search
+from fer.prepare.duplicates import NearRule, UnionFind, _cluster_near, find_duplicates
 from fer.prepare.hashing import (
-    _interp_weights,
-    _normalise,
-    _offset_sums,
-    _shift_search,
-    _sparse_nonzero,
     batch_phashes,
     candidate_pairs,
-    halve,
     image_signature,
     phash,
     quick_correlation,
     signature,
+    sparse_nonzero,
     thumbnail,
 )
+from fer.prepare.image_ops import halve, interp_weights, normalise, offset_sums
 from fer.prepare.inspect import inspect_file
 from fer.prepare.registration import margins, probe_pairs, trimmed_hashes
 
@@ -106,7 +103,7 @@ def test_shift_search_matches_brute_force_correlation():
     rng = np.random.default_rng(2)
     a = rng.random((4, 16, 16), dtype=np.float32) * 255
     b = np.roll(a, (1, -2), axis=(1, 2)) + rng.random((4, 16, 16), dtype=np.float32) * 20
-    corr, dy, dx = _shift_search(_normalise(a[:, 2:14, 2:14]), b, 2)  # a's centre, normalised once
+    corr, dy, dx = _shift_search(normalise(a[:, 2:14, 2:14]), b, 2)  # a's centre, normalised once
     for k in range(4):
         ac = a[k, 2:14, 2:14].ravel()
         best = max(
@@ -123,8 +120,8 @@ def test_interp_weights_are_bilinear_in_both_layouts():
     t = rng.uniform(-9, 9, 6).astype(np.float32)  # far enough to clamp at both edges
     for n, crop in ((16, 0), (32, 3), (64, 6)):
         w, wt = (
-            _interp_weights(n, zoom, t, crop),
-            _interp_weights(n, zoom, t, crop, transposed=True),
+            interp_weights(n, zoom, t, crop),
+            interp_weights(n, zoom, t, crop, transposed=True),
         )
         assert wt.flags.c_contiguous and np.array_equal(wt, w.transpose(0, 2, 1))
         c = (n - 1) / 2
@@ -139,7 +136,7 @@ def test_offset_sums_match_brute_force():
     rng = np.random.default_rng(6)
     x = rng.normal(0, 40, (3, 5, 20)).astype(np.float32)
     for k in (2, 3, 5, 13):
-        got = _offset_sums(x, k)
+        got = offset_sums(x, k)
         want = np.stack([x[:, :, o : o + 20 - k + 1].sum(axis=2) for o in range(k)], axis=2)
         assert got.shape == (3, 5, k) and np.allclose(got, want, atol=1e-3)
 
@@ -265,7 +262,7 @@ def test_sparse_nonzero_matches_numpy():
     for shape in [(40, 1001), (3, 7), (1, 8), (5, 16)]:
         mask = rng.random(shape) < 0.01
         mask[-1, -1] = True
-        assert [a.tolist() for a in _sparse_nonzero(mask)] == [a.tolist() for a in np.nonzero(mask)]
+        assert [a.tolist() for a in sparse_nonzero(mask)] == [a.tolist() for a in np.nonzero(mask)]
 
 
 def test_same_face_other_expression_does_not_cluster(tmp_path):
@@ -299,8 +296,7 @@ def test_a_chain_does_not_join_two_expressions(tmp_path):
         [(0, 1, score), (1, 2, dict(score, corr=0.95))],
         uf,
         ["happy", "happy", "sad"],
-        0.90,
-        0.075,
+        NearRule(min_correlation=0.90, max_local=0.075),
     )
     assert (
         uf.find(0) == uf.find(1) and uf.find(0) != uf.find(2) and refused == 1 and used == [(0, 1)]
@@ -313,8 +309,7 @@ def test_a_chain_does_not_join_two_expressions(tmp_path):
             [(0, 1, score), (1, 2, dict(score, corr=0.95))],
             uf,
             ["happy", "happy", "sad"],
-            0.90,
-            0.075,
+            NearRule(min_correlation=0.90, max_local=0.075),
             checked={(0, 2): known[(0, 2)], (1, 2): True},
         )
         assert (uf.find(0) == uf.find(2)) is joined and refused == (0 if joined else 1)

@@ -2,10 +2,11 @@
 (results/<study>/data).
 
 The flow is `pipeline.prepare_dataset`: scan (`scan`) -> decode and hash each file (`inspect`) ->
-duplicates (`hashing`, `registration`, `duplicates`) -> split (`fer.data.split`) -> audit (`audit`)
--> pixel cache. Trials never import this package: they read the result through `fer.data.StudyData`.
+duplicates (`hashing`, `registration`, `candidates`, `alignment`, `duplicates`) -> groups and split
+(`placement`, `fer.data.split`) -> audit (`audit`) -> pixel cache. Trials never import this package:
+they read the result through `fer.data.StudyData`.
 """
 
-from fer.prepare.pipeline import prepare_dataset
+from fer.prepare.pipeline import PrepareSettings, prepare_dataset
 
-__all__ = ["prepare_dataset"]
+__all__ = ["PrepareSettings", "prepare_dataset"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from fer.data.split import SPLITS
+from fer.prepare.placement import DuplicateReport
 
 
 def balanced_class_weights(train_labels: pd.Series, classes: list[str]) -> dict[str, float]:
@@ -46,62 +47,20 @@ def build_audit(
     classes: list[str],
     unknown_folders: list[str],
     empty_classes: list[str],
-    dup_report: dict,
+    dups: DuplicateReport,
     predefined_report: dict | None,
-    near,
 ) -> dict:
-    counts = table[table.label.isin(classes)].groupby(["label", "split"]).size()
-    counts = {c: {s: int(counts.get((c, s), 0)) for s in (*SPLITS, "excluded")} for c in classes}
+    """audit.json from the final manifest (`table`) and what the steps before reported."""
     status_counts = table.status.value_counts()
-    path, label, split, pixel_hash = (
-        table[c].tolist() for c in ("path", "label", "split", "pixel_hash")
-    )
-    clusters = []
-    why_of = _pair_reasons(dup_report)
-    cluster_of = {i: k for k, members in enumerate(dup_report["clusters_idx"]) for i in members}
-    why_in: dict[int, list] = {}  # the pairs of each cluster, in one pass (not clusters x pairs)
-    for (i, j), w in why_of.items():
-        if i in cluster_of and cluster_of[i] == cluster_of.get(j):
-            why_in.setdefault(cluster_of[i], []).append({"pair": [path[i], path[j]], **w})
-    for k, members in enumerate(dup_report["clusters_idx"]):
-        clusters.append(
-            {
-                "kind": "exact" if len({pixel_hash[i] for i in members}) == 1 else "near",
-                "labels": sorted({label[i] for i in members}),
-                "paths": [path[i] for i in members],
-                "kept": [path[i] for i in members if split[i] in SPLITS],
-                "why": why_in.get(k, []),
-            }
-        )
     quarantined = table[table.status == "quarantined"]
     return {
         "classes": classes,
-        "counts": counts,
-        "totals": {
-            "files": len(table),
-            **{s: int((table.split == s).sum()) for s in (*SPLITS, "excluded")},
-            **{
-                s: int(status_counts.get(s, 0))
-                for s in ("ok", "converted", "quarantined", "duplicate")
-            },
-        },
+        "counts": _counts(table, classes),
+        "totals": _totals(table, status_counts),
         "class_weights": balanced_class_weights(table.label[table.split == "train"], classes),
         "groups": int(table.group[table.split.isin(SPLITS)].nunique()),
-        "duplicates": {
-            "near_rule": {
-                "phash_max_bits": near[0],
-                "min_correlation": near[1],
-                "max_local_difference": near[2],
-                "definition": "docs/duplicates.md",
-            },
-            "unions_refused_by_cluster_check": dup_report.get("refused_unions", 0),
-            "exact_pairs": len(dup_report["exact_pairs"]),
-            "near_pairs": len(dup_report["near_pairs"]),
-            "exact_clusters": sum(c["kind"] == "exact" for c in clusters),
-            "near_clusters": sum(c["kind"] == "near" for c in clusters),
-            "clusters": clusters,
-        },
-        "label_conflicts": dup_report["label_conflicts"],
+        "duplicates": _duplicates(dups, _clusters(table, dups)),
+        "label_conflicts": dups.label_conflicts,
         "quarantined": [
             {"path": p, "reason": r} for p, r in zip(quarantined.path, quarantined.reason)
         ],
@@ -109,7 +68,64 @@ def build_audit(
         "unknown_class_folders": unknown_folders,
         "empty_classes": empty_classes,
         "predefined_split": predefined_report,
-        "leakage": leakage(table, dup_report["exact_pairs"] + dup_report["near_pairs"]),
+        "leakage": leakage(table, dups.exact_pairs + dups.near_pairs),
+    }
+
+
+def _counts(table: pd.DataFrame, classes: list[str]) -> dict:
+    """Per class, how many images each split got and how many were excluded."""
+    counts = table[table.label.isin(classes)].groupby(["label", "split"]).size()
+    return {c: {s: int(counts.get((c, s), 0)) for s in (*SPLITS, "excluded")} for c in classes}
+
+
+def _totals(table: pd.DataFrame, status_counts: pd.Series) -> dict:
+    return {
+        "files": len(table),
+        **{s: int((table.split == s).sum()) for s in (*SPLITS, "excluded")},
+        **{
+            s: int(status_counts.get(s, 0)) for s in ("ok", "converted", "quarantined", "duplicate")
+        },
+    }
+
+
+def _clusters(table: pd.DataFrame, dups: DuplicateReport) -> list[dict]:
+    """Each duplicate cluster for a reader: its paths, which copies were kept, and why its pairs
+    count as copies."""
+    path, label, split, pixel_hash = (
+        table[c].tolist() for c in ("path", "label", "split", "pixel_hash")
+    )
+    cluster_of = {i: k for k, members in enumerate(dups.clusters) for i in members}
+    why_in: dict[int, list] = {}  # the pairs of each cluster, in one pass (not clusters x pairs)
+    for (i, j), w in _pair_reasons(dups).items():
+        if i in cluster_of and cluster_of[i] == cluster_of.get(j):
+            why_in.setdefault(cluster_of[i], []).append({"pair": [path[i], path[j]], **w})
+    return [
+        {
+            "kind": "exact" if len({pixel_hash[i] for i in members}) == 1 else "near",
+            "labels": sorted({label[i] for i in members}),
+            "paths": [path[i] for i in members],
+            "kept": [path[i] for i in members if split[i] in SPLITS],
+            "why": why_in.get(k, []),
+        }
+        for k, members in enumerate(dups.clusters)
+    ]
+
+
+def _duplicates(dups: DuplicateReport, clusters: list[dict]) -> dict:
+    bits, min_correlation, max_local = dups.near_rule
+    return {
+        "near_rule": {
+            "phash_max_bits": bits,
+            "min_correlation": min_correlation,
+            "max_local_difference": max_local,
+            "definition": "docs/duplicates.md",
+        },
+        "unions_refused_by_cluster_check": dups.refused_unions,
+        "exact_pairs": len(dups.exact_pairs),
+        "near_pairs": len(dups.near_pairs),
+        "exact_clusters": sum(c["kind"] == "exact" for c in clusters),
+        "near_clusters": sum(c["kind"] == "near" for c in clusters),
+        "clusters": clusters,
     }
 
 
@@ -130,11 +146,12 @@ def edit_guess(score: dict) -> str:
     return ", ".join(parts)
 
 
-def _pair_reasons(dup_report: dict) -> dict:
+def _pair_reasons(dups: DuplicateReport) -> dict:
+    """(i, j) -> why the pair counts as copies, and how similar it is."""
     out = {}
-    for i, j in dup_report["exact_pairs"]:
+    for i, j in dups.exact_pairs:
         out[(i, j)] = {"why": "exact (same pixels)", "similarity": 1.0}
-    for (i, j), s in zip(dup_report["near_pairs"], dup_report.get("near_scores", [])):
+    for (i, j), s in zip(dups.near_pairs, dups.near_scores):
         out[(i, j)] = {
             "why": edit_guess(s),
             "similarity": s["corr"],
@@ -143,51 +160,63 @@ def _pair_reasons(dup_report: dict) -> dict:
     return out
 
 
+SHEET_PAIRS = 12  # excluded pairs drawn for the contact sheet
+SHEET_CONFLICTS = 6  # and label-conflict pairs
+
+
 def write_contact_sheet(
-    dest: Path,
-    sigs,
-    paths: list[str],
-    labels: list[str],
-    dup_report: dict,
-    seed: int,
-    n_pairs: int = 12,
-    n_conflicts: int = 6,
+    dest: Path, sigs, paths: list[str], labels: list[str], dups: DuplicateReport, seed: int
 ) -> Path | None:
     """A PNG of a random sample of excluded pairs and of label-conflict clusters, side by side with
     captions, so a user can see what `prepare` dropped. None when there is nothing to show."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    reasons = _pair_reasons(dups)
+    rows = _sheet_rows(reasons, dups, labels, seed)
+    if not rows:
+        return None
+    captions = [_caption(what, reasons[pair], pair, paths, labels) for what, pair in rows]
+    _draw_sheet([pair for _, pair in rows], captions, sigs).save(dest)
+    return dest
 
-    reasons = _pair_reasons(dup_report)
+
+def _sheet_rows(reasons: dict, dups: DuplicateReport, labels: list[str], seed: int) -> list:
+    """(what, pair) per row: a seeded sample of plain excluded pairs, then of label conflicts."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
-    conflict_sets = [set(c) for c in dup_report["clusters_idx"] if len({labels[i] for i in c}) > 1]
+    conflict_sets = [set(c) for c in dups.clusters if len({labels[i] for i in c}) > 1]
     in_conflict = set().union(*conflict_sets) if conflict_sets else set()
     plain = [p for p in reasons if p[0] not in in_conflict]
     conflicts = [p for p in reasons if p[0] in in_conflict]
-    rows = [("excluded", p) for p in (rng.permutation(len(plain))[:n_pairs] if plain else [])]
-    rows = [("excluded", plain[k]) for _, k in rows]
-    picked = rng.permutation(len(conflicts))[:n_conflicts] if conflicts else []
-    rows += [("label conflict", conflicts[k]) for k in picked]
-    if not rows:
-        return None
+    picked = rng.permutation(len(plain))[:SHEET_PAIRS] if plain else []
+    rows = [("excluded", plain[k]) for k in picked]
+    picked = rng.permutation(len(conflicts))[:SHEET_CONFLICTS] if conflicts else []
+    return rows + [("label conflict", conflicts[k]) for k in picked]
+
+
+def _caption(what: str, w: dict, pair, paths: list[str], labels: list[str]) -> list[str]:
+    i, j = pair
+    return [
+        f"{what}: {w['why']}, similarity {w['similarity']:.3f}"
+        + (f", local diff {w['local_difference']:.2f}" if "local_difference" in w else ""),
+        f"{paths[i]} ({labels[i]})",
+        f"{paths[j]} ({labels[j]})",
+    ]
+
+
+def _draw_sheet(pairs: list, captions: list[list[str]], sigs):
+    """One line per pair: both signatures, then the caption lines."""
+    from PIL import Image, ImageDraw
+
     cell, text_w, line = 64, 560, 76
-    sheet = Image.new("L", (2 * cell + text_w, line * len(rows)), 255)
+    sheet = Image.new("L", (2 * cell + text_w, line * len(pairs)), 255)
     draw = ImageDraw.Draw(sheet)
-    for r, (what, (i, j)) in enumerate(rows):
+    for r, ((i, j), caption) in enumerate(zip(pairs, captions)):
         y = r * line + 6
         sheet.paste(Image.fromarray(sigs[i]), (0, y))
         sheet.paste(Image.fromarray(sigs[j]), (cell + 2, y))
-        w = reasons[(i, j)]
-        caption = [
-            f"{what}: {w['why']}, similarity {w['similarity']:.3f}"
-            + (f", local diff {w['local_difference']:.2f}" if "local_difference" in w else ""),
-            f"{paths[i]} ({labels[i]})",
-            f"{paths[j]} ({labels[j]})",
-        ]
         for k, t in enumerate(caption):
             draw.text((2 * cell + 10, y + 4 + 16 * k), t[:95], fill=0)
-    sheet.save(dest)
-    return dest
+    return sheet
 
 
 def summary_text(audit: dict, out_dir: Path) -> str:
@@ -225,8 +254,8 @@ def summary_text(audit: dict, out_dir: Path) -> str:
         )
     if audit["predefined_split"] and audit["predefined_split"]["crossing_clusters"]:
         lines.append(
-            f"  predefined split leaks: {len(audit['predefined_split']['crossing_clusters'])} duplicate "
-            "clusters crossed splits (excluded)"
+            f"  predefined split leaks: {len(audit['predefined_split']['crossing_clusters'])} "
+            "duplicate clusters crossed splits (excluded)"
         )
     leak = audit["leakage"]
     lines.append(

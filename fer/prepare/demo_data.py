@@ -271,7 +271,8 @@ def generate_demo_data(out, per_class: int = 200, seed: int = 0) -> dict:
     out = Path(out)
     if per_class < 3:
         raise UserError(
-            f"--per-class must be at least 3 (got {per_class}): every class needs images for train, val and test"
+            f"--per-class must be at least 3 (got {per_class}): every class needs images for "
+            "train, val and test"
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(

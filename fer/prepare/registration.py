@@ -7,49 +7,43 @@ around that shift is hashed again: a shifted copy registers onto the same conten
 hash is close to its source's. The registration is shift-only and the mean face is a weak template
 for faces that are not frontal, so each image also gets two **probe** hashes, compared with the
 others' registered hashes:
-- the central 72 % (zoom 0.9) at the same shift: a padded border shrinks the face by 4-14 % and a
-  crop enlarges it by 2-11 %, which a shift cannot undo (the probe of the bordered copy, or of the
-  cropped copy's source, matches the other's registered hash);
+- the central 72 % (zoom 0.9) at the same shift: a padded border shrinks the face and a crop
+  enlarges it, which a shift cannot undo (the probe of the bordered copy, or of the cropped copy's
+  source, matches the other's registered hash);
 - the central 80 % at the second-best correlation peak (at least 3 px from the best): where a
   shifted copy makes the registration pick another peak, one image's second peak is usually the
   other's first.
-Measured on the calibration fixtures only (benchmarks/duplicates_eval.py): registered hashes alone
-find 82 % of shifted and 68 % of bordered copies; with the probes 90 % and 88 %.
 
 Borders and fills defeat the registration most often (a black or white frame moves the correlation
 peak), so images with **uniform margins** (`margins`: edge lines that are nearly constant, as a
 padded border or a shifted copy's fill leave them) also get a **trimmed hash**: the pHash of the
 image with its margins cut off and the rest stretched back (`trim`), compared with every image's
-plain pHash. A padded copy trimmed is its source again (up to resampling). On the calibration
-fixtures this lifts bordered copies from 89-90 % to 97-99 % and shifted ones from 92-95 % to 95-98 %
-(docs/duplicates.md).
+plain pHash. A padded copy trimmed is its source again (up to resampling). What each signal adds,
+on the calibration fixtures of benchmarks/duplicates_eval.py: docs/duplicates.md.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fer.prepare.hashing import (
-    THUMB,
-    _blur121,
-    _interp_weights,
-    _normalise,
-    _resample,
-    _sparse_nonzero,
-    _window_stats,
+from fer.prepare.hashing import THUMB, phash_array, sparse_nonzero
+from fer.prepare.image_ops import (
+    blur121,
     halve,
-    phash_array,
+    interp_weights,
+    normalise,
+    resample,
+    window_sums,
 )
 
 REG_WINDOW = 16  # template: the central 16x16 of the 32 px mean face
-# shifts searched: +-6 px at 32 px (19 %; +-8 registers FER2013 calibration copies less often)
+# shifts searched: +-6 px at 32 px (19 %; a wider search registers copies less often)
 REG_RADIUS = 6
 # the registered hash covers the central 80 % (fill, borders and watermarks at the edges drop out)
 REG_CENTRAL = 0.8
 PROBE_ZOOM = 0.9  # the scale probe: central 72 %
-SECOND_PEAK_GAP = (
-    3  # the second peak is the best one at least this many pixels (32 px) from the first
-)
+# the second peak is the best one at least this many pixels (32 px) from the first
+SECOND_PEAK_GAP = 3
 VARIANTS = 3  # 0: registered, 1: scale probe, 2: second-peak probe
 
 
@@ -59,9 +53,9 @@ def registration_template(sigs: np.ndarray, rows: np.ndarray, sample: int = 4096
     pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).round().astype(np.int64)]
     mean = np.zeros((THUMB, THUMB))
     for start in range(0, len(pick), 1024):  # in chunks: a float copy of a signature is 16 KiB
-        mean += _normalise(
-            _blur121(halve(sigs[pick[start : start + 1024]].astype(np.float32)))
-        ).sum(axis=0)
+        mean += normalise(blur121(halve(sigs[pick[start : start + 1024]].astype(np.float32)))).sum(
+            axis=0
+        )
     m = (THUMB - REG_WINDOW) // 2
     t = mean[m : m + REG_WINDOW, m : m + REG_WINDOW]
     t = t - t.mean()
@@ -78,27 +72,23 @@ def register(
     (`variant_thumbs`)."""
     out = np.empty((len(rows), 4), dtype=np.float32)
     hashes = np.empty((VARIANTS, len(rows)), dtype=np.uint64)
-    size, r, m = (
-        THUMB,
-        REG_RADIUS,
-        (THUMB - REG_WINDOW) // 2,
-    )  # no wrap-around: m + r + REG_WINDOW <= THUMB
+    # no wrap-around: m + r + REG_WINDOW <= THUMB
+    size, r, m = THUMB, REG_RADIUS, (THUMB - REG_WINDOW) // 2
     ft = np.conj(np.fft.rfft2(template, s=(size, size)))
     span = 2 * r + 1
     grid_y, grid_x = np.divmod(np.arange(span * span), span)
     for start in range(0, len(rows), chunk):
         x32 = halve(sigs[rows[start : start + chunk]].astype(np.float32))
-        x = _blur121(x32)
+        x = blur121(x32)
         n = len(x)
         num = np.fft.irfft2(np.fft.rfft2(x, s=(size, size)) * ft, s=(size, size))[
             :, m - r : m + r + 1, m - r : m + r + 1
         ]
         w = REG_WINDOW
         region = x[:, m - r : m + r + w, m - r : m + r + w]  # every window the search looks at
-        region = region - region.mean(
-            axis=(1, 2), keepdims=True
-        )  # small sums: float32 stays exact enough
-        total, squares = _window_stats(region, r, w), _window_stats(region * region, r, w)
+        # small sums: float32 stays exact enough
+        region = region - region.mean(axis=(1, 2), keepdims=True)
+        total, squares = window_sums(region, r, w), window_sums(region * region, r, w)
         spread = np.sqrt(np.maximum(squares - total * total / (w * w), 1e-6))
         corr = (num / spread).reshape(n, -1)
         at = np.arange(n)
@@ -139,7 +129,7 @@ def _variants(x32: np.ndarray, offsets: np.ndarray, variant) -> np.ndarray:
     zoom = np.where(variant == 1, REG_CENTRAL * PROBE_ZOOM, REG_CENTRAL).astype(np.float32)
     dy = np.where(variant == 2, offsets[:, 2], offsets[:, 0]).astype(np.float32)
     dx = np.where(variant == 2, offsets[:, 3], offsets[:, 1]).astype(np.float32)
-    return _resample(x32, zoom, dy, dx)
+    return resample(x32, zoom, dy, dx)
 
 
 def _parabola(
@@ -182,7 +172,7 @@ def probe_pairs(
             for rows, cols in ((h[v, start:stop, None], cols0), (rows0, h[v, None, start:])):
                 np.bitwise_count(np.bitwise_xor(rows, cols, out=x), out=d)
                 np.minimum(b, d, out=b)
-        r, c = _sparse_nonzero(b <= max_bits)
+        r, c = sparse_nonzero(b <= max_bits)
         keep = c > r  # c counts from `start`: drops self-pairs and pairs already seen
         found.append(np.stack([start + r[keep], start + c[keep]], axis=1))
     pairs = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
@@ -198,10 +188,9 @@ def probe_pairs(
     return pairs, how
 
 
-MARGIN_TOL = (
-    10  # grey levels: a uniform margin line varies less than this and matches the outermost line
-)
-MARGIN_MIN = 1  # pixels at 64 px (1: better border and shift recall on calibration than 2 or 3)
+# grey levels: a uniform margin line varies less than this and matches the outermost line
+MARGIN_TOL = 10
+MARGIN_MIN = 1  # pixels at 64 px (the border and shift recall on calibration is best at 1)
 MARGIN_CAP = 16  # at most a quarter of the size per side
 
 
@@ -216,9 +205,8 @@ def margins(sigs: np.ndarray, rows: np.ndarray) -> np.ndarray:
         cols = x.transpose(0, 2, 1)
         sides = (x[:, :c], x[:, : -c - 1 : -1], cols[:, :c], cols[:, : -c - 1 : -1])
         for side, lines in enumerate(sides):
-            lines = np.ascontiguousarray(
-                lines
-            )  # (n, c, size): the c lines nearest the edge, outermost first
+            # (n, c, size): the c lines nearest the edge, outermost first
+            lines = np.ascontiguousarray(lines)
             level = lines.mean(axis=2, dtype=np.float32)
             uniform = (lines.max(axis=2) - lines.min(axis=2) <= MARGIN_TOL) & (
                 np.abs(level - level[:, :1]) <= MARGIN_TOL
@@ -232,8 +220,8 @@ def trim(sigs: np.ndarray, rows: np.ndarray, margin: np.ndarray) -> np.ndarray:
     stretched back to the full size."""
     n = sigs.shape[1]
     top, bottom, left, right = margin.astype(np.float32).T
-    wy = _interp_weights(n, (n - 1 - top - bottom) / (n - 1), (top - bottom) / 2)
-    wx = _interp_weights(n, (n - 1 - left - right) / (n - 1), (left - right) / 2)
+    wy = interp_weights(n, (n - 1 - top - bottom) / (n - 1), (top - bottom) / 2)
+    wx = interp_weights(n, (n - 1 - left - right) / (n - 1), (left - right) / 2)
     return wy @ sigs[rows].astype(np.float32) @ wx.transpose(0, 2, 1)
 
 

@@ -55,7 +55,8 @@ def _is_inside(path: Path, root: Path) -> bool:
 
 
 def scan_dataset(data_dir, classes: list[str] | None = None) -> ScanResult:
-    """List every file under DATA with its class and, for files that will not be read, the reason."""
+    """List every file under DATA with its class and, for files that will not be read, the
+    reason."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise UserError(f"DATA folder not found: {data_dir}")
@@ -91,9 +92,9 @@ def scan_dataset(data_dir, classes: list[str] | None = None) -> ScanResult:
         any(e.is_dir() for e in os.scandir(root / c)) for c in class_folders
     ):
         raise UserError(
-            f"{data_dir} holds split folders ({', '.join(class_folders)}) with class folders inside; "
-            f"fer-study expects DATA/<class>/<images>: merge the splits into class folders and "
-            f"give the original split with --predefined (file-name patterns or a path,split CSV)"
+            f"{data_dir} holds split folders ({', '.join(class_folders)}) with class folders "
+            "inside; fer-study expects DATA/<class>/<images>: merge the splits into class folders "
+            "and give the original split with --predefined (file-name patterns or a path,split CSV)"
         )
     return ScanResult(root, entries, class_folders, unknown)
 
