@@ -230,7 +230,8 @@ def test_edge_of_range_warnings():
 
 
 def test_edge_warnings_use_each_backbones_own_range():
-    """per_backbone: a backbone's own range decides its edges; a key fixed for it is not searched."""
+    """per_backbone: a backbone's own range decides its edges; a key fixed for it is not
+    searched."""
     from study.report import BackboneResult, StudyResults, edge_warnings
 
     space = {
@@ -291,10 +292,10 @@ def test_comparison_tables_fit_a_1280_px_page(report):
     _, out = report
     page = (out / "report.html").read_text()
     check = (
-        "<script>window.addEventListener('load', () => {const wide = [...document.querySelectorAll('.scroll')]"
-        ".filter(d => d.scrollWidth > d.clientWidth + 1).map(d => d.querySelector('th').textContent);"
-        "document.title = 'TABLES ' + document.querySelectorAll('.scroll').length + ' WIDE ' + wide.join('/');"
-        "});</script>"
+        "<script>window.addEventListener('load', () => {const wide = "
+        "[...document.querySelectorAll('.scroll')].filter(d => d.scrollWidth > d.clientWidth + "
+        "1).map(d => d.querySelector('th').textContent);document.title = 'TABLES ' + "
+        "document.querySelectorAll('.scroll').length + ' WIDE ' + wide.join('/');});</script>"
     )
     probe = out.parent / "width_probe.html"
     probe.write_text(page.replace("</body>", check + "</body>"))

@@ -1,4 +1,5 @@
-"""Search-space YAML validation: the shipped spaces load, and mistakes are named in one-line errors."""
+"""Search-space YAML validation: the shipped spaces load, and mistakes are named in one-line
+errors."""
 
 from pathlib import Path
 

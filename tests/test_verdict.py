@@ -1,5 +1,6 @@
-"""The report's verdict (study.report.verdict): chance, undertrained and collapse flags on hand-made
-histories and predictions, and the paired comparisons of a small hand-made study."""
+"""The report's verdict (study.report.verdict, verdict_flags): chance, undertrained and collapse
+flags on hand-made histories and predictions, and the paired comparisons of a small hand-made study.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +12,15 @@ import pandas as pd
 
 from fer.train.collapse import CollapseLog
 from study.report import BackboneResult, StudyResults
-from study.report.verdict import (
-    _headline,
-    build_verdict,
-    chance_flags,
-    stage_problems,
-    undertrained,
-)
+from study.report.verdict import _headline, build_verdict
+from study.report.verdict_flags import chance_flags, stage_problems, undertrained
 
 LN5 = math.log(5)
 
 
 def _history(rows):
-    """rows: (stage, loss, val_loss, val_macro_f1) -> a history.csv-like frame with global epochs."""
+    """rows: (stage, loss, val_loss, val_macro_f1) -> a history.csv-like frame with global
+    epochs."""
     return pd.DataFrame(
         [
             {
@@ -129,7 +126,8 @@ def test_chance_flags_interval_and_one_class():
 
 
 def test_build_verdict_pairs_and_trial_flags(tmp_path):
-    """Two backbones on the same 200 test images: one clearly better; one of its trials collapsed."""
+    """Two backbones on the same 200 test images: one clearly better; one of its trials
+    collapsed."""
     rng = np.random.default_rng(0)
     labels = np.repeat(list("abcde"), 40)
     paths = [f"{c}/img_{i}.png" for i, c in enumerate(labels)]

@@ -1,11 +1,15 @@
 """`fer-study report`: from `results/<study>/` to `reports/<study>/` (report.html, report.md,
 comparison.csv, figures/).
 
-Reading the study folder is `load`, the document and its two renderings `document`, the sections
-`sections` (the Grad-CAM appendix `gradcam`, the charts `figures`). Order of the page: the data
-audit first (the numbers depend on it), then the comparison table with 95% intervals, per-backbone
-figures, search history, cross-dataset evaluations, the Grad-CAM appendix, and the backbones that
-failed or are missing.
+Reading the study folder is `load`, the document and its two renderings `document`, the opening
+verdict `verdict`, the sections `sections` (the deployment view `deploy_columns`, the naive-split
+section `naive`, the Grad-CAM appendix `gradcam_appendix` with its checks `appendix_checks`, the
+charts `figures`).
+
+Order of the page: the verdict (what to conclude, what to fix) before any table, the data audit (the
+numbers depend on it), the comparison table with 95% intervals and the deployment view,
+per-backbone figures, search history, cross-dataset evaluations, naive vs audited split, the
+Grad-CAM appendix, and the backbones that failed or are missing.
 """
 
 from __future__ import annotations
@@ -58,9 +62,8 @@ def build_report(
     header_section(doc, study)
     add_verdict(doc, study, edge_warnings(study))  # before any table: what to conclude, what to fix
     audit_section(doc, study.audit)
-    sheet = (
-        study.folder / names.DATA_DIR / names.DUPLICATES_SHEET
-    )  # written by prepare (fer/prepare/audit.py)
+    # written by prepare (fer/prepare/audit.py)
+    sheet = study.folder / names.DATA_DIR / names.DUPLICATES_SHEET
     if study.audit and sheet.is_file():
         doc.figure(
             "duplicates_sheet",

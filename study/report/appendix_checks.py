@@ -12,16 +12,30 @@ heat per region and the pointing-game hit rate per class. Every number carries i
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from study.report import figures
 
+if TYPE_CHECKING:
+    from fer.explain.gradcam import Explanation
+
 METHODS = ("Grad-CAM", "Grad-CAM++")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """The test images the checks use, explained with the appendix's Grad-CAM."""
+
+    images: np.ndarray
+    explanation: Explanation  # of `images`, by the appendix's GradCam
+    labels: np.ndarray  # their true classes (names)
+    regions: list[dict] | None = None  # per image: region -> boxes (may be empty)
+
+
+@dataclasses.dataclass(frozen=True)
 class Checks:
     layer: str
     cells: tuple[int, int]
@@ -35,72 +49,16 @@ class Checks:
 
 
 def run_checks(
-    model,
-    cam,
-    images,
-    explanation,
-    labels,
-    classes,
-    val_images=None,
-    regions=None,
-    n_sanity: int = 64,
+    model, cam, sample: Sample, classes: list[str], val_images=None, n_sanity: int = 64
 ) -> Checks:
-    """`images`/`explanation`: the test sample (explained with `cam`); `labels`: their true classes
-    (names); `val_images`: validation images that top up the faithfulness sample; `regions`: per
-    sample image a dict region -> boxes (may be empty)."""
-    from fer.explain.gradcam import overlay
-    from fer.explain.map_checks import (
-        class_mean_maps,
-        faithfulness_curves,
-        faithfulness_table,
-        gradcam_maps,
-        map_similarity,
-        randomisation_check,
-        region_stats,
-    )
+    """All checks of one backbone's maps. `val_images`: validation images that top up the
+    faithfulness sample (a small test split); `n_sanity`: images in the sanity check."""
+    from fer.explain.map_checks import faithfulness_table, map_similarity
 
-    maps = {"Grad-CAM": explanation.gradcam, "Grad-CAM++": explanation.gradcam_pp}
-    curves = _faithfulness(model, images, maps, explanation.class_ids, faithfulness_curves)
-    where = f"{len(images)} test images"
-    if val_images is not None and len(
-        val_images
-    ):  # a small test split: validation images (selects nothing)
-        e_val = cam.explain(val_images)
-        more = _faithfulness(
-            model,
-            val_images,
-            {"Grad-CAM": e_val.gradcam, "Grad-CAM++": e_val.gradcam_pp},
-            e_val.class_ids,
-            faithfulness_curves,
-            seed=1000,
-        )
-        curves = {
-            mode: {k: np.concatenate([c, more[mode][k]]) for k, c in by.items()}
-            for mode, by in curves.items()
-        }
-        where += f" and {len(val_images)} validation images"
-    k = min(n_sanity, len(images))
-    sanity = randomisation_check(
-        model,
-        images[:k],
-        explanation.class_ids[:k],
-        gradcam_maps(cam.layer_name),
-        n_backbone_steps=3,
-    )
-    predicted = np.asarray(classes)[explanation.predicted]
-    means = class_mean_maps(explanation.gradcam, labels, predicted, classes)
-    class_means = {}
-    for c, (heat, n) in means.items():
-        keep = (np.asarray(labels) == c) & (predicted == c)
-        class_means[c] = (
-            overlay(images[keep].mean(axis=0), heat / heat.max() if heat.max() > 0 else heat),
-            n,
-        )
-    region_rows = (
-        region_stats(explanation.gradcam, regions, labels, classes)
-        if regions and any(regions)
-        else []
-    )
+    curves, where = _faithfulness(model, cam, sample, val_images)
+    sanity = _sanity_check(model, cam, sample, n_sanity)
+    class_means = _class_means(sample, classes)
+    region_rows = _region_rows(sample, classes)
     return Checks(
         layer=cam.layer_name,
         cells=tuple(cam.features.output.shape[1:3]),
@@ -109,15 +67,82 @@ def run_checks(
         mean_curves={
             mode: {k: c.mean(axis=0) for k, c in by.items()} for mode, by in curves.items()
         },
-        similarity={m: map_similarity(v) for m, v in maps.items()},
+        similarity={m: map_similarity(v) for m, v in _maps(sample.explanation).items()},
         sanity=sanity,
         class_means=class_means,
         region_rows=region_rows,
     )
 
 
-def _faithfulness(model, images, maps, class_ids, fn, seed: int = 0) -> dict:
-    return fn(model, images, maps, class_ids, steps=8, seed=seed)
+def _maps(explanation: Explanation) -> dict:
+    return {"Grad-CAM": explanation.gradcam, "Grad-CAM++": explanation.gradcam_pp}
+
+
+def _curves(model, images, explanation: Explanation, seed: int = 0) -> dict:
+    """Deletion and insertion curves per image: mode -> method (and random order) -> curves."""
+    from fer.explain.map_checks import faithfulness_curves
+
+    maps = _maps(explanation)
+    return faithfulness_curves(model, images, maps, explanation.class_ids, steps=8, seed=seed)
+
+
+def _faithfulness(model, cam, sample: Sample, val_images) -> tuple[dict, str]:
+    """The curves over the test sample, topped up with validation images (which select nothing)
+    when given; and which images they are."""
+    curves = _curves(model, sample.images, sample.explanation)
+    where = f"{len(sample.images)} test images"
+    if val_images is not None and len(val_images):
+        more = _curves(model, val_images, cam.explain(val_images), seed=1000)
+        curves = {
+            mode: {k: np.concatenate([c, more[mode][k]]) for k, c in by.items()}
+            for mode, by in curves.items()
+        }
+        where += f" and {len(val_images)} validation images"
+    return curves, where
+
+
+def _sanity_check(model, cam, sample: Sample, n_sanity: int) -> dict:
+    """Model randomisation on the first `n_sanity` sample images."""
+    from fer.explain.map_checks import gradcam_maps, randomisation_check
+
+    k = min(n_sanity, len(sample.images))
+    return randomisation_check(
+        model,
+        sample.images[:k],
+        sample.explanation.class_ids[:k],
+        gradcam_maps(cam.layer_name),
+        n_backbone_steps=3,
+    )
+
+
+def _class_means(sample: Sample, classes: list[str]) -> dict:
+    """class -> (its mean Grad-CAM over correctly classified images, drawn over their mean image;
+    how many)."""
+    from fer.explain.gradcam import overlay
+    from fer.explain.map_checks import class_mean_maps
+
+    explanation, labels = sample.explanation, sample.labels
+    predicted = np.asarray(classes)[explanation.predicted]
+    means = class_mean_maps(explanation.gradcam, labels, predicted, classes)
+    class_means = {}
+    for c, (heat, n) in means.items():
+        keep = (np.asarray(labels) == c) & (predicted == c)
+        class_means[c] = (
+            overlay(
+                sample.images[keep].mean(axis=0), heat / heat.max() if heat.max() > 0 else heat
+            ),
+            n,
+        )
+    return class_means
+
+
+def _region_rows(sample: Sample, classes: list[str]) -> list[dict]:
+    from fer.explain.map_checks import region_stats
+
+    regions = sample.regions
+    if not (regions and any(regions)):
+        return []
+    return region_stats(sample.explanation.gradcam, regions, sample.labels, classes)
 
 
 def warnings(name: str, checks: Checks) -> list[str]:
@@ -135,14 +160,16 @@ def warnings(name: str, checks: Checks) -> list[str]:
         sim = checks.similarity[method]
         if sim["same_map"]:
             why.append(
-                f"its maps are nearly the same for every image (median rank correlation between "
-                f"different images' maps {sim['median_rho']:.2f} > {SAME_MAP_RHO}, n = {sim['images']})"
+                "its maps are nearly the same for every image (median rank correlation between "
+                f"different images' maps {sim['median_rho']:.2f} > {SAME_MAP_RHO}, n = "
+                f"{sim['images']})"
             )
         rho = checks.sanity["median_rho"][method][-1]
         if checks.sanity["fails"][method]:
             why.append(
-                f"it fails the model-randomisation sanity check (median rank correlation {rho:.2f} > "
-                f"{SANITY_RHO} with the fully randomised model's maps, n = {checks.sanity['images']})"
+                "it fails the model-randomisation sanity check (median rank correlation "
+                f"{rho:.2f} > {SANITY_RHO} with the fully randomised model's maps, n = "
+                f"{checks.sanity['images']})"
             )
         if why:
             out.append(
@@ -165,13 +192,22 @@ def _fmt(v: float) -> str:
 
 def render(doc, name: str, checks: Checks) -> None:
     """The tables and figures of the checks, after the heatmaps."""
-    from fer.explain.map_checks import BASELINE, SANITY_RHO, disagreements
+    _render_faithfulness(doc, name, checks)
+    _render_sanity(doc, name, checks)
+    _render_class_means(doc, name, checks)
+    _render_regions(doc, name, checks)
+
+
+def _render_faithfulness(doc, name: str, checks: Checks) -> None:
+    """The deletion and insertion curves, their areas against random order, and whether the two
+    agree."""
+    from fer.explain.map_checks import BASELINE, disagreements
 
     doc.figure(
         f"deletion_{name}",
         figures.faithfulness_curves(checks.mean_curves, name),
-        f"{name}: deletion (left, lower area = faster drop) and insertion (right, higher area = faster "
-        f"rise) curves on {checks.where}; removed / not yet inserted pixels take {BASELINE}",
+        f"{name}: deletion (left, lower area = faster drop) and insertion (right, higher area = "
+        f"faster rise) curves on {checks.where}; removed / not yet inserted pixels take {BASELINE}",
     )
     table = pd.DataFrame(
         [
@@ -200,20 +236,28 @@ def render(doc, name: str, checks: Checks) -> None:
             else "agree on every method's verdict against random order."
         )
     )
+
+
+def _render_sanity(doc, name: str, checks: Checks) -> None:
+    """The model-randomisation curve, and each method's sanity and same-map numbers in words."""
+    from fer.explain.map_checks import SANITY_RHO
+
     s = checks.sanity
     doc.figure(
         f"sanity_{name}",
         figures.sanity_curves(s["steps"], s["median_rho"], name),
-        f"{name}: model-randomisation sanity check on {s['images']} test images: median Spearman rank "
-        "correlation between the trained model's maps and those of the model with its head, then more and "
-        f"more backbone layers from the top re-drawn (kernels re-drawn, other weights shuffled). Above "
-        f"{SANITY_RHO} at the end: the maps do not depend on what the model learned",
+        f"{name}: model-randomisation sanity check on {s['images']} test images: median Spearman "
+        "rank correlation between the trained model's maps and those of the model with its head, "
+        "then more and more backbone layers from the top re-drawn (kernels re-drawn, other weights "
+        f"shuffled). Above {SANITY_RHO} at the end: the maps do not depend on what the model "
+        "learned",
     )
     doc.para(
         f"{name}: "
         + "; ".join(
-            f"{m} {'FAILS' if s['fails'][m] else 'passes'} the sanity check (median rank correlation "
-            f"{s['median_rho'][m][-1]:.2f} with the fully randomised model, n = {s['images']})"
+            f"{m} {'FAILS' if s['fails'][m] else 'passes'} the sanity check (median rank "
+            f"correlation {s['median_rho'][m][-1]:.2f} with the fully randomised model, n = "
+            f"{s['images']})"
             for m in METHODS
         )
         + "; "
@@ -224,6 +268,9 @@ def render(doc, name: str, checks: Checks) -> None:
         )
         + "."
     )
+
+
+def _render_class_means(doc, name: str, checks: Checks) -> None:
     if checks.class_means:
         doc.figure(
             f"class_means_{name}",
@@ -231,14 +278,18 @@ def render(doc, name: str, checks: Checks) -> None:
                 [[(img, f"{c} (n={n})") for c, (img, n) in checks.class_means.items()]],
                 f"{name}: mean Grad-CAM per class",
             ),
-            f"{name}: where each expression is read: the mean Grad-CAM of the predicted class over the correctly "
-            f"classified images of each class among the {checks.where.split(' and ')[0]} (n per panel), drawn "
-            "over their mean image",
+            f"{name}: where each expression is read: the mean Grad-CAM of the predicted class "
+            "over the correctly classified images of each class among the "
+            f"{checks.where.split(' and ')[0]} (n per panel), drawn over their mean image",
         )
+
+
+def _render_regions(doc, name: str, checks: Checks) -> None:
     if checks.region_rows:
         doc.para(
-            f"{name}: share of Grad-CAM's heat inside each expression region and the pointing-game hit rate "
-            "(the hottest pixel inside any region), per true class, over the sample images that have regions:"
+            f"{name}: share of Grad-CAM's heat inside each expression region and the "
+            "pointing-game hit rate (the hottest pixel inside any region), per true class, over "
+            "the sample images that have regions:"
         )
         doc.table(pd.DataFrame(checks.region_rows).round(3))
 

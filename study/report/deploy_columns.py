@@ -138,9 +138,10 @@ def deployment_section(doc, rows: list[dict]) -> None:
     front = pareto_front([(r["cpu_latency_ms"], r["accuracy"]) for r in timed])
     doc.heading("Accuracy for its cost (deployment view)")
     doc.para(
-        "Size: the model's variables (what a float export holds; the .keras file adds the optimizer's state). "
-        "Latency: one image through the Keras model, median and 90th percentile of 50 calls after warm-up; "
-        "throughput: images/s at batch 64. Measured once, when the study evaluated each best model, on: "
+        "Size: the model's variables (what a float export holds; the .keras file adds the "
+        "optimizer's state). Latency: one image through the Keras model, median and 90th "
+        "percentile of 50 calls after warm-up; throughput: images/s at batch 64. Measured once, "
+        "when the study evaluated each best model, on: "
         + "; ".join(sorted({r["latency_machine"] for r in timed}))
         + ". Backbones on the Pareto front "
         "(no other backbone is both faster and more accurate): "
@@ -150,5 +151,6 @@ def deployment_section(doc, rows: list[dict]) -> None:
     doc.figure(
         "accuracy_latency",
         accuracy_latency_chart(timed, front),
-        "Test accuracy (95% interval) against one-image CPU latency; the line joins the Pareto front",
+        "Test accuracy (95% interval) against one-image CPU latency; the line joins the Pareto "
+        "front",
     )

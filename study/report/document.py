@@ -19,7 +19,8 @@ import pandas as pd
 
 @dataclasses.dataclass
 class Document:
-    """Blocks rendered to both Markdown and HTML; figures kept as PNG bytes under a file-safe name."""
+    """Blocks rendered to both Markdown and HTML; figures kept as PNG bytes under a file-safe
+    name."""
 
     title: str
     blocks: list[tuple] = dataclasses.field(default_factory=list)
@@ -85,7 +86,8 @@ class Document:
                     for row in frame.itertuples(index=False)
                 )
                 parts.append(
-                    f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+                    f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+                    f"<tbody>{rows}</tbody></table></div>"
                 )
             elif kind == "figure":
                 data = base64.b64encode(self.figures[block[1]]).decode("ascii")
@@ -101,7 +103,8 @@ _HTML_PAGE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; \
+padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }}
 th {{ background: #f2f2f2; }}

@@ -42,7 +42,8 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 @dataclasses.dataclass
 class BackboneResult:
-    """What the study left for one backbone; `status` is ok (tested best model), failed or missing."""
+    """What the study left for one backbone; `status` is ok (tested best model), failed or
+    missing."""
 
     name: str
     status: str
@@ -53,9 +54,8 @@ class BackboneResult:
     summary: dict = dataclasses.field(default_factory=dict)
     history: pd.DataFrame | None = None
     trials: pd.DataFrame | None = None
-    seeds: dict = dataclasses.field(
-        default_factory=dict
-    )  # best/<backbone>/seeds.json (final_seeds)
+    # best/<backbone>/seeds.json (final_seeds)
+    seeds: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -125,81 +125,13 @@ def _count_params(folder: Path) -> int | None:
 def load_study(results: Path) -> StudyResults:
     """Read everything the report needs; missing parts become notes, not errors."""
     results = Path(results)
-    if not results.is_dir():
-        raise UserError(f"no such study folder: {results}")
-    if not names.has_study_results(results):
-        raise UserError(
-            f"{results} is not a study folder (no {names.STUDY_FILE} or {names.TRIALS_CSV}); run `fer-study run` first"
-        )
+    _check_study_folder(results)
     info = _read_json(results / names.STUDY_FILE) or {}
     trials = _read_csv(results / names.TRIALS_CSV)
-    expected = list((info.get("space") or {}).get("backbones") or [])
-    if trials is not None and "backbone" in trials:
-        expected += [b for b in trials["backbone"].astype(str).unique() if b not in expected]
     best_dir = results / names.BEST_DIR
-    if best_dir.is_dir():
-        expected += [
-            p.name
-            for p in sorted(best_dir.iterdir())
-            if p.is_dir() and p.name not in expected and not p.name.endswith(".partial")
-        ]
-    backbones = []
-    for name in expected:
-        own_trials = (
-            trials[trials["backbone"].astype(str) == name]
-            if trials is not None and "backbone" in trials
-            else None
-        )
-        folder = best_dir / name
-        test = _read_json(folder / names.TEST_METRICS_FILE)
-        if test is None:
-            counts = trial_counts(own_trials)
-            if counts["trials"] and counts["errored"] == counts["trials"]:
-                status, note = (
-                    "failed",
-                    f"all {counts['trials']} trials errored: {_error_message(own_trials)}",
-                )
-            elif folder.is_dir():
-                status = "failed"
-                note = f"the best model was not evaluated on the test split (no {names.TEST_METRICS_FILE})"
-            else:
-                status, note = (
-                    "missing",
-                    (
-                        f"{counts['trials']} trials recorded, no best model"
-                        if counts["trials"]
-                        else "no trials and no best model in the results"
-                    ),
-                )
-            backbones.append(
-                BackboneResult(
-                    name, status, note, folder if folder.is_dir() else None, trials=own_trials
-                )
-            )
-            continue
-        summary = {
-            **_selected_trial(folder, own_trials),
-            **(_read_json(folder / names.SUMMARY_FILE) or {}),
-        }
-        if summary.get("params") is None:
-            summary["params"] = _count_params(folder)
-        backbones.append(
-            BackboneResult(
-                name,
-                "ok",
-                folder=folder,
-                config=_read_json(folder / names.CONFIG_FILE) or {},
-                test=test,
-                summary=summary,
-                history=_read_csv(folder / names.HISTORY_FILE),
-                trials=own_trials,
-                seeds=_read_json(folder / names.SEEDS_FILE) or {},
-            )
-        )
-    evaluations = [
-        e
-        for e in (_read_json(p) for p in sorted((results / names.EVALUATIONS_DIR).glob("*.json")))
-        if e and "metrics" in e
+    backbones = [
+        _backbone_result(name, best_dir / name, _trials_of(trials, name))
+        for name in _expected_backbones(info, trials, best_dir)
     ]
     return StudyResults(
         results,
@@ -208,5 +140,89 @@ def load_study(results: Path) -> StudyResults:
         _read_json(results / names.DATA_DIR / names.AUDIT_FILE),
         trials,
         backbones,
-        evaluations,
+        _evaluations(results),
     )
+
+
+def _check_study_folder(results: Path) -> None:
+    if not results.is_dir():
+        raise UserError(f"no such study folder: {results}")
+    if not names.has_study_results(results):
+        raise UserError(
+            f"{results} is not a study folder (no {names.STUDY_FILE} or {names.TRIALS_CSV}); "
+            "run `fer-study run` first"
+        )
+
+
+def _expected_backbones(info: dict, trials: pd.DataFrame | None, best_dir: Path) -> list[str]:
+    """The space's backbones, then any other that left trials or a best folder, so that none is
+    silently left out of the report."""
+    expected = list((info.get("space") or {}).get("backbones") or [])
+    if trials is not None and "backbone" in trials:
+        expected += [b for b in trials["backbone"].astype(str).unique() if b not in expected]
+    if best_dir.is_dir():
+        expected += [
+            p.name
+            for p in sorted(best_dir.iterdir())
+            if p.is_dir() and p.name not in expected and not p.name.endswith(".partial")
+        ]
+    return expected
+
+
+def _trials_of(trials: pd.DataFrame | None, name: str) -> pd.DataFrame | None:
+    if trials is None or "backbone" not in trials:
+        return None
+    return trials[trials["backbone"].astype(str) == name]
+
+
+def _backbone_result(name: str, folder: Path, own_trials: pd.DataFrame | None) -> BackboneResult:
+    """ok with everything its best folder holds when the best model was tested, else failed or
+    missing with why."""
+    test = _read_json(folder / names.TEST_METRICS_FILE)
+    if test is None:
+        status, note = _why_untested(folder, own_trials)
+        return BackboneResult(
+            name, status, note, folder if folder.is_dir() else None, trials=own_trials
+        )
+    summary = {
+        **_selected_trial(folder, own_trials),
+        **(_read_json(folder / names.SUMMARY_FILE) or {}),
+    }
+    if summary.get("params") is None:
+        summary["params"] = _count_params(folder)
+    return BackboneResult(
+        name,
+        "ok",
+        folder=folder,
+        config=_read_json(folder / names.CONFIG_FILE) or {},
+        test=test,
+        summary=summary,
+        history=_read_csv(folder / names.HISTORY_FILE),
+        trials=own_trials,
+        seeds=_read_json(folder / names.SEEDS_FILE) or {},
+    )
+
+
+def _why_untested(folder: Path, own_trials: pd.DataFrame | None) -> tuple[str, str]:
+    """(status, note) of a backbone without test metrics: failed (every trial errored, or the best
+    model was never evaluated) or missing."""
+    counts = trial_counts(own_trials)
+    if counts["trials"] and counts["errored"] == counts["trials"]:
+        return "failed", f"all {counts['trials']} trials errored: {_error_message(own_trials)}"
+    if folder.is_dir():
+        return (
+            "failed",
+            f"the best model was not evaluated on the test split (no {names.TEST_METRICS_FILE})",
+        )
+    if counts["trials"]:
+        return "missing", f"{counts['trials']} trials recorded, no best model"
+    return "missing", "no trials and no best model in the results"
+
+
+def _evaluations(results: Path) -> list[dict]:
+    """`fer-study evaluate` results stored with the study (evaluations/*.json)."""
+    return [
+        e
+        for e in (_read_json(p) for p in sorted((results / names.EVALUATIONS_DIR).glob("*.json")))
+        if e and "metrics" in e
+    ]

@@ -47,9 +47,10 @@ def naive_split_section(doc, study_dir: Path) -> None:
         return
     doc.heading("Naive vs audited split")
     doc.para(
-        "Each backbone's selected configuration retrained on the split a notebook would make (random "
-        "70/15/15 over files: duplicates and subjects ignored) and on the audited split (duplicates and "
-        f"subjects kept whole), over {data.get('seeds')} split seeds each (mean ± sd; the gap is paired by "
-        "seed). The gap is how much a random split flatters the test accuracy (results/<study>/naive_split.json)."
+        "Each backbone's selected configuration retrained on the split a notebook would make "
+        "(random 70/15/15 over files: duplicates and subjects ignored) and on the audited split "
+        f"(duplicates and subjects kept whole), over {data.get('seeds')} split seeds each (mean ± "
+        "sd; the gap is paired by seed). The gap is how much a random split flatters the test "
+        "accuracy (results/<study>/naive_split.json)."
     )
     doc.table(pd.DataFrame(rows))

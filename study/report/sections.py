@@ -5,6 +5,7 @@ Grad-CAM appendix is in study.report.gradcam_appendix). Each writes blocks into 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -22,15 +23,36 @@ SUMMARY_METRICS = (
     ("macro_f1", "macro F1"),
     ("weighted_f1", "weighted F1"),
 )
+# the comparison's second table: what each best model cost to find and train
+TRAINING_COLUMNS = [
+    "params",
+    "best hyperparameters",
+    "trials",
+    "stopped early",
+    "errored",
+    "train s",
+    "images/s",
+]
 
 
 def audit_section(doc: Document, audit: dict | None) -> None:
+    """What went into the numbers: files per class and split, what was excluded and why, and the
+    leakage check."""
     doc.heading("Data audit")
     if not audit:
         doc.warn(
-            f"no {names.DATA_DIR}/{names.AUDIT_FILE} in the study folder: the data behind these numbers was not audited"
+            f"no {names.DATA_DIR}/{names.AUDIT_FILE} in the study folder: the data behind these "
+            "numbers was not audited"
         )
         return
+    _audit_counts(doc, audit)
+    _audit_totals(doc, audit)
+    _audit_leakage(doc, audit)
+    _audit_left_out(doc, audit)
+
+
+def _audit_counts(doc: Document, audit: dict) -> None:
+    """Files per class and split, with the class weights and a total row."""
     counts = audit.get("counts", {})
     splits = ("train", "val", "test", "excluded")
     rows = [
@@ -48,24 +70,35 @@ def audit_section(doc: Document, audit: dict | None) -> None:
             "class weight": None,
         }
         doc.table(pd.DataFrame(rows + [total]))
+
+
+def _audit_totals(doc: Document, audit: dict) -> None:
     t, d = audit.get("totals", {}), audit.get("duplicates", {})
     doc.para(
-        f"{t.get('files', '?')} files: {t.get('quarantined', 0)} quarantined, {audit.get('converted', 0)} "
-        f"converted (decoded from another mode or format), {t.get('duplicate', 0)} excluded as duplicates "
-        f"({d.get('exact_clusters', 0)} exact and {d.get('near_clusters', 0)} near-duplicate clusters), "
-        f"{len(audit.get('label_conflicts', []))} label conflicts, {audit.get('groups', '?')} groups "
-        "(subjects or duplicate clusters) kept whole within one split."
+        f"{t.get('files', '?')} files: {t.get('quarantined', 0)} quarantined, "
+        f"{audit.get('converted', 0)} converted (decoded from another mode or format), "
+        f"{t.get('duplicate', 0)} excluded as duplicates ({d.get('exact_clusters', 0)} exact and "
+        f"{d.get('near_clusters', 0)} near-duplicate clusters), "
+        f"{len(audit.get('label_conflicts', []))} label conflicts, {audit.get('groups', '?')} "
+        "groups (subjects or duplicate clusters) kept whole within one split."
     )
+
+
+def _audit_leakage(doc: Document, audit: dict) -> None:
     leak = audit.get("leakage", {})
     if leak:
         text = (
-            f"Leakage check: {leak.get('duplicate_pairs_across_splits', '?')} near-duplicate pairs and "
-            f"{leak.get('groups_across_splits', '?')} groups across splits"
+            f"Leakage check: {leak.get('duplicate_pairs_across_splits', '?')} near-duplicate "
+            f"pairs and {leak.get('groups_across_splits', '?')} groups across splits"
         )
         if leak.get("ok"):
             doc.para(text + ": OK.")
         else:
             doc.warn(text + ": FAILED, test scores may be optimistic.")
+
+
+def _audit_left_out(doc: Document, audit: dict) -> None:
+    """Folders that are not classes, classes left empty, and the quarantined files with why."""
     for key, what in (
         ("unknown_class_folders", "folders not used as classes"),
         ("empty_classes", "class folders without usable images (dropped)"),
@@ -124,77 +157,66 @@ def comparison_rows(study: StudyResults) -> list[dict]:
 
 
 def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> None:
+    """The comparison in three tables (scores, training, deployment: each fits the page) and a
+    chart of the scores with their intervals."""
     doc.heading("Comparison of backbones (test split)")
     metric = study.space.get("metric", "the validation metric")
     doc.para(
-        f"Each backbone had its own hyperparameter search; the trial chosen by {metric} on the validation "
-        "split was evaluated once on the test split. Brackets: 95% bootstrap intervals over test images. "
-        "Overlapping intervals mean the test split cannot tell the backbones apart."
+        f"Each backbone had its own hyperparameter search; the trial chosen by {metric} on the "
+        "validation split was evaluated once on the test split. Brackets: 95% bootstrap intervals "
+        "over test images. Overlapping intervals mean the test split cannot tell the backbones "
+        "apart."
     )
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         doc.warn("no backbone has a tested best model: there is nothing to compare")
-    else:
-        shown, deployment = [], []
-        for r in ok:
-            line = {"backbone": r["backbone"]}
-            for key, label in SUMMARY_METRICS:
-                line[f"{label} [95% CI]"] = (
-                    f"{r[key]:.3f} [{r[f'{key}_lo']:.3f}, {r[f'{key}_hi']:.3f}]"
+        return
+    shown = [_shown_line(r) for r in ok]
+    deployment = [
+        {"backbone": r["backbone"], "params": line["params"], **deployment_cells(r)}
+        for r, line in zip(ok, shown)
+        if deployment_cells(r)
+    ]
+    frame = pd.DataFrame(shown)
+    doc.table(frame.drop(columns=TRAINING_COLUMNS))
+    doc.table(frame[["backbone"] + TRAINING_COLUMNS])
+    if deployment:
+        doc.table(pd.DataFrame(deployment))
+    doc.figure(
+        "comparison",
+        figures.comparison_chart(ok),
+        "Test accuracy and macro F1 with 95% intervals",
+    )
+
+
+def _shown_line(r: dict) -> dict:
+    """One comparison row as shown: scores with intervals, seed spreads, F1 per class, then what
+    the training cost."""
+    line = {"backbone": r["backbone"]}
+    for key, label in SUMMARY_METRICS:
+        line[f"{label} [95% CI]"] = f"{r[key]:.3f} [{r[f'{key}_lo']:.3f}, {r[f'{key}_hi']:.3f}]"
+    if r.get("seeds"):
+        for key, label in SUMMARY_METRICS[:2]:
+            if r.get(f"seed_{key}_mean") is not None:
+                line[f"{label}, retrained with {r['seeds']} other seeds (mean ± sd)"] = (
+                    f"{r[f'seed_{key}_mean']:.3f} ± {r[f'seed_{key}_sd']:.3f}"
                 )
-            if r.get("seeds"):
-                for key, label in SUMMARY_METRICS[:2]:
-                    if r.get(f"seed_{key}_mean") is not None:
-                        line[f"{label}, retrained with {r['seeds']} other seeds (mean ± sd)"] = (
-                            f"{r[f'seed_{key}_mean']:.3f} ± {r[f'seed_{key}_sd']:.3f}"
-                        )
-            line.update(
-                {k.removeprefix("f1_") + " F1": v for k, v in r.items() if k.startswith("f1_")}
-            )
-            line["params"] = f"{r['params'] / 1e6:.2f} M" if r.get("params") else None
-            line["best hyperparameters"] = ", ".join(
-                f"{k.removeprefix('hp_')}={format_cell(v)}"
-                for k, v in r.items()
-                if k.startswith("hp_")
-            )
-            line.update(
-                {
-                    "trials": r["trials"],
-                    "stopped early": r["stopped_early"],
-                    "errored": r["errored"],
-                    "train s": r.get("train_s"),
-                    "images/s": r.get("images_per_s"),
-                    "n test": r.get("n_test"),
-                }
-            )
-            shown.append(line)
-            if deployment_cells(r):
-                deployment.append(
-                    {"backbone": r["backbone"], "params": line["params"], **deployment_cells(r)}
-                )
-        frame, training = (
-            pd.DataFrame(shown),
-            [
-                "params",
-                "best hyperparameters",
-                "trials",
-                "stopped early",
-                "errored",
-                "train s",
-                "images/s",
-            ],
-        )
-        doc.table(
-            frame.drop(columns=training)
-        )  # tables of scores, training and deployment, so each fits the page
-        doc.table(frame[["backbone"] + training])
-        if deployment:
-            doc.table(pd.DataFrame(deployment))
-        doc.figure(
-            "comparison",
-            figures.comparison_chart(ok),
-            "Test accuracy and macro F1 with 95% intervals",
-        )
+    line.update({k.removeprefix("f1_") + " F1": v for k, v in r.items() if k.startswith("f1_")})
+    line["params"] = f"{r['params'] / 1e6:.2f} M" if r.get("params") else None
+    line["best hyperparameters"] = ", ".join(
+        f"{k.removeprefix('hp_')}={format_cell(v)}" for k, v in r.items() if k.startswith("hp_")
+    )
+    line.update(
+        {
+            "trials": r["trials"],
+            "stopped early": r["stopped_early"],
+            "errored": r["errored"],
+            "train s": r.get("train_s"),
+            "images/s": r.get("images_per_s"),
+            "n test": r.get("n_test"),
+        }
+    )
+    return line
 
 
 def edge_warnings(study: StudyResults) -> list[str]:
@@ -202,9 +224,8 @@ def edge_warnings(study: StudyResults) -> list[str]:
     it."""
     out = []
     for b in study.ok:
-        own = (study.space.get("per_backbone") or {}).get(
-            b.name, {}
-        )  # its own ranges; fixed keys: not searched
+        # its own ranges; fixed keys: not searched
+        own = (study.space.get("per_backbone") or {}).get(b.name, {})
         for key, spec in (study.space.get("space") or {}).items():
             spec = own.get(key, spec)
             if not isinstance(spec, dict):
@@ -225,9 +246,9 @@ def edge_warnings(study: StudyResults) -> list[str]:
                 edge = "lower" if position <= EDGE_FRACTION else "upper"
                 searched = f"[{format_number(float(args[0]))}, {format_number(float(args[1]))}]"
                 out.append(
-                    f"{b.name}: the best {key} = {format_number(float(value))} sits at the {edge} edge of the "
-                    f"searched range {searched}; the optimum may lie outside it, so widen the range before "
-                    "trusting this comparison"
+                    f"{b.name}: the best {key} = {format_number(float(value))} sits at the {edge} "
+                    f"edge of the searched range {searched}; the optimum may lie outside it, so "
+                    "widen the range before trusting this comparison"
                 )
     return out
 
@@ -250,72 +271,104 @@ def backbone_figures(doc: Document, study: StudyResults) -> None:
             doc.figure(
                 f"learning_{b.name}",
                 figures.learning_curves(b.history, b.name),
-                f"{b.name}: learning curves of the best trial across both stages (dashed: start of fine-tuning)",
+                f"{b.name}: learning curves of the best trial across both stages (dashed: start "
+                "of fine-tuning)",
             )
         else:
             doc.para(f"{b.name}: no history.csv for the best trial, so no learning curves.")
 
 
+@dataclasses.dataclass(frozen=True)
+class _SearchStorage:
+    """The study's Optuna storage, opened."""
+
+    url: str
+    study_names: list[str]
+
+
 def search_section(doc: Document, study: StudyResults) -> None:
+    """Per backbone: each trial's value and the best so far, and which hyperparameters mattered."""
     doc.heading("Hyperparameter search")
+    storage = _open_search_storage(doc, study)
+    if storage is None:
+        return
+    for b in study.backbones:
+        _backbone_search(doc, study, b.name, storage)
+
+
+def _open_search_storage(doc: Document, study: StudyResults) -> _SearchStorage | None:
+    """The storage, or None with a paragraph or warning saying why there is no search history."""
     storage_path = study.folder / names.OPTUNA_FILE
     if not storage_path.is_file():
         doc.para(
-            f"No Optuna storage ({names.OPTUNA_FILE}) in the study folder: search history not shown."
+            f"No Optuna storage ({names.OPTUNA_FILE}) in the study folder: search history not "
+            "shown."
         )
-        return
+        return None
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{storage_path.resolve()}"
+    url = f"sqlite:///{storage_path.resolve()}"
     try:
-        study_names = optuna.get_all_study_names(storage)
+        study_names = optuna.get_all_study_names(url)
     except Exception as exc:  # a damaged or foreign file
         doc.warn(f"could not read the Optuna storage: {type(exc).__name__}: {exc}")
+        return None
+    return _SearchStorage(url, study_names)
+
+
+def _backbone_search(doc: Document, study: StudyResults, name: str, storage: _SearchStorage):
+    """One backbone's search history figure and its importances."""
+    import optuna
+
+    own = names.optuna_study_name(study.space.get("name"), name)
+    matches = [n for n in storage.study_names if n == own or n.endswith(f"-{name}")]
+    if not matches:
+        doc.para(f"{name}: no Optuna study in the storage.")
         return
-    for b in study.backbones:
-        own = names.optuna_study_name(study.space.get("name"), b.name)
-        matches = [n for n in study_names if n == own or n.endswith(f"-{b.name}")]
-        if not matches:
-            doc.para(f"{b.name}: no Optuna study in the storage.")
-            continue
-        search = optuna.load_study(study_name=matches[0], storage=storage)
-        done = [
-            t
-            for t in search.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE
-        ]
-        metric = study.space.get("metric", "objective")
-        if not done:
-            doc.para(f"{b.name}: no completed trial in the search.")
-            continue
-        minimize = search.direction == optuna.study.StudyDirection.MINIMIZE
-        doc.figure(
-            f"search_{b.name}",
-            figures.search_history(
-                [t.number for t in done], [t.value for t in done], minimize, metric, b.name
-            ),
-            f"{b.name}: {metric} of each completed trial and the best so far",
+    search = optuna.load_study(study_name=matches[0], storage=storage.url)
+    done = [
+        t for t in search.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
+    ]
+    metric = study.space.get("metric", "objective")
+    if not done:
+        doc.para(f"{name}: no completed trial in the search.")
+        return
+    minimize = search.direction == optuna.study.StudyDirection.MINIMIZE
+    doc.figure(
+        f"search_{name}",
+        figures.search_history(
+            [t.number for t in done], [t.value for t in done], minimize, metric, name
+        ),
+        f"{name}: {metric} of each completed trial and the best so far",
+    )
+    _importances(doc, name, search, len(done))
+
+
+def _importances(doc: Document, name: str, search, completed: int) -> None:
+    """fANOVA importances (seeded), when enough trials completed for them to say anything."""
+    import optuna
+
+    if completed < MIN_TRIALS_FOR_IMPORTANCE:
+        doc.para(
+            f"{name}: hyperparameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} "
+            f"completed trials ({completed} completed); skipped."
         )
-        if len(done) < MIN_TRIALS_FOR_IMPORTANCE:
-            doc.para(
-                f"{b.name}: hyperparameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed "
-                f"trials ({len(done)} completed); skipped."
-            )
-            continue
-        try:
-            values = optuna.importance.get_param_importances(
-                search, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
-            )
-        except Exception as exc:  # e.g. a parameter that never varied
-            doc.para(f"{b.name}: importances could not be computed ({type(exc).__name__}: {exc}).")
-            continue
-        if values:
-            doc.figure(
-                f"importance_{b.name}",
-                figures.importances(values, b.name),
-                f"{b.name}: hyperparameter importances (Optuna, fANOVA) over {len(done)} completed trials",
-            )
+        return
+    try:
+        values = optuna.importance.get_param_importances(
+            search, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
+    except Exception as exc:  # e.g. a parameter that never varied
+        doc.para(f"{name}: importances could not be computed ({type(exc).__name__}: {exc}).")
+        return
+    if values:
+        doc.figure(
+            f"importance_{name}",
+            figures.importances(values, name),
+            f"{name}: hyperparameter importances (Optuna, fANOVA) over {completed} completed "
+            "trials",
+        )
 
 
 def evaluations_section(doc: Document, study: StudyResults) -> None:
@@ -323,7 +376,8 @@ def evaluations_section(doc: Document, study: StudyResults) -> None:
         return
     doc.heading("Cross-dataset evaluation")
     doc.para(
-        "Best models evaluated on other labelled datasets with `fer-study evaluate` (results/<study>/evaluations/)."
+        "Best models evaluated on other labelled datasets with `fer-study evaluate` "
+        "(results/<study>/evaluations/)."
     )
     rows = []
     for e in study.evaluations:
@@ -355,8 +409,9 @@ def problems_section(doc: Document, study: StudyResults) -> None:
         return
     doc.heading("Failed or missing backbones")
     doc.para(
-        "These backbones were part of the study but have no tested best model, so they are not in the "
-        "comparison. The comparison is incomplete until they are rerun (`fer-study run ... --resume`)."
+        "These backbones were part of the study but have no tested best model, so they are not in "
+        "the comparison. The comparison is incomplete until they are rerun (`fer-study run ... "
+        "--resume`)."
     )
     doc.table(
         pd.DataFrame([{"backbone": b.name, "status": b.status, "detail": b.note} for b in bad])
@@ -373,7 +428,8 @@ def header_section(doc: Document, study: StudyResults) -> None:
     if space:
         facts.append(
             f"Search: {space.get('trials_per_backbone', '?')} trials per backbone, selected by "
-            f"{space.get('metric', '?')} ({space.get('mode', '?')}), space '{space.get('name', '?')}'."
+            f"{space.get('metric', '?')} ({space.get('mode', '?')}), space "
+            f"'{space.get('name', '?')}'."
         )
     machine = info.get("machine") or info.get("hardware")
     if isinstance(machine, dict):
@@ -389,6 +445,7 @@ def header_section(doc: Document, study: StudyResults) -> None:
         doc.para(fact)
     if info and info.get("status") not in (None, "completed"):
         doc.warn(
-            f"the study's status is '{info.get('status')}': it is still running or was interrupted, so "
-            "this report may be incomplete (finish it with `fer-study run ... --resume`)"
+            f"the study's status is '{info.get('status')}': it is still running or was "
+            "interrupted, so this report may be incomplete (finish it with `fer-study run ... "
+            "--resume`)"
         )
