@@ -85,14 +85,15 @@ def main() -> None:
     parser.add_argument(
         "--stock-layers",
         action="store_true",
-        help="for comparison: Keras's Dropout and label smoothing inside the loss (constants in the program, "
-        "as before issue 12)",
+        help="for comparison: Keras's Dropout and label smoothing inside the loss "
+        "(constants in the program, as before issue 12)",
     )
     parser.add_argument(
         "--rebuild",
         action="store_true",
-        help="for comparison: build and compile the model anew each trial (before, a warm worker kept the model "
-        "but compiled every stage again; by default it keeps both, as `run --reuse-workers` does)",
+        help="for comparison: build and compile the model anew each trial (before, a warm "
+        "worker kept the model but compiled every stage again; by default it keeps both, as "
+        "`run --reuse-workers` does)",
     )
     args = parser.parse_args()
     if args.stock_layers:
@@ -103,7 +104,8 @@ def main() -> None:
     from fer.prepare.demo_data import generate_demo_data
     from fer.runtime.backend import backend_name, configure_backend
     from fer.runtime.machine import machine_info
-    from fer.train.trial import fresh_keras_state, run_trial
+    from fer.train.trial import run_trial
+    from fer.train.warm import fresh_keras_state
 
     configure_backend(threads=int(os.environ.get("FER_THREADS", "0")) or None)
     with tempfile.TemporaryDirectory() as tmp:

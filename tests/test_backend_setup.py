@@ -12,15 +12,15 @@ import pytest
 
 from fer.core.config import make_config
 from fer.runtime import backend as backend_setup
-from fer.train.trial import _dtype_policy
+from fer.train.warm import trial_dtype_policy
 
 
 def test_auto_mixed_precision_is_float32_without_an_accelerator(monkeypatch):
     monkeypatch.setattr(backend_setup, "accelerator_available", lambda: False)
     assert backend_setup.mixed_precision_dtype() is None
-    assert _dtype_policy(make_config(mixed_precision="auto")) == "float32"
-    assert _dtype_policy(make_config(mixed_precision="bfloat16")) == "mixed_bfloat16"
-    assert _dtype_policy(make_config(mixed_precision="off")) == "float32"
+    assert trial_dtype_policy(make_config(mixed_precision="auto")) == "float32"
+    assert trial_dtype_policy(make_config(mixed_precision="bfloat16")) == "mixed_bfloat16"
+    assert trial_dtype_policy(make_config(mixed_precision="off")) == "float32"
 
 
 def test_auto_mixed_precision_matches_this_machine():
@@ -41,7 +41,7 @@ def test_auto_mixed_precision_by_gpu_generation(monkeypatch, capability, expecte
     monkeypatch.setattr(backend_setup, "accelerator_available", lambda: True)
     monkeypatch.setattr(backend_setup, "_gpu_compute_capability", lambda: capability)
     assert backend_setup.mixed_precision_dtype() == expected
-    assert _dtype_policy(make_config(mixed_precision="auto")) == f"mixed_{expected}"
+    assert trial_dtype_policy(make_config(mixed_precision="auto")) == f"mixed_{expected}"
 
 
 def test_compilation_cache_only_for_jax(tmp_path):
@@ -58,7 +58,8 @@ def test_compilation_cache_only_for_jax(tmp_path):
 
 PROBE_LEAN_IMPORT = """
 import importlib.util, json, os, sys
-from study.tune.trainable import import_keras_lean, HIDDEN_AT_KERAS_IMPORT, HIDDEN_UNLESS_JAX_BACKEND
+from study.tune.trainable import (
+    import_keras_lean, HIDDEN_AT_KERAS_IMPORT, HIDDEN_UNLESS_JAX_BACKEND)
 import_keras_lean()
 import keras
 hidden = HIDDEN_AT_KERAS_IMPORT + HIDDEN_UNLESS_JAX_BACKEND

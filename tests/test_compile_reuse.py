@@ -22,7 +22,8 @@ import pytest
 from fer.core.config import make_config
 from fer.data.batches import smooth_targets
 from fer.model.layers import HeadDropout
-from fer.train.trial import fresh_keras_state, run_trial
+from fer.train.trial import run_trial
+from fer.train.warm import fresh_keras_state
 
 RATES = (0.0, 0.1, 0.37, 0.53, 0.9)
 COMPARED = ["loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
@@ -249,18 +250,21 @@ from pathlib import Path
 import numpy as np, keras
 from fer.data import StudyData
 from fer.model.layers import HeadDropout
-from fer.train.trial import fresh_keras_state, run_trial
+from fer.train.trial import run_trial
+from fer.train.warm import fresh_keras_state
 
 x = np.random.default_rng(0).normal(size=(16, 24)).astype("float32")
 same = []
 for rate in (0.0, 0.37, 0.9):
     a, b = keras.layers.Dropout(rate, seed=7), HeadDropout(rate, seed=7)
-    same += [bool(np.array_equal(np.asarray(a(x, training=True)), np.asarray(b(x, training=True)))) for _ in range(2)]
+    for _ in range(2):
+        ya, yb = np.asarray(a(x, training=True)), np.asarray(b(x, training=True))
+        same.append(bool(np.array_equal(ya, yb)))
 print(json.dumps({"backend": keras.backend.backend(), "dropout_same": same}))
 data, out = StudyData(sys.argv[1]), Path(sys.argv[2])
 cache = Path(sys.argv[1]).parent / "compile_cache"
-base = dict(backbone="smallcnn", image_size=48, weights="none", batch_size=16, dense_units=16, augment=0.0,
-            epochs_head=1, epochs_finetune=1, unfreeze_layers=4)
+base = dict(backbone="smallcnn", image_size=48, weights="none", batch_size=16, dense_units=16,
+            augment=0.0, epochs_head=1, epochs_finetune=1, unfreeze_layers=4)
 varied = [dict(dropout=0.2, label_smoothing=0.05, lr_head=1e-3, lr_finetune=1e-4, seed=0),
           dict(dropout=0.5, label_smoothing=0.1, lr_head=3e-3, lr_finetune=3e-5, seed=1)]
 files = []
@@ -270,7 +274,8 @@ for i, v in enumerate(varied):
     run_trial({**base, **v}, data, out / f"t{i}")
     files.append(sorted(p.name for p in cache.iterdir()))
 steps = [name for name in files[0] if "step" in name]
-print(json.dumps({"files": [len(f) for f in files], "new": sorted(set(files[1]) - set(files[0])), "steps": steps}))
+new = sorted(set(files[1]) - set(files[0]))
+print(json.dumps({"files": [len(f) for f in files], "new": new, "steps": steps}))
 """
 
 

@@ -102,7 +102,9 @@ def test_cached_head_stage_end_to_end(new_study):
     from fer.data import StudyData
     from fer.data.batches import predict_probs
     from fer.model.build import build_model, load_trained_model
-    from fer.train.feature_cache import compute_features, features_dir, head_extractor
+    from fer.train.feature_cache import features_dir
+    from fer.train.feature_compute import compute_features
+    from fer.train.feature_models import head_extractor
     from fer.train.trial import run_trial
 
     study = new_study("cached")
@@ -168,7 +170,7 @@ def test_cut_inside_a_residual_block_reproduces_the_full_model():
     the cut."""
     from fer.model.backbones import get_backbone
     from fer.model.build import build_model, set_stage
-    from fer.train.feature_cache import split_at_tail
+    from fer.train.feature_models import split_at_tail
 
     config = _config(backbone="mobilenetv2", augment=0.0)
     model = build_model(config, 5)
@@ -244,7 +246,9 @@ def test_cached_finetune_stage_trains_the_full_model_and_is_shared(new_study):
 
     # with both caches, the head features come from the stage-2 cache (the frozen tail on the same
     # views): the same values as from the images
-    from fer.train.feature_cache import compute_features, features_dir, head_extractor
+    from fer.train.feature_cache import features_dir
+    from fer.train.feature_compute import compute_features
+    from fer.train.feature_models import head_extractor
 
     both = _config(**{**base, "head_features": "cached", "epochs_head": 1}, unfreeze_layers=12)
     third = run_trial(both, data, study / "t3")

@@ -11,8 +11,8 @@ import keras
 import pandas as pd
 import pytest
 
-import fer.train.trial
-from fer.train.trial import fresh_keras_state, run_trial
+from fer.train.trial import run_trial
+from fer.train.warm import WORKER, fresh_keras_state
 
 COMPARED = ["loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
 TINY = dict(
@@ -49,7 +49,7 @@ def test_a_warm_trial_after_nan_failed_and_other_depth_trials_repeats_a_fresh_on
     first = run_trial(dict(A, lr_head=3e-3), prepared_data, tmp_path / "first", reuse_model=True)
     assert first["compiled_stage_reused"] == {"head": False, "finetune": False}
     # as a diverged trial leaves them: every kept optimizer's step count and moments NaN
-    for kept in fer.train.trial._kept_model["programs"]._kept.values():
+    for kept in WORKER.kept.programs._kept.values():
         for variable in kept["optimizer"].variables:
             variable.assign(keras.ops.full(variable.shape, float("nan"), variable.dtype))
     fresh_keras_state()  # another unfreeze depth: the head stage is put back, stage 2 compiled anew
@@ -72,7 +72,7 @@ def test_a_warm_trial_after_nan_failed_and_other_depth_trials_repeats_a_fresh_on
     pd.testing.assert_frame_equal(
         _history(tmp_path / "fresh"), _history(tmp_path / "again"), atol=1e-6, rtol=0
     )
-    model = fer.train.trial._kept_model["model"]
+    model = WORKER.kept.model
     assert [m.name for m in model.metrics] == [
         "loss",
         "compile_metrics",
@@ -90,7 +90,7 @@ def test_a_warm_worker_keeps_few_compiled_stages(prepared_data, tmp_path):
             tmp_path / str(depth),
             reuse_model=True,
         )
-    programs = fer.train.trial._kept_model["programs"]
+    programs = WORKER.kept.programs
     assert len(programs) == programs.limit == 3
     fresh_keras_state()
     again = run_trial(
@@ -109,7 +109,8 @@ _JAX_WARM = r"""
 import json, sys
 from pathlib import Path
 from fer.data import StudyData
-from fer.train.trial import fresh_keras_state, run_trial
+from fer.train.trial import run_trial
+from fer.train.warm import fresh_keras_state
 import pandas as pd
 
 data, out, config = StudyData(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -120,7 +121,8 @@ fresh_keras_state()
 again = run_trial(config, data, out / "again", reuse_model=True)
 a, b = (pd.read_csv(out / name / "history.csv") for name in ("fresh", "again"))
 cols = ["loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr"]
-print(json.dumps({"reused": again["compiled_stage_reused"], "max_diff": float((a[cols] - b[cols]).abs().max().max())}))
+max_diff = float((a[cols] - b[cols]).abs().max().max())
+print(json.dumps({"reused": again["compiled_stage_reused"], "max_diff": max_diff}))
 """
 
 

@@ -438,8 +438,9 @@ print(json.dumps(configure_backend(1)))
 import keras
 from fer.data import StudyData
 from fer.train.trial import run_trial
-summary = run_trial(dict(backbone="mobilenet025", image_size=32, weights="none", epochs_head=1,
-                         epochs_finetune=1, batch_size=16, unfreeze_layers=8), StudyData(sys.argv[1]), sys.argv[2])
+config = dict(backbone="mobilenet025", image_size=32, weights="none", epochs_head=1,
+              epochs_finetune=1, batch_size=16, unfreeze_layers=8)
+summary = run_trial(config, StudyData(sys.argv[1]), sys.argv[2])
 print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_run"]}))
 """
 
@@ -455,7 +456,8 @@ def test_trial_runs_under_jax(trial_data, tmp_path, run_under_jax):
 def test_configure_backend_limits_tensorflow_threads():
     code = (
         "from fer.runtime.backend import configure_backend; import tensorflow as tf; "
-        "print(configure_backend()['threads'], tf.config.threading.get_intra_op_parallelism_threads(), "
+        "print(configure_backend()['threads'], "
+        "tf.config.threading.get_intra_op_parallelism_threads(), "
         "tf.config.threading.get_inter_op_parallelism_threads())"
     )
     env = dict(os.environ, KERAS_BACKEND="tensorflow", FER_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")

@@ -26,7 +26,7 @@ class PixelBatches(keras.utils.PyDataset):
     activations of fer.train.feature_cache); each batch then holds a tuple of arrays in their place.
 
     Every batch has the same shape, because a new shape means a new trace/compile of the train or
-    predict step (tens of seconds for a large backbone on a CPU): for training the incomplete last
+    predict step (slow for a large backbone): for training the incomplete last
     batch is dropped (the order is reshuffled every epoch, so a different few images sit out each
     time); for prediction (no labels) the last batch is padded by repeating its last image, and the
     caller trims. The shuffle is seeded, so a run is repeatable; indices are sorted inside a batch
@@ -118,8 +118,8 @@ def predict_probs(model: keras.Model, pixels, batch_size: int) -> np.ndarray:
     if n == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
     # batch by batch, not model.predict: under TensorFlow every predict call builds a tf.data
-    # pipeline over these batches and tears it down, which waits for its prefetch thread (with two
-    # trials on two cores, time a core sat idle; docs/benchmarks.md); the same compiled predict step
+    # pipeline over these batches and tears it down, which waits for its prefetch thread (time a
+    # core sits idle; docs/benchmarks.md); the same compiled predict step
     batches = PixelBatches(pixels, batch_size)
     probs = np.concatenate(
         [np.asarray(model.predict_on_batch(batches[i][0])) for i in range(len(batches))]

@@ -1,9 +1,9 @@
 """Collapsed training stages: a stage whose model ends up giving (nearly) the same answer for every
 image.
 
-Why: a too-high fine-tuning learning rate can wreck a pretrained network in one epoch (measured:
-MobileNetV2 at 96 px on FER2013 with lr_finetune 3e-4 gives uniform outputs, loss ln K). Early
-stopping then keeps the head stage's model, so the trial looks merely mediocre and nothing says why.
+Why: a too-high fine-tuning learning rate can wreck a pretrained network in one epoch (uniform
+outputs, loss ln K). Early stopping then keeps the head stage's model, so the trial looks merely
+mediocre and nothing says why.
 Every epoch's validation predictions are checked here; a collapsed epoch is written at once to the
 trial folder's `collapse.json` (so a trial a scheduler stops is recorded too), a stage that ENDS
 collapsed is logged as a warning, and the trial's summary.json lists the stages under
@@ -112,7 +112,8 @@ class CollapseLog:
             return
         lr_key = "lr_head" if stage == "head" else "lr_finetune"
         log.warning(
-            "%s: the %s stage collapsed (%s at its last epoch %d, train loss %s vs ln K %.3f; %s=%s)%s",
+            "%s: the %s stage collapsed (%s at its last epoch %d, "
+            "train loss %s vs ln K %.3f; %s=%s)%s",
             self.config.get("backbone"),
             stage,
             epochs[-1]["reason"],

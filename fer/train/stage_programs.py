@@ -2,19 +2,18 @@
 with the model between trials and reused when the next trial trains the same variables.
 
 Why: `model.compile()` throws away the traced programs (Keras sets `train_function` and friends to
-None), so every trial traced its two stages again: ~4-5 s each for MobileNetV2 at 96 px under
-TensorFlow, most of a later trial's fixed cost in a warm worker (docs/benchmarks.md, study
-overhead). A stage's program depends only on which layers are trainable (what is differentiated,
-which BatchNormalization layers run in training mode) and on the model's variables; the learning
-rate is an optimizer variable, the dropout rate a `fer.model.layers.HeadDropout` variable and label
-smoothing is in the targets (docs/pitfalls.md#baked-constants). So when a stage trains the same
-layers as a stage of an earlier trial of this process on the SAME model object
-(`fer.train.trial._build_or_reuse` restored its initial state), that stage's compile state
-(optimizer, loss and metric objects, traced programs) is put back instead of compiling anew, and the
-optimizer's variables are reset to a fresh Adam's (zero moments and step count, the trial's learning
-rate). The trial then repeats a freshly compiled one number for number
-(tests/test_stage_programs.py). Under JAX this also skips the retrace; the persistent compilation
-cache already skipped the XLA compile.
+None), so every trial traced its two stages again: most of a later trial's fixed cost in a warm
+worker (docs/benchmarks.md, study overhead). A stage's program depends only on which layers are
+trainable (what is differentiated, which BatchNormalization layers run in training mode) and on the
+model's variables; the learning rate is an optimizer variable, the dropout rate a
+`fer.model.layers.HeadDropout` variable and label smoothing is in the targets
+(docs/pitfalls.md#baked-constants). So when a stage trains the same layers as a stage of an earlier
+trial of this process on the SAME model object (`fer.train.warm.WarmWorker.model_for` restored its
+initial state), that stage's compile state (optimizer, loss and metric objects, traced programs) is
+put back instead of compiling anew, and the optimizer's variables are reset to a fresh Adam's (zero
+moments and step count, the trial's learning rate). The trial then repeats a freshly compiled one
+number for number (tests/test_stage_programs.py). Under JAX this also skips the retrace; the
+persistent compilation cache already skipped the XLA compile.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ class StagePrograms:
     object.
 
     At most `limit` are kept, the least recently used dropped first: each holds its traced graphs
-    (tens to hundreds of MB), and a search over `unfreeze_layers` gives every trial a new stage-2
+    (large), and a search over `unfreeze_layers` gives every trial a new stage-2
     signature, so an unbounded cache would grow a warm worker by one graph per trial
     (benchmarks/worker_memory.py). Three keep the head stage and two unfreeze depths."""
 
