@@ -67,7 +67,8 @@ def log(*args):
 
 def latency_part(args, data, out: dict) -> None:
     from fer.core.config import make_config
-    from fer.deploy.export import ExportedModel, agreement, export_model
+    from fer.deploy.export import agreement, export_model
+    from fer.deploy.exported import ExportedModel
     from fer.deploy.latency import measure_model, measure_predict
     from fer.model.build import build_model
     from fer.train.trial import predict_probs
@@ -101,8 +102,10 @@ def latency_part(args, data, out: dict) -> None:
         }
         k, f = keras_figures["devices"]["cpu"], tflite["devices"]["cpu"]
         log(
-            f"{name}: {keras_figures['params'] / 1e6:.1f} M params, keras {k['latency_ms_median']:.1f} ms "
-            f"(p90 {k['latency_ms_p90']:.1f}, cpu {k['cpu_ms_per_image']:.1f}), {k['images_per_s']:.0f} img/s b64; "
+            f"{name}: {keras_figures['params'] / 1e6:.1f} M params, "
+            f"keras {k['latency_ms_median']:.1f} ms "
+            f"(p90 {k['latency_ms_p90']:.1f}, cpu {k['cpu_ms_per_image']:.1f}), "
+            f"{k['images_per_s']:.0f} img/s b64; "
             f"tflite {f['latency_ms_median']:.1f} ms, {exported.info['size_bytes'] / 1e6:.1f} MB, "
             f"max diff {check['max_abs_diff']:.1e}"
         )
@@ -176,7 +179,8 @@ def trained_part(args, data_dir: Path, out: dict) -> None:
             "seconds": round(time.perf_counter() - t, 1),
         }
         log(
-            f"{key}: {result['check']}, {result['size_bytes'] / 1e6:.2f} MB, {cpu['latency_ms_median']:.2f} ms"
+            f"{key}: {result['check']}, {result['size_bytes'] / 1e6:.2f} MB, "
+            f"{cpu['latency_ms_median']:.2f} ms"
         )
         _save(args, out)
 

@@ -208,12 +208,15 @@ def test_bad_input_through_the_real_entry_point(tmp_path):
         check=False,
     )
     assert proc.returncode == 2
-    expected = "Error: --quantize is not available for saved_model; quantized exports: tflite (float16/int8)"
+    expected = (
+        "Error: --quantize is not available for saved_model; "
+        "quantized exports: tflite (float16/int8)"
+    )
     assert proc.stderr.strip().splitlines() == [expected]
 
 
 def test_failed_quantization_is_a_user_error(tmp_path):
-    from fer.deploy.export import write_tflite
+    from fer.deploy.writers import write_tflite
 
     with pytest.raises(UserError, match="int8 quantization needs calibration images"):
         write_tflite(tmp_path, tmp_path / "m.tflite", "int8", np.zeros((0, 32, 32, 3), np.uint8))

@@ -5,13 +5,8 @@ The exported graph takes what a camera gives -- raw RGB uint8 images (batch, S, 
 class probabilities: the model's `Preprocess` layer is inside it, and the augmentation layers
 (`aug_*`) are traced in inference mode, where they are identity (fer/model/layers.py). Next to the
 model, `export.json` names the classes, the input size and the check's results, so `fer-study
-predict` can use the export like a `model.keras`.
-
-How: Keras 3's own `model.export` writes the SavedModel and the ONNX file (the latter through
-tf2onnx, the optional `onnx` extra) with a uint8 input signature; TFLite is
-`tf.lite.TFLiteConverter.from_saved_model` on that SavedModel, where float16 and int8 quantization
-are converter options (int8 calibrates on train images of the study). TensorFlow and ONNX Runtime
-are imported lazily, only here.
+predict` can use the export like a `model.keras`. How each format is written: writers.py (int8
+calibrates on train images of the study).
 
 The check: the export is reloaded with its own runtime and run on up to 500 test images of the study
 (an agreement check, not a tuning step, so the test split may be used); float exports must agree
@@ -24,13 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from fer.core.errors import UserError
-from fer.deploy.exported import BATCH, EXPORT_JSON, FORMATS, ExportedModel, first_line
+from fer.deploy.exported import BATCH, EXPORT_JSON, FORMATS, ExportedModel
+from fer.deploy.writers import inference_copy, write_onnx, write_saved_model, write_tflite
 
 log = logging.getLogger(__name__)
 
@@ -59,99 +54,7 @@ def validate_request(fmt: str, quantize: str | None) -> None:
             )
 
 
-def _input_spec(size: int):
-    import keras
-
-    return keras.InputSpec(shape=(None, size, size, 3), dtype="uint8")
-
-
-def inference_copy(model):
-    """The model with its augmentation (`aug_*`) and Dropout layers replaced by identities, same
-    weights.
-
-    Both are identity at inference anyway; removing them also removes their random-seed state
-    variables (uint32), which a JAX-backend SavedModel reads and writes on every call and the TFLite
-    converter rejects."""
-    import keras
-
-    from fer.model.build import AUG_PREFIX
-
-    def clone(layer):
-        if layer.name.startswith(AUG_PREFIX) or isinstance(layer, keras.layers.Dropout):
-            return keras.layers.Identity(name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    for layer in copy.layers:
-        if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
-    return copy
-
-
-def write_saved_model(model, path: Path) -> None:
-    model.export(
-        str(path),
-        format="tf_saved_model",
-        input_signature=[_input_spec(int(model.input_shape[1]))],
-        verbose=False,
-    )
-
-
-def write_onnx(model, path: Path) -> None:
-    import keras
-
-    if (
-        keras.backend.backend() != "tensorflow"
-    ):  # Keras's ONNX export under JAX needs jax2onnx (not a dependency)
-        raise UserError(
-            "ONNX export runs on the TensorFlow backend: rerun with KERAS_BACKEND=tensorflow "
-            "(model.keras files are backend-independent)"
-        )
-    try:
-        import onnxruntime  # noqa: F401  (checked here so the error names the extra, not a deep import)
-        import tf2onnx  # noqa: F401
-    except ImportError:
-        raise UserError(
-            "ONNX export needs the optional packages: pip install 'fer-study[onnx]'"
-        ) from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.export(
-            str(path),
-            format="onnx",
-            input_signature=[_input_spec(int(model.input_shape[1]))],
-            verbose=False,
-        )
-
-
-def write_tflite(
-    saved_model: Path, path: Path, quantize: str | None, calibration: np.ndarray | None
-) -> None:
-    """TFLite from a SavedModel; float16 stores the weights as float16, int8 quantizes weights and
-    activations (calibrated on `calibration` uint8 images, float fallback where an op has no int8
-    kernel)."""
-    import tensorflow as tf
-
-    if quantize == "int8" and (calibration is None or not len(calibration)):
-        raise UserError(
-            "int8 quantization needs calibration images (the study's train and val splits are empty)"
-        )
-    try:
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-        if quantize == "float16":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantize == "int8":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: (
-                [calibration[i : i + 1]] for i in range(len(calibration))
-            )
-        path.write_bytes(converter.convert())
-    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; one line for the user
-        what = f"{quantize} quantization" if quantize else "TFLite conversion"
-        raise UserError(f"{what} failed: {first_line(exc)}") from None
-
-
+# ------------------------------------------------------------------------------------ one model
 def export_model(
     model,
     classes: list[str],
@@ -162,7 +65,8 @@ def export_model(
     source: str | None = None,
 ) -> Path:
     """Write the export of a Keras model (uint8 images in, probabilities out) and its export.json
-    into `out_dir` (replaced); return the path of the model file or folder."""
+    into `out_dir` (replaced); return the path of the model file or folder. `calibration`: uint8
+    images for int8; `source`: where the model came from (recorded in export.json)."""
     validate_request(fmt, quantize)
     if len(classes) != int(model.output_shape[-1]):
         raise UserError(
@@ -175,20 +79,35 @@ def export_model(
     partial.mkdir(parents=True)
     target = partial / MODEL_FILES[fmt]
     try:
-        if fmt == "saved_model":
-            write_saved_model(model, target)
-        elif fmt == "onnx":
-            write_onnx(model, target)
-        else:
-            saved = partial / "saved_model.tmp"
-            write_saved_model(model, saved)
-            write_tflite(saved, target, quantize, calibration)
-            shutil.rmtree(saved)
+        _write_format(model, target, fmt, quantize, calibration)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # no half-written export left behind
         raise
+    info = _export_info(model, classes, fmt, quantize, source)
+    info["size_bytes"] = _size(target)
+    (partial / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+    return out_dir / MODEL_FILES[fmt]
+
+
+def _write_format(model, target: Path, fmt: str, quantize, calibration) -> None:
+    if fmt == "saved_model":
+        write_saved_model(model, target)
+    elif fmt == "onnx":
+        write_onnx(model, target)
+    else:  # TFLite converts a SavedModel, written next to it for the purpose
+        saved = target.parent / "saved_model.tmp"
+        write_saved_model(model, saved)
+        write_tflite(saved, target, quantize, calibration)
+        shutil.rmtree(saved)
+
+
+def _export_info(model, classes: list[str], fmt: str, quantize, source) -> dict:
+    """export.json without the file size: what the export takes and gives, and where it came
+    from."""
     size = int(model.input_shape[1])
-    info = {
+    return {
         "format": fmt,
         "quantize": quantize,
         "file": MODEL_FILES[fmt],
@@ -198,12 +117,7 @@ def export_model(
         "output": f"class probabilities, shape (batch, {len(classes)}), in the order of `classes`",
         "backbone": model.name.removeprefix("fer_"),
         "source": source,
-        "size_bytes": _size(target),
     }
-    (partial / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
-    return out_dir / MODEL_FILES[fmt]
 
 
 def _replaceable(out_dir: Path) -> Path:
@@ -215,7 +129,8 @@ def _replaceable(out_dir: Path) -> Path:
         and (out_dir.is_file() or any(out_dir.iterdir()))
     ):
         raise UserError(
-            f"{out_dir} exists and is not an earlier export; choose another --out (nothing was changed)"
+            f"{out_dir} exists and is not an earlier export; choose another --out (nothing was "
+            "changed)"
         )
     return out_dir
 
@@ -272,6 +187,7 @@ def _sample_index(total: int, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
 
 
+# -------------------------------------------------------------------------------- a study's model
 def export_best(
     model_path: str | Path,
     fmt: str,
@@ -285,20 +201,13 @@ def export_best(
     stores in export.json) the summary. `ok` is False when the export disagrees with the Keras model
     beyond the criterion."""
     validate_request(fmt, quantize)  # before any slow load
-    path = Path(model_path)
-    if path.is_dir():
-        path = path / "model.keras"
-    if not path.is_file():
-        raise UserError(
-            f"no model found at {model_path} (expected a model.keras file or a folder holding one)"
-        )
+    path = _model_file(model_path)
     out_dir = _replaceable(
         Path(out)
         if out is not None
         else path.parent / "export" / (fmt + (f"-{quantize}" if quantize else ""))
     )
     data = study_data_for(path.parent, data_dir)
-    from fer.data.batches import predict_probs
     from fer.model.build import load_trained_model
 
     model = load_trained_model(path)
@@ -308,15 +217,49 @@ def export_best(
             f"the study data has {len(data.classes)} classes, the model {model.output_shape[-1]}; "
             "pass the study's own --data"
         )
-    calibration = None
-    if quantize == "int8":  # calibrate on train images (val where train is empty), never on test
-        train = data.pixels("train", size)
-        source = train if len(train) else data.pixels("val", size)
-        calibration = np.asarray(source[_sample_index(len(source), CALIBRATION_IMAGES)])
+    calibration = _calibration_images(data, size) if quantize == "int8" else None
     test = data.pixels("test", size)
     if not len(test):
         raise UserError("the study has no test images to check the export on")
     export_model(model, data.classes, out_dir, fmt, quantize, calibration, source=str(path))
+    check, exported = _check_export(model, out_dir, test, data.labels("test"), quantize)
+    info = json.loads((out_dir / EXPORT_JSON).read_text())
+    info["check"] = check
+    if measure:
+        from fer.deploy.latency import measure_predict
+
+        info["latency"] = measure_predict(exported.predict_batch, size, info["size_bytes"], fmt)
+    (out_dir / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return {**info, "folder": str(out_dir), "ok": check["ok"]}
+
+
+def _model_file(model_path: str | Path) -> Path:
+    """The model.keras file given as itself or as the folder holding it."""
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise UserError(
+            f"no model found at {model_path} (expected a model.keras file or a folder holding one)"
+        )
+    return path
+
+
+def _calibration_images(data, size: int) -> np.ndarray:
+    """int8 calibrates on train images (val where train is empty), never on test."""
+    train = data.pixels("train", size)
+    source = train if len(train) else data.pixels("val", size)
+    return np.asarray(source[_sample_index(len(source), CALIBRATION_IMAGES)])
+
+
+def _check_export(
+    model, out_dir: Path, test, labels: np.ndarray, quantize
+) -> tuple[dict, ExportedModel]:
+    """Run the export with its own runtime on up to CHECK_IMAGES test images and compare with the
+    Keras model (`agreement`), with the accuracy of each on those images: what a disagreement
+    costs. Returns the check and the opened export."""
+    from fer.data.batches import predict_probs
+
     index = _sample_index(len(test), CHECK_IMAGES)
     images = np.asarray(test[index])
     reference = predict_probs(model, images, BATCH)
@@ -326,16 +269,6 @@ def export_best(
     check["images"] = "test split" + (
         f", {len(index)} of {len(test)} drawn with seed 0" if len(test) > len(index) else ""
     )
-    labels = data.labels("test")[
-        index
-    ]  # what a disagreement costs: accuracy of each on these images
-    check["accuracy_keras"] = float((reference.argmax(1) == labels).mean())
-    check["accuracy_export"] = float((probs.argmax(1) == labels).mean())
-    info = json.loads((out_dir / EXPORT_JSON).read_text())
-    info["check"] = check
-    if measure:
-        from fer.deploy.latency import measure_predict
-
-        info["latency"] = measure_predict(exported.predict_batch, size, info["size_bytes"], fmt)
-    (out_dir / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
-    return {**info, "folder": str(out_dir), "ok": check["ok"]}
+    check["accuracy_keras"] = float((reference.argmax(1) == labels[index]).mean())
+    check["accuracy_export"] = float((probs.argmax(1) == labels[index]).mean())
+    return check, exported

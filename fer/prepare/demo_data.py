@@ -106,36 +106,69 @@ def _rotate_box(box, centre, angle_deg):
     return min(xs), min(ys), max(xs), max(ys)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Head:
+    """Where the face is drawn, in supersampled pixels."""
+
+    cx: float
+    cy: float
+    r: float  # face half-width
+    fh: float  # face half-height
+    lw: int  # stroke width of brows and eyes
+
+
+_DARK = (25, 15, 15)
+_MOUTH_INK = (70, 8, 12)
+
+
 def render_face(
     emotion: str, subject: Subject, size: tuple[int, int], rng: np.random.Generator
 ) -> Face:
-    """Draw one face; return the image and its feature boxes (fractions of the image)."""
+    """Draw one face; return the image and its feature boxes (fractions of the image).
+
+    The steps draw from `rng` in a fixed order (the demo data must not change from run to run or
+    with a refactor), so they run in this order only."""
     w, h = size
-    s = SUPERSAMPLE
-    W, H = w * s, h * s
+    W, H = w * SUPERSAMPLE, h * SUPERSAMPLE
+    img, bg = _background(W, H, rng)
+    d = ImageDraw.Draw(img)
+    head = _place_head(W, H, subject, rng)
+    e = _expression(emotion, float(rng.uniform(*INTENSITY)))
+    _draw_head(d, head, subject, rng)
+    boxes = _draw_eyes_and_brows(d, head, subject, e, emotion)
+    boxes["mouth"] = _draw_mouth(d, head, e)
+    img, boxes = _pose_and_light(img, boxes, head, bg, size, rng)
+    fractions = {k: _clip_box((b[0] / W, b[1] / H, b[2] / W, b[3] / H)) for k, b in boxes.items()}
+    return Face(img, fractions)
+
+
+def _background(W: int, H: int, rng: np.random.Generator) -> tuple[Image.Image, tuple]:
+    """A plain colour with muted clutter shapes, so no two photos share a layout."""
     bg = tuple(int(c) for c in rng.integers(30, 226, 3))
     img = Image.new("RGB", (W, H), bg)
     d = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 5))):  # background clutter, so no two photos share a layout
+    for _ in range(int(rng.integers(2, 5))):
         x0, y0 = rng.uniform(-0.3, 1.0, 2) * (W, H)
         ww, hh = rng.uniform(0.2, 0.7, 2) * (W, H)
         shape = d.ellipse if rng.random() < 0.5 else d.rectangle
-        tint = (np.array(bg) * 0.5 + rng.integers(0, 256, 3) * 0.5).astype(
-            int
-        )  # muted: faces stand out
+        # muted: faces stand out
+        tint = (np.array(bg) * 0.5 + rng.integers(0, 256, 3) * 0.5).astype(int)
         shape((x0, y0, x0 + ww, y0 + hh), fill=tuple(int(c) for c in tint))
-    r = min(W, H) * rng.uniform(
-        0.38, 0.44
-    )  # face half-width: faces fill the frame, as in cropped datasets
+    return img, bg
+
+
+def _place_head(W: int, H: int, subject: Subject, rng: np.random.Generator) -> _Head:
+    # face half-width: faces fill the frame, as in cropped datasets
+    r = min(W, H) * rng.uniform(0.38, 0.44)
     cx = W / 2 + rng.uniform(-0.06, 0.06) * W
     cy = H / 2 + rng.uniform(-0.03, 0.06) * H
-    fh = r * subject.face_aspect
-    e = _expression(emotion, float(rng.uniform(*INTENSITY)))
-    lw = max(2, int(0.14 * r))
+    return _Head(cx, cy, r, fh=r * subject.face_aspect, lw=max(2, int(0.14 * r)))
 
-    hair = tuple(
-        int(c) for c in rng.integers(10, 200, 3)
-    )  # hair (style and colour change per photo)
+
+def _draw_head(d: ImageDraw.ImageDraw, head: _Head, subject: Subject, rng) -> None:
+    """Hair (style and colour change per photo), then the face."""
+    cx, cy, r, fh = head.cx, head.cy, head.r, head.fh
+    hair = tuple(int(c) for c in rng.integers(10, 200, 3))
     hair_low = rng.uniform(-0.45, 0.05)
     d.ellipse(
         (
@@ -147,9 +180,14 @@ def render_face(
         fill=hair,
     )
     d.ellipse((cx - r, cy - fh, cx + r, cy + fh), fill=subject.skin)
-    dark = (25, 15, 15)
-    boxes: dict[str, tuple[float, float, float, float]] = {}
 
+
+def _draw_eyes_and_brows(
+    d: ImageDraw.ImageDraw, head: _Head, subject: Subject, e: dict, emotion: str
+) -> dict[str, tuple[float, float, float, float]]:
+    """Both eyes and brows as the expression `e` sets them; returns their boxes."""
+    cx, cy, r, lw = head.cx, head.cy, head.r, head.lw
+    boxes: dict[str, tuple[float, float, float, float]] = {}
     eye_y = cy - 0.22 * r
     for side, name in ((-1, "left"), (1, "right")):
         ex = cx + side * subject.eye_spacing * r
@@ -157,7 +195,7 @@ def render_face(
         d.ellipse(
             (ex - ew, eye_y - eh, ex + ew, eye_y + eh),
             fill=(250, 250, 250),
-            outline=dark,
+            outline=_DARK,
             width=max(1, lw // 2),
         )
         pr = min(0.08 * r, eh * 0.9)
@@ -179,18 +217,23 @@ def render_face(
             max(xs) + 0.06 * r,
             by + 0.24 * r,
         )
+    return boxes
 
-    my = cy + 0.52 * r
+
+def _draw_mouth(d: ImageDraw.ImageDraw, head: _Head, e: dict) -> tuple[float, float, float, float]:
+    """The mouth shape of the expression, scaled by its intensity; returns the mouth box."""
+    cx, r = head.cx, head.r
+    my = head.cy + 0.52 * r
     mw = 0.48 * r
     shape = e["mouth"]
-    mouth_ink, mlw = (70, 8, 12), int(lw * 1.5)
+    mlw = int(head.lw * 1.5)
     k = e["mouth_open"]  # a weaker expression: a flatter smile or frown, a smaller open mouth
     if shape == "smile":
         d.arc(
             (cx - mw, my - 0.06 * r - 0.26 * r * k, cx + mw, my - 0.06 * r + 0.26 * r * k),
             10,
             170,
-            fill=mouth_ink,
+            fill=_MOUTH_INK,
             width=mlw,
         )
     elif shape == "frown":
@@ -198,11 +241,11 @@ def render_face(
             (cx - mw, my + 0.2 * r - 0.22 * r * k, cx + mw, my + 0.2 * r + 0.22 * r * k),
             195,
             345,
-            fill=mouth_ink,
+            fill=_MOUTH_INK,
             width=mlw,
         )
     elif shape == "flat":
-        d.line([(cx - mw * 0.8, my), (cx + mw * 0.8, my)], fill=mouth_ink, width=mlw)
+        d.line([(cx - mw * 0.8, my), (cx + mw * 0.8, my)], fill=_MOUTH_INK, width=mlw)
     elif shape == "o":
         d.ellipse(
             (
@@ -211,22 +254,29 @@ def render_face(
                 cx + 0.2 * r,
                 my + 0.02 * r + 0.24 * r * k,
             ),
-            fill=mouth_ink,
+            fill=_MOUTH_INK,
         )
     else:  # wide_open
         d.ellipse(
             (cx - mw, my + 0.02 * r - 0.12 * r * k, cx + mw, my + 0.02 * r + 0.12 * r * k),
-            fill=mouth_ink,
+            fill=_MOUTH_INK,
         )
         d.rectangle(
             (cx - mw * 0.7, my - 0.08 * r * k, cx + mw * 0.7, my - 0.02 * r * k),
             fill=(245, 245, 240),
         )
-    boxes["mouth"] = (cx - 0.5 * r, my - 0.3 * r, cx + 0.5 * r, my + 0.32 * r)
+    return (cx - 0.5 * r, my - 0.3 * r, cx + 0.5 * r, my + 0.32 * r)
 
+
+def _pose_and_light(img: Image.Image, boxes: dict, head: _Head, bg, size, rng):
+    """The photo around the drawing: head rotation, uneven light, downsampling, sometimes blur, and
+    sensor noise. Returns the image at `size` and the boxes rotated with it (in supersampled
+    pixels)."""
+    w, h = size
+    W, H = img.size
     angle = float(rng.uniform(-10, 10))
-    img = img.rotate(angle, resample=Image.BICUBIC, center=(cx, cy), fillcolor=bg)
-    boxes = {k: _rotate_box(b, (cx, cy), angle) for k, b in boxes.items()}
+    img = img.rotate(angle, resample=Image.BICUBIC, center=(head.cx, head.cy), fillcolor=bg)
+    boxes = {k: _rotate_box(b, (head.cx, head.cy), angle) for k, b in boxes.items()}
 
     pixels = np.asarray(img, dtype=np.float32)
     gx, gy = rng.uniform(-0.5, 0.5, 2)  # a light gradient in a random direction
@@ -236,9 +286,7 @@ def render_face(
     if rng.random() < 0.2:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
     noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(2, 6), (h, w, 3))
-    img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-    fractions = {k: _clip_box((b[0] / W, b[1] / H, b[2] / W, b[3] / H)) for k, b in boxes.items()}
-    return Face(img, fractions)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), boxes
 
 
 def _clip_box(box):
