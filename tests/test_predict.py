@@ -1,8 +1,8 @@
 """`fer-study predict` and `fer-study evaluate` on the smoke study's best model (shared
 `smoke_study`).
 
-Commands run in-process through click's runner (a new process would spend ~10 s importing TensorFlow
-per call); the one-line error of a bad path is checked in a real process too.
+Commands run in-process through click's runner (a new process would import TensorFlow again for
+every call); the one-line error of a bad path is checked in a real process too.
 """
 
 from __future__ import annotations

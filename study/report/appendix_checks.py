@@ -27,7 +27,7 @@ METHODS = ("Grad-CAM", "Grad-CAM++")
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """The test images the checks use, explained with the appendix's Grad-CAM."""
+    """The faithfulness sample: test images, explained with the appendix's Grad-CAM."""
 
     images: np.ndarray
     explanation: Explanation  # of `images`, by the appendix's GradCam
@@ -37,6 +37,9 @@ class Sample:
 
 @dataclasses.dataclass(frozen=True)
 class Checks:
+    """What the checks found for one backbone (written out by `warnings`, `render` and
+    `summary_rows`)."""
+
     layer: str
     cells: tuple[int, int]
     where: str  # which images the faithfulness numbers use
