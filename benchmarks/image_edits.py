@@ -18,15 +18,21 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 RANGES = {
     "jpeg": "re-encoded as JPEG, quality 30-90",
     "resize": "resized by a factor 0.5-2.0 (log-uniform; bilinear, bicubic, Lanczos or box filter)",
-    "grey": "colour <-> grey: a colour image converted to grey, a grey one tinted (channel gains 0.8-1.2)",
-    "brightness_contrast": "brightness -40..+40 of 255, contrast x0.6-1.5, gamma 0.7-1.4 (clipped to 0-255)",
-    "crop": "cropped by 2-10% of each side's length per axis (split at random between the two edges), resized back",
-    "shift": "content shifted by up to 10% of the size per axis (at least 2% on one), the gap filled by edge "
-    "pixels, black or grey",
+    "grey": "colour <-> grey: a colour image converted to grey, a grey one tinted "
+    "(channel gains 0.8-1.2)",
+    "brightness_contrast": "brightness -40..+40 of 255, contrast x0.6-1.5, gamma 0.7-1.4 "
+    "(clipped to 0-255)",
+    "crop": "cropped by 2-10% of each side's length per axis (split at random between the two "
+    "edges), resized back",
+    "shift": "content shifted by up to 10% of the size per axis (at least 2% on one), the gap "
+    "filled by edge pixels, black or grey",
     "mirror": "mirrored left-right",
-    "watermark": "semi-transparent text (opacity 0.25-0.6, height 8-15% of the image) at a random place",
-    "border": "a frame 2-8% of the size wide, drawn over the edges or padded around and resized back",
-    "exif": "pixels rotated or transposed and saved as JPEG (quality 95) with the EXIF orientation that undoes it",
+    "watermark": "semi-transparent text (opacity 0.25-0.6, height 8-15% of the image) at a random "
+    "place",
+    "border": "a frame 2-8% of the size wide, drawn over the edges or padded around and resized "
+    "back",
+    "exif": "pixels rotated or transposed and saved as JPEG (quality 95) with the EXIF orientation "
+    "that undoes it",
 }
 KINDS = tuple(RANGES)
 _WORDS = ("stock", "(c) photo", "SAMPLE", "preview", "www.faces", "istock", "copyright")

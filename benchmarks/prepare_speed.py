@@ -74,7 +74,8 @@ def _rollup_kib(pid: int) -> dict[str, int]:
 
 
 class MemorySampler(threading.Thread):
-    """Peak memory of this process plus all its descendants, summed over processes at each sample."""
+    """Peak memory of this process plus all its descendants, summed over processes at each
+    sample."""
 
     def __init__(self, interval: float = 0.05):
         super().__init__(daemon=True)
@@ -98,7 +99,8 @@ class MemorySampler(threading.Thread):
 
 
 def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its finished children (the decoding workers)."""
+    """User + system CPU seconds of this process and its finished children (the decoding
+    workers)."""
     import resource
 
     own, kids = (
@@ -247,7 +249,8 @@ def main() -> None:
                 ),
                 "runs": runs,
                 "machine": machine_info(),
-                "note": "2-core machine shared with other engineers' jobs while measured (see load_avg)",
+                "note": "2-core machine shared with other engineers' jobs while measured "
+                "(see load_avg)",
             }
         )
     )

@@ -13,7 +13,8 @@ from PIL import Image
 
 from fer import CLASSES
 from fer.data.decode import decode_file
-from fer.prepare.demo_data import REGIONS, _subject, generate_demo_data, render_face
+from fer.prepare.demo_data import generate_demo_data
+from fer.prepare.demo_faces import REGIONS, random_subject, render_face
 
 
 def test_demo_data_has_the_promised_messes(demo_data_dir):
@@ -61,7 +62,7 @@ def test_demo_boxes_contain_what_differs_between_expressions():
     """Two renders from the same random state differ only in the expression: mouth, eyes and brows.
     Every changed pixel must lie in a box, and every changed pixel below the eyes in the mouth box.
     """
-    subject = _subject(np.random.default_rng(0))
+    subject = random_subject(np.random.default_rng(0))
     for seed in range(3):
         a = render_face("surprise", subject, (160, 128), np.random.default_rng(seed))
         b = render_face("angry", subject, (160, 128), np.random.default_rng(seed))

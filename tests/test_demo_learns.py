@@ -38,7 +38,7 @@ def test_smoke_space_learns_the_demo_faces(backbone, demo60, tmp_path):
     config = {**SPACE.fixed, **SPACE.start_points[0], "backbone": backbone, "epochs_finetune": 10}
     summary = run_trial(config, demo60, tmp_path)
     print(
-        f"{backbone}: val accuracy {summary['val_accuracy']:.3f} after {summary['epochs_run']} epochs, "
-        f"{summary['train_s']:.1f} s"
+        f"{backbone}: val accuracy {summary['val_accuracy']:.3f} after "
+        f"{summary['epochs_run']} epochs, {summary['train_s']:.1f} s"
     )
     assert summary["val_accuracy"] >= 0.5, summary

@@ -79,7 +79,8 @@ def test_explanation_shapes_ranges_and_probabilities(tiny_model, images):
 
 
 def test_backend_gradients_match_finite_differences(tiny_model, images):
-    """The compiled gradient of the class logit w.r.t. the target activation, checked numerically."""
+    """The compiled gradient of the class logit w.r.t. the target activation, checked
+    numerically."""
     cam = GradCam(tiny_model)
     acts = np.asarray(cam.features.predict_on_batch(images[:2].astype("float32")), np.float64)
     classes = np.array([1, 3], np.int32)
@@ -218,8 +219,9 @@ def test_gradcam_heat_falls_on_the_face_features(tmp_path_factory):
     gradcam_share = float(np.mean(shares["gradcam"]))
     print(
         f"correct {correct}/{total}; heat share in boxes: Grad-CAM {gradcam_share:.3f}, "
-        f"Grad-CAM++ {np.mean(shares['gradcam_pp']):.3f}; boxes' area share {area:.3f}; peak in boxes: "
-        f"Grad-CAM {np.mean(peaks['gradcam']):.3f}, Grad-CAM++ {np.mean(peaks['gradcam_pp']):.3f}"
+        f"Grad-CAM++ {np.mean(shares['gradcam_pp']):.3f}; boxes' area share {area:.3f}; "
+        f"peak in boxes: Grad-CAM {np.mean(peaks['gradcam']):.3f}, "
+        f"Grad-CAM++ {np.mean(peaks['gradcam_pp']):.3f}"
     )
     # measured here (2-core CPU, seed 0): 75/80 correct; heat share 0.41 (Grad-CAM) and 0.35
     # (Grad-CAM++) vs area 0.27; hottest pixel inside the boxes for 64% and 51% of the images (a

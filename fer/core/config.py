@@ -34,7 +34,8 @@ PARAMS: dict[str, Param] = {
     "backbone": Param(
         str,
         "efficientnetb1",
-        help="the backbone: a name in the registry of fer.model.backbones (`fer-study train --help` lists them)",
+        help="the backbone: a name in the registry of fer.model.backbones "
+        "(`fer-study train --help` lists them)",
     ),
     "image_size": Param(
         int,
@@ -184,7 +185,8 @@ def check_rules(config: dict[str, Any]) -> None:
         raise UserError(f"unknown backbone '{config['backbone']}' (known: {', '.join(BACKBONES)})")
     if config["image_size"] < backbone.min_size:
         raise UserError(
-            f"image_size {config['image_size']} is below {backbone.name}'s minimum of {backbone.min_size}"
+            f"image_size {config['image_size']} is below {backbone.name}'s minimum of "
+            f"{backbone.min_size}"
         )
     if 0 < config["finetune_cache_units"] < config["unfreeze_layers"]:
         raise UserError(

@@ -67,7 +67,8 @@ def show_on_terminal() -> None:
 
 
 def log_to_file(path: str | Path) -> None:
-    """Progress lines appended to `path` (a study's study.log), once per process whatever the calls."""
+    """Progress lines appended to `path` (a study's study.log), once per process whatever the
+    calls."""
     path = Path(path)
     for handler in log.handlers:
         if (

@@ -71,7 +71,8 @@ def decode_file(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = N
                 width, height = img.size
                 if width * height > max_pixels:
                     raise Quarantine(
-                        f"decompression bomb: {width}x{height} pixels is over the limit of {max_pixels:,}"
+                        f"decompression bomb: {width}x{height} pixels is over the limit of "
+                        f"{max_pixels:,}"
                     )
                 img.load()
                 notes: list[str] = []

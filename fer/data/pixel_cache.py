@@ -116,7 +116,8 @@ def allocate(path: Path, n_bytes: int) -> None:
 
 @contextlib.contextmanager
 def exclusive_lock(lock_path: Path):
-    """Hold an exclusive advisory lock on `lock_path` (process-safe; released if the process dies)."""
+    """Hold an exclusive advisory lock on `lock_path` (process-safe; released if the process
+    dies)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -129,7 +130,8 @@ def exclusive_lock(lock_path: Path):
 def write_npy_from_rows(
     dest: Path, source_raw: Path, rows: list[int], size: int, chunk: int = 256
 ) -> None:
-    """Gather `rows` of a raw row file (size x size x 3 per row) into a new .npy, a chunk at a time."""
+    """Gather `rows` of a raw row file (size x size x 3 per row) into a new .npy, a chunk at a
+    time."""
     rb = row_bytes(size)
     partial = dest.with_name(dest.name + ".partial")
     with open(source_raw, "rb") as src, open(partial, "wb") as out:

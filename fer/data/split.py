@@ -81,9 +81,9 @@ def check_every_split_has_every_class(
         missing = [SPLITS[s] for s in range(3) if not np.any(mine == s)]
         if missing:
             raise UserError(
-                f"class '{name}' has {len(mine)} usable image(s), none of them in {', '.join(missing)} ({how}); "
-                f"every class needs images in train, val and test: add images, merge or drop the class, "
-                f"or loosen --group-regex"
+                f"class '{name}' has {len(mine)} usable image(s), none of them in "
+                f"{', '.join(missing)} ({how}); every class needs images in train, val and test: "
+                "add images, merge or drop the class, or loosen --group-regex"
             )
 
 

@@ -124,7 +124,7 @@ class StudyData:
             if problems:
                 partial.unlink(missing_ok=True)
                 raise UserError(
-                    f"cannot build the {size}px cache: {len(problems)} file(s) in DATA changed since "
-                    f"prepare (first: {problems[0]}); run `fer-study prepare` again"
+                    f"cannot build the {size}px cache: {len(problems)} file(s) in DATA changed "
+                    f"since prepare (first: {problems[0]}); run `fer-study prepare` again"
                 )
             partial.replace(dest)

@@ -61,6 +61,7 @@ def export_model(
     out_dir: str | Path,
     fmt: str,
     quantize: str | None = None,
+    *,
     calibration: np.ndarray | None = None,
     source: str | None = None,
 ) -> Path:
@@ -221,7 +222,9 @@ def export_best(
     test = data.pixels("test", size)
     if not len(test):
         raise UserError("the study has no test images to check the export on")
-    export_model(model, data.classes, out_dir, fmt, quantize, calibration, source=str(path))
+    export_model(
+        model, data.classes, out_dir, fmt, quantize, calibration=calibration, source=str(path)
+    )
     check, exported = _check_export(model, out_dir, test, data.labels("test"), quantize)
     info = json.loads((out_dir / EXPORT_JSON).read_text())
     info["check"] = check

@@ -25,7 +25,8 @@ ALPHA = 0.05
 
 
 def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for `b` and `c` discordant pairs (1.0 when there are none)."""
+    """Two-sided exact McNemar p-value for `b` and `c` discordant pairs (1.0 when there are
+    none)."""
     b, c = int(b), int(c)
     n = b + c
     if n == 0:

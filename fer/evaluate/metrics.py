@@ -122,7 +122,8 @@ def predictions_table(paths: Sequence[str], y_true, probs, classes: Sequence[str
     y_true = np.asarray(y_true, dtype=np.int64)
     if not (len(paths) == len(y_true) == len(probs)):
         raise ValueError(
-            f"paths ({len(paths)}), labels ({len(y_true)}) and probs ({len(probs)}) differ in length"
+            f"paths ({len(paths)}), labels ({len(y_true)}) and probs ({len(probs)}) differ in "
+            "length"
         )
     names = np.asarray(classes, dtype=object)
     table = pd.DataFrame(

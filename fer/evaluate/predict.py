@@ -146,7 +146,8 @@ def predict_images(
     pixels, kept, skipped = decode_images(files, size)
     if not kept:
         raise UserError(
-            f"none of the {len(files)} files could be decoded as an image (first: {skipped[0][0]}: {skipped[0][1]})"
+            f"none of the {len(files)} files could be decoded as an image "
+            f"(first: {skipped[0][0]}: {skipped[0][1]})"
         )
     probs = predict(pixels, batch_size)
     table = pd.DataFrame(
@@ -288,7 +289,8 @@ def evaluate_folder(
     files, labels, filtered_out = filter_files(files, labels, include, exclude)
     if not files:
         raise UserError(
-            f"no file under {data_dir} passes the file-name filter ({filter_label(include, exclude)})"
+            f"no file under {data_dir} passes the file-name filter "
+            f"({filter_label(include, exclude)})"
         )
     pixels, kept, skipped = decode_images(files, size)
     if not kept:

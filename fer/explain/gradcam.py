@@ -66,7 +66,8 @@ class Explanation:
 
 
 class GradCam:
-    """Grad-CAM / Grad-CAM++ for one model; build once, then `explain` batches of 0-255 RGB images."""
+    """Grad-CAM / Grad-CAM++ for one model; build once, then `explain` batches of 0-255 RGB
+    images."""
 
     def __init__(self, model: keras.Model, layer_name: str | None = None):
         self.model = model
@@ -287,7 +288,8 @@ def heat_in_regions(
 
 
 def peak_in_boxes(heat: np.ndarray, boxes: list[tuple[float, float, float, float]]) -> bool:
-    """The "pointing game" (Zhang et al. 2016): does the hottest pixel fall inside one of `boxes`?"""
+    """The "pointing game" (Zhang et al. 2016): does the hottest pixel fall inside one of
+    `boxes`?"""
     y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
     return bool(heat.max() > 0 and _box_mask(heat.shape, boxes)[y, x])
 

@@ -38,13 +38,13 @@ SAME_MAP_RHO = (
 SANITY_RHO = 0.5  # median rank correlation with the fully randomised model's maps above this: fails
 
 
-# ---------------------------------------------------------------- faithfulness: deletion and
-# insertion
+# ------------------------------------------------------------ faithfulness: deletion and insertion
 def faithfulness_curves(
     model: keras.Model,
     images: np.ndarray,
     heats: dict[str, np.ndarray],
     class_ids,
+    *,
     steps: int = 8,
     seed: int = 0,
     batch_size: int = 64,
@@ -56,14 +56,9 @@ def faithfulness_curves(
     Deletion: the top 0, 1/steps, ..., 100% pixels of the ordering take the baseline colour.
     Insertion: start from the all-baseline image and restore the top fraction of pixels. One predict
     call per image chunk for every variant (one compiled function)."""
-    rng = np.random.default_rng(seed)
     images = np.asarray(images)
     n, h, w = images.shape[:3]
-    orders = {
-        name: np.argsort(-(np.asarray(heat).reshape(n, -1) + 1e-6 * rng.random((n, h * w))), axis=1)
-        for name, heat in heats.items()
-    }
-    orders["random"] = np.stack([rng.permutation(h * w) for _ in range(n)])
+    orders = _pixel_orders(heats, n, h * w, np.random.default_rng(seed))
     counts = np.round(np.linspace(0.0, 1.0, steps + 1) * h * w).astype(int)
     class_ids = np.asarray(class_ids)
     out = {
@@ -71,27 +66,46 @@ def faithfulness_curves(
         "insertion": {k: np.empty((n, steps + 1)) for k in orders},
     }
     for start in range(0, n, 16):  # bounded memory at 224 px
-        chunk = range(start, min(n, start + 16))
-        variants = np.empty((2, len(orders), len(chunk), steps + 1, h * w, 3), np.float32)
-        for i_local, i in enumerate(chunk):
-            flat = images[i].reshape(-1, 3).astype(np.float32)
-            base = flat.mean(axis=0)
-            for k, order in enumerate(orders.values()):
-                for j, c in enumerate(counts):
-                    variants[0, k, i_local, j] = flat
-                    variants[0, k, i_local, j, order[i][:c]] = base
-                    variants[1, k, i_local, j] = base
-                    variants[1, k, i_local, j, order[i][:c]] = flat[order[i][:c]]
+        chunk = list(range(start, min(n, start + 16)))
+        variants = _masked_variants(images, chunk, orders, counts)
         probs = np.asarray(
             model.predict(variants.reshape(-1, h, w, 3), batch_size=batch_size, verbose=0)
         )
         probs = probs.reshape(2, len(orders), len(chunk), steps + 1, -1)
         for m, mode in enumerate(("deletion", "insertion")):
             for k, name in enumerate(orders):
-                out[mode][name][list(chunk)] = probs[
-                    m, k, np.arange(len(chunk)), :, class_ids[list(chunk)]
-                ]
+                out[mode][name][chunk] = probs[m, k, np.arange(len(chunk)), :, class_ids[chunk]]
     return out
+
+
+def _pixel_orders(heats: dict, n: int, pixels: int, rng: np.random.Generator) -> dict:
+    """Per ordering, each image's pixels hottest first (ties broken at random), plus 'random'."""
+    orders = {
+        name: np.argsort(
+            -(np.asarray(heat).reshape(n, -1) + 1e-6 * rng.random((n, pixels))), axis=1
+        )
+        for name, heat in heats.items()
+    }
+    orders["random"] = np.stack([rng.permutation(pixels) for _ in range(n)])
+    return orders
+
+
+def _masked_variants(images: np.ndarray, chunk: list[int], orders: dict, counts) -> np.ndarray:
+    """(2, orderings, images, steps + 1, pixels, 3): per image of `chunk`, deletion (0) and
+    insertion (1) variants at each count of its top pixels; the baseline is the image's mean
+    colour."""
+    n_pixels = images.shape[1] * images.shape[2]
+    variants = np.empty((2, len(orders), len(chunk), len(counts), n_pixels, 3), np.float32)
+    for i_local, i in enumerate(chunk):
+        flat = images[i].reshape(-1, 3).astype(np.float32)
+        base = flat.mean(axis=0)
+        for k, order in enumerate(orders.values()):
+            for j, c in enumerate(counts):
+                variants[0, k, i_local, j] = flat
+                variants[0, k, i_local, j, order[i][:c]] = base
+                variants[1, k, i_local, j] = base
+                variants[1, k, i_local, j, order[i][:c]] = flat[order[i][:c]]
+    return variants
 
 
 def curve_area(curves: np.ndarray) -> np.ndarray:

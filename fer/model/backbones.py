@@ -63,8 +63,8 @@ def small_cnn(include_top=False, weights=None, input_tensor=None):
     Each convolution is followed by BatchNormalization: frozen at its initial statistics in the head
     stage it is a near-identity (the head still learns on random features), trained in stage 2
     (weights=none) it lets a high learning rate converge and makes the features robust to scattered
-    pixel changes: on the demo data the deletion test then tells Grad-CAM from random removal (AUC
-    0.29 vs 0.62 over 160 images; without BN 0.30 vs 0.37, the intervals overlapping).
+    pixel changes: on the demo data the deletion test then tells Grad-CAM from random removal, which
+    it cannot without BN (docs/benchmarks.md).
     """
     import keras
 

@@ -50,7 +50,8 @@ def _resolve_weights(weights: str) -> str | None:
 
 
 def build_backbone(backbone: Backbone, x, weights: str) -> keras.Model:
-    """Build the backbone on tensor `x` with the requested weights, with a clear error when offline."""
+    """Build the backbone on tensor `x` with the requested weights, with a clear error when
+    offline."""
     resolved = _resolve_weights(weights)
     if resolved in (None, "imagenet"):
         try:
@@ -63,7 +64,8 @@ def build_backbone(backbone: Backbone, x, weights: str) -> keras.Model:
             reason = _first_line(exc)
             raise UserError(
                 f"could not download ImageNet weights for {backbone.name} ({reason}); "
-                "pass a local weights file with --weights PATH (or --set weights=PATH), or use --set weights=none"
+                "pass a local weights file with --weights PATH (or --set weights=PATH), or use "
+                "--set weights=none"
             ) from None
     net = backbone.build(x, None)
     try:
@@ -127,8 +129,8 @@ def build_model(config: dict, num_classes: int) -> keras.Model:
 def set_bn_epsilon(net: keras.Model, epsilon: float) -> None:
     """Use the epsilon the weights were trained with. keras.applications uses 1e-3, PyTorch 1e-5;
     with the wrong one, BN layers with small running variances squash their outputs (a ported
-    MobileNetV2's pooled features vary about 20x less across images at 1e-3 than at 1e-5). Saved in
-    model.keras with each layer's config."""
+    model's pooled features then hardly vary across images). Saved in model.keras with each layer's
+    config."""
     for layer in net.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.epsilon = float(epsilon)

@@ -4,9 +4,8 @@ This is the ONE place in `fer/` that talks to a specific Keras backend (TensorFl
 Everything else uses `keras` / `keras.ops` only, so the same trial runs under `KERAS_BACKEND=jax`.
 
 Why threads matter: Ray sets OMP_NUM_THREADS for each trial, but TensorFlow ignores it and every
-trial then uses every core (docs/pitfalls.md#threads: 1 thread x 2 trials beat 2 threads x 1 trial,
-99 s vs 200 s). Call `configure_backend(threads=n)` at the start of a trial, before the first Keras
-operation runs.
+trial then uses every core, and two trials fight over them (docs/pitfalls.md#threads). Call
+`configure_backend(threads=n)` at the start of a trial, before the first Keras operation runs.
 """
 
 from __future__ import annotations
@@ -94,9 +93,8 @@ def _jax_initialised() -> bool:
 def mixed_precision_dtype() -> str | None:
     """The mixed-precision compute dtype `mixed_precision=auto` uses: 'bfloat16' on GPUs of compute
     capability 8.0 or more (Ampere and later: as fast as float16, with float32's range, so no loss
-    scaling) and TPUs, 'float16' on older GPUs, None (float32) without an accelerator. On CPUs mixed
-    precision did not help (a MobileNetV2 train step was 20% slower in bfloat16 on an AMX-capable
-    Xeon with TensorFlow 2.21)."""
+    scaling) and TPUs, 'float16' on older GPUs, None (float32) without an accelerator: on CPUs mixed
+    precision did not help (docs/benchmarks.md)."""
     if not accelerator_available():
         return None
     capability = _gpu_compute_capability()
@@ -125,9 +123,7 @@ def _gpu_compute_capability() -> tuple[int, int] | None:
             import torch
 
             return tuple(torch.cuda.get_device_capability())
-    except (
-        Exception
-    ) as exc:  # unusual device: fall back to bfloat16's rule of thumb, never fail a trial
+    except Exception as exc:  # unusual device: fall back to bfloat16's rule, never fail a trial
         log.warning("could not read the GPU's compute capability (%s); assuming 8.0+", exc)
     return None
 
@@ -135,7 +131,7 @@ def _gpu_compute_capability() -> tuple[int, int] | None:
 def enable_compilation_cache(folder) -> str | None:
     """JAX: keep compiled XLA programs in `folder` (the study's `compile_cache/`, shared by all its
     workers), so a later trial whose steps lower to the same program loads it instead of compiling
-    (about 100 s for EfficientNetB1 on a GPU). Trials of one backbone, image size, batch size and
+    it again (slow for the larger backbones). Trials of one backbone, image size, batch size and
     unfreeze depth do: learning rates are optimizer variables, the dropout rate a
     `fer.model.layers.HeadDropout` variable and label smoothing is in the targets
     (docs/pitfalls.md#baked-constants; benchmarks/compile_reuse.py). Every program is cached,
@@ -175,11 +171,11 @@ def release_traced_graphs() -> int:
     runs the optimizer's gradient all-reduce, a graph-mode `tf.custom_gradient`, which registers a
     gradient function named `CustomGradient-<uid>` in TensorFlow's process-wide gradient registry
     and never removes it. That function's closure holds the traced FuncGraph (every op and tensor of
-    the step), so each compiled train step stays in memory for the life of the process: about 26 MB
-    per smallcnn trial at 32 px (benchmarks/worker_memory.py). The registrations are only needed
-    while a graph is being differentiated, i.e. during a trace; a step an earlier trial traced is
-    either gone with its model or, put back by fer/train/stage_programs.py, run as already traced,
-    so they can go. Private TensorFlow API: if it moved, nothing is dropped (a warning)."""
+    the step), so each compiled train step stays in memory for the life of the process: a worker
+    that runs many trials grows with each (benchmarks/worker_memory.py). The registrations are only
+    needed while a graph is being differentiated, i.e. during a trace; a step an earlier trial
+    traced is either gone with its model or, put back by fer/train/stage_programs.py, run as already
+    traced, so they can go. Private TensorFlow API: if it moved, nothing is dropped (a warning)."""
     if backend_name() != "tensorflow" or "tensorflow" not in sys.modules:
         return 0
     try:

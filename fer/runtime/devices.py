@@ -37,6 +37,6 @@ def check_backend_gpus(wanted: float, usable: int, backend: str, where: str, cpu
     if wanted > 0 and usable == 0:
         fix = FIXES.get(backend, "install the GPU build of the Keras backend")
         raise UserError(
-            f"{where} but the Keras backend '{backend}' sees no GPU, so trials would run on the CPU: "
-            f"{fix}, or {cpu_hint} to train on the CPU on purpose"
+            f"{where} but the Keras backend '{backend}' sees no GPU, so trials would run on the "
+            f"CPU: {fix}, or {cpu_hint} to train on the CPU on purpose"
         )

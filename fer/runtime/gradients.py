@@ -2,8 +2,8 @@
 
 Keras 3 has no backend-neutral "gradient of this w.r.t. that", so Grad-CAM needs a few lines per
 backend. Everything else (`fer.explain.gradcam`) is written with NumPy and `keras.ops`. The returned
-function is compiled (`tf.function` / `jax.jit`): eager Grad-CAM costs ~1.4 s per 224 px image,
-compiled ~0.06 s (docs/pitfalls.md#flat-backbone).
+function is compiled (`tf.function` / `jax.jit`): eager Grad-CAM is many times slower
+(docs/pitfalls.md#flat-backbone).
 """
 
 from __future__ import annotations
