@@ -55,16 +55,61 @@ def _records(paths):
 
 
 def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: Path) -> dict:
-    from PIL import Image
-
-    from benchmarks.image_edits import KINDS, edit
+    """One part's figures: recall per edit kind, false joins, JAFFE expressions clustered."""
+    from benchmarks.image_edits import KINDS
     from fer.prepare.duplicates import find_duplicates
 
     rng = np.random.default_rng([seed, part == "held_out"])
+    fixtures = _fixtures(part, fer, jaffe, n_sources, rng, tmp)
+    paths, meta, sources = fixtures["paths"], fixtures["meta"], fixtures["sources"]
+    sigs, h, hm = _records(paths)
+    pix = [f"{i}" for i in range(len(paths))]  # no exact duplicates among fixtures by construction
+    t0 = time.process_time()
+    labels = [m[2] if m[0] == "jaffe" else sources[m[1]].parent.name for m in meta]
+    dups = find_duplicates(pix, h, hm, sigs, labels=labels)
+    cpu = time.process_time() - t0
+    cluster_of = {i: c for c, members in enumerate(dups.clusters) for i in members}
+    src_index = {m[1]: i for i, m in enumerate(meta) if m[0] == "fer" and m[2] == "source"}
+
+    def with_source(i, m):  # copy i (meta m) is in the same final cluster as its source
+        return cluster_of.get(i, -1) >= 0 and cluster_of.get(i) == cluster_of.get(src_index[m[1]])
+
+    recall = {}
+    for kind in KINDS:
+        hits = [with_source(i, m) for i, m in enumerate(meta) if m[0] == "fer" and m[2] == kind]
+        recall[kind] = round(float(np.mean(hits)), 4)
+    copies = [(i, m) for i, m in enumerate(meta) if m[0] == "fer" and m[2] != "source"]
+    joins = _joins(dups.clusters, meta, sources, paths)
+    return {
+        "part": part,
+        "fer_sources": n_sources,
+        "jaffe_people": fixtures["people"],
+        "images": len(paths),
+        "recall_per_edit": recall,
+        "recall_all_edits": round(sum(with_source(i, m) for i, m in copies) / len(copies), 4),
+        "false_joins_fer_or_people": joins["false_fer"] + joins["diff_people"],
+        "false_join_examples": sorted(joins["false_examples"])[:10],
+        "jaffe_diff_expression_pairs_clustered": joins["diff_expr"],
+        "jaffe_diff_expression_examples": joins["diff_examples"],
+        "jaffe_same_expression_pairs_clustered": joins["same_expr"],
+        "near_pairs": len(dups.near_pairs),
+        "refused_unions": dups.refused,
+        "find_duplicates_cpu_s": round(cpu, 2),
+    }
+
+
+def _fixtures(part: str, fer: Path, jaffe: Path, n_sources: int, rng, tmp: Path) -> dict:
+    """The part's images: FER2013 sources, one edited copy of each per edit kind (written as files),
+    and the part's JAFFE people. meta per image: ("fer", source index, kind) or ("jaffe", person,
+    expression)."""
+    from PIL import Image
+
+    from benchmarks.image_edits import KINDS, edit
+
     files = sorted(p for p in fer.rglob("*.jpg"))
     pool = [p for p in files if p.name.startswith("Training_") == (part == "calibration")]
     sources = [pool[k] for k in rng.choice(len(pool), n_sources, replace=False)]
-    paths, meta = [], []  # meta: ("fer", source index, kind) or ("jaffe", person, expression)
+    paths, meta = [], []
     for k, src in enumerate(sources):
         paths.append(src)
         meta.append(("fer", k, "source"))
@@ -82,72 +127,40 @@ def run_part(part: str, fer: Path, jaffe: Path, n_sources: int, seed: int, tmp: 
         if p.name[:2] in mine:
             paths.append(p)
             meta.append(("jaffe", p.name[:2], p.parent.name))
-    sigs, h, hm = _records(paths)
-    pix = [f"{i}" for i in range(len(paths))]  # no exact duplicates among fixtures by construction
-    t0 = time.process_time()
-    labels = [m[2] if m[0] == "jaffe" else sources[m[1]].parent.name for m in meta]
-    dups = find_duplicates(pix, h, hm, sigs, labels=labels)
-    cpu = time.process_time() - t0
-    cluster_of = {i: c for c, members in enumerate(dups.clusters) for i in members}
-    src_index = {m[1]: i for i, m in enumerate(meta) if m[0] == "fer" and m[2] == "source"}
-    recall = {}
-    for kind in KINDS:
-        hits = [
-            cluster_of.get(i, -1) >= 0 and cluster_of.get(i) == cluster_of.get(src_index[m[1]])
-            for i, m in enumerate(meta)
-            if m[0] == "fer" and m[2] == kind
-        ]
-        recall[kind] = round(float(np.mean(hits)), 4)
-    false_fer, diff_expr, same_expr, diff_people, diff_examples, false_examples = (
-        0,
-        0,
-        0,
-        0,
-        [],
-        set(),
-    )
-    for members in dups.clusters:
+    return {"paths": paths, "meta": meta, "sources": sources, "people": mine}
+
+
+def _joins(clusters, meta, sources, paths) -> dict:
+    """Pairs inside final clusters that must not be there (different FER sources, different JAFFE
+    people, one JAFFE person's different expressions) and those allowed (same-expression takes)."""
+    out = {
+        "false_fer": 0,
+        "diff_people": 0,
+        "diff_expr": 0,
+        "same_expr": 0,
+        "diff_examples": [],
+        "false_examples": set(),
+    }
+    for members in clusters:
         for x in range(len(members)):
             for y in range(x + 1, len(members)):
                 a, b = meta[members[x]], meta[members[y]]
                 if a[0] != b[0] or (a[0] == "fer" and a[1] != b[1]):
-                    false_fer += 1
+                    out["false_fer"] += 1
                     names = [sources[m[1]].name if m[0] == "fer" else m[1] for m in (a, b)]
-                    false_examples.add(" ~ ".join(sorted(names)))
+                    out["false_examples"].add(" ~ ".join(sorted(names)))
                 elif a[0] == "jaffe":
                     if a[1] != b[1]:
-                        diff_people += 1
-                        false_examples.add(f"{a[1]} ~ {b[1]}")
+                        out["diff_people"] += 1
+                        out["false_examples"].add(f"{a[1]} ~ {b[1]}")
                     elif a[2] != b[2]:
-                        diff_expr += 1
-                        diff_examples.append([paths[members[x]].name, paths[members[y]].name])
+                        out["diff_expr"] += 1
+                        out["diff_examples"].append(
+                            [paths[members[x]].name, paths[members[y]].name]
+                        )
                     else:
-                        same_expr += 1
-    copies_pairs = sum(1 for m in meta if m[0] == "fer" and m[2] != "source")
-    found_true = sum(
-        1
-        for i, m in enumerate(meta)
-        if m[0] == "fer"
-        and m[2] != "source"
-        and cluster_of.get(i, -1) >= 0
-        and cluster_of.get(i) == cluster_of.get(src_index[m[1]])
-    )
-    return {
-        "part": part,
-        "fer_sources": n_sources,
-        "jaffe_people": mine,
-        "images": len(paths),
-        "recall_per_edit": recall,
-        "recall_all_edits": round(found_true / copies_pairs, 4),
-        "false_joins_fer_or_people": false_fer + diff_people,
-        "false_join_examples": sorted(false_examples)[:10],
-        "jaffe_diff_expression_pairs_clustered": diff_expr,
-        "jaffe_diff_expression_examples": diff_examples,
-        "jaffe_same_expression_pairs_clustered": same_expr,
-        "near_pairs": len(dups.near_pairs),
-        "refused_unions": dups.refused,
-        "find_duplicates_cpu_s": round(cpu, 2),
-    }
+                        out["same_expr"] += 1
+    return out
 
 
 def before_after(fer: Path, before_audit: Path, tmp: Path) -> dict:

@@ -188,18 +188,20 @@ def main() -> None:
     p.add_argument(
         "--workers", type=int, default=None, help="decoding processes (default: up to 2)"
     )
-    p.add_argument(
-        "--one", type=Path, help=argparse.SUPPRESS
-    )  # internal: run one prepare of this folder
+    # internal: run one prepare of this folder
+    p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return _child(args)
     if not args.data.is_dir():
         sys.exit(shared_missing(args.data))
-    import subprocess
+    print(json.dumps(_summary(args, _runs(args))))
 
-    from fer.runtime.machine import machine_info
+
+def _runs(args) -> list[dict]:
+    """One prepare per subset size, each in a fresh process (its memory is its own)."""
+    import subprocess
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,11 +218,17 @@ def main() -> None:
                 "--image-size",
                 str(args.image_size),
             ] + (["--workers", str(args.workers)] if args.workers is not None else [])
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, check=True
-            )  # a fresh process per run
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs.append({"fraction": fraction, **json.loads(proc.stdout.strip().splitlines()[-1])})
             shutil.rmtree(out)
+    return runs
+
+
+def _summary(args, runs: list[dict]) -> dict:
+    """The benchmark's JSON line: the full run's figures, and memory growth per file between the
+    smallest and the full run."""
+    from fer.runtime.machine import machine_info
+
     full, small = runs[-1], runs[0]
     growth = None
     if len(runs) > 1:
@@ -230,30 +238,25 @@ def main() -> None:
             / max(1, full["files"] - small["files"]),
             2,
         )
-    print(
-        json.dumps(
-            {
-                "benchmark": "prepare_speed",
-                "data": str(args.data),
-                "image_size": args.image_size,
-                "files": full["files"],
-                "images_per_s": full["images_per_s"],
-                "target_images_per_s": 500,
-                "images_per_cpu_s": full["images_per_cpu_s"],
-                "load_avg_1m_during": full["load_avg_1m_after"],
-                "peak_pss_mib": full["peak_pss_mib"],
-                "peak_pss_anon_mib": full["peak_pss_anon_mib"],
-                "pss_anon_growth_kib_per_file": growth,
-                "pixel_cache_kib_per_file": round(
-                    full["pixel_cache_mib"] * 1024 / max(1, full["files"]), 2
-                ),
-                "runs": runs,
-                "machine": machine_info(),
-                "note": "2-core machine shared with other engineers' jobs while measured "
-                "(see load_avg)",
-            }
-        )
-    )
+    return {
+        "benchmark": "prepare_speed",
+        "data": str(args.data),
+        "image_size": args.image_size,
+        "files": full["files"],
+        "images_per_s": full["images_per_s"],
+        "target_images_per_s": 500,
+        "images_per_cpu_s": full["images_per_cpu_s"],
+        "load_avg_1m_during": full["load_avg_1m_after"],
+        "peak_pss_mib": full["peak_pss_mib"],
+        "peak_pss_anon_mib": full["peak_pss_anon_mib"],
+        "pss_anon_growth_kib_per_file": growth,
+        "pixel_cache_kib_per_file": round(
+            full["pixel_cache_mib"] * 1024 / max(1, full["files"]), 2
+        ),
+        "runs": runs,
+        "machine": machine_info(),
+        "note": "2-core machine shared with other engineers' jobs while measured (see load_avg)",
+    }
 
 
 if __name__ == "__main__":
