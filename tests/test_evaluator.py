@@ -1,4 +1,4 @@
-"""The study's Evaluator (study.tune.trainable): what it prepares while the last trials run, and
+"""The study's Evaluator (study.tune.evaluator): what it prepares while the last trials run, and
 that a warm evaluation writes the same results as a cold one. Runs the class in this process (no Ray
 needed: the actor is this class with a trial's resources)."""
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fer.train.trial import run_trial
-from study.tune.trainable import Evaluator, evaluate_best
+from study.tune.evaluator import EvaluationJob, Evaluator, evaluate_best
 
 TINY = dict(
     backbone="smallcnn", image_size=48, weights="none", batch_size=16, dense_units=16, augment=0.0
@@ -22,6 +22,10 @@ SELECTION = {
     "metric_value": 1.0,
     "status": "completed",
 }
+
+
+def _job(trial_dir, best_dir, prepared_data) -> EvaluationJob:
+    return EvaluationJob(str(trial_dir), str(best_dir), str(prepared_data.dir), 1, SELECTION)
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +48,14 @@ def test_a_preloaded_trial_is_evaluated_with_the_latency_measured_while_the_sear
     folder."""
     evaluator = Evaluator(threads=1)
     assert evaluator.preload(str(two_trials / "a"))
-    measured = evaluator.preloaded[2]
+    measured = evaluator.preloaded.latency
     assert measured["devices"]["cpu"]["runs"] >= 50 and measured["params"] > 0
     assert not (
         two_trials / "a" / "test_metrics.json"
     ).exists()  # preloading never touched the test split
-    warm = evaluator.evaluate(
-        str(two_trials / "a"), str(tmp_path / "warm"), str(prepared_data.dir), 1, SELECTION
-    )
+    warm = evaluator.evaluate(_job(two_trials / "a", tmp_path / "warm", prepared_data))
     assert json.loads((tmp_path / "warm" / "latency.json").read_text()) == measured
-    cold = evaluate_best(
-        str(two_trials / "a"), str(tmp_path / "cold"), str(prepared_data.dir), 1, SELECTION
-    )
+    cold = evaluate_best(_job(two_trials / "a", tmp_path / "cold", prepared_data))
     assert warm["test_accuracy"] == cold["test_accuracy"]
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "warm" / "test_predictions.csv"),
@@ -72,14 +72,10 @@ def test_another_trial_than_the_preloaded_one_is_loaded_and_timed_afresh(
     reuse the preloaded model or its figures."""
     evaluator = Evaluator(threads=1)
     assert evaluator.preload(str(two_trials / "a"))
-    preloaded_latency = evaluator.preloaded[2]
-    result = evaluator.evaluate(
-        str(two_trials / "b"), str(tmp_path / "best"), str(prepared_data.dir), 1, SELECTION
-    )
+    preloaded_latency = evaluator.preloaded.latency
+    result = evaluator.evaluate(_job(two_trials / "b", tmp_path / "best", prepared_data))
     latency = json.loads((tmp_path / "best" / "latency.json").read_text())
     assert latency["measured_at"] > preloaded_latency["measured_at"]  # timed for this evaluation
-    expected = evaluate_best(
-        str(two_trials / "b"), str(tmp_path / "cold"), str(prepared_data.dir), 1, SELECTION
-    )
+    expected = evaluate_best(_job(two_trials / "b", tmp_path / "cold", prepared_data))
     assert result["test_accuracy"] == expected["test_accuracy"]
     assert evaluator.preloaded is None  # used up: a later evaluate loads again

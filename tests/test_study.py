@@ -1,4 +1,5 @@
-"""The study end to end: `fer-study run` on demo data, a killed-and-resumed study, a failing trial."""
+"""The study end to end: `fer-study run` on demo data, a killed-and-resumed study, a failing
+trial."""
 
 import json
 import os
@@ -214,7 +215,7 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
 def test_progress_view_prints_one_line_per_trial_and_redraws_live():
     import io
 
-    from study.tune.callback import ProgressView, trial_line
+    from study.tune.progress_view import ProgressView, trial_line
 
     plain = io.StringIO()
     view = ProgressView(total=2, metric="val_loss", stream=plain, live=False)

@@ -33,19 +33,19 @@ cloudpickle.register_pickle_by_value(
 TRIALS = 4
 
 
-def placement_probe(config, context):
+def placement_probe(config, context):  # context: a study.tune.options.TrialContext
     """Record where the trial ran and with which resources, wait (holding them) until all TRIALS
     trials are running at once (a barrier, so slow worker start-up on a busy machine cannot fake or
     hide concurrency), then report two epochs like a real trial."""
     runtime = ray.get_runtime_context()
     trial_id = tune.get_context().get_trial_id()
-    barrier = Path(context["trials_dir"]).parent / "barrier"
+    barrier = Path(context.trials_dir).parent / "barrier"
     barrier.mkdir(exist_ok=True)
     (barrier / trial_id).touch()
     deadline = time.time() + 120
     while len(list(barrier.iterdir())) < TRIALS and time.time() < deadline:
         time.sleep(0.2)
-    out = Path(context["trials_dir"]) / trial_id
+    out = Path(context.trials_dir) / trial_id
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(
         json.dumps(
@@ -130,8 +130,9 @@ def test_a_local_study_runs_its_trials_at_the_users_priority():
         "from study.tune.cluster import connect\n"
         "connect(None, num_cpus=1, dashboard=False)\n"
         "print('nice', os.nice(0), ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
-        "print('arenas', ray.get(ray.remote(lambda: os.environ.get('MALLOC_ARENA_MAX')).remote()))\n"
-        "print('reuse wait', ray.get(ray.remote(lambda: os.environ.get('TUNE_FUNCTION_THREAD_TIMEOUT_S')).remote()))\n"
+        "env = ray.remote(lambda name: os.environ.get(name))\n"
+        "print('arenas', ray.get(env.remote('MALLOC_ARENA_MAX')))\n"
+        "print('reuse wait', ray.get(env.remote('TUNE_FUNCTION_THREAD_TIMEOUT_S')))\n"
     )
     env = {
         k: v
@@ -146,9 +147,8 @@ def test_a_local_study_runs_its_trials_at_the_users_priority():
     driver, worker = line.split()[1:]
     assert worker == driver
     assert "arenas 2" in done.stdout.splitlines(), done.stdout[-2000:]
-    assert "reuse wait 120" in done.stdout.splitlines(), done.stdout[
-        -2000:
-    ]  # Tune's default 2 s: too short
+    # Tune's default 2 s: too short
+    assert "reuse wait 120" in done.stdout.splitlines(), done.stdout[-2000:]
 
 
 def test_a_local_studys_first_trials_use_the_workers_ray_prestarted():
@@ -162,10 +162,12 @@ def test_a_local_studys_first_trials_use_the_workers_ray_prestarted():
         "connect(None, num_cpus=1, dashboard=False)\n"
         "time.sleep(3)\n"  # let the prestarted worker come up
         "submitted = time.time()\n"
-        "Trial = ray.remote(num_cpus=1)(type('Trial', (), {'env': lambda self: (os.getpid(), os.environ.get("
-        "'MALLOC_ARENA_MAX'))}))\n"  # Tune runs each trial in an actor like this one
+        # Tune runs each trial in an actor like this one
+        "def env(self): return os.getpid(), os.environ.get('MALLOC_ARENA_MAX')\n"
+        "Trial = ray.remote(num_cpus=1)(type('Trial', (), {'env': env}))\n"
         "pid, arenas = ray.get(Trial.remote().env.remote())\n"
-        "print('age', submitted - psutil.Process(pid).create_time(), arenas, os.environ.get('MALLOC_ARENA_MAX'))\n"
+        "age = submitted - psutil.Process(pid).create_time()\n"
+        "print('age', age, arenas, os.environ.get('MALLOC_ARENA_MAX'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
     done = subprocess.run(
@@ -174,7 +176,6 @@ def test_a_local_studys_first_trials_use_the_workers_ray_prestarted():
     line = next((x for x in done.stdout.splitlines() if x.startswith("age ")), None)
     assert line is not None, done.stderr[-2000:]
     age, worker_arenas, driver_arenas = line.split()[1:]
-    assert (
-        float(age) > 2
-    )  # started with Ray, not for this actor (a new process is <1 s old when it answers)
+    # started with Ray, not for this actor (a new process is <1 s old when it answers)
+    assert float(age) > 2
     assert worker_arenas == "2" and driver_arenas == "None"

@@ -1,4 +1,5 @@
-"""`fer-study run` (docs/commands.md): a thin click wrapper around `study.tune.driver.run_study`."""
+"""`fer-study run` (docs/commands.md): a thin click wrapper around
+`study.tune.driver.run_study`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import click
     "--gpus-per-trial",
     type=float,
     default=None,
-    help="GPUs per trial, fractions allowed (0.5 = two trials per GPU); default 1 if GPUs exist, else 0",
+    help="GPUs per trial, fractions allowed (0.5 = two trials per GPU); default 1 if GPUs exist, "
+    "else 0",
 )
 @click.option(
     "--cpus-per-trial",
@@ -40,7 +42,8 @@ import click
 @click.option(
     "--group-regex",
     default=None,
-    help="when DATA is prepared here: regex whose first group names the subject (kept in one split)",
+    help="when DATA is prepared here: regex whose first group names the subject (kept in one "
+    "split)",
 )
 @click.option(
     "--resume", is_flag=True, help="continue an interrupted study: finished trials are kept"
@@ -73,64 +76,36 @@ import click
     is_flag=False,
     flag_value=5,
     metavar="[SEEDS]",
-    help="after the study, retrain each backbone's selected config on a notebook's random split and on "
-    "the audited split, SEEDS split seeds each (default 5): results/<study>/naive_split.json",
+    help="after the study, retrain each backbone's selected config on a notebook's random split "
+    "and on the audited split, SEEDS split seeds each (default 5): "
+    "results/<study>/naive_split.json",
 )
 @click.option(
     "--max-retries",
     type=int,
     default=2,
     show_default=True,
-    help="times a trial whose worker process or node died (an OOM kill, a lost machine) is run again "
-    "from scratch; it counts once in its backbone's budget. Errors of the trial itself: never",
+    help="times a trial whose worker process or node died (an OOM kill, a lost machine) is run "
+    "again from scratch; it counts once in its backbone's budget. Errors of the trial itself: "
+    "never",
 )
 @click.option(
     "--reuse-workers/--fresh-workers",
     default=True,
     show_default=True,
-    help="warm workers (default): a trial slot keeps its worker process from one trial to the next (imported "
-    "Keras, its model reset to its initial weights, its compiled stages), with Keras' state cleared in between; "
-    "--fresh-workers: a new process per trial",
+    help="warm workers (default): a trial slot keeps its worker process from one trial to the "
+    "next (imported Keras, its model reset to its initial weights, its compiled stages), with "
+    "Keras' state cleared in between; --fresh-workers: a new process per trial",
 )
-def run(
-    data_or_study,
-    space_path,
-    name,
-    address,
-    gpus_per_trial,
-    cpus_per_trial,
-    group_regex,
-    resume,
-    num_cpus,
-    num_gpus,
-    dashboard,
-    results_root,
-    naive_split,
-    max_retries,
-    reuse_workers,
-):
+def run(data_or_study, space_path, **options):
     """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's
     best trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared
     first) or a study folder made by `fer-study prepare`."""
     from study.tune.driver import StudyIncomplete, StudyOptions, run_study
 
-    options = StudyOptions(
-        name=name,
-        address=address,
-        cpus_per_trial=cpus_per_trial,
-        gpus_per_trial=gpus_per_trial,
-        group_regex=group_regex,
-        resume=resume,
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        dashboard=dashboard,
-        results_root=results_root,
-        naive_split=naive_split,
-        max_retries=max_retries,
-        reuse_workers=reuse_workers,
-    )
+    # every option above is a StudyOptions field of the same name
     try:
-        run_study(data_or_study, space_path, options)
+        run_study(data_or_study, space_path, StudyOptions(**options))
     except StudyIncomplete as exc:
         click.echo(f"Interrupted: {exc}", err=True)
         sys.exit(130)

@@ -22,23 +22,29 @@ def open_or_prepare(
     A raw class folder is prepared once into `<results_root>/<folder name>/data` (DATA itself is
     only read); a later call with the same folder reuses that preparation.
     """
+    from fer.core.study_folder import StudyFolder, find_study
     from fer.data import StudyData
     from fer.prepare import prepare_dataset
 
     path = Path(data_or_study)
     if not path.is_dir():
         raise UserError(f"not a folder: {path}")
-    if names.is_study_folder(path):
+    study = find_study(path)
+    if study is not None and study.root == path.resolve():  # the study folder
         return StudyData(path / names.DATA_DIR), path
-    if names.is_prepared_data(path):
-        return StudyData(path), path.parent if path.name == names.DATA_DIR else path
+    if study is not None and study.data_dir == path.resolve():  # its data/
+        return StudyData(path), path.parent
+    if names.is_prepared_data(path):  # prepared outside a study folder (`prepare --out`)
+        return StudyData(path), path
     study_dir = Path(results_root) / path.resolve().name
-    data_dir = study_dir / names.DATA_DIR
-    if names.is_prepared_data(data_dir):
+    data_dir = StudyFolder(study_dir).data_dir
+    study = find_study(study_dir) if study_dir.is_dir() else None
+    if study is not None and study.root == study_dir.resolve():  # prepared by an earlier call
         data = StudyData(data_dir)
         if Path(data.source).resolve() != path.resolve():
             raise UserError(
-                f"{data_dir} was prepared from {data.source}, not {path}; pass that study folder, or move it away"
+                f"{data_dir} was prepared from {data.source}, not {path}; pass that study "
+                "folder, or move it away"
             )
         return data, study_dir
     click.echo(f"preparing {path} into {data_dir} ...", err=True)
@@ -126,12 +132,14 @@ def train(data_or_study, backbone, sets, weights, out, evaluate_test, threads, c
 
     summary = run_trial(config, data, out, on_epoch=show, evaluate_test=evaluate_test)
     click.echo(
-        f"best epoch {summary['best_epoch']} ({summary['best_stage']}): val_loss {summary['val_loss']:.4f} "
+        f"best epoch {summary['best_epoch']} ({summary['best_stage']}): "
+        f"val_loss {summary['val_loss']:.4f} "
         f"val_accuracy {summary['val_accuracy']:.3f} val_macro_f1 {summary['val_macro_f1']:.3f}"
     )
     if evaluate_test:
         click.echo(
-            f"test accuracy {summary['test_accuracy']:.3f} test_macro_f1 {summary['test_macro_f1']:.3f}"
+            f"test accuracy {summary['test_accuracy']:.3f} "
+            f"test_macro_f1 {summary['test_macro_f1']:.3f}"
         )
     click.echo(f"trial folder: {out}")
 

@@ -1,4 +1,5 @@
-"""Where the study runs: an embedded local Ray, or an existing cluster (`--address auto|ray://...`).
+"""Where the study runs: an embedded local Ray, or an existing cluster (`--address
+auto|ray://...`).
 
 Authentication: Ray 2.60 turns token authentication on for a new local Ray
 (docs/pitfalls.md#ray-auth). We keep it (anyone who can reach an unauthenticated Ray can run code on
@@ -23,6 +24,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fer.core.errors import UserError
+from study.tune.options import Resources
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # trials read pixels from files, not from the object store
 # Ray starts its workers 15 nice levels below the raylet, so trials (the study's whole work) would
@@ -32,8 +34,8 @@ LOCAL_WORKER_NICENESS = "0"
 
 
 # glibc gives a process up to 8 malloc arenas per core; a warm worker's many backend threads then
-# fragment them, and under JAX its resident memory crept up ~100 MB over 20 tiny trials (flat with 2
-# arenas: docs/pitfalls.md#malloc-arenas). A MALLOC_ARENA_MAX already set is kept.
+# fragment them, and under JAX its resident memory crept up from trial to trial (flat with 2 arenas:
+# docs/pitfalls.md#malloc-arenas). A MALLOC_ARENA_MAX already set is kept.
 WORKER_MALLOC_ARENAS = "2"
 
 
@@ -41,8 +43,7 @@ WORKER_MALLOC_ARENAS = "2"
 # that TUNE_FUNCTION_THREAD_TIMEOUT_S (default 2 s) before failing the NEW trial with "Trainable
 # runner reuse requires reset_config() to be implemented and return True". A trial the scheduler
 # stops unwinds out of Keras's fit, and TensorFlow's tf.data teardown there can take longer than 2 s
-# on a busy CPU (seen: a demo study ended one trial short). A value already set is kept
-# (docs/pitfalls.md#reuse-timeout).
+# on a busy CPU. A value already set is kept (docs/pitfalls.md#reuse-timeout).
 WORKER_THREAD_TIMEOUT_S = "120"
 
 
@@ -69,7 +70,7 @@ def _raylet_environment(env: dict):
 
     Ray prestarts one idle worker process per CPU when it starts, but only a job without a runtime
     env can use them: with `runtime_env.env_vars` every slot's first trial waited for a new process
-    (a bare actor was ready in 1.24 s, on a prestarted worker in 0.35 s). The raylet (and so every
+    (docs/benchmarks.md). The raylet (and so every
     worker it starts) inherits the environment ray.init runs in; the driver's own is restored
     afterwards. A cluster joined with --address keeps the runtime env, since its raylets were
     started elsewhere.
@@ -102,9 +103,8 @@ def connect(
     if ray.is_initialized():
         context = None
     elif address is None:
-        os.environ.setdefault(
-            "RAY_worker_niceness", LOCAL_WORKER_NICENESS
-        )  # read by the raylet it starts
+        # read by the raylet it starts
+        os.environ.setdefault("RAY_worker_niceness", LOCAL_WORKER_NICENESS)
         with _raylet_environment(env):
             context = ray.init(
                 num_cpus=num_cpus,
@@ -152,7 +152,8 @@ def describe_dashboard(info: dict) -> str:
     lines = [f"Ray dashboard: {url}"]
     if info.get("auth_mode", "").lower() == "token":
         lines.append(
-            "  token authentication is on: the page asks for the token that `ray get-auth-token` prints"
+            "  token authentication is on: the page asks for the token that "
+            "`ray get-auth-token` prints"
         )
     port = url.rsplit(":", 1)[-1].strip("/")
     if "127.0.0.1" in url or "localhost" in url:
@@ -168,8 +169,9 @@ def default_gpus_per_trial() -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def check_trial_fits(cpus: float, gpus: float) -> None:
+def check_trial_fits(resources: Resources) -> None:
     """Refuse a per-trial request that no node can ever satisfy (Tune would wait forever)."""
+    cpus, gpus = resources.cpus, resources.gpus
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     for node in nodes:
         res = node.get("Resources", {})
@@ -185,8 +187,10 @@ def check_trial_fits(cpus: float, gpus: float) -> None:
     )
 
 
-def concurrent_trials(cpus: float, gpus: float) -> int:
-    """How many trials the cluster can run at once, node by node (each trial must fit on one node)."""
+def concurrent_trials(resources: Resources) -> int:
+    """How many trials the cluster can run at once, node by node (each trial must fit on one
+    node)."""
+    cpus, gpus = resources.cpus, resources.gpus
     total = 0
     for node in ray.nodes():
         if not node.get("Alive"):
@@ -230,9 +234,9 @@ def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
     blind = [node for node, text in seen.items() if text != token]
     if blind:
         raise UserError(
-            f"the study folder {study_dir} is local to this machine: node(s) {', '.join(blind)} cannot see it. "
-            "On a multi-node cluster the study folder must be on storage every node mounts at the same path "
-            "(e.g. NFS): run from there or pass a study folder on it"
+            f"the study folder {study_dir} is local to this machine: node(s) {', '.join(blind)} "
+            "cannot see it. On a multi-node cluster the study folder must be on storage every node "
+            "mounts at the same path (e.g. NFS): run from there or pass a study folder on it"
         )
 
 

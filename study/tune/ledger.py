@@ -1,5 +1,5 @@
-"""The study folder's bookkeeping: one `outcome.json` per finished trial, `trials.csv`,
-`study.json`.
+"""The study folder's trial bookkeeping: one `outcome.json` per finished trial, and `trials.csv`
+(study.json is study.tune.record's).
 
 `trials/<trial_id>/outcome.json` is written by the driver the moment a trial ends (completed,
 stopped early by the scheduler, or errored with its message); `trials.csv` is rebuilt from all
@@ -74,6 +74,13 @@ class Ledger:
             counts[outcome["backbone"]] = counts.get(outcome["backbone"], 0) + 1
         return counts
 
+    def status_counts(self) -> dict[str, int]:
+        """Finished trials by status (study.json's `trials`)."""
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes.values():
+            counts[outcome["status"]] = counts.get(outcome["status"], 0) + 1
+        return counts
+
     def discard_unfinished_folders(self) -> list[str]:
         """Remove trial folders a killed run left without an outcome (partial outputs we wrote
         ourselves)."""
@@ -97,9 +104,8 @@ class Ledger:
             self.outcomes.values(), key=lambda o: (o.get("finished_at") or 0, o["trial_id"])
         ):
             row = {key: outcome.get(key) for key in LEAD_COLUMNS}
-            row["retries"] = outcome.get(
-                "retries", 0
-            )  # outcomes written before retries existed: none
+            # outcomes written before retries existed: none
+            row["retries"] = outcome.get("retries", 0)
             for key in PARAMS:
                 if key != "backbone":
                     row[key] = (outcome.get("config") or {}).get(key)

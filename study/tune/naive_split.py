@@ -17,11 +17,11 @@ split leaves a class out of a split is skipped for the next one. Kinds are paire
 
 Each split is a study-data folder of its own under `results/<study>/naive_split/data/<kind>-<seed>/`
 (a manifest over the same DATA; its pixel caches are decoded from DATA here, before training).
-Trainings run as Ray tasks, like `final_seeds` (study.tune_best), and finished ones are reused on a
+Trainings run as Ray tasks, like `final_seeds` (study.tune.best), and finished ones are reused on a
 rerun. Results: `results/<study>/naive_split.json` (per backbone, kind and seed: test accuracy and
 macro F1, and the share of test images whose subject or duplicate cluster also has images in train;
 per backbone the mean, sd and the paired gap naive - audited) and the report's "Naive vs audited
-split" section (study/report_naive.py).
+split" section (study/report/naive.py).
 
 The test split of each of these folders is used once per training, to measure; nothing is chosen on
 it.
@@ -42,14 +42,12 @@ from fer.core.errors import UserError
 from fer.core.files import write_json
 from fer.data.split import SPLITS, check_every_split_has_every_class, group_split
 from fer.prepare.audit import balanced_class_weights
+from study.tune.options import StudyPlace
 
 FOLDER = "naive_split"
 KINDS = ("naive", "audited")
-DECODABLE = (
-    "ok",
-    "converted",
-    "duplicate",
-)  # every file a notebook could read (quarantined ones: not)
+# every file a notebook could read (quarantined ones: not)
+DECODABLE = ("ok", "converted", "duplicate")
 
 
 def read_manifest(data_dir: Path) -> pd.DataFrame:
@@ -151,50 +149,58 @@ def prepare_splits(
     return folders
 
 
-def run_naive_split(
-    study_dir: Path,
-    data_dir: Path,
-    seeds: int,
-    cpus: float,
-    gpus: float,
-    threads: int,
-    log: Callable[[str], None] = print,
-) -> dict:
+def run_naive_split(place: StudyPlace, seeds: int) -> dict:
     """Retrain every backbone's selected config on each split folder (Ray tasks); write
     naive_split.json."""
-    import ray
-
-    from study.tune.best import _remote
-    from study.tune.trainable import retrain_seed
-
     if seeds < 2:
         raise UserError(f"--naive-split needs at least 2 split seeds for a spread, got {seeds}")
-    study_dir = Path(study_dir)
+    configs = _selected_configs(place.study_dir)
+    sizes = {c["image_size"] for c in configs.values()}
+    folders = prepare_splits(place.study_dir, place.data_dir, seeds, sizes, place.log)
+    runs = _collect(_start_trainings(place, configs, folders), folders, place.log)
+    result = {
+        "seeds": seeds,
+        "kinds": list(KINDS),
+        "backbones": {b: summarize(r) for b, r in runs.items()},
+    }
+    write_json(place.study_dir / names.NAIVE_SPLIT_FILE, result)
+    _log_gaps(result, place.log)
+    return result
+
+
+def _selected_configs(study_dir: Path) -> dict[str, dict]:
+    """{backbone: config} of every evaluated best trial (best/<backbone>/)."""
     configs = {}
     for best in sorted((study_dir / names.BEST_DIR).glob(f"*/{names.SELECTION_FILE}")):
         configs[best.parent.name] = json.loads((best.parent / names.CONFIG_FILE).read_text())
     if not configs:
         raise UserError(
-            f"--naive-split: {study_dir} has no selected configuration (best/<backbone>/) to retrain"
+            f"--naive-split: {study_dir} has no selected configuration (best/<backbone>/) "
+            "to retrain"
         )
-    folders = prepare_splits(
-        study_dir, data_dir, seeds, {c["image_size"] for c in configs.values()}, log
-    )
+    return configs
+
+
+def _start_trainings(place: StudyPlace, configs: dict, folders: dict) -> dict:
+    """{(backbone, kind, seed): retraining} (study.tune.best.retrain: a finished one is reused)."""
+    from study.tune.best import retrain
+
     jobs = {}
     for backbone, config in configs.items():
         for (kind, seed), data in folders.items():
-            out = study_dir / FOLDER / backbone / f"{kind}-{seed}"
-            done = out / names.SUMMARY_FILE
-            if done.exists() and "test_accuracy" in json.loads(done.read_text()):
-                jobs[(backbone, kind, seed)] = json.loads(done.read_text())
-            else:
-                jobs[(backbone, kind, seed)] = _remote(retrain_seed, cpus, gpus).remote(
-                    config, str(out), str(data), threads
-                )
+            out = place.study_dir / FOLDER / backbone / f"{kind}-{seed}"
+            jobs[(backbone, kind, seed)] = retrain(place, config, out, data)
+    return jobs
+
+
+def _collect(jobs: dict, folders: dict, log: Callable[[str], None]) -> dict:
+    """{backbone: {kind: {seed: results}}} of the trainings that finished (failures: logged)."""
+    from study.tune.best import finished
+
     runs: dict = {}
     for (backbone, kind, seed), job in jobs.items():
         try:
-            summary = job if isinstance(job, dict) else ray.get(job)
+            summary = finished(job)
         except Exception as exc:  # noqa: BLE001 - report and go on with the others
             log(f"naive split: {backbone} {kind} seed {seed} failed: {exc}")
             continue
@@ -207,21 +213,19 @@ def run_naive_split(
             "n": audit["split_counts"],
             "test_groups_in_train": audit["test_groups_in_train"],
         }
-    result = {
-        "seeds": seeds,
-        "kinds": list(KINDS),
-        "backbones": {b: summarize(r) for b, r in runs.items()},
-    }
-    write_json(study_dir / names.NAIVE_SPLIT_FILE, result)
+    return runs
+
+
+def _log_gaps(result: dict, log: Callable[[str], None]) -> None:
     for backbone, stats in result["backbones"].items():
         gap = stats.get("gap")
         if gap:
+            naive, audited = stats["naive"], stats["audited"]
             log(
-                f"naive split: {backbone}: test accuracy naive {stats['naive']['mean']:.3f} +/- "
-                f"{stats['naive']['sd']:.3f}, audited {stats['audited']['mean']:.3f} +/- "
-                f"{stats['audited']['sd']:.3f}, gap {gap['mean']:+.3f} +/- {gap['sd']:.3f} ({gap['n']} seeds)"
+                f"naive split: {backbone}: test accuracy naive {naive['mean']:.3f} +/- "
+                f"{naive['sd']:.3f}, audited {audited['mean']:.3f} +/- {audited['sd']:.3f}, "
+                f"gap {gap['mean']:+.3f} +/- {gap['sd']:.3f} ({gap['n']} seeds)"
             )
-    return result
 
 
 def _stats(values: list[float]) -> dict:

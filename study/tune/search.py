@@ -34,7 +34,8 @@ EPOCH = "epoch"  # the scheduler's time attribute: the global epoch across both 
 
 
 def optuna_distributions(space: Space, backbone: str | None = None) -> dict:
-    """The keys tuned for `backbone` (default: the space's shared `space`) as Optuna distributions."""
+    """The keys tuned for `backbone` (default: the space's shared `space`) as Optuna
+    distributions."""
     tuned = space.space if backbone is None else space.space_for(backbone)
     return {key: _to_optuna(dist) for key, dist in tuned.items()}
 
@@ -82,7 +83,8 @@ def discard_interrupted(storage: optuna.storages.RDBStorage, study_name: str) ->
 
 
 class BackboneSearcher(Searcher):
-    """Hands out trials for several backbones, each from its own OptunaSearch with its own budget."""
+    """Hands out trials for several backbones, each from its own OptunaSearch with its own
+    budget."""
 
     def __init__(
         self,
@@ -102,12 +104,9 @@ class BackboneSearcher(Searcher):
         self.best: dict[str, float] = {}
         self.searchers: dict[str, OptunaSearch] = {}
         for i, backbone in enumerate(space.backbones):
-            distributions = optuna_distributions(
-                space, backbone
-            )  # each backbone's own ranges (per_backbone)
-            if (
-                not distributions
-            ):  # nothing to tune (e.g. paper.yaml): every trial is the fixed config
+            # each backbone's own ranges (per_backbone)
+            distributions = optuna_distributions(space, backbone)
+            if not distributions:  # nothing to tune (e.g. paper.yaml): every trial is fixed
                 continue
             is_fresh = True if fresh is None else fresh.get(backbone, True)
             points = (
@@ -188,9 +187,8 @@ class BackboneSearcher(Searcher):
         if searcher is None:
             return
         best = self.best.get(trial_id)
-        error = error or bool(
-            (result or {}).get(names.TRIAL_ERROR_KEY)
-        )  # our code raised (study.tune.trainable)
+        # our code raised (study.tune.trainable)
+        error = error or bool((result or {}).get(names.TRIAL_ERROR_KEY))
         if error or best is None:
             searcher.on_trial_complete(trial_id, None, error=True)
         else:
