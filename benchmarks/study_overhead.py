@@ -289,10 +289,11 @@ def main() -> None:
                 "fixed_cost_s": [t.get("fixed_cost_s") for t in breakdown["trials"]],
                 "breakdown": breakdown,
                 "idle_ray_head": memory,
-                "note": "overhead_fraction = 1 - sum(trial epoch times) / (study wall x concurrency): everything not "
-                "spent in epochs (Ray start, worker + TensorFlow start-up, model build, bookkeeping, the final "
-                "test evaluation). orchestration_overhead_fraction counts each trial's whole worker time "
-                "(start-up included) as trial time: what Ray/Tune/fer-study add on top of the trials",
+                "note": "overhead_fraction = 1 - sum(trial epoch times) / (study wall x "
+                "concurrency): everything not spent in epochs (Ray start, worker + TensorFlow "
+                "start-up, model build, bookkeeping, the final test evaluation). "
+                "orchestration_overhead_fraction counts each trial's whole worker time (start-up "
+                "included) as trial time: what Ray/Tune/fer-study add on top of the trials",
                 "machine": machine_info(),
             }
         )
