@@ -67,11 +67,11 @@ def log(*args):
 
 def latency_part(args, data, out: dict) -> None:
     from fer.core.config import make_config
+    from fer.data.batches import predict_probs
     from fer.deploy.export import agreement, export_model
     from fer.deploy.exported import ExportedModel
     from fer.deploy.latency import measure_model, measure_predict
     from fer.model.build import build_model
-    from fer.train.trial import predict_probs
 
     for name in args.backbones.split(","):
         t = time.perf_counter()

@@ -132,7 +132,7 @@ def prepare_data(args, tmp: Path):
 
 
 def run_one(config: dict, data, out: Path) -> dict:
-    """One trial; returns its seconds per stage, val accuracy, feature-cache info and CPU seconds."""
+    """One trial: its seconds per stage, val accuracy, feature-cache info and CPU seconds."""
     import keras
     import pandas as pd
 

@@ -130,7 +130,7 @@ def _duplicates(dups: DuplicateReport, clusters: list[dict]) -> dict:
 
 
 def edit_guess(score: dict) -> str:
-    """What a confirmed near pair looks like, in words, from its alignment (hashing.compare)."""
+    """What a confirmed near pair looks like, in words, from its alignment (alignment.compare)."""
     parts = []
     if score.get("mirror"):
         parts.append("mirrored")

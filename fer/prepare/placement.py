@@ -79,7 +79,7 @@ class DuplicateReport:
     clusters: list[list[int]]  # every cluster of 2+ copies, exact or near
     exact_pairs: list[tuple[int, int]]
     near_pairs: list[tuple[int, int]]  # the confirmed near pairs that joined clusters
-    near_scores: list[dict]  # per near pair: its alignment and scores (hashing.compare)
+    near_scores: list[dict]  # per near pair: its alignment and scores (alignment.compare)
     refused_unions: int  # confirmed pairs left apart by the cluster check
     label_conflicts: list[dict]  # clusters whose copies carry different labels
     near_rule: tuple[int, float, float]  # pHash bits, minimum correlation, maximum local difference

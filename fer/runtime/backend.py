@@ -163,7 +163,7 @@ def enable_compilation_cache(folder) -> str | None:
 
 
 def release_traced_graphs() -> int:
-    """Between trials in a reused worker (fer.train.trial.fresh_keras_state): let the previous
+    """Between trials in a reused worker (fer.train.warm.fresh_keras_state): let the previous
     trials' traced TensorFlow graphs be freed. Returns how many registrations were dropped (0 for
     other backends).
 
