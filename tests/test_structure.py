@@ -278,3 +278,22 @@ def test_predict_import_closure(tmp_path):
     modules = loaded.read_text().split()
     assert "fer.evaluate.predict" in modules and "keras" in modules  # it did run the model
     assert not _forbidden(modules), f"predict loaded {_forbidden(modules)}"
+    others = [m for m in modules if m.startswith("study.cli.") and m != "study.cli.inference_cmds"]
+    assert not others, f"predict imported other commands' modules: {others}"
+
+
+def test_every_command_is_in_the_cli_map():
+    """`fer-study` imports a command's module only when it is wanted, from COMMAND_MODULES: a
+    command defined in study/cli but missing from the map would never be offered."""
+    import importlib
+
+    from study.cli import COMMAND_MODULES
+
+    defined = {}
+    for path in sorted((ROOT / "study" / "cli").glob("*.py")):
+        if path.stem.startswith("_"):
+            continue
+        module = importlib.import_module(f"study.cli.{path.stem}")
+        for command in getattr(module, "COMMANDS", []):
+            defined[command.name] = path.stem
+    assert defined == COMMAND_MODULES

@@ -1,11 +1,14 @@
 """The `fer-study` command line: one click group; each command lives in a small module of its own.
 
 User errors (`fer.core.errors.UserError`, click usage errors) end with one line on stderr and exit
-status 2. Heavy imports (Keras, Ray) happen inside commands, so `fer-study --help` stays instant.
+status 2. Heavy imports (Keras, Ray) happen inside commands, so `fer-study --help` stays instant,
+and a command's module is imported only when that command runs (or help lists it): `fer-study
+predict` loads none of the others.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -14,10 +17,31 @@ import click
 
 from fer.core.errors import UserError
 
+# every command, and the module of study/cli that defines it (in its COMMANDS list)
+COMMAND_MODULES = {
+    "demo-data": "data_cmds",
+    "prepare": "data_cmds",
+    "train": "train_cmd",
+    "run": "run_cmd",
+    "report": "report_cmds",
+    "predict": "inference_cmds",
+    "evaluate": "inference_cmds",
+    "export": "export_cmd",
+}
+
 
 class FerGroup(click.Group):
     """A click group that reports `UserError` as one clear line and exit status 2, never a
-    traceback."""
+    traceback, and imports a command's module only when the command is wanted."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(COMMAND_MODULES)
+
+    def get_command(self, ctx, name: str) -> click.Command | None:
+        if name not in COMMAND_MODULES:
+            return None
+        module = importlib.import_module(f"study.cli.{COMMAND_MODULES[name]}")
+        return next(command for command in module.COMMANDS if command.name == name)
 
     def invoke(self, ctx):
         try:
@@ -42,17 +66,6 @@ def quiet_backend() -> None:
     # Grad-CAM) predict in one process: expected here, and it floods the terminal
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
-
-def _register() -> None:
-    # last in this module: the command modules import `quiet_backend` from it
-    from study.cli import data_cmds, export_cmd, inference_cmds, report_cmds, run_cmd, train_cmd
-
-    for module in (data_cmds, train_cmd, run_cmd, report_cmds, inference_cmds, export_cmd):
-        for command in module.COMMANDS:
-            main.add_command(command)
-
-
-_register()
 
 if __name__ == "__main__":
     main()
