@@ -13,6 +13,7 @@ Two adjustments to moto 5.2.1, both about the server, never about our code:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 
@@ -47,6 +48,7 @@ class S3Server:
         from moto.server import ThreadedMotoServer
 
         _fix_multipart_reply()
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per request
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()

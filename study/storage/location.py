@@ -11,6 +11,7 @@ the AWS SDK's default minutes of retrying.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -129,6 +130,7 @@ def with_query(uri: str, **params: str) -> str:
 def check_storage(storage: StudyStorage) -> None:
     """The driver's check before any trial: the bucket exists, the credentials work and the root is
     writable (a probe object written, read back and deleted). One UserError line per problem."""
+    _check_reachable(storage)
     probe = storage.path(f"_probe-{uuid.uuid4().hex}")
     try:
         if storage.root.split("/")[0] and isinstance(storage.fs, pafs.S3FileSystem):
@@ -143,6 +145,23 @@ def check_storage(storage: StudyStorage) -> None:
         storage.fs.delete_file(probe)
     except OSError as exc:
         raise UserError(explain_error(storage, exc)) from None
+
+
+def _check_reachable(storage: StudyStorage) -> None:
+    """An S3 endpoint override must accept a TCP connection within the connect timeout: one try,
+    so a wrong host or port fails in seconds instead of after the SDK's retries."""
+    override = dict(parse_qsl(urlsplit(storage.uri).query)).get("endpoint_override")
+    if not override:
+        return
+    scheme = dict(parse_qsl(urlsplit(storage.uri).query)).get("scheme", "https")
+    host, _, port = override.rpartition(":") if ":" in override else (override, "", "")
+    port_number = int(port) if port.isdigit() else (80 if scheme == "http" else 443)
+    try:
+        socket.create_connection((host or override, port_number), S3_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(
+            f"storage {storage.uri}: cannot reach the endpoint {override} ({exc})"
+        ) from None
 
 
 def explain_error(storage: StudyStorage, exc: BaseException) -> str:
