@@ -172,10 +172,12 @@ def test_data_shipped_once_and_read_by_two_processes(store, study_base, tmp_path
     cache = tmp_path / "node-cache"
     script = (
         "import sys, json, hashlib\n"
-        "from study.storage import open_storage, local_data\n"
-        "d = local_data(open_storage(sys.argv[1]), 'base', sys.argv[2])\n"
-        "px = d.pixels('train', 32)\n"
-        "print(json.dumps([str(d.dir), hashlib.sha256(px.tobytes()).hexdigest()]))\n"
+        "from fer.data import StudyData\n"
+        "from study.storage import open_storage\n"
+        "from study.storage.shipping import node_copy\n"
+        "folder, downloaded = node_copy(open_storage(sys.argv[1]), 'base', sys.argv[2])\n"
+        "px = StudyData(folder).pixels('train', 32)\n"
+        "print(json.dumps([str(folder), downloaded, hashlib.sha256(px.tobytes()).hexdigest()]))\n"
     )
     procs = [
         subprocess.Popen(
@@ -189,8 +191,11 @@ def test_data_shipped_once_and_read_by_two_processes(store, study_base, tmp_path
     ]
     results = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
-    (dir_a, hash_a), (dir_b, hash_b) = (json.loads(r[0].strip().splitlines()[-1]) for r in results)
+    (dir_a, got_a, hash_a), (dir_b, got_b, hash_b) = (
+        json.loads(r[0].strip().splitlines()[-1]) for r in results
+    )
     assert dir_a == dir_b and hash_a == hash_b
+    assert sorted([got_a, got_b]) == [False, True]  # one process downloaded, the other waited
     local = StudyData(study_base / "data").pixels("train", 32)
     assert hash_a == __import__("hashlib").sha256(local.tobytes()).hexdigest()
     copies = [p for p in (cache / "base").iterdir() if p.is_dir()]

@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -118,13 +118,6 @@ def _s3(query: dict) -> pafs.S3FileSystem:
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
         allow_delayed_open=True,  # small objects in one PutObject, not a multipart upload
     )
-
-
-def with_query(uri: str, **params: str) -> str:
-    """`uri` with extra query parameters (tests and benchmarks build endpoint URIs with it)."""
-    split = urlsplit(uri)
-    query = dict(parse_qsl(split.query)) | params
-    return split._replace(query=urlencode(query)).geturl()
 
 
 def check_storage(storage: StudyStorage) -> None:

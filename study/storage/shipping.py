@@ -88,6 +88,14 @@ def node_cache_root() -> Path:
 def local_data_dir(storage: StudyStorage, study: str, cache_root: Path | None = None) -> Path:
     """This node's copy of the study's published data, downloaded once per node (other processes
     asking at the same time wait for it). UserError when the data is absent or incomplete."""
+    return node_copy(storage, study, cache_root)[0]
+
+
+def node_copy(
+    storage: StudyStorage, study: str, cache_root: Path | None = None
+) -> tuple[Path, bool]:
+    """`local_data_dir`, also saying whether this process did the download (True) or found or
+    waited for another's copy (False)."""
     manifest = published(storage, DATA_PREFIX)
     if manifest is None:
         raise UserError(
@@ -101,8 +109,8 @@ def local_data_dir(storage: StudyStorage, study: str, cache_root: Path | None = 
         beat()
         (folder / DONE).write_text(json.dumps({"from": storage.uri, MARKER: manifest}))
 
-    create_or_wait(folder / DONE, folder.with_name(folder.name + ".lock"), fetch)
-    return folder
+    downloaded = create_or_wait(folder / DONE, folder.with_name(folder.name + ".lock"), fetch)
+    return folder, downloaded
 
 
 def local_data(storage: StudyStorage, study: str, cache_root: Path | None = None):
