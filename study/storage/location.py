@@ -166,6 +166,13 @@ def explain_error(storage: StudyStorage, exc: BaseException) -> str:
     if "NO_SUCH_BUCKET" in upper or "NOSUCHBUCKET" in upper:
         bucket = storage.root.split("/")[0]
         return f"storage {storage.uri}: bucket {bucket!r} does not exist"
+    if not isinstance(storage.fs, pafs.S3FileSystem):
+        if isinstance(storage.fs, pafs.GcsFileSystem) and "PERMISSION" in upper:
+            return (
+                f"storage {storage.uri}: the credentials were refused; set "
+                f"GOOGLE_APPLICATION_CREDENTIALS or use the machine's service account ({text})"
+            )
+        return f"storage {storage.uri}: {text}"
     has_env = bool(os.environ.get("AWS_ACCESS_KEY_ID"))
     credential_words = ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE", "FORBIDDEN", "403")
     if any(w in upper for w in credential_words) or not has_env:
