@@ -166,3 +166,29 @@ def test_closed_port_is_refused_naming_the_address(new_study, tmp_path):
     errors = _error_lines(proc)
     assert len(errors) == 1 and address in errors[0], output[-3000:]
     assert "no Ray cluster at" in errors[0]
+
+
+def test_port_that_is_not_ray_is_refused(new_study, tmp_path):
+    """A port that accepts TCP but speaks no Ray (Ray's own client waited 30-60 s per step)."""
+    with socket.socket() as listener:
+        listener.bind(("", 0))  # Ray resolves 127.0.0.1 to this node's address
+        listener.listen(8)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        proc = _run_against(new_study("not_ray"), address, tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and f"no Ray cluster answers at {address}" in errors[0], output[-3000:]
+    assert "rpc_client" not in output  # Ray's connect warnings stay out of the terminal
+
+
+def test_auto_resolves_through_ray_address(new_study, tmp_path):
+    """`--address auto` checks what Ray would join: RAY_ADDRESS first."""
+    address = f"127.0.0.1:{_free_port()}"
+    proc = _run_against(new_study("auto"), "auto", tmp_path, RAY_ADDRESS=address)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "no Ray cluster at auto" in errors[0], output[-3000:]
+    assert address.split(":")[1] in errors[0]

@@ -248,7 +248,7 @@ def connect(
             )
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             raise UserError(
-                f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0]}"
+                f"could not join the Ray cluster at {address}: {_first_line(exc)}"
             ) from None
         started = True
     dashboard_url = getattr(context, "dashboard_url", None) if context is not None else None
