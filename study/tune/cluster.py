@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
+from ray._private import services as ray_services
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fer.core.errors import UserError
@@ -87,6 +91,123 @@ def _raylet_environment(env: dict):
                 os.environ[var] = value
 
 
+# How long the pre-flight probe lets Ray's GCS client try a port that answers TCP but may not be
+# Ray (Ray's own defaults wait 30-60 s per step, printing a warning each time), and the hard limit
+# on the probe process as a whole.
+PROBE_CONNECT_TIMEOUT_S = "3"
+PROBE_LIMIT_S = 45
+TCP_PROBE_TIMEOUT_S = 5
+AUTH_HELP = (
+    "set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN, in a file named by "
+    "RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+)
+
+
+def resolve_address(address: str) -> str:
+    """HOST:PORT of the cluster's GCS, resolved as ray.init resolves it (`auto`: RAY_ADDRESS, else
+    the latest cluster started on this machine), so the probe checks what Ray would join."""
+    try:
+        resolved = ray_services.canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as exc:
+        raise UserError(f"--address {address}: {_first_line(exc)}") from None
+    if resolved is None:
+        raise UserError(f"--address {address}: no Ray cluster found to join")
+    return resolved
+
+
+def check_reachable(address: str) -> None:
+    """Refuse, in seconds and naming the address, a cluster that cannot be joined.
+
+    Left to ray.init, a closed port was still being retried after 200 s, and a token-auth head
+    joined without the token gave ~30 lines of warnings over 30 s and then "Failed to connect",
+    which names neither the token nor how to give it. A TCP probe finds a closed port; a GCS
+    client in a child process (its warnings captured, Ray's connect timeouts shortened) finds a
+    port that is not Ray and a refused token. `ray://` (Ray Client) addresses are left to Ray.
+    """
+    if address.startswith("ray://"):
+        return
+    resolved = resolve_address(address)
+    host, _, port = resolved.rpartition(":")
+    named = address if address == resolved else f"{address} ({resolved})"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), TCP_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"no Ray cluster at {named}: cannot connect to its port ({exc.__class__.__name__}: "
+            f"{exc}); give the head's GCS address (`ray start --head --port`, default 6379)"
+        ) from None
+    verdict = _probe_gcs(resolved, token_found_by_ray=address == "auto")
+    if verdict == "ok":
+        return
+    if verdict.startswith("auth"):
+        state = _token_state(address)
+        raise UserError(f"the Ray cluster at {named} wants an auth token and {state}")
+    raise UserError(f"no Ray cluster answers at {named}: {verdict}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+
+
+def _token_state(address: str) -> str:
+    """Why the cluster refused this driver, and the fix. Ray uses a token only in token mode, and
+    with an explicit address only when RAY_AUTH_MODE=token says so (it infers the mode from a
+    token on disk only for `auto`)."""
+    if not _driver_has_token():
+        return f"the driver has none: {AUTH_HELP}"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" and address != "auto":
+        return "the driver has one but does not send it: set RAY_AUTH_MODE=token"
+    return f"rejects this driver's token: {AUTH_HELP}"
+
+
+def _driver_has_token() -> bool:
+    """Whether Ray would find a token for this driver (its three places, in Ray's order)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def _probe_gcs(address: str, token_found_by_ray: bool) -> str:
+    """`ok`, `auth: ...` or why not, from a GCS client in a child process: Ray reads its connect
+    timeouts once per process, and its C++ client writes warnings straight to stderr."""
+    env = dict(os.environ)
+    for var in ("gcs_rpc_server_connect_timeout_s", "gcs_rpc_server_reconnect_timeout_s"):
+        env.setdefault(f"RAY_{var}", PROBE_CONNECT_TIMEOUT_S)
+    call = f"_probe_main({address!r}, {token_found_by_ray!r})"
+    code = f"from study.tune.cluster import _probe_main; {call}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_LIMIT_S,
+            cwd=str(Path(__file__).resolve().parents[2]),
+        )
+    except subprocess.TimeoutExpired:
+        return f"its port is open but nothing answered as Ray's GCS within {PROBE_LIMIT_S} s"
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else f"the probe failed: {done.stderr.strip()[-300:]}"
+
+
+def _probe_main(address: str, token_found_by_ray: bool) -> None:
+    """Child side of `_probe_gcs`: ask the GCS for one key, the way ray.init finds its token."""
+    from ray._private.authentication import authentication_token_setup as auth
+    from ray._raylet import GcsClient
+
+    try:
+        if token_found_by_ray:  # as ray.init does for `auto`
+            auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        auth.ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+        GcsClient(address=address).internal_kv_get(b"session_name", b"session", timeout=10)
+        print("ok")
+    except ray.exceptions.AuthenticationError as exc:
+        print(f"auth: {_first_line(exc)}")
+    except Exception as exc:  # noqa: BLE001 - any other failure is reported as the reason
+        print(f"Ray's GCS did not answer ({exc.__class__.__name__}: {_first_line(exc)})")
+
+
 def connect(
     address: str | None,
     num_cpus: int | None = None,
@@ -117,6 +238,7 @@ def connect(
             )
         started = True
     else:
+        check_reachable(address)
         try:
             context = ray.init(
                 address=address,
@@ -124,9 +246,9 @@ def connect(
                 runtime_env={"env_vars": env},
                 logging_level="ERROR",
             )
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             raise UserError(
-                f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0]}"
+                f"could not join the Ray cluster at {address}: {_first_line(exc)}"
             ) from None
         started = True
     dashboard_url = getattr(context, "dashboard_url", None) if context is not None else None
