@@ -212,7 +212,7 @@ def _kill_group(proc) -> None:
 @pytest.mark.slow
 def test_second_driver_on_a_running_study_is_refused_and_the_first_completes(new_study, tmp_path):
     folder = new_study("running")
-    cmd = _command(folder, _space_file(tmp_path, trials=2, long_epochs=12))
+    cmd = _command(folder, _space_file(tmp_path, trials=2, long_epochs=6))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     first = _start(cmd, env)
     try:
@@ -237,7 +237,7 @@ def test_killed_driver_lease_expires_then_resume_completes(new_study, tmp_path):
     another host, where its pid cannot be checked) refuses --resume until it expires
     (FER_LEASE_S=4), then --resume completes the study with the finished trial kept."""
     folder = new_study("killed_lease")
-    cmd = _command(folder, _space_file(tmp_path, trials=3, long_epochs=40))
+    cmd = _command(folder, _space_file(tmp_path, trials=3, long_epochs=10))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FER_LEASE_S="4")
     first = _start(cmd, env)
     try:
