@@ -41,7 +41,14 @@ from study.tune.options import Resources, StudyOptions, StudyPlace
 from study.tune.record import StudyRecord
 from study.tune.tuner import StudyIncomplete, run_search
 
-__all__ = ["StudyIncomplete", "StudyOptions", "build_pixel_caches", "resolve_study", "run_study"]
+__all__ = [
+    "StudyIncomplete",
+    "StudyOptions",
+    "build_pixel_caches",
+    "locate_study",
+    "resolve_study",
+    "run_study",
+]
 
 
 def run_study(
@@ -56,6 +63,13 @@ def run_study(
     log = _printer(opts.stream or sys.stdout)
     space = load_space(space_path)
     opts.check()
+    study_dir = locate_study(source, opts.name, Path(opts.results_root))
+    with _driver_lease(study_dir):
+        return _run_leased(source, space_path, space, opts, log)
+
+
+def _run_leased(source, space_path, space: Space, opts: StudyOptions, log) -> Path:
+    """The study itself, once this driver holds its lease (study.tune.lease)."""
     study_dir, data_dir = resolve_study(
         source, opts.name, space, Path(opts.results_root), log, opts.group_regex
     )
@@ -101,17 +115,7 @@ def resolve_study(
     from fer.data import StudyData
 
     source = Path(source)
-    if not source.exists():
-        raise UserError(f"no such folder: {source}")
-    if _is_study_folder(source):
-        study_dir = source
-        if name and name != source.name:
-            raise UserError(
-                f"--name {name} given with the study folder {source}: drop --name to use it, "
-                "or pass the class-folder DATA to start another study"
-            )
-    else:
-        study_dir = Path(results_root) / (name or source.name)
+    study_dir = locate_study(source, name, results_root)
     data_dir = StudyFolder(study_dir).data_dir
     if _is_study_folder(study_dir):
         StudyData(data_dir)  # fail early with a clear message if it is not readable
@@ -120,6 +124,37 @@ def resolve_study(
     else:
         _prepare(source, data_dir, space, group_regex, log)
     return study_dir.resolve(), data_dir.resolve()
+
+
+def locate_study(source: str | Path, name: str | None, results_root: Path) -> Path:
+    """The study folder `fer-study run SOURCE [--name NAME]` runs in (nothing written): SOURCE
+    itself where it is a study folder, else results_root/(NAME or SOURCE's name)."""
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"no such folder: {source}")
+    if _is_study_folder(source):
+        if name and name != source.name:
+            raise UserError(
+                f"--name {name} given with the study folder {source}: drop --name to use it, "
+                "or pass the class-folder DATA to start another study"
+            )
+        return source
+    return Path(results_root) / (name or source.name)
+
+
+@contextlib.contextmanager
+def _driver_lease(study_dir: Path):
+    """Hold the study's lease (one driver per study, study.tune.lease) while the study runs; a
+    study folder this driver created and left empty (it failed before writing) is removed."""
+    from study.tune.lease import StudyLease
+
+    created = not study_dir.exists()
+    try:
+        with StudyLease.in_folder(study_dir):
+            yield
+    finally:
+        if created and study_dir.is_dir() and not any(study_dir.iterdir()):
+            study_dir.rmdir()
 
 
 def _is_study_folder(folder: Path) -> bool:
