@@ -23,14 +23,15 @@ def _space(**changes) -> dict:
         "mode": "min",
         "backbones": ["mobilenet025"],
         "trials_per_backbone": 6,
-        "scheduler": {"type": "asha", "grace_period": GRACE, "reduction_factor": 2},
+        # reduction factor 3: a trial continues only in its rung's top third, so some trials stop
+        "scheduler": {"type": "asha", "grace_period": GRACE, "reduction_factor": 3},
         "fixed": {
             "image_size": 32,
             "weights": "none",
             "dense_units": 16,
             "batch_size": 16,
             "epochs_head": 3,  # longer than the grace period
-            "epochs_finetune": 4,
+            "epochs_finetune": 3,  # one rung: fine-tune epoch 2
             "patience": 40,
             "augment": 0.0,
         },
@@ -50,7 +51,15 @@ def _can_stop(points: dict, backbone: str, reporter: EpochReporter):
 
 def test_rungs_count_fine_tune_epochs_and_never_fall_on_the_last_epoch():
     own = {"mobilenetv2": {"epochs_head": 5, "epochs_finetune": 0}}  # one stage: global epochs
-    space = parse_space(_space(backbones=["mobilenet025", "mobilenetv2"], per_backbone=own))
+    two_stages = {**_space()["fixed"], "epochs_finetune": 4}
+    space = parse_space(
+        _space(
+            backbones=["mobilenet025", "mobilenetv2"],
+            fixed=two_stages,
+            per_backbone=own,
+            scheduler={"type": "asha", "grace_period": GRACE, "reduction_factor": 2},
+        )
+    )
     points = PerBackboneScheduler(space).decision_epochs()
     # fine-tune epochs 2 and 4 would be rungs, but 4 is the last fine-tune epoch
     assert points["mobilenet025"] == ("finetune_epoch", (2,))
