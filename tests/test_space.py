@@ -263,9 +263,9 @@ def test_per_backbone_cache_cut_and_epochs_are_each_backbones_own():
     from study.tune.search import PerBackboneScheduler
 
     scheduler = PerBackboneScheduler(space)
-    assert (
-        scheduler.schedulers["mobilenetv2"]._max_t == 7
-        and scheduler.schedulers["mobilenet025"]._max_t == 3
+    assert (  # one above each backbone's fine-tune epochs (its rung clock)
+        scheduler.schedulers["mobilenetv2"]._max_t == 6
+        and scheduler.schedulers["mobilenet025"]._max_t == 2
     )
 
 
@@ -423,26 +423,56 @@ def test_fer2013_cpu_space_gives_each_backbone_its_own_settings(monkeypatch):
     assert space.space_for("mobilenetv2")["lr_finetune"].args[1] <= 1e-4
 
 
-def test_an_asha_rung_inside_a_head_stage_is_warned_about_naming_the_backbones():
-    """grace_period <= a backbone's head epochs: ASHA would stop trials before they fine-tune."""
+def test_rungs_count_fine_tune_epochs_so_a_head_stage_longer_than_the_grace_period_is_no_warning():
+    """Every trial fine-tunes: ASHA's rungs count fine-tune epochs, so no trial is judged on its
+    head stage, and a grace period must fit the fine-tune epochs."""
     fixed = {**BASE["fixed"], "epochs_head": 4, "epochs_finetune": 3}
-    own = {
-        "mobilenet025": {"epochs_head": 0, "epochs_finetune": 7}
-    }  # one stage: nothing to warn about
-    warned = parse_space(
-        with_(fixed=fixed, per_backbone=own, scheduler={"type": "asha", "grace_period": 4})
+    own = {"mobilenet025": {"epochs_head": 0, "epochs_finetune": 7}}  # one stage
+    space = parse_space(
+        with_(fixed=fixed, per_backbone=own, scheduler={"type": "asha", "grace_period": 2})
     )
-    (warning,) = warned.warnings()
+    assert space.warnings() == []
     assert (
-        "mobilenetv2 (4)" in warning and "mobilenet025" not in warning and "grace_period" in warning
+        space.rung_clock("mobilenetv2") == "finetune_epoch"
+        and space.rung_epochs("mobilenetv2") == 3
     )
-    after_head = with_(fixed=fixed, scheduler={"type": "asha", "grace_period": 5})
-    assert parse_space(after_head).warnings() == []
-    assert parse_space(with_(fixed=fixed, scheduler={"type": "none"})).warnings() == []
-    head_only = {**fixed, "epochs_finetune": 0}  # no fine-tuning to protect
-    assert (
-        parse_space(
-            with_(fixed=head_only, scheduler={"type": "asha", "grace_period": 1})
-        ).warnings()
-        == []
+    head_only = {**fixed, "epochs_finetune": 0}  # one stage: the global epoch
+    assert parse_space(with_(fixed=head_only)).rung_clock("mobilenetv2") == "epoch"
+    with pytest.raises(UserError, match="exceeds the 3 fine-tune epochs"):
+        parse_space(with_(fixed=fixed, scheduler={"type": "asha", "grace_period": 4}))
+
+
+def test_the_head_stage_warning_remains_where_epochs_finetune_is_tuned_from_0():
+    """Some trials of the backbone do not fine-tune: its rungs count global epochs, so a grace
+    period within its head stage still judges trials on head-only accuracy (warned, naming it)."""
+    fixed = {k: v for k, v in BASE["fixed"].items() if k != "epochs_finetune"}
+    space = {**BASE["space"], "epochs_finetune": {"int": [0, 3]}}
+    points = [{**BASE["start_points"][0], "epochs_finetune": 3}]
+    raw = with_(
+        fixed={**fixed, "epochs_head": 4},
+        space=space,
+        start_points=points,
+        per_backbone={"mobilenet025": {"epochs_head": 0}},
+        scheduler={"type": "asha", "grace_period": 3},
     )
+    (warning,) = parse_space(raw).warnings()
+    assert "mobilenetv2 (4)" in warning and "mobilenet025" not in warning
+    assert "grace_period" in warning and "epochs_finetune" in warning
+    assert parse_space({**raw, "scheduler": {"type": "none"}}).warnings() == []
+
+
+@pytest.mark.parametrize("name", ["paper", "default", "smoke", "jaffe-small", "fer2013-cpu"])
+def test_no_shipped_space_judges_trials_on_head_only_epochs(name, monkeypatch, tmp_path):
+    """No shipped space triggers the head-stage warning; wherever one has ASHA, every backbone with
+    a head stage and a fine-tune stage has its rungs counted in fine-tune epochs."""
+    if name == "fer2013-cpu":  # its weights files only need to exist to load the space
+        (tmp_path / "weights").mkdir()
+        for file in ("mobilenet_v2_1.0_224_tf_no_top.h5", "mobilenet_2_5_224_tf_no_top.h5"):
+            (tmp_path / "weights" / file).touch()
+        monkeypatch.setenv("FER_SHARED", str(tmp_path))
+    space = load_space(SPACES / f"{name}.yaml")
+    assert space.warnings() == []
+    if space.scheduler["type"] == "asha":
+        for backbone in space.backbones:
+            if int(space.largest("epochs_finetune", backbone)) > 0:
+                assert space.rung_clock(backbone) == "finetune_epoch"

@@ -79,11 +79,13 @@ def _check_epochs(space: Space, backbone: _Backbone) -> None:
             backbone.where,
             f"epochs_head + epochs_finetune is 0 for {backbone.name}: trials would not train",
         )
-    if space.scheduler["type"] == "asha" and space.scheduler["grace_period"] > epochs:
+    rung_epochs = space.rung_epochs(backbone.name)  # what ASHA's rungs count (Space.rung_clock)
+    if space.scheduler["type"] == "asha" and space.scheduler["grace_period"] > rung_epochs:
+        counted = "fine-tune epochs" if rung_epochs != epochs else "epochs"
         raise fail(
             f"{backbone.source}: scheduler.grace_period",
-            f"{space.scheduler['grace_period']} exceeds the {epochs} epochs a trial of "
-            f"{backbone.name} runs",
+            f"{space.scheduler['grace_period']} exceeds the {rung_epochs} {counted} a trial of "
+            f"{backbone.name} runs (ASHA's rungs count them)",
         )
 
 

@@ -13,6 +13,11 @@ from fer.core.config import PARAMS, default_config
 from study.space.distributions import Dist
 from study.space.keys import START_POINTS
 
+# ASHA's clocks (the reported key its rungs count, study.tune.search): the global epoch across both
+# stages, or the fine-tune epochs run so far (0 through the head stage)
+EPOCH = "epoch"
+FINETUNE_EPOCH = "finetune_epoch"
+
 
 @dataclasses.dataclass(frozen=True)
 class Space:
@@ -84,21 +89,44 @@ class Space:
             return max(dist.args) if dist.kind == "choice" else dist.args[1]
         return self.fixed_for(backbone).get(key, PARAMS[key].default)
 
+    def smallest(self, key: str, backbone: str):
+        """The smallest value `key` takes for `backbone` in this space (tuned or fixed)."""
+        space = self.space_for(backbone)
+        if key in space:
+            dist = space[key]
+            return min(dist.args) if dist.kind == "choice" else dist.args[0]
+        return self.fixed_for(backbone).get(key, PARAMS[key].default)
+
     def max_epochs(self, backbone: str | None = None) -> int:
-        """The most epochs a trial of `backbone` (default: of any backbone) can run, for the
-        scheduler's max_t."""
+        """The most epochs a trial of `backbone` (default: of any backbone) can run."""
         if backbone is None:
             return max(self.max_epochs(b) for b in self.backbones)
         return int(self.largest("epochs_head", backbone)) + int(
             self.largest("epochs_finetune", backbone)
         )
 
+    def rung_clock(self, backbone: str) -> str:
+        """What ASHA's rungs count for `backbone`: fine-tune epochs when every trial of it
+        fine-tunes, so trials are compared only once every searched parameter has acted (a head
+        stage judges neither unfreeze_layers nor lr_finetune); the global epoch when its training
+        is one stage (epochs_finetune 0; a from-scratch model with epochs_head 0 counts the same
+        either way), or when only some of its trials fine-tune (a tuned epochs_finetune from 0)."""
+        return FINETUNE_EPOCH if int(self.smallest("epochs_finetune", backbone)) > 0 else EPOCH
+
+    def rung_epochs(self, backbone: str) -> int:
+        """The most epochs a trial of `backbone` runs on its rung clock (ASHA's max_t - 1)."""
+        if self.rung_clock(backbone) == FINETUNE_EPOCH:
+            return int(self.largest("epochs_finetune", backbone))
+        return self.max_epochs(backbone)
+
     def warnings(self) -> list[str]:
         """Settings that are valid but likely to mislead, one sentence each (`run` prints them at
         start).
 
         ASHA's first rung inside a backbone's head stage: trials are then stopped on head-only
-        accuracy, which says little about how a trial fine-tunes."""
+        accuracy, which says little about how a trial fine-tunes. Rungs count fine-tune epochs
+        wherever every trial fine-tunes (`rung_clock`), so only a backbone whose epochs_finetune is
+        tuned from 0 and whose head stage reaches the grace period is left to warn about."""
         if self.scheduler.get("type") != "asha":
             return []
         grace = int(self.scheduler["grace_period"])
@@ -106,16 +134,18 @@ class Space:
         inside = [
             b
             for b, head in heads.items()
-            if grace <= head and int(self.largest("epochs_finetune", b)) > 0
+            if grace <= head
+            and self.rung_clock(b) == EPOCH
+            and int(self.largest("epochs_finetune", b)) > 0
         ]
         if not inside:
             return []
         named = ", ".join(f"{b} ({heads[b]})" for b in inside)
         return [
             f"ASHA's first rung (epoch {grace}) falls in the head stage of {named} "
-            "(head epochs in brackets): trials are stopped on head-only accuracy before any "
-            "fine-tuning; set scheduler.grace_period above the head epochs (or fewer head epochs) "
-            "to compare fine-tuned trials"
+            "(head epochs in brackets), whose epochs_finetune is tuned from 0: trials are stopped "
+            "on head-only accuracy before any fine-tuning; tune epochs_finetune from 1 (rungs "
+            "then count fine-tune epochs) or set scheduler.grace_period above the head epochs"
         ]
 
     def image_sizes(self, backbone: str) -> list[int]:

@@ -115,8 +115,9 @@ class TrialContext:
     study_log: str  # progress of one-off steps (caches)
     threads: int  # the backend's threads (Resources.threads)
     metric: str  # an error's last report carries it (as NaN)
-    # the reports after which a trial may be stopped (none without a scheduler): it saves its best
-    # model before those only, and at its end
-    decision_epochs: tuple[int, ...] = ()
+    # per backbone, ASHA's rung clock ("epoch" or "finetune_epoch") and the points on it after
+    # whose report a trial may be stopped (none without a scheduler): it saves its best model before
+    # those reports only, and at its end (study.tune.search.PerBackboneScheduler.decision_epochs)
+    decision_epochs: dict = dataclasses.field(default_factory=dict)
     # a warm worker also keeps its model for the next trial (fer.train.trial reuse_model)
     reuse_workers: bool = True

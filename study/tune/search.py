@@ -30,8 +30,6 @@ from ray.tune.search.optuna import OptunaSearch
 from fer.core import names
 from study.space import Dist, Space
 
-EPOCH = "epoch"  # the scheduler's time attribute: the global epoch across both training stages
-
 
 def optuna_distributions(space: Space, backbone: str | None = None) -> dict:
     """The keys tuned for `backbone` (default: the space's shared `space`) as Optuna
@@ -196,41 +194,52 @@ class BackboneSearcher(Searcher):
 
 
 class PerBackboneScheduler(FIFOScheduler):
-    """Routes every trial to its own backbone's ASHA scheduler (ASHA on the global `epoch`).
+    """Routes every trial to its own backbone's ASHA scheduler.
 
-    `max_t` is set one epoch above the most a trial can run, so ASHA never cuts a trial at max_t,
-    where code after the trial's last report would not run (docs/pitfalls.md#last-report).
+    Each backbone's rungs count its `Space.rung_clock`: fine-tune epochs (the reported
+    `finetune_epoch`, 0 through the head stage) wherever every trial fine-tunes, so no trial is
+    judged before unfreeze_layers and lr_finetune have acted; the global `epoch` for one-stage
+    training. `max_t` is one above the most a trial can run on that clock, so ASHA's max_t cut
+    never fires, and rungs at a trial's last epoch or later are dropped: a trial is never stopped
+    at its last report, where code after it would not run (docs/pitfalls.md#last-report).
     """
 
     def __init__(self, space: Space):
         super().__init__()
         self._metric, self._mode = space.metric, space.mode
         sched = space.scheduler
-        self.schedulers = {
-            backbone: ASHAScheduler(
-                time_attr=EPOCH,
+        self.clocks = {backbone: space.rung_clock(backbone) for backbone in space.backbones}
+        self.schedulers = {}
+        for backbone in space.backbones:
+            last = space.rung_epochs(backbone)
+            asha = ASHAScheduler(
+                time_attr=self.clocks[backbone],
                 metric=space.metric,
                 mode=space.mode,
-                max_t=space.max_epochs(backbone) + 1,
+                max_t=last + 1,
                 grace_period=sched["grace_period"],
                 reduction_factor=sched["reduction_factor"],
             )
-            for backbone in space.backbones
-        }
+            for bracket in asha._brackets:  # no rung at the last epoch (see above)
+                bracket._rungs = [rung for rung in bracket._rungs if rung[0] < last]
+            self.schedulers[backbone] = asha
         self.stopped: set[str] = set()
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return not (metric or mode)  # metric and mode come from the space only
 
-    def decision_epochs(self) -> list[int]:
-        """The epochs after whose report ASHA may stop a trial (its rungs' milestones): a trial
-        saves its best model before those reports only (and at its end), not after every improving
-        epoch."""
-        epochs = set()
-        for scheduler in self.schedulers.values():
+    def decision_epochs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Per backbone, its rung clock and the points on it after whose report ASHA may stop a
+        trial (its rungs' milestones): a trial saves its best model before those reports only (and
+        at its end), not after every improving epoch (study.tune.trainable translates them into
+        the trial's own epochs)."""
+        points = {}
+        for backbone, scheduler in self.schedulers.items():
+            milestones = set()
             for bracket in scheduler._brackets:
-                epochs.update(math.ceil(milestone) for milestone, _ in bracket._rungs)
-        return sorted(epochs)
+                milestones.update(math.ceil(milestone) for milestone, _ in bracket._rungs)
+            points[backbone] = (self.clocks[backbone], tuple(sorted(milestones)))
+        return points
 
     def _for(self, trial) -> ASHAScheduler:
         return self.schedulers[trial.config["backbone"]]

@@ -42,8 +42,10 @@ def check_finite(record: dict) -> None:
 class EpochReporter:
     """Our small Keras-to-Tune bridge (no TuneReportCallback, docs/pitfalls.md#tune-callback): one
     `tune.report` per epoch record, plus `trial_s`, the trial's wall time so far in its worker
-    (start-up included), and two unix times for the study's timing breakdown: `worker_started_at`
-    (the trial function's first line in its worker) and `reported_at` (this report)."""
+    (start-up included), `finetune_epoch` (fine-tune epochs so far, 0 through the head stage: the
+    clock of ASHA's rungs, study.tune.search), and two unix times for the study's timing breakdown:
+    `worker_started_at` (the trial function's first line in its worker) and `reported_at` (this
+    report)."""
 
     def __init__(self, started: float, started_at: float | None = None):
         self.started = started
@@ -51,6 +53,7 @@ class EpochReporter:
             time.time() - (time.perf_counter() - started) if started_at is None else started_at
         )
         self.report_wait_s = 0.0  # time the training thread spent blocked in tune.report
+        self.head_epochs = self.finetune_epochs = 0  # epochs reported so far, per stage
         self.nan_loss = False  # FOR TESTS ONLY: report a NaN training loss (see _test_nan_loss)
 
     def __call__(self, record: dict) -> None:
@@ -62,6 +65,11 @@ class EpochReporter:
             if isinstance(record.get(key), (int, float))
         }
         metrics["stage"] = record.get("stage", "")
+        if metrics["stage"] == "finetune":
+            self.finetune_epochs += 1
+        else:
+            self.head_epochs += 1
+        metrics["finetune_epoch"] = self.finetune_epochs
         metrics["trial_s"] = time.perf_counter() - self.started
         metrics["worker_started_at"] = self.started_at
         metrics["reported_at"] = time.time()
@@ -173,9 +181,25 @@ def _run(config: dict, context: TrialContext, out_dir: Path, reporter: EpochRepo
         out_dir,
         on_epoch=reporter,
         evaluate_test=False,
-        report_can_stop=frozenset(context.decision_epochs).__contains__,
+        report_can_stop=report_can_stop(config, context, reporter),
         reuse_model=context.reuse_workers,  # a warm worker keeps its model for the next trial
     )
+
+
+def report_can_stop(config: dict, context: TrialContext, reporter: EpochReporter):
+    """`run_trial`'s `report_can_stop(epoch)`: whether the report of the trial's global `epoch`
+    falls on one of its backbone's decision points (none without a scheduler), which count the
+    global epoch or, on the fine-tune clock, the fine-tune epochs (study.tune.search).
+
+    The fine-tune epoch is the global epoch less the head epochs reported before it, not less
+    `epochs_head`: early stopping may end the head stage sooner. Before the first fine-tune
+    report that reads 1 for a head epoch too, so a grace period of 1 also saves on head epochs
+    (an extra save; a decision point is never missed)."""
+    clock, points = context.decision_epochs.get(config.get("backbone"), ("epoch", ()))
+    points = frozenset(points)
+    if clock == "epoch":
+        return points.__contains__
+    return lambda epoch: epoch - reporter.head_epochs in points
 
 
 def _write_worker_times(out_dir: Path, started_at: float, reporter: EpochReporter) -> None:

@@ -167,7 +167,7 @@ def _trial_context(space: Space, place: StudyPlace, options: StudyOptions, sched
         study_log=str((place.study_dir / names.STUDY_LOG).resolve()),
         threads=place.resources.threads,
         metric=space.metric,
-        decision_epochs=tuple(scheduler.decision_epochs()) if scheduler is not None else (),
+        decision_epochs=scheduler.decision_epochs() if scheduler is not None else {},
         reuse_workers=bool(options.reuse_workers),
     )
 
