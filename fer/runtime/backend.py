@@ -228,3 +228,26 @@ def backend_gpu_count() -> int:
 
         return torch.cuda.device_count()
     return 0
+
+
+def batch_train_step(model):
+    """A function that runs `model`'s compiled train step on one batch of numpy arrays and
+    returns its logs, fed without tf.data; None where `fit` needs no such thing.
+
+    Why: under TensorFlow, `fit` over a PyDataset builds a tf.data pipeline per epoch and tears it
+    down at the epoch's end, waiting on the prefetch thread that runs the batches: with two trials
+    on two cores a core then sits idle (docs/benchmarks.md, idle cores). Keras's TensorFlow
+    `train_function` also takes a plain Python iterator (what `train_on_batch` gives it): the same
+    traced step, without the pipeline. Under JAX `fit` iterates a PyDataset in the calling
+    thread (no pipeline, no prefetch thread), so it keeps `fit`.
+    """
+    if backend_name() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    model.make_train_function()
+
+    def step(batch):
+        return model.train_function(iter([tuple(tf.convert_to_tensor(a) for a in batch)]))
+
+    return step

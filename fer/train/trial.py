@@ -35,6 +35,7 @@ from fer.evaluate.on_split import evaluate_split
 from fer.model.backbones import get_backbone
 from fer.model.build import set_stage
 from fer.train.epoch_monitor import EpochMonitor, TrialSplits, TrialState, save_model_atomically
+from fer.train.fit_loop import fit_stage
 from fer.train.stage_programs import compile_stage
 from fer.train.warm import WORKER, TrialModel, trial_dtype_policy
 
@@ -190,17 +191,9 @@ def _train_stage(run: _TrialRun, stage: _Stage, records: _StageRecords) -> None:
         records.compiled_stage_reused[stage.name] = programs.compile(model, stage.lr)
     else:
         compile_stage(fit.model, stage.lr)
-    # shuffle=False (docs/pitfalls.md#keras-shuffle): the batches shuffle themselves with the
-    # trial's seed; Keras's own batch-order shuffle draws from Python's global random state, which
-    # Keras's first-fit build steps consume too, so a put-back stage (no build) would see another
-    # order.
-    fit.model.fit(
-        fit.batches,
-        epochs=stage.epochs,
-        callbacks=_callbacks(fit.monitor, config["patience"]),
-        verbose=0,
-        shuffle=False,
-    )
+    # fer/train/fit_loop.py: under TensorFlow a loop of train steps (no tf.data pipeline per
+    # epoch), else `fit`; the same batches, order, callbacks and numbers
+    fit_stage(fit.model, fit.batches, stage.epochs, _callbacks(fit.monitor, config["patience"]))
     if keeps_programs:
         programs.keep(model)
 
