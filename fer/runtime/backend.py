@@ -248,6 +248,7 @@ def batch_train_step(model):
     model.make_train_function()
 
     def step(batch):
-        return model.train_function(iter([tuple(tf.convert_to_tensor(a) for a in batch)]))
+        # map_structure keeps a multi-input model's inputs a tuple (FeatureViews' cached features)
+        return model.train_function(iter([tf.nest.map_structure(tf.convert_to_tensor, batch)]))
 
     return step
