@@ -22,24 +22,19 @@ def open_or_prepare(
     A raw class folder is prepared once into `<results_root>/<folder name>/data` (DATA itself is
     only read); a later call with the same folder reuses that preparation.
     """
-    from fer.core.study_folder import StudyFolder, find_study
     from fer.data import StudyData
     from fer.prepare import prepare_dataset
 
     path = Path(data_or_study)
     if not path.is_dir():
         raise UserError(f"not a folder: {path}")
-    study = find_study(path)
-    if study is not None and study.root == path.resolve():  # the study folder
+    if names.is_study_folder(path):
         return StudyData(path / names.DATA_DIR), path
-    if study is not None and study.data_dir == path.resolve():  # its data/
-        return StudyData(path), path.parent
-    if names.is_prepared_data(path):  # prepared outside a study folder (`prepare --out`)
-        return StudyData(path), path
+    if names.is_prepared_data(path):  # a study's data/, or prepared outside one (`prepare --out`)
+        return StudyData(path), path.parent if path.name == names.DATA_DIR else path
     study_dir = Path(results_root) / path.resolve().name
-    data_dir = StudyFolder(study_dir).data_dir
-    study = find_study(study_dir) if study_dir.is_dir() else None
-    if study is not None and study.root == study_dir.resolve():  # prepared by an earlier call
+    data_dir = study_dir / names.DATA_DIR
+    if names.is_prepared_data(data_dir):  # prepared by an earlier call
         data = StudyData(data_dir)
         if Path(data.source).resolve() != path.resolve():
             raise UserError(

@@ -34,7 +34,7 @@ from pathlib import Path
 from fer.core import names
 from fer.core.config import PARAMS
 from fer.core.errors import UserError
-from fer.core.study_folder import StudyFolder, find_study
+from fer.core.study_folder import StudyFolder
 from study.space import Space, load_space
 from study.tune.ledger import Ledger
 from study.tune.options import Resources, StudyOptions, StudyPlace
@@ -65,14 +65,12 @@ def run_study(
     opts.check()
     study_dir = locate_study(source, opts.name, Path(opts.results_root))
     with _driver_lease(study_dir):
-        return _run_leased(source, space_path, space, opts, log)
+        return _run_leased(source, study_dir, space_path, space, opts, log)
 
 
-def _run_leased(source, space_path, space: Space, opts: StudyOptions, log) -> Path:
+def _run_leased(source, study_dir: Path, space_path, space: Space, opts: StudyOptions, log) -> Path:
     """The study itself, once this driver holds its lease (study.tune.lease)."""
-    study_dir, data_dir = resolve_study(
-        source, opts.name, space, Path(opts.results_root), log, opts.group_regex
-    )
+    study_dir, data_dir = resolve_study(source, study_dir, space, log, opts.group_regex)
     record = StudyRecord.open(study_dir, space, opts.resume)
     build_pixel_caches(space, data_dir, log)
     with _ray_for(opts) as ray_run:
@@ -104,20 +102,18 @@ def _printer(stream) -> Callable[[str], None]:
 
 def resolve_study(
     source: str | Path,
-    name: str | None,
+    study_dir: Path,
     space: Space,
-    results_root: Path,
     log: Callable[[str], None],
     group_regex: str | None = None,
 ) -> tuple[Path, Path]:
-    """Return (study_dir, data_dir): use a prepared study folder as is, or prepare DATA into a new
-    one."""
+    """Return (study_dir, data_dir) for the folder `locate_study` chose: a prepared study folder as
+    it is, or a new one DATA is prepared into."""
     from fer.data import StudyData
 
     source = Path(source)
-    study_dir = locate_study(source, name, results_root)
     data_dir = StudyFolder(study_dir).data_dir
-    if _is_study_folder(study_dir):
+    if names.is_study_folder(study_dir):
         StudyData(data_dir)  # fail early with a clear message if it is not readable
     elif study_dir == source:
         raise UserError(f"{source} is not a study folder")
@@ -132,7 +128,7 @@ def locate_study(source: str | Path, name: str | None, results_root: Path) -> Pa
     source = Path(source)
     if not source.exists():
         raise UserError(f"no such folder: {source}")
-    if _is_study_folder(source):
+    if names.is_study_folder(source):
         if name and name != source.name:
             raise UserError(
                 f"--name {name} given with the study folder {source}: drop --name to use it, "
@@ -155,12 +151,6 @@ def _driver_lease(study_dir: Path):
     finally:
         if created and study_dir.is_dir() and not any(study_dir.iterdir()):
             study_dir.rmdir()
-
-
-def _is_study_folder(folder: Path) -> bool:
-    """`folder` is a study folder itself (find_study also names the study a folder lies in)."""
-    study = find_study(folder) if folder.is_dir() else None
-    return study is not None and study.root == folder.resolve()
 
 
 def _prepare(source: Path, data_dir: Path, space: Space, group_regex, log) -> None:
