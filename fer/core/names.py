@@ -58,6 +58,8 @@ OUTCOME_FILE = "outcome.json"  # trials/<trial_id>/outcome.json
 WORKER_TIMES_FILE = "worker_times.json"  # trials/<trial_id>/worker_times.json
 # trials/<trial_id>/error.txt: the traceback of a trial that raised (status errored)
 ERROR_FILE = "error.txt"
+# with storage: a trial's progress lines (the driver appends them to study.log)
+TRIAL_LOG_FILE = "progress.log"
 # The key of a trial's last report when our code raised in it (the one-line error): the trial then
 # ends normally, so Ray Tune's retry (kept for dead workers) never repeats it (docs/results.md,
 # INTERNALS.md).

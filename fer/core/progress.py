@@ -66,10 +66,16 @@ def show_on_terminal() -> None:
     _attach(logging.StreamHandler())
 
 
-def log_to_file(path: str | Path) -> None:
+def log_to_file(path: str | Path, only: bool = False) -> None:
     """Progress lines appended to `path` (a study's study.log), once per process whatever the
-    calls."""
+    calls. `only`: the lines go to `path` alone from now on (a warm worker's next trial logs into
+    its own trial folder, not into the previous trial's)."""
     path = Path(path)
+    if only:
+        for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            if Path(handler.baseFilename) != path.absolute():
+                log.removeHandler(handler)
+                handler.close()
     for handler in log.handlers:
         if (
             isinstance(handler, logging.FileHandler)

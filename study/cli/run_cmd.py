@@ -81,6 +81,16 @@ import click
     "results/<study>/naive_split.json",
 )
 @click.option(
+    "--storage",
+    default=None,
+    metavar="URI",
+    help="the study's home in object storage, for clusters whose nodes share no disk: "
+    "s3://bucket/prefix (S3-compatible: ?endpoint_override=HOST:PORT&scheme=http), gs://..., "
+    "file:///...; the study lives in URI/<study>/, results/<study>/ is its local mirror; "
+    "credentials from the environment only (docs/cluster.md). Resume from any machine: "
+    "run URI/<study> --storage URI --resume",
+)
+@click.option(
     "--max-retries",
     type=int,
     default=2,
@@ -100,7 +110,8 @@ import click
 def run(data_or_study, space_path, **options):
     """Run (or --resume) a study: one Optuna search per backbone on Ray Tune, then each backbone's
     best trial evaluated once on the test split. DATA_OR_STUDY is a class-folder dataset (prepared
-    first) or a study folder made by `fer-study prepare`."""
+    first), a study folder made by `fer-study prepare`, or with --storage URI a stored study
+    URI/<study>."""
     from study.tune.driver import StudyIncomplete, StudyOptions, run_study
 
     # every option above is a StudyOptions field of the same name

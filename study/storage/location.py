@@ -64,6 +64,20 @@ def is_storage_uri(text: str) -> bool:
     return "://" in str(text)
 
 
+def study_name_in(root: StudyStorage, study_uri: str) -> str:
+    """The study's name in `URI/<study>` given with `--storage URI`; UserError where the study's URI
+    is not directly under the storage's."""
+    study = urlsplit(study_uri)
+    base = urlsplit(root.uri)
+    parent, _, name = f"{study.netloc}/{study.path.strip('/')}".rstrip("/").rpartition("/")
+    if not name or study.scheme != base.scheme or parent != root.root:
+        raise UserError(
+            f"{study_uri} is not a study directly under the storage {root.uri} "
+            "(give the study as URI/<study> with --storage URI)"
+        )
+    return name
+
+
 def open_storage(uri: str) -> StudyStorage:
     """Open `uri` (`s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http]`, `gs://...`,
     `file:///...`). Raises UserError for secrets in the URI or a scheme pyarrow cannot open. Does

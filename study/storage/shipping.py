@@ -44,22 +44,23 @@ def _shipped_files(data_dir: Path) -> dict[str, int]:
     }
 
 
-def ship_data(storage: StudyStorage, data_dir: Path) -> str:
-    """Publish the prepared `data_dir` under `<storage>/data` unless the same identity is already
-    published there. Returns the identity. `storage` is the study's root (`URI/<study>`)."""
+def ship_data(storage: StudyStorage, data_dir: Path, prefix: str = DATA_PREFIX) -> str:
+    """Publish the prepared `data_dir` under `<storage>/<prefix>` (default `data`) unless the same
+    identity is already published there. Returns the identity. `storage` is the study's root
+    (`URI/<study>`)."""
     data_dir = Path(data_dir)
     if not (data_dir / STUDY_DATA_FILE).is_file():
         raise UserError(f"{data_dir} is not a prepared study-data folder (run `fer-study prepare`)")
     identity = data_identity(data_dir)
     try:
-        current = published(storage, DATA_PREFIX)
+        current = published(storage, prefix)
     except UserError:  # a half-uploaded copy: publish over it
         current = None
     if current is not None and current.get("identity") == identity:
         return identity
     staging = _only_shipped(data_dir)
     try:
-        publish(storage, staging, DATA_PREFIX, {"identity": identity})
+        publish(storage, staging, prefix, {"identity": identity})
     finally:
         if staging != data_dir:
             shutil.rmtree(staging, ignore_errors=True)
@@ -92,20 +93,21 @@ def local_data_dir(storage: StudyStorage, study: str, cache_root: Path | None = 
 
 
 def node_copy(
-    storage: StudyStorage, study: str, cache_root: Path | None = None
+    storage: StudyStorage, study: str, cache_root: Path | None = None, prefix: str = DATA_PREFIX
 ) -> tuple[Path, bool]:
-    """`local_data_dir`, also saying whether this process did the download (True) or found or
-    waited for another's copy (False)."""
-    manifest = published(storage, DATA_PREFIX)
+    """`local_data_dir` (of the data published at `prefix`), also saying whether this process did
+    the download (True) or found or waited for another's copy (False)."""
+    manifest = published(storage, prefix)
     if manifest is None:
         raise UserError(
-            f"{storage.path(DATA_PREFIX)} is not in {storage.uri}: the study's data was not shipped"
+            f"{storage.path(prefix)} is not in {storage.uri}: the study's data was not shipped"
         )
-    folder = Path(cache_root or node_cache_root()) / study / f"data-{manifest['identity']}"
+    slug = prefix.strip("/").replace("/", "_")
+    folder = Path(cache_root or node_cache_root()) / study / f"{slug}-{manifest['identity']}"
     folder.mkdir(parents=True, exist_ok=True)
 
     def fetch(beat) -> None:
-        download_tree(storage, DATA_PREFIX, folder, manifest["files"])
+        download_tree(storage, prefix, folder, manifest["files"])
         beat()
         (folder / DONE).write_text(json.dumps({"from": storage.uri, MARKER: manifest}))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
 
@@ -52,6 +53,7 @@ def evaluate_bests(
             result = _evaluated(ref, jobs[backbone], place)
             if result is None:
                 continue
+            place.mirror.pull_published(f"{names.BEST_DIR}/{backbone}")
             summary[backbone] = result
             place.log(
                 f"{backbone}: best trial {result['trial_id']} ({space.metric} "
@@ -87,12 +89,14 @@ def _selections(space: Space, ledger: Ledger, place: StudyPlace):
             "best_epoch": best.get("best_epoch"),
             "status": best["status"],
         }
+        remote = place.storage_uri is not None  # paths relative to the study (storage)
         jobs[backbone] = EvaluationJob(
-            trial_dir=str(place.study_dir / best["trial_dir"]),
-            best_dir=str(best_dir),
+            trial_dir=best["trial_dir"] if remote else str(place.study_dir / best["trial_dir"]),
+            best_dir=f"{names.BEST_DIR}/{backbone}" if remote else str(best_dir),
             data_dir=str(place.data_dir),
             threads=place.resources.threads,
             selection=selection,
+            home=place.home if remote else None,
         )
     return summary, jobs
 
@@ -121,19 +125,34 @@ def _evaluated(ref, job: EvaluationJob, place: StudyPlace) -> dict | None:
         return None
 
 
-def retrain(place: StudyPlace, config: dict, out_dir: Path, data_dir: Path):
-    """A retraining of `config` into `out_dir` (test split evaluated): its summary when an earlier
-    run finished it, else the Ray task that runs it now (`finished` waits for either)."""
-    done = out_dir / names.SUMMARY_FILE
+class Retraining(NamedTuple):
+    """A retraining running as a Ray task, and the folder (relative to the study) it writes."""
+
+    ref: object
+    out_rel: str
+    place: StudyPlace
+
+
+def retrain(place: StudyPlace, config: dict, out_rel: str, data_prefix: str = names.DATA_DIR):
+    """A retraining of `config` into the study's `out_rel` (test split evaluated), on the prepared
+    data `data_prefix` names: its summary when an earlier run finished it, else the `Retraining`
+    that runs it now (`finished` waits for either)."""
+    done = place.study_dir / out_rel / names.SUMMARY_FILE
     if done.exists() and "test_accuracy" in json.loads(done.read_text()):
         return json.loads(done.read_text())
     task = place.resources.task(retrain_seed)
-    return task.remote(config, str(out_dir), str(data_dir), place.resources.threads)
+    ref = task.remote(config, place.home, out_rel, data_prefix, place.resources.threads)
+    return Retraining(ref, out_rel, place)
 
 
 def finished(job) -> dict:
-    """A `retrain` job's summary (waiting for its task if it runs)."""
-    return job if isinstance(job, dict) else ray.get(job)
+    """A `retrain` job's summary (waiting for its task if it runs; with storage, its folder is
+    then copied into the driver's mirror)."""
+    if isinstance(job, dict):
+        return job
+    summary = ray.get(job.ref)
+    job.place.mirror.pull(job.out_rel)
+    return summary
 
 
 def retrain_seeds(space: Space, place: StudyPlace) -> dict[str, dict]:
@@ -152,7 +171,9 @@ def retrain_seeds(space: Space, place: StudyPlace) -> dict[str, dict]:
     out = {}
     for backbone, seeds in per_seed.items():
         stats = _seed_stats(seeds)
-        write_json(place.study_dir / names.BEST_DIR / backbone / names.SEEDS_FILE, stats)
+        seeds_rel = f"{names.BEST_DIR}/{backbone}/{names.SEEDS_FILE}"
+        write_json(place.study_dir / seeds_rel, stats)
+        place.mirror.push(seeds_rel)
         out[backbone] = stats
         acc = stats.get("test_accuracy")
         if acc:
@@ -174,8 +195,8 @@ def _seed_jobs(space: Space, place: StudyPlace) -> dict:
         config = json.loads((best_dir / names.CONFIG_FILE).read_text())
         for k in range(1, space.final_seeds + 1):
             seed = config["seed"] + k
-            out = best_dir / "seeds" / f"seed-{seed}"
-            jobs[(backbone, seed)] = retrain(place, {**config, "seed": seed}, out, place.data_dir)
+            out = f"{names.BEST_DIR}/{backbone}/seeds/seed-{seed}"
+            jobs[(backbone, seed)] = retrain(place, {**config, "seed": seed}, out)
     return jobs
 
 

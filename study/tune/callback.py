@@ -44,6 +44,12 @@ class TrialHooks:
     # a trial's worker died and Tune runs it again from scratch (the searcher forgets that
     # attempt's results: study.tune.search.BackboneSearcher.forget)
     on_retry: Callable[[str], None] = _nothing
+    # with storage (study.storage.mirror.StudyMirror): a trial started (Optuna's ask is saved),
+    # its folder comes into the driver's mirror before its outcome is written, and the outcome and
+    # the study files it changed go to the storage right after
+    on_start: Callable[[str], None] = _nothing
+    fetch_trial: Callable[[str], None] = _nothing
+    outcome_written: Callable[[str], None] = _nothing
 
 
 class StudyCallback(Callback):
@@ -68,6 +74,10 @@ class StudyCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.attempts.setdefault(trial.trial_id, Attempt()).started_at = time.time()
         self.view.started(trial.trial_id, self._line(trial, "running"))
+        try:
+            self.hooks.on_start(trial.trial_id)
+        except Exception:  # noqa: BLE001 - never let bookkeeping kill the study
+            traceback.print_exc()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         attempt = self.attempts.setdefault(trial.trial_id, Attempt())
@@ -113,11 +123,13 @@ class StudyCallback(Callback):
         """Write the trial's outcome, show its last line, tell the search (`on_change`)."""
         try:
             attempt = self.attempts.pop(trial.trial_id, None) or Attempt()
+            self.hooks.fetch_trial(trial.trial_id)
             summary = summarize_history(attempt.records, self.metric, self.mode)
             if status != names.ERRORED and summary["metric_value"] is None:
                 status, error = names.ERRORED, f"no finite {self.metric} was reported"
             outcome = self._outcome(trial, status, error, attempt, summary)
             self.ledger.record(outcome)
+            self.hooks.outcome_written(trial.trial_id)
             last = attempt.records[-1] if attempt.records else {}
             best = {**last, self.metric: summary["metric_value"], "epoch": summary["epochs_run"]}
             self.view.finished(trial.trial_id, status, self._line(trial, status, best, error))

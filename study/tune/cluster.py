@@ -357,8 +357,8 @@ def check_shared_storage(study_dir: Path, timeout_s: float = 120) -> None:
     if blind:
         raise UserError(
             f"the study folder {study_dir} is local to this machine: node(s) {', '.join(blind)} "
-            "cannot see it. On a multi-node cluster the study folder must be on storage every node "
-            "mounts at the same path (e.g. NFS): run from there or pass a study folder on it"
+            "cannot see it: give the study a home in object storage with --storage URI "
+            "(docs/cluster.md), or run from a folder every node mounts at the same path (NFS)"
         )
 
 

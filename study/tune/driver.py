@@ -63,18 +63,69 @@ def run_study(
     log = _printer(opts.stream or sys.stdout)
     space = load_space(space_path)
     opts.check()
+    if opts.storage:
+        return _run_stored(source, space_path, space, opts, log)
+    from study.storage import is_storage_uri
+
+    if is_storage_uri(source):
+        raise UserError(f"{source} is a storage URI: add --storage ROOT (the URI it is under)")
     study_dir = locate_study(source, opts.name, Path(opts.results_root))
     with _driver_lease(study_dir):
         return _run_leased(source, study_dir, space_path, space, opts, log)
 
 
-def _run_leased(source, study_dir: Path, space_path, space: Space, opts: StudyOptions, log) -> Path:
-    """The study itself, once this driver holds its lease (study.tune.lease)."""
+def _run_stored(source, space_path, space: Space, opts: StudyOptions, log) -> Path:
+    """A study whose home is `--storage URI` (study.storage): checked before anything else, the
+    lease taken there, the study's state brought into the local mirror (`results/<study>/`) when
+    the storage already holds it (a resume, possibly on another machine), then the same study as a
+    local one, with the mirror pushing what it writes."""
+    from study.storage import check_storage, is_storage_uri, open_storage, read_json
+    from study.storage.location import study_name_in
+    from study.storage.mirror import LEASE_FILE, pull_study
+    from study.tune.lease import StudyLease
+
+    root = open_storage(opts.storage)
+    if is_storage_uri(source):
+        name = study_name_in(root, str(source))
+        if opts.name and opts.name != name:
+            raise UserError(f"--name {opts.name} given with the stored study {source}: drop --name")
+        study_dir = Path(opts.results_root) / name
+    else:
+        study_dir = locate_study(source, opts.name, Path(opts.results_root))
+    check_storage(root)
+    storage = root.child(study_dir.name)
+    with StudyLease(storage.fs, storage.path(LEASE_FILE), where=storage.uri):
+        if read_json(storage, names.STUDY_FILE) is not None:
+            if not opts.resume:
+                raise UserError(
+                    f"{storage.uri} already holds a study; add --resume to continue it, or start "
+                    "another one with --name NEW"
+                )
+            log(f"bringing the study from {storage.uri} into {study_dir}")
+            pull_study(storage, study_dir)
+        elif is_storage_uri(source):
+            raise UserError(f"{storage.uri} holds no study (no {names.STUDY_FILE}) to resume")
+        elif names.has_study_results(study_dir):
+            raise UserError(
+                f"{study_dir} holds a study that is not in {storage.uri}: run it without "
+                "--storage, or start another one with --name NEW"
+            )
+        target = study_dir if is_storage_uri(source) else source
+        return _run_leased(target, study_dir, space_path, space, opts, log, storage)
+
+
+def _run_leased(
+    source, study_dir: Path, space_path, space: Space, opts: StudyOptions, log, storage=None
+) -> Path:
+    """The study itself, once this driver holds its lease (study.tune.lease); `storage` (a
+    study.storage.StudyStorage rooted at the study) where it lives in storage."""
     study_dir, data_dir = resolve_study(source, study_dir, space, log, opts.group_regex)
     record = StudyRecord.open(study_dir, space, opts.resume)
     build_pixel_caches(space, data_dir, log)
+    if storage is not None:
+        _ship(storage, data_dir, record, log)
     with _ray_for(opts) as ray_run:
-        place = _place_trials(study_dir, data_dir, opts, ray_run.info, log)
+        place = _place_trials(study_dir, data_dir, opts, ray_run.info, log, storage)
         record.start_run(
             space_path,
             space,
@@ -90,6 +141,27 @@ def _run_leased(source, study_dir: Path, space_path, space: Space, opts: StudyOp
         log(f"study finished: {study_dir} ({names.TRIALS_CSV}, {names.BEST_DIR}/)")
         log(f"search history: optuna-dashboard sqlite:///{study_dir / names.OPTUNA_FILE}")
         return study_dir
+
+
+def _ship(storage, data_dir: Path, record: StudyRecord, log) -> None:
+    """The prepared data (pixel caches included) to the storage once, for every node; every write
+    of study.json from now on also goes there."""
+    from study.storage import ship_data
+    from study.storage.mirror import StudyMirror
+
+    started = time.perf_counter()
+    mebibytes = sum(p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / 2**20
+    log(f"shipping the prepared data ({mebibytes:.1f} MiB) to {storage.uri}")
+    ship_data(storage, data_dir)
+    record.ship_s = round(time.perf_counter() - started, 1)
+    mirror = StudyMirror(_home(storage, record.path.parent, data_dir))
+    record.after_write = lambda: mirror.push(names.STUDY_FILE, names.STUDY_LOG)
+
+
+def _home(storage, study_dir: Path, data_dir: Path):
+    from study.storage.home import StudyHome
+
+    return StudyHome(str(study_dir), str(data_dir), storage.uri)
 
 
 def _printer(stream) -> Callable[[str], None]:
@@ -237,15 +309,17 @@ def _preload_modules():
 
 
 def _place_trials(
-    study_dir: Path, data_dir: Path, opts: StudyOptions, ray_info: dict, log
+    study_dir: Path, data_dir: Path, opts: StudyOptions, ray_info: dict, log, storage=None
 ) -> StudyPlace:
     """Where the study runs and what each trial holds, once the cluster is known to run it: every
-    node sees the study folder, one node at least fits a trial, and the backend can use the GPUs a
-    trial asks for (default: one GPU per trial where the cluster has GPUs)."""
+    node sees the study folder (or the study lives in `storage`), one node at least fits a trial,
+    and the backend can use the GPUs a trial asks for (default: one GPU per trial where the cluster
+    has GPUs)."""
     from study.tune import cluster as tune_cluster
 
     log(tune_cluster.describe_dashboard(ray_info))
-    tune_cluster.check_shared_storage(study_dir)
+    if storage is None:
+        tune_cluster.check_shared_storage(study_dir)
     if opts.gpus_per_trial is None:
         gpus = tune_cluster.default_gpus_per_trial()
     else:
@@ -254,7 +328,8 @@ def _place_trials(
     tune_cluster.check_trial_fits(resources)
     if opts.trainable is None:
         tune_cluster.check_backend_sees_gpus(gpus)
-    return StudyPlace(study_dir, data_dir, resources, log)
+    storage_uri = storage.uri if storage is not None else None
+    return StudyPlace(study_dir, data_dir, resources, log, storage_uri)
 
 
 def _search_and_evaluate(

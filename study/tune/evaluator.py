@@ -31,6 +31,14 @@ class EvaluationJob:
     data_dir: str
     threads: int
     selection: dict
+    # with storage (a study.storage.home.StudyHome whose `remote` is true): trial_dir and best_dir
+    # are relative to the study (`trials/<id>`, `best/<backbone>`), the trial is downloaded to
+    # this node, the data is this node's copy, and best/<backbone>/ is published to the storage
+    home: object | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.home is not None and self.home.remote
 
 
 def evaluate_best(job: EvaluationJob, model=None, latency: dict | None = None) -> dict:
@@ -49,19 +57,30 @@ def evaluate_best(job: EvaluationJob, model=None, latency: dict | None = None) -
     from fer.evaluate.on_split import evaluate_split
     from fer.model.build import load_trained_model
 
-    dst = Path(job.best_dir)
-    tmp = _copy_trial(Path(job.trial_dir), dst.with_name(dst.name + ".partial"))
+    if job.remote:
+        source, data_dir = job.home.pull(job.trial_dir), job.home.data()
+        partial = job.home.local(job.best_dir + ".partial")
+    else:
+        source, data_dir = Path(job.trial_dir), job.data_dir
+        partial = Path(job.best_dir).with_name(Path(job.best_dir).name + ".partial")
+    tmp = _copy_trial(source, partial)
     config = load_config(tmp / names.CONFIG_FILE)
     if model is None:
         model = load_trained_model(tmp / names.MODEL_FILE)
-    study_data = StudyData(job.data_dir)
+    study_data = StudyData(data_dir)
     if not (tmp / names.VAL_METRICS_FILE).exists():
         evaluate_split(model, study_data, "val", config, tmp)
     result = evaluate_split(model, study_data, "test", config, tmp)
     # deployment figures, stored once (the report reads them)
     measure_and_write(model, tmp / LATENCY_FILE, job.threads, measured=latency)
     write_json(tmp / names.SELECTION_FILE, {**job.selection, **result})
-    _publish(tmp, dst)
+    if job.remote:
+        import shutil
+
+        job.home.publish(tmp, job.best_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        _publish(tmp, Path(job.best_dir))
     return {**job.selection, **result}
 
 
@@ -114,7 +133,7 @@ class Evaluator:
         self.threads = threads
         self.preloaded: Preloaded | None = None
 
-    def preload(self, trial_dir: str) -> bool:
+    def preload(self, trial_dir: str, home=None) -> bool:
         """Load a finished trial's model, trace its predict step on blank images (no data is read)
         and take its deployment figures (fer.deploy.latency: timed on blank images too, the larger
         part of an evaluation), so that if this trial is still the best when the search ends, its
@@ -131,9 +150,11 @@ class Evaluator:
             return True
         self.preloaded = None
         try:
-            config = load_config(Path(trial_dir) / names.CONFIG_FILE)
+            # with storage, `trial_dir` is `trials/<id>` and comes to this node first
+            local = home.pull(trial_dir) if home is not None and home.remote else Path(trial_dir)
+            config = load_config(local / names.CONFIG_FILE)
             size, batch = config["image_size"], config["batch_size"]
-            model = load_trained_model(Path(trial_dir) / names.MODEL_FILE)
+            model = load_trained_model(local / names.MODEL_FILE)
             predict_probs(model, np.zeros((batch, size, size, 3), np.uint8), batch)
         except Exception:  # noqa: BLE001 - only a head start: evaluate() loads the model itself
             return False
@@ -173,13 +194,13 @@ class EvaluatorPool:
             self.assigned[backbone] = load.index(min(load))
         return self.actors[self.assigned[backbone]]
 
-    def preload(self, backbone: str, trial_dir: str) -> None:
+    def preload(self, backbone: str, trial_dir: str, home=None) -> None:
         """Let the backbone's actor (if one runs) load the best finished trial so far (no test
-        data)."""
+        data); with storage (`home`), `trial_dir` is relative to the study."""
         actor = self.actor_for(backbone)
         if actor is not None and self.preloaded.get(backbone) != trial_dir:
             self.preloaded[backbone] = trial_dir
-            actor.preload.remote(trial_dir)
+            actor.preload.remote(trial_dir, home)
 
     def fill(self, free_slots: int) -> int:
         """Start actors on up to `free_slots` slots (never more than `limit` in all); return how

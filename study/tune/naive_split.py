@@ -157,6 +157,11 @@ def run_naive_split(place: StudyPlace, seeds: int) -> dict:
     configs = _selected_configs(place.study_dir)
     sizes = {c["image_size"] for c in configs.values()}
     folders = prepare_splits(place.study_dir, place.data_dir, seeds, sizes, place.log)
+    if place.storage_uri is not None:  # the split folders reach the nodes as the data did
+        from study.storage import ship_data
+
+        for folder in folders.values():
+            ship_data(place.home.storage(), folder, _rel(place, folder))
     runs = _collect(_start_trainings(place, configs, folders), folders, place.log)
     result = {
         "seeds": seeds,
@@ -164,6 +169,7 @@ def run_naive_split(place: StudyPlace, seeds: int) -> dict:
         "backbones": {b: summarize(r) for b, r in runs.items()},
     }
     write_json(place.study_dir / names.NAIVE_SPLIT_FILE, result)
+    place.mirror.push(names.NAIVE_SPLIT_FILE)
     _log_gaps(result, place.log)
     return result
 
@@ -188,9 +194,14 @@ def _start_trainings(place: StudyPlace, configs: dict, folders: dict) -> dict:
     jobs = {}
     for backbone, config in configs.items():
         for (kind, seed), data in folders.items():
-            out = place.study_dir / FOLDER / backbone / f"{kind}-{seed}"
-            jobs[(backbone, kind, seed)] = retrain(place, config, out, data)
+            out = f"{FOLDER}/{backbone}/{kind}-{seed}"
+            jobs[(backbone, kind, seed)] = retrain(place, config, out, _rel(place, data))
     return jobs
+
+
+def _rel(place: StudyPlace, folder: Path) -> str:
+    """A folder of the study, relative to it (what workers are given)."""
+    return Path(folder).resolve().relative_to(Path(place.study_dir).resolve()).as_posix()
 
 
 def _collect(jobs: dict, folders: dict, log: Callable[[str], None]) -> dict:

@@ -38,6 +38,7 @@ class StudyOptions:
     live: bool | None = None  # a live progress view (default: when stream is a terminal)
     command: str | None = None  # recorded in study.json (default: this process's argv)
     trainable: Callable | None = None
+    storage: str | None = None  # the study's home in object storage: URI/<study> (--storage URI)
     naive_split: int = 0  # split seeds of study.naive_split after the study (0: none)
     # times a trial whose worker or node died is run again (our own errors: never)
     max_retries: int = 2
@@ -53,6 +54,12 @@ class StudyOptions:
         retries = self.max_retries
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise UserError(f"--max-retries must be a whole number >= 0, got {retries!r}")
+        if self.storage and str(self.address or "").startswith("ray://"):
+            raise UserError(
+                "--storage with a Ray Client address (ray://...) is not supported: run the driver "
+                "on a machine that reaches the cluster (--address HOST:6379) or submit it with "
+                "`ray job submit` (docs/cluster.md)"
+            )
         if self.naive_split and self.naive_split < 2:
             raise UserError(
                 f"--naive-split needs at least 2 split seeds for a spread, got {self.naive_split}"
@@ -103,6 +110,22 @@ class StudyPlace:
     data_dir: Path
     resources: Resources
     log: Callable[[str], None] = print
+    storage_uri: str | None = None  # the study's root in storage (`--storage`); None: none
+
+    @property
+    def home(self):
+        """The study as workers see it (study.storage.home.StudyHome)."""
+        from study.storage.home import StudyHome
+
+        return StudyHome(str(self.study_dir), str(self.data_dir), self.storage_uri)
+
+    @property
+    def mirror(self):
+        """The driver's side of a stored study (study.storage.mirror.StudyMirror; no-ops without
+        storage)."""
+        from study.storage.mirror import StudyMirror
+
+        return StudyMirror(self.home)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,3 +144,6 @@ class TrialContext:
     decision_epochs: dict = dataclasses.field(default_factory=dict)
     # a warm worker also keeps its model for the next trial (fer.train.trial reuse_model)
     reuse_workers: bool = True
+    # where the study's files are (study.storage.home.StudyHome); with storage, the paths above
+    # are the driver's and a trial uses its node-local folder and data copy instead
+    home: object | None = None

@@ -33,6 +33,9 @@ class StudyRecord:
     def __init__(self, study_dir: Path, previous: dict | None = None):
         self.path = Path(study_dir) / names.STUDY_FILE
         self._study = dict(previous or {})
+        # with storage: each write also goes there (study.tune.driver); seconds the data took
+        self.after_write = None
+        self.ship_s: float | None = None
 
     @classmethod
     def open(cls, study_dir: Path, space: Space, resume: bool) -> StudyRecord:
@@ -85,12 +88,15 @@ class StudyRecord:
                 "command": command,
                 "resources_per_trial": {"cpu": resources.cpus, "gpu": resources.gpus},
                 "ray": ray_info,
+                "storage": place.storage_uri,  # the URI as given: credentials never are in it
             }
         )
         self._study["machine"] = machine_info()
         self._study.setdefault("started_at", _now())
         self._study.setdefault("runs", []).append({"started_at": _now(), "resume": bool(resume)})
         self._study["timings"] = {"connect_s": connect_s}  # this run's phases, in seconds
+        if self.ship_s is not None:
+            self._study["timings"]["ship_data_s"] = self.ship_s
         self._write()
 
     def count_trials(self, ledger: Ledger) -> None:
@@ -142,6 +148,8 @@ class StudyRecord:
 
     def _write(self) -> None:
         write_json(self.path, self._study)
+        if self.after_write is not None:
+            self.after_write()
 
 
 def _check_same_space(old: dict, new: dict) -> None:

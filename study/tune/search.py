@@ -61,9 +61,13 @@ def optuna_study_name(space: Space, backbone: str) -> str:
     return names.optuna_study_name(space.name, backbone)
 
 
-def discard_interrupted(storage: optuna.storages.RDBStorage, study_name: str) -> list[dict]:
-    """Mark trials left RUNNING by a killed driver as FAIL; return the start points they were
-    evaluating.
+def discard_interrupted(
+    storage: optuna.storages.RDBStorage, study_name: str, recorded: dict | None = None
+) -> list[dict]:
+    """Settle the trials a killed driver left RUNNING: one whose outcome is recorded (`recorded`:
+    Optuna trial number -> outcome.json; with storage the outcome can reach it before the SQLite
+    copy does) is told that outcome's value (FAIL if it errored); the others are marked FAIL.
+    Returns the start points the others were evaluating.
 
     Those start points are queued again, so a kill never loses one. TPE ignores failed trials.
     """
@@ -71,8 +75,16 @@ def discard_interrupted(storage: optuna.storages.RDBStorage, study_name: str) ->
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:  # the study was never created
         return []
+    recorded = recorded or {}
     requeue = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        outcome = recorded.get(trial.number)
+        if outcome is not None:
+            value = outcome.get("metric_value")
+            ok = outcome.get("status") in names.FINISHED_OK and value is not None
+            state = optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL
+            storage.set_trial_state_values(trial._trial_id, state, [float(value)] if ok else None)
+            continue
         storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         if "fixed_params" in trial.system_attrs:

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ray import tune
@@ -55,6 +56,10 @@ class EpochReporter:
         self.report_wait_s = 0.0  # time the training thread spent blocked in tune.report
         self.head_epochs = self.finetune_epochs = 0  # epochs reported so far, per stage
         self.nan_loss = False  # FOR TESTS ONLY: report a NaN training loss (see _test_nan_loss)
+        # with storage: upload the trial folder before a report after which the trial may be
+        # stopped (`save_before(epoch)` says which), so the driver never reads a missing file
+        self.save_before: Callable[[int], bool] = lambda epoch: False
+        self.save: Callable[[], None] = lambda: None
 
     def __call__(self, record: dict) -> None:
         if self.nan_loss:
@@ -73,6 +78,8 @@ class EpochReporter:
         metrics["trial_s"] = time.perf_counter() - self.started
         metrics["worker_started_at"] = self.started_at
         metrics["reported_at"] = time.time()
+        if self.save_before(int(record.get("epoch") or 0)):
+            self.save()
         waited = time.perf_counter()
         # returns when the driver has processed the result (Tune reports synchronously)
         tune.report(metrics)
@@ -120,7 +127,7 @@ def import_keras_lean() -> None:
 
 
 def train_trial(config: dict, context: TrialContext) -> None:
-    """Tune function trainable: one `fer.train.trial.run_trial` in `<trials_dir>/<trial_id>/`.
+    """Tune function trainable: one `fer.train.trial.run_trial` in `trials/<trial_id>/`.
 
     Faults (INTERNALS.md, "Faults and retries"): an exception raised by our code (a NaN loss
     included) is caught here, its traceback written to error.txt and its one line sent as a last
@@ -128,33 +135,53 @@ def train_trial(config: dict, context: TrialContext) -> None:
     and Ray Tune's retry (`FailureConfig(max_failures)`, which would repeat any failure) is left
     with the failures that never reach this code: the worker process or its node died (an OOM kill,
     a lost machine). A retried trial starts from scratch: the folder its dead attempt left is
-    removed first."""
+    removed first (in storage too).
+
+    With storage (`context.home.remote`), the trial works in a node-local folder and uploads it
+    before every report after which it may be stopped, after an error, and before it returns."""
     started, started_at = time.perf_counter(), time.time()
-    out_dir = Path(context.trials_dir) / tune.get_context().get_trial_id()
-    _remove_dead_attempt(out_dir)
+    trial_id = tune.get_context().get_trial_id()
+    rel = f"{names.TRIALS_DIR}/{trial_id}"
+    out_dir = trial_folder(context, trial_id)
     reporter = EpochReporter(started, started_at)
     try:
-        _ready_worker(context)
+        _remove_dead_attempt(context, trial_id, out_dir)
+        _ready_worker(context, out_dir)
         reporter.nan_loss = _test_nan_loss(config)
+        if context.home is not None and context.home.remote:
+            reporter.save_before = report_can_stop(config, context, reporter)
+            reporter.save = lambda: context.home.push(rel)
         _run(config, context, out_dir, reporter)
     except Exception as exc:  # noqa: BLE001 - the trial's error, never retried (see above)
-        report_error(exc, out_dir, context.metric)
+        report_error(exc, out_dir, context.metric, save=reporter.save)
         return
     _write_worker_times(out_dir, started_at, reporter)
+    reporter.save()
 
 
-def _remove_dead_attempt(out_dir: Path) -> None:
+def trial_folder(context: TrialContext, trial_id: str) -> Path:
+    """Where this trial writes: `<trials_dir>/<trial_id>` on a study folder every node sees, a
+    node-local folder with storage."""
+    if context.home is not None and context.home.remote:
+        return context.home.local(f"{names.TRIALS_DIR}/{trial_id}")
+    return Path(context.trials_dir) / trial_id
+
+
+def _remove_dead_attempt(context: TrialContext, trial_id: str, out_dir: Path) -> None:
     """A previous attempt of this trial died (Tune retries it): start again from scratch."""
-    if out_dir.exists():
+    if context.home is not None and context.home.remote:
+        context.home.clear(f"{names.TRIALS_DIR}/{trial_id}")
+    elif out_dir.exists():
         import shutil
 
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _ready_worker(context: TrialContext) -> None:
+def _ready_worker(context: TrialContext, out_dir: Path) -> None:
     """Keras imported (lean), or in a warm worker (run's default: an earlier trial ran here) its
-    state from that trial cleared; then the backend's threads, and the study log for progress lines
-    of one-off steps."""
+    state from that trial cleared; then the backend's threads, and where progress lines of one-off
+    steps go: the study log, or with storage the trial's own log, which the driver appends to the
+    study log."""
     reused = "keras" in sys.modules
     import_keras_lean()
     if reused:
@@ -166,7 +193,10 @@ def _ready_worker(context: TrialContext) -> None:
     configure_backend(threads=context.threads)
     from fer.core.progress import log_to_file
 
-    log_to_file(context.study_log)
+    if context.home is not None and context.home.remote:
+        log_to_file(out_dir / names.TRIAL_LOG_FILE, only=True)
+    else:
+        log_to_file(context.study_log)
 
 
 def _run(config: dict, context: TrialContext, out_dir: Path, reporter: EpochReporter) -> None:
@@ -175,9 +205,10 @@ def _run(config: dict, context: TrialContext, out_dir: Path, reporter: EpochRepo
     from fer.data import StudyData
     from fer.train.trial import run_trial
 
+    remote = context.home is not None and context.home.remote
     run_trial(
         config,
-        StudyData(context.data_dir),
+        StudyData(context.home.data() if remote else context.data_dir),
         out_dir,
         on_epoch=reporter,
         evaluate_test=False,
@@ -221,15 +252,19 @@ def _write_worker_times(out_dir: Path, started_at: float, reporter: EpochReporte
     )
 
 
-def report_error(exc: BaseException, out_dir: Path, metric: str | None) -> None:
+def report_error(
+    exc: BaseException, out_dir: Path, metric: str | None, save: Callable[[], None] = lambda: None
+) -> None:
     """Send a trial's error as its last report (the metric as NaN: Tune wants it in every report)
-    and keep the traceback in the trial folder (error.txt), since Tune never sees the exception."""
+    and keep the traceback in the trial folder (error.txt, uploaded first with `save`), since Tune
+    never sees the exception."""
     import traceback
 
     message = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / names.ERROR_FILE).write_text("".join(traceback.format_exception(exc)))
+        save()
     except OSError:
         pass
     result = {names.TRIAL_ERROR_KEY: message}
@@ -271,13 +306,17 @@ def _test_kill_once() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def retrain_seed(config: dict, out_dir: str, data_dir: str, threads: int) -> dict:
+def retrain_seed(config: dict, home, out_rel: str, data_prefix: str, threads: int) -> dict:
     """Retrain a selected configuration (with another seed: final_seeds; on another split: the
-    naive split) and evaluate it on the test split."""
+    naive split) into `out_rel` of the study (`home`: a study.storage.home.StudyHome) and evaluate
+    it on the test split; with storage, its folder is uploaded before it returns."""
     from fer.runtime.backend import configure_backend
 
     configure_backend(threads=threads)
     from fer.data import StudyData
     from fer.train.trial import run_trial
 
-    return run_trial(config, StudyData(data_dir), out_dir, evaluate_test=True)
+    data = StudyData(home.data(data_prefix))
+    summary = run_trial(config, data, home.local(out_rel), evaluate_test=True)
+    home.push(out_rel)
+    return summary

@@ -47,6 +47,7 @@ def run_search(
 
     ledger = Ledger(place.study_dir)
     searcher = _searcher_for_budget_left(space, ledger, place)
+    place.mirror.push(names.OPTUNA_FILE)  # resume's settling of Optuna, before any trial
     total = searcher.total()
     if total == 0:
         place.log(f"all {sum(ledger.finished_per_backbone().values())} trials already finished")
@@ -54,8 +55,10 @@ def run_search(
     _log_plan(space, ledger, place, total)
     scheduler = make_scheduler(space)
     slots = concurrent_trials(place.resources)  # trials at once, node by node
-    on_trial_end = _OnTrialEnd(record, ledger, searcher, pool, space, place.study_dir, total, slots)
-    callback = _callback(space, ledger, options, searcher, scheduler, on_trial_end)
+    on_trial_end = _OnTrialEnd(
+        record, ledger, searcher, pool, space, place.study_dir, total, slots, place.home
+    )
+    callback = _callback(space, ledger, options, searcher, scheduler, on_trial_end, place)
     tuner = _tuner(space, place, options, searcher, scheduler, callback, slots)
     started = time.time()
     _fit(tuner)
@@ -78,6 +81,8 @@ def _searcher_for_budget_left(space: Space, ledger: Ledger, place: StudyPlace):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     removed = ledger.discard_unfinished_folders()
+    if place.storage_uri is not None:
+        removed = sorted(set(removed) | set(_discard_unfinished_in_storage(ledger, place)))
     if removed:
         place.log(
             f"discarded {len(removed)} trial(s) interrupted by the previous run: "
@@ -85,13 +90,37 @@ def _searcher_for_budget_left(space: Space, ledger: Ledger, place: StudyPlace):
         )
     storage = optuna_storage(place.study_dir)
     study_names = {b: optuna_study_name(space, b) for b in space.backbones}
-    requeue = {b: discard_interrupted(storage, study_names[b]) for b in space.backbones}
+    # an Optuna trial whose outcome is recorded is told its value (storage: the outcome may have
+    # reached it before the SQLite copy did); the others still running were interrupted
+    told = {
+        o["optuna_trial"]: o for o in ledger.outcomes.values() if o.get("optuna_trial") is not None
+    }
+    requeue = {
+        b: discard_interrupted(
+            storage,
+            study_names[b],
+            {n: o for n, o in told.items() if o["backbone"] == b},
+        )
+        for b in space.backbones
+    }
     done = ledger.finished_per_backbone()
     budgets = {b: max(0, space.trials_per_backbone - done.get(b, 0)) for b in space.backbones}
     existing = set(optuna.get_all_study_names(storage))
     # start points are queued once, when a backbone's Optuna study is new
     fresh = {b: study_names[b] not in existing for b in space.backbones}
     return BackboneSearcher(space, budgets, storage, requeue=requeue, fresh=fresh)
+
+
+def _discard_unfinished_in_storage(ledger: Ledger, place: StudyPlace) -> list[str]:
+    """Trial folders in storage without an outcome (a killed run's): removed there too."""
+    from study.storage import delete_prefix, list_files
+
+    storage = place.home.storage()
+    folders = {rel.split("/", 1)[0] for rel in list_files(storage, names.TRIALS_DIR)}
+    removed = sorted(f for f in folders if f not in ledger.outcomes)
+    for folder in removed:
+        delete_prefix(storage, f"{names.TRIALS_DIR}/{folder}")
+    return removed
 
 
 def _log_plan(space: Space, ledger: Ledger, place: StudyPlace, total: int) -> None:
@@ -121,6 +150,7 @@ class _OnTrialEnd:
     study_dir: Path
     total: int  # trials this run hands out
     slots: int  # trials the cluster runs at once
+    home: object | None = None  # study.storage.home.StudyHome
     finished: int = 0
 
     def __call__(self) -> None:
@@ -133,12 +163,17 @@ class _OnTrialEnd:
         self.pool.fill(self.slots - running - len(self.pool.actors))
         for backbone in self.space.backbones:
             best = self.ledger.best(backbone, self.space.metric, self.space.mode)
-            if best is not None:
+            if best is None:
+                continue
+            if self.home is not None and self.home.remote:
+                self.pool.preload(backbone, best["trial_dir"], self.home)
+            else:
                 self.pool.preload(backbone, str(self.study_dir / best["trial_dir"]))
 
 
-def _callback(space, ledger, options, searcher, scheduler, on_trial_end):
-    """The driver-side recorder of each trial, with its progress view."""
+def _callback(space, ledger, options, searcher, scheduler, on_trial_end, place: StudyPlace):
+    """The driver-side recorder of each trial, with its progress view (and with storage, the
+    mirror's pulls and pushes around each outcome)."""
     from study.tune.callback import StudyCallback, TrialHooks
     from study.tune.progress_view import ProgressView
 
@@ -156,8 +191,32 @@ def _callback(space, ledger, options, searcher, scheduler, on_trial_end):
         optuna_number=searcher.optuna_trial_number,
         on_change=on_trial_end,
         on_retry=searcher.forget,
+        **_mirror_hooks(place),
     )
     return StudyCallback(ledger, view, space, hooks)
+
+
+def _mirror_hooks(place: StudyPlace) -> dict:
+    """With storage: the callback's hooks that keep storage and the driver's mirror in step (a
+    storage hiccup is logged, never fatal to the bookkeeping; the next push carries the files)."""
+    if place.storage_uri is None:
+        return {}
+    mirror, log = place.mirror, place.log
+
+    def guarded(action: str, fn):
+        def run(trial_id: str) -> None:
+            try:
+                fn(trial_id)
+            except Exception as exc:  # noqa: BLE001
+                log(f"warning: storage: {action} of trial {trial_id} failed: {exc}")
+
+        return run
+
+    return {
+        "on_start": guarded("saving Optuna's asks", lambda t: mirror.push(names.OPTUNA_FILE)),
+        "fetch_trial": guarded("copying the folder", mirror.pull_trial),
+        "outcome_written": guarded("uploading the outcome", mirror.push_outcome),
+    }
 
 
 def _trial_context(space: Space, place: StudyPlace, options: StudyOptions, scheduler):
@@ -169,6 +228,7 @@ def _trial_context(space: Space, place: StudyPlace, options: StudyOptions, sched
         metric=space.metric,
         decision_epochs=scheduler.decision_epochs() if scheduler is not None else {},
         reuse_workers=bool(options.reuse_workers),
+        home=place.home,
     )
 
 
@@ -183,8 +243,7 @@ def _tuner(space, place, options, searcher, scheduler, callback, slots: int):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our view
     context = _trial_context(space, place, options, scheduler)
     trainable = tune.with_parameters(options.trainable or train_trial, context=context)
-    tune_dir = place.study_dir / "tune"
-    run_index = len(list(tune_dir.glob("run-*"))) + 1 if tune_dir.exists() else 1
+    storage_path, storage_filesystem, run_index = _tune_storage(place)
     return tune.Tuner(
         tune.with_resources(trainable, place.resources.tune_request()),
         # max_concurrent_trials: Tune starts one trial at a time with a custom searcher unless told
@@ -198,12 +257,28 @@ def _tuner(space, place, options, searcher, scheduler, callback, slots: int):
         ),
         run_config=tune.RunConfig(
             name=f"run-{run_index}",
-            storage_path=str(tune_dir),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             callbacks=[callback],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=options.max_retries, fail_fast=False),
         ),
     )
+
+
+def _tune_storage(place: StudyPlace) -> tuple[str, object, int]:
+    """Tune's own storage (`tune/`, one `run-<n>` per attempt): the study folder's, or with
+    storage the same storage's (its filesystem passed along: an endpoint override is kept)."""
+    if place.storage_uri is None:
+        tune_dir = place.study_dir / "tune"
+        run_index = len(list(tune_dir.glob("run-*"))) + 1 if tune_dir.exists() else 1
+        return str(tune_dir), None, run_index
+    from study.storage import list_files
+
+    storage = place.home.storage()
+    runs = {rel.split("/", 1)[0] for rel in list_files(storage, "tune")}
+    run_index = len({r for r in runs if r.startswith("run-")}) + 1
+    return storage.path("tune"), storage.fs, run_index
 
 
 def _fit(tuner) -> None:
