@@ -121,7 +121,8 @@ def _run_leased(
     study.storage.StudyStorage rooted at the study) where it lives in storage."""
     study_dir, data_dir = resolve_study(source, study_dir, space, log, opts.group_regex)
     record = StudyRecord.open(study_dir, space, opts.resume)
-    build_pixel_caches(space, data_dir, log)
+    # with storage the test split's caches too: a node's copy has the caches, not the images
+    build_pixel_caches(space, data_dir, log, with_test=storage is not None)
     if storage is not None:
         _ship(storage, data_dir, record, log)
     with _ray_for(opts) as ray_run:
@@ -237,17 +238,20 @@ def _prepare(source: Path, data_dir: Path, space: Space, group_regex, log) -> No
     )
 
 
-def build_pixel_caches(space: Space, data_dir: Path, log: Callable[[str], None]) -> None:
+def build_pixel_caches(
+    space: Space, data_dir: Path, log: Callable[[str], None], with_test: bool = False
+) -> None:
     """Decode the train/val pixel caches of every image size the backbones use (per_backbone sizes)
     here, with a decoding pool, before trials start: a trial would otherwise build its size itself,
     in one process, inside its own timings (the test split's cache is built when the best models are
-    evaluated)."""
+    evaluated, unless `with_test`: nodes that get the data from storage have no images to decode;
+    a cache is not an evaluation)."""
     from fer.data import StudyData
 
     study_data = StudyData(data_dir)
     sizes = {size for backbone in space.backbones for size in space.image_sizes(backbone)}
     for size in sorted(sizes):
-        for split in ("train", "val"):
+        for split in ("train", "val", "test") if with_test else ("train", "val"):
             if not study_data.pixel_file(split, size).exists():
                 log(f"building the {size}px pixel cache of the {split} split")
                 study_data.pixels(split, size)
