@@ -12,8 +12,12 @@ a helper module, not a test file).
   `unshare_reason` says why that cannot work here (for `pytest.skip`), or None.
 
 What is isolated and what is not: nodes share the machine's network, CPUs and /dev/shm (each raylet
-has its own object store in it), and the filesystem outside the folders named above, so a test
-proves "no shared disk" only for paths inside a `run_private` folder or a node's own folders.
+has its own object store in it) and the filesystem. A node's folders are separate paths, readable by
+any process given them, unless the node is started with `add_worker(private=True)`: then they exist
+only in the node's own mount namespace. So a test proves "no shared disk" for paths inside a
+`run_private` folder (the driver's study folder and HOME belong there) and inside private nodes.
+The head is never private: drivers reach Ray through its raylet's socket in its temp dir, and a
+driver is on the head's machine.
 
 Every process of the cluster (nodes, and drivers started with `driver_env`) carries the marker
 variable `FER_TEST_RAY_CLUSTER=<root>` and every process of a node `FER_TEST_RAY_NODE=<node dir>`:
@@ -136,14 +140,14 @@ def _processes() -> dict[int, tuple[int, str, bytes]]:
 
 def pids_of(marker: str, value: str) -> list[int]:
     """Processes that belong to `value` (a cluster root or a node dir): `marker=value` in their
-    environment or `value` in their command line, and every descendant of those; never this
-    process or its ancestors."""
+    environment or a path under `value` in their command line (`value/`: node-1 is not node-10),
+    and every descendant of those; never this process or its ancestors."""
     table = _processes()
-    needle = f"{marker}={value}".encode()
+    needle, under = f"{marker}={value}".encode(), f"{value}/"
     found = {
         pid
         for pid, (_, cmdline, environ) in table.items()
-        if needle in environ.split(b"\0") or value in cmdline
+        if needle in environ.split(b"\0") or under in cmdline
     }
     grew = True
     while grew:
@@ -182,16 +186,25 @@ def _tail(path: Path, chars: int = 1500) -> str:
 
 @dataclass
 class RayNode:
-    """One node of `RayNodes`: its folders (`dir/ray` Ray's temp dir, `dir/home` its HOME,
-    `dir/cache` its FER_NODE_CACHE), the environment its processes got, and its Ray node id."""
+    """One node of `RayNodes`: its folders as its processes see them (`dir/ray` Ray's temp dir,
+    `dir/home` its HOME, `dir/cache` its FER_NODE_CACHE, workers only; the test reads them under
+    `host_dir`), the environment its processes got on top of the test's (less RAY_ADDRESS,
+    RAY_AUTH_*, AWS_*, FER_NODE_CACHE), and its Ray node id (hex)."""
 
     name: str
     dir: Path
     env: dict
     num_cpus: float
+    private: bool = False
     node_id: str = ""
     killed: bool = False
     start_output: str = field(default="", repr=False)
+
+    @property
+    def host_dir(self) -> Path:
+        """Where the test reads this node's files: `dir` itself, or for a private node the folder
+        bind-mounted over `dir` inside the node's mount namespace (`<root>/.private/<name>`)."""
+        return self.dir.parent / ".private" / self.name if self.private else self.dir
 
     @property
     def temp_dir(self) -> Path:
@@ -208,7 +221,7 @@ class RayNode:
     def logs_tail(self) -> str:
         """`ray start`'s output and the end of the raylet's and GCS's logs: what an assertion
         message needs to say why a node did not come up or went away."""
-        logs = sorted(self.temp_dir.glob("session_*/logs"))
+        logs = sorted((self.host_dir / "ray").glob("session_*/logs"))
         parts = [f"--- ray start output\n{self.start_output[-2000:]}"]
         for log_dir in logs[-1:]:
             for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
@@ -257,8 +270,8 @@ class RayNodes:
         try:
             self._start_node(
                 self.head,
-                ["--head", "--port", str(self.port), "--num-cpus", "0", "--include-dashboard=false"]
-                + ["--dashboard-port", str(free_port())]
+                ["--head", "--port", str(self.port), "--num-cpus", "0", "--num-gpus", "0"]
+                + ["--include-dashboard=false", "--dashboard-port", str(free_port())]
                 + ["--ray-client-server-port", str(free_port())]
                 + ["--system-config", json.dumps(self.system_config)],
             )
@@ -275,14 +288,21 @@ class RayNodes:
         *,
         num_gpus: float = 0,
         resources: dict | None = None,
+        private: bool = False,
     ) -> RayNode:
         """Start one more node (`ray start --address`), with its own Ray temp dir (Ray takes
         `--temp-dir` per node), HOME and FER_NODE_CACHE, and `env` on top of them (e.g.
-        TEST_CREDENTIALS, which its raylet and so every worker process on it inherits). Returns
-        once the node is alive in the node table; fails with its logs if it is not."""
+        `s3_node_env()`, which its raylet and so every worker process on it inherits). Returns
+        once the node is alive in the node table; fails with its logs if it is not.
+
+        `private` (needs `unshare_reason() is None`): the node's folder (temp dir, HOME, cache,
+        and so Tune's local trial folders) exists only inside the node's own mount namespace, which
+        its raylet and every worker process inherit: a path on this node read by a driver or
+        another node finds an empty folder, as on separate machines. Without it the node's folders
+        are separate but readable by any process that is given their path."""
         assert self.started, "RayNodes.start() (or `with RayNodes() as nodes`) first"
         name = f"node-{len(self.workers) + 1}"
-        node = RayNode(name, self.root / name, {}, num_cpus)
+        node = RayNode(name, self.root / name, {}, num_cpus, private=private)
         node.env = {CACHE_ENV: str(node.cache_dir), **(env or {})}
         self.workers.append(node)
         extra = ["--resources", json.dumps(resources)] if resources else []
@@ -358,18 +378,24 @@ class RayNodes:
         return env
 
     def _start_node(self, node: RayNode, args: list[str]) -> None:
-        for folder in (node.temp_dir, node.home, node.cache_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        node.dir.mkdir(parents=True, exist_ok=True)  # for a private node: empty, seen from outside
+        folders = ["ray", "home"] + (["cache"] if CACHE_ENV in node.env else [])
+        for folder in folders:  # made where the node will see them (see RayNode.host_dir)
+            (node.host_dir / folder).mkdir(parents=True, exist_ok=True)
         command = _ray_cmd() + ["start", *args, "--temp-dir", str(node.temp_dir)]
         command += ["--object-store-memory", str(self.object_store_bytes), "--disable-usage-stats"]
         command += ["--dashboard-agent-listen-port", str(free_port())]
-        if node is self.head:
-            command += ["--num-gpus", "0"]
+        if node.private:
+            q = shlex.quote
+            script = (
+                f"mount --bind {q(str(node.host_dir))} {q(str(node.dir))} && cd {q(str(node.dir))}"
+            )
+            command = _unshare(script) + command
         try:
             proc = subprocess.run(
                 command,
                 env=self._node_env(node),
-                cwd=node.dir,
+                cwd=node.host_dir,
                 capture_output=True,
                 text=True,
                 timeout=RAY_START_TIMEOUT_S,
@@ -426,16 +452,23 @@ def run_private(
     private_dir = Path(private_dir).resolve()
     private_dir.mkdir(parents=True, exist_ok=True)  # the mount point, empty outside
     q = shlex.quote
-    script = ["set -e", f"mount -t tmpfs -o mode=0700 fer-private {q(str(private_dir))}"]
+    script = [f"mount -t tmpfs -o mode=0700 fer-private {q(str(private_dir))}"]
     for src, dst in copies:
         target = Path(os.path.normpath(private_dir / dst))  # absolute dst: the `/` keeps it
         if target != private_dir and private_dir not in target.parents:
             raise ValueError(f"copy destination {dst} is not inside {private_dir}")
         script.append(f"mkdir -p {q(str(target.parent))}")
         script.append(f"cp -a {q(str(Path(src).resolve()))} {q(str(target))}")
-    script.append('exec "$@"')
-    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script)]
-    return subprocess.Popen(command + ["sh", *map(str, cmd)], env=env, **popen_kwargs)
+    return subprocess.Popen(
+        _unshare("\n".join(script)) + list(map(str, cmd)), env=env, **popen_kwargs
+    )
+
+
+def _unshare(script: str) -> list[str]:
+    """The command prefix that runs shell `script` (mounts) in a new private mount namespace, then
+    execs the command that follows it (so the process keeps one pid and inherits the mounts)."""
+    full = f'set -e\n{script}\nexec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", full, "sh"]
 
 
 _UNSHARE_REASON: list[str | None] = []

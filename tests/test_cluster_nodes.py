@@ -32,8 +32,9 @@ DRIVER_LIMIT_S = 180  # a hang guard, not a speed target
 ENV_NAMES = [CACHE_ENV, "HOME", *TEST_CREDENTIALS, "AWS_EC2_METADATA_DISABLED"]
 
 # A driver: writes a file in its private folder, says so and waits for a line on stdin (the test
-# looks at the folder from outside meanwhile), joins the cluster, runs one task that reports where
-# it ran, what it sees of the driver's files and its environment; prints all as one JSON line.
+# looks at the folder from outside meanwhile), joins the cluster, runs one task that writes a file
+# in its node's cache and reports where it ran, what it sees of the driver's files and its
+# environment; prints all as one JSON line.
 DRIVER = r"""
 import json, os, sys
 import ray
@@ -49,10 +50,14 @@ ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 
 @ray.remote(num_cpus=1)
 def probe(paths, names):
+    cache_file = os.path.join(os.environ["FER_NODE_CACHE"], f"written-by-task-{os.getpid()}")
+    with open(cache_file, "w") as f:
+        f.write("node-local")
     return {
         "node_id": ray.get_runtime_context().get_node_id(),
         "task_sees": {p: os.path.exists(p) for p in paths},
         "env": {n: os.environ.get(n) for n in names},
+        "cache_file": cache_file,
     }
 
 
@@ -66,11 +71,12 @@ print(json.dumps(result), flush=True)
 
 @pytest.fixture(scope="module")
 def nodes():
-    """The cluster of this module: head + `first` worker (with test credentials); on teardown,
-    nothing of it may be left running."""
+    """The cluster of this module: head + `first` worker (with test credentials; private where
+    unshare works); on teardown, nothing of it may be left running."""
     started = time.monotonic()
     with RayNodes() as cluster:
-        cluster.first = cluster.add_worker(num_cpus=1, env=s3_node_env())
+        cluster.private = unshare_reason() is None
+        cluster.first = cluster.add_worker(env=s3_node_env(), private=cluster.private)
         cluster.startup_s = time.monotonic() - started
         yield cluster
         root = str(cluster.root)
@@ -131,7 +137,16 @@ def test_private_driver_joins_and_its_task_runs_on_the_worker_blind_to_its_files
     assert result["task_sees"] == {path: False for path in result["driver_sees"]}, result
 
 
+def _assert_node_local(nodes: RayNodes, node, cache_file: str) -> None:
+    """The task's file is in `node`'s cache; for a private node, at that path only on the node."""
+    assert Path(cache_file).parent == node.cache_dir
+    assert (node.host_dir / "cache" / Path(cache_file).name).is_file()
+    if nodes.private:
+        assert not Path(cache_file).exists(), f"{cache_file} of a private node seen outside it"
+
+
 def test_worker_processes_carry_the_nodes_environment(nodes, first_probe):
+    _assert_node_local(nodes, nodes.first, first_probe[0]["cache_file"])
     env = first_probe[0]["env"]
     assert env[CACHE_ENV] == str(nodes.first.cache_dir) == f"{nodes.root}/node-1/cache"
     assert env["HOME"] == str(nodes.first.home)
@@ -145,9 +160,10 @@ def test_killed_worker_is_dead_and_a_new_worker_takes_the_tasks(nodes, first_pro
     assert dead_after < DEAD_WAIT_S
     alive = {node["NodeID"]: node["Alive"] for node in nodes.node_table()}
     assert alive[nodes.first.node_id] is False and alive[nodes.head.node_id] is True
-    second = nodes.add_worker(num_cpus=1, env={"AWS_ACCESS_KEY_ID": "second"})
+    second = nodes.add_worker(env={"AWS_ACCESS_KEY_ID": "second"}, private=nodes.private)
     result, _ = _run_driver(nodes, tmp_path, private=False)
     assert result["node_id"] == second.node_id != nodes.first.node_id
+    _assert_node_local(nodes, second, result["cache_file"])
     assert result["env"][CACHE_ENV] == f"{nodes.root}/node-2/cache"
     assert result["env"]["AWS_ACCESS_KEY_ID"] == "second"
     assert result["env"]["AWS_SECRET_ACCESS_KEY"] is None  # only what add_worker was given
