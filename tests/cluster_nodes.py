@@ -56,7 +56,9 @@ OBJECT_STORE_BYTES = 200 * 1024**2  # per node; Ray's default (30% of RAM each) 
 # `health_check_period_ms`: Ray's defaults (3000 ms x 5) take about 15 s after a raylet is killed.
 # A killed raylet refuses the check at once (its port is closed), so 1000 ms x 3 finds it dead in
 # about 3 s; the per-check timeout stays Ray's (10 s), so a raylet that is only slow (a busy 2-core
-# CI machine) must miss three 10 s checks in a row before it is declared dead by mistake.
+# CI machine) must miss three 10 s checks in a row before it is declared dead by mistake. The GCS
+# runs the checks, so they go to the head as `ray start --system-config` (a hidden but supported
+# flag; RAY_health_check_period_ms etc. in the head's environment would do the same).
 FAST_HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 # Read the node table as `ray.nodes()` does (`GlobalState.node_table`), without joining the cluster
@@ -448,7 +450,9 @@ def run_private(
     it; `cp -a`). What the process writes under `private_dir` exists only for it and its children:
     every other process (Ray's workers, this test) sees the folder as it is outside, empty. `env` is
     the whole environment (default: this process's), as for `subprocess.Popen`, like
-    `popen_kwargs`. The process is `unshare` turned into `cmd` (exec), so its pid is `cmd`'s."""
+    `popen_kwargs`. The process is `unshare` turned into `cmd` (exec), so its pid is `cmd`'s.
+    For a driver, put its study folder and HOME (Ray Tune's ~/ray_results) under `private_dir`
+    (HOME through `env`): then nothing it keeps locally can be read by a trial by mistake."""
     private_dir = Path(private_dir).resolve()
     private_dir.mkdir(parents=True, exist_ok=True)  # the mount point, empty outside
     q = shlex.quote

@@ -18,12 +18,12 @@ import pytest
 from tests.cluster_nodes import (
     CACHE_ENV,
     DEAD_WAIT_S,
-    TEST_CREDENTIALS,
     RayNodes,
     run_private,
     s3_node_env,
     unshare_reason,
 )
+from tests.s3_server import TEST_CREDENTIALS
 
 pytestmark = pytest.mark.slow
 
@@ -115,12 +115,12 @@ def _run_driver(nodes: RayNodes, folder: Path, private: bool) -> tuple[dict, lis
 def first_probe(nodes, tmp_path_factory):
     """One driver run against `nodes` (private when unshare works here): (result, what its
     private folder held seen from outside, whether it was private)."""
-    private = unshare_reason() is None
-    result, outside = _run_driver(nodes, tmp_path_factory.mktemp("driver"), private)
-    return result, outside, private
+    result, outside = _run_driver(nodes, tmp_path_factory.mktemp("driver"), nodes.private)
+    return result, outside, nodes.private
 
 
 def test_startup_is_cheap(nodes):
+    """CI's budget (2 cores): measured 9-17 s here, the more the busier the machine."""
     assert nodes.startup_s < 30, f"head + one worker took {nodes.startup_s:.1f} s"
 
 
