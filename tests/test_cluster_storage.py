@@ -1,0 +1,271 @@
+"""A study on a Ray cluster whose nodes share no disk, with its home in object storage (issue 22).
+
+Real parts only: a moto S3 server in this process; a token-auth Ray head with 0 CPUs (so every
+trial, evaluation and retraining runs on a worker) and two worker nodes, each `ray start` with its
+own temp dir, HOME and node cache, all in private mount namespaces (tests/cluster_nodes.py); and
+each driver in a mount namespace of its own, on a private tmpfs holding its study folder, space file
+and HOME, so a trial that read a driver path would find nothing there. The workers get the S3
+credentials in their own environment, as a cluster's nodes do.
+
+The scenario: without --storage the cluster is refused (naming --storage); a driver runs a study
+into storage; a second driver on it is refused; the first is SIGKILLed after a trial finished and
+the study is resumed from a second, empty namespace (no local folder at all), completing with no
+finished trial lost or repeated; then a worker node is killed in the middle of a trial of another
+study, whose trial is run again on the other node and counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study.storage import list_files, open_storage, read_json
+from study.storage.transfer import MARKER
+from tests.cluster_nodes import RayNodes, run_private, s3_node_env, unshare_reason
+from tests.s3_server import TEST_CREDENTIALS, S3Server, set_test_credentials
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TRIALS = 3
+LIMIT_S = 600
+
+
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
+    server = S3Server()
+    server.create_bucket("lab")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch):
+    """This test process reads the storage too (as a user would, with the same variables)."""
+    set_test_credentials(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = unshare_reason()
+    if reason:
+        pytest.skip(reason)
+    with RayNodes() as nodes:
+        nodes.add_worker(num_cpus=1, env=s3_node_env(), private=True)
+        nodes.add_worker(num_cpus=1, env=s3_node_env(), private=True)
+        yield nodes
+
+
+def _space(tmp_path: Path, long_epochs: int) -> Path:
+    """One tiny from-scratch CNN at 48 px, three trials: the second trains `long_epochs` epochs so
+    the study is still running when the test acts."""
+    space = {
+        "name": "nodes",
+        "backbones": ["smallcnn"],
+        "trials_per_backbone": TRIALS,
+        "scheduler": {"type": "none"},
+        "fixed": {
+            "image_size": 48,
+            "weights": "none",
+            "dense_units": 16,
+            "batch_size": 16,
+            "epochs_head": 1,
+            "unfreeze_layers": 200,
+            "patience": 40,
+            "augment": 0.0,
+        },
+        "space": {
+            "dropout": {"uniform": [0.1, 0.6]},
+            "epochs_finetune": {"choice": [1, long_epochs]},
+        },
+        "start_points": [
+            {"dropout": 0.3, "epochs_finetune": 1},
+            {"dropout": 0.4, "epochs_finetune": long_epochs},
+            {"dropout": 0.5, "epochs_finetune": 1},
+        ],
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+class Driver:
+    """`fer-study run` in a private namespace: /<private>/space.yaml, its study folder (if any) in
+    /<private>/results/, HOME in /<private>/home."""
+
+    def __init__(self, cluster: RayNodes, private: Path, space: Path, study: Path | None = None):
+        self.private = private
+        copies = [(space, "space.yaml")] + ([(study, f"results/{study.name}")] if study else [])
+        self.copies = copies
+        base = dict(os.environ, **TEST_CREDENTIALS, AWS_EC2_METADATA_DISABLED="true")
+        base.update(HOME=str(private / "home"), TF_CPP_MIN_LOG_LEVEL="2", FER_LEASE_S="6")
+        self.env = cluster.driver_env(base)
+        self.address = cluster.address
+
+    def command(self, source: str, *extra: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "run",
+            source,
+            "--space",
+            str(self.private / "space.yaml"),
+            "--results",
+            str(self.private / "results"),
+            "--address",
+            self.address,
+            "--no-dashboard",
+            *extra,
+        ]
+
+    def start(self, source: str, *extra: str) -> subprocess.Popen:
+        return run_private(
+            self.command(source, *extra),
+            self.private,
+            self.copies,
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def run(self, source: str, *extra: str, timeout: float = LIMIT_S) -> tuple[int, str, str]:
+        proc = self.start(source, *extra)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            _kill(proc)
+        return proc.returncode, out, err
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _outcomes(storage) -> dict[str, dict]:
+    names = [n for n in list_files(storage, "trials") if n.endswith("/outcome.json")]
+    return {n.split("/")[0]: read_json(storage, f"trials/{n}") for n in names}
+
+
+def _wait(proc: subprocess.Popen, ready, what: str, limit: float = LIMIT_S) -> None:
+    deadline = time.time() + limit
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the driver ended before {what}:\n{out[-3000:]}\n{err[-3000:]}")
+        assert time.time() < deadline, f"not {what} in time"
+        time.sleep(0.5)
+
+
+def _one_line(code: int, err: str, *words: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, f"exit {code}:\n{err[-3000:]}"
+    assert all(word in lines[0] for word in words), lines[0]
+    return lines[0]
+
+
+def test_driver_killed_then_resumed_from_an_empty_namespace(cluster, s3, new_study, tmp_path):
+    study = new_study("lab_study")
+    space = _space(tmp_path, long_epochs=12)
+    root = s3.uri("lab", "studies")
+    storage = open_storage(root).child(study.name)
+    stored = root.replace("/studies?", f"/studies/{study.name}?")
+    first = Driver(cluster, tmp_path / "d1", space, study)
+    local = str(first.private / "results" / study.name)
+
+    # nodes that share no disk, and no --storage: refused, naming it
+    code, _, err = first.run(local)
+    _one_line(code, err, "--storage", "cannot see it")
+
+    driver = first.start(local, "--storage", root)
+    try:
+        _wait(driver, lambda: len(_outcomes(storage)) >= 1, "a trial finished")
+        # a second driver, from another namespace, on the running study: refused
+        second = Driver(cluster, tmp_path / "d2", space)
+        code, _, err = second.run(stored, "--storage", root, "--resume", timeout=120)
+        _one_line(code, err, "another driver", f"pid {driver.pid}")
+        before = _outcomes(storage)
+        assert driver.poll() is None, "the study ended before the kill: lengthen the long trial"
+        _kill(driver)  # the driver's machine is lost
+        driver.wait(timeout=30)
+    finally:
+        _kill(driver)
+
+    resumed = Driver(cluster, tmp_path / "d3", space)  # a new machine: no results folder at all
+    code, out, err = resumed.run(stored, "--storage", root, "--resume")
+    assert code == 0, out[-3000:] + err[-3000:]
+
+    after = _outcomes(storage)
+    assert len(after) == TRIALS, sorted(after)
+    for trial_id, outcome in before.items():  # finished trials kept as they were
+        assert after[trial_id] == outcome
+    points = sorted(
+        (o["config"]["dropout"], o["config"]["epochs_finetune"]) for o in after.values()
+    )
+    assert points == [(0.3, 1), (0.4, 12), (0.5, 1)], points  # each start point once
+    study_json = read_json(storage, "study.json")
+    assert study_json["status"] == "completed" and len(study_json["runs"]) == 2
+    assert study_json["storage"] == stored and "testing" not in json.dumps(study_json)
+    files = list_files(storage)
+    for trial_id in after:  # every trial's folder is in storage
+        assert (
+            f"trials/{trial_id}/config.json" in files and f"trials/{trial_id}/history.csv" in files
+        )
+    best = read_json(storage, f"best/smallcnn/{MARKER}")
+    assert best is not None and "test_metrics.json" in best["files"]
+    assert read_json(storage, "best/smallcnn/selection.json")["trial_id"] in after
+    assert read_json(storage, "driver_lease.json") is None  # released at the end
+    # the resuming driver's mirror holds the finished study
+    assert "study finished" in out
+
+
+def test_worker_node_lost_mid_trial_is_retried_on_the_other_node(cluster, s3, new_study, tmp_path):
+    study = new_study("lost_node")
+    space = _space(tmp_path, long_epochs=10)
+    root = s3.uri("lab", "studies")
+    storage = open_storage(root).child(study.name)
+    driver_box = Driver(cluster, tmp_path / "d", space, study)
+    local = str(driver_box.private / "results" / study.name)
+    driver = driver_box.start(local, "--storage", root, "--max-retries", "2")
+    try:
+
+        def long_trial_node():
+            """The node whose cache holds the long trial's folder with an epoch in it."""
+            for node in cluster.workers:
+                for history in (node.host_dir / "cache" / study.name).glob(
+                    "work-*/trials/*/history.csv"
+                ):
+                    config = json.loads((history.parent / "config.json").read_text())
+                    if (
+                        config["epochs_finetune"] == 10
+                        and len(history.read_text().splitlines()) > 2
+                    ):
+                        return node, history.parent.name
+            return None
+
+        _wait(driver, lambda: long_trial_node() is not None, "the long trial was running")
+        node, trial_id = long_trial_node()
+        cluster.kill_worker(node)
+        out, err = driver.communicate(timeout=LIMIT_S)
+        assert driver.returncode == 0, out[-3000:] + err[-3000:]
+    finally:
+        _kill(driver)
+    outcomes = _outcomes(storage)
+    assert len(outcomes) == TRIALS, sorted(outcomes)
+    assert outcomes[trial_id]["retries"] >= 1 and outcomes[trial_id]["status"] == "completed"
+    assert sum(o["retries"] for o in outcomes.values()) == outcomes[trial_id]["retries"]
+    assert read_json(storage, "study.json")["status"] == "completed"
