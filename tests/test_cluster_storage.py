@@ -64,7 +64,7 @@ def cluster():
         yield nodes
 
 
-def _space(tmp_path: Path, long_epochs: int) -> Path:
+def _space(tmp_path: Path, long_epochs: int, final_seeds: int = 0) -> Path:
     """One tiny from-scratch CNN at 48 px, three trials: the second trains `long_epochs` epochs so
     the study is still running when the test acts."""
     space = {
@@ -91,6 +91,7 @@ def _space(tmp_path: Path, long_epochs: int) -> Path:
             {"dropout": 0.4, "epochs_finetune": long_epochs},
             {"dropout": 0.5, "epochs_finetune": 1},
         ],
+        "final_seeds": final_seeds,  # retrainings on the workers, through the storage too
     }
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -180,7 +181,7 @@ def _one_line(code: int, err: str, *words: str) -> str:
 
 def test_driver_killed_then_resumed_from_an_empty_namespace(cluster, s3, new_study, tmp_path):
     study = new_study("lab_study")
-    space = _space(tmp_path, long_epochs=12)
+    space = _space(tmp_path, long_epochs=12, final_seeds=1)
     root = s3.uri("lab", "studies")
     storage = open_storage(root).child(study.name)
     stored = root.replace("/studies?", f"/studies/{study.name}?")
@@ -228,6 +229,9 @@ def test_driver_killed_then_resumed_from_an_empty_namespace(cluster, s3, new_stu
     best = read_json(storage, f"best/smallcnn/{MARKER}")
     assert best is not None and "test_metrics.json" in best["files"]
     assert read_json(storage, "best/smallcnn/selection.json")["trial_id"] in after
+    seeds = read_json(storage, "best/smallcnn/seeds.json")
+    assert seeds["test_accuracy"]["n"] == 1, seeds
+    assert any(n.startswith("best/smallcnn/seeds/seed-") for n in files)
     assert read_json(storage, "driver_lease.json") is None  # released at the end
     # the resuming driver's mirror holds the finished study
     assert "study finished" in out

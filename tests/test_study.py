@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from study.tune.lease import LEASE_FILE
 from study.tune.trainable import check_finite
 
 pytestmark = pytest.mark.slow
@@ -113,7 +114,8 @@ def _rows(path):
 
 def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_path):
     """SIGKILL the driver once two trials have finished (one of them an errored trial: its weights
-    file does not exist), then --resume: finished trials are kept, the rest run, the error stays
+    file does not exist); its lease refuses --resume until it expires; then --resume: finished
+    trials are kept, the rest run, the error stays
     recorded, and the best configuration is retrained with two more seeds (final_seeds). The third
     trial trains longer, so it is still running when the driver is killed (a warm worker runs the
     short ones in about a second)."""
@@ -159,7 +161,7 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
         "2",
         "--no-dashboard",
     ]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FER_LEASE_S="4")
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
     )
@@ -178,6 +180,17 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
             pass
     before = _rows(folder / "trials.csv")
     assert len(before) == 2
+    # the killed driver's lease, as if it ran on another host (its pid cannot be checked there):
+    # --resume is refused until it expires (FER_LEASE_S=4), then goes on
+    lease_path = folder / LEASE_FILE
+    lease = json.loads(lease_path.read_text())
+    lease.update(host="another-host", renewed_at=time.time())
+    lease_path.write_text(json.dumps(lease))
+    refused = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env)
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert "another driver" in lines[0] and "another-host" in lines[0], lines[0]
+    time.sleep(max(0.0, lease["renewed_at"] + 4.5 - time.time()))  # the lease expires
 
     resumed = subprocess.run(
         cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env
@@ -210,6 +223,7 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
     study = json.loads((folder / "study.json").read_text())
     assert study["status"] == "completed" and [r["resume"] for r in study["runs"]] == [False, True]
     assert not [p for p in (folder / "trials").iterdir() if not (p / "outcome.json").exists()]
+    assert not lease_path.exists()
 
 
 def test_progress_view_prints_one_line_per_trial_and_redraws_live():

@@ -190,7 +190,13 @@ def explain_error(storage: StudyStorage, exc: BaseException) -> str:
     has_env = bool(os.environ.get("AWS_ACCESS_KEY_ID"))
     credential_words = ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE", "FORBIDDEN", "403")
     if any(w in upper for w in credential_words) or not has_env:
-        state = "were refused" if has_env else "are missing"
+        # pyarrow also tries ~/.aws and the machine's role: without the variables, none worked
+        state = (
+            "were refused"
+            if has_env
+            else "are missing (none in the environment; no profile or role of this machine "
+            "was accepted)"
+        )
         return (
             f"storage {storage.uri}: the credentials {state}; set {CREDENTIAL_VARS} in the "
             f"environment ({text})"
