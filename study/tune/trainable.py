@@ -154,9 +154,21 @@ def train_trial(config: dict, context: TrialContext) -> None:
         _run(config, context, out_dir, reporter)
     except Exception as exc:  # noqa: BLE001 - the trial's error, never retried (see above)
         report_error(exc, out_dir, context.metric, save=reporter.save)
+        _drop_node_copy(context, out_dir)
         return
     _write_worker_times(out_dir, started_at, reporter)
     reporter.save()
+    _drop_node_copy(context, out_dir)
+
+
+def _drop_node_copy(context: TrialContext, out_dir: Path) -> None:
+    """With storage, a finished trial's node-local folder goes once it is uploaded (a node would
+    otherwise keep a model file per trial); a trial stopped by the scheduler leaves its folder in
+    the node cache (docs/cluster.md)."""
+    if context.home is not None and context.home.remote:
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def trial_folder(context: TrialContext, trial_id: str) -> Path:
@@ -318,5 +330,9 @@ def retrain_seed(config: dict, home, out_rel: str, data_prefix: str, threads: in
 
     data = StudyData(home.data(data_prefix))
     summary = run_trial(config, data, home.local(out_rel), evaluate_test=True)
-    home.push(out_rel)
+    if home.remote:  # uploaded, then this node's copy goes (as a trial's does)
+        import shutil
+
+        home.push(out_rel)
+        shutil.rmtree(home.local(out_rel), ignore_errors=True)
     return summary
