@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,16 @@ import pytest
 from click.testing import CliRunner
 
 from fer.core.errors import UserError
-from study.storage import list_files, open_storage, publish, ship_data, upload_tree
+from study.storage import (
+    delete_prefix,
+    list_files,
+    open_storage,
+    publish,
+    ship_data,
+    upload_tree,
+    write_json,
+    write_text,
+)
 from study.storage.transfer import MARKER, upload_file
 from tests.s3_server import TEST_CREDENTIALS, S3Server
 
@@ -222,15 +232,44 @@ def test_a_uri_without_a_study_is_refused(stored, s3, tmp_path, cache):
     assert not results.exists()
 
 
-def test_a_local_folder_holding_another_study_is_not_overwritten(stored, tmp_path):
+@pytest.mark.parametrize(
+    "content",
+    [{"study.json": '{"started_at": "another day"}'}, {"data/study_data.json": "{}"}],
+    ids=["another-study", "prepared-only"],
+)
+def test_a_local_folder_holding_another_study_is_not_overwritten(stored, tmp_path, content):
     from study.storage.readers import mirror_study
 
     other = tmp_path / "results" / STUDY
-    other.mkdir(parents=True)
-    (other / "study.json").write_text(json.dumps({"started_at": "another day"}))
+    for rel, text in content.items():
+        (other / rel).parent.mkdir(parents=True, exist_ok=True)
+        (other / rel).write_text(text)
     with pytest.raises(UserError, match="holds another study"):
         mirror_study(stored, tmp_path / "results")
-    assert [p.name for p in other.iterdir()] == ["study.json"]
+    assert sorted(p.relative_to(other).as_posix() for p in other.rglob("*") if p.is_file()) == [
+        *content
+    ]
+
+
+def test_a_running_studys_existing_folder_is_not_pulled_into(s3, credentials, tmp_path):
+    """A driver's own folder is this study's folder: while the lease is in storage nothing is
+    pulled into an existing one (a fresh, empty one is still filled)."""
+    from study.storage.readers import mirror_study
+
+    storage = open_storage(s3.uri("studies", "lab2")).child("running")
+    write_json(storage, "study.json", {"started_at": "t0"})
+    write_json(storage, "driver_lease.json", {"pid": 1})
+    try:
+        folder, pulled = mirror_study(storage.uri, tmp_path)
+        assert pulled and (folder / "study.json").is_file()
+        write_text(storage, "trials.csv", "trial_id\n")
+        assert mirror_study(storage.uri, tmp_path) == (folder, False)
+        assert not (folder / "trials.csv").exists()
+        delete_prefix(storage, "driver_lease.json")
+        assert mirror_study(storage.uri, tmp_path) == (folder, True)
+        assert (folder / "trials.csv").is_file() and not (folder / "driver_lease.json").exists()
+    finally:
+        delete_prefix(storage, "")
 
 
 def test_the_cached_model_is_reused_until_it_is_published_again(stored, smoke_study, tmp_path):
@@ -243,17 +282,25 @@ def test_the_cached_model_is_reused_until_it_is_published_again(stored, smoke_st
     stamp = model.stat().st_mtime_ns
     assert local_model(uri, tmp_path) == first and model.stat().st_mtime_ns == stamp
     assert local_model(_model_uri(stored, backbone, "model.keras"), tmp_path) == model
-    # published again (another manifest): the copy is made afresh
-    storage = open_storage(stored)
+    # published again with every file of the same size (only the marker's time differs)
     changed = tmp_path / "republished"
     shutil.copytree(Path(smoke_study) / "best" / backbone, changed)
-    (changed / "note.txt").write_text("retrained")
+    target = next(p for p in sorted(changed.iterdir()) if p.suffix == ".json")
+    new = target.read_bytes()[::-1]
+    assert new != target.read_bytes()
+    target.write_bytes(new)
+    storage = open_storage(stored)
+    time.sleep(1.1)  # S3 keeps an object's time to the second
     publish(storage, changed, f"best/{backbone}")
     try:
         again = local_model(uri, tmp_path)
-        assert again == first and (again / "note.txt").read_text() == "retrained"
+        assert again == first and (again / target.name).read_bytes() == new
     finally:
         publish(storage, Path(smoke_study) / "best" / backbone, f"best/{backbone}")
+    # a cached copy with a file of the wrong size is not used: downloaded again
+    size = local_model(uri, tmp_path) and model.stat().st_size
+    model.write_bytes(b"broken")
+    assert local_model(uri, tmp_path) == first and model.stat().st_size == size
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from study.cli import quiet_backend
+from study.cli import model_path, quiet_backend
 
 
 @click.command("export")
@@ -52,7 +52,6 @@ def export_command(
     """
     quiet_backend()
     from fer.deploy.export import export_best, validate_request
-    from study.cli import model_path
 
     validate_request(fmt, quantize)
     local = model_path(best_dir)

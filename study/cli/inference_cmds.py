@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from study.cli import quiet_backend
+from study.cli import model_path, quiet_backend
 
 
 @click.command("predict")
@@ -42,8 +42,6 @@ def predict_command(
     (downloaded once into a local cache).
     """
     quiet_backend()
-    from study.cli import model_path
-
     local = model_path(model)
     from fer.evaluate.predict import predict_images
 
@@ -94,8 +92,6 @@ def evaluate_command(
     stdout only, never into the storage or the model's local cache.
     """
     quiet_backend()
-    from study.cli import model_path
-
     stored = "://" in model
     local = model_path(model, " (metrics: --out or stdout)" if stored else "")
     from fer.evaluate.predict import default_evaluation_path, evaluate_folder

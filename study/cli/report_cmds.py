@@ -47,8 +47,14 @@ def report_command(
     if "://" in results:  # study.storage.location.is_storage_uri, without importing pyarrow
         from study.storage.readers import mirror_study
 
-        folder = mirror_study(results, results_root)
-        click.echo(f"Mirror of {results}: {folder}")
+        folder, pulled = mirror_study(results, results_root)
+        if pulled:
+            click.echo(f"Mirror of {results}: {folder}")
+        else:
+            click.echo(
+                f"A driver holds {results} (its lease is in the storage): reporting from {folder} "
+                "as it is, without pulling into it (an empty --results folder gets a fresh copy)"
+            )
     from study.report import build_report
 
     out_dir = build_report(folder, out, gradcam_per_class=gradcam_per_class)

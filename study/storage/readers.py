@@ -4,9 +4,11 @@ and `predict` / `evaluate` / `export URI/<study>/best/<backbone>[/model.keras]`.
 The commands themselves stay local-only; this module turns a URI into a local folder first:
 - `mirror_study`: the study pulled into `results/<study>/` (`pull_study`: no Tune folder, no trial
   models, no half-published folder), which the report then reads as any local study. A folder of
-  that name holding ANOTHER study (another `started_at` in study.json) is refused, not overwritten.
+  that name holding anything else (no study.json with the same `started_at`) is refused, and one
+  that a running driver may be writing is reported as it is: neither is ever overwritten.
 - `local_model`: a published best folder downloaded into `<node cache>/models/<hash of its URI>/`,
-  re-used while its `_COMMITTED` manifest is unchanged and every file has the manifest's size.
+  re-used while its `_COMMITTED` marker is the same (manifest and time) and every file has the
+  manifest's size; published again, it is downloaded afresh.
 - `local_study_data`: the study's published data for `export`'s check (the node cache `run`'s
   trials use, study.storage.shipping), since a cached model has no `../../data` next to it.
 
@@ -33,9 +35,16 @@ from study.storage.location import (
     explain_error,
     open_storage,
 )
-from study.storage.mirror import pull_study
+from study.storage.mirror import LEASE_FILE, pull_study
 from study.storage.shipping import DONE, node_cache_root, node_copy
-from study.storage.transfer import MARKER, download_tree, published, read_json
+from study.storage.transfer import (
+    MARKER,
+    download_file,
+    download_tree,
+    exists,
+    published,
+    read_json,
+)
 
 MODELS_DIR = "models"  # <node cache>/models/<hash>/: cached best folders
 MODEL_FORM = "URI/<study>/best/<backbone> or URI/<study>/best/<backbone>/model.keras"
@@ -74,22 +83,32 @@ def stored_study(uri: str) -> tuple[StudyStorage, dict]:
     return storage, info
 
 
-def mirror_study(uri: str, results_root: str | Path) -> Path:
-    """Pull the stored study at `uri` into `results_root/<study>/` and return that folder. A local
-    folder of that name that holds another study stays untouched (UserError)."""
+def mirror_study(uri: str, results_root: str | Path) -> tuple[Path, bool]:
+    """Pull the stored study at `uri` into `results_root/<study>/`; return that folder and whether
+    it was pulled. A folder there that holds anything but this study stays untouched (UserError),
+    and so does this study's folder while a driver holds the study: it may be that driver's own
+    folder, whose live files (Optuna's SQLite) a pull would replace under it."""
     storage, info = stored_study(uri)
     name = storage.root.rstrip("/").rsplit("/", 1)[-1]
     folder = Path(results_root) / name
-    if names.has_study_results(folder):
+    if folder.is_dir() and any(folder.iterdir()):
         local = _local_json(folder / names.STUDY_FILE)
-        if local.get("started_at") != info.get("started_at"):
+        if not local or local.get("started_at") != info.get("started_at"):
             raise UserError(
                 f"{folder} holds another study than {storage.uri} (started "
-                f"{local.get('started_at')}, the stored one {info.get('started_at')}): "
-                "give another --results folder"
+                f"{local.get('started_at', '?')}, the stored one {info.get('started_at')}): give "
+                "another --results folder"
             )
-    _reading(storage, lambda: pull_study(storage, folder))
-    return folder
+        if _reading(storage, lambda: exists(storage, LEASE_FILE)):
+            return folder, False
+
+    def pull() -> None:
+        # study.json first: a pull cut short leaves a folder that the next pull recognises
+        download_file(storage, names.STUDY_FILE, folder / names.STUDY_FILE)
+        pull_study(storage, folder)
+
+    _reading(storage, pull)
+    return folder, True
 
 
 def _local_json(path: Path) -> dict:
@@ -121,10 +140,13 @@ def local_model(uri: str, cache_root: Path | None = None) -> Path:
     manifest = _reading(storage, lambda: published(storage, rel))
     if manifest is None:
         raise UserError(f"{storage.child(rel).uri} is not in the storage: no such published model")
-    key = hashlib.sha256(storage.child(rel).uri.encode()).hexdigest()[:16]
+    # the marker's time tells a folder published again with files of the same sizes
+    stamp = _reading(storage, lambda: storage.fs.get_file_info(storage.path(rel, MARKER)).mtime_ns)
+    record = {"from": storage.child(rel).uri, MARKER: manifest, "published_ns": stamp}
+    key = hashlib.sha256(record["from"].encode()).hexdigest()[:16]
     folder = Path(cache_root or node_cache_root()) / MODELS_DIR / key
     done = folder / DONE
-    if not _is_complete(folder, manifest):
+    if not _is_complete(folder, record):
         done.unlink(missing_ok=True)
 
     def fetch(beat) -> None:
@@ -132,19 +154,19 @@ def local_model(uri: str, cache_root: Path | None = None) -> Path:
         folder.mkdir(parents=True)
         _reading(storage, lambda: download_tree(storage, rel, folder, manifest["files"]))
         beat()
-        done.write_text(json.dumps({"from": storage.child(rel).uri, MARKER: manifest}))
+        done.write_text(json.dumps(record))
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     create_or_wait(done, folder.with_name(folder.name + ".lock"), fetch)
     return folder / names.MODEL_FILE if is_file else folder
 
 
-def _is_complete(folder: Path, manifest: dict) -> bool:
-    """The cached copy was made from this very manifest and every file still has its size."""
-    recorded = _local_json(folder / DONE).get(MARKER)
-    return recorded == manifest and all(
+def _is_complete(folder: Path, record: dict) -> bool:
+    """The cached copy was made from this very publication (manifest and marker time) and every
+    file still has the manifest's size."""
+    return _local_json(folder / DONE) == record and all(
         (folder / name).is_file() and (folder / name).stat().st_size == size
-        for name, size in manifest["files"].items()
+        for name, size in record[MARKER]["files"].items()
     )
 
 
