@@ -33,7 +33,8 @@ from study.cli import quiet_backend
     default="results",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="where a stored study (RESULTS given as URI/<study>) is mirrored: RESULTS_ROOT/<study>/",
+    help="folder that holds study folders: a stored study (RESULTS given as URI/<study>) is "
+    "mirrored into its <study>/",
 )
 def report_command(
     results: str, out: Path | None, gradcam_per_class: int, results_root: Path
