@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -65,6 +66,20 @@ def quiet_backend() -> None:
     # TensorFlow's Python logger warns about "retracing" when several models (one per backbone,
     # Grad-CAM) predict in one process: expected here, and it floods the terminal
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def model_path(model: str, uri_note: str = "") -> Path:
+    """MODEL as a local path: itself, or for a stored model (`URI/<study>/best/<backbone>`, or its
+    model.keras) its cached local copy (study.storage.readers), announced on stderr so stdout stays
+    the command's output. Storage code is imported only for a URI: a local predict never loads it.
+    """
+    if "://" not in model:  # study.storage.location.is_storage_uri, without importing pyarrow
+        return Path(model)
+    from study.storage.readers import local_model
+
+    local = local_model(model)
+    click.echo(f"Stored model {model}: local copy {local}{uri_note}", err=True)
+    return local
 
 
 if __name__ == "__main__":

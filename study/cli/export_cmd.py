@@ -12,11 +12,11 @@ from pathlib import Path
 
 import click
 
-from study.cli import quiet_backend
+from study.cli import model_path, quiet_backend
 
 
 @click.command("export")
-@click.argument("best_dir", type=click.Path(path_type=Path))
+@click.argument("best_dir", type=click.Path(path_type=str))
 @click.option(
     "--format", "fmt", required=True, metavar="FORMAT", help="saved_model, tflite or onnx"
 )
@@ -25,17 +25,19 @@ from study.cli import quiet_backend
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="output folder [default: BEST_DIR/export/FORMAT[-KIND]]",
+    help="output folder [default: BEST_DIR/export/FORMAT[-KIND]; for a stored BEST_DIR, in its "
+    "local cached copy]",
 )
 @click.option(
     "--data",
     "data_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="the study's data folder [default: BEST_DIR/../../data]",
+    help="the study's data folder [default: BEST_DIR/../../data; for a stored BEST_DIR, the stored "
+    "study's data, downloaded once into the node cache]",
 )
 def export_command(
-    best_dir: Path, fmt: str, quantize: str | None, out: Path | None, data_dir: Path | None
+    best_dir: str, fmt: str, quantize: str | None, out: Path | None, data_dir: Path | None
 ) -> None:
     """Export BEST_DIR's model (e.g. results/<study>/best/<backbone>) with its preprocessing inside:
     uint8 RGB images in, class probabilities out, export.json (classes, input size) next to it.
@@ -43,12 +45,22 @@ def export_command(
     The export is checked on up to 500 test images of the study: float exports must agree with the
     Keras model to 1e-4 in probability, float16 / int8 ones on the top-1 class for 99% / 97% of the
     images.
+
+    BEST_DIR may be a stored study's URI/<study>/best/<backbone>: it is exported from its local
+    cached copy (into that copy unless --out is given), checked on the stored study's test images;
+    nothing is written to the storage.
     """
     quiet_backend()
     from fer.deploy.export import export_best, validate_request
 
     validate_request(fmt, quantize)
-    result = export_best(best_dir, fmt, quantize, out, data_dir)
+    local = model_path(best_dir)
+    if data_dir is None and "://" in best_dir:
+        from study.storage.readers import local_study_data
+
+        data_dir = local_study_data(best_dir)
+        click.echo(f"Test images for the check: the stored study's data, copied to {data_dir}")
+    result = export_best(local, fmt, quantize, out, data_dir)
     check = result["check"]
     click.echo(
         f"exported {result['backbone']} as {fmt}{'/' + quantize if quantize else ''}: "

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from study.cli import quiet_backend
+from study.cli import model_path, quiet_backend
 
 
 @click.command("predict")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=str))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--csv",
@@ -32,18 +32,20 @@ from study.cli import quiet_backend
     help="save image | Grad-CAM | Grad-CAM++ overlays (predicted class) in this folder",
 )
 def predict_command(
-    model: Path, images: tuple[Path, ...], csv_path: Path | None, gradcam_dir: Path | None
+    model: str, images: tuple[Path, ...], csv_path: Path | None, gradcam_dir: Path | None
 ) -> None:
     """Predicted emotion and class probabilities for images (files or folders), decoded like
     `prepare`.
 
-    MODEL is a model.keras file, a trial folder (e.g. results/<study>/best/<backbone>) or an export
-    (`fer-study export`: its folder or model file).
+    MODEL is a model.keras file, a trial folder (e.g. results/<study>/best/<backbone>), an export
+    (`fer-study export`: its folder or model file) or a stored study's URI/<study>/best/<backbone>
+    (downloaded once into a local cache).
     """
     quiet_backend()
+    local = model_path(model)
     from fer.evaluate.predict import predict_images
 
-    table, skipped = predict_images(model, list(images), gradcam_dir=gradcam_dir)
+    table, skipped = predict_images(local, list(images), gradcam_dir=gradcam_dir)
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(csv_path, index=False)
@@ -59,14 +61,15 @@ def predict_command(
 
 
 @click.command("evaluate")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=str))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
     help="metrics JSON (default: results/<study>/evaluations/<backbone>__<data>.json when MODEL "
-    "is a study's best model, where the report finds it; otherwise printed)",
+    "is a local study's best model, where the report finds it; otherwise, a stored model "
+    "included, printed)",
 )
 @click.option(
     "--include",
@@ -79,19 +82,23 @@ def predict_command(
     "--exclude", default=None, metavar="REGEX", help="skip files whose name matches REGEX"
 )
 def evaluate_command(
-    model: Path, data: Path, out: Path | None, include: str | None, exclude: str | None
+    model: str, data: Path, out: Path | None, include: str | None, exclude: str | None
 ) -> None:
     """Full metric set (95% intervals, per class, confusion matrix) of MODEL on another labelled
     DATA folder.
 
     DATA holds one folder per class, named like the model's classes; other folders are skipped and
-    listed.
+    listed. MODEL may be a stored study's URI/<study>/best/<backbone>: its metrics go to --out or
+    stdout only, never into the storage or the model's local cache.
     """
     quiet_backend()
+    stored = "://" in model
+    local = model_path(model, " (metrics: --out or stdout)" if stored else "")
     from fer.evaluate.predict import default_evaluation_path, evaluate_folder
 
-    result = evaluate_folder(model, data, include=include, exclude=exclude)
-    out = out or default_evaluation_path(model, data, include, exclude)
+    result = evaluate_folder(local, data, include=include, exclude=exclude)
+    if out is None and not stored:
+        out = default_evaluation_path(local, data, include, exclude)
     summary = _evaluation_summary(result)
     if out is None:
         click.echo(json.dumps(result, indent=2))
