@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -235,6 +236,27 @@ def test_driver_killed_then_resumed_from_an_empty_namespace(cluster, s3, new_stu
     assert read_json(storage, "driver_lease.json") is None  # released at the end
     # the resuming driver's mirror holds the finished study
     assert "study finished" in out
+
+    # the report, on a third machine that has only the storage
+    reader = Driver(cluster, tmp_path / "d4", space)
+    out_dir = reader.private / "report"
+    report = [sys.executable, "-m", "study.cli", "report", stored, "--out", str(out_dir)]
+    report += ["--results", str(reader.private / "results"), "--gradcam-per-class", "0"]
+    script = f"{shlex.join(report)} && test -s {out_dir}/report.html"
+    script += f" && cat {out_dir}/comparison.csv"
+    proc = run_private(
+        ["sh", "-c", script],
+        reader.private,
+        env=reader.env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    table = out.split("report.html", 1)[-1]  # what follows the command's "Report: ..." line
+    assert "smallcnn" in table, out[-2000:]
 
 
 def test_worker_node_lost_mid_trial_is_retried_on_the_other_node(cluster, s3, new_study, tmp_path):
