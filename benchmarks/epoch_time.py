@@ -12,7 +12,10 @@ backbone as the space trains it (one stage, the whole network, batch 64, augment
 cache) with `--threads` threads. It prints per backbone the steady training images/s (each epoch's
 first step excluded), the median seconds of a training epoch and of the val pass after it, and the
 estimated seconds of one epoch on the whole reference split (18,575 train and 2,129 val images,
-docs/reference.md).
+docs/reference.md). On a shared machine the wall-clock figures vary with the other jobs, so it
+also prints the process's CPU seconds per steady epoch (`median_epoch_cpu_s`, with one thread what
+an idle core would take) and scales them to the reference split (`reference_epoch_cpu_s`: by the
+train images, which slightly overstates the val pass).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +103,20 @@ def main():
                 unfreeze_layers=200,
                 lr_finetune=1e-3,
             )
-            summary = run_trial(config, data, out)
-            print(json.dumps(_figures(backbone, summary, out, n_train, n_val, args)), flush=True)
+            cpu_at_epoch_end: list[float] = []
+            summary = run_trial(
+                config,
+                data,
+                out,
+                on_epoch=lambda _, ends=cpu_at_epoch_end: ends.append(time.process_time()),
+            )
+            figures = _figures(backbone, summary, out, n_train, n_val, args)
+            # CPU seconds of the process per steady epoch (training and the val pass): what an
+            # idle core would take, however busy the shared machine is
+            cpu_epoch_s = float(np.median(np.diff(cpu_at_epoch_end)))
+            figures["median_epoch_cpu_s"] = round(cpu_epoch_s, 2)
+            figures["reference_epoch_cpu_s"] = round(cpu_epoch_s * REFERENCE_TRAIN / n_train, 1)
+            print(json.dumps(figures), flush=True)
 
 
 def _figures(backbone: str, summary: dict, out: Path, n_train: int, n_val: int, args) -> dict:
