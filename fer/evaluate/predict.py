@@ -131,10 +131,14 @@ def trained_with_tta_flip(folder: Path) -> bool:
     `predict` and `evaluate` use the predictor the study validated and tested: with tta_flip 1 the
     mean of each image and its mirror (fer.data.batches.predict_probs). An export
     (fer.deploy) computes the single-image probabilities."""
-    from fer.core.config import load_config
+    from fer.core.config import PARAMS, coerce
 
     path = folder / names.CONFIG_FILE
-    return path.is_file() and bool(load_config(path)["tta_flip"])
+    if not path.is_file():
+        return False
+    # this key only: the model is already loaded, the trial's other settings do not matter here
+    value = json.loads(path.read_text()).get("tta_flip", PARAMS["tta_flip"].default)
+    return bool(coerce("tta_flip", value))
 
 
 def predict_images(
