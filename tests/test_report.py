@@ -86,11 +86,16 @@ def test_report_files_and_comparison_rows(report):
         assert (out / name).stat().st_size > 0
     space = json.loads((study / "study.json").read_text())["space"]
     table = pd.read_csv(out / "comparison.csv")
-    assert sorted(table["backbone"]) == sorted(
+    backbones = table[table["status"] != "ensemble"]
+    assert sorted(backbones["backbone"]) == sorted(
         space["backbones"]
     )  # one row per backbone of the study
     ok = table[table["status"] == "ok"]
     assert len(ok) >= 1
+    # then the best models' softmax mean (tests/test_ensemble.py checks its numbers)
+    ensemble = table[table["status"] == "ensemble"]
+    assert list(ensemble["backbone"]) == ([f"ensemble of {len(ok)}"] if len(ok) > 1 else [])
+    assert list(ensemble.index) == ([len(table) - 1] if len(ok) > 1 else [])  # the last row
     for key in ("accuracy", "macro_f1", "weighted_f1"):
         assert ((ok[f"{key}_lo"] <= ok[key]) & (ok[key] <= ok[f"{key}_hi"])).all()
     assert {"params", "trials", "stopped_early", "errored"} <= set(table.columns)

@@ -99,6 +99,31 @@ def test_each_backbone_trains_both_stages(trial_data, tmp_path, backbone):
     )
 
 
+@pytest.mark.parametrize("backbone", ["smallcnn", "minixception", "vggcnn"])
+def test_from_scratch_backbones_refuse_imagenet_naming_the_alternatives(backbone):
+    """The registry's from-scratch CNNs have no ImageNet file: one line saying what to pass."""
+    from fer.model.build import build_model
+
+    with pytest.raises(UserError, match=f"{backbone} has no ImageNet weights.*weights=none"):
+        build_model(make_config(backbone=backbone, image_size=48, weights="imagenet"), 5)
+
+
+def test_vggcnn_is_two_convolutions_per_block_in_four_blocks():
+    """VGG-style: blocks of two 3x3 conv + BN + ReLU (32, 64, 128, 256 filters), whole blocks for
+    block-aware unfreezing, a 6x6 Grad-CAM target at 48 px."""
+    from fer.model.build import backbone_layers, build_model
+
+    model = build_model(make_config(backbone="vggcnn", image_size=48, weights="none"), 5)
+    backbone = get_backbone("vggcnn")
+    convs = [layer for layer in backbone_layers(model) if layer.__class__.__name__ == "Conv2D"]
+    assert [(c.filters, c.kernel_size) for c in convs] == [
+        (f, (3, 3)) for f in (32, 32, 64, 64, 128, 128, 256, 256)
+    ]
+    blocks = [backbone.block_of(layer.name) for layer in backbone_layers(model)]
+    assert sorted(set(blocks)) == [f"vggcnn_block{i}" for i in range(1, 5)]
+    assert tuple(model.get_layer(backbone.gradcam_layer).output.shape[1:3]) == (6, 6)
+
+
 @pytest.mark.parametrize("train_batchnorm", [False, True])
 def test_batchnorm_trains_only_when_training_from_scratch(train_batchnorm):
     """Pretrained backbones keep BN frozen in both stages; from-scratch ones (weights=none) train

@@ -125,6 +125,16 @@ PARAMS: dict[str, Param] = {
         choices=("auto", "off", "bfloat16", "float16"),
         help="'auto' uses bfloat16/float16 on GPUs and float32 on CPUs",
     ),
+    "tta_flip": Param(
+        int,
+        0,
+        0,
+        1,
+        help="1: every evaluation of the trained model (the per-epoch val metrics that pick the "
+        "best epoch and trial, val_metrics.json, the test split, `evaluate`, `predict`) averages "
+        "the softmax of each image and its left-right mirror; costs one more prediction pass; "
+        "needs head_features and finetune_features exact",
+    ),
 }
 
 
@@ -187,6 +197,16 @@ def check_rules(config: dict[str, Any]) -> None:
         raise UserError(
             f"image_size {config['image_size']} is below {backbone.name}'s minimum of "
             f"{backbone.min_size}"
+        )
+    cached = [
+        f"{stage}_features"
+        for stage in ("head", "finetune")
+        if config[f"{stage}_features"] == "cached" and config[f"epochs_{stage}"] > 0
+    ]
+    if config["tta_flip"] and cached:
+        raise UserError(
+            f"tta_flip 1 needs {' and '.join(cached)} exact: the cached val features are of "
+            "unmirrored images, so the per-epoch val metrics could not average the mirror"
         )
     if 0 < config["finetune_cache_units"] < config["unfreeze_layers"]:
         raise UserError(

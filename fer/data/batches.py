@@ -111,20 +111,37 @@ def _take(pixels, idx: np.ndarray):
     return np.asarray(pixels[idx])
 
 
-def predict_probs(model: keras.Model, pixels, batch_size: int) -> np.ndarray:
+def predict_probs(
+    model: keras.Model, pixels, batch_size: int, tta_flip: bool = False
+) -> np.ndarray:
     """Softmax probabilities for uint8 images (or a tuple of a model's input arrays), in order
-    (inference mode: no augmentation, no dropout)."""
+    (inference mode: no augmentation, no dropout).
+
+    `tta_flip` (the trial setting of the same name): each image's probabilities are the mean of
+    the image's and its left-right mirror's, both in the same batch shape, so the same compiled
+    predict step serves both. Images only: a cached feature array has no left and right.
+    """
     n = _length(pixels)
     if n == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    if tta_flip and (isinstance(pixels, tuple) or np.ndim(pixels) != 4):
+        raise ValueError("tta_flip mirrors images (N, H, W, C); these inputs are not images")
     # batch by batch, not model.predict: under TensorFlow every predict call builds a tf.data
     # pipeline over these batches and tears it down, which waits for its prefetch thread (time a
     # core sits idle; docs/benchmarks.md); the same compiled predict step
     batches = PixelBatches(pixels, batch_size)
     probs = np.concatenate(
-        [np.asarray(model.predict_on_batch(batches[i][0])) for i in range(len(batches))]
+        [_predict_batch(model, batches[i][0], tta_flip) for i in range(len(batches))]
     )
     return np.asarray(probs[:n], dtype=np.float32)  # drop the padding of the last batch
+
+
+def _predict_batch(model: keras.Model, images, tta_flip: bool) -> np.ndarray:
+    probs = np.asarray(model.predict_on_batch(images), dtype=np.float32)
+    if tta_flip:
+        mirrored = np.ascontiguousarray(images[:, :, ::-1])  # width is axis 2 (channels last)
+        probs = (probs + np.asarray(model.predict_on_batch(mirrored), dtype=np.float32)) / 2
+    return probs
 
 
 class FeatureViews(PixelBatches):

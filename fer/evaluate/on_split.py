@@ -17,11 +17,13 @@ from fer.evaluate.metrics import classification_metrics, predictions_table
 
 def evaluate_split(model: keras.Model, study_data, split: str, config: dict, out_dir: Path) -> dict:
     """Metrics and per-image predictions of `model` on one split; writes
-    <split>_metrics.json/_predictions.csv."""
+    <split>_metrics.json/_predictions.csv. With the trial's `tta_flip` the predictions average each
+    image and its mirror, as the trial's per-epoch validation did (fer.train.epoch_monitor), so the
+    test split sees the predictor that validation selected."""
     pixels, labels = study_data.pixels(split, config["image_size"]), study_data.labels(split)
     if len(labels) == 0:
         raise UserError(f"the {split} split is empty: nothing to evaluate")
-    probs = predict_probs(model, pixels, config["batch_size"])
+    probs = predict_probs(model, pixels, config["batch_size"], tta_flip=bool(config["tta_flip"]))
     classes = list(study_data.classes)
     metrics = classification_metrics(labels, probs, classes, seed=config["seed"])
     write_json(out_dir / metrics_file(split), metrics)

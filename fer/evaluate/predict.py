@@ -113,16 +113,32 @@ def load_for_prediction(model_path: str | Path):
             exported.info.get("backbone"),
             None,
         )
-    model, classes, _ = load_model_and_classes(model_path)
+    model, classes, folder = load_model_and_classes(model_path)
     from fer.data.batches import predict_probs
 
+    tta_flip = trained_with_tta_flip(folder)
     return (
-        lambda pixels, batch_size: predict_probs(model, pixels, batch_size),
+        lambda pixels, batch_size: predict_probs(model, pixels, batch_size, tta_flip=tta_flip),
         classes,
         _input_size(model),
         model.name.removeprefix("fer_"),
         model,
     )
+
+
+def trained_with_tta_flip(folder: Path) -> bool:
+    """The trial's `tta_flip` from the config.json beside its model.keras (False without one), so
+    `predict` and `evaluate` use the predictor the study validated and tested: with tta_flip 1 the
+    mean of each image and its mirror (fer.data.batches.predict_probs). An export
+    (fer.deploy) computes the single-image probabilities."""
+    from fer.core.config import PARAMS, coerce
+
+    path = folder / names.CONFIG_FILE
+    if not path.is_file():
+        return False
+    # this key only: the model is already loaded, the trial's other settings do not matter here
+    value = json.loads(path.read_text()).get("tta_flip", PARAMS["tta_flip"].default)
+    return bool(coerce("tta_flip", value))
 
 
 def predict_images(

@@ -139,6 +139,48 @@ def mini_xception(include_top=False, weights=None, input_tensor=None):
     return keras.Model(keras.utils.get_source_inputs(input_tensor), x, name="minixception")
 
 
+def vgg_cnn(include_top=False, weights=None, input_tensor=None):
+    """A VGG-style CNN for small grey faces, trained from scratch: four blocks of two 3x3
+    convolutions (32, 64, 128, 256 filters), each followed by BatchNormalization and ReLU, and a
+    2x2 max-pool after every block but the last.
+
+    Why: the FER2013 reference study's smallcnn (one convolution per block, 0.22 M parameters)
+    plateaued on PublicTest over its last epochs after reduce-LR had lowered its rate twice, which
+    is a shortage of capacity, not of epochs (docs/reference.md). Two convolutions per block is
+    what the FER literature's plain CNNs at 48 px use. The last feature map is 6x6 at 48 px, the
+    same as minixception's, so Grad-CAM can still tell the mouth from the eyes. Dropout is the
+    head's (`dropout`); BN trains with the network (weights=none, see fer.model.build.set_stage),
+    so give it `unfreeze_layers` >= its layer count (about 30) and no head stage. Its epoch time
+    against smallcnn and minixception is in docs/benchmarks.md.
+    """
+    import keras
+
+    if weights == "imagenet":
+        raise UserError(
+            "vggcnn has no ImageNet weights: use --set weights=none, or --weights PATH for a "
+            "vggcnn weights file"
+        )
+    del include_top
+    layers = keras.layers
+    x = input_tensor
+    for i, filters in enumerate((32, 64, 128, 256), start=1):
+        for j in (1, 2):
+            name = f"vggcnn_block{i}_conv{j}"
+            x = layers.Conv2D(
+                filters,
+                3,
+                padding="same",
+                kernel_initializer="he_normal",
+                use_bias=False,
+                name=name,
+            )(x)
+            x = layers.BatchNormalization(name=f"vggcnn_block{i}_bn{j}")(x)
+            x = layers.Activation("relu", name=f"vggcnn_block{i}_relu{j}")(x)
+        if i < 4:
+            x = layers.MaxPooling2D(name=f"vggcnn_block{i}_pool")(x)
+    return keras.Model(keras.utils.get_source_inputs(input_tensor), x, name="vggcnn")
+
+
 BACKBONES: dict[str, Backbone] = {}
 
 
@@ -223,3 +265,4 @@ register(
         r"^(minixception_(?:entry|block\d+))_",
     )
 )
+register(Backbone("vggcnn", vgg_cnn, "tf", 48, 16, "vggcnn_block4_relu2", r"^(vggcnn_block\d+)_"))

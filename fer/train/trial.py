@@ -240,7 +240,7 @@ def _best_model_val_probs(run: _TrialRun) -> np.ndarray:
     state, model = run.state, run.model
     if state.best_weights is None:  # no epoch ran (both stages at 0 epochs): the untrained model
         save_model_atomically(model, state.out_dir / MODEL_FILE)
-        return predict_probs(model, state.val_pixels, state.batch_size)
+        return predict_probs(model, state.val_pixels, state.batch_size, tta_flip=state.tta_flip)
     model.set_weights(state.best_weights)
     state.save_best(model, at_best=True)
     return state.best_val_probs  # what this model predicted for val at its best epoch

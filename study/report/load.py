@@ -8,6 +8,7 @@ says what is there. File names and trial statuses are the writer's (fer.core.nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -75,6 +76,14 @@ class StudyResults:
     @property
     def ok(self) -> list[BackboneResult]:
         return [b for b in self.backbones if b.status == "ok"]
+
+    @functools.cached_property
+    def ensemble(self):
+        """The best models' softmax mean on the test split (study.report.ensemble.Ensemble), or
+        None with fewer than two stored test probabilities; computed once per report."""
+        from study.report.ensemble import build_ensemble
+
+        return build_ensemble(self.ok)
 
 
 def trial_counts(trials: pd.DataFrame | None) -> dict[str, int]:

@@ -14,6 +14,7 @@ from fer.core import names
 from study.report import figures
 from study.report.deploy_columns import deployment_cells
 from study.report.document import Document, format_cell, format_interval, format_number
+from study.report.ensemble import ENSEMBLE_STATUS, ensemble_row
 from study.report.load import StudyResults, trial_counts
 
 MIN_TRIALS_FOR_IMPORTANCE = 4  # fANOVA on fewer completed trials says nothing
@@ -153,6 +154,10 @@ def comparison_rows(study: StudyResults) -> list[dict]:
         row.update(trial_counts(b.trials))
         row["note"] = b.note
         rows.append(row)
+    if study.ensemble is not None:
+        params = [b.summary.get("params") for b in study.ok if b.name in study.ensemble.members]
+        total = sum(params) if all(p is not None for p in params) else None
+        rows.append(ensemble_row(study.ensemble, total, SUMMARY_METRICS))
     return rows
 
 
@@ -171,7 +176,14 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
     if not ok:
         doc.warn("no backbone has a tested best model: there is nothing to compare")
         return
-    shown = [_shown_line(r) for r in ok]
+    ensemble = [r for r in rows if r["status"] == ENSEMBLE_STATUS]
+    if ensemble:
+        doc.para(
+            f"Last row, {ensemble[0]['backbone']}: the mean of the best models' softmax outputs "
+            "on the test split (their stored test probabilities, equal weights; all best models, "
+            "so it selects nothing on the test split); params is their sum."
+        )
+    shown = [_shown_line(r) for r in ok + ensemble]
     deployment = [
         {"backbone": r["backbone"], "params": line["params"], **deployment_cells(r)}
         for r, line in zip(ok, shown)
@@ -184,7 +196,7 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
         doc.table(pd.DataFrame(deployment))
     doc.figure(
         "comparison",
-        figures.comparison_chart(ok),
+        figures.comparison_chart(ok + ensemble),
         "Test accuracy and macro F1 with 95% intervals",
     )
 
@@ -208,9 +220,9 @@ def _shown_line(r: dict) -> dict:
     )
     line.update(
         {
-            "trials": r["trials"],
-            "stopped early": r["stopped_early"],
-            "errored": r["errored"],
+            "trials": r.get("trials"),
+            "stopped early": r.get("stopped_early"),
+            "errored": r.get("errored"),
             "train s": r.get("train_s"),
             "images/s": r.get("images_per_s"),
             "n test": r.get("n_test"),

@@ -10,6 +10,9 @@ test split" where it is; and flags (study.report.verdict_flags):
 - collapsed or diverged stages in ANY trial, and trials that never learned;
 - hyperparameters at the edge of their searched range (computed by the report, passed in);
 - the spread over seeds where the space's `final_seeds` retrained the best configuration.
+
+With two or more tested best models it also gives the ensemble of them (study.report.ensemble):
+its accuracy and its paired comparison with each member.
 """
 
 from __future__ import annotations
@@ -37,7 +40,30 @@ def build_verdict(study, edge_flags: list[str] = ()) -> dict:
     flags += [
         {"kind": "edge", "backbone": text.split(":", 1)[0], "text": text} for text in edge_flags
     ]
-    return {"ranking": ranking, "pairs": pairs, "flags": flags, "seeds": _seeds(ok)}
+    return {
+        "ranking": ranking,
+        "pairs": pairs,
+        "flags": flags,
+        "seeds": _seeds(ok),
+        "ensemble": _ensemble(study),
+    }
+
+
+def _ensemble(study) -> dict | None:
+    """The best models' softmax mean (study.report.ensemble): its accuracy with its interval and
+    its paired comparison with each member; None without one."""
+    ensemble = getattr(study, "ensemble", None)
+    if ensemble is None:
+        return None
+    accuracy = ensemble.metrics["accuracy"]
+    return {
+        "name": ensemble.name,
+        "members": list(ensemble.members),
+        "accuracy": accuracy["value"],
+        "ci95": accuracy["ci95"],
+        "n": ensemble.metrics["n"],
+        "pairs": ensemble.pairs,
+    }
 
 
 def _ranking(ok: list) -> list[dict]:
@@ -117,6 +143,8 @@ def add_verdict(doc, study, edge_flags: list[str] = ()) -> dict:
             "No paired comparison: the best models' test_predictions.csv files are missing or do "
             "not share test images."
         )
+    if verdict["ensemble"]:
+        _write_ensemble(doc, verdict["ensemble"])
     for s in verdict["seeds"]:
         doc.para(
             f"{s['backbone']}, best configuration retrained with {s['n']} other seeds: test "
@@ -153,6 +181,18 @@ def _write_ranking(doc, verdict: dict) -> None:
     )
 
 
+def _write_ensemble(doc, ensemble: dict) -> None:
+    """The ensemble's accuracy and its paired comparison with each of its members."""
+    lo, hi = ensemble["ci95"]
+    doc.para(
+        f"The {ensemble['name']} best models ({', '.join(ensemble['members'])}; the mean of their "
+        "stored test softmax outputs, equal weights, so it selects nothing on the test split): "
+        f"accuracy {ensemble['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {ensemble['n']} images. "
+        "Against each of them:"
+    )
+    _pair_sentences(doc, ensemble["pairs"])
+
+
 def _write_pairs(doc, pairs: list[dict]) -> None:
     """One sentence per pair: the paired difference, McNemar's test, and the outcome in words."""
     doc.para(
@@ -160,6 +200,10 @@ def _write_pairs(doc, pairs: list[dict]) -> None:
         "bootstrap 95% interval; McNemar's exact test on the images only one of the two got "
         "right; p-values not corrected for multiple comparisons):"
     )
+    _pair_sentences(doc, pairs)
+
+
+def _pair_sentences(doc, pairs: list[dict]) -> None:
     for p in pairs:
         lo, hi = p["ci95"]
         outcome = (
