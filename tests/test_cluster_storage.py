@@ -9,9 +9,11 @@ credentials in their own environment, as a cluster's nodes do.
 
 The scenario: without --storage the cluster is refused (naming --storage); a driver runs a study
 into storage; a second driver on it is refused; the first is SIGKILLed after a trial finished and
-the study is resumed from a second, empty namespace (no local folder at all), completing with no
-finished trial lost or repeated; then a worker node is killed in the middle of a trial of another
-study, whose trial is run again on the other node and counted once.
+the study is resumed from a second, empty namespace (no local folder at all); while the resumed
+driver runs the long trial again, the worker node it runs on is killed, and the trial is run again
+on the other node and counted once; the study completes with no finished trial lost or repeated,
+and its report is built from the storage in a third empty namespace. One study for all of it (the
+suite's time budget).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tests.s3_server import TEST_CREDENTIALS, S3Server, set_test_credentials
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 3
+LONG_EPOCHS = 12  # the second trial's fine-tune epochs: still running when the test acts
 LIMIT_S = 600
 
 
@@ -180,9 +183,26 @@ def _one_line(code: int, err: str, *words: str) -> str:
     return lines[0]
 
 
-def test_driver_killed_then_resumed_from_an_empty_namespace(cluster, s3, new_study, tmp_path):
+def _long_trials(cluster: RayNodes, study: str):
+    """(node, trial folder) of every attempt of the long trial in the worker nodes' caches."""
+    for node in cluster.workers:
+        for config in (node.host_dir / "cache" / study).glob("work-*/trials/*/config.json"):
+            if json.loads(config.read_text()).get("epochs_finetune") == LONG_EPOCHS:
+                yield node, config.parent
+
+
+def _running_long_trial(cluster: RayNodes, study: str, seen: set):
+    """(node, trial id) of a new attempt of the long trial that has trained a few epochs."""
+    for node, folder in _long_trials(cluster, study):
+        history = folder / "history.csv"
+        if folder not in seen and history.is_file() and len(history.read_text().splitlines()) > 3:
+            return node, folder.name
+    return None
+
+
+def test_stored_study_survives_its_driver_and_a_worker_node(cluster, s3, new_study, tmp_path):
     study = new_study("lab_study")
-    space = _space(tmp_path, long_epochs=12, final_seeds=1)
+    space = _space(tmp_path, long_epochs=LONG_EPOCHS, final_seeds=1)
     root = s3.uri("lab", "studies")
     storage = open_storage(root).child(study.name)
     stored = root.replace("/studies?", f"/studies/{study.name}?")
@@ -207,18 +227,31 @@ def test_driver_killed_then_resumed_from_an_empty_namespace(cluster, s3, new_stu
     finally:
         _kill(driver)
 
-    resumed = Driver(cluster, tmp_path / "d3", space)  # a new machine: no results folder at all
-    code, out, err = resumed.run(stored, "--storage", root, "--resume")
-    assert code == 0, out[-3000:] + err[-3000:]
+    # a new machine, with no results folder at all, resumes; the long trial runs again, and the
+    # worker node it runs on is lost in the middle of it
+    seen = {folder for _, folder in _long_trials(cluster, study.name)}
+    resumed = Driver(cluster, tmp_path / "d3", space)
+    driver = resumed.start(stored, "--storage", root, "--resume", "--max-retries", "2")
+    try:
+        _wait(driver, lambda: _running_long_trial(cluster, study.name, seen), "the long trial ran")
+        node, lost_trial = _running_long_trial(cluster, study.name, seen)
+        cluster.kill_worker(node)
+        out, err = driver.communicate(timeout=LIMIT_S)
+        assert driver.returncode == 0, out[-3000:] + err[-3000:]
+    finally:
+        _kill(driver)
 
     after = _outcomes(storage)
     assert len(after) == TRIALS, sorted(after)
+    # the lost node's trial ran again on the other node and counts once
+    assert after[lost_trial]["retries"] >= 1 and after[lost_trial]["status"] == "completed"
+    assert sum(o["retries"] for o in after.values()) == after[lost_trial]["retries"]
     for trial_id, outcome in before.items():  # finished trials kept as they were
         assert after[trial_id] == outcome
     points = sorted(
         (o["config"]["dropout"], o["config"]["epochs_finetune"]) for o in after.values()
     )
-    assert points == [(0.3, 1), (0.4, 12), (0.5, 1)], points  # each start point once
+    assert points == [(0.3, 1), (0.4, LONG_EPOCHS), (0.5, 1)], points  # each start point once
     study_json = read_json(storage, "study.json")
     assert study_json["status"] == "completed" and len(study_json["runs"]) == 2
     assert study_json["storage"] == stored and "testing" not in json.dumps(study_json)
@@ -257,41 +290,3 @@ def test_driver_killed_then_resumed_from_an_empty_namespace(cluster, s3, new_stu
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     table = out.split("report.html", 1)[-1]  # what follows the command's "Report: ..." line
     assert "smallcnn" in table, out[-2000:]
-
-
-def test_worker_node_lost_mid_trial_is_retried_on_the_other_node(cluster, s3, new_study, tmp_path):
-    study = new_study("lost_node")
-    space = _space(tmp_path, long_epochs=10)
-    root = s3.uri("lab", "studies")
-    storage = open_storage(root).child(study.name)
-    driver_box = Driver(cluster, tmp_path / "d", space, study)
-    local = str(driver_box.private / "results" / study.name)
-    driver = driver_box.start(local, "--storage", root, "--max-retries", "2")
-    try:
-
-        def long_trial_node():
-            """The node whose cache holds the long trial's folder with an epoch in it."""
-            for node in cluster.workers:
-                for history in (node.host_dir / "cache" / study.name).glob(
-                    "work-*/trials/*/history.csv"
-                ):
-                    config = json.loads((history.parent / "config.json").read_text())
-                    if (
-                        config["epochs_finetune"] == 10
-                        and len(history.read_text().splitlines()) > 2
-                    ):
-                        return node, history.parent.name
-            return None
-
-        _wait(driver, lambda: long_trial_node() is not None, "the long trial was running")
-        node, trial_id = long_trial_node()
-        cluster.kill_worker(node)
-        out, err = driver.communicate(timeout=LIMIT_S)
-        assert driver.returncode == 0, out[-3000:] + err[-3000:]
-    finally:
-        _kill(driver)
-    outcomes = _outcomes(storage)
-    assert len(outcomes) == TRIALS, sorted(outcomes)
-    assert outcomes[trial_id]["retries"] >= 1 and outcomes[trial_id]["status"] == "completed"
-    assert sum(o["retries"] for o in outcomes.values()) == outcomes[trial_id]["retries"]
-    assert read_json(storage, "study.json")["status"] == "completed"

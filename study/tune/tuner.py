@@ -160,7 +160,11 @@ class _OnTrialEnd:
         if self.pool is None or handed_out < self.total:
             return
         running = handed_out - self.finished
-        self.pool.fill(self.slots - running - len(self.pool.actors))
+        # the slots of the nodes alive now: a lost node's slots are no longer free
+        from study.tune.cluster import concurrent_trials
+
+        slots = min(self.slots, concurrent_trials(self.pool.resources))
+        self.pool.fill(slots - running - len(self.pool.actors))
         for backbone in self.space.backbones:
             best = self.ledger.best(backbone, self.space.metric, self.space.mode)
             if best is None:
@@ -190,10 +194,24 @@ def _callback(space, ledger, options, searcher, scheduler, on_trial_end, place: 
         stopped=stopped.__contains__,
         optuna_number=searcher.optuna_trial_number,
         on_change=on_trial_end,
-        on_retry=searcher.forget,
+        on_retry=_on_retry(searcher, on_trial_end.pool),
         **_mirror_hooks(place),
     )
     return StudyCallback(ledger, view, space, hooks)
+
+
+def _on_retry(searcher, pool):
+    """A trial's worker or node died and Tune runs it again: the searcher forgets the dead attempt,
+    and evaluators started early give their slots back (on a cluster that lost a node, the retried
+    trial would otherwise wait for a slot an idle evaluator holds, for ever); they are started again
+    when the search is over."""
+
+    def on_retry(trial_id: str) -> None:
+        searcher.forget(trial_id)
+        if pool is not None and pool.actors:
+            pool.close()
+
+    return on_retry
 
 
 def _mirror_hooks(place: StudyPlace) -> dict:
