@@ -113,7 +113,8 @@ def _rows(path):
 
 
 def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_path):
-    """SIGKILL the driver once two trials have finished (one of them an errored trial: its weights
+    """A second driver on the running study is refused (one driver per study); then SIGKILL the
+    driver once two trials have finished (one of them an errored trial: its weights
     file does not exist); its lease refuses --resume until it expires; then --resume: finished
     trials are kept, the rest run, the error stays
     recorded, and the best configuration is retrained with two more seeds (final_seeds). The third
@@ -171,6 +172,16 @@ def test_killed_study_resumes_without_repeating_or_losing_trials(new_study, tmp_
             assert proc.poll() is None, "the study ended before it could be killed"
             assert time.time() < deadline, "no two trials finished in time"
             time.sleep(0.5)
+        # a second driver on the running study (resuming it, or as a new study into its folder):
+        # one line naming the first, and the study untouched; the first goes on
+        study_json = (folder / "study.json").read_text()
+        for again in (["--resume"], []):
+            second = subprocess.run(cmd + again, capture_output=True, text=True, env=env)
+            lines = [line for line in second.stderr.splitlines() if line.strip()]
+            assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
+            assert "another driver" in lines[0] and f"pid {proc.pid}" in lines[0], lines[0]
+        assert (folder / "study.json").read_text() == study_json
+        assert proc.poll() is None and len(_rows(folder / "trials.csv")) == 2
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-study
         proc.wait(timeout=30)
     finally:
