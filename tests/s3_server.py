@@ -74,6 +74,20 @@ class S3Server:
         self._server.stop()
 
 
+def serve(bucket: str):
+    """A module fixture's body (`yield from serve("bucket")`): a running server holding `bucket`,
+    stopped afterwards; the test is skipped where moto's server (the test extra) is missing."""
+    import pytest
+
+    pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
+    server = S3Server()
+    server.create_bucket(bucket)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @contextlib.contextmanager
 def enforce_auth():
     """Make the server check credentials (moto accepts any by default): a wrong key is refused

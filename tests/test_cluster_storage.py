@@ -33,7 +33,7 @@ import yaml
 from study.storage import list_files, open_storage, read_json
 from study.storage.transfer import MARKER
 from tests.cluster_nodes import RayNodes, run_private, s3_node_env, unshare_reason
-from tests.s3_server import TEST_CREDENTIALS, S3Server, set_test_credentials
+from tests.s3_server import TEST_CREDENTIALS, serve, set_test_credentials
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +44,7 @@ LIMIT_S = 600
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
-    server = S3Server()
-    server.create_bucket("lab")
-    yield server
-    server.stop()
+    yield from serve("lab")
 
 
 @pytest.fixture(autouse=True)

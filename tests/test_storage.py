@@ -32,18 +32,14 @@ from study.storage import (
     write_text,
 )
 from study.storage.transfer import MARKER
-from tests.s3_server import S3Server, enforce_auth, set_test_credentials
+from tests.s3_server import enforce_auth, serve, set_test_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
-    server = S3Server()
-    server.create_bucket("studies")
-    yield server
-    server.stop()
+    yield from serve("studies")
 
 
 @pytest.fixture

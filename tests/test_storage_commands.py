@@ -31,7 +31,7 @@ from study.storage import (
     write_text,
 )
 from study.storage.transfer import MARKER, upload_file
-from tests.s3_server import TEST_CREDENTIALS, S3Server
+from tests.s3_server import TEST_CREDENTIALS, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "smoke"
@@ -39,11 +39,7 @@ STUDY = "smoke"
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
-    server = S3Server()
-    server.create_bucket("studies")
-    yield server
-    server.stop()
+    yield from serve("studies")
 
 
 @pytest.fixture(scope="module")

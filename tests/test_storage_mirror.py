@@ -15,16 +15,12 @@ from study.storage import exists, list_files, open_storage, publish, read_text, 
 from study.storage.home import StudyHome
 from study.storage.mirror import StudyMirror, pull_study
 from study.tune.search import discard_interrupted
-from tests.s3_server import S3Server, set_test_credentials
+from tests.s3_server import serve, set_test_credentials
 
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
-    server = S3Server()
-    server.create_bucket("mirror")
-    yield server
-    server.stop()
+    yield from serve("mirror")
 
 
 @pytest.fixture

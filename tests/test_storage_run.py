@@ -17,7 +17,7 @@ import ray
 from fer.core.errors import UserError
 from study.storage import open_storage, write_json
 from study.tune.driver import run_study
-from tests.s3_server import S3Server, enforce_auth, set_test_credentials
+from tests.s3_server import enforce_auth, serve, set_test_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SPACE = ROOT / "search_spaces" / "smoke.yaml"
@@ -25,11 +25,7 @@ SMOKE_SPACE = ROOT / "search_spaces" / "smoke.yaml"
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
-    server = S3Server()
-    server.create_bucket("studies")
-    yield server
-    server.stop()
+    yield from serve("studies")
 
 
 @pytest.fixture

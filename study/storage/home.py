@@ -24,7 +24,6 @@ from study.storage.transfer import (
     delete_prefix,
     download_tree,
     fetch_published,
-    list_files,
     publish,
     upload_tree,
 )
@@ -77,14 +76,12 @@ class StudyHome:
         if self.remote and self.local(rel).is_dir():
             upload_tree(self.storage(), self.local(rel), rel)
 
-    def pull(self, rel: str, skip_suffixes: tuple[str, ...] = ()) -> Path:
+    def pull(self, rel: str) -> Path:
         """Bring `rel` from storage into `local(rel)` (files whose size matches are kept); return
         the local folder."""
         local = self.local(rel)
         if self.remote:
-            files = list_files(self.storage(), rel)
-            files = {n: s for n, s in files.items() if not n.endswith(skip_suffixes or ("\0",))}
-            download_tree(self.storage(), rel, local, files)
+            download_tree(self.storage(), rel, local)
         return local
 
     def clear(self, rel: str) -> None:

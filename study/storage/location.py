@@ -134,9 +134,11 @@ def _s3(query: dict) -> pafs.S3FileSystem:
     )
 
 
-def check_storage(storage: StudyStorage) -> None:
-    """The driver's check before any trial: the bucket exists, the credentials work and the root is
-    writable (a probe object written, read back and deleted). One UserError line per problem."""
+def check_storage(storage: StudyStorage, writable: bool = True) -> None:
+    """The driver's check before any trial: the endpoint answers, the bucket exists, the credentials
+    work and the root is writable (a probe object written, read back and deleted). `writable=False`
+    (readers: read-only credentials suffice) stops before the probe. One UserError line per
+    problem."""
     _check_reachable(storage)
     probe = storage.path(f"_probe-{uuid.uuid4().hex}")
     try:
@@ -144,6 +146,8 @@ def check_storage(storage: StudyStorage) -> None:
             bucket = storage.root.split("/")[0]
             if storage.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise UserError(f"storage {storage.uri}: bucket {bucket!r} does not exist")
+        if not writable:
+            return
         storage.fs.create_dir(storage.root, recursive=True)
         with storage.fs.open_output_stream(probe) as out:
             out.write(b"probe")

@@ -24,14 +24,12 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pyarrow.fs as pafs
-
 from fer.core import names
 from fer.core.errors import UserError
 from fer.core.files import create_or_wait
 from study.storage.location import (
     StudyStorage,
-    _check_reachable,
+    check_storage,
     explain_error,
     open_storage,
 )
@@ -60,21 +58,11 @@ def _reading(storage: StudyStorage, call):
         raise UserError(explain_error(storage, exc)) from None
 
 
-def _check_readable(storage: StudyStorage) -> None:
-    """check_storage's checks that need no write: the endpoint answers and the bucket exists."""
-    _check_reachable(storage)
-    bucket = storage.root.split("/")[0]
-    if bucket and isinstance(storage.fs, pafs.S3FileSystem):
-        info = _reading(storage, lambda: storage.fs.get_file_info(bucket))
-        if info.type == pafs.FileType.NotFound:
-            raise UserError(f"storage {storage.uri}: bucket {bucket!r} does not exist")
-
-
 def stored_study(uri: str) -> tuple[StudyStorage, dict]:
     """The study at `uri` (`URI/<study>`) opened and checked, with its study.json. UserError (one
     line) where the storage cannot be read or holds no study there."""
     storage = open_storage(uri)
-    _check_readable(storage)
+    check_storage(storage, writable=False)
     info = _reading(storage, lambda: read_json(storage, names.STUDY_FILE))
     if info is None:
         raise UserError(
@@ -136,7 +124,7 @@ def local_model(uri: str, cache_root: Path | None = None) -> Path:
     model.keras where the URI named the file. UserError where the folder is absent or incomplete."""
     study_uri, rel, is_file = _split_model_uri(uri)
     storage = open_storage(study_uri)
-    _check_readable(storage)
+    check_storage(storage, writable=False)
     manifest = _reading(storage, lambda: published(storage, rel))
     if manifest is None:
         raise UserError(f"{storage.child(rel).uri} is not in the storage: no such published model")
@@ -174,6 +162,6 @@ def local_study_data(model_uri: str, cache_root: Path | None = None) -> Path:
     """This machine's copy of the published data of the study that the stored model belongs to."""
     study_uri, _, _ = _split_model_uri(model_uri)
     storage = open_storage(study_uri)
-    _check_readable(storage)
+    check_storage(storage, writable=False)
     name = storage.root.rstrip("/").rsplit("/", 1)[-1]
     return _reading(storage, lambda: node_copy(storage, name, cache_root)[0])
