@@ -219,3 +219,65 @@ def test_evaluate_missing_data_is_exit_2(best_model, tmp_path):
     empty.mkdir()
     proc = fer_study("evaluate", best_model, empty)
     assert proc.returncode == 2 and "has no class folders" in proc.stderr
+
+
+def test_evaluate_several_models_scores_their_ensemble(
+    smoke_study, classes, demo_data_dir, tmp_path
+):
+    """Several MODELs: the softmax mean of all of them, each member on the same images, and the
+    paired comparison; the default file sits with the study's evaluations, named after the
+    ensemble."""
+    bests = sorted(p for p in (smoke_study / "best").iterdir() if (p / "model.keras").is_file())
+    assert len(bests) == 2, bests
+    data = tmp_path / "other"
+    for cls in classes:
+        (data / cls).mkdir(parents=True)
+        for path in sorted((demo_data_dir / cls).glob("S0[1-3]_*.png"))[:3]:
+            shutil.copy(path, data / cls / path.name)
+    proc = fer_study("evaluate", *bests, data)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = smoke_study / "evaluations" / "ensemble-of-2__other.json"
+    result = json.loads(out.read_text())
+    out.unlink()  # the shared study's report tests should not see it
+    if not any(out.parent.iterdir()):
+        out.parent.rmdir()
+    members = [b.name for b in bests]
+    assert result["backbone"] == "ensemble of 2" and result["members"] == members
+    n = result["metrics"]["n"]
+    assert n == sum(len(list((data / c).iterdir())) for c in classes)
+
+    # the ensemble is the mean of the members' probabilities as `predict` gives them
+    from fer.evaluate.metrics import classification_metrics
+    from fer.evaluate.predict import predict_images
+
+    frames = [predict_images(b, [data])[0] for b in bests]
+    probs = np.mean([f[[f"p_{c}" for c in classes]].to_numpy() for f in frames], axis=0)
+    labels = np.array([classes.index(Path(p).parent.name) for p in frames[0]["path"]])
+    expected = classification_metrics(labels, probs, classes, n_boot=1000)
+    assert result["metrics"]["accuracy"]["value"] == pytest.approx(expected["accuracy"]["value"])
+    assert result["metrics"]["confusion_matrix"] == expected["confusion_matrix"]
+    for member, frame in zip(members, frames):
+        alone = (frame["predicted"].to_numpy() == np.array(classes)[labels]).mean()
+        assert result["member_metrics"][member]["accuracy"]["value"] == pytest.approx(alone)
+    pairs = {p["b"]: p for p in result["pairs"]}
+    assert set(pairs) == set(members)
+    for member in members:
+        pair = pairs[member]
+        assert pair["n"] == n and pair["a"] == "ensemble of 2"
+        assert pair["accuracy_a"] == pytest.approx(result["metrics"]["accuracy"]["value"])
+        assert pair["accuracy_b"] == pytest.approx(
+            result["member_metrics"][member]["accuracy"]["value"]
+        )
+        assert f"{member}: accuracy" in proc.stdout and "McNemar p" in proc.stdout
+
+
+def test_an_ensemble_of_models_of_other_classes_is_a_one_line_error(
+    best_model, classes, demo_data_dir, tmp_path
+):
+    other = tmp_path / "other_model"
+    shutil.copytree(best_model, other)
+    (other / "classes.json").write_text(json.dumps(list(reversed(classes))))
+    proc = fer_study("evaluate", best_model, other, demo_data_dir)
+    assert proc.returncode == 2, proc.stdout
+    assert "an ensemble needs models of the same classes in the same order" in proc.stderr
+    assert "Traceback" not in proc.stderr

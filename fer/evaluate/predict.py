@@ -9,6 +9,7 @@ never silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -280,6 +281,50 @@ def filter_label(include: str | None, exclude: str | None) -> str:
     return ", ".join(parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelledInputs:
+    """The files of a labelled class-folder dataset an evaluation scores, and what it left out."""
+
+    files: list[Path]
+    labels: list[int]
+    unknown_folders: list[str]  # folders that are not a class of the model
+    filtered_out: int  # files the --include/--exclude name filter left out
+
+    def describe(self, data_dir: Path, include: str | None, exclude: str | None) -> dict:
+        """The evaluation result's fields about its data."""
+        label = filter_label(include, exclude)
+        return {
+            "dataset": f"{data_dir.name} ({label})" if label else data_dir.name,
+            "data": str(data_dir),
+            "n_files": len(self.files),
+            "include": include,
+            "exclude": exclude,
+            "filtered_out": self.filtered_out,
+            "skipped_folders": self.unknown_folders,
+        }
+
+
+def labelled_inputs(
+    data_dir: Path, classes: list[str], include: str | None, exclude: str | None
+) -> LabelledInputs:
+    """The files under DATA/<class>/ that name a model class and pass the file-name filter."""
+    folders = _class_folders(data_dir)
+    files, labels, unknown = _labelled_files(data_dir, folders, classes)
+    files, labels, filtered_out = filter_files(files, labels, include, exclude)
+    if not files:
+        raise UserError(
+            f"no file under {data_dir} passes the file-name filter "
+            f"({filter_label(include, exclude)})"
+        )
+    return LabelledInputs(files, labels, unknown, filtered_out)
+
+
+def check_evaluation_inputs(data_dir: Path, include: str | None, exclude: str | None) -> None:
+    """Bad data or a bad regex fail here, before the (slow) model load."""
+    _class_folders(data_dir)
+    filter_files([], [], include, exclude)
+
+
 def evaluate_folder(
     model_path: str | Path,
     data_dir: str | Path,
@@ -296,62 +341,54 @@ def evaluate_folder(
     meant).
     """
     data_dir = Path(data_dir)
-    folders = _class_folders(data_dir)  # bad data fails before the (slow) model load
-    filter_files([], [], include, exclude)  # a bad regex too
+    check_evaluation_inputs(data_dir, include, exclude)
     predict, classes, size, backbone, _ = load_for_prediction(model_path)
     from fer.evaluate.metrics import classification_metrics
 
-    files, labels, unknown = _labelled_files(data_dir, folders, classes)
-    files, labels, filtered_out = filter_files(files, labels, include, exclude)
-    if not files:
-        raise UserError(
-            f"no file under {data_dir} passes the file-name filter "
-            f"({filter_label(include, exclude)})"
-        )
-    pixels, kept, skipped = decode_images(files, size)
+    inputs = labelled_inputs(data_dir, classes, include, exclude)
+    pixels, kept, skipped = decode_images(inputs.files, size)
     if not kept:
         raise UserError(
-            f"none of the {len(files)} files under {data_dir} could be decoded as an image"
+            f"none of the {len(inputs.files)} files under {data_dir} could be decoded as an image"
         )
-    label_of = dict(zip(files, labels))
+    label_of = dict(zip(inputs.files, inputs.labels))
     y_true = np.array([label_of[p] for p in kept])
     probs = predict(pixels, batch_size)
-    metrics = classification_metrics(y_true, probs, classes, n_boot=n_boot)
-    label = filter_label(include, exclude)
     return {
         "model": str(Path(model_path)),
         "backbone": backbone,
-        "dataset": f"{data_dir.name} ({label})" if label else data_dir.name,
-        "data": str(data_dir),
-        "n_files": len(files),
-        "include": include,
-        "exclude": exclude,
-        "filtered_out": filtered_out,
-        "skipped_folders": unknown,
+        **inputs.describe(data_dir, include, exclude),
         "skipped_files": [{"path": str(p.relative_to(data_dir)), "reason": r} for p, r in skipped],
-        "metrics": metrics,
+        "metrics": classification_metrics(y_true, probs, classes, n_boot=n_boot),
     }
 
 
 def default_evaluation_path(
-    model_path: str | Path,
+    model_paths: str | Path | list[str | Path],
     data_dir: str | Path,
     include: str | None = None,
     exclude: str | None = None,
 ) -> Path | None:
     """results/<study>/evaluations/<backbone>__<dataset>[__<filter>].json when the model is a
-    study's best model. The report picks up every JSON in results/<study>/evaluations/.
+    study's best model (`ensemble-of-N__...` when several best models of one study are evaluated
+    together); None otherwise. The report picks up every JSON in results/<study>/evaluations/.
     """
     from fer.core.study_folder import find_study
 
-    path = Path(model_path).resolve()
-    folder = path if path.is_dir() else path.parent
-    study = find_study(folder)
-    if folder.parent.name == names.BEST_DIR and study is not None and study.has_results:
-        name = f"{folder.name}__{_safe_stem(Path(Path(data_dir).resolve().name))}"
-        if include or exclude:
-            name += (
-                "__" + re.sub(r"[^A-Za-z0-9]+", "-", filter_label(include, exclude)).strip("-")[:80]
-            )
-        return study.root / names.EVALUATIONS_DIR / f"{name}.json"
-    return None
+    paths = [model_paths] if isinstance(model_paths, str | Path) else list(model_paths)
+    folders, roots = [], set()
+    for model_path in paths:
+        path = Path(model_path).resolve()
+        folder = path if path.is_dir() else path.parent
+        study = find_study(folder)
+        if folder.parent.name != names.BEST_DIR or study is None or not study.has_results:
+            return None
+        folders.append(folder)
+        roots.add(study.root)
+    if len(roots) != 1:
+        return None
+    stem = folders[0].name if len(folders) == 1 else f"ensemble-of-{len(folders)}"
+    name = f"{stem}__{_safe_stem(Path(Path(data_dir).resolve().name))}"
+    if include or exclude:
+        name += "__" + re.sub(r"[^A-Za-z0-9]+", "-", filter_label(include, exclude)).strip("-")[:80]
+    return roots.pop() / names.EVALUATIONS_DIR / f"{name}.json"

@@ -61,15 +61,15 @@ def predict_command(
 
 
 @click.command("evaluate")
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
     help="metrics JSON (default: results/<study>/evaluations/<backbone>__<data>.json when MODEL "
-    "is a local study's best model, where the report finds it; otherwise, a stored model "
-    "included, printed)",
+    "is a local study's best model, ensemble-of-N__<data>.json for several of one study, where "
+    "the report finds it; otherwise, a stored model included, printed)",
 )
 @click.option(
     "--include",
@@ -82,21 +82,27 @@ def predict_command(
     "--exclude", default=None, metavar="REGEX", help="skip files whose name matches REGEX"
 )
 def evaluate_command(
-    model: str, data: Path, out: Path | None, include: str | None, exclude: str | None
+    models: tuple[str, ...], data: Path, out: Path | None, include: str | None, exclude: str | None
 ) -> None:
     """Full metric set (95% intervals, per class, confusion matrix) of MODEL on another labelled
-    DATA folder.
+    DATA folder; with several MODELs, of their ensemble (softmax mean, equal weights), with each
+    member on the same images and compared with the ensemble (paired bootstrap, McNemar).
 
     DATA holds one folder per class, named like the model's classes; other folders are skipped and
     listed. MODEL may be a stored study's URI/<study>/best/<backbone>: its metrics go to --out or
     stdout only, never into the storage or the model's local cache.
     """
     quiet_backend()
-    stored = "://" in model
-    local = model_path(model, " (metrics: --out or stdout)" if stored else "")
+    stored = any("://" in m for m in models)
+    local = [model_path(m, " (metrics: --out or stdout)" if stored else "") for m in models]
     from fer.evaluate.predict import default_evaluation_path, evaluate_folder
 
-    result = evaluate_folder(local, data, include=include, exclude=exclude)
+    if len(local) == 1:
+        result = evaluate_folder(local[0], data, include=include, exclude=exclude)
+    else:
+        from fer.evaluate.ensemble import evaluate_ensemble
+
+        result = evaluate_ensemble(local, data, include=include, exclude=exclude)
     if out is None and not stored:
         out = default_evaluation_path(local, data, include, exclude)
     summary = _evaluation_summary(result)
@@ -126,6 +132,14 @@ def _evaluation_summary(result: dict) -> str:
         summary += (
             f" (skipped {len(result['skipped_files'])} unreadable file(s), "
             f"{len(result['skipped_folders'])} folder(s) not in the model's classes)"
+        )
+    for pair in result.get("pairs", []):
+        member = result["member_metrics"][pair["b"]]["accuracy"]
+        summary += (
+            f"\n  {pair['b']}: accuracy {member['value']:.3f}; ensemble - {pair['b']} "
+            f"{pair['difference']:+.3f} [{pair['ci95'][0]:+.3f}, {pair['ci95'][1]:+.3f}], "
+            f"McNemar p = {pair['mcnemar_p']:.3g}"
+            + (" (distinguishable)" if pair["distinguishable"] else " (indistinguishable)")
         )
     return summary
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from fer.core import names
 from fer.evaluate.compare import compare_paired
+from fer.evaluate.ensemble import ensemble_name
 from fer.evaluate.metrics import classification_metrics
 
 ENSEMBLE_STATUS = "ensemble"  # comparison.csv `status` of the ensemble row
@@ -67,11 +68,6 @@ def build_ensemble(ok: list) -> Ensemble | None:
     pairs = [{"a": name, "b": m, **_compare(frame, joined, m)} for m in members]
     metrics = classification_metrics(labels, probs, classes, seed=0)
     return Ensemble(members, classes, frame, metrics, pairs)
-
-
-def ensemble_name(n_members: int) -> str:
-    """How the report names the ensemble (its comparison row, its paired comparisons)."""
-    return f"ensemble of {n_members}"
 
 
 def _compare(frame: pd.DataFrame, joined: pd.DataFrame, member: str) -> dict:

@@ -396,7 +396,8 @@ def evaluations_section(doc: Document, study: StudyResults) -> None:
         m = e["metrics"]
         rows.append(
             {
-                "backbone": e.get("backbone"),
+                "backbone": e.get("backbone")
+                + (f" ({', '.join(e['members'])})" if e.get("members") else ""),
                 "dataset": e.get("dataset"),
                 "n": m.get("n"),
                 **{f"{label} [95% CI]": format_interval(m[key]) for key, label in SUMMARY_METRICS},
