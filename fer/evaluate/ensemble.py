@@ -68,7 +68,7 @@ def evaluate_ensemble(
     pixels_by_size = {}
     for size in sorted({size for _, _, size, _, _ in loaded}):
         pixels_by_size[size] = decode_images(inputs.files, size)
-    pixels, kept, skipped = next(iter(pixels_by_size.values()))
+    _, kept, skipped = next(iter(pixels_by_size.values()))
     if not kept:
         raise UserError(
             f"none of the {len(inputs.files)} files under {data_dir} could be decoded as an image"
