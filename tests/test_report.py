@@ -103,6 +103,10 @@ def test_report_files_and_comparison_rows(report):
         c.startswith("f1_") for c in table.columns
     )
     markdown = (out / "report.md").read_text()
+    for _, row in ok.iterrows():  # counts shown as counts, also beside the ensemble's blanks
+        counts = " | ".join(str(int(row[k])) for k in ("trials", "stopped_early", "errored"))
+        counts = f"| {counts} |"
+        assert counts in markdown, (counts, markdown)
     for section in (
         "Data audit",
         "Comparison of backbones",

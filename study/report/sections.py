@@ -189,7 +189,7 @@ def comparison_section(doc: Document, study: StudyResults, rows: list[dict]) -> 
         for r, line in zip(ok, shown)
         if deployment_cells(r)
     ]
-    frame = pd.DataFrame(shown)
+    frame = pd.DataFrame(shown, dtype=object)  # counts stay integers beside the ensemble's blanks
     doc.table(frame.drop(columns=TRAINING_COLUMNS))
     doc.table(frame[["backbone"] + TRAINING_COLUMNS])
     if deployment:
