@@ -100,7 +100,7 @@ def evaluate_command(
     if len(local) == 1:
         result = evaluate_folder(local[0], data, include=include, exclude=exclude)
     else:
-        from fer.evaluate.ensemble import evaluate_ensemble
+        from fer.evaluate.ensemble_folder import evaluate_ensemble
 
         result = evaluate_ensemble(local, data, include=include, exclude=exclude)
     if out is None and not stored:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from fer.core import names
 from fer.evaluate.compare import compare_paired
-from fer.evaluate.ensemble import ensemble_name
+from fer.evaluate.ensemble_folder import ensemble_name
 from fer.evaluate.metrics import classification_metrics
 
 ENSEMBLE_STATUS = "ensemble"  # comparison.csv `status` of the ensemble row
