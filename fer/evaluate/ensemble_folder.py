@@ -20,7 +20,6 @@ from fer.core.errors import UserError
 from fer.evaluate.compare import compare_paired
 from fer.evaluate.predict import (
     check_evaluation_inputs,
-    decode_images,
     labelled_inputs,
     load_for_prediction,
 )
@@ -65,19 +64,9 @@ def evaluate_ensemble(
                 "an ensemble needs models of the same classes in the same order"
             )
     inputs = labelled_inputs(data_dir, classes, include, exclude)
-    pixels_by_size = {}
-    for size in sorted({size for _, _, size, _, _ in loaded}):
-        pixels_by_size[size] = decode_images(inputs.files, size)
-    _, kept, skipped = next(iter(pixels_by_size.values()))
-    if not kept:
-        raise UserError(
-            f"none of the {len(inputs.files)} files under {data_dir} could be decoded as an image"
-        )
-    label_of = dict(zip(inputs.files, inputs.labels))
-    y_true = np.array([label_of[p] for p in kept])
-    member_probs = [
-        predict(pixels_by_size[size][0], batch_size) for predict, _, size, _, _ in loaded
-    ]
+    images = inputs.decode(data_dir, sorted({size for _, _, size, _, _ in loaded}))
+    y_true = images.y_true
+    member_probs = [predict(images.pixels[size], batch_size) for predict, _, size, _, _ in loaded]
     probs = np.mean(member_probs, axis=0)
 
     from fer.evaluate.metrics import classification_metrics
@@ -90,7 +79,7 @@ def evaluate_ensemble(
         "model": paths,
         "backbone": name,
         "members": members,
-        "skipped_files": [{"path": str(p.relative_to(data_dir)), "reason": r} for p, r in skipped],
+        "skipped_files": images.skipped_files,
         "metrics": classification_metrics(y_true, probs, classes, n_boot=n_boot),
         "member_metrics": {
             m: classification_metrics(y_true, p, classes, n_boot=n_boot)

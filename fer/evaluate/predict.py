@@ -79,19 +79,35 @@ def decode_images(
 ) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """Decode files like `prepare` does; returns (uint8 pixels, decoded files, [(skipped file,
     reason)])."""
+    pixels, kept, skipped = decode_images_at(files, [size])
+    return pixels[size], kept, skipped
+
+
+def decode_images_at(
+    files: list[Path], sizes: list[int]
+) -> tuple[dict[int, np.ndarray], list[Path], list[tuple[Path, str]]]:
+    """`decode_images` at several input sizes (models of an ensemble): each file decoded once,
+    then resized to every size; returns ({size: uint8 pixels}, decoded files, skipped)."""
     from fer.data.decode import Quarantine, decode_file, resize_square
 
-    pixels, kept, skipped = [], [], []
+    pixels: dict[int, list] = {size: [] for size in sizes}
+    kept, skipped = [], []
     for path in files:
         try:
-            pixels.append(resize_square(decode_file(path).rgb, size))
-            kept.append(path)
+            rgb = decode_file(path).rgb
         except Quarantine as reason:
             skipped.append((path, str(reason)))
+            continue
+        for size in sizes:
+            pixels[size].append(resize_square(rgb, size))
+        kept.append(path)
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
-    array = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    return array, kept, skipped
+    arrays = {
+        size: np.stack(rows) if rows else np.zeros((0, size, size, 3), np.uint8)
+        for size, rows in pixels.items()
+    }
+    return arrays, kept, skipped
 
 
 def _input_size(model) -> int:
@@ -303,6 +319,31 @@ class LabelledInputs:
             "skipped_folders": self.unknown_folders,
         }
 
+    def decode(self, data_dir: Path, sizes: list[int]) -> LabelledPixels:
+        """The files decoded at each input size, their labels, and the files that were not
+        images (a one-line error when none was)."""
+        pixels, kept, skipped = decode_images_at(self.files, sizes)
+        if not kept:
+            raise UserError(
+                f"none of the {len(self.files)} files under {data_dir} could be decoded as an image"
+            )
+        label_of = dict(zip(self.files, self.labels))
+        return LabelledPixels(
+            pixels,
+            np.array([label_of[p] for p in kept]),
+            [{"path": str(p.relative_to(data_dir)), "reason": r} for p, r in skipped],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledPixels:
+    """What an evaluation scores: pixels per input size, the true class of each image, and the
+    files skipped as not images (the result's `skipped_files`)."""
+
+    pixels: dict[int, np.ndarray]
+    y_true: np.ndarray
+    skipped_files: list[dict]
+
 
 def labelled_inputs(
     data_dir: Path, classes: list[str], include: str | None, exclude: str | None
@@ -346,20 +387,14 @@ def evaluate_folder(
     from fer.evaluate.metrics import classification_metrics
 
     inputs = labelled_inputs(data_dir, classes, include, exclude)
-    pixels, kept, skipped = decode_images(inputs.files, size)
-    if not kept:
-        raise UserError(
-            f"none of the {len(inputs.files)} files under {data_dir} could be decoded as an image"
-        )
-    label_of = dict(zip(inputs.files, inputs.labels))
-    y_true = np.array([label_of[p] for p in kept])
-    probs = predict(pixels, batch_size)
+    images = inputs.decode(data_dir, [size])
+    probs = predict(images.pixels[size], batch_size)
     return {
         "model": str(Path(model_path)),
         "backbone": backbone,
         **inputs.describe(data_dir, include, exclude),
-        "skipped_files": [{"path": str(p.relative_to(data_dir)), "reason": r} for p, r in skipped],
-        "metrics": classification_metrics(y_true, probs, classes, n_boot=n_boot),
+        "skipped_files": images.skipped_files,
+        "metrics": classification_metrics(images.y_true, probs, classes, n_boot=n_boot),
     }
 
 
